@@ -1,0 +1,18 @@
+// The CPU implementation of the op table (backend/backend.h): the numeric oracle. Every output element is
+// produced by one thread with a fixed summation order (quant::vec_dot per (token, row)), work is split with
+// ThreadPool's static partition, and no op keeps state, so results do not depend on batch size, chunking or
+// thread count.
+#pragma once
+
+#include <memory>
+
+#include "backend/backend.h"
+
+namespace dsv4 {
+
+class ThreadPool;
+
+// pool: the engine's thread pool (must outlive the backend); nullptr = default_thread_pool().
+std::unique_ptr<Backend> make_cpu_backend(ThreadPool* pool = nullptr);
+
+}  // namespace dsv4
