@@ -1,0 +1,184 @@
+#include "model/forward.h"
+
+#include <algorithm>
+#include <cstring>
+#include <istream>
+#include <ostream>
+
+#include "backend/backend.h"
+#include "common/error.h"
+#include "model/model.h"
+
+namespace dsv4 {
+
+namespace {
+
+// Scratch activations for one pass of up to T tokens.
+struct Scratch {
+  std::vector<float> X;     // [T, n, D] residual streams
+  std::vector<float> a;     // [T, D] sublayer input (HC mix, then normed in place)
+  std::vector<float> y;     // [T, D] sublayer output
+  std::vector<float> post;  // [T, n]
+  std::vector<float> comb;  // [T, n, n]
+  std::vector<int32_t> ids; // [T, k]
+  std::vector<float> wts;   // [T, k]
+  std::vector<float> h;     // [T, D] HC head output
+  std::vector<int64_t> pos; // [T]
+  void resize(const ModelConfig& c, int T) {
+    const size_t n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
+    X.resize(size_t(T) * n * D);
+    a.resize(size_t(T) * D);
+    y.resize(size_t(T) * D);
+    post.resize(size_t(T) * n);
+    comb.resize(size_t(T) * n * n);
+    ids.resize(size_t(T) * k);
+    wts.resize(size_t(T) * k);
+    h.resize(size_t(T) * D);
+    pos.resize(size_t(T));
+  }
+};
+
+HcParams hc_params(const ModelConfig& c) {
+  HcParams p;
+  p.n = c.hc_mult;
+  p.d = c.d_model;
+  p.sinkhorn_iters = c.hc_sinkhorn_iters;
+  p.hc_eps = c.hc_eps;
+  p.norm_eps = c.rms_eps;
+  return p;
+}
+
+MoeParams moe_params(const ModelConfig& c, int il) {
+  MoeParams p;
+  p.n_experts = c.n_experts;
+  p.n_used = c.n_experts_used;
+  p.d = c.d_model;
+  p.ff = c.expert_ff;
+  p.weights_scale = c.expert_weights_scale;
+  p.swiglu_clamp = c.swiglu_clamp[size_t(il)];
+  p.hash = c.is_hash_layer(il);
+  return p;
+}
+
+// One pass over T tokens (T <= max_tokens_per_pass). logits rows as in model_forward.
+void forward_pass(const Model& model, Backend& be, SequenceState& st, const int32_t* tokens, int T, float* logits,
+                  bool all_rows, const ForwardOptions& opt, Scratch& s) {
+  const ModelConfig& c = model.config();
+  const ModelWeights& w = model.weights();
+  const HcParams hp = hc_params(c);
+  const int64_t D = c.d_model;
+  s.resize(c, T);
+  for (int t = 0; t < T; ++t) s.pos[size_t(t)] = st.n_past + t;
+
+  AttentionOptions ao;
+  ao.qat_sim = opt.qat_sim;
+  ao.pool = opt.pool;
+
+  be.embed(w.token_embd, tokens, T, c.hc_mult, s.X.data());                               // X {T, n, D}
+  for (int il = 0; il < c.n_layers; ++il) {
+    const LayerWeights& lw = w.layers[size_t(il)];
+    // attention sublayer
+    be.hc_pre(lw.hc_attn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());  // a {T, D}
+    be.rms_norm(s.a.data(), &lw.attn_norm, T, D, c.rms_eps, s.a.data());
+    attention_forward(c, il, lw.attn, st.layers[size_t(il)], s.a.data(), s.pos.data(), T, s.y.data(), ao);
+    be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
+    // MoE sublayer
+    be.hc_pre(lw.hc_ffn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());
+    be.rms_norm(s.a.data(), &lw.ffn_norm, T, D, c.rms_eps, s.a.data());
+    const MoeParams mp = moe_params(c, il);
+    be.moe_route(lw.moe, mp, s.a.data(), tokens, T, s.ids.data(), s.wts.data());          // ids, wts {T, k}
+    be.moe_ffn(lw.moe, mp, s.a.data(), s.ids.data(), s.wts.data(), T, s.y.data());         // y {T, D}
+    be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
+  }
+  st.n_past += T;
+  if (!logits) return;
+  // Final head (model-spec §8) only for the rows asked for.
+  const int first = all_rows ? 0 : T - 1, rows = T - first;
+  const float* Xr = s.X.data() + size_t(first) * size_t(c.hc_mult) * size_t(D);
+  be.hc_head(w.hc_head, hp, Xr, rows, s.h.data());                                        // h {rows, D}
+  be.rms_norm(s.h.data(), &w.output_norm, rows, D, c.rms_eps, s.h.data());
+  be.matmul(w.output, -1, s.h.data(), rows, logits);                                     // {rows, V}
+}
+
+}  // namespace
+
+void model_forward(const Model& model, Backend& be, SequenceState& st, const int32_t* tokens, int T, float* logits,
+                   bool all_rows, const ForwardOptions& opt) {
+  const ModelConfig& c = model.config();
+  if (T <= 0) fail("forward: empty token batch");
+  if (int64_t(st.layers.size()) != c.n_layers) fail("forward: sequence state has %zu layers, model has %d",
+                                                    st.layers.size(), c.n_layers);
+  if (st.n_past + T > st.max_context)
+    fail("forward: %d tokens at position %lld exceed the session's max context %lld", T, (long long)st.n_past,
+         (long long)st.max_context);
+  for (int t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= c.n_vocab)
+      fail("forward: token id %d at batch row %d outside the vocabulary [0, %d)", tokens[t], t, c.n_vocab);
+  Scratch s;
+  const int step = std::max(1, opt.max_tokens_per_pass);
+  const size_t V = size_t(c.n_vocab);
+  for (int t0 = 0; t0 < T; t0 += step) {
+    const int n = std::min(step, T - t0);
+    const bool last = t0 + n == T;
+    float* out = nullptr;
+    if (logits && all_rows) out = logits + size_t(t0) * V;
+    else if (logits && last) out = logits;
+    forward_pass(model, be, st, tokens + t0, n, out, all_rows, opt, s);
+  }
+}
+
+// ---- SequenceState ---------------------------------------------------------------------------------------
+
+void SequenceState::init(const ModelConfig& c, int64_t max_ctx) {
+  if (max_ctx <= 0) fail("session: max_context must be positive, got %lld", (long long)max_ctx);
+  max_context = max_ctx;
+  layers.clear();
+  layers.reserve(size_t(c.n_layers));
+  for (int il = 0; il < c.n_layers; ++il) layers.emplace_back(attention_shape(c, il, max_ctx));
+  n_past = 0;
+}
+
+void SequenceState::reset() {
+  for (auto& l : layers) l.reset();
+  n_past = 0;
+}
+
+namespace {
+constexpr uint32_t kSeqMagic = 0x51455344;  // "DSEQ"
+constexpr uint32_t kSeqVersion = 1;
+}  // namespace
+
+void SequenceState::save(std::ostream& os) const {
+  const int64_t hdr[4] = {int64_t(kSeqMagic) | (int64_t(kSeqVersion) << 32), int64_t(layers.size()), max_context,
+                          n_past};
+  os.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
+  if (!os) fail("session state: write failed");
+  for (const auto& l : layers) l.save(os);
+}
+
+void SequenceState::load(std::istream& is) {
+  int64_t hdr[4];
+  is.read(reinterpret_cast<char*>(hdr), sizeof hdr);
+  if (!is) fail("session state: truncated header (%zu bytes expected)", sizeof hdr);
+  if (uint32_t(hdr[0]) != kSeqMagic) fail("session state: bad magic 0x%08x at byte 0", unsigned(uint32_t(hdr[0])));
+  if (uint32_t(uint64_t(hdr[0]) >> 32) != kSeqVersion)
+    fail("session state: unsupported version %u (expected %u)", unsigned(uint64_t(hdr[0]) >> 32), kSeqVersion);
+  if (hdr[1] != int64_t(layers.size()))
+    fail("session state: field 'layers' is %lld, this model has %zu", (long long)hdr[1], layers.size());
+  if (hdr[2] != max_context)
+    fail("session state: field 'max_context' is %lld, this session has %lld", (long long)hdr[2],
+         (long long)max_context);
+  if (hdr[3] < 0 || hdr[3] > max_context)
+    fail("session state: field 'position' %lld outside [0, %lld]", (long long)hdr[3], (long long)max_context);
+  std::vector<AttentionState> tmp = layers;
+  for (size_t il = 0; il < tmp.size(); ++il) {
+    tmp[il].load(is);
+    if (tmp[il].n_past != hdr[3])
+      fail("session state: layer %zu is at position %lld, header says %lld", il, (long long)tmp[il].n_past,
+           (long long)hdr[3]);
+  }
+  layers = std::move(tmp);
+  n_past = hdr[3];
+}
+
+}  // namespace dsv4

@@ -1,0 +1,46 @@
+// The DeepSeek-V4 forward pass (model-spec §5), written once against the backend op table: embedding, per
+// layer HC-pre -> attn_norm -> attention -> HC-post -> HC-pre -> ffn_norm -> MoE -> HC-post, then HC head,
+// output_norm and the LM head. Prefill (T tokens) and decode (T = 1) are the same code path.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <vector>
+
+#include "model/attention.h"
+
+namespace dsv4 {
+
+class Backend;
+class Model;
+class ThreadPool;
+struct ModelConfig;
+
+struct ForwardOptions {
+  bool qat_sim = true;             // QAT round trips (model-spec §3.4); the attention sublayer applies them
+  ThreadPool* pool = nullptr;      // nullptr: default_thread_pool()
+  int max_tokens_per_pass = 256;   // bounds scratch memory; results do not depend on it
+};
+
+// Everything one sequence carries between forward calls (model-spec §11): per-layer attention state (window
+// ring, compressed rows, indexer rows, compressor buffers) and the position. Copyable.
+struct SequenceState {
+  std::vector<AttentionState> layers;
+  int64_t n_past = 0;
+  int64_t max_context = 0;
+
+  void init(const ModelConfig& c, int64_t max_context);
+  void reset();
+  // Layer records in order (AttentionState's byte-exact format) after a small header; load() validates the
+  // header against this state's shape and leaves the state untouched on error.
+  void save(std::ostream& os) const;
+  void load(std::istream& is);
+};
+
+// Runs tokens [T] at positions st.n_past .. st.n_past+T-1 and advances st. When `logits` is non-null it
+// receives next-token logits: [T, n_vocab] if all_rows, else [1, n_vocab] for the last token only.
+// Chunking a token stream across calls gives bitwise the same logits and state as one call.
+void model_forward(const Model& model, Backend& backend, SequenceState& st, const int32_t* tokens, int T,
+                   float* logits, bool all_rows, const ForwardOptions& opt);
+
+}  // namespace dsv4
