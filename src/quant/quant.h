@@ -14,6 +14,8 @@
 
 namespace dsv4 {
 
+class ThreadPool;  // common/thread_pool.h
+
 // Values match GGUF's ggml_type ids, except FP8_E4M3 which has none (converter-internal).
 enum class QType : uint32_t {
   F32 = 0,
@@ -65,10 +67,13 @@ void quantize_activation(QType w, const float* x, void* xq, int64_t n);
 // sum_i W[i] * X[i] for one weight row and activations prepared by quantize_activation(w, ...).
 float vec_dot(QType w, const void* wrow, const void* xq, int64_t n);
 
-// y[r] = sum_c W[r][c] * x[c] for a row-major quantized matrix W of rows x cols. Threaded over rows.
-void gemv(QType w, const void* W, int64_t rows, int64_t cols, const float* x, float* y);
+// y[r] = sum_c W[r][c] * x[c] for a row-major quantized matrix W of rows x cols. Threaded over rows on
+// `pool` (null = default_thread_pool()); results do not depend on the thread count.
+void gemv(QType w, const void* W, int64_t rows, int64_t cols, const float* x, float* y,
+          ThreadPool* pool = nullptr);
 // Y[t][r] = sum_c W[r][c] * X[t][c] for n_tokens activation rows X (n_tokens x cols, row-major).
-void matmul(QType w, const void* W, int64_t rows, int64_t cols, const float* X, int64_t n_tokens, float* Y);
+void matmul(QType w, const void* W, int64_t rows, int64_t cols, const float* X, int64_t n_tokens, float* Y,
+            ThreadPool* pool = nullptr);
 
 // ---- SIMD dispatch ---------------------------------------------------------------------------------------
 // Kernels are compiled per function with target attributes and chosen at run time from cpuid. The level can
