@@ -1,0 +1,217 @@
+// Engine and Session implementations behind include/dsv4/engine.h: a loaded Model + backend + thread pool, and
+// per-session SequenceState + token history + last logits, with a versioned, checksummed state stream.
+#include <cstring>
+#include <istream>
+#include <mutex>
+#include <ostream>
+
+#include "backend/cpu/cpu_backend.h"
+#include "common/error.h"
+#include "common/thread_pool.h"
+#include "dsv4/engine.h"
+#include "model/forward.h"
+#include "model/model.h"
+#include "runtime/checksum_stream.h"
+
+namespace dsv4 {
+
+namespace {
+
+constexpr char kSessionMagic[8] = {'D', 'S', 'V', '4', 'S', 'E', 'S', 'S'};
+constexpr uint32_t kSessionVersion = 1;
+
+class EngineImpl;
+
+class SessionImpl final : public Session {
+ public:
+  SessionImpl(EngineImpl& e, int64_t max_context);
+  void eval(std::span<const Token> tokens, std::vector<float>* all_logits) override;
+  std::span<const float> logits() const override { return logits_; }
+  int64_t position() const override { return st_.n_past; }
+  int64_t max_context() const override { return st_.max_context; }
+  const std::vector<Token>& tokens() const override { return tokens_; }
+  void save(std::ostream& out) const override;
+  void restore(std::istream& in) override;
+  std::unique_ptr<Session> clone() const override { return std::make_unique<SessionImpl>(*this); }
+
+ private:
+  EngineImpl& eng_;
+  SequenceState st_;
+  std::vector<Token> tokens_;
+  std::vector<float> logits_;
+};
+
+class EngineImpl final : public Engine {
+ public:
+  explicit EngineImpl(const EngineOptions& o) : opt_(o) {
+    if (o.progress) o.progress(0.0, "opening " + o.model_path);
+    model_ = Model::load(o.model_path);
+    pool_ = std::make_unique<ThreadPool>(o.threads);
+    if (o.backend == BackendKind::Cuda)
+      fail("%s: the CUDA backend is not available in this build (use --backend cpu)", o.model_path.c_str());
+    backend_ = make_cpu_backend(pool_.get());
+    const ModelConfig& c = model_->config();
+    info_.name = c.name;
+    info_.n_layers = c.n_layers;
+    info_.d_model = c.d_model;
+    info_.n_vocab = c.n_vocab;
+    info_.n_heads = c.n_heads;
+    info_.head_dim = c.head_dim;
+    info_.n_experts = c.n_experts;
+    info_.n_experts_used = c.n_experts_used;
+    info_.n_hash_layers = c.n_hash_layers;
+    info_.hc_mult = c.hc_mult;
+    info_.sliding_window = c.sliding_window;
+    info_.compress_ratios.assign(c.compress_ratios.begin(), c.compress_ratios.begin() + c.n_layers);
+    info_.context_length = c.context_length;
+    info_.weight_bytes = model_->weight_bytes();
+    info_.backend = backend_->name();
+    if (o.progress) o.progress(1.0, "loaded");
+  }
+  const ModelInfo& info() const override { return info_; }
+  std::unique_ptr<Session> new_session(int64_t max_context) override {
+    return std::make_unique<SessionImpl>(*this, max_context);
+  }
+
+  // The backend keeps scratch buffers, so forward calls of different sessions are serialized here.
+  void run(SequenceState& st, const Token* tokens, int T, float* logits, bool all_rows) {
+    std::lock_guard<std::mutex> lock(run_mutex_);
+    ForwardOptions fo;
+    fo.qat_sim = opt_.qat_sim;
+    fo.pool = pool_.get();
+    model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
+  }
+  const ModelConfig& config() const { return model_->config(); }
+
+ private:
+  EngineOptions opt_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<Backend> backend_;
+  ModelInfo info_;
+  std::mutex run_mutex_;
+};
+
+SessionImpl::SessionImpl(EngineImpl& e, int64_t max_context) : eng_(e) { st_.init(e.config(), max_context); }
+
+void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_logits) {
+  if (tokens.empty()) fail("Session::eval: no tokens");
+  const size_t V = size_t(eng_.config().n_vocab);
+  const int T = int(tokens.size());
+  std::vector<float> rows(all_logits ? size_t(T) * V : V);
+  // Run on a copy so a failed eval (bad token id, context overflow) leaves the session unchanged.
+  SequenceState next = st_;
+  eng_.run(next, tokens.data(), T, rows.data(), all_logits != nullptr);
+  st_ = std::move(next);
+  tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+  logits_.assign(rows.end() - std::ptrdiff_t(V), rows.end());
+  if (all_logits) *all_logits = std::move(rows);
+}
+
+// Model fingerprint: the shape numbers a state depends on.
+std::vector<int64_t> fingerprint(const ModelConfig& c) {
+  std::vector<int64_t> f = {c.n_layers, c.d_model, c.n_vocab, c.n_heads, c.head_dim, c.hc_mult, c.idx_head_dim,
+                            c.sliding_window};
+  for (int il = 0; il < c.n_layers; ++il) f.push_back(c.ratio(il));
+  return f;
+}
+
+template <typename T>
+void put(std::ostream& os, const T& v) {
+  os.write(reinterpret_cast<const char*>(&v), sizeof v);
+}
+
+template <typename T>
+T get(std::istream& is, HashingInBuf& hb, const char* field) {
+  T v{};
+  uint64_t at = hb.offset();
+  is.read(reinterpret_cast<char*>(&v), sizeof v);
+  if (!is) fail("session state: truncated while reading field '%s' at byte %llu", field, (unsigned long long)at);
+  return v;
+}
+
+void SessionImpl::save(std::ostream& out) const {
+  // Layout (little-endian): magic[8], u32 version, u32 reserved, u64 n_fp, i64 fingerprint[n_fp],
+  // i64 max_context, i64 position, u64 n_tokens, i32 tokens[n], u64 n_logits, f32 logits[n],
+  // SequenceState records, then u64 FNV-1a of every preceding byte.
+  HashingOutBuf hb(out);
+  std::ostream os(&hb);
+  os.write(kSessionMagic, 8);
+  put(os, kSessionVersion);
+  put(os, uint32_t(0));
+  auto fp = fingerprint(eng_.config());
+  put(os, uint64_t(fp.size()));
+  for (int64_t v : fp) put(os, v);
+  put(os, st_.max_context);
+  put(os, st_.n_past);
+  put(os, uint64_t(tokens_.size()));
+  os.write(reinterpret_cast<const char*>(tokens_.data()), std::streamsize(tokens_.size() * sizeof(Token)));
+  put(os, uint64_t(logits_.size()));
+  os.write(reinterpret_cast<const char*>(logits_.data()), std::streamsize(logits_.size() * sizeof(float)));
+  st_.save(os);
+  os.flush();
+  if (!os || !out) fail("session state: write failed");
+  uint64_t h = hb.hash();
+  out.write(reinterpret_cast<const char*>(&h), sizeof h);
+  if (!out) fail("session state: write failed");
+}
+
+void SessionImpl::restore(std::istream& in) {
+  std::streamoff start = in.tellg();
+  HashingInBuf hb(in, start < 0 ? 0 : uint64_t(start));
+  std::istream is(&hb);
+  char magic[8];
+  is.read(magic, 8);
+  if (!is || std::memcmp(magic, kSessionMagic, 8) != 0) fail("session state: bad magic (not a dsv4 session stream)");
+  uint32_t version = get<uint32_t>(is, hb, "version");
+  if (version != kSessionVersion)
+    fail("session state: field 'version' is %u, this build reads version %u", version, kSessionVersion);
+  get<uint32_t>(is, hb, "reserved");
+  const auto fp = fingerprint(eng_.config());
+  uint64_t n_fp = get<uint64_t>(is, hb, "fingerprint size");
+  if (n_fp != fp.size()) fail("session state: saved for a different model (fingerprint size %llu, expected %zu)",
+                              (unsigned long long)n_fp, fp.size());
+  for (size_t i = 0; i < fp.size(); ++i) {
+    int64_t v = get<int64_t>(is, hb, "fingerprint");
+    if (v != fp[i]) fail("session state: saved for a different model (fingerprint entry %zu is %lld, expected %lld)",
+                         i, (long long)v, (long long)fp[i]);
+  }
+  int64_t max_ctx = get<int64_t>(is, hb, "max_context");
+  int64_t pos = get<int64_t>(is, hb, "position");
+  if (max_ctx <= 0 || max_ctx > (int64_t(1) << 40) || pos < 0 || pos > max_ctx)
+    fail("session state: field 'max_context' %lld / 'position' %lld out of range", (long long)max_ctx,
+         (long long)pos);
+  uint64_t n_tok = get<uint64_t>(is, hb, "n_tokens");
+  if (n_tok != uint64_t(pos)) fail("session state: field 'n_tokens' %llu != position %lld", (unsigned long long)n_tok,
+                                   (long long)pos);
+  std::vector<Token> toks(n_tok);
+  for (auto& t : toks) t = get<Token>(is, hb, "tokens");
+  uint64_t n_log = get<uint64_t>(is, hb, "n_logits");
+  if (n_log != 0 && n_log != uint64_t(eng_.config().n_vocab))
+    fail("session state: field 'n_logits' is %llu, expected 0 or %d", (unsigned long long)n_log,
+         eng_.config().n_vocab);
+  std::vector<float> lg(n_log);
+  for (auto& v : lg) v = get<float>(is, hb, "logits");
+  SequenceState st;
+  st.init(eng_.config(), max_ctx);
+  st.load(is);
+  uint64_t expect = hb.hash();
+  uint64_t at = hb.offset();
+  uint64_t stored = 0;
+  in.read(reinterpret_cast<char*>(&stored), sizeof stored);
+  if (!in) fail("session state: truncated checksum at byte %llu", (unsigned long long)at);
+  if (stored != expect)
+    fail("session state: checksum mismatch at byte %llu (stored %016llx, computed %016llx)", (unsigned long long)at,
+         (unsigned long long)stored, (unsigned long long)expect);
+  if (st.n_past != pos) fail("session state: layer position %lld != header position %lld", (long long)st.n_past,
+                             (long long)pos);
+  st_ = std::move(st);
+  tokens_ = std::move(toks);
+  logits_ = std::move(lg);
+}
+
+}  // namespace
+
+std::unique_ptr<Engine> Engine::load(const EngineOptions& options) { return std::make_unique<EngineImpl>(options); }
+
+}  // namespace dsv4
