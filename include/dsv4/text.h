@@ -96,4 +96,60 @@ class TokenStream {
   std::string pending_;
 };
 
+// ---- chat prompt rendering: DeepSeek's official encoding_dsv4 (io-and-api.md §2) -------------------------
+
+// Control-token strings of the V4 chat format (looked up in the vocabulary by string, never by id).
+namespace chat_tokens {
+inline constexpr const char* kBos = "<｜begin▁of▁sentence｜>";
+inline constexpr const char* kEos = "<｜end▁of▁sentence｜>";
+inline constexpr const char* kUser = "<｜User｜>";
+inline constexpr const char* kAssistant = "<｜Assistant｜>";
+inline constexpr const char* kLatestReminder = "<｜latest_reminder｜>";
+inline constexpr const char* kThink = "<think>";
+inline constexpr const char* kEndThink = "</think>";
+inline constexpr const char* kDsml = "｜DSML｜";
+}  // namespace chat_tokens
+
+struct ToolCall {
+  std::string id;
+  std::string name;
+  std::string arguments;  // JSON object text (as OpenAI sends it); not valid JSON -> one "arguments" parameter
+};
+
+struct ChatMessage {
+  // system, developer, user, assistant, tool, latest_reminder
+  std::string role;
+  std::string content;
+  std::string reasoning;               // assistant: reasoning_content
+  std::vector<ToolCall> tool_calls;    // assistant
+  std::string tool_call_id;            // tool
+  std::string tools;                   // system/developer: JSON array (OpenAI {"type":"function",...} items)
+  std::string response_format;         // system/developer: JSON value
+  std::string task;                    // internal quick-instruction task (action, query, title, ...)
+  bool wo_eos = false;                 // assistant prefill: no EOS after the message
+};
+
+enum class ThinkingMode { Chat, Thinking };
+enum class ReasoningEffort { None, High, Max };
+
+struct ChatOptions {
+  ThinkingMode mode = ThinkingMode::Thinking;
+  ReasoningEffort effort = ReasoningEffort::None;  // Max only applies with Thinking
+  bool drop_thinking = true;                       // forced off when any message declares tools
+  bool add_bos = true;
+};
+
+// The max-effort prefix written right after BOS (§2.3); ends in "\n\n".
+extern const char* const kReasoningEffortMaxPrefix;
+// ds4's rule (and the model card's): max effort needs >= 384K context, else it is downgraded to high.
+inline constexpr int64_t kMaxEffortMinContext = 393216;
+
+// Renders messages[n_context..] as encode_messages(messages[n_context..], context=messages[..n_context]) does:
+// BOS only when n_context == 0. Template text and client text are kept apart in the result (Prompt).
+// Throws dsv4::Error naming the message index and field for invalid input (unknown role, bad tools JSON).
+Prompt render_chat(std::span<const ChatMessage> messages, const ChatOptions& options, size_t n_context = 0);
+
+// JSON serialized like Python's json.dumps(ensure_ascii=False): ", " and ": " separators, key order kept.
+std::string python_json_dumps(std::string_view json_text);
+
 }  // namespace dsv4
