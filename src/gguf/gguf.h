@@ -84,12 +84,12 @@ class GgufValue {
   uint64_t array_size() const;
   // Element i (O(1) for fixed-size element types, O(i) for strings and nested arrays).
   GgufValue array_element(uint64_t i) const;
-  // Calls fn for each element in order (O(n) for every element type).
-  void for_each_element(const std::function<void(const GgufValue&)>& fn) const;
+  // Calls fn for each of the first `limit` elements in order (O(n) for every element type).
+  void for_each_element(const std::function<void(const GgufValue&)>& fn, uint64_t limit = UINT64_MAX) const;
 
  private:
   friend class GgufFile;
-  friend struct GgufParser;
+  friend struct GgufFileLoader;
   const GgufFile* file_ = nullptr;
   GgufType type_ = GgufType::UINT8;
   uint64_t offset_ = 0;      // where the value's bytes start (string: its length prefix; array: its type)
@@ -183,7 +183,7 @@ class GgufFile {
  private:
   GgufFile() = default;
   friend class GgufValue;
-  friend struct GgufParser;
+  friend struct GgufFileLoader;
 
   std::string path_;
   std::unique_ptr<MmapFile> map_;
