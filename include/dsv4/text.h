@@ -152,4 +152,56 @@ Prompt render_chat(std::span<const ChatMessage> messages, const ChatOptions& opt
 // JSON serialized like Python's json.dumps(ensure_ascii=False): ", " and ": " separators, key order kept.
 std::string python_json_dumps(std::string_view json_text);
 
+// ---- output parsing: reasoning / content / DSML tool calls (io-and-api.md §2.9) ------------------------
+
+struct ParsedToolCall {
+  std::string name;
+  std::string arguments;  // JSON object text, as the official parser builds it
+};
+
+// Text produced by one push(): what to show (reasoning dimmed, content plain) and finished tool calls.
+struct OutputDelta {
+  std::string reasoning;
+  std::string content;
+  std::vector<ParsedToolCall> tool_calls;
+};
+
+// Incremental parser of generated tokens. States: Reasoning (when the prompt ended in <think>) -> Content ->
+// ToolCalls -> Done. Holds back only what could still become a marker (a prefix of </think> typed as text,
+// of a tool-calls opener, trailing whitespace before an opener, incomplete UTF-8) and releases it as soon as
+// it is disambiguated. Never drops text: a tool block that cannot be parsed is returned as content.
+class OutputParser {
+ public:
+  enum class State { Reasoning, Content, ToolCalls, Done };
+  OutputParser(const Tokenizer& tok, bool starts_in_reasoning);
+
+  OutputDelta push(Token t);
+  OutputDelta finish();  // generation stopped (EOS, length, interrupt): flush everything held back
+
+  State state() const { return state_; }
+  bool done() const { return state_ == State::Done; }  // EOS seen or the tool-calls block closed
+  // Set when a tool-calls block was opened but not parseable (finish reason "error" in ds4); empty otherwise.
+  const std::string& error() const { return error_; }
+
+ private:
+  void feed_text(const std::string& s, OutputDelta& d);
+  void drain(OutputDelta& d, bool final);
+  void close_tool_block(OutputDelta& d, bool terminated);
+
+  const Tokenizer* tok_;
+  Token end_think_, eos_;
+  State state_;
+  TokenStream stream_;
+  std::string held_;   // text not yet emitted in the current state
+  std::string block_;  // tool-calls block text (after the opener)
+  std::string opener_, closer_;  // as written, to hand back an unparseable block verbatim
+  std::string error_;
+};
+
+// Parses the inside of a tool-calls block (everything after "<｜DSML｜tool_calls>", closer optional), tolerant
+// of the §2.9 variants: "<DSML｜", doubled bars, plain <invoke>/<parameter>, typographic quotes, "toolcalls",
+// missing string attribute (string), nested parameters (JSON object). Throws dsv4::Error naming the byte
+// offset when no invoke can be parsed.
+std::vector<ParsedToolCall> parse_tool_calls_block(std::string_view block);
+
 }  // namespace dsv4
