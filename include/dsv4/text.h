@@ -204,4 +204,49 @@ class OutputParser {
 // offset when no invoke can be parsed.
 std::vector<ParsedToolCall> parse_tool_calls_block(std::string_view block);
 
+// ---- sampling --------------------------------------------------------------------------------------------
+
+// Defaults as ds4 and DeepSeek recommend: temperature 1, top_p 1, min_p 0.05 (relative to the top
+// probability), top_k off. Filters apply to the temperature-scaled distribution in the order top-k, min-p,
+// top-p. temperature <= 0 or top_k == 1 is greedy (lowest id among equal maxima).
+struct SamplingParams {
+  float temperature = 1.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.05f;
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params);
+  // -inf and NaN logits are never chosen; if every logit is, throws dsv4::Error.
+  Token sample(std::span<const float> logits);
+  const SamplingParams& params() const { return params_; }
+
+ private:
+  double uniform();  // [0, 1)
+  SamplingParams params_;
+  uint64_t state_;
+  std::vector<std::pair<float, Token>> cand_;
+};
+
+// Stop strings on streamed text: push() returns the text safe to show (a suffix that may begin a stop string
+// is held back) and whether a stop string completed; the stop string itself is never returned.
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops);
+  struct Result {
+    std::string text;
+    bool stopped = false;
+  };
+  Result push(std::string_view text);
+  std::string flush();  // end of generation: release what was held back
+
+ private:
+  std::vector<std::string> stops_;
+  std::string held_;
+  bool stopped_ = false;
+};
+
 }  // namespace dsv4
