@@ -1,0 +1,249 @@
+// Workbench: GEMV kernel timings at DeepSeek-V4-Flash shapes, in GB/s and % of the card's bandwidth.
+//
+//   wb_gemv [--csv FILE] [--quick]
+//
+// Measures the card first (a plain 16-byte streaming-read kernel over 2 GiB, and a 1 GiB device-to-device copy
+// counting read + write bytes), then times every case two ways: eager launches (what a non-graph decode pays,
+// launch overhead included) and a CUDA graph of the same launches (the decode-step target). Weight bytes are
+// rotated over enough copies (>= 256 MiB in total) that L2 (50-60 MB) never serves a weight twice in a row; MoE
+// cases rotate over 40 different expert-id sets of one 256-expert stack. Inputs are random bytes with sane f16
+// scale fields (never zeros: zero data can run faster than real data).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/gemv.h"
+#include "common/error.h"
+#include "quant/quant.h"
+
+using namespace dsv4;
+using namespace dsv4::cuda;
+
+namespace {
+
+__global__ void fill_random_kernel(uint32_t* p, size_t n_words, uint32_t seed) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n_words; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 0x9E3779B9u ^ seed;
+    x ^= x >> 16, x *= 0x7FEB352Du, x ^= x >> 15, x *= 0x846CA68Bu, x ^= x >> 16;
+    p[i] = x;
+  }
+}
+
+// Puts sane values in the f16 fields: scales ~1e-3 for block types; F16 weights get a small exponent.
+__global__ void fix_scales_kernel(uint8_t* w, size_t n_blocks, int block_bytes, int off_a, int off_b, int f16) {
+  for (size_t b = size_t(blockIdx.x) * blockDim.x + threadIdx.x; b < n_blocks; b += size_t(gridDim.x) * blockDim.x) {
+    uint16_t* h = reinterpret_cast<uint16_t*>(w + b * block_bytes);
+    if (f16) {
+      for (int i = 0; i < block_bytes / 2; ++i) h[i] = uint16_t((h[i] & 0x83FFu) | 0x2000u);
+      continue;
+    }
+    if (off_a >= 0) h[off_a / 2] = uint16_t(0x1400u | (h[off_a / 2] & 0xFFu));
+    if (off_b >= 0) h[off_b / 2] = uint16_t(0x1000u | (h[off_b / 2] & 0xFFu));
+  }
+}
+
+__global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
+  uint32_t acc = 0;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) *sink = acc;  // keeps the loads alive
+}
+
+void random_device_weights(QType t, uint8_t* w, size_t bytes, uint32_t seed) {
+  fill_random_kernel<<<1024, 256>>>(reinterpret_cast<uint32_t*>(w), bytes / 4, seed);
+  check_launch("fill_random_kernel");
+  int bb = int(block_bytes(t)), a = -1, b = -1, f16 = 0;
+  switch (t) {
+    case QType::Q8_0: a = 0; break;
+    case QType::Q2_K: a = 80, b = 82; break;
+    case QType::Q4_K: a = 0, b = 2; break;
+    case QType::IQ2_XXS: a = 0; break;
+    case QType::F16: bb = 16, f16 = 1; break;
+    default: fail("wb_gemv: no generator for %s", qtype_name(t).c_str());
+  }
+  fix_scales_kernel<<<1024, 256>>>(w, bytes / size_t(bb), bb, a, b, f16);
+  check_launch("fix_scales_kernel");
+}
+
+float time_ms(cudaStream_t s, const std::function<void()>& body, int reps) {
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "event");
+  check(cudaEventCreate(&e1), "event");
+  body();  // warm-up
+  check(cudaStreamSynchronize(s), "sync");
+  std::vector<float> t;
+  for (int r = 0; r < reps; ++r) {
+    check(cudaEventRecord(e0, s), "record");
+    body();
+    check(cudaEventRecord(e1, s), "record");
+    check(cudaEventSynchronize(e1), "sync");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+    t.push_back(ms);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];  // median
+}
+
+struct Case {
+  std::string name;
+  QType type;
+  int64_t rows, cols;
+  int n_experts = 0;  // > 0: MoE stack
+  int n_slots = 1;
+  int n_tokens = 1;
+};
+
+struct Result {
+  double us_graph, us_eager, gbs, pct_read, pct_spec;
+};
+
+Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw) {
+  const int64_t rb = row_bytes(c.type, c.cols);
+  const bool moe = c.n_experts > 0;
+  const int64_t mat_bytes = rb * c.rows;
+  const int64_t stack_bytes = moe ? mat_bytes * c.n_experts : mat_bytes;
+  const int copies = moe ? 1 : int(std::clamp<int64_t>((256ll << 20) / std::max<int64_t>(stack_bytes, 1) + 1, 1, 64));
+  DeviceArray<uint8_t> w(size_t(stack_bytes * copies));
+  random_device_weights(c.type, w.get(), w.size(), 1234u);
+  const int n_act = moe ? 1 : c.n_tokens;
+  std::vector<float> hx(size_t(n_act * c.cols));
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  for (auto& v : hx) v = nd(rng);
+  DeviceArray<float> x{std::span<const float>(hx)};
+  DeviceArray<uint8_t> xq(size_t(n_act * activation_bytes(c.type, c.cols)));
+  quantize_activations_cuda(c.type, x.get(), n_act, c.cols, xq.get(), s);
+  DeviceArray<float> y(size_t(c.n_slots * c.n_tokens * c.rows));
+  constexpr int kIdSets = 40;
+  std::vector<int32_t> hid;
+  for (int k = 0; k < kIdSets; ++k)
+    for (int j = 0; j < c.n_slots; ++j) hid.push_back(int32_t((k * c.n_slots + j) * 37 % std::max(c.n_experts, 1)));
+  DeviceArray<int32_t> ids{std::span<const int32_t>(hid)};
+
+  const int n_launch = moe ? kIdSets : copies;
+  auto body = [&]() {
+    for (int i = 0; i < n_launch; ++i) {
+      GemvParams p;
+      p.wtype = c.type, p.rows = c.rows, p.cols = c.cols, p.xq = xq.get(), p.n_tokens = c.n_tokens, p.y = y.get();
+      p.w = w.get() + (moe ? 0 : i * stack_bytes);
+      if (moe) {
+        p.expert_stride = mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
+        p.act_slot_div = c.n_slots;
+      }
+      gemv_cuda(p, s);
+    }
+  };
+  const float eager_ms = time_ms(s, body, 20);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
+  body();
+  check(cudaStreamEndCapture(s, &graph), "capture end");
+  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  const float graph_ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+
+  const double bytes = double(mat_bytes) * c.n_slots + double(xq.bytes()) + double(y.bytes());
+  Result r;
+  r.us_graph = graph_ms * 1e3 / n_launch;
+  r.us_eager = eager_ms * 1e3 / n_launch;
+  r.gbs = bytes / (r.us_graph * 1e-6) / 1e9;
+  r.pct_read = 100.0 * r.gbs / read_bw;
+  r.pct_spec = 100.0 * r.gbs / spec_bw;
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string csv_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
+    else if (!std::strcmp(argv[i], "--quick")) quick = true;
+  }
+  try {
+    if (!device_available()) {
+      std::fprintf(stderr, "wb_gemv: no CUDA device\n");
+      return 0;
+    }
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, 0), "props");
+    const std::string card = prop.name;
+    // Datasheet bandwidth by card (SXM parts): H200 4.8 TB/s, H100 3.35 TB/s.
+    const double spec_bw = card.find("H200") != std::string::npos ? 4.8e12 / 1e9 : 3.35e12 / 1e9;
+    std::printf("device: %s\n", device_description().c_str());
+    cudaStream_t s;
+    check(cudaStreamCreate(&s), "stream");
+
+    const size_t big = size_t(2) << 30;
+    DeviceArray<uint8_t> buf(big), buf2(big / 2);
+    fill_random_kernel<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(buf.get()), big / 4, 1u);
+    DeviceArray<unsigned> sink(1);
+    const float read_ms = time_ms(s, [&] {
+      read_kernel<<<prop.multiProcessorCount * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(buf.get()), big / 16, sink.get());
+    }, 10);
+    const double read_bw = double(big) / (read_ms * 1e-3) / 1e9;
+    const float copy_ms = time_ms(s, [&] {
+      check(cudaMemcpyAsync(buf2.get(), buf.get(), big / 2, cudaMemcpyDeviceToDevice, s), "copy");
+    }, 10);
+    const double copy_bw = double(big) / (copy_ms * 1e-3) / 1e9;  // read + write
+    buf.reset();
+    buf2.reset();
+    std::printf("streaming read 2 GiB: %.0f GB/s   d2d copy 1 GiB (r+w): %.0f GB/s   datasheet: %.0f GB/s\n\n",
+                read_bw, copy_bw, spec_bw);
+
+    std::vector<Case> cases = {
+        {"attn_q_a 4096->1024", QType::Q8_0, 1024, 4096},
+        {"attn_q_b 1024->32768", QType::Q8_0, 32768, 1024},
+        {"attn_out_b 8192->4096", QType::Q8_0, 4096, 8192},
+        {"shexp_gate 4096->2048", QType::Q8_0, 2048, 4096},
+        {"compressor 4096->1024", QType::F16, 1024, 4096},
+        {"hc_fn 16384->24", QType::F16, 24, 16384},
+        {"moe_gate 6x(4096->2048)/256", QType::IQ2_XXS, 2048, 4096, 256, 6},
+        {"moe_down 6x(2048->4096)/256", QType::Q2_K, 4096, 2048, 256, 6},
+        {"moe_gate_q4 6x(4096->2048)/256", QType::Q4_K, 2048, 4096, 256, 6},
+        {"dense 4096->4096 T=1", QType::Q8_0, 4096, 4096, 0, 1, 1},
+        {"dense 4096->4096 T=2", QType::Q8_0, 4096, 4096, 0, 1, 2},
+        {"dense 4096->4096 T=4", QType::Q8_0, 4096, 4096, 0, 1, 4},
+        {"dense 4096->4096 T=8", QType::Q8_0, 4096, 4096, 0, 1, 8},
+        {"iq2 4096->2048 T=1", QType::IQ2_XXS, 2048, 4096, 0, 1, 1},
+        {"iq2 4096->2048 T=8", QType::IQ2_XXS, 2048, 4096, 0, 1, 8},
+        {"q2k 2048->4096 T=8", QType::Q2_K, 4096, 2048, 0, 1, 8},
+    };
+    if (!quick) cases.push_back({"output 4096->129280", QType::Q8_0, 129280, 4096});
+
+    FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
+    if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec\n");
+    std::printf("%-32s %-8s %10s %10s %9s %7s %7s\n", "case", "type", "us(graph)", "us(eager)", "GB/s", "%read",
+                "%spec");
+    for (const Case& c : cases) {
+      const Result r = run_case(c, s, read_bw, spec_bw);
+      std::printf("%-32s %-8s %10.2f %10.2f %9.0f %6.1f%% %6.1f%%\n", c.name.c_str(), qtype_name(c.type).c_str(),
+                  r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec);
+      if (csv)
+        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%.3f,%.3f,%.1f,%.2f,%.2f\n", card.c_str(), c.name.c_str(),
+                     qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols, c.n_slots, c.n_tokens,
+                     r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec);
+    }
+    if (csv) std::fclose(csv);
+    cudaStreamDestroy(s);
+  } catch (const dsv4::Error& e) {
+    std::fprintf(stderr, "wb_gemv: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

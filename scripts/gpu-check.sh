@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One command for the GPU box: configure, build, run the CUDA op-parity tests and the kernel workbenches, and
+# copy every log into $OUT (the device tool brings $OUT back).
+#
+#   scripts/gpu-check.sh --pack [REF]   on the dev machine (Debian, deps installed): writes
+#                                       build/gpudeps (GTest/CLI11/nlohmann-json/PCRE2/pkgconf, relocatable) and
+#                                       build/gpusrc (git archive of REF, default HEAD: the exact tree to test)
+#   scripts/gpu-check.sh                on the GPU box (run with carry: build/gpudeps, build/gpusrc)
+#
+# The GPU image has CUDA, CMake and a compiler but none of the Debian -dev packages the project's CMake wants
+# and no network, hence the bundle. Building from build/gpusrc (a committed tree) rather than the working copy
+# keeps other people's half-edited files out of the build. Environment: JOBS (default nproc), GPU_CHECK_QUICK=1
+# skips the largest workbench case.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DEPS="$ROOT/build/gpudeps"
+ARCH_LIB=lib/x86_64-linux-gnu
+
+pack() {
+  local ref="${1:-HEAD}"
+  rm -rf "$DEPS" "$ROOT/build/gpusrc"
+  mkdir -p "$DEPS/include" "$DEPS/$ARCH_LIB/cmake" "$DEPS/$ARCH_LIB/pkgconfig" "$DEPS/share/cmake" "$DEPS/bin"
+  cp -r /usr/include/nlohmann /usr/include/CLI /usr/include/gtest /usr/include/gmock /usr/include/pcre2.h \
+        "$DEPS/include/"
+  cp -r /usr/share/cmake/nlohmann_json /usr/share/cmake/CLI11 "$DEPS/share/cmake/"
+  cp -r /usr/lib/x86_64-linux-gnu/cmake/GTest "$DEPS/$ARCH_LIB/cmake/"
+  cp /usr/lib/x86_64-linux-gnu/libgtest*.a /usr/lib/x86_64-linux-gnu/libgmock*.a "$DEPS/$ARCH_LIB/"
+  cp -L /usr/lib/x86_64-linux-gnu/libpcre2-8.so.0 /usr/lib/x86_64-linux-gnu/libpkgconf.so.3 "$DEPS/$ARCH_LIB/"
+  cp /usr/bin/pkgconf "$DEPS/bin/"
+  cat > "$DEPS/$ARCH_LIB/pkgconfig/libpcre2-8.pc" <<'PC'
+prefix=${pcfiledir}/../../..
+libdir=${prefix}/lib/x86_64-linux-gnu
+includedir=${prefix}/include
+Name: libpcre2-8
+Description: PCRE2 (bundled for the GPU box)
+Version: 10.42
+Libs: -L${libdir} -lpcre2-8
+Cflags: -I${includedir}
+PC
+  mkdir -p "$ROOT/build/gpusrc"
+  git -C "$ROOT" archive "$ref" | tar -x -C "$ROOT/build/gpusrc"
+  echo "packed: build/gpudeps ($(du -sh "$DEPS" | cut -f1)), build/gpusrc = $(git -C "$ROOT" rev-parse --short "$ref")"
+}
+
+if [ "${1:-}" = "--pack" ]; then
+  pack "${2:-HEAD}"
+  exit 0
+fi
+
+OUT="${OUT:-$ROOT/build/gpu-check-out}"
+mkdir -p "$OUT"
+SRC="$ROOT"
+[ -d "$ROOT/build/gpusrc" ] && SRC="$ROOT/build/gpusrc"
+BUILD=/tmp/dsv4-gpu-build
+JOBS="${JOBS:-$(nproc)}"
+
+{
+  echo "date: $(date -u)"; echo "source: $SRC"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+  nvcc --version | tail -2; cmake --version | head -1; ${CXX:-c++} --version | head -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+cmake_args=(-S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a
+            -DDSV4_BENCH=OFF)
+if [ -d "$DEPS" ]; then
+  ln -sf libpcre2-8.so.0 "$DEPS/$ARCH_LIB/libpcre2-8.so"
+  export LD_LIBRARY_PATH="$DEPS/$ARCH_LIB:${LD_LIBRARY_PATH:-}"
+  export PKG_CONFIG_PATH="$DEPS/$ARCH_LIB/pkgconfig:${PKG_CONFIG_PATH:-}"
+  cmake_args+=(-DCMAKE_PREFIX_PATH="$DEPS" -DPKG_CONFIG_EXECUTABLE="$DEPS/bin/pkgconf")
+fi
+
+status=0
+set -o pipefail
+if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target dsv4_test_ops wb_gemv) \
+     > "$OUT/build.log" 2>&1; then
+  echo "BUILD FAILED (tail of build.log):"; tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build ok"
+
+# Parity tests (run from the source root: tests find data relative to it).
+(cd "$SRC" && "$BUILD/dsv4_test_ops" --gtest_output="xml:$OUT/ops.xml") > "$OUT/ops.log" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|OK \]|FAILED \]" "$OUT/ops.log" | tail -40
+
+wb_args=(--csv "$OUT/wb_gemv.csv")
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && wb_args+=(--quick)
+"$BUILD/wb_gemv" "${wb_args[@]}" 2>&1 | tee "$OUT/wb_gemv.log" || status=1
+exit $status

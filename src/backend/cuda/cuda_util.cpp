@@ -1,0 +1,36 @@
+// Host-side CUDA helpers (see cuda_util.h).
+#include "backend/cuda/cuda_util.h"
+
+#include "common/error.h"
+
+namespace dsv4::cuda {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) fail("%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+void check_launch(const char* kernel) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    fail("launch of %s failed: %s: %s", kernel, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+bool device_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error so later probes start clean
+    return false;
+  }
+  return n > 0;
+}
+
+std::string device_description() {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp p{};
+  check(cudaGetDeviceProperties(&p, dev), "cudaGetDeviceProperties");
+  return strfmt("%s, %d SMs, %.1f GiB, cc %d.%d, L2 %d MiB", p.name, p.multiProcessorCount,
+                double(p.totalGlobalMem) / double(1ull << 30), p.major, p.minor, p.l2CacheSize >> 20);
+}
+
+}  // namespace dsv4::cuda

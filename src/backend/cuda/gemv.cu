@@ -1,0 +1,388 @@
+// Quantized GEMV kernels (see gemv.h for the contract).
+//
+// Mapping: one warp per output row, 4 warps (4 rows) per CTA, grid.y = MoE slot. Inside a row, TPB lanes
+// cooperate on one quant block (TPB = 4 for Q8_0, 16 for Q2_K/Q4_K, 8 for IQ2_XXS, 1 "block" of 8 halves per
+// lane for F16), so a warp walks 32/TPB consecutive blocks per step and its loads cover a contiguous span of
+// the row. Each lane decodes its slice of the weight block once (Traits::load) and dots it with every token's
+// activations (Traits::dot) before moving on: the batched variant reads weights once for all tokens.
+//
+// Alignment facts the loads rely on (device allocations are 256-byte aligned, rows are whole blocks):
+//   Q8_0 34 B and IQ2_XXS 66 B blocks: payload only 2-byte aligned -> 32-bit values assembled from u16 loads.
+//   Q2_K 84 B, Q4_K 144 B, Q8_K 292 B blocks: 4-byte aligned -> plain 32-bit loads.
+//   F16 rows: cols % 8 == 0 keeps every 8-half chunk 16-byte aligned (checked by the launcher).
+#include "backend/cuda/gemv.h"
+
+#include <cuda_fp16.h>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_util.h"
+#include "common/error.h"
+#include "quant/blocks.h"
+#include "quant/iq2xxs_tables.h"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kWarpsPerCta = 4;
+
+// Shared-memory tables for IQ2_XXS: the 256-entry magnitude grid and the 128 sign codes expanded to byte masks
+// (0xFF where the element is negative), so a sign flip is (g ^ m) - m per byte.
+struct Iq2Smem {
+  uint2 grid[256];
+  uint2 signs[128];
+};
+
+// ---- per-type traits -------------------------------------------------------------------------------------------
+struct TraitsQ8_0 {
+  static constexpr int kTpb = 4;  // lanes per block: 8 values each
+  static constexpr int kBlockElems = kQK8_0;
+  static constexpr int kBlockBytes = sizeof(block_q8_0);
+  static constexpr int kActBlockBytes = sizeof(block_q8_0);
+  struct W {
+    float d;
+    int q0, q1;
+  };
+  __device__ static W load(const uint8_t* blk, int sub, const Iq2Smem*) {
+    const uint8_t* qs = blk + 2 + 8 * sub;
+    return {__half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk))), load_i32_a2(qs),
+            load_i32_a2(qs + 4)};
+  }
+  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
+    const uint8_t* qs = act + 2 + 8 * sub;
+    const int s = __dp4a(w.q0, load_i32_a2(qs), __dp4a(w.q1, load_i32_a2(qs + 4), 0));
+    const float da = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(act)));
+    return w.d * da * float(s);
+  }
+};
+
+struct TraitsQ4_K {
+  static constexpr int kTpb = 16;  // lane: 8 low-nibble values of sub-block 2c and 8 high of 2c+1
+  static constexpr int kBlockElems = kQK_K;
+  static constexpr int kBlockBytes = sizeof(block_q4_K);
+  static constexpr int kActBlockBytes = sizeof(block_q8_K);
+  struct W {
+    float d, dmin;
+    int lo0, lo1, hi0, hi1;
+    int sc0, sc1, m0, m1;
+  };
+  __device__ static W load(const uint8_t* blk, int sub, const Iq2Smem*) {
+    const block_q4_K* b = reinterpret_cast<const block_q4_K*>(blk);
+    const int c = sub >> 2, part = sub & 3;
+    const uint2 q = *reinterpret_cast<const uint2*>(b->qs + 32 * c + 8 * part);
+    W w;
+    w.d = __half2float(__ushort_as_half(b->d));
+    w.dmin = __half2float(__ushort_as_half(b->dmin));
+    w.lo0 = int(q.x & 0x0F0F0F0Fu);
+    w.lo1 = int(q.y & 0x0F0F0F0Fu);
+    w.hi0 = int((q.x >> 4) & 0x0F0F0F0Fu);
+    w.hi1 = int((q.y >> 4) & 0x0F0F0F0Fu);
+    uint8_t sc, mn;
+    q4k_scale_min(2 * c, b->scales, &sc, &mn);
+    w.sc0 = sc, w.m0 = mn;
+    q4k_scale_min(2 * c + 1, b->scales, &sc, &mn);
+    w.sc1 = sc, w.m1 = mn;
+    return w;
+  }
+  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
+    const block_q8_K* a = reinterpret_cast<const block_q8_K*>(act);
+    const int c = sub >> 2, part = sub & 3;
+    const int8_t* lo = a->qs + 64 * c + 8 * part;
+    const int pl = __dp4a(w.lo0, load_i32_a4(lo), __dp4a(w.lo1, load_i32_a4(lo + 4), 0));
+    const int ph = __dp4a(w.hi0, load_i32_a4(lo + 32), __dp4a(w.hi1, load_i32_a4(lo + 36), 0));
+    const int isum = w.sc0 * pl + w.sc1 * ph;
+    int imin = 0;
+    if (part == 0)  // one lane per 64-value chunk adds the chunk's min term
+      imin = w.m0 * (a->bsums[4 * c] + a->bsums[4 * c + 1]) + w.m1 * (a->bsums[4 * c + 2] + a->bsums[4 * c + 3]);
+    return a->d * (w.d * float(isum) - w.dmin * float(imin));
+  }
+};
+
+struct TraitsQ2_K {
+  static constexpr int kTpb = 16;  // lane t: qs bytes 4t..4t+3 (16 values: 4 per 2-bit plane)
+  static constexpr int kBlockElems = kQK_K;
+  static constexpr int kBlockBytes = sizeof(block_q2_K);
+  static constexpr int kActBlockBytes = sizeof(block_q8_K);
+  struct W {
+    float d, dmin;
+    int q;
+    int sc[4];
+    int m;
+  };
+  __device__ static W load(const uint8_t* blk, int sub, const Iq2Smem*) {
+    const block_q2_K* b = reinterpret_cast<const block_q2_K*>(blk);
+    const int h = sub >> 3, hi = (sub & 7) >= 4;  // l0 = 4 * (sub & 7) >= 16
+    W w;
+    w.d = __half2float(__ushort_as_half(b->d));
+    w.dmin = __half2float(__ushort_as_half(b->dmin));
+    w.q = load_i32_a4(b->qs + 4 * sub);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) w.sc[s] = b->scales[8 * h + 2 * s + hi] & 15;
+    w.m = b->scales[sub] >> 4;
+    return w;
+  }
+  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
+    const block_q8_K* a = reinterpret_cast<const block_q8_K*>(act);
+    const int h = sub >> 3, l0 = 4 * (sub & 7);
+    int isum = 0;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int v = (w.q >> (2 * s)) & 0x03030303;
+      isum += w.sc[s] * __dp4a(v, load_i32_a4(a->qs + 128 * h + 32 * s + l0), 0);
+    }
+    const int imin = w.m * a->bsums[sub];
+    return a->d * (w.d * float(isum) - w.dmin * float(imin));
+  }
+};
+
+struct TraitsIQ2_XXS {
+  static constexpr int kTpb = 8;  // lane g: the 32-value group g
+  static constexpr int kBlockElems = kQK_K;
+  static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
+  static constexpr int kActBlockBytes = sizeof(block_q8_K);
+  struct W {
+    float d;
+    int v[8];  // 32 signed int8 weights
+    int ls;
+  };
+  __device__ static W load(const uint8_t* blk, int g, const Iq2Smem* t) {
+    const uint8_t* q = blk + 2 + 8 * g;
+    const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
+    W w;
+    w.d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint2 gv = t->grid[(a0 >> (8 * k)) & 255u];
+      const uint2 m = t->signs[(a1 >> (7 * k)) & 127u];
+      w.v[2 * k] = int(__vsub4(gv.x ^ m.x, m.x));
+      w.v[2 * k + 1] = int(__vsub4(gv.y ^ m.y, m.y));
+    }
+    w.ls = int(2 * (a1 >> 28) + 1);
+    return w;
+  }
+  __device__ static float dot(const W& w, const uint8_t* act, int g) {
+    const block_q8_K* a = reinterpret_cast<const block_q8_K*>(act);
+    const int8_t* x = a->qs + 32 * g;
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s = __dp4a(w.v[k], load_i32_a4(x + 4 * k), s);
+    return 0.125f * w.d * a->d * float(s * w.ls);
+  }
+};
+
+struct TraitsF16 {
+  static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
+  static constexpr int kBlockElems = 8;
+  static constexpr int kBlockBytes = 16;
+  static constexpr int kActBlockBytes = 32;  // 8 floats
+  struct W {
+    float v[8];
+  };
+  __device__ static W load(const uint8_t* blk, int, const Iq2Smem*) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(blk);
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+    W w;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      w.v[2 * i] = f.x, w.v[2 * i + 1] = f.y;
+    }
+    return w;
+  }
+  __device__ static float dot(const W& w, const uint8_t* act, int) {
+    const float4 a = *reinterpret_cast<const float4*>(act);
+    const float4 b = *reinterpret_cast<const float4*>(act + 16);
+    return w.v[0] * a.x + w.v[1] * a.y + w.v[2] * a.z + w.v[3] * a.w + w.v[4] * b.x + w.v[5] * b.y +
+           w.v[6] * b.z + w.v[7] * b.w;
+  }
+};
+
+// ---- the kernel --------------------------------------------------------------------------------------------------
+template <class T>
+__device__ void load_iq2_tables(Iq2Smem* t) {
+  if constexpr (std::is_same_v<T, TraitsIQ2_XXS>) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+      const uint64_t g = iq2xxs_grid[i];
+      t->grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
+    }
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+      const uint32_t s = ksigns_iq2xs(uint32_t(i));
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        lo |= ((s >> k) & 1u) ? (0xFFu << (8 * k)) : 0u;
+        hi |= ((s >> (k + 4)) & 1u) ? (0xFFu << (8 * k)) : 0u;
+      }
+      t->signs[i] = make_uint2(lo, hi);
+    }
+    __syncthreads();
+  }
+}
+
+template <class T, int NT>
+__global__ void __launch_bounds__(32 * kWarpsPerCta) gemv_kernel(GemvParams p, int64_t row_bytes,
+                                                                 int64_t act_row_bytes) {
+  extern __shared__ uint2 dyn_smem[];  // sizeof(Iq2Smem) for IQ2_XXS, empty otherwise
+  Iq2Smem* tables = reinterpret_cast<Iq2Smem*>(dyn_smem);
+  load_iq2_tables<T>(tables);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kWarpsPerCta + warp;
+  if (row >= p.rows) return;
+  const int slot = blockIdx.y;
+  const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
+  const uint8_t* wrow = static_cast<const uint8_t*>(p.w) + expert * p.expert_stride + row * row_bytes;
+  const int64_t act_row0 = int64_t(slot / p.act_slot_div) * p.n_tokens;
+  const uint8_t* act = static_cast<const uint8_t*>(p.xq) + act_row0 * act_row_bytes;
+
+  constexpr int kBlocksPerStep = 32 / T::kTpb;
+  const int sub = lane % T::kTpb;
+  const int64_t n_blocks = p.cols / T::kBlockElems;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+#pragma unroll 2
+  for (int64_t b = lane / T::kTpb; b < n_blocks; b += kBlocksPerStep) {
+    const typename T::W w = T::load(wrow + b * T::kBlockBytes, sub, tables);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t] += T::dot(w, act + t * act_row_bytes + b * T::kActBlockBytes, sub);
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) p.y[(int64_t(slot) * p.n_tokens + t) * p.rows + row] = v;
+  }
+}
+
+template <class T, int NT>
+void launch(const GemvParams& p, cudaStream_t stream) {
+  const int64_t row_bytes = p.cols / T::kBlockElems * T::kBlockBytes;
+  const int64_t act_row_bytes = p.cols / T::kBlockElems * T::kActBlockBytes;
+  const dim3 grid(unsigned((p.rows + kWarpsPerCta - 1) / kWarpsPerCta), unsigned(p.n_slots));
+  const size_t smem = std::is_same_v<T, TraitsIQ2_XXS> ? sizeof(Iq2Smem) : 0;
+  gemv_kernel<T, NT><<<grid, 32 * kWarpsPerCta, smem, stream>>>(p, row_bytes, act_row_bytes);
+  check_launch("gemv_kernel");
+}
+
+template <class T>
+void launch_tokens(const GemvParams& p, cudaStream_t stream) {
+  switch (p.n_tokens) {
+    case 1: return launch<T, 1>(p, stream);
+    case 2: return launch<T, 2>(p, stream);
+    case 3: return launch<T, 3>(p, stream);
+    case 4: return launch<T, 4>(p, stream);
+    case 5: return launch<T, 5>(p, stream);
+    case 6: return launch<T, 6>(p, stream);
+    case 7: return launch<T, 7>(p, stream);
+    case 8: return launch<T, 8>(p, stream);
+    default: fail("gemv_cuda: %d tokens per launch (max %d)", p.n_tokens, kGemvMaxTokens);
+  }
+}
+
+// ---- activation quantization -------------------------------------------------------------------------------------
+// Q8_0: one warp per 32-value block (one value per lane). Same rule as quant_q8_0 on the CPU: d = amax/127 in
+// f32, q = roundf(x / d) computed as x * (1/d), d stored as f16.
+__global__ void quantize_q8_0_kernel(const float* x, int64_t n_blocks, block_q8_0* y) {
+  const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (b >= n_blocks) return;  // whole warps exit together (n_blocks is per warp)
+  const float v = x[b * kQK8_0 + lane];
+  const float amax = warp_max(fabsf(v));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  y[b].qs[lane] = int8_t(roundf(v * id));
+  if (lane == 0) y[b].d = f32_to_f16(d);
+}
+
+// Q8_K: one warp per 256-value block, 8 consecutive values per lane. Same rule as quant_q8_K: symmetric
+// [-127, 127], q = rint(x * 127/amax), d = amax/127, bsums over 16-value groups.
+__global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, block_q8_K* y) {
+  const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (b >= n_blocks) return;
+  const float4* src = reinterpret_cast<const float4*>(x + b * kQK_K + 8 * lane);
+  const float4 u = src[0], w = src[1];
+  const float v[8] = {u.x, u.y, u.z, u.w, w.x, w.y, w.z, w.w};
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = warp_max(amax);
+  const float iscale = amax != 0.0f ? 127.0f / amax : 0.0f;
+  int q[8], sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    q[i] = min(max(__float2int_rn(iscale * v[i]), -127), 127);
+    sum += q[i];
+  }
+  uint32_t lo = 0, hi = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    lo |= uint32_t(q[i] & 0xFF) << (8 * i);
+    hi |= uint32_t(q[i + 4] & 0xFF) << (8 * i);
+  }
+  *reinterpret_cast<uint2*>(y[b].qs + 8 * lane) = make_uint2(lo, hi);
+  sum += __shfl_xor_sync(kFullMask, sum, 1);
+  if ((lane & 1) == 0) y[b].bsums[lane >> 1] = int16_t(sum);
+  if (lane == 0) y[b].d = amax != 0.0f ? amax / 127.0f : 0.0f;
+}
+
+}  // namespace
+
+bool gemv_supports(QType wtype) {
+  return wtype == QType::Q8_0 || wtype == QType::Q2_K || wtype == QType::Q4_K || wtype == QType::IQ2_XXS ||
+         wtype == QType::F16;
+}
+
+void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
+  if (!gemv_supports(p_in.wtype)) fail("gemv_cuda: weight type %s not supported", qtype_name(p_in.wtype).c_str());
+  if (p_in.rows <= 0 || p_in.cols <= 0 || p_in.cols % block_elems(p_in.wtype) != 0 ||
+      (p_in.wtype == QType::F16 && p_in.cols % 8 != 0))
+    fail("gemv_cuda: bad shape %lld x %lld for %s", (long long)p_in.rows, (long long)p_in.cols,
+         qtype_name(p_in.wtype).c_str());
+  if (p_in.n_slots < 1 || p_in.n_slots > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
+    fail("gemv_cuda: bad slots=%d act_slot_div=%d n_tokens=%d", p_in.n_slots, p_in.act_slot_div, p_in.n_tokens);
+  if (p_in.expert_ids && p_in.n_tokens != 1) fail("gemv_cuda: the MoE variant takes one token per slot");
+  // Batches beyond kGemvMaxTokens run as several launches of up to 8 tokens (dense only).
+  for (int t0 = 0; t0 < p_in.n_tokens; t0 += kGemvMaxTokens) {
+    GemvParams p = p_in;
+    p.n_tokens = std::min(kGemvMaxTokens, p_in.n_tokens - t0);
+    p.xq = static_cast<const uint8_t*>(p_in.xq) + t0 * activation_bytes(p.wtype, p.cols);
+    p.y = p_in.y + int64_t(t0) * p.rows;
+    // y rows of a chunk are [t][rows] with the chunk's own token count; only valid when n_slots == 1.
+    if (p_in.n_tokens > kGemvMaxTokens && p_in.n_slots != 1) fail("gemv_cuda: > %d tokens needs n_slots == 1", kGemvMaxTokens);
+    switch (p.wtype) {
+      case QType::Q8_0: launch_tokens<TraitsQ8_0>(p, stream); break;
+      case QType::Q2_K: launch_tokens<TraitsQ2_K>(p, stream); break;
+      case QType::Q4_K: launch_tokens<TraitsQ4_K>(p, stream); break;
+      case QType::IQ2_XXS: launch_tokens<TraitsIQ2_XXS>(p, stream); break;
+      case QType::F16: launch_tokens<TraitsF16>(p, stream); break;
+      default: break;
+    }
+  }
+}
+
+void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int64_t cols, void* xq,
+                               cudaStream_t stream) {
+  const QType at = activation_type(wtype);
+  if (n_rows <= 0) return;
+  constexpr int kThreads = 256;
+  if (at == QType::F32) {
+    check(cudaMemcpyAsync(xq, x, size_t(n_rows * cols) * sizeof(float), cudaMemcpyDeviceToDevice, stream),
+          "quantize_activations_cuda: copy");
+    return;
+  }
+  const int64_t qk = at == QType::Q8_0 ? kQK8_0 : kQK_K;
+  if (cols % qk != 0) fail("quantize_activations_cuda: cols=%lld not a multiple of %lld", (long long)cols, (long long)qk);
+  const int64_t n_blocks = n_rows * cols / qk;  // rows are whole blocks, so blocks are contiguous across rows
+  const unsigned grid = unsigned((n_blocks * 32 + kThreads - 1) / kThreads);
+  if (at == QType::Q8_0) {
+    quantize_q8_0_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<block_q8_0*>(xq));
+    check_launch("quantize_q8_0_kernel");
+  } else if (at == QType::Q8_K) {
+    quantize_q8_K_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<block_q8_K*>(xq));
+    check_launch("quantize_q8_K_kernel");
+  } else {
+    fail("quantize_activations_cuda: no GPU quantizer for %s", qtype_name(at).c_str());
+  }
+}
+
+}  // namespace dsv4::cuda

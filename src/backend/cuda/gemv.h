@@ -1,0 +1,51 @@
+// Quantized matrix-vector products on the GPU (decode path): y = W x for GGUF-layout weights of type Q8_0, Q2_K,
+// Q4_K, IQ2_XXS or F16, reading every weight byte once.
+//
+// Numerics match the CPU dot kernels of src/quant (quant.h): activations are first quantized on the GPU to
+// the weight type's partner format, bit-identically to quantize_activation() on the CPU (Q8_0 for Q8_0 weights,
+// Q8_K for Q2_K/Q4_K/IQ2_XXS; plain f32 for F16), then each weight block's integer dot product is formed
+// exactly (dp4a) and scaled in fp32. Only the fp32 summation order across blocks differs from the CPU.
+//
+// Three shapes, one kernel family:
+//   dense        y[t][r] = W[r] . x[t]              for t < n_tokens (1..8 per launch; weights read once)
+//   batched      the same with n_tokens > 1: every weight block is decoded once and dotted with each token
+//   MoE          n_slots experts in one launch: slot s uses expert expert_ids[s] (device memory, so the
+//                launch is graph-capturable) and activation row s / act_slot_div (act_slot_div = k when the
+//                k experts of a token share its input, as gate/up do; 1 when each slot has its own, as down).
+// All pointers are device pointers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "quant/quant.h"
+
+namespace dsv4::cuda {
+
+inline constexpr int kGemvMaxTokens = 8;  // tokens per launch; gemv_cuda splits larger batches
+
+struct GemvParams {
+  QType wtype = QType::F16;
+  const void* w = nullptr;            // rows x cols (x experts), GGUF row layout: row r = row_bytes(cols) bytes
+  int64_t rows = 0, cols = 0;
+  int64_t expert_stride = 0;          // bytes between experts of a 3-D stack (MoE only)
+  const int32_t* expert_ids = nullptr;  // [n_slots] expert per slot, or null for a dense 2-D matrix
+  int n_slots = 1;
+  int act_slot_div = 1;
+  const void* xq = nullptr;           // [n_slots / act_slot_div * n_tokens] activation rows from
+                                      // quantize_activations_cuda (f32 rows for F16 weights)
+  int n_tokens = 1;                   // dense: tokens; MoE: must be 1
+  float* y = nullptr;                 // [n_slots][n_tokens][rows]
+};
+void gemv_cuda(const GemvParams& p, cudaStream_t stream);
+
+// Quantizes n_rows rows of `cols` floats into activation_type(wtype) rows of activation_bytes(wtype, cols)
+// bytes each (for F16/F32 weights it copies the floats). Rounding is bit-identical to quantize_activation().
+void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int64_t cols, void* xq,
+                               cudaStream_t stream);
+
+// Weight types gemv_cuda accepts.
+bool gemv_supports(QType wtype);
+
+}  // namespace dsv4::cuda

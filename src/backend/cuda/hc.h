@@ -1,0 +1,46 @@
+// Manifold-constrained hyper-connection pieces on the GPU (model-spec §4), for n = 4 streams.
+//
+// hc_pre on the GPU is: mix = F16 GEMV of fn over the flattened streams (gemv.h) times the RMS scale, then
+// hc_split_sinkhorn_cuda (pre/post/comb), then hc_collapse_cuda (a = sum_i pre[i] X[i]). hc_post_cuda writes
+// the new streams. All pointers are device pointers; the control vectors (base, scale) are read on the device
+// so a decode step can be captured in a graph.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+inline constexpr int kHcStreams = 4;
+inline constexpr int kHcMix = (2 + kHcStreams) * kHcStreams;  // 24
+
+// Per token t (model-spec §4 steps 3-7), with mix[t] already scaled by rsqrt(mean(x^2) + eps):
+//   pre[t][i]  = sigmoid(mix_pre[i] * scale[0] + base[i]) + eps
+//   post[t][o] = 2 * sigmoid(mix_post[o] * scale[1] + base[4 + o])
+//   comb[t][i][o] = Sinkhorn(mix_comb[4i + o] * scale[2] + base[8 + 4i + o]): row softmax, + eps, column
+//   normalize, then (iters - 1) x (row normalize, column normalize), each normalizer "sum + eps".
+//   mix: [T, 24], base: [24], scale: [3], pre: [T, 4], post: [T, 4], comb: [T, 4, 4] (row i = input stream).
+struct HcSinkhornParams {
+  const float* mix = nullptr;
+  const float* base = nullptr;
+  const float* scale = nullptr;
+  float* pre = nullptr;
+  float* post = nullptr;
+  float* comb = nullptr;
+  int64_t n_tokens = 0;
+  int iters = 20;
+  float eps = 1e-6f;
+};
+void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream);
+
+// a[t] = sum_i pre[t][i] * X[t][i].   X: [T, 4, D], pre: [T, 4], a: [T, D]
+void hc_collapse_cuda(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a,
+                      cudaStream_t stream);
+
+// X[t][o] = post[t][o] * y[t] + sum_i comb[t][i][o] * X[t][i]  (in place).
+//   X: [T, 4, D], y: [T, D], post: [T, 4], comb: [T, 4, 4]
+void hc_post_cuda(float* X, const float* y, const float* post, const float* comb, int64_t n_tokens, int64_t d,
+                  cudaStream_t stream);
+
+}  // namespace dsv4::cuda

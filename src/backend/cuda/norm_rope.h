@@ -1,0 +1,46 @@
+// RMSNorm and partial interleaved RoPE (model-spec §3.1, §3.2) on the GPU. All pointers are device pointers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+// y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (w null: unweighted, e.g. the per-head query norm).
+//   x, y: [rows, n] with row strides (in floats) x_stride / y_stride; x and y may alias. w: [n] or null.
+// The sum of squares is accumulated in fp32 (each thread strided, then a tree): the CPU sums in order, so the
+// two agree to a few ulp of the scale, not bitwise.
+struct RmsNormParams {
+  const float* x = nullptr;
+  const float* w = nullptr;
+  float* y = nullptr;
+  int64_t rows = 0;
+  int n = 0;
+  int64_t x_stride = 0;  // 0 = n
+  int64_t y_stride = 0;  // 0 = n
+  float eps = 1e-6f;
+};
+void rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
+
+// Rotates the last n_rot dims of every head vector in place, pairs adjacent (x[2j], x[2j+1]) by angle
+// pos * omega_j (or its negation when inverse). Angles are formed in double and cos/sin taken in double, then
+// rounded to float once, exactly as the CPU path (src/model/rope.cpp), so the rotation factors are bitwise
+// equal; the complex product is done without FMA contraction, also as on the CPU.
+//   x: [n_tokens, n_heads, head_dim] (token stride token_stride floats, 0 = n_heads * head_dim)
+//   positions: [n_tokens] int64 device array (absolute positions; per row so a batch may mix sessions)
+inline constexpr int kRopeMaxPairs = 64;
+struct RopeParams {
+  float* x = nullptr;
+  const int64_t* positions = nullptr;
+  int64_t n_tokens = 0;
+  int n_heads = 0;
+  int head_dim = 0;
+  int64_t token_stride = 0;
+  int n_rot = 64;
+  bool inverse = false;
+  double omega[kRopeMaxPairs] = {};  // per-pair angular frequency (rope_freqs_* in src/model/rope.h)
+};
+void rope_cuda(const RopeParams& p, cudaStream_t stream);
+
+}  // namespace dsv4::cuda

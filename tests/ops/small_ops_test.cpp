@@ -1,0 +1,219 @@
+// Parity of the small CUDA ops (rms_norm, RoPE, HC Sinkhorn/collapse/post, top-k, softmax) with their CPU twins
+// (ops_reference.h) on random inputs at Flash widths. Each test states its tolerance and why.
+#include "backend/cuda/hc.h"
+#include "backend/cuda/norm_rope.h"
+#include "backend/cuda/select.h"
+#include "ops_common.h"
+#include "ops_reference.h"
+
+namespace dsv4 {
+namespace {
+
+using cuda::DeviceArray;
+template <typename T>
+DeviceArray<T> upload(const std::vector<T>& v) {
+  return DeviceArray<T>(std::span<const T>(v));
+}
+
+// fp32 tree sum vs double sum of 512-16384 squares: relative error of the scale ~ sqrt(n) * 2^-24 < 1e-5;
+// outputs are O(1), so 2e-5 absolute (per element, relative to max(|ref|, 1)) bounds it with margin.
+TEST(CudaSmallOps, RmsNormWeightedAndUnweighted) {
+  DSV4_REQUIRE_CUDA();
+  struct Case { int64_t rows; int n; bool weighted; };
+  for (const Case c : {Case{7, 4096, true}, Case{64, 512, false}, Case{3, 1024, true}, Case{2, 16384, false},
+                       Case{5, 128, true}}) {
+    const auto x = test::random_normal(size_t(c.rows * c.n), 11 + c.n, 2.0f);
+    const auto w = test::random_normal(size_t(c.n), 12 + c.n);
+    std::vector<float> ref(x.size());
+    test::rms_norm_ref(x.data(), c.weighted ? w.data() : nullptr, c.rows, c.n, 1e-6f, ref.data());
+    auto d_x = upload(x), d_w = upload(w);
+    DeviceArray<float> d_y(x.size());
+    d_y.fill_bytes(0xFF);
+    cuda::RmsNormParams p;
+    p.x = d_x.get(), p.w = c.weighted ? d_w.get() : nullptr, p.y = d_y.get(), p.rows = c.rows, p.n = c.n;
+    cuda::rms_norm_cuda(p, nullptr);
+    const auto y = d_y.download();
+    std::vector<double> refd(ref.begin(), ref.end());
+    EXPECT_LE(test::max_rel_err(y, refd, 1.0), 2e-5) << "rows=" << c.rows << " n=" << c.n;
+    // In place (x aliases y) gives the same values.
+    p.y = d_x.get();
+    cuda::rms_norm_cuda(p, nullptr);
+    EXPECT_EQ(d_x.download(), y);
+  }
+}
+
+// The YaRN table against the spec's published reference values (model-spec §1.3 and §3.2: correction range
+// (15, 25), omega_15 = 0.0036355, omega_16 = 0.0022656, omega_25 = 5.37e-6, omega_31 = 5.68e-7; 4-5 digits).
+TEST(CudaSmallOps, YarnTableMatchesSpecValues) {
+  const auto om = test::rope_omega_ref(160000.0, 64, 16.0, 65536.0, 32.0, 1.0);
+  EXPECT_NEAR(om[0], 1.0, 1e-12);
+  EXPECT_NEAR(om[15], 0.0036355, 5e-7);
+  EXPECT_NEAR(om[16], 0.0022656, 5e-7);
+  EXPECT_NEAR(om[25] / 5.37e-6, 1.0, 2e-3);
+  EXPECT_NEAR(om[31] / 5.68e-7, 1.0, 2e-3);
+}
+
+// Angles and cos/sin in double, rounded to float once, and the complex product unfused on both sides: the only
+// possible difference is a 1-ulp double cos/sin landing on a float rounding boundary, so the bound is 1 float
+// ulp of the largest |x| (~6 for N(0,1)): 1e-6. Position 1,000,003 exercises large angles (~1e6 rad).
+TEST(CudaSmallOps, RopePartialInterleavedYarnAndInverse) {
+  DSV4_REQUIRE_CUDA();
+  struct Case { int n_heads, head_dim; double theta, yarn; bool inverse; };
+  for (const Case c : {Case{64, 512, 160000.0, 16.0, false}, Case{64, 512, 10000.0, 1.0, false},
+                       Case{1, 512, 160000.0, 16.0, true}, Case{64, 128, 160000.0, 16.0, false}}) {
+    const std::vector<int64_t> pos = {0, 1, 7, 127, 4096, 65535, 1000003};
+    const int64_t T = int64_t(pos.size());
+    const auto x = test::random_normal(size_t(T * c.n_heads * c.head_dim), 21 + c.head_dim);
+    const auto om = test::rope_omega_ref(c.theta, 64, c.yarn, 65536.0, 32.0, 1.0);
+    auto ref = x;
+    test::rope_ref(ref.data(), pos.data(), T, c.n_heads, c.head_dim, 64, om, c.inverse);
+    auto d_x = upload(x);
+    auto d_pos = upload(pos);
+    cuda::RopeParams p;
+    p.x = d_x.get(), p.positions = d_pos.get(), p.n_tokens = T, p.n_heads = c.n_heads, p.head_dim = c.head_dim;
+    p.n_rot = 64, p.inverse = c.inverse;
+    for (int j = 0; j < 32; ++j) p.omega[j] = om[size_t(j)];
+    cuda::rope_cuda(p, nullptr);
+    const auto y = d_x.download();
+    EXPECT_LE(test::max_abs_err(y, ref), 1e-6) << "heads=" << c.n_heads << " dim=" << c.head_dim;
+    // The first head_dim - 64 dims are untouched, bit for bit.
+    for (int64_t r = 0; r < T * c.n_heads; ++r)
+      for (int i = 0; i < c.head_dim - 64; ++i)
+        ASSERT_EQ(y[size_t(r * c.head_dim + i)], x[size_t(r * c.head_dim + i)]);
+  }
+}
+
+// Same loop order on both sides; differences come from expf ulps and FMA contraction in the kernel's
+// "mix * scale + base" (about 1e-7 relative each), which 20 Sinkhorn rounds do not amplify beyond ~1e-6:
+// 1e-5 absolute on values in (0, 2]. Independently of the twin, the columns of comb must sum to 1 (the last
+// step normalizes columns; eps = 1e-6 shifts the sum by < 1e-5).
+TEST(CudaSmallOps, HcSinkhorn) {
+  DSV4_REQUIRE_CUDA();
+  const int64_t T = 37;
+  const auto mix = test::random_normal(size_t(T * 24), 31, 2.0f);
+  const auto base = test::random_normal(24, 32, 0.5f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  std::vector<float> pre(size_t(T * 4)), post(size_t(T * 4)), comb(size_t(T * 16));
+  for (int64_t t = 0; t < T; ++t)
+    test::hc_sinkhorn_ref(&mix[size_t(t * 24)], base.data(), scale.data(), 20, 1e-6f, &pre[size_t(t * 4)],
+                          &post[size_t(t * 4)], &comb[size_t(t * 16)]);
+  auto d_mix = upload(mix), d_base = upload(base), d_scale = upload(scale);
+  DeviceArray<float> d_pre(pre.size()), d_post(post.size()), d_comb(comb.size());
+  d_comb.fill_bytes(0xFF);
+  cuda::HcSinkhornParams p;
+  p.mix = d_mix.get(), p.base = d_base.get(), p.scale = d_scale.get(), p.pre = d_pre.get(), p.post = d_post.get();
+  p.comb = d_comb.get(), p.n_tokens = T;
+  cuda::hc_split_sinkhorn_cuda(p, nullptr);
+  const auto g_comb = d_comb.download();
+  EXPECT_LE(test::max_abs_err(d_pre.download(), pre), 1e-5);
+  EXPECT_LE(test::max_abs_err(d_post.download(), post), 1e-5);
+  EXPECT_LE(test::max_abs_err(g_comb, comb), 1e-5);
+  for (int64_t t = 0; t < T; ++t)
+    for (int o = 0; o < 4; ++o) {
+      double s = 0;
+      for (int i = 0; i < 4; ++i) s += g_comb[size_t(t * 16 + i * 4 + o)];
+      EXPECT_NEAR(s, 1.0, 1e-5) << "token " << t << " column " << o;
+    }
+}
+
+// a = sum_i pre_i X_i and X'_o = post_o y + sum_i C[i][o] X_i: 4-5 fp32 products per value, so 1e-5 relative
+// to max(|ref|, 1) covers FMA contraction differences.
+TEST(CudaSmallOps, HcCollapseAndPost) {
+  DSV4_REQUIRE_CUDA();
+  const int64_t T = 3, D = 4096;
+  const auto X = test::random_normal(size_t(T * 4 * D), 41);
+  const auto y = test::random_normal(size_t(T * D), 42);
+  const auto pre = test::random_normal(size_t(T * 4), 43);
+  const auto post = test::random_normal(size_t(T * 4), 44);
+  const auto comb = test::random_normal(size_t(T * 16), 45);
+  std::vector<double> a_ref(size_t(T * D)), x_ref(X.size());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < D; ++k) {
+      double a = 0;
+      for (int i = 0; i < 4; ++i) a += double(pre[size_t(t * 4 + i)]) * X[size_t((t * 4 + i) * D + k)];
+      a_ref[size_t(t * D + k)] = a;
+      for (int o = 0; o < 4; ++o) {
+        double v = double(post[size_t(t * 4 + o)]) * y[size_t(t * D + k)];
+        for (int i = 0; i < 4; ++i) v += double(comb[size_t(t * 16 + i * 4 + o)]) * X[size_t((t * 4 + i) * D + k)];
+        x_ref[size_t((t * 4 + o) * D + k)] = v;
+      }
+    }
+  auto d_X = upload(X), d_y = upload(y), d_pre = upload(pre), d_post = upload(post), d_comb = upload(comb);
+  DeviceArray<float> d_a(size_t(T * D));
+  d_a.fill_bytes(0xFF);
+  cuda::hc_collapse_cuda(d_X.get(), d_pre.get(), T, D, d_a.get(), nullptr);
+  cuda::hc_post_cuda(d_X.get(), d_y.get(), d_post.get(), d_comb.get(), T, D, nullptr);
+  EXPECT_LE(test::max_rel_err(d_a.download(), a_ref, 1.0), 1e-5);
+  EXPECT_LE(test::max_rel_err(d_X.download(), x_ref, 1.0), 1e-5);
+}
+
+// Top-k is exact: integer keys under a total order, so GPU and CPU must return identical index lists.
+void check_topk(int64_t rows, int64_t n, int k, uint64_t seed, bool coarse) {
+  auto s = test::random_normal(size_t(rows * n), seed);
+  if (coarse)  // many exact ties (and both signed zeros) to exercise the index tie-break
+    for (auto& v : s) v = std::round(v * 2.0f) / 2.0f;
+  auto d_s = upload(s);
+  DeviceArray<int32_t> d_idx(size_t(rows * k));
+  DeviceArray<float> d_val(size_t(rows * k));
+  d_idx.fill_bytes(0xFF);
+  cuda::TopkParams p;
+  p.scores = d_s.get(), p.rows = rows, p.n = n, p.k = k, p.indices = d_idx.get(), p.values = d_val.get();
+  cuda::topk_cuda(p, nullptr);
+  const auto idx = d_idx.download();
+  const auto val = d_val.download();
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto ref = test::topk_ref(&s[size_t(r * n)], n, k);
+    for (int j = 0; j < k; ++j) {
+      ASSERT_EQ(idx[size_t(r * k + j)], ref[size_t(j)]) << "n=" << n << " k=" << k << " row " << r << " rank " << j;
+      ASSERT_EQ(val[size_t(r * k + j)], s[size_t(r * n + ref[size_t(j)])]);
+    }
+  }
+}
+
+TEST(CudaSmallOps, TopkRouting) {
+  DSV4_REQUIRE_CUDA();
+  check_topk(5, 256, 6, 51, false);  // MoE routing: 6 of 256 experts
+  check_topk(5, 256, 6, 52, true);
+  check_topk(2, 8192, 32, 53, true);
+  check_topk(1, 6, 6, 54, false);  // k == n
+}
+
+TEST(CudaSmallOps, TopkIndexerRadix) {
+  DSV4_REQUIRE_CUDA();
+  check_topk(2, 65536, 512, 61, false);  // indexer: top-512 of C/4 keys at 256k context
+  check_topk(2, 65536, 512, 62, true);   // heavy ties at the threshold
+  check_topk(1, 262144, 512, 63, false);  // 1M context
+  check_topk(3, 600, 512, 64, true);
+  check_topk(1, 4096, 2048, 65, false);  // largest k
+  check_topk(1, 40000, 33, 66, true);    // small k but large n takes the radix path
+}
+
+// exp in fp32 vs double: ~1e-7 relative per term; 1e-5 relative (floor 1e-6 for tiny probabilities, judged
+// absolutely) leaves margin for the fp32 sum over up to 16384 terms.
+TEST(CudaSmallOps, Softmax) {
+  DSV4_REQUIRE_CUDA();
+  for (int64_t n : {64, 640, 16384}) {
+    const int64_t rows = 9;
+    const auto x = test::random_normal(size_t(rows * n), 71 + n, 3.0f);
+    std::vector<double> ref(x.size());
+    test::softmax_ref(x.data(), rows, n, 0.0441941738f, ref.data());
+    auto d_x = upload(x);
+    DeviceArray<float> d_y(x.size());
+    d_y.fill_bytes(0xFF);
+    cuda::softmax_cuda(d_x.get(), d_y.get(), rows, n, 0.0441941738f, nullptr);
+    EXPECT_LE(test::max_rel_err(d_y.download(), ref, 1e-6), 1e-5) << "n=" << n;
+  }
+}
+
+TEST(CudaSmallOps, RejectsBadArguments) {
+  DSV4_REQUIRE_CUDA();
+  cuda::TopkParams p;
+  p.rows = 1, p.n = 10, p.k = 11;
+  EXPECT_THROW(cuda::topk_cuda(p, nullptr), Error);
+  cuda::RopeParams r;
+  r.n_rot = 63, r.head_dim = 512;
+  EXPECT_THROW(cuda::rope_cuda(r, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace dsv4
