@@ -77,9 +77,17 @@ if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target dsv
 fi
 echo "build ok"
 
-# Parity tests (run from the source root: tests find data relative to it).
-(cd "$SRC" && "$BUILD/dsv4_test_ops" --gtest_output="xml:$OUT/ops.xml") > "$OUT/ops.log" 2>&1 || status=1
-grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|OK \]|FAILED \]" "$OUT/ops.log" | tail -40
+# Parity tests, one process per test: a kernel fault leaves a sticky error in the CUDA context that would fail
+# every later test of the same process. Run from the source root (tests find data relative to it).
+: > "$OUT/ops.log"
+tests=$("$BUILD/dsv4_test_ops" --gtest_list_tests | awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}')
+for t in $tests; do
+  if (cd "$SRC" && "$BUILD/dsv4_test_ops" --gtest_filter="$t") >> "$OUT/ops.log" 2>&1; then
+    echo "ok    $t"
+  else
+    echo "FAIL  $t"; status=1
+  fi
+done
 
 wb_args=(--csv "$OUT/wb_gemv.csv")
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && wb_args+=(--quick)

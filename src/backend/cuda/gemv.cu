@@ -1,6 +1,7 @@
 // Quantized GEMV kernels (see gemv.h for the contract).
 //
-// Mapping: one warp per output row, 4 warps (4 rows) per CTA, grid.y = MoE slot. Inside a row, TPB lanes
+// Mapping: one warp per output row, 4 warps (4 rows) per CTA, grid.y = MoE slot (few rows: a row is split
+// across up to 16 warps of one CTA, see gemv_kernel). Inside a row, TPB lanes
 // cooperate on one quant block (TPB = 4 for Q8_0, 16 for Q2_K/Q4_K, 8 for IQ2_XXS, 1 "block" of 8 halves per
 // lane for F16), so a warp walks 32/TPB consecutive blocks per step and its loads cover a contiguous span of
 // the row. Each lane decodes its slice of the weight block once (Traits::load) and dots it with every token's
@@ -14,6 +15,8 @@
 
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "common/error.h"
@@ -23,7 +26,8 @@
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kWarpsPerCta = 4;
+constexpr int kWarpsPerCta = 4;      // CTA size when every warp owns a whole row
+constexpr int kMaxWarpsPerCta = 16;  // and the most warps one row is split across
 
 // Shared-memory tables for IQ2_XXS: the 256-entry magnitude grid and the 128 sign codes expanded to byte masks
 // (0xFF where the element is negative), so a sign flip is (g ^ m) - m per byte.
@@ -35,6 +39,7 @@ struct Iq2Smem {
 // ---- per-type traits -------------------------------------------------------------------------------------------
 struct TraitsQ8_0 {
   static constexpr int kTpb = 4;  // lanes per block: 8 values each
+  static constexpr int kUnroll = 8;
   static constexpr int kBlockElems = kQK8_0;
   static constexpr int kBlockBytes = sizeof(block_q8_0);
   static constexpr int kActBlockBytes = sizeof(block_q8_0);
@@ -57,6 +62,7 @@ struct TraitsQ8_0 {
 
 struct TraitsQ4_K {
   static constexpr int kTpb = 16;  // lane: 8 low-nibble values of sub-block 2c and 8 high of 2c+1
+  static constexpr int kUnroll = 4;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -99,6 +105,7 @@ struct TraitsQ4_K {
 
 struct TraitsQ2_K {
   static constexpr int kTpb = 16;  // lane t: qs bytes 4t..4t+3 (16 values: 4 per 2-bit plane)
+  static constexpr int kUnroll = 4;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -136,6 +143,7 @@ struct TraitsQ2_K {
 
 struct TraitsIQ2_XXS {
   static constexpr int kTpb = 8;  // lane g: the 32-value group g
+  static constexpr int kUnroll = 4;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -171,6 +179,7 @@ struct TraitsIQ2_XXS {
 
 struct TraitsF16 {
   static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
+  static constexpr int kUnroll = 4;
   static constexpr int kBlockElems = 8;
   static constexpr int kBlockBytes = 16;
   static constexpr int kActBlockBytes = 32;  // 8 floats
@@ -218,48 +227,82 @@ __device__ void load_iq2_tables(Iq2Smem* t) {
   }
 }
 
+// Warp w of the CTA works on row blockIdx.x * rows_per_cta + w / wpr and takes every wpr-th step of that row
+// (wpr = warps per row > 1 splits short-and-few rows across warps; partial sums meet in shared memory). Each
+// step issues kUnroll blocks' loads before any arithmetic, so a warp keeps several KiB in flight: with one load
+// at a time a 4 MiB matrix reached only ~15% of the H200's bandwidth (Little's law, not the ALUs, was the limit).
 template <class T, int NT>
-__global__ void __launch_bounds__(32 * kWarpsPerCta) gemv_kernel(GemvParams p, int64_t row_bytes,
-                                                                 int64_t act_row_bytes) {
+__global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p, int64_t row_bytes,
+                                                                    int64_t act_row_bytes, int wpr) {
   extern __shared__ uint2 dyn_smem[];  // sizeof(Iq2Smem) for IQ2_XXS, empty otherwise
   Iq2Smem* tables = reinterpret_cast<Iq2Smem*>(dyn_smem);
+  __shared__ float partial[kMaxWarpsPerCta][NT];
   load_iq2_tables<T>(tables);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * kWarpsPerCta + warp;
-  if (row >= p.rows) return;
+  const int rows_per_cta = int(blockDim.x >> 5) / wpr;
+  const int64_t row = int64_t(blockIdx.x) * rows_per_cta + warp / wpr;
+  const int part = warp % wpr;
+  const bool active = row < p.rows;
   const int slot = blockIdx.y;
   const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
-  const uint8_t* wrow = static_cast<const uint8_t*>(p.w) + expert * p.expert_stride + row * row_bytes;
+  const uint8_t* wrow = static_cast<const uint8_t*>(p.w) + expert * p.expert_stride + (active ? row : 0) * row_bytes;
   const int64_t act_row0 = int64_t(slot / p.act_slot_div) * p.n_tokens;
   const uint8_t* act = static_cast<const uint8_t*>(p.xq) + act_row0 * act_row_bytes;
 
   constexpr int kBlocksPerStep = 32 / T::kTpb;
   const int sub = lane % T::kTpb;
-  const int64_t n_blocks = p.cols / T::kBlockElems;
+  const int64_t n_blocks = active ? p.cols / T::kBlockElems : 0;
+  const int64_t stride = int64_t(kBlocksPerStep) * wpr;
   float acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-#pragma unroll 2
-  for (int64_t b = lane / T::kTpb; b < n_blocks; b += kBlocksPerStep) {
-    const typename T::W w = T::load(wrow + b * T::kBlockBytes, sub, tables);
+  for (int64_t b0 = int64_t(part) * kBlocksPerStep + lane / T::kTpb; b0 < n_blocks; b0 += stride * T::kUnroll) {
+    typename T::W w[T::kUnroll];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) acc[t] += T::dot(w, act + t * act_row_bytes + b * T::kActBlockBytes, sub);
+    for (int u = 0; u < T::kUnroll; ++u) {
+      const int64_t b = b0 + u * stride;
+      if (b < n_blocks) w[u] = T::load(wrow + b * T::kBlockBytes, sub, tables);
+    }
+#pragma unroll
+    for (int u = 0; u < T::kUnroll; ++u) {
+      const int64_t b = b0 + u * stride;
+      if (b < n_blocks) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] += T::dot(w[u], act + t * act_row_bytes + b * T::kActBlockBytes, sub);
+      }
+    }
   }
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    const float v = warp_sum(acc[t]);
-    if (lane == 0) p.y[(int64_t(slot) * p.n_tokens + t) * p.rows + row] = v;
+  for (int t = 0; t < NT; ++t) acc[t] = warp_sum(acc[t]);
+  if (wpr > 1) {
+    if (lane == 0)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) partial[warp][t] = acc[t];
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      for (int j = 1; j < wpr; ++j) acc[t] += partial[warp + j][t];  // fixed order: deterministic
   }
+  if (active && lane == 0)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) p.y[(int64_t(slot) * p.n_tokens + t) * p.rows + row] = acc[t];
 }
 
 template <class T, int NT>
 void launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t row_bytes = p.cols / T::kBlockElems * T::kBlockBytes;
   const int64_t act_row_bytes = p.cols / T::kBlockElems * T::kActBlockBytes;
-  const dim3 grid(unsigned((p.rows + kWarpsPerCta - 1) / kWarpsPerCta), unsigned(p.n_slots));
+  // Enough warps to cover the card: ~2k warps in flight. Few rows (HC control, 24 rows) split across warps.
+  const int64_t total_rows = p.rows * p.n_slots;
+  int wpr = 1;
+  while (wpr < kMaxWarpsPerCta && total_rows * wpr < 2048) wpr *= 2;
+  const int warps = std::max(kWarpsPerCta, wpr);
+  const int rows_per_cta = warps / wpr;
+  const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots));
   const size_t smem = std::is_same_v<T, TraitsIQ2_XXS> ? sizeof(Iq2Smem) : 0;
-  gemv_kernel<T, NT><<<grid, 32 * kWarpsPerCta, smem, stream>>>(p, row_bytes, act_row_bytes);
+  gemv_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr);
   check_launch("gemv_kernel");
 }
 
@@ -319,7 +362,9 @@ __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, block_q8_
     lo |= uint32_t(q[i] & 0xFF) << (8 * i);
     hi |= uint32_t(q[i + 4] & 0xFF) << (8 * i);
   }
-  *reinterpret_cast<uint2*>(y[b].qs + 8 * lane) = make_uint2(lo, hi);
+  // qs sits at byte 4 of the 292-byte block: only 4-byte stores are aligned.
+  reinterpret_cast<uint32_t*>(y[b].qs + 8 * lane)[0] = lo;
+  reinterpret_cast<uint32_t*>(y[b].qs + 8 * lane)[1] = hi;
   sum += __shfl_xor_sync(kFullMask, sum, 1);
   if ((lane & 1) == 0) y[b].bsums[lane >> 1] = int16_t(sum);
   if (lane == 0) y[b].d = amax != 0.0f ? amax / 127.0f : 0.0f;
