@@ -67,7 +67,10 @@ int ThreadPool::n_chunks(int64_t n) const {
 void ThreadPool::start_workers() {
   stop_.store(false);
   workers_.clear();
-  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_main(i); });
+  // The generation is read here, not in the new thread: a thread that starts late must still see a job
+  // published right after the constructor returned as new.
+  uint64_t gen = generation_.load(std::memory_order_acquire);
+  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i, gen] { worker_main(i, gen); });
 }
 
 void ThreadPool::stop_workers() {
@@ -91,10 +94,8 @@ void ThreadPool::run_chunk(int t) {
   }
 }
 
-void ThreadPool::worker_main(int index) {
-  // Workers start while no job is in flight (start_workers runs under call_mutex_ or in the constructor),
-  // so the current generation is the last one they need not run.
-  uint64_t seen = generation_.load(std::memory_order_acquire);
+void ThreadPool::worker_main(int index, uint64_t seen) {
+  // `seen` is the generation current when start_workers() ran (no job was in flight then).
   for (;;) {
     uint64_t g = seen;
     for (int i = 0; i < kSpinIterations; ++i) {

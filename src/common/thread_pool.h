@@ -54,7 +54,7 @@ class ThreadPool {
  private:
   void start_workers();
   void stop_workers();
-  void worker_main(int index);
+  void worker_main(int index, uint64_t start_generation);
   void run_chunk(int t);
 
   int n_threads_ = 1;
