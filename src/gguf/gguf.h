@@ -118,6 +118,10 @@ class GgufFile {
  public:
   // Maps and validates the file. Throws dsv4::Error on any problem.
   static std::unique_ptr<GgufFile> open(const std::string& path, const GgufOpenOptions& options = {});
+  // Parses a GGUF image already in memory (the fuzzer, tests). `name` stands in for the path in messages.
+  // The bytes are not copied and must outlive the returned object.
+  static std::unique_ptr<GgufFile> open_memory(const std::string& name, const uint8_t* data, size_t size,
+                                               const GgufOpenOptions& options = {});
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
@@ -125,9 +129,9 @@ class GgufFile {
   const std::string& path() const { return path_; }
   uint32_t version() const { return version_; }
   uint32_t alignment() const { return alignment_; }
-  uint64_t file_size() const;
+  uint64_t file_size() const { return size_; }
   uint64_t data_offset() const { return data_offset_; }  // start of the tensor data section
-  const uint8_t* file_data() const;                       // the whole mapping
+  const uint8_t* file_data() const { return data_; }     // the whole mapping
 
   // ---- metadata: key order as in the file
   const std::vector<std::pair<std::string, GgufValue>>& metadata() const { return kv_; }
@@ -186,7 +190,9 @@ class GgufFile {
   friend struct GgufFileLoader;
 
   std::string path_;
-  std::unique_ptr<MmapFile> map_;
+  std::unique_ptr<MmapFile> map_;  // null for open_memory()
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
   uint32_t version_ = 0;
   uint32_t alignment_ = 32;
   uint64_t data_offset_ = 0;

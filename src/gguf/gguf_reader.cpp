@@ -15,7 +15,6 @@ namespace dsv4 {
 namespace {
 
 constexpr uint32_t kGgufMagic = 0x46554747;  // "GGUF" read as a little-endian u32
-constexpr uint32_t kDefaultAlignment = 32;
 
 // Smallest encodings, used to reject absurd counts before looping over them.
 constexpr uint64_t kMinKvBytes = 8 + 1 + 4 + 1;      // key length, 1-char key, type, 1-byte value
@@ -27,6 +26,8 @@ struct GgufFileLoader {
   GgufFile& file;
   GgufParser& in;
   const GgufOpenOptions& options;
+
+  static void load(GgufFile& file, const GgufOpenOptions& options);
 
   void header(uint64_t* n_tensors, uint64_t* n_kv) {
     in.context = "header";
@@ -126,7 +127,7 @@ struct GgufFileLoader {
              file.path_.c_str(), t.name.c_str(), (unsigned long long)t.offset, (unsigned long long)t.n_bytes,
              (unsigned long long)(data_offset + t.offset), (unsigned long long)size);
       t.offset += data_offset;
-      t.data = file.map_->data() + t.offset;
+      t.data = file.data_ + t.offset;
     }
     std::vector<const GgufTensorInfo*> by_offset;
     by_offset.reserve(file.tensors_.size());
@@ -145,24 +146,38 @@ struct GgufFileLoader {
   }
 };
 
-std::unique_ptr<GgufFile> GgufFile::open(const std::string& path, const GgufOpenOptions& options) {
-  std::unique_ptr<GgufFile> file(new GgufFile());
-  file->path_ = path;
-  file->map_ = std::make_unique<MmapFile>(path);
-  GgufParser in(file->path_, file->map_->data(), file->map_->size());
-  GgufFileLoader loader{*file, in, options};
+void GgufFileLoader::load(GgufFile& file, const GgufOpenOptions& options) {
+  GgufParser in(file.path_, file.data_, file.size_);
+  GgufFileLoader loader{file, in, options};
   uint64_t n_tensors = 0, n_kv = 0;
   loader.header(&n_tensors, &n_kv);
   loader.metadata(n_kv);
   loader.tensor_directory(n_tensors);
   loader.place_tensors();
+}
+
+std::unique_ptr<GgufFile> GgufFile::open(const std::string& path, const GgufOpenOptions& options) {
+  std::unique_ptr<GgufFile> file(new GgufFile());
+  file->path_ = path;
+  file->map_ = std::make_unique<MmapFile>(path);
+  file->data_ = file->map_->data();
+  file->size_ = file->map_->size();
+  GgufFileLoader::load(*file, options);
+  return file;
+}
+
+std::unique_ptr<GgufFile> GgufFile::open_memory(const std::string& name, const uint8_t* data, size_t size,
+                                                const GgufOpenOptions& options) {
+  std::unique_ptr<GgufFile> file(new GgufFile());
+  file->path_ = name;
+  file->data_ = data;
+  file->size_ = size;
+  GgufFileLoader::load(*file, options);
   return file;
 }
 
 GgufFile::~GgufFile() = default;
 
-uint64_t GgufFile::file_size() const { return map_->size(); }
-const uint8_t* GgufFile::file_data() const { return map_->data(); }
 
 // ---- tensors ---------------------------------------------------------------------------------------------
 

@@ -345,3 +345,17 @@ TEST(GgufGetters, FormatValue) {
   EXPECT_EQ(g->format_value(g->get("i")), "-3");
   EXPECT_EQ(g->format_value(g->get("strs")), "[\"a\", \"b\"]");
 }
+
+TEST(GgufHostile, OpenMemoryMatchesFile) {
+  std::vector<uint8_t> bytes = valid_file().b;
+  auto g = GgufFile::open_memory("mem.gguf", bytes.data(), bytes.size());
+  EXPECT_EQ(g->get_u32("a.count"), 7u);
+  EXPECT_EQ(g->get_tensor("t1").data, bytes.data() + 224);  // 171 header+directory bytes -> data at 192, +32
+  std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + 100);
+  try {
+    GgufFile::open_memory("mem.gguf", cut.data(), cut.size());
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_ERROR_HAS(std::string(e.what()), "mem.gguf: ");
+  }
+}
