@@ -18,6 +18,9 @@
 #include <string>
 #include <vector>
 
+#include <cuda_fp16.h>
+
+#include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
 #include "common/error.h"
@@ -56,6 +59,47 @@ __global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   if (acc == 0x12345678u) *sink = acc;  // keeps the loads alive
+}
+
+
+// ---- prototype: Q8_0 repacked at upload into contiguous int8 quants + separate f16 scales ("Q8R") ----------------
+// Not used by the engine yet: it measures what the 34-byte block layout costs (2-byte-aligned payload forces u16
+// loads). A lane takes 16 consecutive values per step: one 16-byte weight load, one 16-byte activation load.
+template <int U>
+__global__ void __launch_bounds__(128) q8r_gemv_kernel(const int8_t* q, const __half* d, const int8_t* aq,
+                                                       const float* ad, int64_t rows, int64_t cols, float* y) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * 4 + warp;
+  if (row >= rows) return;
+  const int8_t* wr = q + row * cols;
+  const __half* dr = d + row * (cols / 32);
+  float acc = 0.0f;
+  for (int64_t i0 = int64_t(lane) * 16; i0 < cols; i0 += 512 * U) {
+    int4 w[U], a[U];
+    float s[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = i0 + int64_t(u) * 512;
+      if (i < cols) {
+        w[u] = *reinterpret_cast<const int4*>(wr + i);
+        a[u] = *reinterpret_cast<const int4*>(aq + i);
+        s[u] = __half2float(dr[i / 32]) * ad[i / 32];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = i0 + int64_t(u) * 512;
+      if (i < cols) {
+        int v = __dp4a(w[u].x, a[u].x, 0);
+        v = __dp4a(w[u].y, a[u].y, v);
+        v = __dp4a(w[u].z, a[u].z, v);
+        v = __dp4a(w[u].w, a[u].w, v);
+        acc += s[u] * float(v);
+      }
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) y[row] = acc;
 }
 
 void random_device_weights(QType t, uint8_t* w, size_t bytes, uint32_t seed) {
@@ -109,7 +153,7 @@ struct Result {
   double us_graph, us_eager, gbs, pct_read, pct_spec;
 };
 
-Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw) {
+Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, int unroll = 0, int row_group = 0) {
   const int64_t rb = row_bytes(c.type, c.cols);
   const bool moe = c.n_experts > 0;
   const int64_t mat_bytes = rb * c.rows;
@@ -137,6 +181,7 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw) {
     for (int i = 0; i < n_launch; ++i) {
       GemvParams p;
       p.wtype = c.type, p.rows = c.rows, p.cols = c.cols, p.xq = xq.get(), p.n_tokens = c.n_tokens, p.y = y.get();
+      p.unroll = unroll, p.row_group = row_group;
       p.w = w.get() + (moe ? 0 : i * stack_bytes);
       if (moe) {
         p.expert_stride = mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
@@ -164,6 +209,35 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw) {
   r.pct_read = 100.0 * r.gbs / read_bw;
   r.pct_spec = 100.0 * r.gbs / spec_bw;
   return r;
+}
+
+// Times the Q8R prototype on a rows x cols matrix (weights rotated over >= 256 MiB of copies, like run_case).
+template <int U>
+double run_q8r(int64_t rows, int64_t cols, cudaStream_t s) {
+  const int64_t qbytes = rows * cols, dbytes = rows * (cols / 32) * 2;
+  const int copies = int(std::clamp<int64_t>((256ll << 20) / (qbytes + dbytes) + 1, 1, 64));
+  DeviceArray<uint8_t> q{size_t(qbytes * copies)}, d{size_t(dbytes * copies)}, aq{size_t(cols)};
+  DeviceArray<float> ad{size_t(cols / 32)}, y{size_t(rows)};
+  fill_random_kernel<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(q.get()), q.size() / 4, 5u);
+  fill_random_kernel<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(aq.get()), aq.size() / 4, 6u);
+  check(cudaMemsetAsync(d.get(), 0x11, d.size(), s), "memset");  // f16 0x1111: a small positive scale
+  check(cudaMemsetAsync(ad.get(), 0x3c, ad.bytes(), s), "memset");
+  auto body = [&]() {
+    for (int i = 0; i < copies; ++i)
+      q8r_gemv_kernel<U><<<unsigned((rows + 3) / 4), 128, 0, s>>>(
+          reinterpret_cast<const int8_t*>(q.get()) + i * qbytes, reinterpret_cast<const __half*>(d.get() + i * dbytes),
+          reinterpret_cast<const int8_t*>(aq.get()), ad.get(), rows, cols, y.get());
+  };
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
+  body();
+  check(cudaStreamEndCapture(s, &graph), "capture end");
+  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  const float ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms * 1e3 / copies;
 }
 
 }  // namespace
@@ -227,17 +301,38 @@ int main(int argc, char** argv) {
     if (!quick) cases.push_back({"output 4096->129280", QType::Q8_0, 129280, 4096});
 
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
-    if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec\n");
+    if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec,best_u,best_r,best_us,best_gbs\n");
     std::printf("%-32s %-8s %10s %10s %9s %7s %7s\n", "case", "type", "us(graph)", "us(eager)", "GB/s", "%read",
                 "%spec");
     for (const Case& c : cases) {
       const Result r = run_case(c, s, read_bw, spec_bw);
-      std::printf("%-32s %-8s %10.2f %10.2f %9.0f %6.1f%% %6.1f%%\n", c.name.c_str(), qtype_name(c.type).c_str(),
+      // Single-token cases: sweep the kernel knobs and report the best (unroll U, rows per warp R).
+      Result best = r;
+      int best_u = 0, best_r = 0;
+      if (c.n_tokens == 1 && !quick)
+        for (int rg : {1, 2})
+          for (int u : {1, 2, 4, 8}) {
+            const Result v = run_case(c, s, read_bw, spec_bw, u, rg);
+            if (v.us_graph < best.us_graph) best = v, best_u = u, best_r = rg;
+          }
+      std::printf("%-32s %-8s %10.2f %10.2f %9.0f %6.1f%% %6.1f%%", c.name.c_str(), qtype_name(c.type).c_str(),
                   r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec);
+      if (best_u) std::printf("   best U=%d R=%d: %.2f us %.0f GB/s %.1f%%", best_u, best_r, best.us_graph, best.gbs, best.pct_read);
+      std::printf("\n");
       if (csv)
-        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%.3f,%.3f,%.1f,%.2f,%.2f\n", card.c_str(), c.name.c_str(),
-                     qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols, c.n_slots, c.n_tokens,
-                     r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec);
+        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%.3f,%.3f,%.1f,%.2f,%.2f,%d,%d,%.3f,%.1f\n", card.c_str(),
+                     c.name.c_str(), qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols, c.n_slots,
+                     c.n_tokens, r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec, best_u, best_r,
+                     best.us_graph, best.gbs);
+    }
+    std::printf("\nprototype Q8R (Q8_0 repacked: int8 quants contiguous, f16 scales apart), graph-timed:\n");
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 4096}, {32768, 1024}, {4096, 8192}, {2048, 4096}}) {
+      for (int u : {2, 4}) {
+        const double us = u == 2 ? run_q8r<2>(rows, cols, s) : run_q8r<4>(rows, cols, s);
+        const double gbs = double(rows * cols + rows * cols / 16 + cols) / (us * 1e-6) / 1e9;
+        std::printf("  Q8R %6lld x %-6lld U=%d %8.2f us %6.0f GB/s %5.1f%%\n", (long long)rows, (long long)cols, u,
+                    us, gbs, 100.0 * gbs / read_bw);
+      }
     }
     if (csv) std::fclose(csv);
     cudaStreamDestroy(s);

@@ -39,7 +39,8 @@ struct Iq2Smem {
 // ---- per-type traits -------------------------------------------------------------------------------------------
 struct TraitsQ8_0 {
   static constexpr int kTpb = 4;  // lanes per block: 8 values each
-  static constexpr int kUnroll = 8;
+  static constexpr int kUnroll = 2;
+  static constexpr int kRowGroup = 1;
   static constexpr int kBlockElems = kQK8_0;
   static constexpr int kBlockBytes = sizeof(block_q8_0);
   static constexpr int kActBlockBytes = sizeof(block_q8_0);
@@ -62,7 +63,8 @@ struct TraitsQ8_0 {
 
 struct TraitsQ4_K {
   static constexpr int kTpb = 16;  // lane: 8 low-nibble values of sub-block 2c and 8 high of 2c+1
-  static constexpr int kUnroll = 4;
+  static constexpr int kUnroll = 2;
+  static constexpr int kRowGroup = 1;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -105,7 +107,8 @@ struct TraitsQ4_K {
 
 struct TraitsQ2_K {
   static constexpr int kTpb = 16;  // lane t: qs bytes 4t..4t+3 (16 values: 4 per 2-bit plane)
-  static constexpr int kUnroll = 4;
+  static constexpr int kUnroll = 2;
+  static constexpr int kRowGroup = 1;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -143,7 +146,8 @@ struct TraitsQ2_K {
 
 struct TraitsIQ2_XXS {
   static constexpr int kTpb = 8;  // lane g: the 32-value group g
-  static constexpr int kUnroll = 4;
+  static constexpr int kUnroll = 2;
+  static constexpr int kRowGroup = 1;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -179,7 +183,8 @@ struct TraitsIQ2_XXS {
 
 struct TraitsF16 {
   static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
-  static constexpr int kUnroll = 4;
+  static constexpr int kUnroll = 2;
+  static constexpr int kRowGroup = 1;
   static constexpr int kBlockElems = 8;
   static constexpr int kBlockBytes = 16;
   static constexpr int kActBlockBytes = 32;  // 8 floats
@@ -227,96 +232,127 @@ __device__ void load_iq2_tables(Iq2Smem* t) {
   }
 }
 
-// Warp w of the CTA works on row blockIdx.x * rows_per_cta + w / wpr and takes every wpr-th step of that row
-// (wpr = warps per row > 1 splits short-and-few rows across warps; partial sums meet in shared memory). Each
-// step issues kUnroll blocks' loads before any arithmetic, so a warp keeps several KiB in flight: with one load
-// at a time a 4 MiB matrix reached only ~15% of the H200's bandwidth (Little's law, not the ALUs, was the limit).
-template <class T, int NT>
+// A warp owns R consecutive rows (the activations it loads serve all R) and the CTA's warps are grouped wpr per
+// row group (wpr > 1 splits few-and-long rows, e.g. HC control's 24 rows, across warps; partials meet in shared
+// memory in a fixed order). Each step issues U blocks' loads per row before any arithmetic, so a warp keeps
+// several KiB in flight. U and R are template knobs swept by dev/cuda/gemv.cu (GemvParams::unroll/row_group).
+template <class T, int NT, int U, int R>
 __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p, int64_t row_bytes,
                                                                     int64_t act_row_bytes, int wpr) {
   extern __shared__ uint2 dyn_smem[];  // sizeof(Iq2Smem) for IQ2_XXS, empty otherwise
   Iq2Smem* tables = reinterpret_cast<Iq2Smem*>(dyn_smem);
-  __shared__ float partial[kMaxWarpsPerCta][NT];
+  __shared__ float partial[kMaxWarpsPerCta][R * NT];
   load_iq2_tables<T>(tables);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int rows_per_cta = int(blockDim.x >> 5) / wpr;
-  const int64_t row = int64_t(blockIdx.x) * rows_per_cta + warp / wpr;
+  const int groups_per_cta = int(blockDim.x >> 5) / wpr;
+  const int64_t row0 = (int64_t(blockIdx.x) * groups_per_cta + warp / wpr) * R;
   const int part = warp % wpr;
-  const bool active = row < p.rows;
   const int slot = blockIdx.y;
   const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
-  const uint8_t* wrow = static_cast<const uint8_t*>(p.w) + expert * p.expert_stride + (active ? row : 0) * row_bytes;
+  const uint8_t* wbase = static_cast<const uint8_t*>(p.w) + expert * p.expert_stride;
+  const uint8_t* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wrow[r] = wbase + std::min<int64_t>(row0 + r, p.rows - 1) * row_bytes;
   const int64_t act_row0 = int64_t(slot / p.act_slot_div) * p.n_tokens;
   const uint8_t* act = static_cast<const uint8_t*>(p.xq) + act_row0 * act_row_bytes;
 
   constexpr int kBlocksPerStep = 32 / T::kTpb;
   const int sub = lane % T::kTpb;
-  const int64_t n_blocks = active ? p.cols / T::kBlockElems : 0;
+  const int64_t n_blocks = row0 < p.rows ? p.cols / T::kBlockElems : 0;
   const int64_t stride = int64_t(kBlocksPerStep) * wpr;
-  float acc[NT];
+  float acc[R][NT];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-  for (int64_t b0 = int64_t(part) * kBlocksPerStep + lane / T::kTpb; b0 < n_blocks; b0 += stride * T::kUnroll) {
-    typename T::W w[T::kUnroll];
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int u = 0; u < T::kUnroll; ++u) {
+    for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
+  for (int64_t b0 = int64_t(part) * kBlocksPerStep + lane / T::kTpb; b0 < n_blocks; b0 += stride * U) {
+    typename T::W w[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
       const int64_t b = b0 + u * stride;
-      if (b < n_blocks) w[u] = T::load(wrow + b * T::kBlockBytes, sub, tables);
+      if (b < n_blocks)
+#pragma unroll
+        for (int r = 0; r < R; ++r) w[u][r] = T::load(wrow[r] + b * T::kBlockBytes, sub, tables);
     }
 #pragma unroll
-    for (int u = 0; u < T::kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t b = b0 + u * stride;
       if (b < n_blocks) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) acc[t] += T::dot(w[u], act + t * act_row_bytes + b * T::kActBlockBytes, sub);
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            acc[r][t] += T::dot(w[u][r], act + t * act_row_bytes + b * T::kActBlockBytes, sub);
       }
     }
   }
 #pragma unroll
-  for (int t = 0; t < NT; ++t) acc[t] = warp_sum(acc[t]);
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[r][t] = warp_sum(acc[r][t]);
   if (wpr > 1) {
     if (lane == 0)
 #pragma unroll
-      for (int t = 0; t < NT; ++t) partial[warp][t] = acc[t];
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) partial[warp][r * NT + t] = acc[r][t];
     __syncthreads();
     if (part != 0) return;
 #pragma unroll
-    for (int t = 0; t < NT; ++t)
-      for (int j = 1; j < wpr; ++j) acc[t] += partial[warp + j][t];  // fixed order: deterministic
-  }
-  if (active && lane == 0)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int t = 0; t < NT; ++t) p.y[(int64_t(slot) * p.n_tokens + t) * p.rows + row] = acc[t];
+      for (int t = 0; t < NT; ++t)
+        for (int j = 1; j < wpr; ++j) acc[r][t] += partial[warp + j][r * NT + t];  // fixed order: deterministic
+  }
+  if (lane == 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (row0 + r < p.rows)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) p.y[(int64_t(slot) * p.n_tokens + t) * p.rows + row0 + r] = acc[r][t];
 }
 
-template <class T, int NT>
+template <class T, int NT, int U, int R>
 void launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t row_bytes = p.cols / T::kBlockElems * T::kBlockBytes;
   const int64_t act_row_bytes = p.cols / T::kBlockElems * T::kActBlockBytes;
-  // Enough warps to cover the card: ~2k warps in flight. Few rows (HC control, 24 rows) split across warps.
-  const int64_t total_rows = p.rows * p.n_slots;
+  // Enough warps to cover the card (~2k warps in flight); few row groups are split across warps.
+  const int64_t total_groups = (p.rows + R - 1) / R * p.n_slots;
   int wpr = 1;
-  while (wpr < kMaxWarpsPerCta && total_rows * wpr < 2048) wpr *= 2;
+  while (wpr < kMaxWarpsPerCta && total_groups * wpr < 2048) wpr *= 2;
   const int warps = std::max(kWarpsPerCta, wpr);
-  const int rows_per_cta = warps / wpr;
+  const int rows_per_cta = warps / wpr * R;
   const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots));
   const size_t smem = std::is_same_v<T, TraitsIQ2_XXS> ? sizeof(Iq2Smem) : 0;
-  gemv_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr);
+  gemv_kernel<T, NT, U, R><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr);
   check_launch("gemv_kernel");
+}
+
+// Single-token launches take the (unroll, row_group) knobs; batched ones use the type's defaults.
+template <class T>
+void launch_tuned(const GemvParams& p, cudaStream_t stream) {
+  const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : T::kRowGroup;
+#define DSV4_GEMV_CASE(U_, R_) \
+  if (u == U_ && r == R_) return launch<T, 1, U_, R_>(p, stream);
+  DSV4_GEMV_CASE(1, 1) DSV4_GEMV_CASE(2, 1) DSV4_GEMV_CASE(4, 1) DSV4_GEMV_CASE(8, 1)
+  DSV4_GEMV_CASE(1, 2) DSV4_GEMV_CASE(2, 2) DSV4_GEMV_CASE(4, 2) DSV4_GEMV_CASE(8, 2)
+#undef DSV4_GEMV_CASE
+  fail("gemv_cuda: no kernel for unroll=%d row_group=%d (unroll 1/2/4/8, row_group 1/2)", u, r);
 }
 
 template <class T>
 void launch_tokens(const GemvParams& p, cudaStream_t stream) {
+  constexpr int U = T::kUnroll, R = 1;
   switch (p.n_tokens) {
-    case 1: return launch<T, 1>(p, stream);
-    case 2: return launch<T, 2>(p, stream);
-    case 3: return launch<T, 3>(p, stream);
-    case 4: return launch<T, 4>(p, stream);
-    case 5: return launch<T, 5>(p, stream);
-    case 6: return launch<T, 6>(p, stream);
-    case 7: return launch<T, 7>(p, stream);
-    case 8: return launch<T, 8>(p, stream);
+    case 1: return launch_tuned<T>(p, stream);
+    case 2: return launch<T, 2, U, R>(p, stream);
+    case 3: return launch<T, 3, U, R>(p, stream);
+    case 4: return launch<T, 4, U, R>(p, stream);
+    case 5: return launch<T, 5, U, R>(p, stream);
+    case 6: return launch<T, 6, U, R>(p, stream);
+    case 7: return launch<T, 7, U, R>(p, stream);
+    case 8: return launch<T, 8, U, R>(p, stream);
     default: fail("gemv_cuda: %d tokens per launch (max %d)", p.n_tokens, kGemvMaxTokens);
   }
 }

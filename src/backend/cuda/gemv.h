@@ -37,6 +37,11 @@ struct GemvParams {
                                       // quantize_activations_cuda (f32 rows for F16 weights)
   int n_tokens = 1;                   // dense: tokens; MoE: must be 1
   float* y = nullptr;                 // [n_slots][n_tokens][rows]
+  // Tuning knobs for single-token launches (0 = the type's default): weight blocks whose loads a lane issues
+  // before computing (1, 2, 4, 8) and rows per warp sharing one activation load (1, 2). dev/cuda/gemv.cu sweeps
+  // them; results do not depend on them beyond fp32 summation order.
+  int unroll = 0;
+  int row_group = 0;
 };
 void gemv_cuda(const GemvParams& p, cudaStream_t stream);
 
