@@ -167,30 +167,6 @@ void read_rows(const Source& s, int64_t r0, int64_t n, float* out) {
   fail("%s: integer tensor read as float", where(s).c_str());
 }
 
-// Encodes `rows` rows of `cols` floats into `type`, appending to `out`.
-void encode_rows(QType type, const float* src, int64_t rows, int64_t cols, std::vector<uint8_t>& out) {
-  const size_t base = out.size();
-  out.resize(base + size_t(rows * row_bytes(type, cols)));
-  uint8_t* dst = out.data() + base;
-  const int64_t n = rows * cols;
-  switch (type) {
-    case QType::F32: std::memcpy(dst, src, size_t(n) * 4); break;
-    case QType::F16:
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = f32_to_f16(src[i]);
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-      break;
-    case QType::BF16:
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = f32_to_bf16(src[i]);
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-      break;
-    default: quantize_rows(type, src, dst, rows, cols); break;
-  }
-}
-
 struct Target {
   TensorSpec spec;
   QType type = QType::F32;
@@ -245,7 +221,7 @@ uint64_t write_target(GgufWriter& w, const Target& t, const ModelConfig& cfg) {
       for (float v : buf)
         if (!std::isfinite(v)) fail("%s: non-finite value in rows [%lld, %lld)", where(s).c_str(), (long long)r, (long long)(r + n));
       bytes.clear();
-      encode_rows(t.type, buf.data(), n, s.cols, bytes);
+      encode_f32_rows(t.type, buf.data(), n, s.cols, bytes);
       w.write_tensor_data(t.spec.name, bytes.data(), bytes.size());
       written += bytes.size();
     }

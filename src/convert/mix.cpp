@@ -1,6 +1,9 @@
 #include "convert/mix.h"
 
+#include <cstring>
+
 #include "common/error.h"
+#include "quant/blocks.h"
 #include "gguf/gguf.h"
 #include "text/vocab.h"
 
@@ -60,6 +63,29 @@ QType mix_tensor_type(const TensorSpec& spec, Mix mix) {
   if ((t == QType::Q2_K || t == QType::Q4_K || t == QType::IQ2_XXS) && ne0 % block_elems(t) != 0) t = QType::Q8_0;
   if (t == QType::Q8_0 && ne0 % block_elems(t) != 0) t = QType::F16;
   return t;
+}
+
+void encode_f32_rows(QType type, const float* src, int64_t rows, int64_t cols, std::vector<uint8_t>& out) {
+  const size_t base = out.size();
+  out.resize(base + size_t(rows * row_bytes(type, cols)));
+  uint8_t* dst = out.data() + base;
+  const int64_t n = rows * cols;
+  switch (type) {
+    case QType::F32: std::memcpy(dst, src, size_t(n) * 4); break;
+    case QType::F16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = f32_to_f16(src[i]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+      break;
+    case QType::BF16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = f32_to_bf16(src[i]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+      break;
+    default: quantize_rows(type, src, dst, rows, cols); break;
+  }
 }
 
 void write_tokenizer_metadata(GgufWriter& w, int n_vocab) {

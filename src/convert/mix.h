@@ -11,7 +11,9 @@
 // happens at Flash/Pro shapes (all widths are multiples of 256).
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "model/config.h"
 #include "model/names.h"
@@ -28,6 +30,10 @@ const char* mix_name(Mix m);
 
 // Storage type of one tensor under a mix (after the row-length fallback described above).
 QType mix_tensor_type(const TensorSpec& spec, Mix mix);
+
+// Encodes `rows` rows of `cols` floats as `type` (F32/F16/BF16 converted, quantized types through
+// quantize_rows, whose importance-free fallback then sees exactly these rows), appending to `out`.
+void encode_f32_rows(QType type, const float* src, int64_t rows, int64_t cols, std::vector<uint8_t>& out);
 
 // Writes the tokenizer.ggml.* keys: the real DeepSeek V4 vocabulary when n_vocab == 129280 (from the shipped
 // tiktoken file), else a synthetic byte-level vocabulary of exactly n_vocab entries.

@@ -169,6 +169,7 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir) {
       assigned[it.key()] = shard;
       shards.insert(shard);
     }
+    if (shards.empty()) fail("%s: 'weight_map' lists no tensors", index.c_str());
     for (const auto& s : shards) {
       if (!fs::exists(fs::path(dir) / s)) fail("%s: shard '%s' listed in the index is missing", index.c_str(), s.c_str());
       files.push_back((fs::path(dir) / s).string());
