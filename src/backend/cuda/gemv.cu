@@ -39,8 +39,8 @@ struct Iq2Smem {
 // ---- per-type traits -------------------------------------------------------------------------------------------
 struct TraitsQ8_0 {
   static constexpr int kTpb = 4;  // lanes per block: 8 values each
-  static constexpr int kUnroll = 2;
-  static constexpr int kRowGroup = 1;
+  static constexpr int kUnroll = 1;
+  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK8_0;
   static constexpr int kBlockBytes = sizeof(block_q8_0);
   static constexpr int kActBlockBytes = sizeof(block_q8_0);
@@ -63,8 +63,8 @@ struct TraitsQ8_0 {
 
 struct TraitsQ4_K {
   static constexpr int kTpb = 16;  // lane: 8 low-nibble values of sub-block 2c and 8 high of 2c+1
-  static constexpr int kUnroll = 2;
-  static constexpr int kRowGroup = 1;
+  static constexpr int kUnroll = 1;
+  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -107,8 +107,8 @@ struct TraitsQ4_K {
 
 struct TraitsQ2_K {
   static constexpr int kTpb = 16;  // lane t: qs bytes 4t..4t+3 (16 values: 4 per 2-bit plane)
-  static constexpr int kUnroll = 2;
-  static constexpr int kRowGroup = 1;
+  static constexpr int kUnroll = 1;
+  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -146,8 +146,8 @@ struct TraitsQ2_K {
 
 struct TraitsIQ2_XXS {
   static constexpr int kTpb = 8;  // lane g: the 32-value group g
-  static constexpr int kUnroll = 2;
-  static constexpr int kRowGroup = 1;
+  static constexpr int kUnroll = 1;
+  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
   static constexpr int kActBlockBytes = sizeof(block_q8_K);
@@ -183,8 +183,8 @@ struct TraitsIQ2_XXS {
 
 struct TraitsF16 {
   static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
-  static constexpr int kUnroll = 2;
-  static constexpr int kRowGroup = 1;
+  static constexpr int kUnroll = 1;
+  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = 8;
   static constexpr int kBlockBytes = 16;
   static constexpr int kActBlockBytes = 32;  // 8 floats
@@ -317,10 +317,12 @@ template <class T, int NT, int U, int R>
 void launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t row_bytes = p.cols / T::kBlockElems * T::kBlockBytes;
   const int64_t act_row_bytes = p.cols / T::kBlockElems * T::kActBlockBytes;
-  // Enough warps to cover the card (~2k warps in flight); few row groups are split across warps.
+  // Enough warps to fill the card (132 SMs x 64 resident warps ~ 8k): row groups are split across warps until
+  // there are 8k warps, or 16 per group. Measured on H200 (wb_gemv): 4096 rows of 8192 Q8_0 columns ran at 35% of
+  // the read bandwidth with one warp per row, because each warp walks its long row one dependent step at a time.
   const int64_t total_groups = (p.rows + R - 1) / R * p.n_slots;
   int wpr = 1;
-  while (wpr < kMaxWarpsPerCta && total_groups * wpr < 2048) wpr *= 2;
+  while (wpr < kMaxWarpsPerCta && total_groups * wpr < 8192) wpr *= 2;
   const int warps = std::max(kWarpsPerCta, wpr);
   const int rows_per_cta = warps / wpr * R;
   const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots));
