@@ -1,0 +1,289 @@
+// End-to-end forward on tiny in-test GGUF models (tiny_model.h): chunking, decode, save/restore, clone.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dsv4/engine.h"
+#include "tiny_model.h"
+
+using namespace dsv4;
+
+namespace {
+
+std::string tmp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("dsv4_model_test_" + std::to_string(::getpid()) + "_" + name))
+      .string();
+}
+
+// 40 tokens: crosses 10 CSA windows (ratio 4, so > top-k 3 rows become visible), 5 HCA windows (ratio 8) and
+// the sliding window (8) several times.
+std::vector<Token> test_tokens(int n = 40, uint64_t seed = 7) {
+  test::Rng r(seed);
+  std::vector<Token> t;
+  for (int i = 0; i < n; ++i) t.push_back(Token(r.next() % 96));
+  return t;
+}
+
+struct TinyModel {
+  std::string path;
+  explicit TinyModel(const std::string& name, const test::TinyOptions& o = {}) : path(tmp_path(name)) {
+    test::write_tiny_model(path, test::tiny_config(), o);
+  }
+  ~TinyModel() { std::remove(path.c_str()); }
+};
+
+std::unique_ptr<Engine> load(const std::string& path, bool qat = true, int threads = 2) {
+  EngineOptions o;
+  o.model_path = path;
+  o.backend = BackendKind::Cpu;
+  o.qat_sim = qat;
+  o.threads = threads;
+  return Engine::load(o);
+}
+
+// Feeds tokens in the given chunk sizes (the rest as a last chunk) and returns all logits rows.
+std::vector<float> run_chunks(Session& s, const std::vector<Token>& toks, const std::vector<int>& chunks) {
+  std::vector<float> all, rows;
+  size_t at = 0;
+  for (int c : chunks) {
+    s.eval(std::span<const Token>(toks.data() + at, size_t(c)), &rows);
+    all.insert(all.end(), rows.begin(), rows.end());
+    at += size_t(c);
+  }
+  if (at < toks.size()) {
+    s.eval(std::span<const Token>(toks.data() + at, toks.size() - at), &rows);
+    all.insert(all.end(), rows.begin(), rows.end());
+  }
+  return all;
+}
+
+void expect_bitwise(const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i)
+    ASSERT_EQ(std::memcmp(&a[i], &b[i], sizeof(float)), 0) << what << ": first mismatch at " << i << ": " << a[i]
+                                                           << " vs " << b[i];
+}
+
+}  // namespace
+
+class TinyForward : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { model_ = new TinyModel("forward.gguf"); }
+  static void TearDownTestSuite() { delete model_; }
+  static TinyModel* model_;
+};
+TinyModel* TinyForward::model_ = nullptr;
+
+TEST_F(TinyForward, LogitsAreFiniteAndVaried) {
+  auto e = load(model_->path);
+  EXPECT_EQ(e->info().n_vocab, 96);
+  auto s = e->new_session(64);
+  auto toks = test_tokens();
+  auto all = run_chunks(*s, toks, {});
+  ASSERT_EQ(all.size(), toks.size() * 96);
+  double mx = 0;
+  for (float v : all) {
+    ASSERT_TRUE(std::isfinite(v));
+    mx = std::max(mx, double(std::fabs(v)));
+  }
+  EXPECT_GT(mx, 1e-2);  // not a degenerate all-zero model
+  EXPECT_EQ(s->position(), 40);
+  // The last row equals logits().
+  for (int v = 0; v < 96; ++v) EXPECT_EQ(s->logits()[size_t(v)], all[39 * 96 + size_t(v)]);
+}
+
+TEST_F(TinyForward, ChunkedPrefillIsBitwiseWholePrefill) {
+  auto e = load(model_->path);
+  auto toks = test_tokens();
+  auto s1 = e->new_session(64);
+  auto whole = run_chunks(*s1, toks, {});
+  for (std::vector<int> chunks : {std::vector<int>{7, 13}, {1, 3, 4, 5, 8}, {16, 1, 1, 2}, {39}}) {
+    auto s2 = e->new_session(64);
+    auto chunked = run_chunks(*s2, toks, chunks);
+    expect_bitwise(whole, chunked, "chunked prefill");
+  }
+}
+
+TEST_F(TinyForward, ThreadCountDoesNotChangeBits) {
+  auto toks = test_tokens();
+  auto e1 = load(model_->path, true, 1);
+  auto e3 = load(model_->path, true, 3);
+  auto s1 = e1->new_session(64);
+  auto s3 = e3->new_session(64);
+  expect_bitwise(run_chunks(*s1, toks, {}), run_chunks(*s3, toks, {}), "1 vs 3 threads");
+}
+
+TEST_F(TinyForward, DecodeMatchesPrefill) {
+  auto e = load(model_->path);
+  auto toks = test_tokens();
+  auto s1 = e->new_session(64);
+  auto whole = run_chunks(*s1, toks, {});
+  auto s2 = e->new_session(64);
+  std::vector<int> ones(toks.size(), 1);
+  auto dec = run_chunks(*s2, toks, ones);
+  // Tolerance: every CPU op computes each token row independently of the batch, so decode is expected to be
+  // bitwise equal; we allow 1e-5 relative to the largest logit (fp32 re-association in a backend that blocks
+  // tokens, e.g. a future SIMD matmul) but no more: a wrong cache/position bug moves logits by >= 1e-2.
+  double mx = 0, diff = 0;
+  for (size_t i = 0; i < whole.size(); ++i) {
+    mx = std::max(mx, double(std::fabs(whole[i])));
+    diff = std::max(diff, double(std::fabs(whole[i] - dec[i])));
+  }
+  EXPECT_LE(diff, 1e-5 * mx) << "max |decode - prefill| = " << diff << ", max |logit| = " << mx;
+}
+
+TEST_F(TinyForward, SaveRestoreEqualsNeverStopping) {
+  auto e = load(model_->path);
+  auto toks = test_tokens();
+  auto ref = e->new_session(64);
+  auto expect = run_chunks(*ref, toks, {17});
+  auto a = e->new_session(64);
+  std::vector<float> rows;
+  a->eval(std::span<const Token>(toks.data(), 17), &rows);
+  std::stringstream ss;
+  a->save(ss);
+  auto b = e->new_session(64);
+  b->restore(ss);
+  EXPECT_EQ(b->position(), 17);
+  EXPECT_EQ(b->tokens(), std::vector<Token>(toks.begin(), toks.begin() + 17));
+  std::vector<float> rest;
+  b->eval(std::span<const Token>(toks.data() + 17, toks.size() - 17), &rest);
+  rows.insert(rows.end(), rest.begin(), rest.end());
+  expect_bitwise(expect, rows, "save/restore");
+}
+
+TEST_F(TinyForward, CloneForksIndependently) {
+  auto e = load(model_->path);
+  auto toks = test_tokens();
+  auto ref = e->new_session(64);
+  auto expect = run_chunks(*ref, toks, {20});
+  auto a = e->new_session(64);
+  std::vector<float> head;
+  a->eval(std::span<const Token>(toks.data(), 20), &head);
+  auto b = a->clone();
+  std::vector<float> other;
+  a->eval(std::span<const Token>(toks.data(), 5), &other);  // diverge a; b must not notice
+  std::vector<float> rest;
+  b->eval(std::span<const Token>(toks.data() + 20, toks.size() - 20), &rest);
+  head.insert(head.end(), rest.begin(), rest.end());
+  expect_bitwise(expect, head, "clone");
+}
+
+TEST_F(TinyForward, CorruptOrTruncatedStateIsRejected) {
+  auto e = load(model_->path);
+  auto toks = test_tokens();
+  auto a = e->new_session(64);
+  a->eval(std::span<const Token>(toks.data(), 10));
+  std::stringstream ss;
+  a->save(ss);
+  const std::string bytes = ss.str();
+  {
+    std::string bad = bytes;
+    bad[bad.size() / 2] ^= 0x40;  // inside the layer records
+    std::stringstream in(bad);
+    auto b = e->new_session(64);
+    try {
+      b->restore(in);
+      FAIL() << "corrupted state accepted";
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find("session state"), std::string::npos) << err.what();
+    }
+    EXPECT_EQ(b->position(), 0);  // untouched
+  }
+  {
+    std::stringstream in(bytes.substr(0, bytes.size() - 100));
+    auto b = e->new_session(64);
+    EXPECT_THROW(b->restore(in), Error);
+  }
+  {
+    std::string bad = bytes;
+    bad[0] = 'X';
+    std::stringstream in(bad);
+    auto b = e->new_session(64);
+    try {
+      b->restore(in);
+      FAIL() << "bad magic accepted";
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find("bad magic"), std::string::npos) << err.what();
+    }
+  }
+}
+
+TEST_F(TinyForward, QatSimulationChangesLogitsSlightly) {
+  // The QAT round trips (FP8 on KV, FP4 on indexer q/k) change values: on vs off must differ, but only by
+  // quantization noise (< 50% of the logit range; a wiring bug, e.g. the flag disabling attention, is larger).
+  auto toks = test_tokens();
+  auto on = load(model_->path, true);
+  auto off = load(model_->path, false);
+  auto s_on = on->new_session(64);
+  auto s_off = off->new_session(64);
+  auto a = run_chunks(*s_on, toks, {});
+  auto b = run_chunks(*s_off, toks, {});
+  double mx = 0, diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    mx = std::max(mx, double(std::fabs(a[i])));
+    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
+  }
+  EXPECT_GT(diff, 0.0);
+  EXPECT_LT(diff, 0.5 * mx);
+}
+
+TEST_F(TinyForward, BadTokensAndContextOverflowLeaveSessionUntouched) {
+  auto e = load(model_->path);
+  auto s = e->new_session(8);
+  std::vector<Token> bad = {1, 2, 96};
+  try {
+    s->eval(bad);
+    FAIL();
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("token id 96"), std::string::npos) << err.what();
+  }
+  EXPECT_EQ(s->position(), 0);
+  auto toks = test_tokens(9);
+  try {
+    s->eval(toks);
+    FAIL();
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("max context 8"), std::string::npos) << err.what();
+  }
+  EXPECT_EQ(s->position(), 0);
+}
+
+TEST(TinyQuantized, Q8_0MatricesRunAndStayClose) {
+  // Q8_0 needs widths that are multiples of 32; tiny dims are (64, 32, 16): F = 16 is not, so use F = 32.
+  ModelConfig c = test::tiny_config();
+  c.expert_ff = 32;
+  std::string p32 = tmp_path("q32.gguf"), p8 = tmp_path("q8.gguf");
+  // The F32 reference holds exactly the Q8_0-dequantized weights, so the two differ only by the Q8_0
+  // activation rounding of the quantized matmul path.
+  test::TinyOptions o;
+  o.roundtrip = QType::Q8_0;
+  test::write_tiny_model(p32, c, o);
+  o.roundtrip = QType::F32;
+  o.matrix_type = QType::Q8_0;
+  test::write_tiny_model(p8, c, o);
+  auto toks = test_tokens(24);
+  auto e32 = load(p32), e8 = load(p8);
+  auto s32 = e32->new_session(32), s8 = e8->new_session(32);
+  auto a = run_chunks(*s32, toks, {}), b = run_chunks(*s8, toks, {});
+  // Quality is not graded here (the issue asks only that quantized files run): Q8_0 activation rounding moves
+  // the first position's logits by ~2.5% of the range, and later positions up to ~18% where the indexer top-k
+  // and the expert top-k flip (measured). The 50% bound only catches gross layout bugs (wrong block or row
+  // stride gives O(100%)); ops_test checks the quantized matmul itself tightly.
+  double mx = 0, diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    mx = std::max(mx, double(std::fabs(a[i])));
+    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
+  }
+  std::printf("[ info ] tiny Q8_0 vs F32: max|dlogit| = %.4g, max|logit| = %.4g\n", diff, mx);
+  EXPECT_LT(diff, 0.5 * mx);
+  for (float v : b) ASSERT_TRUE(std::isfinite(v));
+  std::remove(p32.c_str());
+  std::remove(p8.c_str());
+}
