@@ -9,6 +9,8 @@
 #include <immintrin.h>
 #endif
 
+#include <cstring>
+
 #include "quant/iq2xxs_tables.h"
 #include "quant/kernels.h"
 
@@ -179,34 +181,45 @@ DSV4_AVX2 float dot_q2_K(const void* w, const void* a, int64_t n) {
   return s;
 }
 
-// 8 sign bits -> 8 bytes of 0x00/0xFF, for 32 values (4 tuples) at once.
-DSV4_AVX2 inline __m256i expand_signs(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t s3) {
-  const __m256i bits = _mm256_setr_epi64x(int64_t(s0) * 0x0101010101010101ll, int64_t(s1) * 0x0101010101010101ll,
-                                          int64_t(s2) * 0x0101010101010101ll, int64_t(s3) * 0x0101010101010101ll);
-  const __m256i mask = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
-  return _mm256_cmpeq_epi8(_mm256_and_si256(bits, mask), mask);
+// 7-bit sign code -> 8 bytes of +1/-1 (as a u64), for _mm256_sign_epi8 on the activations.
+struct SignTable {
+  uint64_t v[128];
+};
+const SignTable& sign_table() {
+  static const SignTable t = [] {
+    SignTable s{};
+    for (uint32_t c = 0; c < 128; ++c) {
+      const uint8_t bits = ksigns_iq2xs(c);
+      for (int k = 0; k < 8; ++k) s.v[c] |= uint64_t((bits >> k) & 1 ? 0xFF : 0x01) << (8 * k);
+    }
+    return s;
+  }();
+  return t;
 }
 
 DSV4_AVX2 float dot_iq2_xxs(const void* w, const void* a, int64_t n) {
   const block_iq2_xxs* x = static_cast<const block_iq2_xxs*>(w);
   const block_q8_K* y = static_cast<const block_q8_K*>(a);
+  const uint64_t* signs = sign_table().v;
   float s = 0;
   for (int64_t b = 0; b < n / kQK_K; ++b) {
-    int32_t bsum = 0;
+    __m256i acc = _mm256_setzero_si256();
     for (int gi = 0; gi < 8; ++gi) {
-      const uint32_t a0 = uint32_t(x[b].qs[4 * gi]) | uint32_t(x[b].qs[4 * gi + 1]) << 16;
-      const uint32_t a1 = uint32_t(x[b].qs[4 * gi + 2]) | uint32_t(x[b].qs[4 * gi + 3]) << 16;
+      uint32_t a0, a1;
+      std::memcpy(&a0, x[b].qs + 4 * gi, 4);
+      std::memcpy(&a1, x[b].qs + 4 * gi + 2, 4);
       const __m256i grid = _mm256_setr_epi64x(int64_t(iq2xxs_grid[a0 & 255]), int64_t(iq2xxs_grid[(a0 >> 8) & 255]),
                                               int64_t(iq2xxs_grid[(a0 >> 16) & 255]),
                                               int64_t(iq2xxs_grid[a0 >> 24]));
-      const __m256i neg = expand_signs(ksigns_iq2xs(a1), ksigns_iq2xs(a1 >> 7), ksigns_iq2xs(a1 >> 14),
-                                       ksigns_iq2xs(a1 >> 21));
-      __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 32 * gi));
-      // Apply the weight signs to the activations (|y| <= 127, so negation cannot overflow).
-      yv = _mm256_sub_epi8(_mm256_xor_si256(yv, neg), neg);
-      bsum += hsum_i32(dot_u8s8(grid, yv)) * int32_t(2 * (a1 >> 28) + 1);
+      const __m256i sg = _mm256_setr_epi64x(int64_t(signs[a1 & 127]), int64_t(signs[(a1 >> 7) & 127]),
+                                            int64_t(signs[(a1 >> 14) & 127]), int64_t(signs[(a1 >> 21) & 127]));
+      // Weight signs moved onto the activations (|y| <= 127, so negation cannot overflow).
+      const __m256i yv =
+          _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 32 * gi)), sg);
+      const __m256i p = dot_u8s8(grid, yv);
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(p, _mm256_set1_epi32(int32_t(2 * (a1 >> 28) + 1))));
     }
-    s += 0.125f * f16_to_f32(x[b].d) * y[b].d * float(bsum);
+    s += 0.125f * f16_to_f32(x[b].d) * y[b].d * float(hsum_i32(acc));
   }
   return s;
 }
