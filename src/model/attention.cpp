@@ -13,13 +13,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 
 #include "backend/cpu/attention_cpu.h"
 #include "common/error.h"
 #include "common/thread_pool.h"
 #include "model/attention_qat.h"
 #include "model/config.h"
+#include "model/indexer.h"
 #include "quant/quant.h"
 
 namespace dsv4 {
@@ -115,7 +115,7 @@ void q_kv_path(const AttentionWeights& w, const AttentionShape& s, const float* 
 void run_compressor(const CompressorWeights& cw, CompressorState& st, const AttentionShape& s, const float* x,
                     const Pass& P, CompressorQat qat) {
   const int T = P.T, width = st.width();
-  std::vector<float> v(size_t(T) * width), z(size_t(T) * width), u(size_t(st.dim));
+  std::vector<float> v(size_t(T) * width), z(size_t(T) * width), u(static_cast<size_t>(st.dim));
   project(cw.kv, x, T, v.data());
   project(cw.gate, x, T, z.data());
   for (int t = 0; t < T; ++t) {
@@ -126,27 +126,16 @@ void run_compressor(const CompressorWeights& cw, CompressorState& st, const Atte
   }
 }
 
-// Top-k of one query over indexer rows [0, n_vis): the k highest scores (ties: lower row first), returned in
-// ascending row order so attention visits rows in a fixed order.
+// Top-k of one query over indexer rows [0, n_vis) (see indexer_top_k); scoring skipped when all rows fit.
 int select_top_k(const float* qI, const float* wI, const CompressorState& rows, int64_t n_vis, int k, int HI,
                  int dI, ThreadPool* pool, int32_t* sel) {
-  if (n_vis <= k) {  // every visible row is selected; scoring would not change the set
-    std::iota(sel, sel + n_vis, 0);
-    return int(n_vis);
-  }
+  if (n_vis <= k) return indexer_top_k(nullptr, n_vis, k, sel);
   std::vector<float> score(static_cast<size_t>(n_vis));
   auto score_range = [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) score[size_t(i)] = cpu::indexer_score(qI, wI, rows.row(i), HI, dI);
   };
   if (pool) pool->parallel_for(n_vis, score_range); else score_range(0, n_vis);
-  std::vector<int32_t> idx(static_cast<size_t>(n_vis));
-  std::iota(idx.begin(), idx.end(), 0);
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
-    return score[size_t(a)] != score[size_t(b)] ? score[size_t(a)] > score[size_t(b)] : a < b;
-  });
-  std::sort(idx.begin(), idx.begin() + k);
-  std::copy_n(idx.begin(), k, sel);
-  return k;
+  return indexer_top_k(score.data(), n_vis, k, sel);
 }
 
 // Step 4 (CSA): indexer queries and weights, then the selected compressed rows of every token.
@@ -169,7 +158,7 @@ void indexer_path(const AttentionWeights& w, AttentionState& st, const float* x,
   P.sel.assign(size_t(T) * K, 0);
   P.n_sel.assign(size_t(T), 0);
   auto one = [&](int t, ThreadPool* inner) {
-    int64_t n_vis = (P.p0 + t + 1) / s.ratio;
+    int64_t n_vis = compressed_visible(P.p0 + t, s.ratio);
     P.n_sel[size_t(t)] = select_top_k(qI.data() + size_t(t) * HI * dI, wI.data() + size_t(t) * HI, st.idx_comp,
                                       n_vis, K, HI, dI, inner, P.sel.data() + size_t(t) * K);
   };
@@ -195,7 +184,7 @@ void attend(const AttentionWeights& w, const AttentionState& st, const std::vect
     std::vector<float> scratch(size_t(W + max_comp));
     for (int64_t i = b; i < e; ++i) {
       int t = int(i / H), h = int(i % H);
-      int64_t p = P.p0 + t, lo = std::max<int64_t>(0, p - W + 1);
+      int64_t p = P.p0 + t, lo = window_first(p, W);
       cpu::SinkAttnRows rows;
       rows.window = win.data() + (lo - first) * dh;
       rows.n_window = p - lo + 1;
@@ -205,7 +194,7 @@ void attend(const AttentionWeights& w, const AttentionState& st, const std::vect
         rows.n_comp = P.n_sel[size_t(t)];
       } else if (s.has_compressor()) {
         rows.comp = st.comp.rows.data();
-        rows.n_comp = (p + 1) / s.ratio;  // availability rule: only windows complete at p
+        rows.n_comp = compressed_visible(p, s.ratio);  // HCA: every complete window
       }
       cpu::sink_attention_head(P.q.data() + size_t(i) * dh, dh, rows, w.sinks.f32()[h], scale, scratch.data(),
                                P.o.data() + size_t(i) * dh);
