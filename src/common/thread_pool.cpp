@@ -16,8 +16,17 @@ namespace dsv4 {
 
 namespace {
 // Spin iterations before sleeping: long enough to cover the gap between back-to-back decode ops, short enough
-// not to burn a core when the engine is idle.
+// not to burn a core when the engine is idle. After the first kPauseIterations the spinner yields instead of
+// pausing, so on an oversubscribed machine the thread it waits for can get the core.
 constexpr int kSpinIterations = 4096;
+constexpr int kPauseIterations = 256;
+
+void spin_step(int i) {
+  if (i < kPauseIterations)
+    DSV4_CPU_RELAX();
+  else
+    std::this_thread::yield();
+}
 thread_local bool t_in_parallel_region = false;
 
 int resolve_threads(int n) {
@@ -101,7 +110,7 @@ void ThreadPool::worker_main(int index, uint64_t seen) {
     for (int i = 0; i < kSpinIterations; ++i) {
       g = generation_.load(std::memory_order_acquire);
       if (g != seen || stop_.load(std::memory_order_relaxed)) break;
-      DSV4_CPU_RELAX();
+      spin_step(i);
     }
     if (g == seen) {
       std::unique_lock<std::mutex> lk(wake_mutex_);
@@ -138,7 +147,7 @@ void ThreadPool::parallel_for(int64_t n, const RangeFn& fn) {
 
   run_chunk(0);
 
-  for (int i = 0; i < kSpinIterations && pending_.load(std::memory_order_acquire) != 0; ++i) DSV4_CPU_RELAX();
+  for (int i = 0; i < kSpinIterations && pending_.load(std::memory_order_acquire) != 0; ++i) spin_step(i);
   if (pending_.load(std::memory_order_acquire) != 0) {
     std::unique_lock<std::mutex> lk(wake_mutex_);
     done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });

@@ -1,0 +1,19 @@
+// Wall-clock timing for logs, progress and benchmarks (steady clock: immune to system clock changes).
+#pragma once
+
+#include <chrono>
+
+namespace dsv4 {
+
+class Timer {
+ public:
+  Timer() : start_(std::chrono::steady_clock::now()) {}
+  void reset() { start_ = std::chrono::steady_clock::now(); }
+  double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
+  double ms() const { return seconds() * 1e3; }
+
+ private:
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace dsv4
