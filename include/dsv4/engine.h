@@ -8,7 +8,8 @@
 // file, tensor, key or field at fault. No tensors, kernels or backend handles appear here.
 //
 // Room left for the roadmap (docs/roadmap.md in ../shared): sessions are plain objects (no global state), the
-// state is serialized through a stream (chunked, not one buffer), and truncate() is the hook for MTP rollback.
+// state is serialized through a stream (written and checksummed piece by piece, never one buffer), and clone()
+// is the snapshot a speculative (MTP) decoder can roll back to until a cheaper truncate() exists.
 #pragma once
 
 #include <cstdint>
@@ -65,7 +66,10 @@ class Session {
 
   // Appends tokens at the current position and runs the forward over them (prefill when many, decode when
   // one). Afterwards logits() holds the next-token logits after the last token. When all_logits is non-null
-  // it receives one row of n_vocab floats per input token (diagnostics, `dsv4 logits`).
+  // it receives one row of n_vocab floats per input token (diagnostics, `dsv4 logits`). Splitting a token
+  // stream over several eval() calls gives bitwise the same logits and state as one call (same backend).
+  // Throws (leaving the session unchanged) on a token id outside the vocabulary or when position() + size
+  // would exceed max_context().
   virtual void eval(std::span<const Token> tokens, std::vector<float>* all_logits = nullptr) = 0;
 
   virtual std::span<const float> logits() const = 0;  // n_vocab floats; empty before the first eval

@@ -98,11 +98,16 @@ void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_lo
   if (tokens.empty()) fail("Session::eval: no tokens");
   const size_t V = size_t(eng_.config().n_vocab);
   const int T = int(tokens.size());
+  // Bad input is rejected before any state changes, so a failed eval leaves the session as it was. (The state
+  // is not copied for this: at long context it holds gigabytes of compressed rows.)
+  for (int t = 0; t < T; ++t)
+    if (tokens[size_t(t)] < 0 || tokens[size_t(t)] >= int(V))
+      fail("Session::eval: token id %d at index %d outside the vocabulary [0, %zu)", tokens[size_t(t)], t, V);
+  if (st_.n_past + T > st_.max_context)
+    fail("Session::eval: %d tokens at position %lld exceed the session's max context %lld", T,
+         (long long)st_.n_past, (long long)st_.max_context);
   std::vector<float> rows(all_logits ? size_t(T) * V : V);
-  // Run on a copy so a failed eval (bad token id, context overflow) leaves the session unchanged.
-  SequenceState next = st_;
-  eng_.run(next, tokens.data(), T, rows.data(), all_logits != nullptr);
-  st_ = std::move(next);
+  eng_.run(st_, tokens.data(), T, rows.data(), all_logits != nullptr);
   tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
   logits_.assign(rows.end() - std::ptrdiff_t(V), rows.end());
   if (all_logits) *all_logits = std::move(rows);
