@@ -4,14 +4,15 @@
 //   1. per 8-value tuple: signs from x; if the number of negatives is odd (the format stores only 7 signs,
 //      the 8th is parity), flip the element whose flip costs least (smallest importance * |x|);
 //   2. per 32-value group: search a scale s and, per tuple, the grid entry minimising
-//      sum w * (|x| - s*grid)^2 (exhaustive over the 256 entries), refitting s by least squares;
+//      sum w * (|x| - s*grid)^2 (level-wise rounding plus a precomputed neighbour list, see best_grid),
+//      refitting s by least squares;
 //   3. the block scale d = max(s) / (0.25 * 15.5), each group's 4-bit ls picked among the nearest candidates
 //      by re-running the tuple search at the quantized scale d*(0.5+ls)*0.25.
-// Exhaustive grid search costs ~2k multiply-adds per tuple and candidate: fine for tests and small tensors,
-// slow for whole expert banks (see docs/quant.md).
+// Cost: ~150 multiply-adds per tuple and candidate scale (see docs/quant.md for measured speed).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "quant/iq2xxs_tables.h"
 #include "quant/kernels.h"
@@ -22,15 +23,76 @@ namespace {
 
 inline uint8_t grid_byte(int index, int k) { return uint8_t(iq2xxs_grid[index] >> (8 * k)); }
 
-// Best grid entry for |x| (8 values, weights w) at scale s; returns its weighted squared error.
-float best_grid(const float* ax, const float* w, float s, int* best) {
-  float best_err = INFINITY;
-  for (int g = 0; g < 256; ++g) {
-    float err = 0;
-    for (int k = 0; k < 8; ++k) {
-      const float r = ax[k] - s * float(grid_byte(g, k));
-      err += w[k] * r * r;
+// Candidate search. Each of the 8 magnitudes has 3 levels, so a tuple rounded level by level is one of
+// 3^8 = 6561 points; 256 of them are grid entries. For every point we precompute the kNeighbours grid entries
+// nearest to it (unweighted L2 on the magnitudes). A point on the grid is the exact weighted optimum (the
+// error is separable and every coordinate is at its nearest level); off the grid the weighted error is
+// evaluated over the neighbour list only, the same idea as ggml's iq2 neighbour tables.
+constexpr int kPoints = 6561;
+constexpr int kNeighbours = 24;
+constexpr float kLevels[3] = {8.0f, 25.0f, 43.0f};
+
+struct SearchTables {
+  int16_t on_grid[kPoints];                 // grid index or -1
+  uint8_t neighbours[kPoints][kNeighbours];  // nearest grid entries, closest first
+  float grid[256][8];                        // magnitudes as floats
+};
+
+const SearchTables& tables() {
+  static const SearchTables* t = [] {
+    auto* st = new SearchTables;
+    for (int g = 0; g < 256; ++g)
+      for (int k = 0; k < 8; ++k) st->grid[g][k] = float(grid_byte(g, k));
+    for (int p = 0; p < kPoints; ++p) st->on_grid[p] = -1;
+    for (int g = 0; g < 256; ++g) {
+      int key = 0;
+      for (int k = 7; k >= 0; --k) key = key * 3 + (grid_byte(g, k) == 8 ? 0 : grid_byte(g, k) == 25 ? 1 : 2);
+      st->on_grid[key] = int16_t(g);
     }
+    for (int p = 0; p < kPoints; ++p) {
+      float v[8];
+      for (int k = 0, q = p; k < 8; ++k, q /= 3) v[k] = kLevels[q % 3];
+      std::pair<float, int> d[256];
+      for (int g = 0; g < 256; ++g) {
+        float e = 0;
+        for (int k = 0; k < 8; ++k) e += (v[k] - st->grid[g][k]) * (v[k] - st->grid[g][k]);
+        d[g] = {e, g};
+      }
+      std::partial_sort(d, d + kNeighbours, d + 256);
+      for (int i = 0; i < kNeighbours; ++i) st->neighbours[p][i] = uint8_t(d[i].second);
+    }
+    return st;
+  }();
+  return *t;
+}
+
+float tuple_error(const float* ax, const float* w, float s, const float* g) {
+  float err = 0;
+  for (int k = 0; k < 8; ++k) {
+    const float r = ax[k] - s * g[k];
+    err += w[k] * r * r;
+  }
+  return err;
+}
+
+// Best grid entry (by the neighbour search above) for |x| (8 values, weights w) at scale s; returns its
+// weighted squared error.
+float best_grid(const float* ax, const float* w, float s, int* best) {
+  const SearchTables& st = tables();
+  int key = 0;
+  for (int k = 7; k >= 0; --k) {
+    // Nearest of 8s, 25s, 43s: thresholds at the midpoints 16.5s and 34s.
+    const int l = ax[k] < 16.5f * s ? 0 : ax[k] < 34.0f * s ? 1 : 2;
+    key = key * 3 + l;
+  }
+  if (st.on_grid[key] >= 0) {
+    *best = st.on_grid[key];
+    return tuple_error(ax, w, s, st.grid[*best]);
+  }
+  float best_err = INFINITY;
+  for (int i = 0; i < kNeighbours; ++i) {
+    const int g = st.neighbours[key][i];
+    const float err = tuple_error(ax, w, s, st.grid[g]);
     if (err < best_err) {
       best_err = err;
       *best = g;
