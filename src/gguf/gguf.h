@@ -173,6 +173,8 @@ class GgufFile {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   const GgufTensorInfo* find_tensor(const std::string& name) const;
   const GgufTensorInfo& get_tensor(const std::string& name) const;  // throws "FILE: missing tensor 'T'"
+  // Asks the kernel to start paging in a tensor's bytes (no-op for open_memory files).
+  void prefetch(const GgufTensorInfo& t) const;
   // Checks type (one of `types`, empty = any) and dims (exactly `ne`, trailing dims 1; empty = any).
   // Throws "FILE: tensor 'T': expected type Q8_0 or F16, found F32" / "expected shape [..], found [..]".
   const GgufTensorInfo& require_tensor(const std::string& name, std::initializer_list<uint32_t> types,

@@ -34,6 +34,9 @@ struct GgufFileLoader {
     uint32_t magic = in.read<uint32_t>("magic");
     if (magic != kGgufMagic) in.error_at(0, "not a GGUF file (magic 0x%08x, expected 0x%08x \"GGUF\")", magic, kGgufMagic);
     file.version_ = in.read<uint32_t>("version");
+    // A big-endian file stores its version byte-swapped (0x03000000): say so rather than "version 50331648".
+    if (file.version_ >= 0x01000000 && (file.version_ & 0xffff) == 0)
+      in.error_at(4, "big-endian GGUF (version 0x%08x) is not supported", file.version_);
     if (file.version_ != 2 && file.version_ != 3)
       in.error_at(4, "unsupported GGUF version %u (this reader handles 2 and 3)", file.version_);
     uint64_t at = in.pos;
@@ -196,6 +199,10 @@ const GgufTensorInfo& GgufFile::get_tensor(const std::string& name) const {
   const GgufTensorInfo* t = find_tensor(name);
   if (!t) fail("%s: missing tensor '%s'", path_.c_str(), name.c_str());
   return *t;
+}
+
+void GgufFile::prefetch(const GgufTensorInfo& t) const {
+  if (map_) map_->prefetch(size_t(t.offset), size_t(t.n_bytes));
 }
 
 const GgufTensorInfo& GgufFile::require_tensor(const std::string& name, std::initializer_list<uint32_t> types,

@@ -133,6 +133,10 @@ TEST(GgufHostile, BadMagicAndVersion) {
   f.b[4] = 1;
   EXPECT_ERROR_HAS(open_error(f.b, p), "unsupported GGUF version 1");
   f = valid_file();
+  f.b[4] = 0;
+  f.b[7] = 3;  // what a big-endian v3 file looks like to a little-endian reader
+  EXPECT_ERROR_HAS(open_error(f.b, p), "big-endian GGUF (version 0x03000000) is not supported");
+  f = valid_file();
   f.b[4] = 2;  // v2 has the same layout as v3 (64-bit counts)
   EXPECT_EQ(open_error(f.b, p), "");
 }
