@@ -1,0 +1,212 @@
+// ChatSession: rendering, prefill and generation for `dsv4 run` (see chat_session.h for the KV policy).
+#include "chat_session.h"
+
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace dsv4::app {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Prompts longer than this are evaluated in chunks so a progress bar can move (chunked prefill gives the same
+// state as one call: docs/roadmap.md determinism rule).
+constexpr size_t kPrefillChunk = 256;
+
+}  // namespace
+
+ChatSession::ChatSession(Engine& engine, Tokenizer tokenizer, ChatConfig config)
+    : engine_(engine), tok_(std::move(tokenizer)), cfg_(std::move(config)) {
+  if (!cfg_.system.empty()) {
+    ChatMessage sys;
+    sys.role = "system";
+    sys.content = cfg_.system;
+    messages_.push_back(sys);
+  }
+}
+
+ReasoningEffort ChatSession::effective_effort() const {
+  if (cfg_.effort == ReasoningEffort::Max && cfg_.ctx < kMaxEffortMinContext) return ReasoningEffort::High;
+  return cfg_.effort;
+}
+
+Prompt ChatSession::render_new(size_t n_context) const {
+  ChatOptions o;
+  o.mode = cfg_.mode;
+  o.effort = effective_effort();
+  return render_chat(messages_, o, n_context);
+}
+
+void ChatSession::prefill(const std::vector<Token>& toks, const TurnOutput& out, TurnStats& st) {
+  if (session_->position() + int64_t(toks.size()) >= cfg_.ctx)
+    fail("context full: %lld tokens used + %zu to add >= --ctx %lld (start over, or raise it with /ctx N)",
+         (long long)session_->position(), toks.size(), (long long)cfg_.ctx);
+  auto t0 = Clock::now();
+  bool show = toks.size() > kPrefillChunk && out.prefill_progress;
+  for (size_t i = 0; i < toks.size(); i += kPrefillChunk) {
+    size_t n = std::min(kPrefillChunk, toks.size() - i);
+    session_->eval(std::span<const Token>(toks.data() + i, n));
+    if (show) out.prefill_progress(double(i + n) / double(toks.size()));
+  }
+  st.prompt_tokens += int64_t(toks.size());
+  st.prefill_s += seconds_since(t0);
+}
+
+void ChatSession::rebuild() {
+  session_ = engine_.new_session(cfg_.ctx);
+  open_turn_ = false;
+  rendered_effort_ = cfg_.mode == ThinkingMode::Thinking ? effective_effort() : ReasoningEffort::None;
+  if (messages_.empty() || (messages_.size() == 1 && messages_[0].role == "system")) {
+    session_.reset();  // nothing to evaluate yet: the first turn renders from BOS
+    return;
+  }
+  // The transcript ends with an assistant message: rendered with its EOS, ready for the next user turn.
+  std::vector<Token> toks = tok_.encode(render_new(0));
+  TurnStats ignored;
+  prefill(toks, TurnOutput{}, ignored);
+}
+
+TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out, const std::atomic<bool>* interrupt) {
+  TurnStats st;
+  // A different max-effort prefix means a different prefix: re-prefill the transcript first.
+  ReasoningEffort want = cfg_.mode == ThinkingMode::Thinking ? effective_effort() : ReasoningEffort::None;
+  if (session_ && (want == ReasoningEffort::Max) != (rendered_effort_ == ReasoningEffort::Max)) rebuild();
+
+  ChatMessage user;
+  user.role = "user";
+  user.content = user_text;
+  messages_.push_back(user);
+  std::vector<Token> toks;
+  try {
+    if (!session_) {
+      session_ = engine_.new_session(cfg_.ctx);
+      rendered_effort_ = want;
+      toks = tok_.encode(render_new(0));
+    } else {
+      if (open_turn_) toks.push_back(tok_.eos());  // close the previous assistant turn in the KV
+      auto more = tok_.encode(render_new(messages_.size() - 1));
+      toks.insert(toks.end(), more.begin(), more.end());
+    }
+    prefill(toks, out, st);
+  } catch (...) {
+    messages_.pop_back();
+    throw;
+  }
+  open_turn_ = false;
+
+  // Each turn gets its own stream derived from the seed and the position, so replays are reproducible.
+  SamplingParams sp = cfg_.sampling;
+  sp.seed = cfg_.sampling.seed * 1000003u + uint64_t(session_->position());
+  Sampler sampler(sp);
+  OutputParser parser(tok_, cfg_.mode == ThinkingMode::Thinking);
+  ChatMessage reply;
+  reply.role = "assistant";
+  auto emit = [&](const OutputDelta& d) {
+    reply.reasoning += d.reasoning;
+    reply.content += d.content;
+    if (!d.reasoning.empty() && out.reasoning) out.reasoning(d.reasoning);
+    if (!d.content.empty() && out.content) out.content(d.content);
+    for (const auto& c : d.tool_calls) {
+      reply.tool_calls.push_back({"call_" + std::to_string(messages_.size()) + "_" +
+                                      std::to_string(reply.tool_calls.size()),
+                                  c.name, c.arguments});
+      if (out.tool_call) out.tool_call(c);
+    }
+  };
+
+  auto t0 = Clock::now();
+  st.finish = "length";
+  for (int i = 0; i < cfg_.max_new_tokens; ++i) {
+    if (interrupt && interrupt->load()) {
+      st.finish = "interrupted";
+      break;
+    }
+    Token t = sampler.sample(session_->logits());
+    if (t == tok_.eos()) {  // not evaluated now: the next turn starts with it (open_turn_)
+      emit(parser.push(t));
+      st.finish = "stop";
+      break;
+    }
+    if (session_->position() + 1 >= cfg_.ctx) {
+      st.finish = "context";
+      break;
+    }
+    session_->eval(std::span<const Token>(&t, 1));
+    ++st.gen_tokens;
+    emit(parser.push(t));
+    if (parser.done()) {
+      st.finish = "stop";
+      break;
+    }
+  }
+  emit(parser.finish());
+  st.decode_s = seconds_since(t0);
+  open_turn_ = true;
+  messages_.push_back(reply);
+  return st;
+}
+
+void ChatSession::save(const std::string& path) const {
+  if (!session_) fail("nothing to save yet: the conversation is empty");
+  {
+    std::ofstream f(path, std::ios::binary);
+    if (!f) fail("cannot write '%s'", path.c_str());
+    session_->save(f);
+    if (!f) fail("write failed: '%s'", path.c_str());
+  }
+  nlohmann::json j;
+  j["ctx"] = cfg_.ctx;
+  j["thinking"] = cfg_.mode == ThinkingMode::Thinking;
+  j["effort"] = int(rendered_effort_);
+  j["open_turn"] = open_turn_;
+  for (const auto& m : messages_) {
+    nlohmann::json jm = {{"role", m.role}, {"content", m.content}, {"reasoning", m.reasoning}};
+    for (const auto& c : m.tool_calls) jm["tool_calls"].push_back({{"id", c.id}, {"name", c.name}, {"arguments", c.arguments}});
+    j["messages"].push_back(jm);
+  }
+  std::ofstream f(path + ".json");
+  f << j.dump(1);
+  if (!f) fail("write failed: '%s.json'", path.c_str());
+}
+
+void ChatSession::load(const std::string& path) {
+  std::ifstream jf(path + ".json");
+  if (!jf) fail("cannot open '%s.json' (the transcript saved next to the session state)", path.c_str());
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(jf);
+  } catch (const std::exception& e) {
+    fail("%s.json: %s", path.c_str(), e.what());
+  }
+  std::vector<ChatMessage> msgs;
+  try {
+    for (const auto& jm : j.at("messages")) {
+      ChatMessage m;
+      m.role = jm.at("role");
+      m.content = jm.at("content");
+      m.reasoning = jm.value("reasoning", "");
+      if (jm.contains("tool_calls"))
+        for (const auto& c : jm["tool_calls"]) m.tool_calls.push_back({c.at("id"), c.at("name"), c.at("arguments")});
+      msgs.push_back(m);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail("%s.json: field error: %s", path.c_str(), e.what());
+  }
+  std::ifstream sf(path, std::ios::binary);
+  if (!sf) fail("cannot open '%s'", path.c_str());
+  auto s = engine_.new_session(j.value("ctx", cfg_.ctx));
+  s->restore(sf);
+  session_ = std::move(s);
+  messages_ = std::move(msgs);
+  cfg_.ctx = session_->max_context();
+  cfg_.mode = j.value("thinking", true) ? ThinkingMode::Thinking : ThinkingMode::Chat;
+  rendered_effort_ = ReasoningEffort(j.value("effort", 0));
+  open_turn_ = j.value("open_turn", true);
+}
+
+}  // namespace dsv4::app
