@@ -156,6 +156,21 @@ DSV4_HD inline float e8m0_to_f32_half(uint8_t e) {
   return f32_from_bits(e < 2 ? (0x00200000u << e) : uint32_t(e - 1) << 23);
 }
 
+// Nearest E8M0 code for |f| (the format is unsigned), ties to the even code; saturates to 254 (2^127),
+// values at or below 2^-127 give 0, NaN gives 255 (the OCP NaN code).
+DSV4_HD inline uint8_t f32_to_e8m0(float f) {
+  const uint32_t x = f32_bits(f) & 0x7FFFFFFFu;
+  if (x > 0x7F800000u) return 255;
+  if (x >= 0x7F000000u) return 254;  // >= 2^127, inf included
+  uint32_t e = x >> 23, m = x & 0x7FFFFFu;
+  if (e == 0) {  // subnormal: 2^-127 is m = 2^22; the midpoint to 2^-126 is m = 3 * 2^21
+    return m > (3u << 21) ? 1 : 0;
+  }
+  // Between 2^(e-127) and 2^(e-126) the midpoint is mantissa 1.5 (m = 2^22).
+  if (m > 0x400000u || (m == 0x400000u && (e & 1u))) ++e;
+  return uint8_t(e);
+}
+
 // ---- FP4 E2M1 ------------------------------------------------------------------------------------------------
 // Code -> value: [0, .5, 1, 1.5, 2, 3, 4, 6] for codes 0..7, bit 3 is the sign.
 DSV4_HD inline float e2m1_to_f32(uint8_t code) {

@@ -141,6 +141,17 @@ TEST(Convert, E8M0) {
   EXPECT_EQ(e8m0_to_f32(0), std::ldexp(1.0f, -127));
   EXPECT_EQ(e8m0_to_f32(1), std::ldexp(1.0f, -126));
   for (int e = 0; e < 255; ++e) EXPECT_EQ(e8m0_to_f32_half(uint8_t(e)), 0.5f * e8m0_to_f32(uint8_t(e))) << e;
+  for (int e = 0; e < 255; ++e) EXPECT_EQ(f32_to_e8m0(e8m0_to_f32(uint8_t(e))), e) << e;  // powers of two exact
+  EXPECT_EQ(f32_to_e8m0(1.4f), 127);
+  EXPECT_EQ(f32_to_e8m0(1.6f), 128);
+  EXPECT_EQ(f32_to_e8m0(1.5f), 128);   // tie between codes 127 and 128 -> even
+  EXPECT_EQ(f32_to_e8m0(3.0f), 128);   // tie between 128 and 129 -> even
+  EXPECT_EQ(f32_to_e8m0(0.75f), 126);  // tie between 126 and 127 -> even
+  EXPECT_EQ(f32_to_e8m0(-4.0f), 129);  // sign ignored
+  EXPECT_EQ(f32_to_e8m0(0.0f), 0);
+  EXPECT_EQ(f32_to_e8m0(1e38f * 10.0f), 254);
+  EXPECT_EQ(f32_to_e8m0(NAN), 255);
+  EXPECT_EQ(f32_to_e8m0(std::ldexp(1.75f, -127)), 1);  // subnormal input above the 1.5 * 2^-127 midpoint
 }
 
 TEST(Convert, E2M1) {
