@@ -159,8 +159,14 @@ DSV4_AVX2 float dot_q2_K(const void* w, const void* a, int64_t n) {
   const block_q2_K* x = static_cast<const block_q2_K*>(w);
   const block_q8_K* y = static_cast<const block_q8_K*>(a);
   const __m256i m3 = _mm256_set1_epi8(3);
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  // pshufb control giving int16 lanes 0..7 = scale byte j and lanes 8..15 = byte j+1 (0x80 = zero byte);
+  // adding j to every lane selects sub-blocks j, j+1.
+  const __m256i ctrl_base = _mm256_set_m128i(_mm_set1_epi16(int16_t(0x8001)), _mm_set1_epi16(int16_t(0x8000)));
   float s = 0;
   for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const __m256i sc = _mm256_broadcastsi128_si256(
+        _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales)), m4));
     __m256i sumq = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h) {
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + 32 * h));
@@ -169,8 +175,8 @@ DSV4_AVX2 float dot_q2_K(const void* w, const void* a, int64_t n) {
         const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 128 * h + 32 * sh));
         // 16-bit pair sums: lanes 0..7 cover bytes 0..15 (sub-block 8h+2sh), 8..15 bytes 16..31.
         const __m256i p16 = _mm256_maddubs_epi16(qv, yv);
-        const int s0 = x[b].scales[8 * h + 2 * sh] & 15, s1 = x[b].scales[8 * h + 2 * sh + 1] & 15;
-        const __m256i scale = _mm256_setr_epi16(s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1);
+        const __m256i scale =
+            _mm256_shuffle_epi8(sc, _mm256_add_epi16(ctrl_base, _mm256_set1_epi16(int16_t(8 * h + 2 * sh))));
         sumq = _mm256_add_epi32(sumq, _mm256_madd_epi16(p16, scale));
       }
     }

@@ -172,22 +172,25 @@ DSV4_AVX512 float dot_q2_K(const void* w, const void* a, int64_t n) {
   const block_q2_K* x = static_cast<const block_q2_K*>(w);
   const block_q8_K* y = static_cast<const block_q8_K*>(a);
   const __m512i m3 = _mm512_set1_epi8(3);
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  // pshufb control per 128-bit lane: int16 = scale byte {0, 1, 8, 9} (+2sh below), high byte zeroed (0x80).
+  const __m512i ctrl_base = _mm512_inserti64x4(
+      _mm512_zextsi256_si512(_mm256_set_m128i(_mm_set1_epi16(int16_t(0x8001)), _mm_set1_epi16(int16_t(0x8000)))),
+      _mm256_set_m128i(_mm_set1_epi16(int16_t(0x8009)), _mm_set1_epi16(int16_t(0x8008))), 1);
   float s = 0;
   for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const __m512i sc = _mm512_broadcast_i32x4(
+        _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].scales)), m4));
     // Both 32-byte halves side by side: zmm bytes 0..31 = half 0, 32..63 = half 1.
     const __m512i q = _mm512_loadu_si512(x[b].qs);
-    // 16-bit lane k of a shift's product covers bytes 2k, 2k+1, i.e. sub-block 8*(k/16) + 2*sh + (k%16)/8.
     __m512i sumq = _mm512_setzero_si512();
     for (int sh = 0; sh < 4; ++sh) {
       const __m512i qv = _mm512_and_si512(_mm512_srli_epi16(q, 2 * sh), m3);
       const __m512i yv = _mm512_inserti64x4(
           _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 32 * sh))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 128 + 32 * sh)), 1);
-      const int16_t s0 = x[b].scales[2 * sh] & 15, s1 = x[b].scales[2 * sh + 1] & 15;
-      const int16_t s2 = x[b].scales[8 + 2 * sh] & 15, s3 = x[b].scales[8 + 2 * sh + 1] & 15;
-      const __m512i scale = _mm512_inserti64x4(
-          _mm512_zextsi256_si512(_mm256_setr_epi16(s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1)),
-          _mm256_setr_epi16(s2, s2, s2, s2, s2, s2, s2, s2, s3, s3, s3, s3, s3, s3, s3, s3), 1);
+      // 128-bit lane k of the products covers sub-block {2sh, 2sh+1, 8+2sh, 9+2sh}[k].
+      const __m512i scale = _mm512_shuffle_epi8(sc, _mm512_add_epi16(ctrl_base, _mm512_set1_epi16(int16_t(2 * sh))));
       sumq = _mm512_add_epi32(sumq, _mm512_madd_epi16(_mm512_maddubs_epi16(qv, yv), scale));
     }
     int32_t summ = 0;
