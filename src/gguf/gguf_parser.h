@@ -29,7 +29,11 @@ struct GgufParser {
 
   template <typename... Args>
   [[noreturn]] void error_at(uint64_t at, const char* fmt, Args... args) const {
-    std::string msg = strfmt(fmt, args...);
+    std::string msg;
+    if constexpr (sizeof...(Args) == 0)
+      msg = fmt;  // no arguments: not a format (and clang's -Wformat-security stays quiet)
+    else
+      msg = strfmt(fmt, args...);
     fail("%s: %s%sbyte offset %llu: %s", path.c_str(), context.c_str(), context.empty() ? "" : ", ",
          (unsigned long long)at, msg.c_str());
   }
