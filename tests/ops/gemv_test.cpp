@@ -20,41 +20,6 @@ namespace {
 
 using cuda::DeviceArray;
 
-void put_f16(uint8_t* p, float v) {
-  const uint16_t h = f32_to_f16(v);
-  std::memcpy(p, &h, 2);
-}
-
-// rows x cols (x n_experts) of random valid blocks of type t.
-std::vector<uint8_t> random_weights(QType t, int64_t rows, int64_t cols, uint64_t seed, int64_t n_experts = 1) {
-  const int64_t n_rows = rows * n_experts;
-  const int64_t rb = row_bytes(t, cols);
-  std::vector<uint8_t> w(size_t(n_rows * rb));
-  std::mt19937_64 rng(seed);
-  if (t == QType::F16) {
-    std::normal_distribution<float> dist(0.0f, 0.05f);
-    for (size_t i = 0; i < w.size(); i += 2) put_f16(&w[i], dist(rng));
-    return w;
-  }
-  for (size_t i = 0; i + 8 <= w.size(); i += 8) {
-    const uint64_t r = rng();
-    std::memcpy(&w[i], &r, 8);
-  }
-  std::uniform_real_distribution<float> scale(0.5e-3f, 4e-3f);
-  const int64_t bb = block_bytes(t);
-  for (int64_t off = 0; off < int64_t(w.size()); off += bb) {
-    uint8_t* b = &w[size_t(off)];
-    switch (t) {
-      case QType::Q8_0: put_f16(b, scale(rng)); break;
-      case QType::Q2_K: put_f16(b + 80, scale(rng)), put_f16(b + 82, scale(rng)); break;
-      case QType::Q4_K: put_f16(b, scale(rng)), put_f16(b + 2, scale(rng)); break;
-      case QType::IQ2_XXS: put_f16(b, scale(rng)); break;
-      default: ADD_FAILURE() << "no random blocks for " << qtype_name(t);
-    }
-  }
-  return w;
-}
-
 // Activations as the kernels see them: quantized (bytes) and that quantization dequantized (floats).
 struct PreparedActivations {
   std::vector<uint8_t> q;
@@ -94,7 +59,7 @@ void expect_close(const std::vector<float>& got, const std::vector<double>& ref,
 void run_dense(QType t, int64_t rows, int64_t cols, int n_tokens, uint64_t seed) {
   const std::string what = qtype_name(t) + " " + std::to_string(rows) + "x" + std::to_string(cols) + " T=" +
                            std::to_string(n_tokens);
-  const auto w = random_weights(t, rows, cols, seed);
+  const auto w = test::random_weights(t, rows, cols, seed);
   const auto x = test::random_normal(size_t(n_tokens * cols), seed + 1);
   const auto act = prepare(t, x, n_tokens, cols);
 
@@ -166,7 +131,7 @@ void run_moe(QType t, int64_t rows, int64_t cols, int n_experts, const std::vect
   const int n_act = n_slots / act_slot_div;
   const std::string what = "MoE " + qtype_name(t) + " " + std::to_string(rows) + "x" + std::to_string(cols) +
                            " x" + std::to_string(n_experts) + " slots=" + std::to_string(n_slots);
-  const auto w = random_weights(t, rows, cols, seed, n_experts);
+  const auto w = test::random_weights(t, rows, cols, seed, n_experts);
   const auto x = test::random_normal(size_t(n_act * cols), seed + 1);
   const auto act = prepare(t, x, n_act, cols);
   const int64_t rb = row_bytes(t, cols);

@@ -210,6 +210,23 @@ struct TraitsF16 {
   }
 };
 
+struct TraitsF32 {
+  static constexpr int kTpb = 1;  // a "block" is 4 floats (16 bytes) per lane
+  static constexpr int kUnroll = 1;
+  static constexpr int kRowGroup = 2;
+  static constexpr int kBlockElems = 4;
+  static constexpr int kBlockBytes = 16;
+  static constexpr int kActBlockBytes = 16;
+  struct W {
+    float4 v;
+  };
+  __device__ static W load(const uint8_t* blk, int, const Iq2Smem*) { return {*reinterpret_cast<const float4*>(blk)}; }
+  __device__ static float dot(const W& w, const uint8_t* act, int) {
+    const float4 a = *reinterpret_cast<const float4*>(act);
+    return w.v.x * a.x + w.v.y * a.y + w.v.z * a.z + w.v.w * a.w;
+  }
+};
+
 // ---- the kernel --------------------------------------------------------------------------------------------------
 template <class T>
 __device__ void load_iq2_tables(Iq2Smem* t) {
@@ -412,13 +429,13 @@ __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, block_q8_
 
 bool gemv_supports(QType wtype) {
   return wtype == QType::Q8_0 || wtype == QType::Q2_K || wtype == QType::Q4_K || wtype == QType::IQ2_XXS ||
-         wtype == QType::F16;
+         wtype == QType::F16 || wtype == QType::F32;
 }
 
 void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
   if (!gemv_supports(p_in.wtype)) fail("gemv_cuda: weight type %s not supported", qtype_name(p_in.wtype).c_str());
   if (p_in.rows <= 0 || p_in.cols <= 0 || p_in.cols % block_elems(p_in.wtype) != 0 ||
-      (p_in.wtype == QType::F16 && p_in.cols % 8 != 0))
+      (p_in.wtype == QType::F16 && p_in.cols % 8 != 0) || (p_in.wtype == QType::F32 && p_in.cols % 4 != 0))
     fail("gemv_cuda: bad shape %lld x %lld for %s", (long long)p_in.rows, (long long)p_in.cols,
          qtype_name(p_in.wtype).c_str());
   if (p_in.n_slots < 1 || p_in.n_slots > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
@@ -438,6 +455,7 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
       case QType::Q4_K: launch_tokens<TraitsQ4_K>(p, stream); break;
       case QType::IQ2_XXS: launch_tokens<TraitsIQ2_XXS>(p, stream); break;
       case QType::F16: launch_tokens<TraitsF16>(p, stream); break;
+      case QType::F32: launch_tokens<TraitsF32>(p, stream); break;
       default: break;
     }
   }

@@ -1,9 +1,9 @@
 // Quantized matrix-vector products on the GPU (decode path): y = W x for GGUF-layout weights of type Q8_0, Q2_K,
-// Q4_K, IQ2_XXS or F16, reading every weight byte once.
+// Q4_K, IQ2_XXS, F16 or F32, reading every weight byte once.
 //
 // Numerics match the CPU dot kernels of src/quant (quant.h): activations are first quantized on the GPU to
 // the weight type's partner format, bit-identically to quantize_activation() on the CPU (Q8_0 for Q8_0 weights,
-// Q8_K for Q2_K/Q4_K/IQ2_XXS; plain f32 for F16), then each weight block's integer dot product is formed
+// Q8_K for Q2_K/Q4_K/IQ2_XXS; plain f32 for F16/F32), then each weight block's integer dot product is formed
 // exactly (dp4a) and scaled in fp32. Only the fp32 summation order across blocks differs from the CPU.
 //
 // Three shapes, one kernel family:

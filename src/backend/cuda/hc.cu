@@ -17,7 +17,10 @@ __device__ __forceinline__ float sigmoidf_(float z) { return 1.0f / (1.0f + expf
 __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= p.n_tokens) return;
-  const float* mix = p.mix + t * kHcMix;
+  float mix[kHcMix];
+  const float ms = p.mix_scale ? p.mix_scale[t] : 1.0f;
+#pragma unroll
+  for (int j = 0; j < kHcMix; ++j) mix[j] = p.mix[t * kHcMix + j] * ms;
   const float s_pre = p.scale[0], s_post = p.scale[1], s_comb = p.scale[2];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -49,8 +52,9 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
         float sum = 0.0f;
 #pragma unroll
         for (int o = 0; o < N; ++o) sum += c[i][o];
+        const float inv = 1.0f / (sum + p.eps);
 #pragma unroll
-        for (int o = 0; o < N; ++o) c[i][o] = c[i][o] / (sum + p.eps);
+        for (int o = 0; o < N; ++o) c[i][o] *= inv;
       }
     }
 #pragma unroll
@@ -58,8 +62,9 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
       float sum = 0.0f;
 #pragma unroll
       for (int i = 0; i < N; ++i) sum += c[i][o];
+      const float inv = 1.0f / (sum + p.eps);
 #pragma unroll
-      for (int i = 0; i < N; ++i) c[i][o] = c[i][o] / (sum + p.eps);
+      for (int i = 0; i < N; ++i) c[i][o] *= inv;
     }
   }
 #pragma unroll
@@ -100,6 +105,16 @@ __global__ void hc_post_kernel(float* X, const float* y, const float* post, cons
   }
 }
 
+// w[t][i] = sigmoid(mix[t][i] * mix_scale[t] * scale[0] + base[i]) + eps, one thread per (token, stream).
+__global__ void hc_head_weights_kernel(const float* mix, const float* mix_scale, const float* base,
+                                       const float* scale, int64_t n_tokens, float eps, float* w) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n_tokens * N) return;
+  const int64_t t = idx / N;
+  const int i = int(idx % N);
+  w[idx] = sigmoidf_(mix[idx] * mix_scale[t] * scale[0] + base[i]) + eps;
+}
+
 constexpr int kThreads = 256;
 unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
@@ -110,6 +125,14 @@ void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream) {
   if (p.n_tokens <= 0) return;
   hc_split_sinkhorn_kernel<<<blocks_for(p.n_tokens), kThreads, 0, stream>>>(p);
   check_launch("hc_split_sinkhorn_kernel");
+}
+
+void hc_head_weights_cuda(const float* mix, const float* mix_scale, const float* base, const float* scale,
+                          int64_t n_tokens, float eps, float* w, cudaStream_t stream) {
+  if (n_tokens <= 0) return;
+  hc_head_weights_kernel<<<blocks_for(n_tokens * N), kThreads, 0, stream>>>(mix, mix_scale, base, scale, n_tokens,
+                                                                             eps, w);
+  check_launch("hc_head_weights_kernel");
 }
 
 void hc_collapse_cuda(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a,

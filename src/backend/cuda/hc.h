@@ -19,10 +19,12 @@ inline constexpr int kHcMix = (2 + kHcStreams) * kHcStreams;  // 24
 //   pre[t][i]  = sigmoid(mix_pre[i] * scale[0] + base[i]) + eps
 //   post[t][o] = 2 * sigmoid(mix_post[o] * scale[1] + base[4 + o])
 //   comb[t][i][o] = Sinkhorn(mix_comb[4i + o] * scale[2] + base[8 + 4i + o]): row softmax, + eps, column
-//   normalize, then (iters - 1) x (row normalize, column normalize), each normalizer "sum + eps".
+//   normalize, then (iters - 1) x (row normalize, column normalize), each normalizer a multiply by
+//   1 / (sum + eps), as the CPU backend (src/backend/cpu/cpu_ops.cpp) does.
 //   mix: [T, 24], base: [24], scale: [3], pre: [T, 4], post: [T, 4], comb: [T, 4, 4] (row i = input stream).
 struct HcSinkhornParams {
   const float* mix = nullptr;
+  const float* mix_scale = nullptr;  // [T] optional per-token factor on mix (the RMS scale of the streams)
   const float* base = nullptr;
   const float* scale = nullptr;
   float* pre = nullptr;
@@ -33,6 +35,11 @@ struct HcSinkhornParams {
   float eps = 1e-6f;
 };
 void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream);
+
+// HC head weights (model-spec §4, final head): w[t][i] = sigmoid(mix[t][i] * mix_scale[t] * scale[0] + base[i])
+// + eps.   mix: [T, 4] (fn . x), mix_scale: [T], base: [4], scale: [1], w: [T, 4]
+void hc_head_weights_cuda(const float* mix, const float* mix_scale, const float* base, const float* scale,
+                          int64_t n_tokens, float eps, float* w, cudaStream_t stream);
 
 // a[t] = sum_i pre[t][i] * X[t][i].   X: [T, 4, D], pre: [T, 4], a: [T, D]
 void hc_collapse_cuda(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a,

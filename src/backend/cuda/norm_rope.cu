@@ -26,6 +26,15 @@ __global__ void rms_norm_kernel(RmsNormParams p) {
   }
 }
 
+__global__ void rms_scale_kernel(const float* x, int64_t n, float eps, float* scale) {
+  __shared__ float scratch[32];
+  const float* xr = x + int64_t(blockIdx.x) * n;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_sum(ss, scratch);
+  if (threadIdx.x == 0) scale[blockIdx.x] = rsqrtf(ss / float(n) + eps);
+}
+
 // One thread per (token, head, pair): cheap enough (the rotated part is 64 of 512 dims).
 __global__ void rope_kernel(RopeParams p) {
   const int n_pairs = p.n_rot / 2;
@@ -56,6 +65,12 @@ void rms_norm_cuda(const RmsNormParams& p_in, cudaStream_t stream) {
   if (p.rows == 0) return;
   rms_norm_kernel<<<unsigned(p.rows), kNormThreads, 0, stream>>>(p);
   check_launch("rms_norm_kernel");
+}
+
+void rms_scale_cuda(const float* x, int64_t rows, int64_t n, float eps, float* scale, cudaStream_t stream) {
+  if (rows <= 0) return;
+  rms_scale_kernel<<<unsigned(rows), kNormThreads, 0, stream>>>(x, n, eps, scale);
+  check_launch("rms_scale_kernel");
 }
 
 void rope_cuda(const RopeParams& p_in, cudaStream_t stream) {

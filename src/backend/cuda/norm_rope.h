@@ -23,6 +23,9 @@ struct RmsNormParams {
 };
 void rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
 
+// scale[r] = rsqrt(mean(x[r]^2) + eps) for rows of n floats (the HC control's RMS over all 4 x D stream values).
+void rms_scale_cuda(const float* x, int64_t rows, int64_t n, float eps, float* scale, cudaStream_t stream);
+
 // Rotates the last n_rot dims of every head vector in place, pairs adjacent (x[2j], x[2j+1]) by angle
 // pos * omega_j (or its negation when inverse). Angles are formed in double and cos/sin taken in double, then
 // rounded to float once, exactly as the CPU path (src/model/rope.cpp), so the rotation factors are bitwise

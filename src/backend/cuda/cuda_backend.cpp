@@ -1,0 +1,255 @@
+// CUDA implementation of the op table (see cuda_backend.h for the host-pointer contract).
+#include "backend/cuda/cuda_backend.h"
+
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/gemv.h"
+#include "backend/cuda/hc.h"
+#include "backend/cuda/moe.h"
+#include "backend/cuda/norm_rope.h"
+#include "common/error.h"
+#include "quant/quant.h"
+
+namespace dsv4 {
+namespace {
+
+using cuda::DeviceArray;
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend() {
+    if (!cuda::device_available()) fail("cuda backend: no CUDA device present");
+  }
+  const char* name() const override { return "cuda"; }
+
+  void embed(const WeightView& e, const int32_t* tokens, int T, int n, float* X) override {
+    const int64_t D = e.ne[0], V = e.ne[1];
+    const int64_t rb = row_bytes(e.type, D);
+    for (int t = 0; t < T; ++t) {
+      if (tokens[t] < 0 || tokens[t] >= V)
+        fail("embed: token id %d at batch row %d outside [0, %lld)", tokens[t], t, (long long)V);
+      float* x = X + int64_t(t) * n * D;
+      dequantize_row(e.type, static_cast<const uint8_t*>(e.data) + size_t(tokens[t]) * size_t(rb), x, D);
+      for (int s = 1; s < n; ++s) std::memcpy(x + s * D, x, size_t(D) * sizeof(float));
+    }
+  }
+
+  void rms_norm(const float* x, const WeightView* w, int T, int64_t dim, float eps, float* y) override {
+    float* d_x = upload(0, x, size_t(T) * dim);
+    cuda::RmsNormParams p;
+    p.x = d_x, p.y = d_x, p.rows = T, p.n = int(dim), p.eps = eps;
+    p.w = (w && w->present()) ? f32_weight(*w) : nullptr;
+    cuda::rms_norm_cuda(p, nullptr);
+    download(y, d_x, size_t(T) * dim);
+  }
+
+  void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
+    float* d_x = upload(0, x, size_t(T) * w.ne[0]);
+    float* d_y = buffer(1, size_t(T) * w.ne[1]);
+    dmatmul(w, expert, d_x, T, d_y);
+    download(y, d_y, size_t(T) * w.ne[1]);
+  }
+
+  void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
+              float* comb) override {
+    check_hc(p);
+    const int64_t nd = int64_t(p.n) * p.d;
+    float* d_X = upload(0, X, size_t(T) * nd);
+    float* d_mix = buffer(1, size_t(T) * cuda::kHcMix);
+    float* d_rs = buffer(2, size_t(T));
+    float* d_pre = buffer(3, size_t(T) * 4);
+    float* d_post = buffer(4, size_t(T) * 4);
+    float* d_comb = buffer(5, size_t(T) * 16);
+    float* d_a = buffer(6, size_t(T) * p.d);
+    dmatmul(w.fn, -1, d_X, T, d_mix);
+    cuda::rms_scale_cuda(d_X, T, nd, p.norm_eps, d_rs, nullptr);
+    cuda::HcSinkhornParams sp;
+    sp.mix = d_mix, sp.mix_scale = d_rs, sp.base = f32_weight(w.base), sp.scale = f32_weight(w.scale);
+    sp.pre = d_pre, sp.post = d_post, sp.comb = d_comb, sp.n_tokens = T, sp.iters = p.sinkhorn_iters;
+    sp.eps = p.hc_eps;
+    cuda::hc_split_sinkhorn_cuda(sp, nullptr);
+    cuda::hc_collapse_cuda(d_X, d_pre, T, p.d, d_a, nullptr);
+    download(a, d_a, size_t(T) * p.d);
+    download(post, d_post, size_t(T) * 4);
+    download(comb, d_comb, size_t(T) * 16);
+  }
+
+  void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {
+    check_hc(p);
+    float* d_X = upload(0, X, size_t(T) * 4 * p.d);
+    float* d_y = upload(1, y, size_t(T) * p.d);
+    float* d_post = upload(2, post, size_t(T) * 4);
+    float* d_comb = upload(3, comb, size_t(T) * 16);
+    cuda::hc_post_cuda(d_X, d_y, d_post, d_comb, T, p.d, nullptr);
+    download(X, d_X, size_t(T) * 4 * p.d);
+  }
+
+  void hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) override {
+    check_hc(p);
+    const int64_t nd = int64_t(p.n) * p.d;
+    float* d_X = upload(0, X, size_t(T) * nd);
+    float* d_mix = buffer(1, size_t(T) * 4);
+    float* d_rs = buffer(2, size_t(T));
+    float* d_w = buffer(3, size_t(T) * 4);
+    float* d_h = buffer(4, size_t(T) * p.d);
+    dmatmul(w.fn, -1, d_X, T, d_mix);
+    cuda::rms_scale_cuda(d_X, T, nd, p.norm_eps, d_rs, nullptr);
+    cuda::hc_head_weights_cuda(d_mix, d_rs, f32_weight(w.base), f32_weight(w.scale), T, p.hc_eps, d_w, nullptr);
+    cuda::hc_collapse_cuda(d_X, d_w, T, p.d, d_h, nullptr);
+    download(h, d_h, size_t(T) * p.d);
+  }
+
+  void moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
+                 int32_t* ids, float* weights) override;
+  void moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
+               int T, float* y) override;
+
+ private:
+  // ---- memory ----------------------------------------------------------------------------------------------
+  // Scratch slot i: a device buffer grown on demand (ops use fixed slot numbers; nothing is live across ops).
+  float* buffer(int slot, size_t n_floats) {
+    if (scratch_.size() <= size_t(slot)) scratch_.resize(size_t(slot) + 1);
+    auto& b = scratch_[size_t(slot)];
+    if (b.size() < n_floats) b = DeviceArray<float>(n_floats);
+    return b.get();
+  }
+  float* upload(int slot, const float* host, size_t n) {
+    float* d = buffer(slot, n);
+    cuda::check(cudaMemcpy(d, host, n * sizeof(float), cudaMemcpyHostToDevice), "cuda backend: upload");
+    return d;
+  }
+  template <typename T>
+  void download(T* host, const T* dev, size_t n) {
+    cuda::check(cudaMemcpy(host, dev, n * sizeof(T), cudaMemcpyDeviceToHost), "cuda backend: download");
+  }
+  const uint8_t* weight(const WeightView& w) {
+    if (!w.present()) fail("cuda backend: tensor '%s' is not bound", w.name);
+    auto it = weights_.find(w.data);
+    if (it == weights_.end()) {
+      DeviceArray<uint8_t> d(w.n_bytes);
+      cuda::check(cudaMemcpy(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice), w.name);
+      it = weights_.emplace(w.data, std::move(d)).first;
+    }
+    return it->second.get();
+  }
+  const float* f32_weight(const WeightView& w) {
+    if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());
+    return reinterpret_cast<const float*>(weight(w));
+  }
+  static void check_hc(const HcParams& p) {
+    if (p.n != cuda::kHcStreams) fail("cuda backend: HC kernels are built for %d streams, model has %d", cuda::kHcStreams, p.n);
+  }
+
+  // ---- device-pointer helpers ------------------------------------------------------------------------------
+  // y[t] = W x[t] for T tokens, x and y on the device.
+  void dmatmul(const WeightView& w, int expert, const float* d_x, int T, float* d_y) {
+    const int64_t cols = w.ne[0], rows = w.ne[1];
+    if (expert >= 0 && (w.n_dims < 3 || expert >= w.ne[2])) fail("matmul: tensor '%s' has no expert %d", w.name, expert);
+    if (!cuda::gemv_supports(w.type)) {  // BF16 & co: the CPU kernel on downloaded activations
+      std::vector<float> hx(size_t(T) * cols), hy(size_t(T) * rows);
+      download(hx.data(), d_x, hx.size());
+      const uint8_t* base = static_cast<const uint8_t*>(w.data) +
+                            (expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(row_bytes(w.type, cols)));
+      dsv4::matmul(w.type, base, rows, cols, hx.data(), T, hy.data());
+      cuda::check(cudaMemcpy(d_y, hy.data(), hy.size() * sizeof(float), cudaMemcpyHostToDevice), "upload");
+      return;
+    }
+    uint8_t* d_xq = act_buffer(size_t(T) * size_t(activation_bytes(w.type, cols)));
+    cuda::quantize_activations_cuda(w.type, d_x, T, cols, d_xq, nullptr);
+    cuda::GemvParams g;
+    g.wtype = w.type, g.rows = rows, g.cols = cols, g.xq = d_xq, g.n_tokens = T, g.y = d_y;
+    g.w = weight(w) + (expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(row_bytes(w.type, cols)));
+    cuda::gemv_cuda(g, nullptr);
+  }
+  // Expert GEMV over slots: slot s = t*k + j uses expert d_ids[s] and activation row s / act_div.
+  void dmatmul_experts(const WeightView& w, const int32_t* d_ids, int n_slots, int act_div, const float* d_x,
+                       float* d_y) {
+    const int64_t cols = w.ne[0], rows = w.ne[1];
+    if (!cuda::gemv_supports(w.type) || w.n_dims < 3)
+      fail("cuda backend: expert tensor '%s' (%s) is not supported", w.name, qtype_name(w.type).c_str());
+    const int n_act = n_slots / act_div;
+    uint8_t* d_xq = act_buffer(size_t(n_act) * size_t(activation_bytes(w.type, cols)));
+    cuda::quantize_activations_cuda(w.type, d_x, n_act, cols, d_xq, nullptr);
+    cuda::GemvParams g;
+    g.wtype = w.type, g.w = weight(w), g.rows = rows, g.cols = cols, g.expert_stride = rows * row_bytes(w.type, cols);
+    g.expert_ids = d_ids, g.n_slots = n_slots, g.act_slot_div = act_div, g.xq = d_xq, g.y = d_y;
+    cuda::gemv_cuda(g, nullptr);
+  }
+  uint8_t* act_buffer(size_t bytes) {
+    if (xq_.size() < bytes) xq_ = DeviceArray<uint8_t>(bytes);
+    return xq_.get();
+  }
+
+  std::unordered_map<const void*, DeviceArray<uint8_t>> weights_;
+  std::vector<DeviceArray<float>> scratch_;
+  DeviceArray<uint8_t> xq_;
+  DeviceArray<int32_t> ids_;
+};
+
+void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
+                            int32_t* ids, float* weights) {
+  const int E = p.n_experts, k = p.n_used;
+  float* d_x = upload(0, x, size_t(T) * p.d);
+  float* d_z = buffer(1, size_t(T) * E);
+  float* d_w = buffer(2, size_t(T) * k);
+  if (ids_.size() < size_t(T) * k) ids_ = DeviceArray<int32_t>(size_t(T) * k);
+  dmatmul(w.gate_inp, -1, d_x, T, d_z);
+  if (p.hash) {  // the table lives with the weights on the host: gather and validate there, as the CPU does
+    const int64_t V = w.tid2eid.ne[1];
+    const int32_t* table = static_cast<const int32_t*>(w.tid2eid.data);
+    for (int t = 0; t < T; ++t) {
+      if (tokens[t] < 0 || tokens[t] >= V)
+        fail("moe_route: token id %d outside tensor '%s' ([0, %lld))", tokens[t], w.tid2eid.name, (long long)V);
+      for (int j = 0; j < k; ++j) {
+        const int32_t e = table[int64_t(tokens[t]) * k + j];
+        if (e < 0 || e >= E)
+          fail("moe_route: tensor '%s' maps token %d to expert %d, outside [0, %d)", w.tid2eid.name, tokens[t], e, E);
+        ids[t * k + j] = e;
+      }
+    }
+    cuda::check(cudaMemcpy(ids_.get(), ids, size_t(T) * k * sizeof(int32_t), cudaMemcpyHostToDevice), "upload ids");
+  }
+  const float* bias = w.exp_probs_b.present() ? f32_weight(w.exp_probs_b) : nullptr;
+  cuda::moe_route_cuda(d_z, bias, T, E, k, p.weights_scale, p.hash, ids_.get(), d_w, nullptr);
+  if (!p.hash) download(ids, ids_.get(), size_t(T) * k);
+  download(weights, d_w, size_t(T) * k);
+}
+
+void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
+                          const float* weights, int T, float* y) {
+  const int k = p.n_used;
+  const int64_t D = p.d, F = p.ff;
+  const int n_slots = T * k;
+  if (n_slots > 65535) fail("cuda backend: moe_ffn of %d tokens x %d experts exceeds one launch", T, k);
+  for (int s = 0; s < n_slots; ++s)
+    if (ids[s] < 0 || ids[s] >= p.n_experts) fail("moe_ffn: expert id %d outside [0, %d)", ids[s], p.n_experts);
+  float* d_x = upload(0, x, size_t(T) * D);
+  float* d_rw = upload(1, weights, size_t(n_slots));
+  if (ids_.size() < size_t(n_slots)) ids_ = DeviceArray<int32_t>(size_t(n_slots));
+  cuda::check(cudaMemcpy(ids_.get(), ids, size_t(n_slots) * sizeof(int32_t), cudaMemcpyHostToDevice), "upload ids");
+  float* d_g = buffer(2, size_t(n_slots) * F);
+  float* d_u = buffer(3, size_t(n_slots) * F);
+  float* d_ye = buffer(4, size_t(n_slots) * D);
+  float* d_y = buffer(5, size_t(T) * D);
+  // Routed: gate/up share the token's input (act row = slot / k), down has one input per slot.
+  dmatmul_experts(w.gate_exps, ids_.get(), n_slots, k, d_x, d_g);
+  dmatmul_experts(w.up_exps, ids_.get(), n_slots, k, d_x, d_u);
+  cuda::swiglu_cuda(d_g, d_u, d_rw, n_slots, F, p.swiglu_clamp, d_g, nullptr);
+  dmatmul_experts(w.down_exps, ids_.get(), n_slots, 1, d_g, d_ye);
+  // Shared expert, then the routed outputs added in selection order (the CPU's order).
+  dmatmul(w.gate_shexp, -1, d_x, T, d_g);
+  dmatmul(w.up_shexp, -1, d_x, T, d_u);
+  cuda::swiglu_cuda(d_g, d_u, nullptr, T, F, p.swiglu_clamp, d_g, nullptr);
+  dmatmul(w.down_shexp, -1, d_g, T, d_y);
+  cuda::moe_sum_cuda(d_ye, T, k, D, d_y, nullptr);
+  download(y, d_y, size_t(T) * D);
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+
+}  // namespace dsv4
