@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <sstream>
 
 #include "convert/convert.h"
 #include "dsv4/engine.h"
@@ -166,6 +167,32 @@ TEST_P(EngineVsHf, QuantizedMixesRunAndReportKl) {
     EXPECT_TRUE(std::isfinite(kl));
     EXPECT_GE(kl, -1e-9);  // KL is non-negative up to rounding
   }
+}
+
+// Save mid-sequence (after 29 tokens: inside a CSA window and an HCA window, past the sliding window), restore
+// into a fresh session, continue: the logits of the remaining tokens equal an uninterrupted run bitwise.
+TEST_P(EngineVsHf, SaveRestoreMidSequenceIsBitwise) {
+  const std::string fx = GetParam();
+  auto engine = load(Converted::path(fx, Mix::F32));
+  const auto q = load_sequences(fx)[0];
+  const size_t cut = 29;
+  ASSERT_GT(q.tokens.size(), cut);
+  const std::vector<Token> head(q.tokens.begin(), q.tokens.begin() + cut), tail(q.tokens.begin() + cut, q.tokens.end());
+  auto a = engine->new_session(int64_t(q.tokens.size()));
+  std::vector<float> rows, straight;
+  a->eval(head, &rows);
+  a->eval(tail, &straight);
+  auto b = engine->new_session(int64_t(q.tokens.size()));
+  b->eval(head, &rows);
+  std::stringstream bytes;
+  b->save(bytes);
+  auto c = engine->new_session(int64_t(q.tokens.size()));
+  c->restore(bytes);
+  EXPECT_EQ(c->position(), int64_t(cut));
+  std::vector<float> resumed;
+  c->eval(tail, &resumed);
+  ASSERT_EQ(resumed.size(), straight.size());
+  EXPECT_EQ(std::memcmp(resumed.data(), straight.data(), straight.size() * sizeof(float)), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, EngineVsHf, ::testing::Values("flash_w8", "mixed_w16", "pro_w8"),
