@@ -144,3 +144,35 @@ TEST(Tokenizer, BadDataIsAnError) {
 
 }  // namespace
 }  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+// Every token the official API reported (sampled tokens and top-20 alternatives, as bytes) must be one entry
+// of our rebuilt vocabulary: an independent check of the 128k base table and the byte remapping.
+TEST(Tokenizer, OfficialApiTokensAreVocabularyEntries) {
+  std::filesystem::path dir = shared_data("official-vectors");
+  if (!std::filesystem::exists(dir)) GTEST_SKIP() << "reference data missing: " << dir;
+  int checked = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    std::string name = e.path().filename().string();
+    if (name.size() < 14 || name.substr(name.size() - 14) != ".official.json") continue;
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(e.path()));
+    for (const auto& step : j["steps"]) {
+      std::vector<nlohmann::json> toks = {step["token"]};
+      for (const auto& alt : step["top_logprobs"]) toks.push_back(alt["token"]);
+      for (const auto& t : toks) {
+        std::string bytes;
+        for (int b : t["bytes"]) bytes.push_back(char(b));
+        // The API spells EOS "<｜｜end▁of▁sentence｜｜>" (doubled bars): its display form, not a vocabulary string.
+        if (bytes.find("end▁of▁sentence") != std::string::npos) continue;
+        EXPECT_TRUE(v4().find(text::bytes_to_unicode(bytes)).has_value()) << name << ": '" << bytes << "'";
+        ++checked;
+      }
+    }
+  }
+  EXPECT_GE(checked, 180);
+}
+
+}  // namespace
+}  // namespace dsv4::test
