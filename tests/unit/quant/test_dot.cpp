@@ -213,3 +213,27 @@ TEST(Simd, LevelSwitch) {
   }
   std::printf("  supported SIMD level: %s\n", simd_name(simd_supported()));
 }
+
+TEST(Dot, Q8_0WeightsWithMinus128) {
+  // Our quantizer never writes -128, but Q8_0 files from other tools may (ggml's own rounding cannot, other
+  // writers can). The SIMD kernels take |x| as unsigned, which is exact for -128, so every level must agree
+  // with the scalar sum exactly here: all products are small integers and the one block scale is 1.
+  LevelGuard guard;
+  block_q8_0 w[2], x[2];
+  for (int b = 0; b < 2; ++b) {
+    w[b].d = 0x3C00;  // 1.0
+    x[b].d = 0x3C00;
+    for (int i = 0; i < 32; ++i) {
+      w[b].qs[i] = int8_t(i % 2 ? -128 : 127);
+      x[b].qs[i] = int8_t(i % 3 ? 127 : -127);
+    }
+  }
+  // Hand sum per block: i odd -> -128 * (i%3 ? 127 : -127), i even -> 127 * (i%3 ? 127 : -127).
+  int64_t expect = 0;
+  for (int i = 0; i < 32; ++i) expect += int64_t(i % 2 ? -128 : 127) * (i % 3 ? 127 : -127);
+  expect *= 2;
+  for (SimdLevel l : supported_levels()) {
+    set_simd_level(l);
+    EXPECT_EQ(vec_dot(QType::Q8_0, w, x, 64), float(expect)) << simd_name(l);
+  }
+}
