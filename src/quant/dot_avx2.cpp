@@ -144,8 +144,9 @@ DSV4_AVX2 float dot_q4_K(const void* w, const void* a, int64_t n) {
       const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
       const __m256i y0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c));
       const __m256i y1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c + 32));
-      const __m256i p0 = _mm256_mullo_epi32(dot_u8s8(ql, y0), _mm256_set1_epi32(sc[2 * c]));
-      const __m256i p1 = _mm256_mullo_epi32(dot_u8s8(qh, y1), _mm256_set1_epi32(sc[2 * c + 1]));
+      // Scale folded into the pair-sum step: madd(u8 x s8 pair sums (|.| <= 3810), scale <= 63) fits int32.
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(ql, y0), _mm256_set1_epi16(sc[2 * c]));
+      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(qh, y1), _mm256_set1_epi16(sc[2 * c + 1]));
       sumq = _mm256_add_epi32(sumq, _mm256_add_epi32(p0, p1));
     }
     int32_t summ = 0;
@@ -222,8 +223,9 @@ DSV4_AVX2 float dot_iq2_xxs(const void* w, const void* a, int64_t n) {
       // Weight signs moved onto the activations (|y| <= 127, so negation cannot overflow).
       const __m256i yv =
           _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 32 * gi)), sg);
-      const __m256i p = dot_u8s8(grid, yv);
-      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(p, _mm256_set1_epi32(int32_t(2 * (a1 >> 28) + 1))));
+      // Pair sums (|.| <= 2*43*127) times the odd group scale (<= 31) in one madd.
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(grid, yv), _mm256_set1_epi16(int16_t(2 * (a1 >> 28) + 1)));
+      acc = _mm256_add_epi32(acc, p);
     }
     s += 0.125f * f16_to_f32(x[b].d) * y[b].d * float(hsum_i32(acc));
   }

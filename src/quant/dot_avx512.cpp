@@ -155,11 +155,12 @@ DSV4_AVX512 float dot_q4_K(const void* w, const void* a, int64_t n) {
       const __m512i y_hi = _mm512_inserti64x4(
           _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c + 32))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c + 96)), 1);
-      const __m512i s_lo = _mm512_inserti64x4(_mm512_set1_epi32(sc[2 * c]), _mm256_set1_epi32(sc[2 * c + 2]), 1);
+      // Scales as int16 folded into the pair-sum madd (pair sums <= 3810, scales <= 63).
+      const __m512i s_lo = _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 2]), 1);
       const __m512i s_hi =
-          _mm512_inserti64x4(_mm512_set1_epi32(sc[2 * c + 1]), _mm256_set1_epi32(sc[2 * c + 3]), 1);
-      sumq = _mm512_add_epi32(sumq, _mm512_mullo_epi32(dot_u8s8(ql, y_lo), s_lo));
-      sumq = _mm512_add_epi32(sumq, _mm512_mullo_epi32(dot_u8s8(qh, y_hi), s_hi));
+          _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * c + 1]), _mm256_set1_epi16(sc[2 * c + 3]), 1);
+      sumq = _mm512_add_epi32(sumq, _mm512_madd_epi16(_mm512_maddubs_epi16(ql, y_lo), s_lo));
+      sumq = _mm512_add_epi32(sumq, _mm512_madd_epi16(_mm512_maddubs_epi16(qh, y_hi), s_hi));
     }
     int32_t summ = 0;
     for (int j = 0; j < 8; ++j) summ += int32_t(mn[j]) * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
