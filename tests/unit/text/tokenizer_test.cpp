@@ -176,3 +176,57 @@ TEST(Tokenizer, OfficialApiTokensAreVocabularyEntries) {
 
 }  // namespace
 }  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+// Reference BPE written straight from io-and-api.md §1.4 (strings, not ids): start from one symbol per byte,
+// repeatedly merge every occurrence of the lowest-ranked adjacent pair in one left-to-right pass. The
+// tokenizer uses a heap (as Hugging Face's BPE does); on real text both must agree token for token.
+std::vector<Token> reference_bpe(const std::vector<std::string>& pieces) {
+  static const auto rank = [] {
+    std::unordered_map<std::string, int> r;
+    for (size_t k = 0; k < v4_data().merges.size(); ++k) r.emplace(v4_data().merges[k], int(k));
+    return r;
+  }();
+  std::vector<Token> out;
+  for (const auto& piece : pieces) {
+    std::vector<std::string> sym;
+    for (unsigned char c : piece) sym.push_back(text::bytes_to_unicode(std::string(1, char(c))));
+    while (sym.size() > 1) {
+      int best = INT32_MAX;
+      for (size_t i = 0; i + 1 < sym.size(); ++i) {
+        auto it = rank.find(sym[i] + " " + sym[i + 1]);
+        if (it != rank.end()) best = std::min(best, it->second);
+      }
+      if (best == INT32_MAX) break;
+      const std::string& m = v4_data().merges[best];
+      std::string l = m.substr(0, m.find(' ')), r = m.substr(m.find(' ') + 1);
+      std::vector<std::string> next;
+      for (size_t i = 0; i < sym.size(); ++i) {
+        if (i + 1 < sym.size() && sym[i] == l && sym[i + 1] == r) {
+          next.push_back(l + r);
+          ++i;
+        } else {
+          next.push_back(sym[i]);
+        }
+      }
+      sym.swap(next);
+    }
+    for (auto& s : sym) out.push_back(*v4().find(s));
+  }
+  return out;
+}
+
+TEST(Tokenizer, MatchesReferenceBpeOnRealText) {
+  std::ifstream in(shared_data("promessi_sposi.txt"), std::ios::binary);
+  if (!in) GTEST_SKIP() << "reference data missing: promessi_sposi.txt";
+  std::string text(150000, '\0');
+  in.read(text.data(), std::streamsize(text.size()));
+  text.resize(size_t(in.gcount()));
+  text += " 12345 你好世界 ｜DSML｜ <｜User｜> 🌍🚀 naïve café\r\n\t  x";
+  EXPECT_EQ(v4().encode(text), reference_bpe(v4().pre_tokenize(text)));
+}
+
+}  // namespace
+}  // namespace dsv4::test
