@@ -7,10 +7,24 @@
 namespace dsv4::cpu {
 namespace {
 
-float dot(const float* a, const float* b, int n) {
-  float s = 0.0f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// Dot product with 16 explicit partial sums (lane i % 16) combined by a fixed pairwise tree: the summation
+// order is defined here, not by the compiler, so every build and SIMD width gives the same bits, and the lane
+// loop vectorizes without reassociation (a single running sum cannot: IEEE order forbids it).
+constexpr int kLanes = 16;
+inline float dot(const float* a, const float* b, int n) {
+  float acc[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  for (int l = 0; i < n; ++i, ++l) acc[l] += a[i] * b[i];
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// out[d] += e * row[d]: independent per d, vectorizes as written.
+inline void axpy(float* out, float e, const float* row, int n) {
+  for (int d = 0; d < n; ++d) out[d] += e * row[d];
 }
 
 const float* comp_row(const SinkAttnRows& r, int64_t i, int dim) {
@@ -20,6 +34,15 @@ const float* comp_row(const SinkAttnRows& r, int64_t i, int dim) {
 
 }  // namespace
 
+// Compiled for AVX2 and baseline x86-64, picked at load time; both clones compute the same bits (explicit lanes,
+// no FMA contraction under ISO C++).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DSV4_ATTN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DSV4_ATTN_CLONES
+#endif
+
+DSV4_ATTN_CLONES
 void sink_attention_head(const float* q, int dim, const SinkAttnRows& rows, float sink, float scale,
                          float* scratch, float* out) {
   const int64_t nw = rows.n_window, nc = rows.n_comp;
@@ -38,12 +61,13 @@ void sink_attention_head(const float* q, int dim, const SinkAttnRows& rows, floa
     float e = std::exp(scratch[i] - m);
     den += e;
     const float* row = i < nw ? rows.window + i * dim : comp_row(rows, i - nw, dim);
-    for (int d = 0; d < dim; ++d) out[d] += e * row[d];
+    axpy(out, e, row, dim);
   }
   float inv = 1.0f / den;
   for (int d = 0; d < dim; ++d) out[d] *= inv;
 }
 
+DSV4_ATTN_CLONES
 float indexer_score(const float* q, const float* w, const float* k, int n_heads, int dim) {
   float s = 0.0f;
   for (int h = 0; h < n_heads; ++h) s += w[h] * std::max(0.0f, dot(q + int64_t(h) * dim, k, dim));
