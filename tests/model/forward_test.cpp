@@ -1,6 +1,7 @@
 // End-to-end forward on tiny in-test GGUF models (tiny_model.h): chunking, decode, save/restore, clone.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -272,18 +273,24 @@ TEST(TinyQuantized, Q8_0MatricesRunAndStayClose) {
   auto e32 = load(p32), e8 = load(p8);
   auto s32 = e32->new_session(32), s8 = e8->new_session(32);
   auto a = run_chunks(*s32, toks, {}), b = run_chunks(*s8, toks, {});
-  // Quality is not graded here (the issue asks only that quantized files run): Q8_0 activation rounding moves
-  // the first position's logits by ~2.5% of the range, and later positions up to ~18% where the indexer top-k
-  // and the expert top-k flip (measured). The 50% bound only catches gross layout bugs (wrong block or row
-  // stride gives O(100%)); ops_test checks the quantized matmul itself tightly.
-  double mx = 0, diff = 0;
+  // Quality is not graded here (the issue asks only that quantized files run). Q8_0 activation rounding moves
+  // a position's logits by ~2-4% of the logit range (measured), but where it flips a discrete choice (expert
+  // top-2 of 8, indexer top-3) single positions move by up to ~70% (measured). So the check is on the MEDIAN
+  // over positions of max|dlogit|: <= 15% of max|logit| (measured 4.6%); a layout bug (wrong block or row
+  // stride) moves every position by O(100%). ops_test checks the quantized matmul itself tightly.
+  const size_t V = 96, rows = a.size() / V;
+  std::vector<double> per_row(rows, 0.0);
+  double mx = 0;
   for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(b[i]));
     mx = std::max(mx, double(std::fabs(a[i])));
-    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
+    per_row[i / V] = std::max(per_row[i / V], double(std::fabs(a[i] - b[i])));
   }
-  std::printf("[ info ] tiny Q8_0 vs F32: max|dlogit| = %.4g, max|logit| = %.4g\n", diff, mx);
-  EXPECT_LT(diff, 0.5 * mx);
-  for (float v : b) ASSERT_TRUE(std::isfinite(v));
+  std::sort(per_row.begin(), per_row.end());
+  const double median = per_row[rows / 2];
+  std::printf("[ info ] tiny Q8_0 vs F32: median over positions of max|dlogit| = %.4g, worst %.4g, max|logit| = %.4g\n",
+              median, per_row.back(), mx);
+  EXPECT_LT(median, 0.15 * mx);
   std::remove(p32.c_str());
   std::remove(p8.c_str());
 }
