@@ -167,7 +167,7 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   std::normal_distribution<float> nd;
   for (auto& v : hx) v = nd(rng);
   DeviceArray<float> x{std::span<const float>(hx)};
-  DeviceArray<uint8_t> xq(size_t(n_act * activation_bytes(c.type, c.cols)));
+  DeviceArray<uint8_t> xq(size_t(n_act * gpu_activation_bytes(c.type, c.cols)));
   quantize_activations_cuda(c.type, x.get(), n_act, c.cols, xq.get(), s);
   DeviceArray<float> y(size_t(c.n_slots * c.n_tokens * c.rows));
   constexpr int kIdSets = 40;

@@ -65,7 +65,7 @@ void run_dense(QType t, int64_t rows, int64_t cols, int n_tokens, uint64_t seed)
 
   DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
   DeviceArray<float> d_x{std::span<const float>(x)};
-  DeviceArray<uint8_t> d_xq(size_t(n_tokens * activation_bytes(t, cols)));
+  DeviceArray<uint8_t> d_xq(size_t(n_tokens * cuda::gpu_activation_bytes(t, cols)));
   DeviceArray<float> d_y(size_t(n_tokens * rows));
   d_y.fill_bytes(0xFF);  // NaN poison: every output must be written
   cuda::quantize_activations_cuda(t, d_x.get(), n_tokens, cols, d_xq.get(), nullptr);
@@ -138,7 +138,7 @@ void run_moe(QType t, int64_t rows, int64_t cols, int n_experts, const std::vect
 
   DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
   DeviceArray<float> d_x{std::span<const float>(x)};
-  DeviceArray<uint8_t> d_xq(size_t(n_act * activation_bytes(t, cols)));
+  DeviceArray<uint8_t> d_xq(size_t(n_act * cuda::gpu_activation_bytes(t, cols)));
   DeviceArray<int32_t> d_ids{std::span<const int32_t>(ids)};
   DeviceArray<float> d_y(size_t(n_slots * rows));
   d_y.fill_bytes(0xFF);
@@ -174,7 +174,9 @@ TEST(CudaGemv, MoeDownPerSlotInput) {
 }
 
 // The GPU activation quantizers must reproduce quantize_activation() bit for bit (else GPU and CPU dot kernels
-// see different operands). Includes an all-zero block (d = 0), a block of one huge value, and ties.
+// see different operands). Includes an all-zero block (d = 0), a block of one huge value, and ties. The GPU's
+// Q8_K blocks are padded (304 bytes: d, 12 pad bytes, qs, bsums); they are unpacked to the CPU's 292-byte layout
+// before the byte comparison.
 TEST(CudaGemv, ActivationQuantizationBitExact) {
   DSV4_REQUIRE_CUDA();
   const int64_t cols = 4096, n_rows = 3;
@@ -187,10 +189,20 @@ TEST(CudaGemv, ActivationQuantizationBitExact) {
     std::vector<uint8_t> cpu(size_t(n_rows * ab));
     for (int64_t r = 0; r < n_rows; ++r) quantize_activation(wt, &x[size_t(r * cols)], &cpu[size_t(r * ab)], cols);
     DeviceArray<float> d_x{std::span<const float>(x)};
-    DeviceArray<uint8_t> d_q(cpu.size());
+    DeviceArray<uint8_t> d_q(size_t(n_rows * cuda::gpu_activation_bytes(wt, cols)));
     d_q.fill_bytes(0xAB);
     cuda::quantize_activations_cuda(wt, d_x.get(), n_rows, cols, d_q.get(), nullptr);
-    const auto gpu = d_q.download();
+    auto gpu = d_q.download();
+    if (activation_type(wt) == QType::Q8_K) {
+      ASSERT_EQ(gpu.size() / 304, cpu.size() / sizeof(block_q8_K));
+      std::vector<uint8_t> unpacked(cpu.size());
+      for (size_t b = 0; b < gpu.size() / 304; ++b) {
+        std::memcpy(&unpacked[b * 292], &gpu[b * 304], 4);                // d
+        std::memcpy(&unpacked[b * 292 + 4], &gpu[b * 304 + 16], 256);     // qs
+        std::memcpy(&unpacked[b * 292 + 260], &gpu[b * 304 + 272], 32);   // bsums
+      }
+      gpu = unpacked;
+    }
     size_t first = cpu.size();
     for (size_t i = 0; i < cpu.size(); ++i)
       if (cpu[i] != gpu[i]) {

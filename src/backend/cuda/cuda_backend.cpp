@@ -157,7 +157,7 @@ class CudaBackend final : public Backend {
       cuda::check(cudaMemcpy(d_y, hy.data(), hy.size() * sizeof(float), cudaMemcpyHostToDevice), "upload");
       return;
     }
-    uint8_t* d_xq = act_buffer(size_t(T) * size_t(activation_bytes(w.type, cols)));
+    uint8_t* d_xq = act_buffer(size_t(T) * size_t(cuda::gpu_activation_bytes(w.type, cols)));
     cuda::quantize_activations_cuda(w.type, d_x, T, cols, d_xq, nullptr);
     cuda::GemvParams g;
     g.wtype = w.type, g.rows = rows, g.cols = cols, g.xq = d_xq, g.n_tokens = T, g.y = d_y;
@@ -171,7 +171,7 @@ class CudaBackend final : public Backend {
     if (!cuda::gemv_supports(w.type) || w.n_dims < 3)
       fail("cuda backend: expert tensor '%s' (%s) is not supported", w.name, qtype_name(w.type).c_str());
     const int n_act = n_slots / act_div;
-    uint8_t* d_xq = act_buffer(size_t(n_act) * size_t(activation_bytes(w.type, cols)));
+    uint8_t* d_xq = act_buffer(size_t(n_act) * size_t(cuda::gpu_activation_bytes(w.type, cols)));
     cuda::quantize_activations_cuda(w.type, d_x, n_act, cols, d_xq, nullptr);
     cuda::GemvParams g;
     g.wtype = w.type, g.w = weight(w), g.rows = rows, g.cols = cols, g.expert_stride = rows * row_bytes(w.type, cols);

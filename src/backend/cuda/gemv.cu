@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstddef>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
@@ -29,12 +30,26 @@ namespace {
 constexpr int kWarpsPerCta = 4;      // CTA size when every warp owns a whole row
 constexpr int kMaxWarpsPerCta = 16;  // and the most warps one row is split across
 
-// Shared-memory tables for IQ2_XXS: the 256-entry magnitude grid and the 128 sign codes expanded to byte masks
-// (0xFF where the element is negative), so a sign flip is (g ^ m) - m per byte.
+// The GPU's Q8_K activation block: the same d, qs and bsums values as block_q8_K (quant/blocks.h), padded to
+// 304 bytes so qs starts 16-byte aligned and a lane reads its 32 activations with two 16-byte loads (the 292-byte
+// CPU block only allows 4-byte loads, 8 per 32 values).
+struct ActQ8K {
+  float d;
+  float pad[3];
+  int8_t qs[kQK_K];
+  int16_t bsums[kQK_K / 16];
+};
+static_assert(sizeof(ActQ8K) == 304 && offsetof(ActQ8K, qs) == 16, "ActQ8K layout");
+
+// Shared-memory table for IQ2_XXS: the 256-entry magnitude grid (divergent indices, so not __constant__). Signs
+// are expanded in registers (sign_bytes): a sign flip is (g ^ m) - m per byte with m = 0xFF where negative.
 struct Iq2Smem {
   uint2 grid[256];
-  uint2 signs[128];
 };
+
+// 4 sign bits -> 4 byte masks (0xFF where the bit is set): the shifted copies of b never overlap, so the
+// multiply spreads bit i to bit 8i without carries.
+__device__ __forceinline__ uint32_t sign_bytes(uint32_t b) { return ((b * 0x00204081u) & 0x01010101u) * 0xFFu; }
 
 // ---- per-type traits -------------------------------------------------------------------------------------------
 struct TraitsQ8_0 {
@@ -67,7 +82,7 @@ struct TraitsQ4_K {
   static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
-  static constexpr int kActBlockBytes = sizeof(block_q8_K);
+  static constexpr int kActBlockBytes = sizeof(ActQ8K);
   struct W {
     float d, dmin;
     int lo0, lo1, hi0, hi1;
@@ -92,11 +107,12 @@ struct TraitsQ4_K {
     return w;
   }
   __device__ static float dot(const W& w, const uint8_t* act, int sub) {
-    const block_q8_K* a = reinterpret_cast<const block_q8_K*>(act);
+    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
     const int c = sub >> 2, part = sub & 3;
     const int8_t* lo = a->qs + 64 * c + 8 * part;
-    const int pl = __dp4a(w.lo0, load_i32_a4(lo), __dp4a(w.lo1, load_i32_a4(lo + 4), 0));
-    const int ph = __dp4a(w.hi0, load_i32_a4(lo + 32), __dp4a(w.hi1, load_i32_a4(lo + 36), 0));
+    const int2 al = *reinterpret_cast<const int2*>(lo), ah = *reinterpret_cast<const int2*>(lo + 32);
+    const int pl = __dp4a(w.lo0, al.x, __dp4a(w.lo1, al.y, 0));
+    const int ph = __dp4a(w.hi0, ah.x, __dp4a(w.hi1, ah.y, 0));
     const int isum = w.sc0 * pl + w.sc1 * ph;
     int imin = 0;
     if (part == 0)  // one lane per 64-value chunk adds the chunk's min term
@@ -111,7 +127,7 @@ struct TraitsQ2_K {
   static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
-  static constexpr int kActBlockBytes = sizeof(block_q8_K);
+  static constexpr int kActBlockBytes = sizeof(ActQ8K);
   struct W {
     float d, dmin;
     int q;
@@ -131,7 +147,7 @@ struct TraitsQ2_K {
     return w;
   }
   __device__ static float dot(const W& w, const uint8_t* act, int sub) {
-    const block_q8_K* a = reinterpret_cast<const block_q8_K*>(act);
+    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
     const int h = sub >> 3, l0 = 4 * (sub & 7);
     int isum = 0;
 #pragma unroll
@@ -150,7 +166,7 @@ struct TraitsIQ2_XXS {
   static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
-  static constexpr int kActBlockBytes = sizeof(block_q8_K);
+  static constexpr int kActBlockBytes = sizeof(ActQ8K);
   struct W {
     float d;
     int v[8];  // 32 signed int8 weights
@@ -164,19 +180,27 @@ struct TraitsIQ2_XXS {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint2 gv = t->grid[(a0 >> (8 * k)) & 255u];
-      const uint2 m = t->signs[(a1 >> (7 * k)) & 127u];
-      w.v[2 * k] = int(__vsub4(gv.x ^ m.x, m.x));
-      w.v[2 * k + 1] = int(__vsub4(gv.y ^ m.y, m.y));
+      const uint32_t code = (a1 >> (7 * k)) & 127u;
+      const uint32_t sg = code | ((__popc(code) & 1u) << 7);  // ksigns_iq2xs: even-parity eighth bit
+      const uint32_t mlo = sign_bytes(sg & 15u), mhi = sign_bytes(sg >> 4);
+      w.v[2 * k] = int(__vsub4(gv.x ^ mlo, mlo));
+      w.v[2 * k + 1] = int(__vsub4(gv.y ^ mhi, mhi));
     }
     w.ls = int(2 * (a1 >> 28) + 1);
     return w;
   }
   __device__ static float dot(const W& w, const uint8_t* act, int g) {
-    const block_q8_K* a = reinterpret_cast<const block_q8_K*>(act);
-    const int8_t* x = a->qs + 32 * g;
-    int s = 0;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) s = __dp4a(w.v[k], load_i32_a4(x + 4 * k), s);
+    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
+    const int4 x0 = *reinterpret_cast<const int4*>(a->qs + 32 * g);
+    const int4 x1 = *reinterpret_cast<const int4*>(a->qs + 32 * g + 16);
+    int s = __dp4a(w.v[0], x0.x, 0);
+    s = __dp4a(w.v[1], x0.y, s);
+    s = __dp4a(w.v[2], x0.z, s);
+    s = __dp4a(w.v[3], x0.w, s);
+    s = __dp4a(w.v[4], x1.x, s);
+    s = __dp4a(w.v[5], x1.y, s);
+    s = __dp4a(w.v[6], x1.z, s);
+    s = __dp4a(w.v[7], x1.w, s);
     return 0.125f * w.d * a->d * float(s * w.ls);
   }
 };
@@ -184,7 +208,7 @@ struct TraitsIQ2_XXS {
 struct TraitsF16 {
   static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 2;
+  static constexpr int kRowGroup = 1;  // H200 sweep: R = 1 best for F16 at every measured shape
   static constexpr int kBlockElems = 8;
   static constexpr int kBlockBytes = 16;
   static constexpr int kActBlockBytes = 32;  // 8 floats
@@ -234,16 +258,6 @@ __device__ void load_iq2_tables(Iq2Smem* t) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
       const uint64_t g = iq2xxs_grid[i];
       t->grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
-    }
-    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
-      const uint32_t s = ksigns_iq2xs(uint32_t(i));
-      uint32_t lo = 0, hi = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        lo |= ((s >> k) & 1u) ? (0xFFu << (8 * k)) : 0u;
-        hi |= ((s >> (k + 4)) & 1u) ? (0xFFu << (8 * k)) : 0u;
-      }
-      t->signs[i] = make_uint2(lo, hi);
     }
     __syncthreads();
   }
@@ -393,7 +407,7 @@ __global__ void quantize_q8_0_kernel(const float* x, int64_t n_blocks, block_q8_
 
 // Q8_K: one warp per 256-value block, 8 consecutive values per lane. Same rule as quant_q8_K: symmetric
 // [-127, 127], q = rint(x * 127/amax), d = amax/127, bsums over 16-value groups.
-__global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, block_q8_K* y) {
+__global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, ActQ8K* y) {
   const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (b >= n_blocks) return;
@@ -417,15 +431,21 @@ __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, block_q8_
     lo |= uint32_t(q[i] & 0xFF) << (8 * i);
     hi |= uint32_t(q[i + 4] & 0xFF) << (8 * i);
   }
-  // qs sits at byte 4 of the 292-byte block: only 4-byte stores are aligned.
-  reinterpret_cast<uint32_t*>(y[b].qs + 8 * lane)[0] = lo;
-  reinterpret_cast<uint32_t*>(y[b].qs + 8 * lane)[1] = hi;
+  *reinterpret_cast<uint2*>(y[b].qs + 8 * lane) = make_uint2(lo, hi);
   sum += __shfl_xor_sync(kFullMask, sum, 1);
   if ((lane & 1) == 0) y[b].bsums[lane >> 1] = int16_t(sum);
-  if (lane == 0) y[b].d = amax != 0.0f ? amax / 127.0f : 0.0f;
+  if (lane == 0) {
+    y[b].d = amax != 0.0f ? amax / 127.0f : 0.0f;
+    y[b].pad[0] = y[b].pad[1] = y[b].pad[2] = 0.0f;
+  }
 }
 
 }  // namespace
+
+int64_t gpu_activation_bytes(QType wtype, int64_t cols) {
+  if (activation_type(wtype) == QType::Q8_K) return cols / kQK_K * int64_t(sizeof(ActQ8K));
+  return activation_bytes(wtype, cols);
+}
 
 bool gemv_supports(QType wtype) {
   return wtype == QType::Q8_0 || wtype == QType::Q2_K || wtype == QType::Q4_K || wtype == QType::IQ2_XXS ||
@@ -445,7 +465,7 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
   for (int t0 = 0; t0 < p_in.n_tokens; t0 += kGemvMaxTokens) {
     GemvParams p = p_in;
     p.n_tokens = std::min(kGemvMaxTokens, p_in.n_tokens - t0);
-    p.xq = static_cast<const uint8_t*>(p_in.xq) + t0 * activation_bytes(p.wtype, p.cols);
+    p.xq = static_cast<const uint8_t*>(p_in.xq) + t0 * gpu_activation_bytes(p.wtype, p.cols);
     p.y = p_in.y + int64_t(t0) * p.rows;
     // y rows of a chunk are [t][rows] with the chunk's own token count; only valid when n_slots == 1.
     if (p_in.n_tokens > kGemvMaxTokens && p_in.n_slots != 1) fail("gemv_cuda: > %d tokens needs n_slots == 1", kGemvMaxTokens);
@@ -479,7 +499,7 @@ void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int6
     quantize_q8_0_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<block_q8_0*>(xq));
     check_launch("quantize_q8_0_kernel");
   } else if (at == QType::Q8_K) {
-    quantize_q8_K_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<block_q8_K*>(xq));
+    quantize_q8_K_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<ActQ8K*>(xq));
     check_launch("quantize_q8_K_kernel");
   } else {
     fail("quantize_activations_cuda: no GPU quantizer for %s", qtype_name(at).c_str());

@@ -33,8 +33,8 @@ struct GemvParams {
   const int32_t* expert_ids = nullptr;  // [n_slots] expert per slot, or null for a dense 2-D matrix
   int n_slots = 1;
   int act_slot_div = 1;
-  const void* xq = nullptr;           // [n_slots / act_slot_div * n_tokens] activation rows from
-                                      // quantize_activations_cuda (f32 rows for F16 weights)
+  const void* xq = nullptr;           // [n_slots / act_slot_div * n_tokens] activation rows of
+                                      // gpu_activation_bytes(wtype, cols) from quantize_activations_cuda
   int n_tokens = 1;                   // dense: tokens; MoE: must be 1
   float* y = nullptr;                 // [n_slots][n_tokens][rows]
   // Tuning knobs for single-token launches (0 = the type's default): weight blocks whose loads a lane issues
@@ -45,8 +45,11 @@ struct GemvParams {
 };
 void gemv_cuda(const GemvParams& p, cudaStream_t stream);
 
-// Quantizes n_rows rows of `cols` floats into activation_type(wtype) rows of activation_bytes(wtype, cols)
-// bytes each (for F16/F32 weights it copies the floats). Rounding is bit-identical to quantize_activation().
+// Quantizes n_rows rows of `cols` floats into activation_type(wtype) rows of gpu_activation_bytes(wtype, cols)
+// bytes each (for F16/F32 weights it copies the floats). Values are bit-identical to quantize_activation();
+// the layout equals the CPU's for Q8_0 and f32, while Q8_K blocks are padded to 304 bytes on the GPU
+// ({float d; float pad[3]; int8 qs[256]; int16 bsums[16]}) so the quants are 16-byte aligned.
+int64_t gpu_activation_bytes(QType wtype, int64_t cols);
 void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int64_t cols, void* xq,
                                cudaStream_t stream);
 
