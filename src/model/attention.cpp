@@ -70,14 +70,15 @@ void check_weights(const AttentionWeights& w, const AttentionShape& s) {
 }
 
 // Y[t] = W X[t] for T tokens (W: GGUF [cols, rows]).
-void project(const WeightView& w, const float* X, int T, float* Y) {
-  matmul(w.type, w.data, w.rows(), w.cols(), X, T, Y);
+void project(const WeightView& w, const float* X, int T, float* Y, ThreadPool* pool) {
+  matmul(w.type, w.data, w.rows(), w.cols(), X, T, Y, pool);
 }
 
 // Scratch of one pass, sized for T tokens.
 struct Pass {
   int T = 0;
   int64_t p0 = 0;
+  ThreadPool* pool = nullptr;
   std::vector<float> cs;    // [T, dr] cos/sin per token position
   std::vector<float> qr;    // [T, rq]
   std::vector<float> q;     // [T, H*dh]
@@ -93,10 +94,10 @@ void q_kv_path(const AttentionWeights& w, const AttentionShape& s, const float* 
   P.qr.resize(size_t(T) * rq);
   P.q.resize(size_t(T) * H * dh);
   P.kv.resize(size_t(T) * dh);
-  project(w.q_a, x, T, P.qr.data());
+  project(w.q_a, x, T, P.qr.data(), P.pool);
   for (int t = 0; t < T; ++t) rms_norm_inplace(P.qr.data() + size_t(t) * rq, rq, w.q_a_norm.f32(), s.eps);
-  project(w.q_b, P.qr.data(), T, P.q.data());
-  project(w.kv, x, T, P.kv.data());
+  project(w.q_b, P.qr.data(), T, P.q.data(), P.pool);
+  project(w.kv, x, T, P.kv.data(), P.pool);
   for (int t = 0; t < T; ++t) {
     const float* cs = P.cs.data() + size_t(t) * dr;
     for (int h = 0; h < H; ++h) {
@@ -116,8 +117,8 @@ void run_compressor(const CompressorWeights& cw, CompressorState& st, const Atte
                     const Pass& P, CompressorQat qat) {
   const int T = P.T, width = st.width();
   std::vector<float> v(size_t(T) * width), z(size_t(T) * width), u(static_cast<size_t>(st.dim));
-  project(cw.kv, x, T, v.data());
-  project(cw.gate, x, T, z.data());
+  project(cw.kv, x, T, v.data(), P.pool);
+  project(cw.gate, x, T, z.data(), P.pool);
   for (int t = 0; t < T; ++t) {
     int64_t p = P.p0 + t;
     const float* ape_row = cw.ape.f32() + (p % st.ratio) * width;
@@ -144,8 +145,8 @@ void indexer_path(const AttentionWeights& w, AttentionState& st, const float* x,
   const AttentionShape& s = st.shape;
   const int T = P.T, HI = s.idx_heads, dI = s.idx_dim, dr = s.rope_dim, K = s.idx_topk;
   std::vector<float> qI(size_t(T) * HI * dI), wI(size_t(T) * HI);
-  project(w.indexer.q_b, P.qr.data(), T, qI.data());
-  project(w.indexer.proj, x, T, wI.data());
+  project(w.indexer.q_b, P.qr.data(), T, qI.data(), P.pool);
+  project(w.indexer.proj, x, T, wI.data(), P.pool);
   const float wscale = float(1.0 / std::sqrt(double(dI) * double(HI)));
   for (int t = 0; t < T; ++t) {
     for (int h = 0; h < HI; ++h) {
@@ -215,11 +216,11 @@ void output_path(const AttentionWeights& w, const AttentionShape& s, Pass& P, fl
     for (int t = 0; t < T; ++t)
       std::copy_n(P.o.data() + size_t(t) * H * dh + size_t(g) * gin, gin, xin.data() + size_t(t) * gin);
     const auto* wg = static_cast<const uint8_t*>(w.output_a.data) + int64_t(g) * ro * grow;
-    matmul(w.output_a.type, wg, ro, gin, xin.data(), T, y.data());
+    matmul(w.output_a.type, wg, ro, gin, xin.data(), T, y.data(), P.pool);
     for (int t = 0; t < T; ++t)
       std::copy_n(y.data() + size_t(t) * ro, ro, low.data() + (size_t(t) * G + g) * ro);
   }
-  project(w.output_b, low.data(), T, out);
+  project(w.output_b, low.data(), T, out, P.pool);
 }
 
 void forward_pass(const AttentionWeights& w, AttentionState& st, const float* x, int T, float* out,
@@ -229,6 +230,7 @@ void forward_pass(const AttentionWeights& w, AttentionState& st, const float* x,
   Pass P;
   P.T = T;
   P.p0 = st.n_past;
+  P.pool = &pool;
   P.cs.resize(size_t(T) * dr);
   for (int t = 0; t < T; ++t) rope_cos_sin(s.rope, P.p0 + t, P.cs.data() + size_t(t) * dr);
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/thread_pool.h"
 #include "model/attention.h"
 #include "model/attention_qat.h"
 #include "quant/quant.h"
@@ -251,11 +252,12 @@ std::vector<float> reference(const AttentionShape& s, const AttentionWeights& w,
 // ---- runners --------------------------------------------------------------------------------------------
 std::vector<float> run_chunks(const AttentionShape& s, const AttentionWeights& w, const std::vector<float>& x,
                               int T, const std::vector<int>& chunks, bool qat_on, int pass = 256,
-                              AttentionState* state_out = nullptr) {
+                              AttentionState* state_out = nullptr, ThreadPool* pool = nullptr) {
   AttentionState st(s);
   AttentionOptions opt;
   opt.qat_sim = qat_on;
   opt.max_tokens_per_pass = pass;
+  opt.pool = pool;
   std::vector<float> out(size_t(T) * s.d_model);
   int t0 = 0;
   size_t ci = 0;
@@ -328,6 +330,17 @@ TEST_P(AttentionForward, ChunkedPrefillIsBitwiseEqualToWhole) {
   c.save(sc);
   EXPECT_EQ(sa.str(), sb.str());
   EXPECT_EQ(sa.str(), sc.str());
+}
+
+TEST_P(AttentionForward, ThreadCountDoesNotChangeBits) {
+  AttentionShape s = tiny_shape(GetParam());
+  TinyWeights tw(s);
+  const int T = 40;
+  auto x = random_input(T, s.d_model, 16u);
+  ThreadPool one(1), three(3);
+  auto a = run_chunks(s, tw.w, x, T, {}, true, 256, nullptr, &one);
+  auto b = run_chunks(s, tw.w, x, T, {}, true, 256, nullptr, &three);
+  EXPECT_EQ(a, b);  // static partition, one owner per output value: bitwise
 }
 
 TEST_P(AttentionForward, DecodeEqualsPrefill) {
