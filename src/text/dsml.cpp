@@ -257,8 +257,8 @@ void OutputParser::drain(OutputDelta& d, bool final) {
       for (const char* c : kClosers) {
         size_t k = block_.find(c);
         if (k != std::string::npos) {
-          closer_ = block_.substr(k, std::strlen(c));
-          block_.erase(k);  // text after the closer (only EOS may follow) is dropped with the block
+          closer_ = block_.substr(k);  // the closer and anything after it (only EOS may follow)
+          block_.erase(k);
           close_tool_block(d, true);
           state_ = State::Done;
           return;

@@ -2,6 +2,8 @@
 // the §2.9 tolerated variants, and the never-lose-text rule. Exact string comparisons throughout.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include "dsv4/text.h"
 #include "test_util.h"
 #include "text/vocab.h"
@@ -178,6 +180,64 @@ TEST(Dsml, DsmlInsideUnclosedReasoningIsNotACall) {
 TEST(Dsml, SplitUtf8AcrossTokens) {
   auto c = run({19923, 73369, 238}, false);  // "Hello 🌍" with the emoji over two tokens
   EXPECT_EQ(c.content, "Hello 🌍");
+}
+
+}  // namespace
+}  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+// Property: whatever the model emits, the parser loses nothing. Random sequences over an alphabet of markers,
+// marker prefixes, whitespace, text and split UTF-8; when no tool call was parsed, reasoning + "</think>" (if
+// the state switched) + content must equal the decoded tokens exactly. 2,000 sequences, fixed seed.
+TEST(Dsml, NeverLosesTextProperty) {
+  const char* pieces[] = {"a", " b", "\n", "\n\n", "  ", "<", "</", "</thi", "nk>", "｜DSML｜", "<｜", "tool_calls",
+                          ">", "invoke", " name=\"f\"", "</｜DSML｜tool_calls>", "🌍", "é", "<think>", "x"};
+  std::vector<std::vector<Token>> alphabet;
+  for (const char* p : pieces) alphabet.push_back(v4().encode(p));
+  alphabet.push_back({v4().special("｜DSML｜")});
+  // Whole openers (as the model writes them, with the DSML token) so blocks open often.
+  for (int k = 0; k < 3; ++k) {
+    std::vector<Token> open = v4().encode("\n\n<");
+    open.push_back(v4().special("｜DSML｜"));
+    auto rest = v4().encode("tool_calls>\n");
+    open.insert(open.end(), rest.begin(), rest.end());
+    alphabet.push_back(open);
+  }
+  alphabet.push_back(v4().encode("<DSML｜tool_calls>"));
+  const Token end_think = v4().special("</think>");
+  alphabet.push_back({end_think});
+  alphabet.push_back({19923, 73369});  // "Hello" + first half of 🌍 (left incomplete if nothing follows)
+  std::mt19937 rng(99);
+  for (int n = 0; n < 2000; ++n) {
+    bool thinking = n % 2;
+    std::vector<Token> toks;
+    int len = 1 + int(rng() % 12);
+    for (int k = 0; k < len; ++k) {
+      auto& a = alphabet[rng() % alphabet.size()];
+      toks.insert(toks.end(), a.begin(), a.end());
+    }
+    OutputParser p(v4(), thinking);
+    Collected c;
+    bool switched = false;
+    std::vector<Token> fed;
+    for (Token t : toks) {
+      if (thinking && t == end_think && p.state() == OutputParser::State::Reasoning) switched = true;
+      fed.push_back(t);
+      c.add(p.push(t));
+      if (p.done()) break;  // a closed tool block ends generation
+    }
+    c.add(p.finish());
+    if (!c.calls.empty()) continue;  // a parsed block is consumed by design
+    std::string expect = v4().decode(fed);
+    std::string got = c.reasoning + (switched ? "</think>" : "") + c.content;
+    if (!switched && thinking && got != expect) {
+      // </think> typed as text also switches; it is consumed between reasoning and content.
+      got = c.reasoning + "</think>" + c.content;
+    }
+    ASSERT_EQ(got, expect) << "sequence " << n << (thinking ? " (thinking)" : "");
+  }
 }
 
 }  // namespace
