@@ -122,6 +122,8 @@ void quantize_activation(QType w, const float* x, void* xq, int64_t n) {
   quantize_row(a, x, xq, n);
 }
 
+DotKernel dot_kernel(QType w) { return pick(w); }
+
 float vec_dot(QType w, const void* wrow, const void* xq, int64_t n) {
   (void)row_bytes(w, n);
   (void)row_bytes(activation_type(w), n);

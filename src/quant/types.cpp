@@ -20,6 +20,7 @@ struct TypeInfo {
   int64_t bytes;
 };
 
+// Order matters: find_type indexes this table.
 constexpr TypeInfo kTypes[] = {
     {QType::F32, "F32", 1, 4},
     {QType::F16, "F16", 1, 2},
@@ -34,9 +35,21 @@ constexpr TypeInfo kTypes[] = {
     {QType::FP8_E4M3, "FP8_E4M3", 1, 1},
 };
 
-const TypeInfo* find_type(uint32_t id) {
-  for (const TypeInfo& t : kTypes)
-    if (uint32_t(t.type) == id) return &t;
+// Constant-time lookup (vec_dot checks sizes on every call, so this sits on the per-row path).
+constexpr const TypeInfo* find_type(uint32_t id) {
+  switch (QType(id)) {
+    case QType::F32: return &kTypes[0];
+    case QType::F16: return &kTypes[1];
+    case QType::Q8_0: return &kTypes[2];
+    case QType::Q2_K: return &kTypes[3];
+    case QType::Q4_K: return &kTypes[4];
+    case QType::Q8_K: return &kTypes[5];
+    case QType::IQ2_XXS: return &kTypes[6];
+    case QType::I32: return &kTypes[7];
+    case QType::BF16: return &kTypes[8];
+    case QType::MXFP4: return &kTypes[9];
+    case QType::FP8_E4M3: return &kTypes[10];
+  }
   return nullptr;
 }
 
@@ -52,6 +65,13 @@ void check_count(QType t, int64_t n, const char* what) {
     fail("quant: %s of %lld values: %s needs a multiple of %lld", what, static_cast<long long>(n), i.name,
          static_cast<long long>(i.elems));
 }
+
+constexpr bool table_consistent() {
+  for (const TypeInfo& t : kTypes)
+    if (find_type(uint32_t(t.type)) != &t) return false;
+  return true;
+}
+static_assert(table_consistent(), "find_type must map every QType to its own kTypes entry");
 
 }  // namespace
 

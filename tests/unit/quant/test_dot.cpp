@@ -188,6 +188,23 @@ TEST(Gemv, MatmulEqualsGemvPerToken) {
   }
 }
 
+TEST(Dot, DotKernelIsWhatVecDotRuns) {
+  LevelGuard guard;
+  const int64_t n = 512;
+  const auto w = gaussian(n, 51);
+  const auto x = gaussian(n, 52);
+  for (SimdLevel l : supported_levels()) {
+    set_simd_level(l);
+    for (QType t : kWeightTypes) {
+      const auto wq = quantize(t, w, 1, n);
+      std::vector<uint8_t> xq(static_cast<size_t>(activation_bytes(t, n)));
+      quantize_activation(t, x.data(), xq.data(), n);
+      EXPECT_EQ(dot_kernel(t)(wq.data(), xq.data(), n), vec_dot(t, wq.data(), xq.data(), n)) << qtype_name(t);
+    }
+  }
+  EXPECT_THROW(dot_kernel(QType::Q8_K), Error);
+}
+
 TEST(Gemv, Errors) {
   std::vector<uint8_t> W(4096);
   std::vector<float> x(256), y(8);
