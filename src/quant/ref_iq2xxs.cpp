@@ -90,6 +90,7 @@ float best_grid(const float* ax, const float* w, float s, int* best) {
     return tuple_error(ax, w, s, st.grid[*best]);
   }
   float best_err = INFINITY;
+  *best = st.neighbours[key][0];  // defined result even if every error is NaN (NaN input)
   for (int i = 0; i < kNeighbours; ++i) {
     const int g = st.neighbours[key][i];
     const float err = tuple_error(ax, w, s, st.grid[g]);
@@ -117,7 +118,7 @@ void prepare_group(const float* x, const float* imp, Group* g) {
     for (int k = 0; k < 8; ++k) {
       const int i = 8 * t + k;
       g->ax[i] = std::fabs(x[i]);
-      g->w[i] = imp[i];
+      g->w[i] = imp[i] >= 0 ? imp[i] : 0.0f;  // negative or NaN importance counts as none
       if (x[i] < 0) {
         bits |= uint8_t(1u << k);
         ++neg;

@@ -151,6 +151,30 @@ TEST(RoundTrip, QuantizeRowsMatchesPerRowWithColumnImportance) {
   EXPECT_EQ(a, b);
 }
 
+TEST(RoundTrip, NonFiniteInputStaysInItsBlock) {
+  // NaN/inf have no meaningful encoding; the contract is: no crash (the sanitizer preset runs this too) and
+  // the damage stays inside the block that holds them. Values 256..511 (all 1.0, importance poisoned with NaN
+  // and negative entries only in the first half) must come back finite and within 0.25 of 1.0 (every type
+  // here represents a constant 1.0 block to better than that: worst is IQ2_XXS, whose nearest level is 1.0).
+  std::vector<float> x(512, 1.0f);
+  x[3] = NAN;
+  x[40] = INFINITY;
+  std::vector<float> imp(512, 1.0f);
+  imp[7] = NAN;
+  imp[8] = -5.0f;
+  for (QType t : {QType::F16, QType::BF16, QType::FP8_E4M3, QType::Q8_0, QType::Q8_K, QType::Q2_K, QType::Q4_K,
+                  QType::IQ2_XXS, QType::MXFP4}) {
+    std::vector<uint8_t> q(static_cast<size_t>(row_bytes(t, 512)));
+    quantize_row(t, x.data(), q.data(), 512, imp.data());
+    std::vector<float> y(512);
+    dequantize_row(t, q.data(), y.data(), 512);
+    for (int i = 256; i < 512; ++i) {
+      ASSERT_TRUE(std::isfinite(y[size_t(i)])) << qtype_name(t) << " " << i;
+      ASSERT_NEAR(y[size_t(i)], 1.0f, 0.25f) << qtype_name(t) << " " << i;
+    }
+  }
+}
+
 TEST(Types, TableAndErrors) {
   EXPECT_EQ(row_bytes(QType::Q8_0, 64), 68);
   EXPECT_EQ(row_bytes(QType::Q4_K, 512), 288);
