@@ -58,6 +58,11 @@ class Engine {
   virtual const ModelInfo& info() const = 0;
   // max_context: tokens the session may hold (bounds compressed-row storage).
   virtual std::unique_ptr<Session> new_session(int64_t max_context) = 0;
+
+  // Continuous batching: appends tokens[i] to sessions[i] (distinct sessions of this engine) in one forward
+  // over all of them. Each session ends bitwise as if eval(tokens[i]) had been called on it alone (same
+  // backend); afterwards its logits() holds its own next-token logits. Bad input throws before any change.
+  virtual void eval_batch(std::span<Session* const> sessions, std::span<const std::span<const Token>> tokens) = 0;
 };
 
 class Session {

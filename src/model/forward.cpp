@@ -22,7 +22,7 @@ struct Scratch {
   std::vector<float> comb;  // [T, n, n]
   std::vector<int32_t> ids; // [T, k]
   std::vector<float> wts;   // [T, k]
-  std::vector<float> h;     // [T, D] HC head output
+  std::vector<float> h;     // [T, n, D] residual rows gathered for the final head
   std::vector<int64_t> pos; // [T]
   void resize(const ModelConfig& c, int T) {
     const size_t n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
@@ -33,7 +33,7 @@ struct Scratch {
     comb.resize(size_t(T) * n * n);
     ids.resize(size_t(T) * k);
     wts.resize(size_t(T) * k);
-    h.resize(size_t(T) * D);
+    h.resize(size_t(T) * n * D);
     pos.resize(size_t(T));
   }
 };
@@ -60,15 +60,25 @@ MoeParams moe_params(const ModelConfig& c, int il) {
   return p;
 }
 
-// One pass over T tokens (T <= max_tokens_per_pass). logits rows as in model_forward.
-void forward_pass(const Model& model, Backend& be, SequenceState& st, const int32_t* tokens, int T, float* logits,
-                  bool all_rows, const ForwardOptions& opt, Scratch& s) {
+// A run of consecutive batch rows that belong to one sequence, inside one pass.
+struct Segment {
+  SequenceState* st;
+  int begin, n;     // rows [begin, begin + n) of the pass
+  bool ends_slice;  // the slice's last token is in this segment (its logits row is wanted)
+};
+
+// One pass over T tokens (T <= max_tokens_per_pass) made of segments of different sequences. Every op except
+// attention runs over the whole batch; attention runs per segment on that sequence's state. Writes logits for
+// every row (all_rows) or for the last row of each segment that ends its slice, in segment order, to `logits`.
+void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& segs, const int32_t* tokens, int T,
+                  float* logits, bool all_rows, const ForwardOptions& opt, Scratch& s) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
   const HcParams hp = hc_params(c);
   const int64_t D = c.d_model;
   s.resize(c, T);
-  for (int t = 0; t < T; ++t) s.pos[size_t(t)] = st.n_past + t;
+  for (const Segment& g : segs)
+    for (int t = 0; t < g.n; ++t) s.pos[size_t(g.begin + t)] = g.st->n_past + t;
 
   AttentionOptions ao;
   ao.qat_sim = opt.qat_sim;
@@ -80,7 +90,11 @@ void forward_pass(const Model& model, Backend& be, SequenceState& st, const int3
     // attention sublayer
     be.hc_pre(lw.hc_attn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());  // a {T, D}
     be.rms_norm(s.a.data(), &lw.attn_norm, T, D, c.rms_eps, s.a.data());
-    attention_forward(c, il, lw.attn, st.layers[size_t(il)], s.a.data(), s.pos.data(), T, s.y.data(), ao);
+    for (const Segment& g : segs) {
+      const size_t off = size_t(g.begin) * size_t(D);
+      attention_forward(c, il, lw.attn, g.st->layers[size_t(il)], s.a.data() + off, s.pos.data() + g.begin, g.n,
+                        s.y.data() + off, ao);                                           // y {T, D}
+    }
     be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
     // MoE sublayer
     be.hc_pre(lw.hc_ffn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());
@@ -90,41 +104,89 @@ void forward_pass(const Model& model, Backend& be, SequenceState& st, const int3
     be.moe_ffn(lw.moe, mp, s.a.data(), s.ids.data(), s.wts.data(), T, s.y.data());         // y {T, D}
     be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
   }
-  st.n_past += T;
+  for (const Segment& g : segs) g.st->n_past += g.n;
   if (!logits) return;
-  // Final head (model-spec §8) only for the rows asked for.
-  const int first = all_rows ? 0 : T - 1, rows = T - first;
-  const float* Xr = s.X.data() + size_t(first) * size_t(c.hc_mult) * size_t(D);
-  be.hc_head(w.hc_head, hp, Xr, rows, s.h.data());                                        // h {rows, D}
-  be.rms_norm(s.h.data(), &w.output_norm, rows, D, c.rms_eps, s.h.data());
-  be.matmul(w.output, -1, s.h.data(), rows, logits);                                     // {rows, V}
+  // Final head (model-spec §8) only for the rows asked for, gathered contiguously.
+  const size_t row = size_t(c.hc_mult) * size_t(D);
+  int rows = T;
+  const float* Xr = s.X.data();
+  if (!all_rows) {
+    rows = 0;
+    for (const Segment& g : segs)
+      if (g.ends_slice) {
+        std::memcpy(s.h.data() + size_t(rows) * row, s.X.data() + size_t(g.begin + g.n - 1) * row,
+                    row * sizeof(float));
+        ++rows;
+      }
+    if (rows == 0) return;
+    Xr = s.h.data();
+  }
+  be.hc_head(w.hc_head, hp, Xr, rows, s.a.data());                                        // h {rows, D}
+  be.rms_norm(s.a.data(), &w.output_norm, rows, D, c.rms_eps, s.a.data());
+  be.matmul(w.output, -1, s.a.data(), rows, logits);                                     // {rows, V}
 }
 
-}  // namespace
-
-void model_forward(const Model& model, Backend& be, SequenceState& st, const int32_t* tokens, int T, float* logits,
-                   bool all_rows, const ForwardOptions& opt) {
-  const ModelConfig& c = model.config();
-  if (T <= 0) fail("forward: empty token batch");
-  if (int64_t(st.layers.size()) != c.n_layers) fail("forward: sequence state has %zu layers, model has %d",
-                                                    st.layers.size(), c.n_layers);
+void check_slice(const ModelConfig& c, const SequenceState& st, const int32_t* tokens, int T, size_t index) {
+  if (T <= 0) fail("forward: batch slice %zu has no tokens", index);
+  if (int64_t(st.layers.size()) != c.n_layers)
+    fail("forward: batch slice %zu: sequence state has %zu layers, model has %d", index, st.layers.size(),
+         c.n_layers);
   if (st.n_past + T > st.max_context)
     fail("forward: %d tokens at position %lld exceed the session's max context %lld", T, (long long)st.n_past,
          (long long)st.max_context);
   for (int t = 0; t < T; ++t)
     if (tokens[t] < 0 || tokens[t] >= c.n_vocab)
       fail("forward: token id %d at batch row %d outside the vocabulary [0, %d)", tokens[t], t, c.n_vocab);
+}
+
+}  // namespace
+
+void model_forward_batch(const Model& model, Backend& be, std::span<const BatchSlice> slices, const int32_t* tokens,
+                         float* logits, bool all_rows, const ForwardOptions& opt) {
+  const ModelConfig& c = model.config();
+  if (slices.empty()) fail("forward: empty batch");
+  int64_t total = 0;
+  for (size_t i = 0; i < slices.size(); ++i) {
+    for (size_t j = 0; j < i; ++j)
+      if (slices[j].st == slices[i].st) fail("forward: batch slices %zu and %zu share one sequence state", j, i);
+    check_slice(c, *slices[i].st, tokens + total, slices[i].n_tokens, i);
+    total += slices[i].n_tokens;
+  }
+  // Passes of at most `step` rows; a slice may straddle passes (each row's result does not depend on it).
   Scratch s;
   const int step = std::max(1, opt.max_tokens_per_pass);
   const size_t V = size_t(c.n_vocab);
-  for (int t0 = 0; t0 < T; t0 += step) {
-    const int n = std::min(step, T - t0);
-    const bool last = t0 + n == T;
-    float* out = nullptr;
-    if (logits && all_rows) out = logits + size_t(t0) * V;
-    else if (logits && last) out = logits;
-    forward_pass(model, be, st, tokens + t0, n, out, all_rows, opt, s);
+  size_t slice = 0;
+  int used_in_slice = 0;  // tokens of slices[slice] already run
+  int64_t t0 = 0;         // first token row of the pass
+  size_t out_row = 0;     // next logits row (all_rows: = t0; else: slice index of the next finished slice)
+  while (t0 < total) {
+    std::vector<Segment> segs;
+    int n = 0;
+    while (n < step && slice < slices.size()) {
+      const int left = slices[slice].n_tokens - used_in_slice;
+      const int take = std::min(left, step - n);
+      segs.push_back({slices[slice].st, n, take, take == left});
+      n += take;
+      used_in_slice += take;
+      if (used_in_slice == slices[slice].n_tokens) {
+        ++slice;
+        used_in_slice = 0;
+      }
+    }
+    float* out = logits ? logits + out_row * V : nullptr;
+    forward_pass(model, be, segs, tokens + t0, n, out, all_rows, opt, s);
+    if (all_rows) out_row += size_t(n);
+    else
+      for (const Segment& g : segs) out_row += g.ends_slice ? 1 : 0;
+    t0 += n;
   }
+}
+
+void model_forward(const Model& model, Backend& be, SequenceState& st, const int32_t* tokens, int T, float* logits,
+                   bool all_rows, const ForwardOptions& opt) {
+  const BatchSlice one{&st, T};
+  model_forward_batch(model, be, std::span<const BatchSlice>(&one, 1), tokens, logits, all_rows, opt);
 }
 
 // ---- SequenceState ---------------------------------------------------------------------------------------

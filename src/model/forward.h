@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <span>
 #include <vector>
 
 #include "model/attention.h"
@@ -42,5 +43,17 @@ struct SequenceState {
 // Chunking a token stream across calls gives bitwise the same logits and state as one call.
 void model_forward(const Model& model, Backend& backend, SequenceState& st, const int32_t* tokens, int T,
                    float* logits, bool all_rows, const ForwardOptions& opt);
+
+// One batch of tokens from several sequences (continuous batching): slice i owns the next slices[i].n_tokens
+// rows of `tokens`, continuing its own sequence. All ops except attention run over the whole batch. Each
+// sequence's logits and state are bitwise those of running its slice alone (every op is row-independent).
+// logits: [sum n_tokens, n_vocab] if all_rows, else [slices.size(), n_vocab] (each slice's last token).
+// A sequence state may appear in one slice only. Bad input throws before any state changes.
+struct BatchSlice {
+  SequenceState* st = nullptr;
+  int n_tokens = 0;
+};
+void model_forward_batch(const Model& model, Backend& backend, std::span<const BatchSlice> slices,
+                         const int32_t* tokens, float* logits, bool all_rows, const ForwardOptions& opt);
 
 }  // namespace dsv4

@@ -34,7 +34,18 @@ class SessionImpl final : public Session {
   void restore(std::istream& in) override;
   std::unique_ptr<Session> clone() const override { return std::make_unique<SessionImpl>(*this); }
 
+  // Checks tokens against the vocabulary and the remaining context (what eval() rejects up front).
+  void check_input(std::span<const Token> tokens) const;
+  // Bookkeeping after a forward over `tokens` whose last-row logits are `last` (n_vocab floats).
+  void commit(std::span<const Token> tokens, const float* last) {
+    tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+    logits_.assign(last, last + eng_config_vocab());
+  }
+  SequenceState& state() { return st_; }
+  const void* engine() const { return &eng_; }
+
  private:
+  size_t eng_config_vocab() const;
   EngineImpl& eng_;
   SequenceState st_;
   std::vector<Token> tokens_;
@@ -83,6 +94,35 @@ class EngineImpl final : public Engine {
   }
   const ModelConfig& config() const { return model_->config(); }
 
+  void eval_batch(std::span<Session* const> sessions, std::span<const std::span<const Token>> tokens) override {
+    if (sessions.size() != tokens.size())
+      fail("Engine::eval_batch: %zu sessions but %zu token lists", sessions.size(), tokens.size());
+    std::vector<SessionImpl*> ss;
+    std::vector<BatchSlice> slices;
+    std::vector<Token> all;
+    for (size_t i = 0; i < sessions.size(); ++i) {
+      auto* si = dynamic_cast<SessionImpl*>(sessions[i]);
+      if (!si || si->engine() != this) fail("Engine::eval_batch: session %zu does not belong to this engine", i);
+      for (size_t j = 0; j < i; ++j)
+        if (ss[j] == si) fail("Engine::eval_batch: session %zu appears twice (also at %zu)", i, j);
+      si->check_input(tokens[i]);
+      ss.push_back(si);
+      slices.push_back({&si->state(), int(tokens[i].size())});
+      all.insert(all.end(), tokens[i].begin(), tokens[i].end());
+    }
+    if (ss.empty()) return;
+    const size_t V = size_t(config().n_vocab);
+    std::vector<float> last(ss.size() * V);
+    {
+      std::lock_guard<std::mutex> lock(run_mutex_);
+      ForwardOptions fo;
+      fo.qat_sim = opt_.qat_sim;
+      fo.pool = pool_.get();
+      model_forward_batch(*model_, *backend_, slices, all.data(), last.data(), false, fo);
+    }
+    for (size_t i = 0; i < ss.size(); ++i) ss[i]->commit(tokens[i], last.data() + i * V);
+  }
+
  private:
   EngineOptions opt_;
   std::unique_ptr<Model> model_;
@@ -94,22 +134,28 @@ class EngineImpl final : public Engine {
 
 SessionImpl::SessionImpl(EngineImpl& e, int64_t max_context) : eng_(e) { st_.init(e.config(), max_context); }
 
-void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_logits) {
-  if (tokens.empty()) fail("Session::eval: no tokens");
-  const size_t V = size_t(eng_.config().n_vocab);
-  const int T = int(tokens.size());
+size_t SessionImpl::eng_config_vocab() const { return size_t(eng_.config().n_vocab); }
+
+void SessionImpl::check_input(std::span<const Token> tokens) const {
   // Bad input is rejected before any state changes, so a failed eval leaves the session as it was. (The state
   // is not copied for this: at long context it holds gigabytes of compressed rows.)
-  for (int t = 0; t < T; ++t)
-    if (tokens[size_t(t)] < 0 || tokens[size_t(t)] >= int(V))
-      fail("Session::eval: token id %d at index %d outside the vocabulary [0, %zu)", tokens[size_t(t)], t, V);
-  if (st_.n_past + T > st_.max_context)
-    fail("Session::eval: %d tokens at position %lld exceed the session's max context %lld", T,
+  if (tokens.empty()) fail("Session::eval: no tokens");
+  const size_t V = eng_config_vocab();
+  for (size_t t = 0; t < tokens.size(); ++t)
+    if (tokens[t] < 0 || size_t(tokens[t]) >= V)
+      fail("Session::eval: token id %d at index %zu outside the vocabulary [0, %zu)", tokens[t], t, V);
+  if (st_.n_past + int64_t(tokens.size()) > st_.max_context)
+    fail("Session::eval: %zu tokens at position %lld exceed the session's max context %lld", tokens.size(),
          (long long)st_.n_past, (long long)st_.max_context);
+}
+
+void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_logits) {
+  check_input(tokens);
+  const size_t V = eng_config_vocab();
+  const int T = int(tokens.size());
   std::vector<float> rows(all_logits ? size_t(T) * V : V);
   eng_.run(st_, tokens.data(), T, rows.data(), all_logits != nullptr);
-  tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
-  logits_.assign(rows.end() - std::ptrdiff_t(V), rows.end());
+  commit(tokens, rows.data() + (rows.size() - V));
   if (all_logits) *all_logits = std::move(rows);
 }
 
