@@ -85,24 +85,34 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   ao.pool = opt.pool;
 
   be.embed(w.token_embd, tokens, T, c.hc_mult, s.X.data());                               // X {T, n, D}
+  const int64_t nD = int64_t(c.hc_mult) * D;
+  auto tap = [&](const char* name, int layer, const float* p, int rows, int64_t width) {
+    if (opt.tap) opt.tap(name, layer, p, rows, width);
+  };
+  tap("embed", -1, s.X.data(), T, nD);
   for (int il = 0; il < c.n_layers; ++il) {
     const LayerWeights& lw = w.layers[size_t(il)];
     // attention sublayer
     be.hc_pre(lw.hc_attn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());  // a {T, D}
     be.rms_norm(s.a.data(), &lw.attn_norm, T, D, c.rms_eps, s.a.data());
+    tap("attn_in", il, s.a.data(), T, D);
     for (const Segment& g : segs) {
       const size_t off = size_t(g.begin) * size_t(D);
       attention_forward(c, il, lw.attn, g.st->layers[size_t(il)], s.a.data() + off, s.pos.data() + g.begin, g.n,
                         s.y.data() + off, ao);                                           // y {T, D}
     }
+    tap("attn_out", il, s.y.data(), T, D);
     be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
     // MoE sublayer
     be.hc_pre(lw.hc_ffn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());
     be.rms_norm(s.a.data(), &lw.ffn_norm, T, D, c.rms_eps, s.a.data());
+    tap("ffn_in", il, s.a.data(), T, D);
     const MoeParams mp = moe_params(c, il);
     be.moe_route(lw.moe, mp, s.a.data(), tokens, T, s.ids.data(), s.wts.data());          // ids, wts {T, k}
     be.moe_ffn(lw.moe, mp, s.a.data(), s.ids.data(), s.wts.data(), T, s.y.data());         // y {T, D}
+    tap("ffn_out", il, s.y.data(), T, D);
     be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
+    tap("residual", il, s.X.data(), T, nD);
   }
   for (const Segment& g : segs) g.st->n_past += g.n;
   if (!logits) return;
@@ -123,6 +133,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   }
   be.hc_head(w.hc_head, hp, Xr, rows, s.a.data());                                        // h {rows, D}
   be.rms_norm(s.a.data(), &w.output_norm, rows, D, c.rms_eps, s.a.data());
+  tap("head_in", -1, s.a.data(), rows, D);
   be.matmul(w.output, -1, s.a.data(), rows, logits);                                     // {rows, V}
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <span>
 #include <vector>
@@ -21,6 +22,11 @@ struct ForwardOptions {
   bool qat_sim = true;             // QAT round trips (model-spec §3.4); the attention sublayer applies them
   ThreadPool* pool = nullptr;      // nullptr: default_thread_pool()
   int max_tokens_per_pass = 256;   // bounds scratch memory; results do not depend on it
+  // Debug tap (roadmap: activations by name for imatrix collection and reference diffs). When set, called with
+  // rows x width fp32 activations of the current pass: "embed" (layer -1, width n*D), per layer "attn_in",
+  // "attn_out", "ffn_in", "ffn_out" (width D) and "residual" (width n*D, after the layer), and "head_in"
+  // (layer -1, width D, the normed final hidden state of the rows whose logits are computed).
+  std::function<void(const char* name, int layer, const float* data, int rows, int64_t width)> tap;
 };
 
 // Everything one sequence carries between forward calls (model-spec §11): per-layer attention state (window

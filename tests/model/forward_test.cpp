@@ -367,3 +367,36 @@ TEST_F(TinyForward, SmallPassesGiveTheSameBits) {
   model_forward_batch(*m, *be, sb, toks.data() + 18, eb.data(), false, small);
   expect_bitwise(ea, eb, "last rows, pass size");
 }
+
+TEST_F(TinyForward, DebugTapReportsEveryStageInOrder) {
+  auto m = Model::load(model_->path);
+  auto be = make_cpu_backend();
+  const ModelConfig& c = m->config();
+  auto toks = test_tokens(5);
+  SequenceState st;
+  st.init(c, 16);
+  std::vector<std::string> seen;
+  std::vector<float> embed;
+  ForwardOptions o;
+  o.tap = [&](const char* name, int layer, const float* p, int rows, int64_t width) {
+    seen.push_back(std::string(name) + "@" + std::to_string(layer) + ":" + std::to_string(rows) + "x" +
+                   std::to_string(width));
+    if (std::string(name) == "embed") embed.assign(p, p + rows * width);
+  };
+  std::vector<float> logits(96);
+  model_forward(*m, *be, st, toks.data(), 5, logits.data(), false, o);
+  // Per layer: the two sublayer inputs/outputs, then the residual streams after the layer.
+  std::vector<std::string> ordered = {"embed@-1:5x256"};
+  for (int il = 0; il < 4; ++il) {
+    for (const char* n : {"attn_in", "attn_out", "ffn_in", "ffn_out"})
+      ordered.push_back(std::string(n) + "@" + std::to_string(il) + ":5x64");
+    ordered.push_back("residual@" + std::to_string(il) + ":5x256");
+  }
+  ordered.push_back("head_in@-1:1x64");  // last row only
+  EXPECT_EQ(seen, ordered);
+  // The embedding is copied into all 4 streams (model-spec §4).
+  ASSERT_EQ(embed.size(), 5u * 256u);
+  for (int t = 0; t < 5; ++t)
+    for (int sidx = 1; sidx < 4; ++sidx)
+      for (int d = 0; d < 64; ++d) ASSERT_EQ(embed[size_t(t * 256 + sidx * 64 + d)], embed[size_t(t * 256 + d)]);
+}
