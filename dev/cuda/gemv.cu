@@ -153,7 +153,8 @@ struct Result {
   double us_graph, us_eager, gbs, pct_read, pct_spec;
 };
 
-Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, int unroll = 0, int row_group = 0) {
+Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, int unroll = 0, int row_group = 0,
+                int cta_warps = 0) {
   const int64_t rb = row_bytes(c.type, c.cols);
   const bool moe = c.n_experts > 0;
   const int64_t mat_bytes = rb * c.rows;
@@ -181,7 +182,7 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
     for (int i = 0; i < n_launch; ++i) {
       GemvParams p;
       p.wtype = c.type, p.rows = c.rows, p.cols = c.cols, p.xq = xq.get(), p.n_tokens = c.n_tokens, p.y = y.get();
-      p.unroll = unroll, p.row_group = row_group;
+      p.unroll = unroll, p.row_group = row_group, p.cta_warps = cta_warps;
       p.w = w.get() + (moe ? 0 : i * stack_bytes);
       if (moe) {
         p.expert_stride = mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
@@ -301,28 +302,31 @@ int main(int argc, char** argv) {
     if (!quick) cases.push_back({"output 4096->129280", QType::Q8_0, 129280, 4096});
 
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
-    if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec,best_u,best_r,best_us,best_gbs\n");
+    if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec,best_u,best_r,best_w,best_us,best_gbs\n");
     std::printf("%-32s %-8s %10s %10s %9s %7s %7s\n", "case", "type", "us(graph)", "us(eager)", "GB/s", "%read",
                 "%spec");
     for (const Case& c : cases) {
       const Result r = run_case(c, s, read_bw, spec_bw);
       // Single-token cases: sweep the kernel knobs and report the best (unroll U, rows per warp R).
       Result best = r;
-      int best_u = 0, best_r = 0;
+      int best_u = 0, best_r = 0, best_w = 0;
       if (c.n_tokens == 1 && !quick)
-        for (int rg : {1, 2})
-          for (int u : {1, 2, 4, 8}) {
-            const Result v = run_case(c, s, read_bw, spec_bw, u, rg);
-            if (v.us_graph < best.us_graph) best = v, best_u = u, best_r = rg;
-          }
+        for (int cw : {4, 16})
+          for (int rg : {1, 2, 4})
+            for (int u : {1, 2}) {
+              const Result v = run_case(c, s, read_bw, spec_bw, u, rg, cw);
+              if (v.us_graph < best.us_graph) best = v, best_u = u, best_r = rg, best_w = cw;
+            }
       std::printf("%-32s %-8s %10.2f %10.2f %9.0f %6.1f%% %6.1f%%", c.name.c_str(), qtype_name(c.type).c_str(),
                   r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec);
-      if (best_u) std::printf("   best U=%d R=%d: %.2f us %.0f GB/s %.1f%%", best_u, best_r, best.us_graph, best.gbs, best.pct_read);
+      if (best_u)
+        std::printf("   best U=%d R=%d W=%d: %.2f us %.0f GB/s %.1f%%", best_u, best_r, best_w, best.us_graph, best.gbs,
+                    best.pct_read);
       std::printf("\n");
       if (csv)
-        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%.3f,%.3f,%.1f,%.2f,%.2f,%d,%d,%.3f,%.1f\n", card.c_str(),
+        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%.3f,%.3f,%.1f,%.2f,%.2f,%d,%d,%d,%.3f,%.1f\n", card.c_str(),
                      c.name.c_str(), qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols, c.n_slots,
-                     c.n_tokens, r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec, best_u, best_r,
+                     c.n_tokens, r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec, best_u, best_r, best_w,
                      best.us_graph, best.gbs);
     }
     std::printf("\nprototype Q8R (Q8_0 repacked: int8 quants contiguous, f16 scales apart), graph-timed:\n");

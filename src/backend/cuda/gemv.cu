@@ -354,7 +354,9 @@ void launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t total_groups = (p.rows + R - 1) / R * p.n_slots;
   int wpr = 1;
   while (wpr < kMaxWarpsPerCta && total_groups * wpr < 8192) wpr *= 2;
-  const int warps = std::max(kWarpsPerCta, wpr);
+  // IQ2_XXS CTAs first copy the 2 KiB grid to shared memory: bigger CTAs amortize that copy over more rows.
+  const int base_warps = p.cta_warps ? p.cta_warps : (std::is_same_v<T, TraitsIQ2_XXS> ? 16 : kWarpsPerCta);
+  const int warps = std::max(base_warps, wpr);
   const int rows_per_cta = warps / wpr * R;
   const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots));
   const size_t smem = std::is_same_v<T, TraitsIQ2_XXS> ? sizeof(Iq2Smem) : 0;
@@ -368,10 +370,11 @@ void launch_tuned(const GemvParams& p, cudaStream_t stream) {
   const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : T::kRowGroup;
 #define DSV4_GEMV_CASE(U_, R_) \
   if (u == U_ && r == R_) return launch<T, 1, U_, R_>(p, stream);
-  DSV4_GEMV_CASE(1, 1) DSV4_GEMV_CASE(2, 1) DSV4_GEMV_CASE(4, 1) DSV4_GEMV_CASE(8, 1)
-  DSV4_GEMV_CASE(1, 2) DSV4_GEMV_CASE(2, 2) DSV4_GEMV_CASE(4, 2) DSV4_GEMV_CASE(8, 2)
+  DSV4_GEMV_CASE(1, 1) DSV4_GEMV_CASE(2, 1) DSV4_GEMV_CASE(4, 1)
+  DSV4_GEMV_CASE(1, 2) DSV4_GEMV_CASE(2, 2) DSV4_GEMV_CASE(4, 2)
+  DSV4_GEMV_CASE(1, 4) DSV4_GEMV_CASE(2, 4)
 #undef DSV4_GEMV_CASE
-  fail("gemv_cuda: no kernel for unroll=%d row_group=%d (unroll 1/2/4/8, row_group 1/2)", u, r);
+  fail("gemv_cuda: no kernel for unroll=%d row_group=%d (unroll 1/2/4 with row_group 1/2, 1/2 with 4)", u, r);
 }
 
 template <class T>
@@ -460,6 +463,8 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
          qtype_name(p_in.wtype).c_str());
   if (p_in.n_slots < 1 || p_in.n_slots > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
     fail("gemv_cuda: bad slots=%d act_slot_div=%d n_tokens=%d", p_in.n_slots, p_in.act_slot_div, p_in.n_tokens);
+  if (p_in.cta_warps != 0 && (p_in.cta_warps > kMaxWarpsPerCta || (p_in.cta_warps & (p_in.cta_warps - 1)) != 0))
+    fail("gemv_cuda: cta_warps=%d must be a power of two <= %d", p_in.cta_warps, kMaxWarpsPerCta);
   if (p_in.expert_ids && p_in.n_tokens != 1) fail("gemv_cuda: the MoE variant takes one token per slot");
   // Batches beyond kGemvMaxTokens run as several launches of up to 8 tokens (dense only).
   for (int t0 = 0; t0 < p_in.n_tokens; t0 += kGemvMaxTokens) {

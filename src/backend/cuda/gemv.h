@@ -37,11 +37,12 @@ struct GemvParams {
                                       // gpu_activation_bytes(wtype, cols) from quantize_activations_cuda
   int n_tokens = 1;                   // dense: tokens; MoE: must be 1
   float* y = nullptr;                 // [n_slots][n_tokens][rows]
-  // Tuning knobs for single-token launches (0 = the type's default): weight blocks whose loads a lane issues
-  // before computing (1, 2, 4, 8) and rows per warp sharing one activation load (1, 2). dev/cuda/gemv.cu sweeps
-  // them; results do not depend on them beyond fp32 summation order.
+  // Tuning knobs (0 = the type's default): weight blocks whose loads a lane issues before computing (1, 2, 4),
+  // rows per warp sharing one activation load (1, 2, 4) — both for single-token launches — and warps per CTA
+  // (4..16, any launch). dev/cuda/gemv.cu sweeps them; results do not depend on them beyond fp32 summation order.
   int unroll = 0;
   int row_group = 0;
+  int cta_warps = 0;
 };
 void gemv_cuda(const GemvParams& p, cudaStream_t stream);
 
