@@ -106,7 +106,12 @@ void quant_q8_0(const float* x, block_q8_0* y, int64_t n) {
     const float d = amax / 127.0f;
     const float id = d != 0 ? 1.0f / d : 0.0f;
     y[b].d = f32_to_f16(d);
-    for (int i = 0; i < kQK8_0; ++i) y[b].qs[i] = int8_t(std::roundf(xb[i] * id));
+    for (int i = 0; i < kQK8_0; ++i) {
+      // |x*id| <= 127 for finite input; the clamp only keeps NaN/inf (no meaningful code) away from an
+      // undefined float->int conversion.
+      const float v = std::roundf(xb[i] * id);
+      y[b].qs[i] = int8_t(v >= -127.0f && v <= 127.0f ? v : 0.0f);
+    }
   }
 }
 
@@ -247,7 +252,8 @@ void quant_mxfp4(const float* x, block_mxfp4* y, int64_t n) {
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
     // Two candidate exponents: ggml's floor(log2 amax) - 2 (the largest value may clip at 6*scale) and one
     // above it (no clipping, coarser steps); keep whichever reconstructs the block with less error.
-    int e0 = amax > 0 ? int(std::floor(std::log2(amax))) - 2 + 127 : 0;
+    const float l2 = std::log2(amax);
+    int e0 = amax > 0 ? (std::isfinite(l2) ? int(std::floor(l2)) - 2 + 127 : 253) : 0;  // inf: largest scale
     e0 = std::clamp(e0, 0, 253);
     uint8_t best_e = uint8_t(e0);
     float best_err = INFINITY;
