@@ -196,6 +196,14 @@ Tokenizer::Tokenizer(const TokenizerData& d) {
     if (res == m.by_string.end()) continue;  // inconsistent file: the pieces stay split (ds4 does the same)
     m.merges.emplace(pair_key(li->second, ri->second), Impl::Merge{int(k), res->second});
   }
+  // A token that neither is a byte nor results from a merge can only come from the template: treat it as a
+  // control token even when the file types it "normal" (ds4 ignores token_type; files differ in how they
+  // type added tokens such as <think>), so special("<think>") finds it and plain text never produces it.
+  std::vector<bool> reachable(n, false);
+  for (Token t : m.byte_token) reachable[t] = true;
+  for (const auto& [key, mg] : m.merges) reachable[mg.result] = true;
+  for (size_t i = 0; i < n; ++i)
+    if (!reachable[i]) m.special[i] = true;
   auto check_id = [&](int32_t id, const char* key) {
     if (id < 0 || size_t(id) >= n) fail("tokenizer: %s = %d is outside the vocabulary (%zu)", key, id, n);
   };

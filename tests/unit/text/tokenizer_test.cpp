@@ -125,6 +125,19 @@ TEST(Tokenizer, SyntheticVocabularyWorks) {
   EXPECT_EQ(tok.encode(p).size(), 2u);
 }
 
+TEST(Tokenizer, AddedTokensTypedNormalAreStillSpecial) {
+  // Some conversions type added tokens as normal (1); <think> must still be found as a control token and
+  // still never come out of plain text.
+  TokenizerData d = v4_data();
+  d.token_types.assign(d.tokens.size(), 1);
+  Tokenizer tok(d);
+  EXPECT_EQ(tok.special("<think>"), 128821);
+  EXPECT_TRUE(tok.is_special(0));
+  EXPECT_FALSE(tok.is_special(19923));
+  for (Token t : tok.encode("<think></think><|EOT|>")) EXPECT_FALSE(tok.is_special(t)) << t;
+  EXPECT_EQ(tok.decode(tok.encode("<think></think>")), "<think></think>");
+}
+
 TEST(Tokenizer, BadDataIsAnError) {
   TokenizerData d = text::synthetic_vocab(300);
   d.merges = {"a"};
