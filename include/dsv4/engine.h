@@ -82,8 +82,11 @@ class Session {
   virtual int64_t max_context() const = 0;
   virtual const std::vector<Token>& tokens() const = 0;  // history, for prefix matching (not model state)
 
-  // State save/restore: versioned, checksummed byte stream. restore() of what save() wrote, then eval,
-  // equals never having stopped (bitwise on the same backend).
+  // State save/restore: versioned, checksummed byte stream (layout in src/runtime/engine.cpp: header with a
+  // model fingerprint, position, token history, last logits, per-layer attention state, FNV-1a trailer).
+  // restore() of what save() wrote, then eval, equals never having stopped (bitwise on the same backend). It
+  // also restores the saved max_context. A stream from another model, a corrupted or truncated stream throws
+  // naming the field / byte offset and leaves the session unchanged.
   virtual void save(std::ostream& out) const = 0;
   virtual void restore(std::istream& in) = 0;
 
