@@ -2,6 +2,7 @@
 // the §2.9 tolerated variants, and the never-lose-text rule. Exact string comparisons throughout.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "dsv4/text.h"
@@ -238,6 +239,37 @@ TEST(Dsml, NeverLosesTextProperty) {
     }
     ASSERT_EQ(got, expect) << "sequence " << n << (thinking ? " (thinking)" : "");
   }
+}
+
+}  // namespace
+}  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+// Robustness: random DSML-ish fragments either parse into calls whose arguments are valid JSON objects or throw
+// dsv4::Error; nothing else (no crash, no other exception). 5,000 cases, fixed seed.
+TEST(Dsml, BlockParserRobustness) {
+  const char* frags[] = {"<｜DSML｜invoke", " name=\"", "f", "\"", ">", "\n", "<｜DSML｜parameter", " string=\"",
+                         "true", "false", "</｜DSML｜parameter>", "</｜DSML｜invoke>", "{\"a\": [1", "]}", "<", "/",
+                         "｜", "DSML", "“", "<invoke ", "<parameter ", "</parameter>", "x\\\"y", "\xff", "12"};
+  std::mt19937 rng(5);
+  int parsed = 0;
+  for (int n = 0; n < 5000; ++n) {
+    std::string s;
+    int len = 1 + int(rng() % 20);
+    for (int k = 0; k < len; ++k) s += frags[rng() % std::size(frags)];
+    try {
+      for (const auto& c : parse_tool_calls_block(s)) {
+        ASSERT_FALSE(c.name.empty()) << s;
+        auto j = nlohmann::json::parse(c.arguments, nullptr, false);
+        ASSERT_TRUE(!j.is_discarded() && j.is_object()) << s << " -> " << c.arguments;
+      }
+      ++parsed;
+    } catch (const dsv4::Error&) {
+    }
+  }
+  EXPECT_GT(parsed, 100);  // the generator does produce parseable blocks, so the JSON check is exercised
 }
 
 }  // namespace
