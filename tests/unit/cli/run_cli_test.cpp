@@ -64,6 +64,25 @@ TEST(RunCli, MultiTurnOverStdinExtendsOneSession) {
   EXPECT_NE(r.out.find("| nothink | length]"), std::string::npos) << r.out;
 }
 
+TEST(RunCli, ReadFileAndLongPrefill) {
+  // /read sends a file as the message; 300 x " word" is 300 tokens (" word" is one token), more than one
+  // prefill chunk (256), so the chunked path and its progress bar run. /help and an unknown command too.
+  std::string file = testing::TempDir() + "/dsv4-cli-long.txt";
+  {
+    std::ofstream f(file);
+    for (int i = 0; i < 300; ++i) f << " word";
+  }
+  std::string input_path = testing::TempDir() + "/dsv4-cli-input2.txt";
+  std::ofstream(input_path) << "/help\n/read " << file << "\n/nope\n/read /nonexistent\n";
+  Ran r = run_dsv4("run -m '" + tiny_model() + "' -s '' --nothink -n 2 --seed 3 < '" + input_path + "'", true);
+  EXPECT_EQ(r.status, 0) << r.out;
+  // BOS + <｜User｜> + 300 + <｜Assistant｜> + </think> = 304.
+  EXPECT_EQ(status_numbers(r.out, "prompt"), std::vector<int>{304}) << r.out;
+  EXPECT_NE(r.out.find("/think-max"), std::string::npos);  // the help text
+  EXPECT_NE(r.out.find("unknown command /nope"), std::string::npos);
+  EXPECT_NE(r.out.find("cannot open '/nonexistent'"), std::string::npos);
+}
+
 TEST(RunCli, MissingModelExplainsWhereToGetIt) {
   Ran r = run_dsv4("run -m /nonexistent/ds4flash.gguf -p hi", true);
   EXPECT_EQ(r.status, 1);
