@@ -55,7 +55,6 @@ __device__ __forceinline__ uint32_t sign_bytes(uint32_t b) { return ((b * 0x0020
 struct TraitsQ8_0 {
   static constexpr int kTpb = 4;  // lanes per block: 8 values each
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK8_0;
   static constexpr int kBlockBytes = sizeof(block_q8_0);
   static constexpr int kActBlockBytes = sizeof(block_q8_0);
@@ -79,7 +78,6 @@ struct TraitsQ8_0 {
 struct TraitsQ4_K {
   static constexpr int kTpb = 16;  // lane: 8 low-nibble values of sub-block 2c and 8 high of 2c+1
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
   static constexpr int kActBlockBytes = sizeof(ActQ8K);
@@ -124,7 +122,6 @@ struct TraitsQ4_K {
 struct TraitsQ2_K {
   static constexpr int kTpb = 16;  // lane t: qs bytes 4t..4t+3 (16 values: 4 per 2-bit plane)
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
   static constexpr int kActBlockBytes = sizeof(ActQ8K);
@@ -163,7 +160,6 @@ struct TraitsQ2_K {
 struct TraitsIQ2_XXS {
   static constexpr int kTpb = 8;  // lane g: the 32-value group g
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
   static constexpr int kActBlockBytes = sizeof(ActQ8K);
@@ -208,7 +204,6 @@ struct TraitsIQ2_XXS {
 struct TraitsF16 {
   static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 1;  // H200 sweep: R = 1 best for F16 at every measured shape
   static constexpr int kBlockElems = 8;
   static constexpr int kBlockBytes = 16;
   static constexpr int kActBlockBytes = 32;  // 8 floats
@@ -237,7 +232,6 @@ struct TraitsF16 {
 struct TraitsF32 {
   static constexpr int kTpb = 1;  // a "block" is 4 floats (16 bytes) per lane
   static constexpr int kUnroll = 1;
-  static constexpr int kRowGroup = 2;
   static constexpr int kBlockElems = 4;
   static constexpr int kBlockBytes = 16;
   static constexpr int kActBlockBytes = 16;
@@ -367,7 +361,12 @@ void launch(const GemvParams& p, cudaStream_t stream) {
 // Single-token launches take the (unroll, row_group) knobs; batched ones use the type's defaults.
 template <class T>
 void launch_tuned(const GemvParams& p, cudaStream_t stream) {
-  const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : T::kRowGroup;
+  // Default rows per warp from the H200 sweep (wb_gemv): 4 for matrices of >= 16 MiB (one activation load feeds 4
+  // rows; Q8_0 8192->4096: 52% of read bandwidth vs 47% with 2) and for Q2_K expert down projections, 1 for the
+  // smaller ones (Q8_0 4096->1024: 4.7 us vs 5.6 us with 2).
+  const int64_t bytes = p.rows * (p.cols / T::kBlockElems) * T::kBlockBytes * p.n_slots;
+  const int auto_r = (bytes >= (16ll << 20) || std::is_same_v<T, TraitsQ2_K>) ? 4 : 1;
+  const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : auto_r;
 #define DSV4_GEMV_CASE(U_, R_) \
   if (u == U_ && r == R_) return launch<T, 1, U_, R_>(p, stream);
   DSV4_GEMV_CASE(1, 1) DSV4_GEMV_CASE(2, 1) DSV4_GEMV_CASE(4, 1)
