@@ -1,6 +1,8 @@
 // Bad checkpoints fail with a dsv4::Error that names the file, tensor, key or field at fault.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include "common/error.h"
 #include "convert/convert.h"
 #include "convert/hf_config.h"
@@ -56,6 +58,42 @@ TEST(BadSafetensors, HeaderProblems) {
                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
                12);
   expect_error([&] { SafetensorsFile::open(p); }, {p, "overlap", "data byte 4"});
+}
+
+// Random corruption of a real fixture shard (header and data lengths): open() either succeeds with every tensor
+// inside the file or throws dsv4::Error; it never crashes or reads out of bounds (run under ASan in `make asan`).
+TEST(BadSafetensors, RandomCorruptionNeverCrashes) {
+  const auto good = test::slurp(test::fixture_dir("pro_w8") / "model-00001-of-00005.safetensors");
+  uint64_t hlen = 0;
+  std::memcpy(&hlen, good.data(), 8);
+  TempDir t;
+  const std::string p = t.str("m.safetensors");
+  std::mt19937_64 rng(99);
+  int errors = 0, opened = 0;
+  for (int it = 0; it < 300; ++it) {
+    auto b = good;
+    const int kind = it % 3;
+    if (kind == 0) {  // flip bytes inside the JSON header
+      for (int k = 0; k < 4; ++k) b[8 + rng() % hlen] ^= uint8_t(1 + rng() % 255);
+    } else if (kind == 1) {  // truncate anywhere
+      b.resize(rng() % b.size());
+    } else {  // overwrite digits of the header (offsets/shapes) with other digits
+      for (int k = 0; k < 6; ++k) {
+        const size_t at = 8 + rng() % hlen;
+        if (b[at] >= '0' && b[at] <= '9') b[at] = uint8_t('0' + rng() % 10);
+      }
+    }
+    test::spit(p, b.data(), b.size());
+    try {
+      auto f = SafetensorsFile::open(p);
+      ++opened;
+      for (const auto& x : f->tensors()) ASSERT_LE(x.offset + x.n_bytes, b.size()) << x.name;
+    } catch (const Error&) {
+      ++errors;
+    }
+  }
+  EXPECT_GT(errors, 100);  // most corruptions must be detected, not silently accepted
+  EXPECT_EQ(errors + opened, 300);
 }
 
 TEST(BadSafetensors, ShardIndexProblems) {
