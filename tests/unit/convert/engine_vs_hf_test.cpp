@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -67,10 +68,12 @@ class Converted {
   std::map<std::string, std::string> files_;
 };
 
+// DSV4_TEST_BACKEND=cuda runs the same comparisons on the CUDA backend (GPU box); default CPU.
 std::unique_ptr<Engine> load(const std::string& path) {
   EngineOptions eo;
   eo.model_path = path;
-  eo.backend = BackendKind::Cpu;
+  const char* be = std::getenv("DSV4_TEST_BACKEND");
+  eo.backend = be && std::string(be) == "cuda" ? BackendKind::Cuda : BackendKind::Cpu;
   eo.qat_sim = false;  // HF implements no QAT simulation
   return Engine::load(eo);
 }
