@@ -31,7 +31,7 @@ enum class QType : uint32_t {
   FP8_E4M3 = 1000,  // raw e4m3 bytes, one per value; the 128x128 E8M0 scales are a separate tensor
 };
 
-// "F32", "Q4_K", ... ; "?" never: unknown values give "QType(<n>)".
+// "F32", "Q4_K", ...; a value outside the enum gives "QType(<n>)" (never throws: used in error messages).
 std::string qtype_name(QType t);
 // Checked conversion from a GGUF ggml_type id; throws dsv4::Error naming the id for types dsv4 lacks.
 QType qtype_from_id(uint32_t id);
@@ -42,6 +42,9 @@ int64_t block_elems(QType t);
 int64_t block_bytes(QType t);
 // Bytes of a row of n values; throws if n is negative or not a multiple of block_elems(t).
 int64_t row_bytes(QType t, int64_t n);
+
+// Block pointers need only the alignment of their struct (2 bytes for f16 fields, 4 for Q8_K); kernels use
+// unaligned vector loads, so rows inside a GGUF tensor can be passed as they are.
 
 // Reference scalar dequantization of n values (n must be a multiple of the block size; I32 is rejected:
 // it is an index type, not a float encoding). FP8_E4M3 yields the unscaled e4m3 values.
