@@ -103,6 +103,9 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
   SamplingParams sp = cfg_.sampling;
   sp.seed = cfg_.sampling.seed * 1000003u + uint64_t(session_->position());
   Sampler sampler(sp);
+  SamplingParams greedy_params = sp;
+  greedy_params.temperature = 0;
+  Sampler greedy(greedy_params);  // DSML tags and attributes: keep the markup well-formed (ds4's rule)
   OutputParser parser(tok_, cfg_.mode == ThinkingMode::Thinking);
   ChatMessage reply;
   reply.role = "assistant";
@@ -126,7 +129,7 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
       st.finish = "interrupted";
       break;
     }
-    Token t = sampler.sample(session_->logits());
+    Token t = (parser.in_markup() ? greedy : sampler).sample(session_->logits());
     if (t == tok_.eos()) {  // not evaluated now: the next turn starts with it (open_turn_)
       emit(parser.push(t));
       st.finish = "stop";

@@ -182,6 +182,9 @@ class OutputParser {
   bool done() const { return state_ == State::Done; }  // EOS seen or the tool-calls block closed
   // Set when a tool-calls block was opened but not parseable (finish reason "error" in ds4); empty otherwise.
   const std::string& error() const { return error_; }
+  // True inside a tool-calls block but outside a parameter value: tag names, attributes and the newlines
+  // between tags. ds4 samples greedily there to keep the markup well-formed (io-and-api.md §3.7).
+  bool in_markup() const;
 
  private:
   void feed_text(const std::string& s, OutputDelta& d);

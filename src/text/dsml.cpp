@@ -270,6 +270,25 @@ void OutputParser::drain(OutputDelta& d, bool final) {
   }
 }
 
+bool OutputParser::in_markup() const {
+  if (state_ != State::ToolCalls) return false;
+  // The open parameter tags are canonical or variants; compare on the normalized text.
+  std::string b = normalize_dsml(block_);
+  size_t lt = b.rfind('<'), gt = b.rfind('>');
+  if (lt != std::string::npos && (gt == std::string::npos || lt > gt)) {
+    // Inside a tag... unless that '<' is part of a value (a value may contain '<'): a tag starts with a
+    // known name.
+    std::string_view tail = std::string_view(b).substr(lt);
+    bool tag = tail.rfind("<｜DSML｜", 0) == 0 || tail.rfind("</｜DSML｜", 0) == 0 ||
+               std::string_view("<｜DSML｜").rfind(tail, 0) == 0 || std::string_view("</｜DSML｜").rfind(tail, 0) == 0;
+    if (tag) return true;
+  }
+  size_t open = b.rfind(kParamOpen), close = b.rfind(kParamClose);
+  bool in_value = open != std::string::npos && (close == std::string::npos || open > close) &&
+                  b.find('>', open) != std::string::npos;
+  return !in_value;
+}
+
 void OutputParser::close_tool_block(OutputDelta& d, bool terminated) {
   try {
     if (!terminated) fail("tool calls: the block was opened but never closed");

@@ -274,3 +274,27 @@ TEST(Dsml, BlockParserRobustness) {
 
 }  // namespace
 }  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+TEST(Dsml, MarkupVersusPayload) {
+  OutputParser p(v4(), false);
+  auto feed = [&](const std::string& s) {
+    for (Token t : v4().encode(s)) p.push(t);
+  };
+  EXPECT_FALSE(p.in_markup());  // content
+  feed("ok\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f");
+  EXPECT_TRUE(p.in_markup());   // inside an attribute of a tag
+  feed("\">\n<｜DSML｜parameter name=\"a\" string=\"true\">");
+  EXPECT_FALSE(p.in_markup());  // payload starts
+  feed("x < y and <b>");
+  EXPECT_FALSE(p.in_markup());  // '<' inside a value is payload
+  feed("</｜DSML｜param");
+  EXPECT_TRUE(p.in_markup());   // the closing tag
+  feed("eter>\n");
+  EXPECT_TRUE(p.in_markup());   // between tags
+}
+
+}  // namespace
+}  // namespace dsv4::test
