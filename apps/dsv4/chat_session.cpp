@@ -95,6 +95,7 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
     prefill(toks, out, st);
   } catch (...) {
     messages_.pop_back();
+    if (session_ && session_->position() == 0) session_.reset();  // the next turn must start from BOS again
     throw;
   }
   open_turn_ = false;

@@ -83,6 +83,21 @@ TEST(RunCli, ReadFileAndLongPrefill) {
   EXPECT_NE(r.out.find("cannot open '/nonexistent'"), std::string::npos);
 }
 
+TEST(RunCli, ContextFullIsReportedAndTheChatGoesOn) {
+  std::string file = testing::TempDir() + "/dsv4-cli-long2.txt";
+  {
+    std::ofstream f(file);
+    for (int i = 0; i < 300; ++i) f << " word";
+  }
+  std::string input_path = testing::TempDir() + "/dsv4-cli-input3.txt";
+  std::ofstream(input_path) << "/read " << file << "\nHello world\n";
+  Ran r = run_dsv4("run -m '" + tiny_model() + "' -s '' --nothink -c 64 -n 2 --seed 3 < '" + input_path + "'", true);
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find("context full"), std::string::npos) << r.out;
+  // The failed turn left nothing behind: the next one starts from BOS (6 tokens, see OneShot).
+  EXPECT_EQ(status_numbers(r.out, "prompt"), std::vector<int>{6}) << r.out;
+}
+
 TEST(RunCli, MissingModelExplainsWhereToGetIt) {
   Ran r = run_dsv4("run -m /nonexistent/ds4flash.gguf -p hi", true);
   EXPECT_EQ(r.status, 1);
