@@ -147,6 +147,7 @@ struct Case {
   int n_experts = 0;  // > 0: MoE stack
   int n_slots = 1;
   int n_tokens = 1;
+  bool split = false;  // Q8_0 repacked to GemvLayout::Q8Split
 };
 
 struct Result {
@@ -162,14 +163,23 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   const int copies = moe ? 1 : int(std::clamp<int64_t>((256ll << 20) / std::max<int64_t>(stack_bytes, 1) + 1, 1, 64));
   DeviceArray<uint8_t> w(size_t(stack_bytes * copies));
   random_device_weights(c.type, w.get(), w.size(), 1234u);
+  const GemvLayout layout = c.split ? GemvLayout::Q8Split : GemvLayout::Ggml;
+  int64_t dev_stack_bytes = stack_bytes, dev_mat_bytes = mat_bytes;
+  if (c.split) {
+    dev_mat_bytes = c.rows * q8_split_row_bytes(c.cols);
+    dev_stack_bytes = moe ? dev_mat_bytes * c.n_experts : dev_mat_bytes;
+    DeviceArray<uint8_t> ws(size_t(dev_stack_bytes * copies));
+    q8_0_split_cuda(w.get(), c.rows * (moe ? c.n_experts : 1) * copies, c.cols, ws.get(), s);
+    w = std::move(ws);
+  }
   const int n_act = moe ? 1 : c.n_tokens;
   std::vector<float> hx(size_t(n_act * c.cols));
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
   for (auto& v : hx) v = nd(rng);
   DeviceArray<float> x{std::span<const float>(hx)};
-  DeviceArray<uint8_t> xq(size_t(n_act * gpu_activation_bytes(c.type, c.cols)));
-  quantize_activations_cuda(c.type, x.get(), n_act, c.cols, xq.get(), s);
+  DeviceArray<uint8_t> xq(size_t(n_act * gpu_activation_bytes(c.type, c.cols, layout)));
+  quantize_activations_cuda(c.type, x.get(), n_act, c.cols, xq.get(), s, layout);
   DeviceArray<float> y(size_t(c.n_slots * c.n_tokens * c.rows));
   constexpr int kIdSets = 40;
   std::vector<int32_t> hid;
@@ -182,10 +192,10 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
     for (int i = 0; i < n_launch; ++i) {
       GemvParams p;
       p.wtype = c.type, p.rows = c.rows, p.cols = c.cols, p.xq = xq.get(), p.n_tokens = c.n_tokens, p.y = y.get();
-      p.unroll = unroll, p.row_group = row_group, p.cta_warps = cta_warps;
-      p.w = w.get() + (moe ? 0 : i * stack_bytes);
+      p.unroll = unroll, p.row_group = row_group, p.cta_warps = cta_warps, p.layout = layout;
+      p.w = w.get() + (moe ? 0 : i * dev_stack_bytes);
       if (moe) {
-        p.expert_stride = mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
+        p.expert_stride = dev_mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
         p.act_slot_div = c.n_slots;
       }
       gemv_cuda(p, s);
@@ -286,6 +296,11 @@ int main(int argc, char** argv) {
         {"attn_q_b 1024->32768", QType::Q8_0, 32768, 1024},
         {"attn_out_b 8192->4096", QType::Q8_0, 4096, 8192},
         {"shexp_gate 4096->2048", QType::Q8_0, 2048, 4096},
+        {"split attn_q_a 4096->1024", QType::Q8_0, 1024, 4096, 0, 1, 1, true},
+        {"split attn_q_b 1024->32768", QType::Q8_0, 32768, 1024, 0, 1, 1, true},
+        {"split attn_out_b 8192->4096", QType::Q8_0, 4096, 8192, 0, 1, 1, true},
+        {"split shexp_gate 4096->2048", QType::Q8_0, 2048, 4096, 0, 1, 1, true},
+        {"split dense 4096->4096 T=8", QType::Q8_0, 4096, 4096, 0, 1, 8, true},
         {"compressor 4096->1024", QType::F16, 1024, 4096},
         {"hc_fn 16384->24", QType::F16, 24, 16384},
         {"moe_gate 6x(4096->2048)/256", QType::IQ2_XXS, 2048, 4096, 256, 6},
@@ -299,7 +314,10 @@ int main(int argc, char** argv) {
         {"iq2 4096->2048 T=8", QType::IQ2_XXS, 2048, 4096, 0, 1, 8},
         {"q2k 2048->4096 T=8", QType::Q2_K, 4096, 2048, 0, 1, 8},
     };
-    if (!quick) cases.push_back({"output 4096->129280", QType::Q8_0, 129280, 4096});
+    if (!quick) {
+      cases.push_back({"output 4096->129280", QType::Q8_0, 129280, 4096});
+      cases.push_back({"split output 4096->129280", QType::Q8_0, 129280, 4096, 0, 1, 1, true});
+    }
 
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
     if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec,best_u,best_r,best_w,best_us,best_gbs\n");

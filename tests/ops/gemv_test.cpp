@@ -56,21 +56,29 @@ void expect_close(const std::vector<float>& got, const std::vector<double>& ref,
   EXPECT_LE(e_max, 1e-4) << what;
 }
 
-void run_dense(QType t, int64_t rows, int64_t cols, int n_tokens, uint64_t seed) {
-  const std::string what = qtype_name(t) + " " + std::to_string(rows) + "x" + std::to_string(cols) + " T=" +
-                           std::to_string(n_tokens);
+void run_dense(QType t, int64_t rows, int64_t cols, int n_tokens, uint64_t seed,
+               cuda::GemvLayout layout = cuda::GemvLayout::Ggml) {
+  const bool split = layout == cuda::GemvLayout::Q8Split;
+  const std::string what = qtype_name(t) + (split ? " split " : " ") + std::to_string(rows) + "x" +
+                           std::to_string(cols) + " T=" + std::to_string(n_tokens);
   const auto w = test::random_weights(t, rows, cols, seed);
   const auto x = test::random_normal(size_t(n_tokens * cols), seed + 1);
   const auto act = prepare(t, x, n_tokens, cols);
 
   DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
+  if (split) {  // repack on the device, as the backend does at upload
+    DeviceArray<uint8_t> d_split(size_t(rows * cuda::q8_split_row_bytes(cols)));
+    cuda::q8_0_split_cuda(d_w.get(), rows, cols, d_split.get(), nullptr);
+    d_w = std::move(d_split);
+  }
   DeviceArray<float> d_x{std::span<const float>(x)};
-  DeviceArray<uint8_t> d_xq(size_t(n_tokens * cuda::gpu_activation_bytes(t, cols)));
+  DeviceArray<uint8_t> d_xq(size_t(n_tokens * cuda::gpu_activation_bytes(t, cols, layout)));
   DeviceArray<float> d_y(size_t(n_tokens * rows));
   d_y.fill_bytes(0xFF);  // NaN poison: every output must be written
-  cuda::quantize_activations_cuda(t, d_x.get(), n_tokens, cols, d_xq.get(), nullptr);
+  cuda::quantize_activations_cuda(t, d_x.get(), n_tokens, cols, d_xq.get(), nullptr, layout);
   cuda::GemvParams p;
   p.wtype = t, p.w = d_w.get(), p.rows = rows, p.cols = cols, p.xq = d_xq.get(), p.n_tokens = n_tokens;
+  p.layout = layout;
   p.y = d_y.get();
   cuda::gemv_cuda(p, nullptr);
   cuda::check(cudaDeviceSynchronize(), what.c_str());
@@ -98,6 +106,19 @@ TEST(CudaGemv, Q8_0_AttentionWidths) {
   run_dense(QType::Q8_0, 1024, 4096, 1, 101);   // wq_a: 4096 -> 1024
   run_dense(QType::Q8_0, 32768, 1024, 1, 102);  // wq_b: 1024 -> 64 x 512
   run_dense(QType::Q8_0, 4096, 8192, 1, 103);   // wo_b: 8 x 1024 -> 4096
+}
+
+// Q8_0 repacked into the split layout at upload: same values, same tolerance.
+TEST(CudaGemv, Q8_0_SplitLayout) {
+  DSV4_REQUIRE_CUDA();
+  const auto split = cuda::GemvLayout::Q8Split;
+  run_dense(QType::Q8_0, 1024, 4096, 1, 111, split);
+  run_dense(QType::Q8_0, 32768, 1024, 1, 112, split);
+  run_dense(QType::Q8_0, 4096, 8192, 3, 113, split);
+  run_dense(QType::Q8_0, 512, 4096, 13, 114, split);
+  cuda::GemvParams p;  // the split layout needs cols % 256 == 0
+  p.wtype = QType::Q8_0, p.rows = 4, p.cols = 96, p.layout = split;
+  EXPECT_THROW(cuda::gemv_cuda(p, nullptr), Error);
 }
 
 TEST(CudaGemv, Q2_K_Q4_K_IQ2_XXS_ExpertWidths) {

@@ -125,15 +125,29 @@ class CudaBackend final : public Backend {
   void download(T* host, const T* dev, size_t n) {
     cuda::check(cudaMemcpy(host, dev, n * sizeof(T), cudaMemcpyDeviceToHost), "cuda backend: download");
   }
+  // Q8_0 matrices whose width allows it are repacked to the split layout on upload (gemv.h: 16-byte loads).
+  static cuda::GemvLayout layout_for(const WeightView& w) {
+    return w.type == QType::Q8_0 && cuda::q8_split_supported(w.ne[0]) ? cuda::GemvLayout::Q8Split
+                                                                       : cuda::GemvLayout::Ggml;
+  }
   const uint8_t* weight(const WeightView& w) {
     if (!w.present()) fail("cuda backend: tensor '%s' is not bound", w.name);
     auto it = weights_.find(w.data);
     if (it == weights_.end()) {
       DeviceArray<uint8_t> d(w.n_bytes);
       cuda::check(cudaMemcpy(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice), w.name);
+      if (layout_for(w) == cuda::GemvLayout::Q8Split) {
+        const int64_t n_rows = w.ne[1] * (w.n_dims >= 3 ? w.ne[2] : 1);
+        DeviceArray<uint8_t> split(size_t(n_rows * cuda::q8_split_row_bytes(w.ne[0])));
+        cuda::q8_0_split_cuda(d.get(), n_rows, w.ne[0], split.get(), nullptr);
+        d = std::move(split);
+      }
       it = weights_.emplace(w.data, std::move(d)).first;
     }
     return it->second.get();
+  }
+  static int64_t device_row_bytes(const WeightView& w) {
+    return layout_for(w) == cuda::GemvLayout::Q8Split ? cuda::q8_split_row_bytes(w.ne[0]) : row_bytes(w.type, w.ne[0]);
   }
   const float* f32_weight(const WeightView& w) {
     if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());
@@ -157,11 +171,12 @@ class CudaBackend final : public Backend {
       cuda::check(cudaMemcpy(d_y, hy.data(), hy.size() * sizeof(float), cudaMemcpyHostToDevice), "upload");
       return;
     }
-    uint8_t* d_xq = act_buffer(size_t(T) * size_t(cuda::gpu_activation_bytes(w.type, cols)));
-    cuda::quantize_activations_cuda(w.type, d_x, T, cols, d_xq, nullptr);
+    const cuda::GemvLayout layout = layout_for(w);
+    uint8_t* d_xq = act_buffer(size_t(T) * size_t(cuda::gpu_activation_bytes(w.type, cols, layout)));
+    cuda::quantize_activations_cuda(w.type, d_x, T, cols, d_xq, nullptr, layout);
     cuda::GemvParams g;
-    g.wtype = w.type, g.rows = rows, g.cols = cols, g.xq = d_xq, g.n_tokens = T, g.y = d_y;
-    g.w = weight(w) + (expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(row_bytes(w.type, cols)));
+    g.wtype = w.type, g.layout = layout, g.rows = rows, g.cols = cols, g.xq = d_xq, g.n_tokens = T, g.y = d_y;
+    g.w = weight(w) + (expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w)));
     cuda::gemv_cuda(g, nullptr);
   }
   // Expert GEMV over slots: slot s = t*k + j uses expert d_ids[s] and activation row s / act_div.
@@ -171,10 +186,12 @@ class CudaBackend final : public Backend {
     if (!cuda::gemv_supports(w.type) || w.n_dims < 3)
       fail("cuda backend: expert tensor '%s' (%s) is not supported", w.name, qtype_name(w.type).c_str());
     const int n_act = n_slots / act_div;
-    uint8_t* d_xq = act_buffer(size_t(n_act) * size_t(cuda::gpu_activation_bytes(w.type, cols)));
-    cuda::quantize_activations_cuda(w.type, d_x, n_act, cols, d_xq, nullptr);
+    const cuda::GemvLayout layout = layout_for(w);
+    uint8_t* d_xq = act_buffer(size_t(n_act) * size_t(cuda::gpu_activation_bytes(w.type, cols, layout)));
+    cuda::quantize_activations_cuda(w.type, d_x, n_act, cols, d_xq, nullptr, layout);
     cuda::GemvParams g;
-    g.wtype = w.type, g.w = weight(w), g.rows = rows, g.cols = cols, g.expert_stride = rows * row_bytes(w.type, cols);
+    g.wtype = w.type, g.layout = layout, g.w = weight(w), g.rows = rows, g.cols = cols;
+    g.expert_stride = rows * device_row_bytes(w);
     g.expert_ids = d_ids, g.n_slots = n_slots, g.act_slot_div = act_div, g.xq = d_xq, g.y = d_y;
     cuda::gemv_cuda(g, nullptr);
   }

@@ -245,6 +245,47 @@ struct TraitsF32 {
   }
 };
 
+// Q8_0 repacked at upload (q8_0_split_cuda): row r = [cols int8 quants][cols/32 f16 scales], rows of
+// cols * 17/16 bytes (cols % 256 == 0 keeps every row 16-byte aligned). A lane takes 16 quants per step with one
+// 16-byte load instead of eight 16-bit loads from 34-byte blocks; activations use the matching split layout
+// ([cols int8][cols/32 f32 scales], the f32 being the CPU's f16 scale widened, so products are identical).
+struct TraitsQ8Split {
+  static constexpr int kTpb = 1;
+  static constexpr int kUnroll = 1;
+  static constexpr int kBlockElems = 16;
+  struct W {
+    int4 q;
+    float d;
+  };
+  __device__ static W load_split(const uint8_t* wrow, int64_t b, int64_t cols) {
+    const __half d = reinterpret_cast<const __half*>(wrow + cols)[b >> 1];
+    return {*reinterpret_cast<const int4*>(wrow + 16 * b), __half2float(d)};
+  }
+  __device__ static float dot_split(const W& w, const uint8_t* act, int64_t b, int64_t cols) {
+    const int4 a = *reinterpret_cast<const int4*>(act + 16 * b);
+    const float da = reinterpret_cast<const float*>(act + cols)[b >> 1];
+    int s = __dp4a(w.q.x, a.x, 0);
+    s = __dp4a(w.q.y, a.y, s);
+    s = __dp4a(w.q.z, a.z, s);
+    s = __dp4a(w.q.w, a.w, s);
+    return w.d * da * float(s);
+  }
+};
+
+template <class T>
+constexpr bool kIsSplit = std::is_same_v<T, TraitsQ8Split>;
+
+template <class T>
+int64_t weight_row_bytes(int64_t cols) {
+  if constexpr (kIsSplit<T>) return cols + cols / 16;
+  else return cols / T::kBlockElems * T::kBlockBytes;
+}
+template <class T>
+int64_t act_row_bytes_of(int64_t cols) {
+  if constexpr (kIsSplit<T>) return cols + cols / 8;
+  else return cols / T::kBlockElems * T::kActBlockBytes;
+}
+
 // ---- the kernel --------------------------------------------------------------------------------------------------
 template <class T>
 __device__ void load_iq2_tables(Iq2Smem* t) {
@@ -298,7 +339,10 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
       const int64_t b = b0 + u * stride;
       if (b < n_blocks)
 #pragma unroll
-        for (int r = 0; r < R; ++r) w[u][r] = T::load(wrow[r] + b * T::kBlockBytes, sub, tables);
+        for (int r = 0; r < R; ++r) {
+          if constexpr (kIsSplit<T>) w[u][r] = T::load_split(wrow[r], b, p.cols);
+          else w[u][r] = T::load(wrow[r] + b * T::kBlockBytes, sub, tables);
+        }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -308,7 +352,10 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
         for (int t = 0; t < NT; ++t)
 #pragma unroll
           for (int r = 0; r < R; ++r)
-            acc[r][t] += T::dot(w[u][r], act + t * act_row_bytes + b * T::kActBlockBytes, sub);
+          {
+            if constexpr (kIsSplit<T>) acc[r][t] += T::dot_split(w[u][r], act + t * act_row_bytes, b, p.cols);
+            else acc[r][t] += T::dot(w[u][r], act + t * act_row_bytes + b * T::kActBlockBytes, sub);
+          }
       }
     }
   }
@@ -340,8 +387,8 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
 
 template <class T, int NT, int U, int R>
 void launch(const GemvParams& p, cudaStream_t stream) {
-  const int64_t row_bytes = p.cols / T::kBlockElems * T::kBlockBytes;
-  const int64_t act_row_bytes = p.cols / T::kBlockElems * T::kActBlockBytes;
+  const int64_t row_bytes = weight_row_bytes<T>(p.cols);
+  const int64_t act_row_bytes = act_row_bytes_of<T>(p.cols);
   // Enough warps to fill the card (132 SMs x 64 resident warps ~ 8k): row groups are split across warps until
   // there are 8k warps, or 16 per group. Measured on H200 (wb_gemv): 4096 rows of 8192 Q8_0 columns ran at 35% of
   // the read bandwidth with one warp per row, because each warp walks its long row one dependent step at a time.
@@ -364,7 +411,7 @@ void launch_tuned(const GemvParams& p, cudaStream_t stream) {
   // Default rows per warp from the H200 sweep (wb_gemv): 4 for matrices of >= 16 MiB (one activation load feeds 4
   // rows; Q8_0 8192->4096: 52% of read bandwidth vs 47% with 2) and for Q2_K expert down projections, 1 for the
   // smaller ones (Q8_0 4096->1024: 4.7 us vs 5.6 us with 2).
-  const int64_t bytes = p.rows * (p.cols / T::kBlockElems) * T::kBlockBytes * p.n_slots;
+  const int64_t bytes = p.rows * weight_row_bytes<T>(p.cols) * p.n_slots;
   const int auto_r = (bytes >= (16ll << 20) || std::is_same_v<T, TraitsQ2_K>) ? 4 : 1;
   const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : auto_r;
 #define DSV4_GEMV_CASE(U_, R_) \
@@ -407,6 +454,37 @@ __global__ void quantize_q8_0_kernel(const float* x, int64_t n_blocks, block_q8_
   if (lane == 0) y[b].d = f32_to_f16(d);
 }
 
+// Q8_0 activations in the split layout of TraitsQ8Split: same rule as quantize_q8_0_kernel; the scale is stored
+// as the f32 value of its f16 rounding (what the CPU dot kernel multiplies by).
+__global__ void quantize_q8_0_split_kernel(const float* x, int64_t n_blocks, int64_t cols, uint8_t* y) {
+  const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (b >= n_blocks) return;
+  const int64_t nb = cols / kQK8_0, row = b / nb, j = b % nb;
+  const float v = x[b * kQK8_0 + lane];
+  const float amax = warp_max(fabsf(v));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  uint8_t* yr = y + row * (cols + cols / 8);
+  reinterpret_cast<int8_t*>(yr)[kQK8_0 * j + lane] = int8_t(roundf(v * id));
+  if (lane == 0) reinterpret_cast<float*>(yr + cols)[j] = f16_to_f32(f32_to_f16(d));
+}
+
+// 34-byte Q8_0 blocks -> split rows, one thread per block.
+__global__ void q8_0_split_kernel(const block_q8_0* src, int64_t n_blocks, int64_t cols, uint8_t* dst) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= n_blocks) return;
+  const int64_t nb = cols / kQK8_0, row = b / nb, j = b % nb;
+  uint8_t* dr = dst + row * (cols + cols / 16);
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(src[b].qs);
+  uint32_t w[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w[i] = uint32_t(q[2 * i]) | (uint32_t(q[2 * i + 1]) << 16);
+  reinterpret_cast<uint4*>(dr + kQK8_0 * j)[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  reinterpret_cast<uint4*>(dr + kQK8_0 * j)[1] = make_uint4(w[4], w[5], w[6], w[7]);
+  reinterpret_cast<uint16_t*>(dr + cols)[j] = src[b].d;
+}
+
 // Q8_K: one warp per 256-value block, 8 consecutive values per lane. Same rule as quant_q8_K: symmetric
 // [-127, 127], q = rint(x * 127/amax), d = amax/127, bsums over 16-value groups.
 __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, ActQ8K* y) {
@@ -444,7 +522,8 @@ __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, ActQ8K* y
 
 }  // namespace
 
-int64_t gpu_activation_bytes(QType wtype, int64_t cols) {
+int64_t gpu_activation_bytes(QType wtype, int64_t cols, GemvLayout layout) {
+  if (layout == GemvLayout::Q8Split) return cols + cols / 8;
   if (activation_type(wtype) == QType::Q8_K) return cols / kQK_K * int64_t(sizeof(ActQ8K));
   return activation_bytes(wtype, cols);
 }
@@ -462,6 +541,9 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
          qtype_name(p_in.wtype).c_str());
   if (p_in.n_slots < 1 || p_in.n_slots > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
     fail("gemv_cuda: bad slots=%d act_slot_div=%d n_tokens=%d", p_in.n_slots, p_in.act_slot_div, p_in.n_tokens);
+  if (p_in.layout == GemvLayout::Q8Split && (p_in.wtype != QType::Q8_0 || !q8_split_supported(p_in.cols)))
+    fail("gemv_cuda: the split layout needs Q8_0 weights and cols %% 256 == 0 (got %s, %lld)",
+         qtype_name(p_in.wtype).c_str(), (long long)p_in.cols);
   if (p_in.cta_warps != 0 && (p_in.cta_warps > kMaxWarpsPerCta || (p_in.cta_warps & (p_in.cta_warps - 1)) != 0))
     fail("gemv_cuda: cta_warps=%d must be a power of two <= %d", p_in.cta_warps, kMaxWarpsPerCta);
   if (p_in.expert_ids && p_in.n_tokens != 1) fail("gemv_cuda: the MoE variant takes one token per slot");
@@ -469,12 +551,15 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
   for (int t0 = 0; t0 < p_in.n_tokens; t0 += kGemvMaxTokens) {
     GemvParams p = p_in;
     p.n_tokens = std::min(kGemvMaxTokens, p_in.n_tokens - t0);
-    p.xq = static_cast<const uint8_t*>(p_in.xq) + t0 * gpu_activation_bytes(p.wtype, p.cols);
+    p.xq = static_cast<const uint8_t*>(p_in.xq) + t0 * gpu_activation_bytes(p.wtype, p.cols, p.layout);
     p.y = p_in.y + int64_t(t0) * p.rows;
     // y rows of a chunk are [t][rows] with the chunk's own token count; only valid when n_slots == 1.
     if (p_in.n_tokens > kGemvMaxTokens && p_in.n_slots != 1) fail("gemv_cuda: > %d tokens needs n_slots == 1", kGemvMaxTokens);
     switch (p.wtype) {
-      case QType::Q8_0: launch_tokens<TraitsQ8_0>(p, stream); break;
+      case QType::Q8_0:
+        if (p.layout == GemvLayout::Q8Split) launch_tokens<TraitsQ8Split>(p, stream);
+        else launch_tokens<TraitsQ8_0>(p, stream);
+        break;
       case QType::Q2_K: launch_tokens<TraitsQ2_K>(p, stream); break;
       case QType::Q4_K: launch_tokens<TraitsQ4_K>(p, stream); break;
       case QType::IQ2_XXS: launch_tokens<TraitsIQ2_XXS>(p, stream); break;
@@ -485,11 +570,33 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
   }
 }
 
+bool q8_split_supported(int64_t cols) { return cols > 0 && cols % 256 == 0; }
+int64_t q8_split_row_bytes(int64_t cols) { return cols + cols / 16; }
+
+void q8_0_split_cuda(const void* src, int64_t n_rows, int64_t cols, void* dst, cudaStream_t stream) {
+  if (!q8_split_supported(cols)) fail("q8_0_split_cuda: cols=%lld is not a multiple of 256", (long long)cols);
+  const int64_t n_blocks = n_rows * cols / kQK8_0;
+  if (n_blocks <= 0) return;
+  constexpr int kThreads = 256;
+  q8_0_split_kernel<<<unsigned((n_blocks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      static_cast<const block_q8_0*>(src), n_blocks, cols, static_cast<uint8_t*>(dst));
+  check_launch("q8_0_split_kernel");
+}
+
 void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int64_t cols, void* xq,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, GemvLayout layout) {
   const QType at = activation_type(wtype);
   if (n_rows <= 0) return;
   constexpr int kThreads = 256;
+  if (layout == GemvLayout::Q8Split) {
+    if (wtype != QType::Q8_0 || !q8_split_supported(cols))
+      fail("quantize_activations_cuda: split layout needs Q8_0 and cols %% 256 == 0, got %lld", (long long)cols);
+    const int64_t n_blocks = n_rows * cols / kQK8_0;
+    quantize_q8_0_split_kernel<<<unsigned((n_blocks * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        x, n_blocks, cols, static_cast<uint8_t*>(xq));
+    check_launch("quantize_q8_0_split_kernel");
+    return;
+  }
   if (at == QType::F32) {
     check(cudaMemcpyAsync(xq, x, size_t(n_rows * cols) * sizeof(float), cudaMemcpyDeviceToDevice, stream),
           "quantize_activations_cuda: copy");
