@@ -24,7 +24,7 @@ namespace {
 
 constexpr int64_t kRows = 4096, kCols = 4096, kSeedRows = 16;
 
-const QType kTypes[] = {QType::F32, QType::F16,  QType::BF16,    QType::FP8_E4M3, QType::Q8_0,
+const QType kTypes[] = {QType::F32,  QType::F16,  QType::BF16,    QType::FP8_E4M3, QType::Q8_0,
                         QType::Q4_K, QType::Q2_K, QType::IQ2_XXS, QType::MXFP4};
 
 struct Matrix {
@@ -76,7 +76,8 @@ void BM_gemv(benchmark::State& state) {
   }
   const double bytes = double(m.bytes.size());
   state.SetBytesProcessed(int64_t(bytes) * state.iterations());
-  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["GB/s"] =
+      benchmark::Counter(bytes * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
   state.SetLabel(qtype_name(t) + "/" + simd_name(level) + "/t" + std::to_string(threads));
   set_simd_level(simd_supported());
 }
@@ -94,8 +95,8 @@ void BM_quantize(benchmark::State& state) {
     quantize_row(t, x.data(), q.data(), n);
     benchmark::DoNotOptimize(q.data());
   }
-  state.counters["Mvalues/s"] = benchmark::Counter(double(n) * 1e-6 * double(state.iterations()),
-                                                   benchmark::Counter::kIsRate);
+  state.counters["Mvalues/s"] =
+      benchmark::Counter(double(n) * 1e-6 * double(state.iterations()), benchmark::Counter::kIsRate);
   state.SetLabel(qtype_name(t));
 }
 

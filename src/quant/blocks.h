@@ -18,15 +18,15 @@
 namespace dsv4 {
 
 // ---- block sizes ---------------------------------------------------------------------------------------
-inline constexpr int kQK8_0 = 32;    // Q8_0 values per block
-inline constexpr int kQK_K = 256;    // K-quant / IQ super-block
-inline constexpr int kQKMXFP4 = 32;  // MXFP4 values per block (one E8M0 scale)
+inline constexpr int kQK8_0 = 32;          // Q8_0 values per block
+inline constexpr int kQK_K = 256;          // K-quant / IQ super-block
+inline constexpr int kQKMXFP4 = 32;        // MXFP4 values per block (one E8M0 scale)
 inline constexpr int kFp8BlockRows = 128;  // official FP8 checkpoints: one E8M0 scale per 128x128 tile
 inline constexpr int kFp8BlockCols = 128;
 
 // Q8_0: x = d * q.
 struct block_q8_0 {
-  uint16_t d;           // f16 scale
+  uint16_t d;  // f16 scale
   int8_t qs[kQK8_0];
 };
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
@@ -97,7 +97,8 @@ DSV4_HD inline float f32_from_bits(uint32_t u) {
 #endif
 }
 
-// ---- IEEE half ---------------------------------------------------------------------------------------------
+// ---- IEEE half
+// ---------------------------------------------------------------------------------------------
 DSV4_HD inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1Fu;
@@ -121,7 +122,7 @@ DSV4_HD inline uint16_t f32_to_f16(float f) {
   const uint32_t ax = x & 0x7FFFFFFFu;
   if (ax > 0x7F800000u) return uint16_t(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));  // NaN
   if (ax >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // >= 65520 rounds to inf (or is inf)
-  if (ax >= 0x38800000u) {  // normal half range (>= 2^-14)
+  if (ax >= 0x38800000u) {                                 // normal half range (>= 2^-14)
     const uint32_t mant_odd = (ax >> 13) & 1u;
     const uint32_t r = ax + 0xFFFu + mant_odd;  // RNE on the 13 dropped bits
     return uint16_t(sign | ((r - 0x38000000u) >> 13));
@@ -138,16 +139,20 @@ DSV4_HD inline uint16_t f32_to_f16(float f) {
   return uint16_t(sign | q);
 }
 
-// ---- bfloat16 -----------------------------------------------------------------------------------------------
-DSV4_HD inline float bf16_to_f32(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); }
+// ---- bfloat16
+// -----------------------------------------------------------------------------------------------
+DSV4_HD inline float bf16_to_f32(uint16_t h) {
+  return f32_from_bits(uint32_t(h) << 16);
+}
 DSV4_HD inline uint16_t f32_to_bf16(float f) {
   const uint32_t x = f32_bits(f);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((x >> 16) | 0x40u);  // quiet NaN
   return uint16_t((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 
-// ---- E8M0 (power-of-two scale) ------------------------------------------------------------------------------
-// 2^(e-127). e = 0 is 2^-127 (an f32 subnormal); e = 255 gives +inf as in ggml (OCP MX calls it NaN).
+// ---- E8M0 (power-of-two scale)
+// ------------------------------------------------------------------------------ 2^(e-127). e = 0 is 2^-127
+// (an f32 subnormal); e = 255 gives +inf as in ggml (OCP MX calls it NaN).
 DSV4_HD inline float e8m0_to_f32(uint8_t e) {
   return f32_from_bits(e == 0 ? 0x00400000u : uint32_t(e) << 23);
 }
@@ -171,8 +176,9 @@ DSV4_HD inline uint8_t f32_to_e8m0(float f) {
   return uint8_t(e);
 }
 
-// ---- FP4 E2M1 ------------------------------------------------------------------------------------------------
-// Code -> value: [0, .5, 1, 1.5, 2, 3, 4, 6] for codes 0..7, bit 3 is the sign.
+// ---- FP4 E2M1
+// ------------------------------------------------------------------------------------------------ Code ->
+// value: [0, .5, 1, 1.5, 2, 3, 4, 6] for codes 0..7, bit 3 is the sign.
 DSV4_HD inline float e2m1_to_f32(uint8_t code) {
   const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
   const float v = mag[code & 7];
@@ -183,18 +189,27 @@ DSV4_HD inline uint8_t f32_to_e2m1(float f) {
   const uint8_t sign = (f32_bits(f) >> 31) ? 8 : 0;
   const float a = f < 0 ? -f : f;
   uint8_t c;
-  if (!(a > 0.25f)) c = 0;        // also NaN
-  else if (a < 0.75f) c = 1;
-  else if (a <= 1.25f) c = 2;     // tie 1.25 -> 1.0 (code 2, even)
-  else if (a < 1.75f) c = 3;
-  else if (a <= 2.5f) c = 4;      // tie 2.5 -> 2 (code 4)
-  else if (a < 3.5f) c = 5;
-  else if (a <= 5.0f) c = 6;      // tie 5 -> 4 (code 6)
-  else c = 7;
+  if (!(a > 0.25f))
+    c = 0;  // also NaN
+  else if (a < 0.75f)
+    c = 1;
+  else if (a <= 1.25f)
+    c = 2;  // tie 1.25 -> 1.0 (code 2, even)
+  else if (a < 1.75f)
+    c = 3;
+  else if (a <= 2.5f)
+    c = 4;  // tie 2.5 -> 2 (code 4)
+  else if (a < 3.5f)
+    c = 5;
+  else if (a <= 5.0f)
+    c = 6;  // tie 5 -> 4 (code 6)
+  else
+    c = 7;
   return uint8_t(sign | c);  // negative values that round to 0 keep the sign (code 8 = -0)
 }
 
-// ---- FP8 E4M3 (e4m3fn: bias 7, no inf, 0x7F/0xFF = NaN, max 448) -------------------------------------------
+// ---- FP8 E4M3 (e4m3fn: bias 7, no inf, 0x7F/0xFF = NaN, max 448)
+// -------------------------------------------
 DSV4_HD inline float fp8_e4m3_to_f32(uint8_t b) {
   const uint32_t sign = uint32_t(b & 0x80u) << 24;
   const uint32_t exp = (b >> 3) & 0xFu;
@@ -212,10 +227,10 @@ DSV4_HD inline uint8_t f32_to_fp8_e4m3(float f) {
   const uint8_t sign = uint8_t((x >> 24) & 0x80u);
   const uint32_t ax = x & 0x7FFFFFFFu;
   if (ax > 0x7F800000u) return uint8_t(sign | 0x7Fu);
-  if (ax >= 0x43E00000u) return uint8_t(sign | 0x7Eu);  // >= 448 (incl. inf) saturates
-  if (ax >= 0x3C800000u) {  // normal e4m3 range (>= 2^-6)
+  if (ax >= 0x43E00000u) return uint8_t(sign | 0x7Eu);     // >= 448 (incl. inf) saturates
+  if (ax >= 0x3C800000u) {                                 // normal e4m3 range (>= 2^-6)
     const uint32_t r = ax + 0x7FFFFu + ((ax >> 20) & 1u);  // RNE on the 20 dropped bits
-    const uint32_t v = (r - 0x3C000000u) >> 20;             // rebias 127 -> 7
+    const uint32_t v = (r - 0x3C000000u) >> 20;            // rebias 127 -> 7
     return uint8_t(sign | (v > 0x7Eu ? 0x7Eu : v));
   }
   // Subnormal: quantum 2^-9. Values < 2^-10 round to 0 (2^-10 ties to even = 0).
@@ -226,8 +241,9 @@ DSV4_HD inline uint8_t f32_to_fp8_e4m3(float f) {
   return uint8_t(sign | q);  // q may reach 8 = smallest normal (exp 1, mant 0): still correct bits
 }
 
-// ---- helpers for the packed K-quant scales ------------------------------------------------------------------
-// Sub-block j (0..7) of a Q4_K block: 6-bit scale and 6-bit min.
+// ---- helpers for the packed K-quant scales
+// ------------------------------------------------------------------ Sub-block j (0..7) of a Q4_K block:
+// 6-bit scale and 6-bit min.
 DSV4_HD inline void q4k_scale_min(int j, const uint8_t* s, uint8_t* sc, uint8_t* mn) {
   if (j < 4) {
     *sc = s[j] & 63;

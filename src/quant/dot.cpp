@@ -32,11 +32,16 @@ SimdLevel initial_level() {
   SimdLevel best = detect_simd();
   if (const char* env = std::getenv("DSV4_SIMD")) {
     SimdLevel want = best;
-    if (std::strcmp(env, "scalar") == 0) want = SimdLevel::Scalar;
-    else if (std::strcmp(env, "avx2") == 0) want = SimdLevel::AVX2;
-    else if (std::strcmp(env, "avx512") == 0) want = SimdLevel::AVX512;
-    else fail("quant: DSV4_SIMD=%s: expected scalar, avx2 or avx512", env);
-    if (int(want) > int(best)) fail("quant: DSV4_SIMD=%s: this CPU supports at most %s", env, simd_name(best));
+    if (std::strcmp(env, "scalar") == 0)
+      want = SimdLevel::Scalar;
+    else if (std::strcmp(env, "avx2") == 0)
+      want = SimdLevel::AVX2;
+    else if (std::strcmp(env, "avx512") == 0)
+      want = SimdLevel::AVX512;
+    else
+      fail("quant: DSV4_SIMD=%s: expected scalar, avx2 or avx512", env);
+    if (int(want) > int(best))
+      fail("quant: DSV4_SIMD=%s: this CPU supports at most %s", env, simd_name(best));
     best = want;
   }
   return best;
@@ -54,17 +59,36 @@ qd::DotFn pick(QType w) {
     const qd::DotTable& t = *tables[l];
     qd::DotFn f = nullptr;
     switch (w) {
-      case QType::F32: f = t.f32; break;
-      case QType::F16: f = t.f16; break;
-      case QType::BF16: f = t.bf16; break;
-      case QType::FP8_E4M3: f = t.fp8; break;
-      case QType::Q8_0: f = t.q8_0; break;
-      case QType::MXFP4: f = t.mxfp4; break;
-      case QType::Q2_K: f = t.q2_K; break;
-      case QType::Q4_K: f = t.q4_K; break;
-      case QType::IQ2_XXS: f = t.iq2_xxs; break;
+      case QType::F32:
+        f = t.f32;
+        break;
+      case QType::F16:
+        f = t.f16;
+        break;
+      case QType::BF16:
+        f = t.bf16;
+        break;
+      case QType::FP8_E4M3:
+        f = t.fp8;
+        break;
+      case QType::Q8_0:
+        f = t.q8_0;
+        break;
+      case QType::MXFP4:
+        f = t.mxfp4;
+        break;
+      case QType::Q2_K:
+        f = t.q2_K;
+        break;
+      case QType::Q4_K:
+        f = t.q4_K;
+        break;
+      case QType::IQ2_XXS:
+        f = t.iq2_xxs;
+        break;
       case QType::Q8_K:
-      case QType::I32: fail("quant: no dot product for %s weights", qtype_name(w).c_str());
+      case QType::I32:
+        fail("quant: no dot product for %s weights", qtype_name(w).c_str());
     }
     if (f) return f;
   }
@@ -82,17 +106,23 @@ SimdLevel simd_supported() {
   static const SimdLevel s = detect_simd();
   return s;
 }
-SimdLevel simd_level() { return SimdLevel(level_ref().load()); }
+SimdLevel simd_level() {
+  return SimdLevel(level_ref().load());
+}
 void set_simd_level(SimdLevel level) {
   if (int(level) > int(simd_supported()))
-    fail("quant: set_simd_level(%s): this CPU supports at most %s", simd_name(level), simd_name(simd_supported()));
+    fail("quant: set_simd_level(%s): this CPU supports at most %s", simd_name(level),
+         simd_name(simd_supported()));
   level_ref().store(int(level));
 }
 const char* simd_name(SimdLevel level) {
   switch (level) {
-    case SimdLevel::Scalar: return "scalar";
-    case SimdLevel::AVX2: return "avx2";
-    case SimdLevel::AVX512: return "avx512";
+    case SimdLevel::Scalar:
+      return "scalar";
+    case SimdLevel::AVX2:
+      return "avx2";
+    case SimdLevel::AVX512:
+      return "avx512";
   }
   return "?";
 }
@@ -102,19 +132,25 @@ QType activation_type(QType w) {
     case QType::F32:
     case QType::F16:
     case QType::BF16:
-    case QType::FP8_E4M3: return QType::F32;
+    case QType::FP8_E4M3:
+      return QType::F32;
     case QType::Q8_0:
-    case QType::MXFP4: return QType::Q8_0;
+    case QType::MXFP4:
+      return QType::Q8_0;
     case QType::Q2_K:
     case QType::Q4_K:
-    case QType::IQ2_XXS: return QType::Q8_K;
+    case QType::IQ2_XXS:
+      return QType::Q8_K;
     case QType::Q8_K:
-    case QType::I32: break;
+    case QType::I32:
+      break;
   }
   fail("quant: %s is not a weight type with a dot kernel", qtype_name(w).c_str());
 }
 
-int64_t activation_bytes(QType w, int64_t n) { return row_bytes(activation_type(w), n); }
+int64_t activation_bytes(QType w, int64_t n) {
+  return row_bytes(activation_type(w), n);
+}
 
 void quantize_activation(QType w, const float* x, void* xq, int64_t n) {
   const QType a = activation_type(w);
@@ -122,7 +158,9 @@ void quantize_activation(QType w, const float* x, void* xq, int64_t n) {
   quantize_row(a, x, xq, n);
 }
 
-DotKernel dot_kernel(QType w) { return pick(w); }
+DotKernel dot_kernel(QType w) {
+  return pick(w);
+}
 
 float vec_dot(QType w, const void* wrow, const void* xq, int64_t n) {
   (void)row_bytes(w, n);
@@ -150,7 +188,8 @@ void matmul(QType w, const void* W, int64_t rows, int64_t cols, const float* X, 
     act = reinterpret_cast<const uint8_t*>(X);
   } else {
     scratch.resize(size_t(arb * n_tokens));
-    for (int64_t t = 0; t < n_tokens; ++t) quantize_row(activation_type(w), X + t * cols, scratch.data() + t * arb, cols);
+    for (int64_t t = 0; t < n_tokens; ++t)
+      quantize_row(activation_type(w), X + t * cols, scratch.data() + t * arb, cols);
     act = scratch.data();
   }
   ThreadPool& tp = pool ? *pool : default_thread_pool();

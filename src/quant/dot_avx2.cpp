@@ -86,7 +86,8 @@ DSV4_AVX2 float dot_bf16(const void* w, const void* a, int64_t n) {
   for (; i + 16 <= n; i += 16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     // bf16 -> f32 is a 16-bit left shift: widen each half of the 16 values.
-    const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+    const __m256 w0 =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
     const __m256 w1 =
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
     acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(y + i), acc0);
@@ -163,7 +164,8 @@ DSV4_AVX2 float dot_q2_K(const void* w, const void* a, int64_t n) {
   const __m128i m4 = _mm_set1_epi8(0x0F);
   // pshufb control giving int16 lanes 0..7 = scale byte j and lanes 8..15 = byte j+1 (0x80 = zero byte);
   // adding j to every lane selects sub-blocks j, j+1.
-  const __m256i ctrl_base = _mm256_set_m128i(_mm_set1_epi16(int16_t(0x8001)), _mm_set1_epi16(int16_t(0x8000)));
+  const __m256i ctrl_base =
+      _mm256_set_m128i(_mm_set1_epi16(int16_t(0x8001)), _mm_set1_epi16(int16_t(0x8000)));
   float s = 0;
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     const __m256i sc = _mm256_broadcastsi128_si256(
@@ -215,16 +217,18 @@ DSV4_AVX2 float dot_iq2_xxs(const void* w, const void* a, int64_t n) {
       uint32_t a0, a1;
       std::memcpy(&a0, x[b].qs + 4 * gi, 4);
       std::memcpy(&a1, x[b].qs + 4 * gi + 2, 4);
-      const __m256i grid = _mm256_setr_epi64x(int64_t(iq2xxs_grid[a0 & 255]), int64_t(iq2xxs_grid[(a0 >> 8) & 255]),
-                                              int64_t(iq2xxs_grid[(a0 >> 16) & 255]),
-                                              int64_t(iq2xxs_grid[a0 >> 24]));
-      const __m256i sg = _mm256_setr_epi64x(int64_t(signs[a1 & 127]), int64_t(signs[(a1 >> 7) & 127]),
-                                            int64_t(signs[(a1 >> 14) & 127]), int64_t(signs[(a1 >> 21) & 127]));
+      const __m256i grid =
+          _mm256_setr_epi64x(int64_t(iq2xxs_grid[a0 & 255]), int64_t(iq2xxs_grid[(a0 >> 8) & 255]),
+                             int64_t(iq2xxs_grid[(a0 >> 16) & 255]), int64_t(iq2xxs_grid[a0 >> 24]));
+      const __m256i sg =
+          _mm256_setr_epi64x(int64_t(signs[a1 & 127]), int64_t(signs[(a1 >> 7) & 127]),
+                             int64_t(signs[(a1 >> 14) & 127]), int64_t(signs[(a1 >> 21) & 127]));
       // Weight signs moved onto the activations (|y| <= 127, so negation cannot overflow).
       const __m256i yv =
           _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 32 * gi)), sg);
       // Pair sums (|.| <= 2*43*127) times the odd group scale (<= 31) in one madd.
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(grid, yv), _mm256_set1_epi16(int16_t(2 * (a1 >> 28) + 1)));
+      const __m256i p =
+          _mm256_madd_epi16(_mm256_maddubs_epi16(grid, yv), _mm256_set1_epi16(int16_t(2 * (a1 >> 28) + 1)));
       acc = _mm256_add_epi32(acc, p);
     }
     s += 0.125f * f16_to_f32(x[b].d) * y[b].d * float(hsum_i32(acc));

@@ -70,8 +70,8 @@ DSV4_AVX512 float dot_bf16(const void* w, const void* a, int64_t n) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512 w0 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16));
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16));
     const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 16))), 16));
     acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(y + i), acc0);
@@ -107,8 +107,7 @@ DSV4_AVX512 float dot_q8_0(const void* w, const void* a, int64_t n) {
     const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs));
     const __m512i p = dot_s8(_mm512_zextsi256_si512(qx), _mm512_zextsi256_si512(qy));
     // Upper half of the cast is undefined: reduce only the low 8 lanes.
-    s += f16_to_f32(x[b].d) * f16_to_f32(y[b].d) *
-         float(_mm512_mask_reduce_add_epi32(__mmask16(0x00FF), p));
+    s += f16_to_f32(x[b].d) * f16_to_f32(y[b].d) * float(_mm512_mask_reduce_add_epi32(__mmask16(0x00FF), p));
   }
   return s;
 }
@@ -147,7 +146,7 @@ DSV4_AVX512 float dot_q4_K(const void* w, const void* a, int64_t n) {
     for (int c = 0; c < 4; c += 2) {
       // Chunks c and c+1: 64 packed bytes -> 4 sub-blocks (2c, 2c+1, 2c+2, 2c+3).
       const __m512i q = _mm512_loadu_si512(x[b].qs + 32 * c);
-      const __m512i ql = _mm512_and_si512(q, m4);                         // sub-blocks 2c | 2c+2
+      const __m512i ql = _mm512_and_si512(q, m4);                        // sub-blocks 2c | 2c+2
       const __m512i qh = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);  // sub-blocks 2c+1 | 2c+3
       const __m512i y_lo = _mm512_inserti64x4(
           _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c))),
@@ -156,7 +155,8 @@ DSV4_AVX512 float dot_q4_K(const void* w, const void* a, int64_t n) {
           _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c + 32))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 64 * c + 96)), 1);
       // Scales as int16 folded into the pair-sum madd (pair sums <= 3810, scales <= 63).
-      const __m512i s_lo = _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 2]), 1);
+      const __m512i s_lo =
+          _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 2]), 1);
       const __m512i s_hi =
           _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * c + 1]), _mm256_set1_epi16(sc[2 * c + 3]), 1);
       sumq = _mm512_add_epi32(sumq, _mm512_madd_epi16(_mm512_maddubs_epi16(ql, y_lo), s_lo));
@@ -164,7 +164,8 @@ DSV4_AVX512 float dot_q4_K(const void* w, const void* a, int64_t n) {
     }
     int32_t summ = 0;
     for (int j = 0; j < 8; ++j) summ += int32_t(mn[j]) * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
-    s += y[b].d * (f16_to_f32(x[b].d) * float(_mm512_reduce_add_epi32(sumq)) - f16_to_f32(x[b].dmin) * float(summ));
+    s += y[b].d *
+         (f16_to_f32(x[b].d) * float(_mm512_reduce_add_epi32(sumq)) - f16_to_f32(x[b].dmin) * float(summ));
   }
   return s;
 }
@@ -176,7 +177,8 @@ DSV4_AVX512 float dot_q2_K(const void* w, const void* a, int64_t n) {
   const __m128i m4 = _mm_set1_epi8(0x0F);
   // pshufb control per 128-bit lane: int16 = scale byte {0, 1, 8, 9} (+2sh below), high byte zeroed (0x80).
   const __m512i ctrl_base = _mm512_inserti64x4(
-      _mm512_zextsi256_si512(_mm256_set_m128i(_mm_set1_epi16(int16_t(0x8001)), _mm_set1_epi16(int16_t(0x8000)))),
+      _mm512_zextsi256_si512(
+          _mm256_set_m128i(_mm_set1_epi16(int16_t(0x8001)), _mm_set1_epi16(int16_t(0x8000)))),
       _mm256_set_m128i(_mm_set1_epi16(int16_t(0x8009)), _mm_set1_epi16(int16_t(0x8008))), 1);
   float s = 0;
   for (int64_t b = 0; b < n / kQK_K; ++b) {
@@ -191,12 +193,14 @@ DSV4_AVX512 float dot_q2_K(const void* w, const void* a, int64_t n) {
           _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 32 * sh))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs + 128 + 32 * sh)), 1);
       // 128-bit lane k of the products covers sub-block {2sh, 2sh+1, 8+2sh, 9+2sh}[k].
-      const __m512i scale = _mm512_shuffle_epi8(sc, _mm512_add_epi16(ctrl_base, _mm512_set1_epi16(int16_t(2 * sh))));
+      const __m512i scale =
+          _mm512_shuffle_epi8(sc, _mm512_add_epi16(ctrl_base, _mm512_set1_epi16(int16_t(2 * sh))));
       sumq = _mm512_add_epi32(sumq, _mm512_madd_epi16(_mm512_maddubs_epi16(qv, yv), scale));
     }
     int32_t summ = 0;
     for (int j = 0; j < 16; ++j) summ += int32_t(x[b].scales[j] >> 4) * y[b].bsums[j];
-    s += y[b].d * (f16_to_f32(x[b].d) * float(_mm512_reduce_add_epi32(sumq)) - f16_to_f32(x[b].dmin) * float(summ));
+    s += y[b].d *
+         (f16_to_f32(x[b].d) * float(_mm512_reduce_add_epi32(sumq)) - f16_to_f32(x[b].dmin) * float(summ));
   }
   return s;
 }

@@ -2,8 +2,9 @@
 //
 // Source: ggml-org/llama.cpp, ggml/src/ggml-common.h (tables `iq2xxs_grid`, `ksigns_iq2xs`, `kmask_iq2xs`),
 // MIT licence. The grid is copied verbatim (256 x uint64, each byte one magnitude from {0x08, 0x19, 0x2b} =
-// {8, 25, 43}, byte k = element k of the 8-value tuple). ksigns_iq2xs is not copied: entry i is i plus an even-
-// parity eighth bit, which ksigns() below computes (the unit tests compare it with sampled ggml entries).
+// {8, 25, 43}, byte k = element k of the 8-value tuple). ksigns_iq2xs is not copied: entry i is i plus an
+// even-parity eighth bit, which ksigns_iq2xs() below computes (the unit tests compare it with sampled ggml
+// entries).
 //
 // Under nvcc the arrays become __device__ constants (device code can read them; host code in a .cu file
 // should include the header from a .cpp instead); elsewhere they are ordinary constexpr arrays.
@@ -21,6 +22,7 @@ namespace dsv4 {
 #define DSV4_QUANT_TABLE inline constexpr
 #endif
 
+// clang-format off
 DSV4_QUANT_TABLE uint64_t iq2xxs_grid[256] = {
     0x0808080808080808, 0x080808080808082b, 0x0808080808081919, 0x0808080808082b08,
     0x0808080808082b2b, 0x0808080808190819, 0x0808080808191908, 0x08080808082b0808,
@@ -87,6 +89,7 @@ DSV4_QUANT_TABLE uint64_t iq2xxs_grid[256] = {
     0x2b2b08080808082b, 0x2b2b080819190808, 0x2b2b08082b081919, 0x2b2b081908082b19,
     0x2b2b082b08080808, 0x2b2b190808192b08, 0x2b2b2b0819190808, 0x2b2b2b1908081908,
 };
+// clang-format on
 
 // 7-bit sign code -> 8 sign bits (bit k set = element k negative); bit 7 makes the count of negatives even.
 DSV4_HD inline constexpr uint8_t ksigns_iq2xs(uint32_t code) {

@@ -15,7 +15,8 @@ void dequant_q8_K(const block_q8_K* x, float* y, int64_t n);
 void dequant_iq2_xxs(const block_iq2_xxs* x, float* y, int64_t n);
 void dequant_mxfp4(const block_mxfp4* x, float* y, int64_t n);
 
-// ---- reference quantizers ----------------------------------------------------------------------------------
+// ---- reference quantizers
+// ----------------------------------------------------------------------------------
 void quant_q8_0(const float* x, block_q8_0* y, int64_t n);
 void quant_q8_K(const float* x, block_q8_K* y, int64_t n);
 void quant_q2_K(const float* x, block_q2_K* y, int64_t n, const float* importance);
@@ -24,8 +25,9 @@ void quant_mxfp4(const float* x, block_mxfp4* y, int64_t n);
 // importance must be non-null here (the public entry supplies the x^2 fallback).
 void quant_iq2_xxs(const float* x, block_iq2_xxs* y, int64_t n, const float* importance);
 
-// ---- dot kernels: one table per ISA --------------------------------------------------------------------------
-// Weight row `w` (n values of the weight type) against activations `a` in activation_type() format.
+// ---- dot kernels: one table per ISA
+// -------------------------------------------------------------------------- Weight row `w` (n values of the
+// weight type) against activations `a` in activation_type() format.
 using DotFn = float (*)(const void* w, const void* a, int64_t n);
 
 struct DotTable {

@@ -21,7 +21,9 @@ namespace dsv4::quant_detail {
 
 namespace {
 
-inline uint8_t grid_byte(int index, int k) { return uint8_t(iq2xxs_grid[index] >> (8 * k)); }
+inline uint8_t grid_byte(int index, int k) {
+  return uint8_t(iq2xxs_grid[index] >> (8 * k));
+}
 
 // Candidate search. Each of the 8 magnitudes has 3 levels, so a tuple rounded level by level is one of
 // 3^8 = 6561 points; 256 of them are grid entries. For every point we precompute the kNeighbours grid entries
@@ -33,7 +35,7 @@ constexpr int kNeighbours = 24;
 constexpr float kLevels[3] = {8.0f, 25.0f, 43.0f};
 
 struct SearchTables {
-  int16_t on_grid[kPoints];                 // grid index or -1
+  int16_t on_grid[kPoints];                  // grid index or -1
   uint8_t neighbours[kPoints][kNeighbours];  // nearest grid entries, closest first
   float grid[256][8];                        // magnitudes as floats
 };
@@ -103,7 +105,7 @@ float best_grid(const float* ax, const float* w, float s, int* best) {
 }
 
 struct Group {
-  float ax[32];   // |x| after the parity fix (a flipped element keeps its magnitude, its sign is wrong)
+  float ax[32];  // |x| after the parity fix (a flipped element keeps its magnitude, its sign is wrong)
   float w[32];
   uint8_t sign_code[4];  // 7-bit codes
   float scale = 0;       // fitted group scale (before block quantization)

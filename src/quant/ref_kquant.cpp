@@ -13,7 +13,9 @@ namespace dsv4::quant_detail {
 
 namespace {
 
-int nearest_int(float v) { return int(std::lrintf(v)); }
+int nearest_int(float v) {
+  return int(std::lrintf(v));
+}
 
 // Weighted least-squares fit of x ~ a*q + b over one sub-block with q in [0, nmax], b <= 0 (the K-quant
 // "min" is stored as a non-negative number subtracted from every value). Tries a range of step sizes around
@@ -229,8 +231,7 @@ void quant_q4_K(const float* x, block_q4_K* y, int64_t n, const float* importanc
       y[b].scales[j + 8] = uint8_t((ls[j + 4] & 15) | ((lm[j + 4] & 15) << 4));
     }
     for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < 32; ++l)
-        y[b].qs[32 * c + l] = uint8_t(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
+      for (int l = 0; l < 32; ++l) y[b].qs[32 * c + l] = uint8_t(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
   }
 }
 

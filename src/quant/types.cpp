@@ -38,17 +38,28 @@ constexpr TypeInfo kTypes[] = {
 // Constant-time lookup (vec_dot checks sizes on every call, so this sits on the per-row path).
 constexpr const TypeInfo* find_type(uint32_t id) {
   switch (QType(id)) {
-    case QType::F32: return &kTypes[0];
-    case QType::F16: return &kTypes[1];
-    case QType::Q8_0: return &kTypes[2];
-    case QType::Q2_K: return &kTypes[3];
-    case QType::Q4_K: return &kTypes[4];
-    case QType::Q8_K: return &kTypes[5];
-    case QType::IQ2_XXS: return &kTypes[6];
-    case QType::I32: return &kTypes[7];
-    case QType::BF16: return &kTypes[8];
-    case QType::MXFP4: return &kTypes[9];
-    case QType::FP8_E4M3: return &kTypes[10];
+    case QType::F32:
+      return &kTypes[0];
+    case QType::F16:
+      return &kTypes[1];
+    case QType::Q8_0:
+      return &kTypes[2];
+    case QType::Q2_K:
+      return &kTypes[3];
+    case QType::Q4_K:
+      return &kTypes[4];
+    case QType::Q8_K:
+      return &kTypes[5];
+    case QType::IQ2_XXS:
+      return &kTypes[6];
+    case QType::I32:
+      return &kTypes[7];
+    case QType::BF16:
+      return &kTypes[8];
+    case QType::MXFP4:
+      return &kTypes[9];
+    case QType::FP8_E4M3:
+      return &kTypes[10];
   }
   return nullptr;
 }
@@ -80,7 +91,9 @@ std::string qtype_name(QType t) {
   return i ? std::string(i->name) : strfmt("QType(%u)", unsigned(t));
 }
 
-bool qtype_is_known(uint32_t id) { return id != uint32_t(QType::FP8_E4M3) && find_type(id) != nullptr; }
+bool qtype_is_known(uint32_t id) {
+  return id != uint32_t(QType::FP8_E4M3) && find_type(id) != nullptr;
+}
 
 QType qtype_from_id(uint32_t id) {
   // FP8_E4M3 has no GGUF id: a file claiming type 1000 is malformed, not FP8.
@@ -88,8 +101,12 @@ QType qtype_from_id(uint32_t id) {
   return QType(id);
 }
 
-int64_t block_elems(QType t) { return info(t).elems; }
-int64_t block_bytes(QType t) { return info(t).bytes; }
+int64_t block_elems(QType t) {
+  return info(t).elems;
+}
+int64_t block_bytes(QType t) {
+  return info(t).bytes;
+}
 
 int64_t row_bytes(QType t, int64_t n) {
   check_count(t, n, "row");
@@ -99,7 +116,9 @@ int64_t row_bytes(QType t, int64_t n) {
 void dequantize_row(QType t, const void* src, float* dst, int64_t n) {
   check_count(t, n, "dequantize_row");
   switch (t) {
-    case QType::F32: std::memcpy(dst, src, size_t(n) * 4); return;
+    case QType::F32:
+      std::memcpy(dst, src, size_t(n) * 4);
+      return;
     case QType::F16: {
       const auto* s = static_cast<const uint16_t*>(src);
       for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
@@ -115,13 +134,26 @@ void dequantize_row(QType t, const void* src, float* dst, int64_t n) {
       for (int64_t i = 0; i < n; ++i) dst[i] = fp8_e4m3_to_f32(s[i]);
       return;
     }
-    case QType::Q8_0: qd::dequant_q8_0(static_cast<const block_q8_0*>(src), dst, n); return;
-    case QType::Q2_K: qd::dequant_q2_K(static_cast<const block_q2_K*>(src), dst, n); return;
-    case QType::Q4_K: qd::dequant_q4_K(static_cast<const block_q4_K*>(src), dst, n); return;
-    case QType::Q8_K: qd::dequant_q8_K(static_cast<const block_q8_K*>(src), dst, n); return;
-    case QType::IQ2_XXS: qd::dequant_iq2_xxs(static_cast<const block_iq2_xxs*>(src), dst, n); return;
-    case QType::MXFP4: qd::dequant_mxfp4(static_cast<const block_mxfp4*>(src), dst, n); return;
-    case QType::I32: break;
+    case QType::Q8_0:
+      qd::dequant_q8_0(static_cast<const block_q8_0*>(src), dst, n);
+      return;
+    case QType::Q2_K:
+      qd::dequant_q2_K(static_cast<const block_q2_K*>(src), dst, n);
+      return;
+    case QType::Q4_K:
+      qd::dequant_q4_K(static_cast<const block_q4_K*>(src), dst, n);
+      return;
+    case QType::Q8_K:
+      qd::dequant_q8_K(static_cast<const block_q8_K*>(src), dst, n);
+      return;
+    case QType::IQ2_XXS:
+      qd::dequant_iq2_xxs(static_cast<const block_iq2_xxs*>(src), dst, n);
+      return;
+    case QType::MXFP4:
+      qd::dequant_mxfp4(static_cast<const block_mxfp4*>(src), dst, n);
+      return;
+    case QType::I32:
+      break;
   }
   fail("quant: dequantize_row: %s is not a float encoding", qtype_name(t).c_str());
 }
@@ -129,7 +161,9 @@ void dequantize_row(QType t, const void* src, float* dst, int64_t n) {
 void quantize_row(QType t, const float* src, void* dst, int64_t n, const float* importance) {
   check_count(t, n, "quantize_row");
   switch (t) {
-    case QType::F32: std::memcpy(dst, src, size_t(n) * 4); return;
+    case QType::F32:
+      std::memcpy(dst, src, size_t(n) * 4);
+      return;
     case QType::F16: {
       auto* d = static_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
@@ -145,11 +179,21 @@ void quantize_row(QType t, const float* src, void* dst, int64_t n, const float* 
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_fp8_e4m3(src[i]);
       return;
     }
-    case QType::Q8_0: qd::quant_q8_0(src, static_cast<block_q8_0*>(dst), n); return;
-    case QType::Q8_K: qd::quant_q8_K(src, static_cast<block_q8_K*>(dst), n); return;
-    case QType::Q2_K: qd::quant_q2_K(src, static_cast<block_q2_K*>(dst), n, importance); return;
-    case QType::Q4_K: qd::quant_q4_K(src, static_cast<block_q4_K*>(dst), n, importance); return;
-    case QType::MXFP4: qd::quant_mxfp4(src, static_cast<block_mxfp4*>(dst), n); return;
+    case QType::Q8_0:
+      qd::quant_q8_0(src, static_cast<block_q8_0*>(dst), n);
+      return;
+    case QType::Q8_K:
+      qd::quant_q8_K(src, static_cast<block_q8_K*>(dst), n);
+      return;
+    case QType::Q2_K:
+      qd::quant_q2_K(src, static_cast<block_q2_K*>(dst), n, importance);
+      return;
+    case QType::Q4_K:
+      qd::quant_q4_K(src, static_cast<block_q4_K*>(dst), n, importance);
+      return;
+    case QType::MXFP4:
+      qd::quant_mxfp4(src, static_cast<block_mxfp4*>(dst), n);
+      return;
     case QType::IQ2_XXS: {
       if (importance) {
         qd::quant_iq2_xxs(src, static_cast<block_iq2_xxs*>(dst), n, importance);
@@ -161,12 +205,14 @@ void quantize_row(QType t, const float* src, void* dst, int64_t n, const float* 
       }
       return;
     }
-    case QType::I32: break;
+    case QType::I32:
+      break;
   }
   fail("quant: quantize_row: %s is not a float encoding", qtype_name(t).c_str());
 }
 
-void quantize_rows(QType t, const float* src, void* dst, int64_t rows, int64_t cols, const float* importance) {
+void quantize_rows(QType t, const float* src, void* dst, int64_t rows, int64_t cols,
+                   const float* importance) {
   if (rows < 0) fail("quant: quantize_rows: negative row count %lld", static_cast<long long>(rows));
   const int64_t rb = row_bytes(t, cols);
   std::vector<float> colsq;

@@ -14,7 +14,7 @@ using namespace dsv4;
 
 namespace {
 
-const QType kWeightTypes[] = {QType::F32, QType::F16,  QType::BF16,    QType::FP8_E4M3, QType::Q8_0,
+const QType kWeightTypes[] = {QType::F32,  QType::F16,  QType::BF16,    QType::FP8_E4M3, QType::Q8_0,
                               QType::Q2_K, QType::Q4_K, QType::IQ2_XXS, QType::MXFP4};
 
 std::vector<float> gaussian(int64_t n, uint32_t seed, float sigma = 1.0f) {
@@ -118,7 +118,8 @@ TEST(Dot, ExtremeValuesAgreeAcrossLevels) {
     const float ref = vec_dot(t, wq.data(), xq.data(), n);
     for (SimdLevel l : supported_levels()) {
       set_simd_level(l);
-      EXPECT_NEAR(vec_dot(t, wq.data(), xq.data(), n), ref, 1e-5 * 800.0 * n) << qtype_name(t) << simd_name(l);
+      EXPECT_NEAR(vec_dot(t, wq.data(), xq.data(), n), ref, 1e-5 * 800.0 * n)
+          << qtype_name(t) << simd_name(l);
     }
   }
 }
@@ -139,7 +140,8 @@ TEST(Gemv, MatchesVecDotPerRowAndIsThreadCountIndependent) {
     gemv(t, wq.data(), rows, cols, x.data(), y4.data(), &four);
     const int64_t rb = row_bytes(t, cols);
     for (int64_t r = 0; r < rows; ++r) {
-      ASSERT_EQ(y1[size_t(r)], vec_dot(t, wq.data() + r * rb, xq.data(), cols)) << qtype_name(t) << " row " << r;
+      ASSERT_EQ(y1[size_t(r)], vec_dot(t, wq.data() + r * rb, xq.data(), cols))
+          << qtype_name(t) << " row " << r;
       ASSERT_EQ(y1[size_t(r)], y4[size_t(r)]) << qtype_name(t) << " row " << r;
     }
   }

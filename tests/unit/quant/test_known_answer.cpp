@@ -1,6 +1,7 @@
-// Known-answer blocks: bytes written by hand from the layout description (model-spec §13.4, performance.md §4),
-// expected floats computed by hand in the comments. Every expected value is exactly representable and every
-// dequantizer step is exact for these inputs (small integers times powers of two), so comparisons are exact.
+// Known-answer blocks: bytes written by hand from the layout description (model-spec §13.4, performance.md
+// §4), expected floats computed by hand in the comments. Every expected value is exactly representable and
+// every dequantizer step is exact for these inputs (small integers times powers of two), so comparisons are
+// exact.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -54,9 +55,9 @@ TEST(KnownAnswer, Q4_K) {
   b.qs[0] = 0x75;   // element 0 (low nibble, sub-block 0) q=5; element 32 (high, sub-block 1) q=7
   b.qs[64] = 0x03;  // chunk 2: element 128 (sub-block 4) q=3; element 160 (sub-block 5) q=0
   const auto y = deq(QType::Q4_K, &b, 256);
-  EXPECT_EQ(y[0], 1 * 2 * 5 - 0.5f * 3);    // 8.5
-  EXPECT_EQ(y[1], -1.5f);                   // q = 0: only the min term
-  EXPECT_EQ(y[32], 1 * 1 * 7 - 0.5f * 4);   // 5
+  EXPECT_EQ(y[0], 1 * 2 * 5 - 0.5f * 3);   // 8.5
+  EXPECT_EQ(y[1], -1.5f);                  // q = 0: only the min term
+  EXPECT_EQ(y[32], 1 * 1 * 7 - 0.5f * 4);  // 5
   EXPECT_EQ(y[33], -2.0f);
   EXPECT_EQ(y[128], 1 * 17 * 3 - 0.5f * 2);  // 50
   EXPECT_EQ(y[160], -2.5f);                  // 0 - 0.5 * 5
@@ -113,9 +114,9 @@ TEST(KnownAnswer, IQ2_XXS) {
 
 TEST(KnownAnswer, MXFP4) {
   block_mxfp4 b{};
-  b.e = 128;             // scale 2^(128-127) = 2
-  b.qs[0] = 0x9 | 0x70;  // element 0: code 9 = -0.5; element 16: code 7 = 6
-  b.qs[15] = 0x5 | 0xC0; // element 15: code 5 = 3; element 31: code 12 = -2
+  b.e = 128;              // scale 2^(128-127) = 2
+  b.qs[0] = 0x9 | 0x70;   // element 0: code 9 = -0.5; element 16: code 7 = 6
+  b.qs[15] = 0x5 | 0xC0;  // element 15: code 5 = 3; element 31: code 12 = -2
   const auto y = deq(QType::MXFP4, &b, 32);
   EXPECT_EQ(y[0], -1.0f);
   EXPECT_EQ(y[16], 12.0f);

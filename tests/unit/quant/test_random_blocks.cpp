@@ -39,7 +39,8 @@ TEST(RandomBlocks, DequantizeMatchesIndependentReference) {
     for (int64_t i = 0; i < c.n; ++i) {
       uint32_t got;
       std::memcpy(&got, &y[size_t(i)], 4);
-      ASSERT_EQ(got, c.expect_bits[size_t(i)]) << qtype_name(c.type) << " value " << i << " = " << y[size_t(i)];
+      ASSERT_EQ(got, c.expect_bits[size_t(i)])
+          << qtype_name(c.type) << " value " << i << " = " << y[size_t(i)];
     }
   }
 }

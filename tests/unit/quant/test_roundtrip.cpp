@@ -48,12 +48,15 @@ TEST(RoundTrip, GaussianRmseBands) {
   const Band bands[] = {
       {QType::F16, 1e-4, 3e-4, "10-bit mantissa: rel. RMS 2^-11/sqrt(3) ~ 2.8e-4 * rms|x| (~0.6 of it here)"},
       {QType::BF16, 1e-3, 3e-3, "7-bit mantissa: rel. RMS 2^-8/sqrt(3) ~ 2.3e-3 * rms|x|"},
-      {QType::FP8_E4M3, 1.0e-2, 3.0e-2, "3-bit mantissa: rel. RMS 2^-4/sqrt(3) ~ 0.036 * |x|, ~0.02 on N(0,1)"},
+      {QType::FP8_E4M3, 1.0e-2, 3.0e-2,
+       "3-bit mantissa: rel. RMS 2^-4/sqrt(3) ~ 0.036 * |x|, ~0.02 on N(0,1)"},
       {QType::Q8_0, 3e-3, 8e-3, "step = amax/127 with amax(32 normals) ~ 2.0-2.5: step/sqrt(12) ~ 0.005"},
       {QType::Q8_K, 4e-3, 9e-3, "step = amax/127 with amax(256 normals) ~ 2.9-3.3: step/sqrt(12) ~ 0.007"},
-      {QType::Q4_K, 0.05, 0.10, "16 levels over the ~4.1 range of 32 normals: step 0.27 -> 0.08, search trims it"},
+      {QType::Q4_K, 0.05, 0.10,
+       "16 levels over the ~4.1 range of 32 normals: step 0.27 -> 0.08, search trims it"},
       {QType::MXFP4, 0.06, 0.16, "E2M1 grid with power-of-two scale: ~1 mantissa bit, ~10% of |x|"},
-      {QType::Q2_K, 0.15, 0.36, "4 levels per 16 values: the optimal 4-level uniform quantizer of N(0,1) is 0.34"},
+      {QType::Q2_K, 0.15, 0.36,
+       "4 levels per 16 values: the optimal 4-level uniform quantizer of N(0,1) is 0.34"},
       {QType::IQ2_XXS, 0.25, 0.40,
        "flat importance; Gaussian rate-distortion at 2 bits is 0.25, a 256-entry codebook with no zero level "
        "does worse; 1-bit sign quantization would be 0.60"},
@@ -102,7 +105,8 @@ TEST(RoundTrip, ImportanceLowersWeightedError) {
       std::vector<float> y(static_cast<size_t>(n));
       dequantize_row(t, q.data(), y.data(), n);
       double s = 0;
-      for (int64_t i = 0; i < n; i += 4) s += double(y[size_t(i)] - x[size_t(i)]) * (y[size_t(i)] - x[size_t(i)]);
+      for (int64_t i = 0; i < n; i += 4)
+        s += double(y[size_t(i)] - x[size_t(i)]) * (y[size_t(i)] - x[size_t(i)]);
       return s;
     };
     const std::vector<float> flat(static_cast<size_t>(n), 1.0f);
@@ -112,8 +116,8 @@ TEST(RoundTrip, ImportanceLowersWeightedError) {
 
 TEST(RoundTrip, ZerosStayZero) {
   const std::vector<float> z(512, 0.0f);
-  for (QType t : {QType::F16, QType::BF16, QType::FP8_E4M3, QType::Q8_0, QType::Q8_K, QType::Q2_K, QType::Q4_K,
-                  QType::IQ2_XXS, QType::MXFP4}) {
+  for (QType t : {QType::F16, QType::BF16, QType::FP8_E4M3, QType::Q8_0, QType::Q8_K, QType::Q2_K,
+                  QType::Q4_K, QType::IQ2_XXS, QType::MXFP4}) {
     std::vector<uint8_t> q(static_cast<size_t>(row_bytes(t, 512)));
     quantize_row(t, z.data(), q.data(), 512);
     std::vector<float> y(512, 1.0f);
@@ -162,8 +166,8 @@ TEST(RoundTrip, NonFiniteInputStaysInItsBlock) {
   std::vector<float> imp(512, 1.0f);
   imp[7] = NAN;
   imp[8] = -5.0f;
-  for (QType t : {QType::F16, QType::BF16, QType::FP8_E4M3, QType::Q8_0, QType::Q8_K, QType::Q2_K, QType::Q4_K,
-                  QType::IQ2_XXS, QType::MXFP4}) {
+  for (QType t : {QType::F16, QType::BF16, QType::FP8_E4M3, QType::Q8_0, QType::Q8_K, QType::Q2_K,
+                  QType::Q4_K, QType::IQ2_XXS, QType::MXFP4}) {
     std::vector<uint8_t> q(static_cast<size_t>(row_bytes(t, 512)));
     quantize_row(t, x.data(), q.data(), 512, imp.data());
     std::vector<float> y(512);
