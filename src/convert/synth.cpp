@@ -151,12 +151,12 @@ ModelConfig synth_config(const std::string& shape) {
   if (shape == "pro") return ModelConfig::pro();
   if (shape != "tiny") fail("unknown synth shape '%s' (expected flash, pro or tiny)", shape.c_str());
   // Flash's architecture at toy widths: sliding, CSA, HCA and CSA layers, one hash layer, the real
-  // vocabulary. expert_ff 256 lets the K-quant down projections keep their ds4 types; gate/up rows (d_model
-  // 128) are shorter than a super-block and fall back to Q8_0 (convert/mix.h).
+  // vocabulary. d_model and expert_ff are one 256-value super-block wide so every routed expert keeps its ds4
+  // type (IQ2_XXS gate/up + Q2_K down for q2, Q4_K for q4): `make run` exercises the real quant kernels.
   ModelConfig c;
   c.name = "dsv4-tiny-synthetic";
   c.n_layers = 4;
-  c.d_model = 128;
+  c.d_model = 256;
   c.n_vocab = 129280;
   c.n_heads = 4;
   c.head_dim = 128;
