@@ -57,8 +57,12 @@ TEST(CudaBackend, MatmulAndRmsNorm) {
   DSV4_REQUIRE_CUDA();
   Backends b;
   const int T = 3;
+  // The backend caches device copies by host address for its lifetime (the model's mmap never moves), so every
+  // tensor here must outlive the backend: a freed tensor's address could be reused by the next one.
+  std::vector<Tensor> keep;
   for (QType t : {QType::Q8_0, QType::F16, QType::Q4_K, QType::F32}) {
-    const Tensor w = make_tensor(t, D, 512, 1, 11, 0.05f, "w");
+    keep.push_back(make_tensor(t, D, 512, 1, 11, 0.05f, "w"));
+    const Tensor& w = keep.back();
     const auto x = test::random_normal(size_t(T * D), 12);
     std::vector<float> yc(size_t(T * 512)), yg(yc.size(), NAN);
     b.cpu->matmul(w.view, -1, x.data(), T, yc.data());

@@ -2,7 +2,8 @@
 #include "backend/cuda/cuda_backend.h"
 
 #include <cstring>
-#include <unordered_map>
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "backend/cuda/cuda_util.h"
@@ -132,7 +133,8 @@ class CudaBackend final : public Backend {
   }
   const uint8_t* weight(const WeightView& w) {
     if (!w.present()) fail("cuda backend: tensor '%s' is not bound", w.name);
-    auto it = weights_.find(w.data);
+    const WeightKey key{w.data, w.n_bytes, uint32_t(w.type)};
+    auto it = weights_.find(key);
     if (it == weights_.end()) {
       DeviceArray<uint8_t> d(w.n_bytes);
       cuda::check(cudaMemcpy(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice), w.name);
@@ -142,7 +144,7 @@ class CudaBackend final : public Backend {
         cuda::q8_0_split_cuda(d.get(), n_rows, w.ne[0], split.get(), nullptr);
         d = std::move(split);
       }
-      it = weights_.emplace(w.data, std::move(d)).first;
+      it = weights_.emplace(key, std::move(d)).first;
     }
     return it->second.get();
   }
@@ -200,7 +202,10 @@ class CudaBackend final : public Backend {
     return xq_.get();
   }
 
-  std::unordered_map<const void*, DeviceArray<uint8_t>> weights_;
+  // Device copies by host address (+ size and type as a guard): WeightView data must stay valid and unchanged
+  // for the backend's lifetime, which the engine's mmap guarantees.
+  using WeightKey = std::tuple<const void*, size_t, uint32_t>;
+  std::map<WeightKey, DeviceArray<uint8_t>> weights_;
   std::vector<DeviceArray<float>> scratch_;
   DeviceArray<uint8_t> xq_;
   DeviceArray<int32_t> ids_;

@@ -251,7 +251,7 @@ struct TraitsF32 {
 // ([cols int8][cols/32 f32 scales], the f32 being the CPU's f16 scale widened, so products are identical).
 struct TraitsQ8Split {
   static constexpr int kTpb = 1;
-  static constexpr int kUnroll = 1;
+  static constexpr int kUnroll = 2;  // H200 sweep: 2 beat 1 at every split shape
   static constexpr int kBlockElems = 16;
   struct W {
     int4 q;
@@ -412,7 +412,8 @@ void launch_tuned(const GemvParams& p, cudaStream_t stream) {
   // rows; Q8_0 8192->4096: 52% of read bandwidth vs 47% with 2) and for Q2_K expert down projections, 1 for the
   // smaller ones (Q8_0 4096->1024: 4.7 us vs 5.6 us with 2).
   const int64_t bytes = p.rows * weight_row_bytes<T>(p.cols) * p.n_slots;
-  const int auto_r = (bytes >= (16ll << 20) || std::is_same_v<T, TraitsQ2_K>) ? 4 : 1;
+  int auto_r = (bytes >= (16ll << 20) || std::is_same_v<T, TraitsQ2_K>) ? 4 : 1;
+  if constexpr (kIsSplit<T>) auto_r = bytes >= (16ll << 20) ? 2 : 1;  // split: 16-byte loads already feed 2 rows
   const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : auto_r;
 #define DSV4_GEMV_CASE(U_, R_) \
   if (u == U_ && r == R_) return launch<T, 1, U_, R_>(p, stream);
