@@ -1,9 +1,11 @@
 // Dot kernels and GEMV: every SIMD level this CPU supports against the scalar kernel, the scalar kernel
 // against dequantize + f64 dot, gemv/matmul against vec_dot, and argument errors.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/error.h"
@@ -255,4 +257,33 @@ TEST(Dot, Q8_0WeightsWithMinus128) {
     set_simd_level(l);
     EXPECT_EQ(vec_dot(QType::Q8_0, w, x, 64), float(expect)) << simd_name(l);
   }
+}
+
+// Helper for EnvSelectsInitialLevel: prints the level the process started with (run in a child process).
+TEST(Simd, PrintInitialLevel) {
+  std::printf("initial-level=%s\n", simd_name(simd_level()));
+}
+
+TEST(Simd, EnvSelectsInitialLevel) {
+  // DSV4_SIMD is read once at start-up, so it is checked in a child copy of this test binary.
+  char self[4096] = {};
+  if (readlink("/proc/self/exe", self, sizeof self - 1) <= 0) GTEST_SKIP() << "no /proc/self/exe";
+  auto run = [&](const char* env) {
+    const std::string cmd = std::string(env) + " '" + self + "' --gtest_filter=Simd.PrintInitialLevel 2>&1";
+    std::string out;
+    if (FILE* p = popen(cmd.c_str(), "r")) {
+      char buf[512];
+      while (fgets(buf, sizeof buf, p)) out += buf;
+      pclose(p);
+    }
+    return out;
+  };
+  EXPECT_NE(run("DSV4_SIMD=scalar").find("initial-level=scalar"), std::string::npos);
+  if (simd_supported() >= SimdLevel::AVX2) {
+    EXPECT_NE(run("DSV4_SIMD=avx2").find("initial-level=avx2"), std::string::npos);
+  }
+  EXPECT_NE(run("env -u DSV4_SIMD").find(std::string("initial-level=") + simd_name(simd_supported())),
+            std::string::npos);
+  // A bad value fails loudly (dsv4::Error escapes static initialization -> non-zero exit, message shown).
+  EXPECT_NE(run("DSV4_SIMD=avx9").find("DSV4_SIMD=avx9"), std::string::npos);
 }
