@@ -142,8 +142,10 @@ bool command(ChatSession& chat, const std::string& line, const TermStyle& style)
       return true;
     }
     std::string path = session_path(arg);
-    if (cmd == "/save") chat.save(path);
-    else chat.load(path);
+    if (cmd == "/save")
+      chat.save(path);
+    else
+      chat.load(path);
     std::printf("%s %s (%lld tokens)\n", cmd == "/save" ? "saved" : "loaded", path.c_str(),
                 (long long)chat.position());
     return true;
@@ -157,7 +159,9 @@ bool command(ChatSession& chat, const std::string& line, const TermStyle& style)
 
 }  // namespace
 
-std::atomic<bool>& interrupt_flag() { return g_interrupt; }
+std::atomic<bool>& interrupt_flag() {
+  return g_interrupt;
+}
 
 void install_sigint_handler() {
 #ifdef DSV4_HAVE_READLINE
@@ -197,8 +201,8 @@ bool print_turn(ChatSession& chat, const std::string& user_text, const TermStyle
   };
   out.prefill_progress = [&](double f) {
     int w = 30, n = int(f * w);
-    std::fprintf(stderr, "\rprefill [%s%s] %3d%%", std::string(n, '#').c_str(), std::string(w - n, ' ').c_str(),
-                 int(f * 100));
+    std::fprintf(stderr, "\rprefill [%s%s] %3d%%", std::string(n, '#').c_str(),
+                 std::string(w - n, ' ').c_str(), int(f * 100));
     if (f >= 1.0) std::fputs("\r\033[K", stderr);
   };
   g_interrupt = false;
@@ -220,9 +224,11 @@ bool print_turn(ChatSession& chat, const std::string& user_text, const TermStyle
   std::fflush(stdout);
   double pf = st.prefill_s > 0 ? double(st.prompt_tokens) / st.prefill_s : 0;
   double dc = st.decode_s > 0 ? double(st.gen_tokens) / st.decode_s : 0;
-  std::fprintf(stderr, "%s[prompt %lld tok, prefill %.1f t/s | gen %lld tok, decode %.1f t/s | ctx %lld/%lld | %s | %s]%s\n",
-               dim, (long long)st.prompt_tokens, pf, (long long)st.gen_tokens, dc, (long long)chat.position(),
-               (long long)chat.max_context(), mode_name(chat).c_str(), st.finish.c_str(), reset);
+  std::fprintf(
+      stderr,
+      "%s[prompt %lld tok, prefill %.1f t/s | gen %lld tok, decode %.1f t/s | ctx %lld/%lld | %s | %s]%s\n",
+      dim, (long long)st.prompt_tokens, pf, (long long)st.gen_tokens, dc, (long long)chat.position(),
+      (long long)chat.max_context(), mode_name(chat).c_str(), st.finish.c_str(), reset);
   return true;
 }
 

@@ -12,7 +12,9 @@ namespace dsv4::app {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // Prompts longer than this are evaluated in chunks so a progress bar can move (chunked prefill gives the same
 // state as one call: docs/roadmap.md determinism rule).
@@ -71,7 +73,8 @@ void ChatSession::rebuild() {
   prefill(toks, TurnOutput{}, ignored);
 }
 
-TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out, const std::atomic<bool>* interrupt) {
+TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
+                            const std::atomic<bool>* interrupt) {
   TurnStats st;
   // A different max-effort prefix means a different prefix: re-prefill the transcript first.
   ReasoningEffort want = cfg_.mode == ThinkingMode::Thinking ? effective_effort() : ReasoningEffort::None;
@@ -116,9 +119,9 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
     if (!d.reasoning.empty() && out.reasoning) out.reasoning(d.reasoning);
     if (!d.content.empty() && out.content) out.content(d.content);
     for (const auto& c : d.tool_calls) {
-      reply.tool_calls.push_back({"call_" + std::to_string(messages_.size()) + "_" +
-                                      std::to_string(reply.tool_calls.size()),
-                                  c.name, c.arguments});
+      reply.tool_calls.push_back(
+          {"call_" + std::to_string(messages_.size()) + "_" + std::to_string(reply.tool_calls.size()), c.name,
+           c.arguments});
       if (out.tool_call) out.tool_call(c);
     }
   };
@@ -170,7 +173,8 @@ void ChatSession::save(const std::string& path) const {
   j["open_turn"] = open_turn_;
   for (const auto& m : messages_) {
     nlohmann::json jm = {{"role", m.role}, {"content", m.content}, {"reasoning", m.reasoning}};
-    for (const auto& c : m.tool_calls) jm["tool_calls"].push_back({{"id", c.id}, {"name", c.name}, {"arguments", c.arguments}});
+    for (const auto& c : m.tool_calls)
+      jm["tool_calls"].push_back({{"id", c.id}, {"name", c.name}, {"arguments", c.arguments}});
     j["messages"].push_back(jm);
   }
   std::ofstream f(path + ".json");
@@ -195,7 +199,8 @@ void ChatSession::load(const std::string& path) {
       m.content = jm.at("content");
       m.reasoning = jm.value("reasoning", "");
       if (jm.contains("tool_calls"))
-        for (const auto& c : jm["tool_calls"]) m.tool_calls.push_back({c.at("id"), c.at("name"), c.at("arguments")});
+        for (const auto& c : jm["tool_calls"])
+          m.tool_calls.push_back({c.at("id"), c.at("name"), c.at("arguments")});
       msgs.push_back(m);
     }
   } catch (const nlohmann::json::exception& e) {

@@ -1,6 +1,7 @@
 // A live chat over one engine Session, shared by `dsv4 run` one-shot and interactive modes.
 //
-// Each turn extends the KV state: the first turn evaluates BOS + [system] + user + transition, later turns only
+// Each turn extends the KV state: the first turn evaluates BOS + [system] + user + transition, later turns
+// only
 // "<｜User｜>text<｜Assistant｜><think>|</think>" after what the model generated (its EOS included, or one we
 // append when generation was cut short). This keeps the earlier reasoning in the KV, which the official
 // encoder would drop from a re-rendered prompt; the price of not re-prefilling (same choice as ds4's CLI).
@@ -22,8 +23,8 @@ struct TurnStats {
   int64_t prompt_tokens = 0;  // tokens evaluated before generating
   double prefill_s = 0;
   int64_t gen_tokens = 0;
-  double decode_s = 0;        // time of the generated tokens' evals (first token's sampling included)
-  std::string finish;         // "stop" (EOS / end of tool block), "length", "context", "interrupted"
+  double decode_s = 0;  // time of the generated tokens' evals (first token's sampling included)
+  std::string finish;   // "stop" (EOS / end of tool block), "length", "context", "interrupted"
 };
 
 // Where the turn's text goes as it is generated.
@@ -74,9 +75,9 @@ class ChatSession {
   Tokenizer tok_;
   ChatConfig cfg_;
   std::unique_ptr<Session> session_;
-  std::vector<ChatMessage> messages_;    // transcript (system first when set)
+  std::vector<ChatMessage> messages_;                        // transcript (system first when set)
   ReasoningEffort rendered_effort_ = ReasoningEffort::None;  // effort the live KV was rendered with
-  bool open_turn_ = false;               // last generation ended without EOS in the KV
+  bool open_turn_ = false;                                   // last generation ended without EOS in the KV
 };
 
 }  // namespace dsv4::app

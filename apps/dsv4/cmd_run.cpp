@@ -34,18 +34,19 @@ struct RunArgs {
 };
 
 void print_missing_model(const std::string& path) {
-  std::fprintf(stderr,
-               "dsv4: model file '%s' not found.\n"
-               "\n"
-               "The DeepSeek V4 Flash GGUFs dsv4 runs are the same files as ds4's, published on Hugging Face at\n"
-               "  https://huggingface.co/antirez/deepseek-v4-gguf\n"
-               "Download one (the q2 file is about 81 GB) and pass it with -m FILE, or save it as ./ds4flash.gguf.\n"
-               "\n"
-               "To try dsv4 without a download, run the built-in demo:\n"
-               "  make run                 (or: scripts/make-run.sh build/release)\n"
-               "which writes a tiny DeepSeek-V4-architecture model with the real tokenizer and random weights\n"
-               "(dsv4 synth --shape tiny --out build/dsv4-tiny.gguf) and chats with it: its replies are noise.\n",
-               path.c_str());
+  std::fprintf(
+      stderr,
+      "dsv4: model file '%s' not found.\n"
+      "\n"
+      "The DeepSeek V4 Flash GGUFs dsv4 runs are the same files as ds4's, published on Hugging Face at\n"
+      "  https://huggingface.co/antirez/deepseek-v4-gguf\n"
+      "Download one (the q2 file is about 81 GB) and pass it with -m FILE, or save it as ./ds4flash.gguf.\n"
+      "\n"
+      "To try dsv4 without a download, run the built-in demo:\n"
+      "  make run                 (or: scripts/make-run.sh build/release)\n"
+      "which writes a tiny DeepSeek-V4-architecture model with the real tokenizer and random weights\n"
+      "(dsv4 synth --shape tiny --out build/dsv4-tiny.gguf) and chats with it: its replies are noise.\n",
+      path.c_str());
 }
 
 std::string read_text_file(const std::string& path) {
@@ -66,7 +67,9 @@ int run_main(const RunArgs& a) {
 
   EngineOptions eo;
   eo.model_path = a.model;
-  eo.backend = a.backend == "cpu" ? BackendKind::Cpu : a.backend == "cuda" ? BackendKind::Cuda : BackendKind::Auto;
+  eo.backend = a.backend == "cpu"    ? BackendKind::Cpu
+               : a.backend == "cuda" ? BackendKind::Cuda
+                                     : BackendKind::Auto;
   eo.threads = a.threads;
   bool tty_err = isatty(STDERR_FILENO);
   eo.progress = [tty_err](double f, const std::string& what) {
@@ -81,7 +84,8 @@ int run_main(const RunArgs& a) {
   Tokenizer tok = Tokenizer::from_gguf(a.model);
   const ModelInfo& info = engine->info();
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::fprintf(stderr, "model %s: %d layers, d_model %d, vocab %d, %.2f GB weights, backend %s, loaded in %.1f s\n",
+  std::fprintf(stderr,
+               "model %s: %d layers, d_model %d, vocab %d, %.2f GB weights, backend %s, loaded in %.1f s\n",
                info.name.c_str(), info.n_layers, info.d_model, info.n_vocab, double(info.weight_bytes) / 1e9,
                info.backend.c_str(), load_s);
   if (tok.n_vocab() != info.n_vocab)
@@ -98,8 +102,8 @@ int run_main(const RunArgs& a) {
   cfg.sampling.top_p = a.top_p;
   cfg.sampling.min_p = a.min_p;
   cfg.sampling.top_k = a.top_k;
-  cfg.sampling.seed = a.seed >= 0 ? uint64_t(a.seed)
-                                  : uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+  cfg.sampling.seed =
+      a.seed >= 0 ? uint64_t(a.seed) : uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
   Sampler check(cfg.sampling);  // validates the sampling flags before any work
   if (a.think_max && a.ctx < kMaxEffortMinContext)
     std::fprintf(stderr, "note: --think-max needs --ctx >= %lld; using high effort\n",
@@ -112,30 +116,31 @@ int run_main(const RunArgs& a) {
   return app::run_repl(chat, style);
 }
 
-DSV4_COMMAND("run", "Chat with a model: one-shot (-p) or interactive (default when no subcommand is given)",
-             [](CLI::App& sub) {
-               auto a = std::make_shared<RunArgs>();
-               sub.add_option("-m,--model", a->model, "GGUF model file")->capture_default_str();
-               sub.add_option("-p,--prompt", a->prompt, "one-shot prompt (prints the reply and exits)");
-               sub.add_option("--prompt-file", a->prompt_file, "one-shot prompt read from a file");
-               sub.add_option("-s,--system", a->system, "system prompt ('' for none)")->capture_default_str();
-               sub.add_option("-n,--tokens", a->n_predict, "max new tokens per reply")->capture_default_str();
-               sub.add_option("-c,--ctx", a->ctx, "context size in tokens")->capture_default_str();
-               sub.add_flag("--think", a->think, "thinking mode, high effort (default)");
-               sub.add_flag("--think-max", a->think_max, "thinking mode, max effort (needs --ctx >= 393216)");
-               sub.add_flag("--nothink", a->nothink, "no thinking: answer directly");
-               sub.add_option("--temp", a->temp, "temperature (0 = greedy)")->capture_default_str();
-               sub.add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str();
-               sub.add_option("--top-k", a->top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
-               sub.add_option("--min-p", a->min_p, "drop tokens below min_p x the top probability")
-                   ->capture_default_str();
-               sub.add_option("--seed", a->seed, "sampling seed (default: from the clock)");
-               sub.add_option("--backend", a->backend, "cpu, cuda or auto")
-                   ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
-                   ->capture_default_str();
-               sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
-               sub.add_flag("--no-color", a->no_color, "no ANSI styling");
-               return [a]() { return run_main(*a); };
-             });
+DSV4_COMMAND(
+    "run", "Chat with a model: one-shot (-p) or interactive (default when no subcommand is given)",
+    [](CLI::App& sub) {
+      auto a = std::make_shared<RunArgs>();
+      sub.add_option("-m,--model", a->model, "GGUF model file")->capture_default_str();
+      sub.add_option("-p,--prompt", a->prompt, "one-shot prompt (prints the reply and exits)");
+      sub.add_option("--prompt-file", a->prompt_file, "one-shot prompt read from a file");
+      sub.add_option("-s,--system", a->system, "system prompt ('' for none)")->capture_default_str();
+      sub.add_option("-n,--tokens", a->n_predict, "max new tokens per reply")->capture_default_str();
+      sub.add_option("-c,--ctx", a->ctx, "context size in tokens")->capture_default_str();
+      sub.add_flag("--think", a->think, "thinking mode, high effort (default)");
+      sub.add_flag("--think-max", a->think_max, "thinking mode, max effort (needs --ctx >= 393216)");
+      sub.add_flag("--nothink", a->nothink, "no thinking: answer directly");
+      sub.add_option("--temp", a->temp, "temperature (0 = greedy)")->capture_default_str();
+      sub.add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str();
+      sub.add_option("--top-k", a->top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
+      sub.add_option("--min-p", a->min_p, "drop tokens below min_p x the top probability")
+          ->capture_default_str();
+      sub.add_option("--seed", a->seed, "sampling seed (default: from the clock)");
+      sub.add_option("--backend", a->backend, "cpu, cuda or auto")
+          ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
+          ->capture_default_str();
+      sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
+      sub.add_flag("--no-color", a->no_color, "no ANSI styling");
+      return [a]() { return run_main(*a); };
+    });
 
 }  // namespace

@@ -1,6 +1,7 @@
 // `dsv4 tokenize [-m FILE] [--chat] [--think none|high|max] (--text STR | --file PATH)`: prints the token ids
-// on one line, separated by spaces. Without -m the built-in DeepSeek V4 vocabulary is used. --chat renders the
-// text as one user message with the official encoder (no system prompt) and tokenizes the rendered prompt.
+// on one line, separated by spaces. Without -m the built-in DeepSeek V4 vocabulary is used. --chat renders
+// the text as one user message with the official encoder (no system prompt) and tokenizes the rendered
+// prompt.
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -50,21 +51,24 @@ int run_tokenize(const TokenizeArgs& a) {
   return 0;
 }
 
-DSV4_COMMAND("tokenize", "Print the token ids of a text (optionally rendered as a chat prompt)", [](CLI::App& sub) {
-  auto a = std::make_shared<TokenizeArgs>();
-  sub.add_option("-m,--model", a->model, "GGUF file whose tokenizer to use (default: built-in DeepSeek V4)");
-  sub.add_flag("--chat", a->chat, "render as one user message with the official V4 encoder first");
-  sub.add_option("--think", a->think, "thinking mode for --chat: none, high (default) or max")
-      ->check(CLI::IsMember({"none", "high", "max"}));
-  auto* t = sub.add_option("--text", a->text, "text to tokenize");
-  auto* f = sub.add_option("--file", a->file, "file whose bytes to tokenize");
-  t->excludes(f);
-  f->excludes(t);
-  return [a, t, f]() {
-    a->have_text = t->count() > 0;
-    if (!a->have_text && f->count() == 0) dsv4::fail("tokenize: give --text STR or --file PATH");
-    return run_tokenize(*a);
-  };
-});
+DSV4_COMMAND("tokenize", "Print the token ids of a text (optionally rendered as a chat prompt)",
+             [](CLI::App& sub) {
+               auto a = std::make_shared<TokenizeArgs>();
+               sub.add_option("-m,--model", a->model,
+                              "GGUF file whose tokenizer to use (default: built-in DeepSeek V4)");
+               sub.add_flag("--chat", a->chat,
+                            "render as one user message with the official V4 encoder first");
+               sub.add_option("--think", a->think, "thinking mode for --chat: none, high (default) or max")
+                   ->check(CLI::IsMember({"none", "high", "max"}));
+               auto* t = sub.add_option("--text", a->text, "text to tokenize");
+               auto* f = sub.add_option("--file", a->file, "file whose bytes to tokenize");
+               t->excludes(f);
+               f->excludes(t);
+               return [a, t, f]() {
+                 a->have_text = t->count() > 0;
+                 if (!a->have_text && f->count() == 0) dsv4::fail("tokenize: give --text STR or --file PATH");
+                 return run_tokenize(*a);
+               };
+             });
 
 }  // namespace

@@ -113,20 +113,21 @@ inline constexpr const char* kDsml = "｜DSML｜";
 struct ToolCall {
   std::string id;
   std::string name;
-  std::string arguments;  // JSON object text (as OpenAI sends it); not valid JSON -> one "arguments" parameter
+  std::string
+      arguments;  // JSON object text (as OpenAI sends it); not valid JSON -> one "arguments" parameter
 };
 
 struct ChatMessage {
   // system, developer, user, assistant, tool, latest_reminder
   std::string role;
   std::string content;
-  std::string reasoning;               // assistant: reasoning_content
-  std::vector<ToolCall> tool_calls;    // assistant
-  std::string tool_call_id;            // tool
-  std::string tools;                   // system/developer: JSON array (OpenAI {"type":"function",...} items)
-  std::string response_format;         // system/developer: JSON value
-  std::string task;                    // internal quick-instruction task (action, query, title, ...)
-  bool wo_eos = false;                 // assistant prefill: no EOS after the message
+  std::string reasoning;             // assistant: reasoning_content
+  std::vector<ToolCall> tool_calls;  // assistant
+  std::string tool_call_id;          // tool
+  std::string tools;                 // system/developer: JSON array (OpenAI {"type":"function",...} items)
+  std::string response_format;       // system/developer: JSON value
+  std::string task;                  // internal quick-instruction task (action, query, title, ...)
+  bool wo_eos = false;               // assistant prefill: no EOS after the message
 };
 
 enum class ThinkingMode { Chat, Thinking };
@@ -144,8 +145,8 @@ extern const char* const kReasoningEffortMaxPrefix;
 // ds4's rule (and the model card's): max effort needs >= 384K context, else it is downgraded to high.
 inline constexpr int64_t kMaxEffortMinContext = 393216;
 
-// Renders messages[n_context..] as encode_messages(messages[n_context..], context=messages[..n_context]) does:
-// BOS only when n_context == 0. Template text and client text are kept apart in the result (Prompt).
+// Renders messages[n_context..] as encode_messages(messages[n_context..], context=messages[..n_context])
+// does: BOS only when n_context == 0. Template text and client text are kept apart in the result (Prompt).
 // Throws dsv4::Error naming the message index and field for invalid input (unknown role, bad tools JSON).
 Prompt render_chat(std::span<const ChatMessage> messages, const ChatOptions& options, size_t n_context = 0);
 
@@ -195,16 +196,16 @@ class OutputParser {
   Token end_think_, eos_;
   State state_;
   TokenStream stream_;
-  std::string held_;   // text not yet emitted in the current state
-  std::string block_;  // tool-calls block text (after the opener)
+  std::string held_;             // text not yet emitted in the current state
+  std::string block_;            // tool-calls block text (after the opener)
   std::string opener_, closer_;  // as written, to hand back an unparseable block verbatim
   std::string error_;
 };
 
-// Parses the inside of a tool-calls block (everything after "<｜DSML｜tool_calls>", closer optional), tolerant
-// of the §2.9 variants: "<DSML｜", doubled bars, plain <invoke>/<parameter>, typographic quotes, "toolcalls",
-// missing string attribute (string), nested parameters (JSON object). Throws dsv4::Error naming the byte
-// offset when no invoke can be parsed.
+// Parses the inside of a tool-calls block (everything after "<｜DSML｜tool_calls>", closer optional),
+// tolerant of the §2.9 variants: "<DSML｜", doubled bars, plain <invoke>/<parameter>, typographic quotes,
+// "toolcalls", missing string attribute (string), nested parameters (JSON object). Throws dsv4::Error naming
+// the byte offset when no invoke can be parsed.
 std::vector<ParsedToolCall> parse_tool_calls_block(std::string_view block);
 
 // ---- sampling --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ namespace dsv4 {
 
 const char* const kReasoningEffortMaxPrefix =
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
-    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root "
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the "
+    "root "
     "cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial "
     "scenarios.\n"
     "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
@@ -59,9 +60,12 @@ void add_template(Prompt& p, std::string_view t) {
     if (j == std::string_view::npos) break;
     const char* special = nullptr;
     size_t len = 0;
-    if (t.substr(j, 3) == "{D}") special = ct::kDsml, len = 3;
-    else if (t.substr(j, 3) == "{T}") special = ct::kThink, len = 3;
-    else if (t.substr(j, 4) == "{/T}") special = ct::kEndThink, len = 4;
+    if (t.substr(j, 3) == "{D}")
+      special = ct::kDsml, len = 3;
+    else if (t.substr(j, 3) == "{T}")
+      special = ct::kThink, len = 3;
+    else if (t.substr(j, 4) == "{/T}")
+      special = ct::kEndThink, len = 4;
     if (!special) {
       p.add_text(t.substr(i, j + 1 - i));
       i = j + 1;
@@ -215,6 +219,17 @@ ojson parse_json(const std::string& text, size_t index, const char* field) {
   }
 }
 
+// Python truthiness of an optional JSON field, as the official code tests it (`if tools:`): absent, null,
+// empty list / object / string all count as "not given".
+bool truthy(const std::string& json_text, size_t index, const char* field) {
+  if (json_text.empty()) return false;
+  ojson v = parse_json(json_text, index, field);
+  if (v.is_null()) return false;
+  if (v.is_array() || v.is_object() || v.is_string())
+    return !v.empty() && !(v.is_string() && v.get<std::string>().empty());
+  return !(v.is_boolean() && !v.get<bool>());
+}
+
 void add_tools(Prompt& p, const ChatMessage& m, size_t index) {
   ojson tools = parse_json(m.tools, index, "tools");
   if (!tools.is_array()) fail("chat message %zu: field 'tools' must be a JSON array", index);
@@ -309,14 +324,14 @@ void Renderer::render_role(Prompt& p, int index) const {
   const ChatMessage& s = m.src ? *m.src : empty;
   if (m.role == "system") {
     p.add_text(s.content);
-    if (!s.tools.empty()) add_tools(p, s, index);
-    if (!s.response_format.empty()) add_response_format(p, s, index);
+    if (truthy(s.tools, index, "tools")) add_tools(p, s, index);
+    if (truthy(s.response_format, index, "response_format")) add_response_format(p, s, index);
   } else if (m.role == "developer") {
     if (s.content.empty()) fail("chat message %d: a developer message needs content", index);
     p.add_special(ct::kUser);
     p.add_text(s.content);
-    if (!s.tools.empty()) add_tools(p, s, index);
-    if (!s.response_format.empty()) add_response_format(p, s, index);
+    if (truthy(s.tools, index, "tools")) add_tools(p, s, index);
+    if (truthy(s.response_format, index, "response_format")) add_response_format(p, s, index);
   } else if (m.role == "user") {
     p.add_special(ct::kUser);
     for (size_t i = 0; i < m.blocks.size(); ++i) {
@@ -342,8 +357,8 @@ void Renderer::render_role(Prompt& p, int index) const {
     if (!s.tool_calls.empty()) add_tool_calls(p, s.tool_calls);
     if (!s.wo_eos) p.add_special(ct::kEos);
   } else {
-    fail("chat message %d: unknown role '%s' (system, developer, user, assistant, tool, latest_reminder)", index,
-         m.role.c_str());
+    fail("chat message %d: unknown role '%s' (system, developer, user, assistant, tool, latest_reminder)",
+         index, m.role.c_str());
   }
 }
 
@@ -386,8 +401,8 @@ std::string python_json_dumps(std::string_view json_text) {
 }
 
 Prompt render_chat(std::span<const ChatMessage> messages, const ChatOptions& options, size_t n_context) {
-  if (n_context > messages.size()) fail("render_chat: context (%zu) longer than messages (%zu)", n_context,
-                                        messages.size());
+  if (n_context > messages.size())
+    fail("render_chat: context (%zu) longer than messages (%zu)", n_context, messages.size());
   std::vector<Msg> ctx = merge_tool_messages(messages.subspan(0, n_context));
   std::vector<Msg> full = merge_tool_messages(messages.subspan(0, n_context));
   {
@@ -400,8 +415,8 @@ Prompt render_chat(std::span<const ChatMessage> messages, const ChatOptions& opt
 
   bool thinking = options.mode == ThinkingMode::Thinking;
   bool drop = options.drop_thinking;
-  for (const auto& m : messages)
-    if (!m.tools.empty()) drop = false;  // agent loops keep every turn's reasoning
+  for (size_t i = 0; i < messages.size(); ++i)
+    if (truthy(messages[i].tools, i, "tools")) drop = false;  // agent loops keep every turn's reasoning
 
   Prompt p;
   if (options.add_bos && n_context == 0) p.add_special(ct::kBos);

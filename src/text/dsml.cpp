@@ -2,9 +2,8 @@
 // parser (io-and-api.md §2.9).
 #include <algorithm>
 #include <cstring>
-#include <optional>
-
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "common/error.h"
 #include "dsv4/text.h"
@@ -18,16 +17,18 @@ using ojson = nlohmann::ordered_json;
 // Openers of a tool-calls block as models actually write them: canonical, missing first bar, doubled bars,
 // the "toolcalls" typo, plain XML, and the V4.1 spacing.
 const char* const kOpeners[] = {
-    "<｜DSML｜tool_calls", "<DSML｜tool_calls", "<｜｜DSML｜｜tool_calls", "<｜DSML｜toolcalls",
-    "<｜DSML｜ tool_calls", "<tool_calls>",
+    "<｜DSML｜tool_calls", "<DSML｜tool_calls",    "<｜｜DSML｜｜tool_calls",
+    "<｜DSML｜toolcalls",  "<｜DSML｜ tool_calls", "<tool_calls>",
 };
 const char* const kClosers[] = {
-    "</｜DSML｜tool_calls>", "</DSML｜tool_calls>", "</｜｜DSML｜｜tool_calls>", "</｜DSML｜toolcalls>",
-    "</｜DSML｜ tool_calls>", "</tool_calls>",
+    "</｜DSML｜tool_calls>", "</DSML｜tool_calls>",    "</｜｜DSML｜｜tool_calls>",
+    "</｜DSML｜toolcalls>",  "</｜DSML｜ tool_calls>", "</tool_calls>",
 };
 const std::string kEndThinkText = "</think>";
 
-bool is_space(char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; }
+bool is_space(char c) {
+  return c == ' ' || c == '\n' || c == '\r' || c == '\t';
+}
 
 // Length of the longest suffix of s that is a proper prefix of `marker`.
 size_t partial_suffix(std::string_view s, std::string_view marker) {
@@ -280,7 +281,8 @@ bool OutputParser::in_markup() const {
     // known name.
     std::string_view tail = std::string_view(b).substr(lt);
     bool tag = tail.rfind("<｜DSML｜", 0) == 0 || tail.rfind("</｜DSML｜", 0) == 0 ||
-               std::string_view("<｜DSML｜").rfind(tail, 0) == 0 || std::string_view("</｜DSML｜").rfind(tail, 0) == 0;
+               std::string_view("<｜DSML｜").rfind(tail, 0) == 0 ||
+               std::string_view("</｜DSML｜").rfind(tail, 0) == 0;
     if (tag) return true;
   }
   size_t open = b.rfind(kParamOpen), close = b.rfind(kParamClose);

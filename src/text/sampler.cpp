@@ -16,13 +16,17 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-bool usable(float v) { return !std::isnan(v) && v != -INFINITY; }
+bool usable(float v) {
+  return !std::isnan(v) && v != -INFINITY;
+}
 
 }  // namespace
 
 Sampler::Sampler(const SamplingParams& p) : params_(p), state_(splitmix64(p.seed) | 1) {
-  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) fail("sampling: top_p must be in (0, 1], got %g", double(p.top_p));
-  if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) fail("sampling: min_p must be in [0, 1], got %g", double(p.min_p));
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f))
+    fail("sampling: top_p must be in (0, 1], got %g", double(p.top_p));
+  if (!(p.min_p >= 0.0f && p.min_p <= 1.0f))
+    fail("sampling: min_p must be in [0, 1], got %g", double(p.min_p));
   if (p.top_k < 0) fail("sampling: top_k must be >= 0, got %d", p.top_k);
   if (std::isnan(p.temperature)) fail("sampling: temperature is NaN");
 }
@@ -54,7 +58,9 @@ Token Sampler::sample(std::span<const float> logits) {
     if (rel >= min_rel) cand_.emplace_back(float(rel), Token(i));
   }
   // Highest first; ties by id so the result does not depend on the sort's stability.
-  auto order = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+  auto order = [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  };
   if (params_.top_k > 0 && size_t(params_.top_k) < cand_.size()) {
     std::partial_sort(cand_.begin(), cand_.begin() + params_.top_k, cand_.end(), order);
     cand_.resize(size_t(params_.top_k));

@@ -31,13 +31,15 @@ struct Regex {
     int err = 0;
     PCRE2_SIZE off = 0;
     // UCP: \s, \p{..} use Unicode properties as the reference (Oniguruma) does. MATCH_INVALID_UTF: client
-    // text may be invalid UTF-8; such bytes never match and fall into gaps, where byte-level BPE handles them.
+    // text may be invalid UTF-8; such bytes never match and fall into gaps, where byte-level BPE handles
+    // them.
     code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern), PCRE2_ZERO_TERMINATED,
                          PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &off, nullptr);
     if (!code) {
       PCRE2_UCHAR msg[256];
       pcre2_get_error_message(err, msg, sizeof msg);
-      fail("pre-tokenizer regex failed to compile at offset %zu: %s", size_t(off), reinterpret_cast<char*>(msg));
+      fail("pre-tokenizer regex failed to compile at offset %zu: %s", size_t(off),
+           reinterpret_cast<char*>(msg));
     }
     pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // optional speed-up; the interpreter is the fallback
   }
@@ -50,7 +52,9 @@ struct Span {
   size_t off, len;
 };
 
-uint64_t pair_key(Token a, Token b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
+uint64_t pair_key(Token a, Token b) {
+  return (uint64_t(uint32_t(a)) << 32) | uint32_t(b);
+}
 
 }  // namespace
 
@@ -66,7 +70,8 @@ struct Tokenizer::Impl {
   };
   std::unordered_map<uint64_t, Merge> merges;
   Token bos = 0, eos = 1;
-  Regex re[3] = {Regex(kPreTokenizerRegexes[0]), Regex(kPreTokenizerRegexes[1]), Regex(kPreTokenizerRegexes[2])};
+  Regex re[3] = {Regex(kPreTokenizerRegexes[0]), Regex(kPreTokenizerRegexes[1]),
+                 Regex(kPreTokenizerRegexes[2])};
 
   // Results per pre-token: prompts are mostly repeated agent context (§1.11). Bounded by clearing.
   mutable std::mutex cache_mu;
@@ -168,7 +173,8 @@ Tokenizer::Tokenizer(const TokenizerData& d) {
   for (size_t i = 0; i < n; ++i) {
     int32_t type = d.token_types.empty() ? text::kTokenNormal : d.token_types[i];
     bool text_token = text::unicode_to_bytes(m.strings[i], m.bytes[i]) && !m.bytes[i].empty();
-    bool control = type == text::kTokenControl || type == text::kTokenUnused || type == text::kTokenUserDefined;
+    bool control =
+        type == text::kTokenControl || type == text::kTokenUnused || type == text::kTokenUserDefined;
     if (!text_token || control) {
       m.special[i] = true;
       m.bytes[i] = m.strings[i];
@@ -214,7 +220,9 @@ Tokenizer::Tokenizer(const TokenizerData& d) {
   impl_ = std::move(impl);
 }
 
-Tokenizer Tokenizer::from_tiktoken(const std::string& path) { return Tokenizer(text::deepseek_v4_vocab(path)); }
+Tokenizer Tokenizer::from_tiktoken(const std::string& path) {
+  return Tokenizer(text::deepseek_v4_vocab(path));
+}
 
 Tokenizer Tokenizer::builtin() {
   // Building the merges takes ~0.3 s; the built-in vocabulary is immutable, so share one instance.
@@ -222,9 +230,15 @@ Tokenizer Tokenizer::builtin() {
   return tok;
 }
 
-int Tokenizer::n_vocab() const { return int(impl_->strings.size()); }
-Token Tokenizer::bos() const { return impl_->bos; }
-Token Tokenizer::eos() const { return impl_->eos; }
+int Tokenizer::n_vocab() const {
+  return int(impl_->strings.size());
+}
+Token Tokenizer::bos() const {
+  return impl_->bos;
+}
+Token Tokenizer::eos() const {
+  return impl_->eos;
+}
 
 std::vector<std::string> Tokenizer::pre_tokenize(std::string_view text) const {
   std::vector<Span> spans;
@@ -325,7 +339,9 @@ void Prompt::add_text(std::string_view s) {
     segments.push_back({false, std::string(s)});
 }
 
-void Prompt::add_special(std::string_view s) { segments.push_back({true, std::string(s)}); }
+void Prompt::add_special(std::string_view s) {
+  segments.push_back({true, std::string(s)});
+}
 
 void Prompt::append(const Prompt& other) {
   for (const auto& seg : other.segments) {

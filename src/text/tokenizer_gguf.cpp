@@ -17,11 +17,13 @@ Tokenizer Tokenizer::from_gguf(const std::string& path) {
   // regexes, which are the ones built in here. Anything else would tokenize differently.
   d.pre = f->get_string_opt(text::kGgufKeyPre).value_or("deepseek-v3");
   if (d.pre != "deepseek-v3" && d.pre != "joyai-llm")
-    fail("%s: key '%s' is '%s'; this engine implements the DeepSeek V3/V4 pre-tokenizer only "
-         "('deepseek-v3', 'joyai-llm')",
-         path.c_str(), text::kGgufKeyPre, d.pre.c_str());
+    fail(
+        "%s: key '%s' is '%s'; this engine implements the DeepSeek V3/V4 pre-tokenizer only "
+        "('deepseek-v3', 'joyai-llm')",
+        path.c_str(), text::kGgufKeyPre, d.pre.c_str());
   d.tokens = f->get_array_string(text::kGgufKeyTokens);
-  d.merges = f->has(text::kGgufKeyMerges) ? f->get_array_string(text::kGgufKeyMerges) : std::vector<std::string>{};
+  d.merges =
+      f->has(text::kGgufKeyMerges) ? f->get_array_string(text::kGgufKeyMerges) : std::vector<std::string>{};
   if (f->has(text::kGgufKeyTokenType)) d.token_types = f->get_array_i32(text::kGgufKeyTokenType);
   // BOS/EOS ids from the keys when present, else by their V4 strings (never hard-coded ids).
   auto by_string = [&](const char* s, const char* key) -> int32_t {

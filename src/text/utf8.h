@@ -45,7 +45,8 @@ inline void utf8_append(std::string& out, uint32_t cp) {
 // sequence. Bytes that can never become valid are not held back: the stream decoder passes them on.
 inline size_t utf8_complete_prefix(std::string_view s) {
   size_t n = s.size();
-  // An incomplete sequence is at most 3 bytes: a lead byte followed by fewer continuation bytes than it needs.
+  // An incomplete sequence is at most 3 bytes: a lead byte followed by fewer continuation bytes than it
+  // needs.
   for (size_t back = 1; back <= 3 && back <= n; ++back) {
     unsigned char c = s[n - back];
     if ((c >> 6) == 2) continue;  // continuation byte: keep looking for the lead

@@ -67,7 +67,9 @@ bool base64_decode(std::string_view in, std::string& out) {
 
 }  // namespace
 
-uint32_t byte_to_unicode(uint8_t b) { return byte_table().to_cp[b]; }
+uint32_t byte_to_unicode(uint8_t b) {
+  return byte_table().to_cp[b];
+}
 
 bool unicode_to_bytes(std::string_view remapped, std::string& bytes) {
   bytes.clear();
@@ -183,7 +185,8 @@ TokenizerData deepseek_v4_vocab(const std::string& tiktoken_path) {
 std::string default_tiktoken_path() {
   const char* rel = "deepseek_v3_base_vocab.tiktoken";
   std::vector<std::filesystem::path> candidates;
-  if (const char* env = std::getenv("DSV4_DATA_DIR")) candidates.emplace_back(std::filesystem::path(env) / rel);
+  if (const char* env = std::getenv("DSV4_DATA_DIR"))
+    candidates.emplace_back(std::filesystem::path(env) / rel);
   std::error_code ec;
   auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (!ec) {
@@ -196,28 +199,33 @@ std::string default_tiktoken_path() {
   candidates.emplace_back(std::filesystem::path("data") / rel);
   for (const auto& p : candidates)
     if (std::filesystem::exists(p, ec)) return p.string();
-  fail("built-in vocabulary not found: looked for %s in $DSV4_DATA_DIR, next to the executable and in the "
-       "source tree's data/ directory",
-       rel);
+  fail(
+      "built-in vocabulary not found: looked for %s in $DSV4_DATA_DIR, next to the executable and in the "
+      "source tree's data/ directory",
+      rel);
 }
 
 namespace {
 
 // Specials the renderer and the parser look up by string; a synthetic vocabulary must hold all of them.
 const char* const kSyntheticSpecials[] = {
-    "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "｜DSML｜", "<｜latest_reminder｜>",
-    "<｜action｜>", "<｜query｜>", "<｜authority｜>", "<｜domain｜>", "<｜title｜>", "<｜read_url｜>",
+    "<｜User｜>",      "<｜Assistant｜>",       "<think>",      "</think>",
+    "｜DSML｜",        "<｜latest_reminder｜>", "<｜action｜>", "<｜query｜>",
+    "<｜authority｜>", "<｜domain｜>",          "<｜title｜>",  "<｜read_url｜>",
 };
 
 }  // namespace
 
-int synthetic_vocab_min_size() { return 3 + 256 + int(std::size(kSyntheticSpecials)); }
+int synthetic_vocab_min_size() {
+  return 3 + 256 + int(std::size(kSyntheticSpecials));
+}
 
 TokenizerData synthetic_vocab(int n_vocab) {
   if (n_vocab < synthetic_vocab_min_size())
-    fail("synthetic vocabulary: n_vocab %d is too small (need >= %d: BOS/EOS/pad, 256 bytes, %zu chat "
-         "specials)",
-         n_vocab, synthetic_vocab_min_size(), std::size(kSyntheticSpecials));
+    fail(
+        "synthetic vocabulary: n_vocab %d is too small (need >= %d: BOS/EOS/pad, 256 bytes, %zu chat "
+        "specials)",
+        n_vocab, synthetic_vocab_min_size(), std::size(kSyntheticSpecials));
   TokenizerData d;
   d.tokens = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"};
   d.token_types = {kTokenControl, kTokenControl, kTokenControl};

@@ -22,19 +22,25 @@
 namespace dsv4::text {
 
 // GGUF metadata keys for the tokenizer (io-and-api.md §1.7).
-inline constexpr const char* kGgufKeyModel = "tokenizer.ggml.model";            // string: "gpt2"
-inline constexpr const char* kGgufKeyPre = "tokenizer.ggml.pre";                // string: "deepseek-v3"
-inline constexpr const char* kGgufKeyTokens = "tokenizer.ggml.tokens";          // string array
-inline constexpr const char* kGgufKeyTokenType = "tokenizer.ggml.token_type";   // int32 array
-inline constexpr const char* kGgufKeyMerges = "tokenizer.ggml.merges";          // string array "a b"
-inline constexpr const char* kGgufKeyBos = "tokenizer.ggml.bos_token_id";       // uint32
-inline constexpr const char* kGgufKeyEos = "tokenizer.ggml.eos_token_id";       // uint32
-inline constexpr const char* kGgufKeyPad = "tokenizer.ggml.padding_token_id";   // uint32
-inline constexpr const char* kGgufKeyAddBos = "tokenizer.ggml.add_bos_token";   // bool: false for V4
+inline constexpr const char* kGgufKeyModel = "tokenizer.ggml.model";           // string: "gpt2"
+inline constexpr const char* kGgufKeyPre = "tokenizer.ggml.pre";               // string: "deepseek-v3"
+inline constexpr const char* kGgufKeyTokens = "tokenizer.ggml.tokens";         // string array
+inline constexpr const char* kGgufKeyTokenType = "tokenizer.ggml.token_type";  // int32 array
+inline constexpr const char* kGgufKeyMerges = "tokenizer.ggml.merges";         // string array "a b"
+inline constexpr const char* kGgufKeyBos = "tokenizer.ggml.bos_token_id";      // uint32
+inline constexpr const char* kGgufKeyEos = "tokenizer.ggml.eos_token_id";      // uint32
+inline constexpr const char* kGgufKeyPad = "tokenizer.ggml.padding_token_id";  // uint32
+inline constexpr const char* kGgufKeyAddBos = "tokenizer.ggml.add_bos_token";  // bool: false for V4
 
 // llama.cpp token types (tokenizer.ggml.token_type values).
-enum TokenType : int32_t { kTokenNormal = 1, kTokenUnknown = 2, kTokenControl = 3, kTokenUserDefined = 4,
-                           kTokenUnused = 5, kTokenByte = 6 };
+enum TokenType : int32_t {
+  kTokenNormal = 1,
+  kTokenUnknown = 2,
+  kTokenControl = 3,
+  kTokenUserDefined = 4,
+  kTokenUnused = 5,
+  kTokenByte = 6
+};
 
 // The real vocabulary size of DeepSeek V3/V4 (embedding rows and tokenizer length).
 inline constexpr int kDeepSeekV4VocabSize = 129280;
@@ -48,15 +54,16 @@ bool unicode_to_bytes(std::string_view remapped, std::string& bytes);
 // Raw bytes -> remapped string (UTF-8).
 std::string bytes_to_unicode(std::string_view bytes);
 
-// The V4 added tokens, ids 128000..129279 in order (1,280 strings). Source and caveats in v4_added_tokens.cpp.
+// The V4 added tokens, ids 128000..129279 in order (1,280 strings). Source and caveats in
+// v4_added_tokens.cpp.
 const std::vector<std::string>& v4_added_tokens();
 
 // Reads a tiktoken file (`base64(token) id` per line, ids dense from 0). Bad lines -> dsv4::Error naming the
 // file and line number.
 std::vector<std::string> read_tiktoken(const std::string& path);
 
-// Derives one merge "left right" per multi-byte base token, in id order (rank = id), from token strings in the
-// remapped alphabet. Tokens that are not byte-level text (specials) and the 256 byte tokens get no merge.
+// Derives one merge "left right" per multi-byte base token, in id order (rank = id), from token strings in
+// the remapped alphabet. Tokens that are not byte-level text (specials) and the 256 byte tokens get no merge.
 std::vector<std::string> derive_merges(const std::vector<std::string>& tokens, int first_added_id);
 
 // The full DeepSeek V4 tokenizer arrays from the tiktoken file.

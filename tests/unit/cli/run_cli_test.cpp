@@ -74,7 +74,8 @@ TEST(RunCli, ReadFileAndLongPrefill) {
   }
   std::string input_path = testing::TempDir() + "/dsv4-cli-input2.txt";
   std::ofstream(input_path) << "/help\n/read " << file << "\n/nope\n/read /nonexistent\n";
-  Ran r = run_dsv4("run -m '" + tiny_model() + "' -s '' --nothink -n 2 --seed 3 < '" + input_path + "'", true);
+  Ran r =
+      run_dsv4("run -m '" + tiny_model() + "' -s '' --nothink -n 2 --seed 3 < '" + input_path + "'", true);
   EXPECT_EQ(r.status, 0) << r.out;
   // BOS + <｜User｜> + 300 + <｜Assistant｜> + </think> = 304.
   EXPECT_EQ(status_numbers(r.out, "prompt"), std::vector<int>{304}) << r.out;
@@ -91,7 +92,8 @@ TEST(RunCli, ContextFullIsReportedAndTheChatGoesOn) {
   }
   std::string input_path = testing::TempDir() + "/dsv4-cli-input3.txt";
   std::ofstream(input_path) << "/read " << file << "\nHello world\n";
-  Ran r = run_dsv4("run -m '" + tiny_model() + "' -s '' --nothink -c 64 -n 2 --seed 3 < '" + input_path + "'", true);
+  Ran r = run_dsv4("run -m '" + tiny_model() + "' -s '' --nothink -c 64 -n 2 --seed 3 < '" + input_path + "'",
+                   true);
   EXPECT_EQ(r.status, 0) << r.out;
   EXPECT_NE(r.out.find("context full"), std::string::npos) << r.out;
   // The failed turn left nothing behind: the next one starts from BOS (6 tokens, see OneShot).

@@ -44,10 +44,12 @@ TEST(Chat, ExampleC_EarlierReasoningDropped) {
 TEST(Chat, ExampleD_MaxEffort) {
   std::string expected =
       "<｜begin▁of▁sentence｜>Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
-      "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root "
+      "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the "
+      "root "
       "cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial "
       "scenarios.\n"
-      "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
+      "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+      "considered "
       "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
       "<｜User｜>Q<｜Assistant｜><think>";
   EXPECT_EQ(render({msg("user", "Q")}, ThinkingMode::Thinking, ReasoningEffort::Max), expected);
@@ -64,20 +66,24 @@ const char* kWeatherTool =
 
 std::string tools_section(const std::string& schemas) {
   return "## Tools\n\n"
-         "You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "
+         "You have access to a set of tools to help answer the user's question. You can invoke tools by "
+         "writing a "
          "\"<｜DSML｜tool_calls>\" block like the following:\n\n"
          "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"$TOOL_NAME\">\n"
-         "<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
+         "<｜DSML｜parameter name=\"$PARAMETER_NAME\" "
+         "string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
          "...\n</｜DSML｜invoke>\n<｜DSML｜invoke name=\"$TOOL_NAME2\">\n...\n</｜DSML｜invoke>\n"
          "</｜DSML｜tool_calls>\n\n"
-         "String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, "
+         "String parameters should be specified as is and set `string=\"true\"`. For all other types "
+         "(numbers, "
          "booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
          "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside "
          "<think>...</think> BEFORE any tool calls or final response.\n\n"
          "Otherwise, output directly after </think> with tool calls or final response.\n\n"
          "### Available Tool Schemas\n\n" +
          schemas +
-         "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n";
+         "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool "
+         "calls.\n";
 }
 
 TEST(Chat, ExampleE_ToolRoundTrip) {
@@ -91,15 +97,15 @@ TEST(Chat, ExampleE_ToolRoundTrip) {
   std::string schema =
       R"({"name": "get_weather", "description": "Get the weather", "parameters": {"type": "object", )"
       R"("properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}})";
-  std::string expected =
-      "<｜begin▁of▁sentence｜>S\n\n" + tools_section(schema) +
-      "<｜User｜>Weather in Rome?<｜Assistant｜><think>R</think>\n\n"
-      "<｜DSML｜tool_calls>\n"
-      "<｜DSML｜invoke name=\"get_weather\">\n"
-      "<｜DSML｜parameter name=\"city\" string=\"true\">Rome</｜DSML｜parameter>\n"
-      "<｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n"
-      "</｜DSML｜invoke>\n"
-      "</｜DSML｜tool_calls><｜end▁of▁sentence｜><｜User｜><tool_result>sunny</tool_result><｜Assistant｜><think>";
+  std::string expected = "<｜begin▁of▁sentence｜>S\n\n" + tools_section(schema) +
+                         "<｜User｜>Weather in Rome?<｜Assistant｜><think>R</think>\n\n"
+                         "<｜DSML｜tool_calls>\n"
+                         "<｜DSML｜invoke name=\"get_weather\">\n"
+                         "<｜DSML｜parameter name=\"city\" string=\"true\">Rome</｜DSML｜parameter>\n"
+                         "<｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n"
+                         "</｜DSML｜invoke>\n"
+                         "</｜DSML｜tool_calls><｜end▁of▁sentence｜><｜User｜><tool_result>sunny</"
+                         "tool_result><｜Assistant｜><think>";
   EXPECT_EQ(render({sys, msg("user", "Weather in Rome?"), a, tool}, ThinkingMode::Thinking), expected);
 }
 
@@ -115,7 +121,8 @@ TEST(Chat, ParallelToolResultsSortedIntoCallOrder) {
   std::string out = render({sys, msg("user", "go"), a, t2, t1, msg("user", "and?")}, ThinkingMode::Chat);
   std::string tail =
       "<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n\n</｜DSML｜invoke>\n"
-      "<｜DSML｜invoke name=\"g\">\n<｜DSML｜parameter name=\"x\" string=\"false\">[1, 2]</｜DSML｜parameter>\n"
+      "<｜DSML｜invoke name=\"g\">\n<｜DSML｜parameter name=\"x\" string=\"false\">[1, "
+      "2]</｜DSML｜parameter>\n"
       "<｜DSML｜parameter name=\"y\" string=\"false\">null</｜DSML｜parameter>\n</｜DSML｜invoke>\n"
       "</｜DSML｜tool_calls><｜end▁of▁sentence｜>"
       "<｜User｜><tool_result>a</tool_result>\n\n<tool_result>b</tool_result>\n\nand?<｜Assistant｜></think>";
@@ -173,8 +180,8 @@ TEST(Chat, ContextRendersOnlyTheContinuation) {
   ChatOptions o;
   o.mode = ThinkingMode::Chat;
   EXPECT_EQ(render_chat(ms, o, 2).str(), "<｜User｜>Q2<｜Assistant｜></think>");
-  EXPECT_EQ(render_chat(ms, o, 0).str(), render_chat(std::span(ms).first(2), o).str() +
-                                            "<｜User｜>Q2<｜Assistant｜></think>");
+  EXPECT_EQ(render_chat(ms, o, 0).str(),
+            render_chat(std::span(ms).first(2), o).str() + "<｜User｜>Q2<｜Assistant｜></think>");
 }
 
 TEST(Chat, SpecialsOnlyFromTheTemplate) {
@@ -199,14 +206,33 @@ TEST(Chat, DsmlInTemplateIsTheSpecialToken) {
     dsml += s.special && s.text == "｜DSML｜";
     think += s.special && (s.text == "<think>" || s.text == "</think>");
   }
-  EXPECT_EQ(dsml, 9);    // ｜DSML｜ occurrences in the §2.5 template text (counted by hand)
-  EXPECT_EQ(think, 5);   // 4 in the template text + the final transition
+  EXPECT_EQ(dsml, 9);   // ｜DSML｜ occurrences in the §2.5 template text (counted by hand)
+  EXPECT_EQ(think, 5);  // 4 in the template text + the final transition
 }
 
 TEST(Chat, PythonJsonDumps) {
   EXPECT_EQ(python_json_dumps(R"({"b":1,"a":[true,null,"é\n"],"c":{}})"),
             "{\"b\": 1, \"a\": [true, null, \"é\\n\"], \"c\": {}}");
   EXPECT_THROW(python_json_dumps("{"), dsv4::Error);
+}
+
+}  // namespace
+}  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+TEST(Chat, EmptyToolsAndFormatAreAbsent) {
+  // The official code tests `if tools:` / `if response_format:` — an empty list or null is no section, and
+  // an empty tools list does not stop earlier reasoning from being dropped.
+  ChatMessage sys = msg("system", "S");
+  sys.tools = "[]";
+  sys.response_format = "null";
+  ChatMessage a = msg("assistant", "A1");
+  a.reasoning = "R1";
+  EXPECT_EQ(render({sys, msg("user", "Q1"), a, msg("user", "Q2")}, ThinkingMode::Thinking),
+            "<｜begin▁of▁sentence｜>S<｜User｜>Q1<｜Assistant｜></think>A1<｜end▁of▁sentence｜>"
+            "<｜User｜>Q2<｜Assistant｜><think>");
 }
 
 }  // namespace

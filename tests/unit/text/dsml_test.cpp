@@ -1,5 +1,5 @@
-// Output parser: state switching on </think> / EOS / tool-call blocks, token-by-token streaming with hold-back,
-// the §2.9 tolerated variants, and the never-lose-text rule. Exact string comparisons throughout.
+// Output parser: state switching on </think> / EOS / tool-call blocks, token-by-token streaming with
+// hold-back, the §2.9 tolerated variants, and the never-lose-text rule. Exact string comparisons throughout.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -53,7 +53,9 @@ Collected run(const std::vector<Token>& toks, bool thinking, OutputParser** keep
 
 TEST(Dsml, ReasoningThenContent) {
   OutputParser* p;
-  auto c = run(gen({{false, "Let me think."}, {true, "</think>"}, {false, "The answer is 4."},
+  auto c = run(gen({{false, "Let me think."},
+                    {true, "</think>"},
+                    {false, "The answer is 4."},
                     {true, "<｜end▁of▁sentence｜>"}}),
                true, &p);
   EXPECT_EQ(c.reasoning, "Let me think.");
@@ -125,8 +127,10 @@ TEST(Dsml, ContentHoldsBackOnlyPossibleMarkers) {
 
 TEST(Dsml, TolerantVariants) {
   const char* variants[] = {
-      "<DSML｜invoke name=\"f\">\n<DSML｜parameter name=\"a\" string=\"true\">x</DSML｜parameter>\n</DSML｜invoke>\n",
-      "<｜｜DSML｜｜invoke name=\"f\">\n<｜｜DSML｜｜parameter name=\"a\" string=\"true\">x</｜｜DSML｜｜parameter>"
+      "<DSML｜invoke name=\"f\">\n<DSML｜parameter name=\"a\" "
+      "string=\"true\">x</DSML｜parameter>\n</DSML｜invoke>\n",
+      "<｜｜DSML｜｜invoke name=\"f\">\n<｜｜DSML｜｜parameter name=\"a\" "
+      "string=\"true\">x</｜｜DSML｜｜parameter>"
       "\n</｜｜DSML｜｜invoke>",
       "<invoke name=\"f\">\n<parameter name=\"a\">x</parameter>\n</invoke>",
       "<｜DSML｜invoke name=“f”>\n<｜DSML｜parameter name=“a” string=“true”>x</｜DSML｜parameter>\n",
@@ -193,8 +197,10 @@ namespace {
 // marker prefixes, whitespace, text and split UTF-8; when no tool call was parsed, reasoning + "</think>" (if
 // the state switched) + content must equal the decoded tokens exactly. 2,000 sequences, fixed seed.
 TEST(Dsml, NeverLosesTextProperty) {
-  const char* pieces[] = {"a", " b", "\n", "\n\n", "  ", "<", "</", "</thi", "nk>", "｜DSML｜", "<｜", "tool_calls",
-                          ">", "invoke", " name=\"f\"", "</｜DSML｜tool_calls>", "🌍", "é", "<think>", "x"};
+  const char* pieces[] = {
+      "a",   " b",       "\n",      "\n\n",       "  ", "<",      "</",          "</thi",
+      "nk>", "｜DSML｜", "<｜",     "tool_calls", ">",  "invoke", " name=\"f\"", "</｜DSML｜tool_calls>",
+      "🌍",   "é",        "<think>", "x"};
   std::vector<std::vector<Token>> alphabet;
   for (const char* p : pieces) alphabet.push_back(v4().encode(p));
   alphabet.push_back({v4().special("｜DSML｜")});
@@ -247,12 +253,34 @@ TEST(Dsml, NeverLosesTextProperty) {
 namespace dsv4::test {
 namespace {
 
-// Robustness: random DSML-ish fragments either parse into calls whose arguments are valid JSON objects or throw
-// dsv4::Error; nothing else (no crash, no other exception). 5,000 cases, fixed seed.
+// Robustness: random DSML-ish fragments either parse into calls whose arguments are valid JSON objects or
+// throw dsv4::Error; nothing else (no crash, no other exception). 5,000 cases, fixed seed.
 TEST(Dsml, BlockParserRobustness) {
-  const char* frags[] = {"<｜DSML｜invoke", " name=\"", "f", "\"", ">", "\n", "<｜DSML｜parameter", " string=\"",
-                         "true", "false", "</｜DSML｜parameter>", "</｜DSML｜invoke>", "{\"a\": [1", "]}", "<", "/",
-                         "｜", "DSML", "“", "<invoke ", "<parameter ", "</parameter>", "x\\\"y", "\xff", "12"};
+  const char* frags[] = {"<｜DSML｜invoke",
+                         " name=\"",
+                         "f",
+                         "\"",
+                         ">",
+                         "\n",
+                         "<｜DSML｜parameter",
+                         " string=\"",
+                         "true",
+                         "false",
+                         "</｜DSML｜parameter>",
+                         "</｜DSML｜invoke>",
+                         "{\"a\": [1",
+                         "]}",
+                         "<",
+                         "/",
+                         "｜",
+                         "DSML",
+                         "“",
+                         "<invoke ",
+                         "<parameter ",
+                         "</parameter>",
+                         "x\\\"y",
+                         "\xff",
+                         "12"};
   std::mt19937 rng(5);
   int parsed = 0;
   for (int n = 0; n < 5000; ++n) {
@@ -285,15 +313,15 @@ TEST(Dsml, MarkupVersusPayload) {
   };
   EXPECT_FALSE(p.in_markup());  // content
   feed("ok\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f");
-  EXPECT_TRUE(p.in_markup());   // inside an attribute of a tag
+  EXPECT_TRUE(p.in_markup());  // inside an attribute of a tag
   feed("\">\n<｜DSML｜parameter name=\"a\" string=\"true\">");
   EXPECT_FALSE(p.in_markup());  // payload starts
   feed("x < y and <b>");
   EXPECT_FALSE(p.in_markup());  // '<' inside a value is payload
   feed("</｜DSML｜param");
-  EXPECT_TRUE(p.in_markup());   // the closing tag
+  EXPECT_TRUE(p.in_markup());  // the closing tag
   feed("eter>\n");
-  EXPECT_TRUE(p.in_markup());   // between tags
+  EXPECT_TRUE(p.in_markup());  // between tags
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Sampler: edge cases (greedy, all-masked, NaN), filters, reproducibility, and statistical checks with a fixed
-// sample count. Statistical tolerance: with N = 20000 draws a frequency's standard deviation is at most
+// Sampler: edge cases (greedy, all-masked, NaN), filters, reproducibility, and statistical checks with a
+// fixed sample count. Statistical tolerance: with N = 20000 draws a frequency's standard deviation is at most
 // sqrt(0.25 / N) = 0.0035, so +-0.02 is over 5 sigma (and the seed is fixed, so the test is deterministic).
 #include <gtest/gtest.h>
 

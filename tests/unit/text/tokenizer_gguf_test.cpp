@@ -31,7 +31,8 @@ TEST(TokenizerGguf, RealVocabularyRoundTrip) {
   write_vocab(path, v4_data());
   Tokenizer tok = Tokenizer::from_gguf(path);
   EXPECT_EQ(tok.n_vocab(), 129280);
-  EXPECT_EQ(tok.encode("Hello 你好 World 世界!"), (std::vector<Token>{19923, 223, 30594, 4495, 223, 3427, 3}));
+  EXPECT_EQ(tok.encode("Hello 你好 World 世界!"),
+            (std::vector<Token>{19923, 223, 30594, 4495, 223, 3427, 3}));
   EXPECT_EQ(tok.special("<｜Assistant｜>"), 128804);
   EXPECT_EQ(tok.bos(), 0);
   EXPECT_EQ(tok.eos(), 1);

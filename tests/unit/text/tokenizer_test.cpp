@@ -45,7 +45,8 @@ TEST(Tokenizer, PreTokenizerRules) {
   EXPECT_EQ(v4().pre_tokenize("x\n\n  y"), (std::vector<std::string>{"x", "\n\n", " ", " y"}));
 }
 
-// Official API usage.prompt_tokens for BOS + <｜User｜> + text + <｜Assistant｜> + </think> (thinking disabled).
+// Official API usage.prompt_tokens for BOS + <｜User｜> + text + <｜Assistant｜> + </think> (thinking
+// disabled).
 TEST(Tokenizer, OfficialPromptCounts) {
   std::filesystem::path dir = shared_data("official-vectors");
   if (!std::filesystem::exists(dir)) GTEST_SKIP() << "reference data missing: " << dir;
@@ -86,8 +87,9 @@ TEST(Tokenizer, ClientTextNeverYieldsControlTokens) {
 TEST(Tokenizer, RoundTripArbitraryBytes) {
   // Byte-level BPE is lossless on any input, including invalid UTF-8; 300 random strings, fixed seed.
   std::mt19937 rng(1234);
-  const char* alphabet[] = {"a", "Z", " ", "  ", "\n", "\r\n", "\t", "1", "12345", "é", "你", "ー", "🌍", "\xff",
-                            "\xe4\xbd", ".", "!?", "'s", "\u0301", "\u00a0", "\u3000", "«", "1,5", "_x"};
+  const char* alphabet[] = {"a",     "Z",  " ",      "  ",     "\n",     "\r\n", "\t",       "1",
+                            "12345", "é",  "你",     "ー",     "🌍",      "\xff", "\xe4\xbd", ".",
+                            "!?",    "'s", "\u0301", "\u00a0", "\u3000", "«",    "1,5",      "_x"};
   for (int n = 0; n < 300; ++n) {
     std::string s;
     int len = rng() % 24;
@@ -177,7 +179,8 @@ TEST(Tokenizer, OfficialApiTokensAreVocabularyEntries) {
       for (const auto& t : toks) {
         std::string bytes;
         for (int b : t["bytes"]) bytes.push_back(char(b));
-        // The API spells EOS "<｜｜end▁of▁sentence｜｜>" (doubled bars): its display form, not a vocabulary string.
+        // The API spells EOS "<｜｜end▁of▁sentence｜｜>" (doubled bars): its display form, not a vocabulary
+        // string.
         if (bytes.find("end▁of▁sentence") != std::string::npos) continue;
         EXPECT_TRUE(v4().find(text::bytes_to_unicode(bytes)).has_value()) << name << ": '" << bytes << "'";
         ++checked;

@@ -1,5 +1,6 @@
 // Vocabulary builders: the real V4 arrays rebuilt from the tiktoken file, and synthetic vocabularies.
-// Expected values come from io-and-api.md §1.3–1.7 (GGUF dumps and the special-token table), not from the code.
+// Expected values come from io-and-api.md §1.3–1.7 (GGUF dumps and the special-token table), not from the
+// code.
 #include "text/vocab.h"
 
 #include <gtest/gtest.h>
