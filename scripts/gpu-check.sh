@@ -10,7 +10,8 @@
 # The GPU image has CUDA, CMake and a compiler but none of the Debian -dev packages the project's CMake wants
 # and no network, hence the bundle. Building from build/gpusrc (a committed tree) rather than the working copy
 # keeps other people's half-edited files out of the build. Environment: JOBS (default nproc), GPU_CHECK_QUICK=1
-# skips the largest workbench case and the knob sweep, GPU_CHECK_SANITIZE=1 adds a compute-sanitizer memcheck pass.
+# skips the largest workbench case and the knob sweep, GPU_CHECK_SANITIZE=1 adds a compute-sanitizer memcheck pass,
+# GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEPS="$ROOT/build/gpudeps"
@@ -71,7 +72,9 @@ fi
 
 status=0
 set -o pipefail
-if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target dsv4_test_ops wb_gemv) \
+targets=(dsv4_test_ops wb_gemv)
+[ "${GPU_CHECK_E2E:-0}" = 1 ] && targets+=(dsv4 dsv4_test_convert)
+if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}") \
      > "$OUT/build.log" 2>&1; then
   echo "BUILD FAILED (tail of build.log):"; tail -40 "$OUT/build.log"; exit 1
 fi
@@ -98,6 +101,25 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/nul
   else
     echo "memcheck: FAILED (see memcheck.log)"; tail -30 "$OUT/memcheck.log"; status=1
   fi
+fi
+
+# Optional end to end: the engine on the CUDA op table vs the HF fixtures (the convert engineer's test), and
+# dsv4 logits cpu vs cuda on the tiny synthetic model.
+if [ "${GPU_CHECK_E2E:-0}" = 1 ]; then
+  {
+    (cd "$SRC" && DSV4_TEST_BACKEND=cuda "$BUILD/dsv4_test_convert" --gtest_filter='*EngineVsHf*') 2>&1 || status=1
+    tiny=/tmp/dsv4-tiny.gguf toks="0 100 2000 30000 77 5 9 1234 4321 60000 7 7 7 100000 12 13"
+    "$BUILD/dsv4" synth --shape tiny --mix q2 --out $tiny > /dev/null &&
+    for be in cpu cuda; do "$BUILD/dsv4" logits -m $tiny --tokens "$toks" --backend $be --out /tmp/logits.$be.f32; done &&
+    python3 -c "
+import numpy as np
+c = np.fromfile('/tmp/logits.cpu.f32', np.float32); g = np.fromfile('/tmp/logits.cuda.f32', np.float32)
+V = c.size // 16; c = c.reshape(16, V); g = g.reshape(16, V)
+print('tiny q2 logits cpu vs cuda: rel-L2 %.3g, max abs %.3g (max |logit| %.3g), argmax agree %d/16' % (
+    np.linalg.norm(g - c) / np.linalg.norm(c), np.abs(g - c).max(), np.abs(c).max(), (g.argmax(1) == c.argmax(1)).sum()))
+" || status=1
+  } > "$OUT/e2e.log" 2>&1
+  grep -E "tiny q2|PASSED|FAILED|OK \]" "$OUT/e2e.log" | tail -12
 fi
 
 wb_args=(--csv "$OUT/wb_gemv.csv")

@@ -6,6 +6,9 @@
 #include <ostream>
 
 #include "backend/cpu/cpu_backend.h"
+#ifdef DSV4_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 #include "common/error.h"
 #include "common/thread_pool.h"
 #include "dsv4/engine.h"
@@ -58,9 +61,15 @@ class EngineImpl final : public Engine {
     if (o.progress) o.progress(0.0, "opening " + o.model_path);
     model_ = Model::load(o.model_path);
     pool_ = std::make_unique<ThreadPool>(o.threads);
-    if (o.backend == BackendKind::Cuda)
+    if (o.backend == BackendKind::Cuda) {
+#ifdef DSV4_HAVE_CUDA
+      backend_ = make_cuda_backend();  // op table on the GPU; attention still runs on the CPU (docs/cuda.md)
+#else
       fail("%s: the CUDA backend is not available in this build (use --backend cpu)", o.model_path.c_str());
-    backend_ = make_cpu_backend(pool_.get());
+#endif
+    } else {
+      backend_ = make_cpu_backend(pool_.get());
+    }
     const ModelConfig& c = model_->config();
     info_.name = c.name;
     info_.n_layers = c.n_layers;
