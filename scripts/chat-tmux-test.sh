@@ -13,7 +13,8 @@ BIN="$(cd "$(dirname "$BUILD/dsv4")" && pwd)/dsv4"
 MODEL="$BUILD/dsv4-tiny.gguf"
 command -v tmux >/dev/null || { echo "chat-tmux-test: SKIP (tmux not installed)"; exit 0; }
 [ -x "$BIN" ] || { echo "chat-tmux-test: $BIN not built" >&2; exit 1; }
-if [ ! -f "$MODEL" ]; then
+# Rebuilt when the binary is newer: a model from an older build may use an older layout.
+if [ ! -f "$MODEL" ] || [ "$BIN" -nt "$MODEL" ]; then
   "$BIN" synth --shape tiny --seed 1 --out "$MODEL.tmp" >/dev/null 2>&1
   mv "$MODEL.tmp" "$MODEL"
 fi

@@ -17,7 +17,8 @@ if [ ! -x "$BIN" ]; then
   echo "make-run: $BIN is not built (run: make build)" >&2
   exit 1
 fi
-if [ ! -f "$MODEL" ]; then
+# Rebuilt when the binary is newer: a model from an older build may use an older layout.
+if [ ! -f "$MODEL" ] || [ "$BIN" -nt "$MODEL" ]; then
   echo "make-run: writing the demo model $MODEL (random weights, seed 1)" >&2
   "$BIN" synth --shape tiny --seed 1 --out "$MODEL.tmp" >/dev/null
   mv "$MODEL.tmp" "$MODEL"

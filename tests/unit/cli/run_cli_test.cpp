@@ -16,7 +16,9 @@ namespace {
 const std::string& tiny_model() {
   static const std::string path = [] {
     std::string p = testing::TempDir() + "/dsv4-cli-tiny.gguf";
-    if (!std::filesystem::exists(p)) run_dsv4("synth --shape tiny --seed 1 --out '" + p + "'");
+    // Always rewritten: a file left by an older build could be in an older layout (synth is fast).
+    std::filesystem::remove(p);
+    run_dsv4("synth --shape tiny --seed 1 --out '" + p + "'");
     return p;
   }();
   return path;
