@@ -47,18 +47,18 @@ TEST(Synth, TinyQ2LayoutTypesAndTokenizer) {
     const auto& t = f->get_tensor(s.name);
     EXPECT_EQ(std::vector<int64_t>(t.ne.begin(), t.ne.begin() + int64_t(s.ne.size())), s.ne) << s.name;
   }
-  // ds4's q2 types (model-spec §13.1); gate/up rows (d_model 128) fall back from IQ2_XXS to Q8_0.
+  // ds4's q2 types (model-spec §13.1); tiny's d_model is one super-block, so gate/up stay IQ2_XXS.
   EXPECT_EQ(f->get_tensor("token_embd.weight").type, uint32_t(QType::F16));
   EXPECT_EQ(f->get_tensor("output.weight").type, uint32_t(QType::Q8_0));
   EXPECT_EQ(f->get_tensor("blk.1.attn_q_b.weight").type, uint32_t(QType::Q8_0));
   EXPECT_EQ(f->get_tensor("blk.1.attn_compressor_kv.weight").type, uint32_t(QType::F16));
   EXPECT_EQ(f->get_tensor("blk.1.indexer.proj.weight").type, uint32_t(QType::F16));
   EXPECT_EQ(f->get_tensor("blk.1.ffn_down_exps.weight").type, uint32_t(QType::Q2_K));
-  EXPECT_EQ(f->get_tensor("blk.1.ffn_gate_exps.weight").type, uint32_t(QType::Q8_0));
+  EXPECT_EQ(f->get_tensor("blk.1.ffn_gate_exps.weight").type, uint32_t(QType::IQ2_XXS));
   EXPECT_EQ(f->get_tensor("blk.0.ffn_gate_tid2eid.weight").type, uint32_t(QType::I32));
   EXPECT_EQ(f->get_tensor("blk.1.attn_norm.weight").type, uint32_t(QType::F32));
   // Scales: matrices ~ N(0, 1/in) -> rms 1/sqrt(in); quantization changes the rms by well under 20%.
-  EXPECT_NEAR(rms_of(f->get_tensor("output.weight")) * std::sqrt(128.0), 1.0, 0.2);
+  EXPECT_NEAR(rms_of(f->get_tensor("output.weight")) * std::sqrt(double(c.d_model)), 1.0, 0.2);
   EXPECT_NEAR(rms_of(f->get_tensor("blk.1.ffn_down_exps.weight")) * std::sqrt(256.0), 1.0, 0.2);
   EXPECT_NEAR(rms_of(f->get_tensor("token_embd.weight")), 1.0, 0.05);
   // tid2eid rows hold distinct experts in range.
