@@ -164,7 +164,10 @@ struct ParsedToolCall {
 struct OutputDelta {
   std::string reasoning;
   std::string content;
-  std::vector<ParsedToolCall> tool_calls;
+  std::vector<ParsedToolCall> tool_calls;  // complete calls, when the block closes
+  // Names of calls as soon as their invoke tag is complete (before the arguments), for clients that show a
+  // call header early; index i is the i-th call of the block. Their arguments arrive in tool_calls.
+  std::vector<std::string> tool_calls_started;
 };
 
 // Incremental parser of generated tokens. States: Reasoning (when the prompt ended in <think>) -> Content ->
@@ -191,6 +194,7 @@ class OutputParser {
   void feed_text(const std::string& s, OutputDelta& d);
   void drain(OutputDelta& d, bool final);
   void close_tool_block(OutputDelta& d, bool terminated);
+  void announce_calls(OutputDelta& d);
 
   const Tokenizer* tok_;
   Token end_think_, eos_;
@@ -199,6 +203,7 @@ class OutputParser {
   std::string held_;             // text not yet emitted in the current state
   std::string block_;            // tool-calls block text (after the opener)
   std::string opener_, closer_;  // as written, to hand back an unparseable block verbatim
+  size_t announced_ = 0;         // invoke names already reported in tool_calls_started
   std::string error_;
 };
 

@@ -255,6 +255,7 @@ void OutputParser::drain(OutputDelta& d, bool final) {
       return;
     }
     if (state_ == State::ToolCalls) {
+      announce_calls(d);
       for (const char* c : kClosers) {
         size_t k = block_.find(c);
         if (k != std::string::npos) {
@@ -268,6 +269,21 @@ void OutputParser::drain(OutputDelta& d, bool final) {
       return;
     }
     return;
+  }
+}
+
+void OutputParser::announce_calls(OutputDelta& d) {
+  std::string b = normalize_dsml(block_);
+  size_t pos = 0, seen = 0;
+  while ((pos = b.find(kInvokeOpen, pos)) != std::string::npos) {
+    size_t gt = b.find('>', pos);
+    if (gt == std::string::npos) break;  // tag not complete yet
+    if (++seen > announced_) {
+      std::string_view attrs(b.data() + pos + kInvokeOpen.size(), gt - pos - kInvokeOpen.size());
+      d.tool_calls_started.push_back(attribute(attrs, "name").value_or(""));
+      announced_ = seen;
+    }
+    pos = gt;
   }
 }
 

@@ -326,3 +326,32 @@ TEST(Dsml, MarkupVersusPayload) {
 
 }  // namespace
 }  // namespace dsv4::test
+
+namespace dsv4::test {
+namespace {
+
+TEST(Dsml, CallNamesAnnouncedBeforeArguments) {
+  OutputParser p(v4(), false);
+  std::vector<std::string> started;
+  std::vector<ParsedToolCall> done;
+  auto feed = [&](const std::string& s) {
+    for (Token t : v4().encode(s)) {
+      OutputDelta d = p.push(t);
+      started.insert(started.end(), d.tool_calls_started.begin(), d.tool_calls_started.end());
+      done.insert(done.end(), d.tool_calls.begin(), d.tool_calls.end());
+    }
+  };
+  feed("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_");
+  EXPECT_TRUE(started.empty());  // the name is not complete yet
+  feed("weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Ro");
+  EXPECT_EQ(started, std::vector<std::string>{"get_weather"});
+  EXPECT_TRUE(done.empty());
+  feed("me</｜DSML｜parameter>\n</｜DSML｜invoke>\n<｜DSML｜invoke name=\"g\">\n</｜DSML｜invoke>\n");
+  EXPECT_EQ(started, (std::vector<std::string>{"get_weather", "g"}));
+  feed("</｜DSML｜tool_calls>");
+  ASSERT_EQ(done.size(), 2u);
+  EXPECT_EQ(done[0].arguments, R"({"city": "Rome"})");
+}
+
+}  // namespace
+}  // namespace dsv4::test
