@@ -148,6 +148,7 @@ struct Case {
   int n_slots = 1;
   int n_tokens = 1;
   bool split = false;  // Q8_0 repacked to GemvLayout::Q8Split
+  bool pair = false;   // two matrices (gate + up) in one launch
 };
 
 struct Result {
@@ -172,6 +173,10 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
     q8_0_split_cuda(w.get(), c.rows * (moe ? c.n_experts : 1) * copies, c.cols, ws.get(), s);
     w = std::move(ws);
   }
+  // Paired launches read a second weight set of the same size (rotated like the first), so nothing is read twice.
+  DeviceArray<uint8_t> w2(c.pair ? size_t(dev_stack_bytes * (moe ? 1 : copies)) : 0);
+  if (c.pair) random_device_weights(c.type, w2.get(), w2.size(), 4321u);
+  if (c.pair && c.split) fail("wb_gemv: paired split cases are not set up");
   const int n_act = moe ? 1 : c.n_tokens;
   std::vector<float> hx(size_t(n_act * c.cols));
   std::mt19937 rng(7);
@@ -180,7 +185,7 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   DeviceArray<float> x{std::span<const float>(hx)};
   DeviceArray<uint8_t> xq(size_t(n_act * gpu_activation_bytes(c.type, c.cols, layout)));
   quantize_activations_cuda(c.type, x.get(), n_act, c.cols, xq.get(), s, layout);
-  DeviceArray<float> y(size_t(c.n_slots * c.n_tokens * c.rows));
+  DeviceArray<float> y(size_t(c.n_slots * c.n_tokens * c.rows)), y2(size_t(c.n_slots * c.n_tokens * c.rows));
   constexpr int kIdSets = 40;
   std::vector<int32_t> hid;
   for (int k = 0; k < kIdSets; ++k)
@@ -193,6 +198,7 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
       GemvParams p;
       p.wtype = c.type, p.rows = c.rows, p.cols = c.cols, p.xq = xq.get(), p.n_tokens = c.n_tokens, p.y = y.get();
       p.unroll = unroll, p.row_group = row_group, p.cta_warps = cta_warps, p.layout = layout;
+      if (c.pair) p.w2 = w2.get() + (moe ? 0 : i * dev_stack_bytes), p.y2 = y2.get();
       p.w = w.get() + (moe ? 0 : i * dev_stack_bytes);
       if (moe) {
         p.expert_stride = dev_mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
@@ -212,7 +218,7 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
 
-  const double bytes = double(mat_bytes) * c.n_slots + double(xq.bytes()) + double(y.bytes());
+  const double bytes = (double(mat_bytes) * c.n_slots + double(y.bytes())) * (c.pair ? 2 : 1) + double(xq.bytes());
   Result r;
   r.us_graph = graph_ms * 1e3 / n_launch;
   r.us_eager = eager_ms * 1e3 / n_launch;
@@ -305,6 +311,8 @@ int main(int argc, char** argv) {
         {"hc_fn 16384->24", QType::F16, 24, 16384},
         {"moe_gate 6x(4096->2048)/256", QType::IQ2_XXS, 2048, 4096, 256, 6},
         {"moe_down 6x(2048->4096)/256", QType::Q2_K, 4096, 2048, 256, 6},
+        {"moe_gate+up pair 6x/256", QType::IQ2_XXS, 2048, 4096, 256, 6, 1, false, true},
+        {"shexp gate+up pair 4096->2048", QType::Q8_0, 2048, 4096, 0, 1, 1, false, true},
         {"moe_gate_q4 6x(4096->2048)/256", QType::Q4_K, 2048, 4096, 256, 6},
         {"dense 4096->4096 T=1", QType::Q8_0, 4096, 4096, 0, 1, 1},
         {"dense 4096->4096 T=2", QType::Q8_0, 4096, 4096, 0, 1, 2},

@@ -147,12 +147,13 @@ TEST(CudaGemv, BatchedTokens) {
 
 // MoE: n_slots experts of a 256-expert stack in one launch, expert ids read from device memory.
 void run_moe(QType t, int64_t rows, int64_t cols, int n_experts, const std::vector<int32_t>& ids,
-             int act_slot_div, uint64_t seed) {
+             int act_slot_div, uint64_t seed, bool paired = false) {
   const int n_slots = int(ids.size());
   const int n_act = n_slots / act_slot_div;
   const std::string what = "MoE " + qtype_name(t) + " " + std::to_string(rows) + "x" + std::to_string(cols) +
                            " x" + std::to_string(n_experts) + " slots=" + std::to_string(n_slots);
   const auto w = test::random_weights(t, rows, cols, seed, n_experts);
+  const auto w2 = paired ? test::random_weights(t, rows, cols, seed + 7, n_experts) : std::vector<uint8_t>{};
   const auto x = test::random_normal(size_t(n_act * cols), seed + 1);
   const auto act = prepare(t, x, n_act, cols);
   const int64_t rb = row_bytes(t, cols);
@@ -163,29 +164,43 @@ void run_moe(QType t, int64_t rows, int64_t cols, int n_experts, const std::vect
   DeviceArray<int32_t> d_ids{std::span<const int32_t>(ids)};
   DeviceArray<float> d_y(size_t(n_slots * rows));
   d_y.fill_bytes(0xFF);
+  DeviceArray<uint8_t> d_w2{std::span<const uint8_t>(w2)};
+  DeviceArray<float> d_y2(paired ? size_t(n_slots * rows) : 0);
+  d_y2.fill_bytes(0xFF);
   cuda::quantize_activations_cuda(t, d_x.get(), n_act, cols, d_xq.get(), nullptr);
   cuda::GemvParams p;
   p.wtype = t, p.w = d_w.get(), p.rows = rows, p.cols = cols, p.expert_stride = rows * rb;
   p.expert_ids = d_ids.get(), p.n_slots = n_slots, p.act_slot_div = act_slot_div, p.xq = d_xq.get();
   p.y = d_y.get();
+  if (paired) p.w2 = d_w2.get(), p.y2 = d_y2.get();
   cuda::gemv_cuda(p, nullptr);
   cuda::check(cudaDeviceSynchronize(), what.c_str());
-  const auto y = d_y.download();
 
-  std::vector<double> ref(size_t(n_slots * rows));
   std::vector<float> scratch;
-  for (int s = 0; s < n_slots; ++s)
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* wr = &w[size_t((int64_t(ids[size_t(s)]) * rows + r) * rb)];
-      ref[size_t(s * rows + r)] = ref_dot(t, wr, &act.deq[size_t((s / act_slot_div) * cols)], cols, scratch);
-    }
-  expect_close(y, ref, what);
+  for (int m = 0; m < (paired ? 2 : 1); ++m) {
+    const auto& wm = m == 0 ? w : w2;
+    const auto y = (m == 0 ? d_y : d_y2).download();
+    std::vector<double> ref(size_t(n_slots * rows));
+    for (int s = 0; s < n_slots; ++s)
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* wr = &wm[size_t((int64_t(ids[size_t(s)]) * rows + r) * rb)];
+        ref[size_t(s * rows + r)] = ref_dot(t, wr, &act.deq[size_t((s / act_slot_div) * cols)], cols, scratch);
+      }
+    expect_close(y, ref, what + (m ? " (w2)" : ""));
+  }
 }
 
 TEST(CudaGemv, MoeGateUpSharedInput) {
   DSV4_REQUIRE_CUDA();
   // Two tokens, six experts each (ids include the first and last expert); gate/up share the token's input.
   run_moe(QType::IQ2_XXS, 2048, 4096, 256, {0, 17, 255, 128, 3, 77, 5, 255, 0, 200, 31, 64}, 6, 501);
+}
+
+// Gate and up of the same experts in one launch (grid.y covers w's slots, then w2's).
+TEST(CudaGemv, MoePairedGateUp) {
+  DSV4_REQUIRE_CUDA();
+  run_moe(QType::IQ2_XXS, 2048, 4096, 64, {63, 2, 17, 40, 0, 9}, 6, 511, true);
+  run_moe(QType::Q4_K, 512, 4096, 8, {7, 1, 0, 3, 5, 2, 6, 4, 1, 0, 2, 3}, 6, 512, true);
 }
 
 TEST(CudaGemv, MoeDownPerSlotInput) {

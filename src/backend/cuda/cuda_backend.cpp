@@ -161,7 +161,14 @@ class CudaBackend final : public Backend {
 
   // ---- device-pointer helpers ------------------------------------------------------------------------------
   // y[t] = W x[t] for T tokens, x and y on the device.
-  void dmatmul(const WeightView& w, int expert, const float* d_x, int T, float* d_y) {
+  // w2/d_y2 (optional): a second matrix of the same type and shape over the same input, in the same launch.
+  void dmatmul(const WeightView& w, int expert, const float* d_x, int T, float* d_y, const WeightView* w2 = nullptr,
+               float* d_y2 = nullptr) {
+    if (w2 && (w2->type != w.type || w2->ne[0] != w.ne[0] || w2->ne[1] != w.ne[1] || !cuda::gemv_supports(w.type))) {
+      dmatmul(w, expert, d_x, T, d_y);  // not pairable: two launches
+      dmatmul(*w2, expert, d_x, T, d_y2);
+      return;
+    }
     const int64_t cols = w.ne[0], rows = w.ne[1];
     if (expert >= 0 && (w.n_dims < 3 || expert >= w.ne[2])) fail("matmul: tensor '%s' has no expert %d", w.name, expert);
     if (!cuda::gemv_supports(w.type)) {  // BF16 & co: the CPU kernel on downloaded activations
@@ -179,11 +186,20 @@ class CudaBackend final : public Backend {
     cuda::GemvParams g;
     g.wtype = w.type, g.layout = layout, g.rows = rows, g.cols = cols, g.xq = d_xq, g.n_tokens = T, g.y = d_y;
     g.w = weight(w) + (expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w)));
+    if (w2) {
+      g.w2 = weight(*w2) + (expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(*w2)));
+      g.y2 = d_y2;
+    }
     cuda::gemv_cuda(g, nullptr);
   }
   // Expert GEMV over slots: slot s = t*k + j uses expert d_ids[s] and activation row s / act_div.
   void dmatmul_experts(const WeightView& w, const int32_t* d_ids, int n_slots, int act_div, const float* d_x,
-                       float* d_y) {
+                       float* d_y, const WeightView* w2 = nullptr, float* d_y2 = nullptr) {
+    if (w2 && (w2->type != w.type || w2->ne[0] != w.ne[0] || w2->ne[1] != w.ne[1] || w2->ne[2] != w.ne[2])) {
+      dmatmul_experts(w, d_ids, n_slots, act_div, d_x, d_y);
+      dmatmul_experts(*w2, d_ids, n_slots, act_div, d_x, d_y2);
+      return;
+    }
     const int64_t cols = w.ne[0], rows = w.ne[1];
     if (!cuda::gemv_supports(w.type) || w.n_dims < 3)
       fail("cuda backend: expert tensor '%s' (%s) is not supported", w.name, qtype_name(w.type).c_str());
@@ -195,6 +211,7 @@ class CudaBackend final : public Backend {
     g.wtype = w.type, g.layout = layout, g.w = weight(w), g.rows = rows, g.cols = cols;
     g.expert_stride = rows * device_row_bytes(w);
     g.expert_ids = d_ids, g.n_slots = n_slots, g.act_slot_div = act_div, g.xq = d_xq, g.y = d_y;
+    if (w2) g.w2 = weight(*w2), g.y2 = d_y2;
     cuda::gemv_cuda(g, nullptr);
   }
   uint8_t* act_buffer(size_t bytes) {
@@ -257,13 +274,11 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
   float* d_ye = buffer(4, size_t(n_slots) * D);
   float* d_y = buffer(5, size_t(T) * D);
   // Routed: gate/up share the token's input (act row = slot / k), down has one input per slot.
-  dmatmul_experts(w.gate_exps, ids_.get(), n_slots, k, d_x, d_g);
-  dmatmul_experts(w.up_exps, ids_.get(), n_slots, k, d_x, d_u);
+  dmatmul_experts(w.gate_exps, ids_.get(), n_slots, k, d_x, d_g, &w.up_exps, d_u);  // gate + up: one launch
   cuda::swiglu_cuda(d_g, d_u, d_rw, n_slots, F, p.swiglu_clamp, d_g, nullptr);
   dmatmul_experts(w.down_exps, ids_.get(), n_slots, 1, d_g, d_ye);
   // Shared expert, then the routed outputs added in selection order (the CPU's order).
-  dmatmul(w.gate_shexp, -1, d_x, T, d_g);
-  dmatmul(w.up_shexp, -1, d_x, T, d_u);
+  dmatmul(w.gate_shexp, -1, d_x, T, d_g, &w.up_shexp, d_u);
   cuda::swiglu_cuda(d_g, d_u, nullptr, T, F, p.swiglu_clamp, d_g, nullptr);
   dmatmul(w.down_shexp, -1, d_g, T, d_y);
   cuda::moe_sum_cuda(d_ye, T, k, D, d_y, nullptr);

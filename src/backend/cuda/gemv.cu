@@ -314,9 +314,12 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
   const int groups_per_cta = int(blockDim.x >> 5) / wpr;
   const int64_t row0 = (int64_t(blockIdx.x) * groups_per_cta + warp / wpr) * R;
   const int part = warp % wpr;
-  const int slot = blockIdx.y;
+  // grid.y covers the slots of w, then (paired launch) the same slots of w2.
+  const bool second = int(blockIdx.y) >= p.n_slots;
+  const int slot = second ? int(blockIdx.y) - p.n_slots : int(blockIdx.y);
   const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
-  const uint8_t* wbase = static_cast<const uint8_t*>(p.w) + expert * p.expert_stride;
+  const uint8_t* wbase = static_cast<const uint8_t*>(second ? p.w2 : p.w) + expert * p.expert_stride;
+  float* y = second ? p.y2 : p.y;
   const uint8_t* wrow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wrow[r] = wbase + std::min<int64_t>(row0 + r, p.rows - 1) * row_bytes;
@@ -382,7 +385,7 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
     for (int r = 0; r < R; ++r)
       if (row0 + r < p.rows)
 #pragma unroll
-        for (int t = 0; t < NT; ++t) p.y[(int64_t(slot) * p.n_tokens + t) * p.rows + row0 + r] = acc[r][t];
+        for (int t = 0; t < NT; ++t) y[(int64_t(slot) * p.n_tokens + t) * p.rows + row0 + r] = acc[r][t];
 }
 
 template <class T, int NT, int U, int R>
@@ -392,14 +395,14 @@ void launch(const GemvParams& p, cudaStream_t stream) {
   // Enough warps to fill the card (132 SMs x 64 resident warps ~ 8k): row groups are split across warps until
   // there are 8k warps, or 16 per group. Measured on H200 (wb_gemv): 4096 rows of 8192 Q8_0 columns ran at 35% of
   // the read bandwidth with one warp per row, because each warp walks its long row one dependent step at a time.
-  const int64_t total_groups = (p.rows + R - 1) / R * p.n_slots;
+  const int64_t total_groups = (p.rows + R - 1) / R * p.n_slots * (p.w2 ? 2 : 1);
   int wpr = 1;
   while (wpr < kMaxWarpsPerCta && total_groups * wpr < 8192) wpr *= 2;
   // IQ2_XXS CTAs first copy the 2 KiB grid to shared memory: bigger CTAs amortize that copy over more rows.
   const int base_warps = p.cta_warps ? p.cta_warps : (std::is_same_v<T, TraitsIQ2_XXS> ? 16 : kWarpsPerCta);
   const int warps = std::max(base_warps, wpr);
   const int rows_per_cta = warps / wpr * R;
-  const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots));
+  const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots * (p.w2 ? 2 : 1)));
   const size_t smem = std::is_same_v<T, TraitsIQ2_XXS> ? sizeof(Iq2Smem) : 0;
   gemv_kernel<T, NT, U, R><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr);
   check_launch("gemv_kernel");
@@ -411,7 +414,7 @@ void launch_tuned(const GemvParams& p, cudaStream_t stream) {
   // Default rows per warp from the H200 sweep (wb_gemv): 4 for matrices of >= 16 MiB (one activation load feeds 4
   // rows; Q8_0 8192->4096: 52% of read bandwidth vs 47% with 2) and for Q2_K expert down projections, 1 for the
   // smaller ones (Q8_0 4096->1024: 4.7 us vs 5.6 us with 2).
-  const int64_t bytes = p.rows * weight_row_bytes<T>(p.cols) * p.n_slots;
+  const int64_t bytes = p.rows * weight_row_bytes<T>(p.cols) * p.n_slots * (p.w2 ? 2 : 1);
   int auto_r = (bytes >= (16ll << 20) || std::is_same_v<T, TraitsQ2_K>) ? 4 : 1;
   if constexpr (kIsSplit<T>) auto_r = bytes >= (16ll << 20) ? 2 : 1;  // split: 16-byte loads already feed 2 rows
   const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : auto_r;
@@ -540,7 +543,8 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
       (p_in.wtype == QType::F16 && p_in.cols % 8 != 0) || (p_in.wtype == QType::F32 && p_in.cols % 4 != 0))
     fail("gemv_cuda: bad shape %lld x %lld for %s", (long long)p_in.rows, (long long)p_in.cols,
          qtype_name(p_in.wtype).c_str());
-  if (p_in.n_slots < 1 || p_in.n_slots > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
+  if (p_in.w2 && !p_in.y2) fail("gemv_cuda: a paired launch (w2) needs y2");
+  if (p_in.n_slots < 1 || p_in.n_slots * (p_in.w2 ? 2 : 1) > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
     fail("gemv_cuda: bad slots=%d act_slot_div=%d n_tokens=%d", p_in.n_slots, p_in.act_slot_div, p_in.n_tokens);
   if (p_in.layout == GemvLayout::Q8Split && (p_in.wtype != QType::Q8_0 || !q8_split_supported(p_in.cols)))
     fail("gemv_cuda: the split layout needs Q8_0 weights and cols %% 256 == 0 (got %s, %lld)",
@@ -554,6 +558,7 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
     p.n_tokens = std::min(kGemvMaxTokens, p_in.n_tokens - t0);
     p.xq = static_cast<const uint8_t*>(p_in.xq) + t0 * gpu_activation_bytes(p.wtype, p.cols, p.layout);
     p.y = p_in.y + int64_t(t0) * p.rows;
+    if (p_in.y2) p.y2 = p_in.y2 + int64_t(t0) * p.rows;
     // y rows of a chunk are [t][rows] with the chunk's own token count; only valid when n_slots == 1.
     if (p_in.n_tokens > kGemvMaxTokens && p_in.n_slots != 1) fail("gemv_cuda: > %d tokens needs n_slots == 1", kGemvMaxTokens);
     switch (p.wtype) {

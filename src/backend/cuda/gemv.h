@@ -9,6 +9,7 @@
 // Three shapes, one kernel family:
 //   dense        y[t][r] = W[r] . x[t]              for t < n_tokens (1..8 per launch; weights read once)
 //   batched      the same with n_tokens > 1: every weight block is decoded once and dotted with each token
+//   paired       w and w2 in one launch (same activations): gate and up projections together
 //   MoE          n_slots experts in one launch: slot s uses expert expert_ids[s] (device memory, so the
 //                launch is graph-capturable) and activation row s / act_slot_div (act_slot_div = k when the
 //                k experts of a token share its input, as gate/up do; 1 when each slot has its own, as down).
@@ -49,6 +50,10 @@ struct GemvParams {
                                       // gpu_activation_bytes(wtype, cols) from quantize_activations_cuda
   int n_tokens = 1;                   // dense: tokens; MoE: must be 1
   float* y = nullptr;                 // [n_slots][n_tokens][rows]
+  // Paired launch: a second matrix (stack) of the same type, shape and layout over the same activations and
+  // expert ids, written to y2 (MoE gate + up, shared-expert gate + up: one launch instead of two).
+  const void* w2 = nullptr;
+  float* y2 = nullptr;
   // Tuning knobs (0 = the type's default): weight blocks whose loads a lane issues before computing (1, 2, 4),
   // rows per warp sharing one activation load (1, 2, 4) — both for single-token launches — and warps per CTA
   // (4..16, any launch). dev/cuda/gemv.cu sweeps them; results do not depend on them beyond fp32 summation order.
