@@ -3,7 +3,7 @@
 # (same seed, same file), then runs a one-shot prompt on it with `dsv4 run`, printing the reply and the speeds.
 #
 # The demo model is `dsv4 synth --shape tiny`: DeepSeek V4 Flash's architecture at toy widths (4 layers,
-# d_model 128, sliding/CSA/HCA layers, hash + routed MoE, mHC) with the real 129,280-token V4 tokenizer and
+# d_model 256, sliding/CSA/HCA layers, hash + routed MoE, mHC) with the real 129,280-token V4 tokenizer and
 # RANDOM weights, so the reply is fluent-looking noise. It exercises the whole path (GGUF load, tokenizer,
 # chat encoding, forward, sampling, streaming) without an 81 GB download.
 #
