@@ -411,12 +411,12 @@ void launch(const GemvParams& p, cudaStream_t stream) {
 // Single-token launches take the (unroll, row_group) knobs; batched ones use the type's defaults.
 template <class T>
 void launch_tuned(const GemvParams& p, cudaStream_t stream) {
-  // Default rows per warp from the H200 sweep (wb_gemv): 4 for matrices of >= 16 MiB (one activation load feeds 4
-  // rows; Q8_0 8192->4096: 52% of read bandwidth vs 47% with 2) and for Q2_K expert down projections, 1 for the
-  // smaller ones (Q8_0 4096->1024: 4.7 us vs 5.6 us with 2).
+  // Default rows per warp from the H200 sweeps (wb_gemv): 2 for matrices of >= 16 MiB (one activation load feeds
+  // both rows), 4 for Q2_K expert down projections, 1 for smaller matrices (Q8_0 4096->1024: 4.7 us vs 5.6 us
+  // with 2). Four rows per warp looked best for big block-layout Q8_0 in one run and 30-40% slower in a later
+  // one on another machine (more registers, fewer resident warps), so 2 is the safe choice.
   const int64_t bytes = p.rows * weight_row_bytes<T>(p.cols) * p.n_slots * (p.w2 ? 2 : 1);
-  int auto_r = (bytes >= (16ll << 20) || std::is_same_v<T, TraitsQ2_K>) ? 4 : 1;
-  if constexpr (kIsSplit<T>) auto_r = bytes >= (16ll << 20) ? 2 : 1;  // split: 16-byte loads already feed 2 rows
+  const int auto_r = std::is_same_v<T, TraitsQ2_K> ? 4 : (bytes >= (16ll << 20) ? 2 : 1);
   const int u = p.unroll ? p.unroll : T::kUnroll, r = p.row_group ? p.row_group : auto_r;
 #define DSV4_GEMV_CASE(U_, R_) \
   if (u == U_ && r == R_) return launch<T, 1, U_, R_>(p, stream);
