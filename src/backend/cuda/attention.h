@@ -1,0 +1,56 @@
+// Sink attention of DeepSeek V4 on the GPU (model-spec §6.5): H query heads share ONE KV head of dim dh
+// (K = V, MQA), rows = the query's sliding-window rows followed by compressed rows (all visible ones for HCA,
+// the indexer's selection for CSA), one softmax over them plus a per-head value-less sink logit.
+// CPU twin: dsv4::cpu::sink_attention_head (src/backend/cpu/attention_cpu.h). All pointers are device pointers.
+//
+// Work split (flash-decoding): a CTA owns (token, group of 8 heads, split of rows). It streams its rows in
+// tiles of 32 through shared memory, each row read from global memory once for all 8 heads, with an online
+// softmax per head. With one split per token the CTA also applies the sink and writes the final output; with
+// several it writes (normalized partial output, log-sum-exp) and a second kernel combines the splits and the
+// sink. Decode picks many splits (rows spread over the SMs), prefill one (enough CTAs from tokens x heads).
+//
+// Numerics: fp32 throughout; scores are scale * dot (dot as a warp tree, not the CPU's 16-lane order) and the
+// softmax is rescaled per tile, so results agree with the CPU twin to a few ulp-scaled relative error, not
+// bitwise.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+inline constexpr int kAttnMaxHeadDim = 512;  // registers hold dh/128 float4 accumulators per lane
+inline constexpr int kAttnTileRows = 32;
+
+// Rows of token t (position p = pos0 + t), the semantics of Backend::sink_attention (src/backend/backend.h):
+//   window rows  positions lo .. p with lo = max(0, p - window + 1): a position q >= pos0 is row q - pos0 of
+//                kv_new [T, dh] (this call's tokens); an earlier one is slot q mod window of ring [window, dh]
+//   compressed   comp_idx != null (Selected): rows comp + comp_idx[t * top_k + i] * dh for
+//                i < min(top_k, (p + 1) / ratio)
+//                comp_idx == null and ratio > 0 and comp != null (All, HCA): rows 0 .. (p + 1) / ratio - 1
+//                otherwise none
+struct SinkAttnLaunch {
+  const float* q = nullptr;       // [T, H, dh]
+  float* out = nullptr;           // [T, H, dh]
+  const float* sinks = nullptr;   // [H]
+  int T = 0, H = 0, dh = 0;
+  int64_t pos0 = 0;
+  int window = 0;
+  const float* kv_new = nullptr;
+  const float* ring = nullptr;
+  const float* comp = nullptr;
+  const int32_t* comp_idx = nullptr;  // [T, top_k]
+  int top_k = 0;
+  int ratio = 0;
+  float scale = 0.0f;             // 0: 1/sqrt(dh)
+  // Rows per split (a multiple of 32); 0 = automatic (decode: 32 rows per split, prefill: one split).
+  int rows_per_split = 0;
+};
+
+// Scratch for the split path: partial outputs and log-sum-exps. Owned by the caller so a decode loop (or a
+// CUDA graph) allocates once; sink_attention_scratch_floats() says how many floats a call needs (0: none).
+int64_t sink_attention_scratch_floats(const SinkAttnLaunch& p);
+void sink_attention_cuda(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream);
+
+}  // namespace dsv4::cuda

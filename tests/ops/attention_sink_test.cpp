@@ -1,0 +1,138 @@
+// Parity of the CUDA sink attention (src/backend/cuda/attention.h) with its CPU twin cpu::sink_attention_head
+// at Flash widths: 64 heads, head dim 512, window 128, compressed rows selected (CSA, top-k 512) or all (HCA),
+// contexts 1k..64k, decode (split-K + combine) and prefill (one split, fused sink), forced split counts too.
+#include <algorithm>
+#include <numeric>
+
+#include "backend/cpu/attention_cpu.h"
+#include "backend/cuda/attention.h"
+#include "ops_common.h"
+
+namespace dsv4 {
+namespace {
+
+using cuda::DeviceArray;
+template <typename T>
+DeviceArray<T> upload(const std::vector<T>& v) {
+  return DeviceArray<T>(std::span<const T>(v));
+}
+
+struct Case {
+  const char* name;
+  int64_t pos0;
+  int T;
+  int ratio;      // 0 sliding only, 4 CSA (selected rows), 128 HCA (all rows)
+  int rows_per_split = 0;
+};
+
+// Runs one case on both sides. Inputs are N(0,1) like normalized q/kv rows; scale 1/sqrt(512) makes logits
+// O(1). Selected rows: a random ascending subset of min(K, visible) rows per token (the indexer's contract).
+void run_case(const Case& c) {
+  constexpr int H = 64, dh = 512, W = 128, K = 512;
+  const int64_t p_end = c.pos0 + c.T;
+  const int64_t n_comp = c.ratio > 0 ? p_end / c.ratio : 0;
+  const uint64_t seed = uint64_t(c.pos0 * 31 + c.T * 7 + c.ratio);
+  const auto q = test::random_normal(size_t(c.T) * H * dh, seed + 1);
+  const auto kv_new = test::random_normal(size_t(c.T) * dh, seed + 2);
+  const auto ring = test::random_normal(size_t(W) * dh, seed + 3);
+  const auto comp = test::random_normal(size_t(std::max<int64_t>(n_comp, 1)) * dh, seed + 4);
+  const auto sinks = test::random_normal(H, seed + 5, 2.0f);
+  std::vector<int32_t> sel(size_t(c.T) * K, 0);
+  std::mt19937_64 rng(seed + 6);
+  if (c.ratio == 4) {
+    for (int t = 0; t < c.T; ++t) {
+      const int64_t vis = (c.pos0 + t + 1) / 4;
+      std::vector<int32_t> all(static_cast<size_t>(vis));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng);
+      const int n = int(std::min<int64_t>(vis, K));
+      std::sort(all.begin(), all.begin() + n);
+      std::copy_n(all.begin(), n, sel.begin() + int64_t(t) * K);
+    }
+  }
+
+  // CPU: a linear window buffer of positions p0 - min(W-1, p0) .. p_end - 1 built from ring + kv_new.
+  const int64_t n_prev = std::min<int64_t>(W - 1, c.pos0), first = c.pos0 - n_prev;
+  std::vector<float> win(size_t(n_prev + c.T) * dh);
+  for (int64_t i = 0; i < n_prev; ++i)
+    std::copy_n(ring.data() + ((first + i) % W) * dh, dh, win.data() + i * dh);
+  std::copy(kv_new.begin(), kv_new.end(), win.begin() + n_prev * dh);
+  const float scale = float(1.0 / std::sqrt(double(dh)));
+  std::vector<float> ref(q.size()), scratch(size_t(W + std::max<int64_t>(n_comp, K)));
+  for (int t = 0; t < c.T; ++t) {
+    const int64_t p = c.pos0 + t, lo = std::max<int64_t>(0, p - W + 1);
+    cpu::SinkAttnRows rows;
+    rows.window = win.data() + (lo - first) * dh;
+    rows.n_window = p - lo + 1;
+    if (c.ratio == 4) {
+      rows.comp = comp.data(), rows.comp_idx = sel.data() + int64_t(t) * K;
+      rows.n_comp = std::min<int64_t>(K, (p + 1) / 4);
+    } else if (c.ratio > 0) {
+      rows.comp = comp.data(), rows.n_comp = (p + 1) / c.ratio;
+    }
+    for (int h = 0; h < H; ++h)
+      cpu::sink_attention_head(q.data() + (int64_t(t) * H + h) * dh, dh, rows, sinks[size_t(h)], scale,
+                               scratch.data(), ref.data() + (int64_t(t) * H + h) * dh);
+  }
+
+  auto d_q = upload(q), d_new = upload(kv_new), d_ring = upload(ring), d_comp = upload(comp), d_s = upload(sinks);
+  auto d_sel = upload(sel);
+  DeviceArray<float> d_out(q.size());
+  d_out.fill_bytes(0xFF);  // NaN poison: an unwritten output fails the comparison
+  cuda::SinkAttnLaunch L;
+  L.q = d_q.get(), L.out = d_out.get(), L.sinks = d_s.get(), L.T = c.T, L.H = H, L.dh = dh, L.pos0 = c.pos0;
+  L.window = W, L.kv_new = d_new.get(), L.ring = d_ring.get();
+  if (c.ratio > 0) L.comp = d_comp.get(), L.ratio = c.ratio;
+  if (c.ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
+  L.rows_per_split = c.rows_per_split;
+  DeviceArray<float> d_scratch(size_t(cuda::sink_attention_scratch_floats(L)));
+  cuda::sink_attention_cuda(L, d_scratch.get(), nullptr);
+  const auto out = d_out.download();
+  // Tolerance: logits are 512-term fp32 dots (warp tree vs the CPU's 16-lane order: ~1e-6 relative), the
+  // softmax is rescaled per tile / split instead of one max, and outputs are convex combinations of O(1) rows.
+  // Each of those is a few ulp; 2e-5 relative L2 and 5e-5 max abs (values |x| <= ~4) leave ~10x margin while a
+  // wrong row, a missed sink or a dropped split moves results by > 1e-2.
+  EXPECT_LE(test::rel_l2(out, ref), 2e-5) << c.name;
+  EXPECT_LE(test::max_abs_err(out, ref), 5e-5) << c.name;
+}
+
+TEST(CudaAttention, SinkDecodeCsaContexts) {
+  DSV4_REQUIRE_CUDA();
+  for (int64_t ctx : {1024, 8192, 65536}) run_case({"csa decode", ctx - 1, 1, 4});
+}
+
+TEST(CudaAttention, SinkDecodeHcaAndSliding) {
+  DSV4_REQUIRE_CUDA();
+  run_case({"hca decode 2k", 2047, 1, 128});
+  run_case({"hca decode 64k", 65535, 1, 128});
+  run_case({"sliding decode, window not full", 50, 1, 0});
+  run_case({"first token (only the sink and itself)", 0, 1, 4});
+}
+
+TEST(CudaAttention, SinkPrefill) {
+  DSV4_REQUIRE_CUDA();
+  run_case({"csa prefill from 0", 0, 300, 4});
+  run_case({"csa prefill chunk at 4000", 4000, 64, 4});
+  run_case({"hca prefill chunk at 8000", 8000, 40, 128});
+  run_case({"sliding prefill", 100, 37, 0});
+}
+
+TEST(CudaAttention, SinkForcedSplits) {
+  DSV4_REQUIRE_CUDA();
+  run_case({"prefill with 64-row splits", 4000, 16, 4, 64});
+  run_case({"decode with one 1024-row split", 8191, 1, 4, 1024});
+  run_case({"prefill, splits past early tokens' rows", 10, 40, 128, 32});
+}
+
+TEST(CudaAttention, SinkRejectsBadShapes) {
+  cuda::SinkAttnLaunch L;
+  L.T = 1, L.H = 64, L.dh = 520, L.window = 128;
+  EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // dh > 512
+  L.dh = 512;
+  EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // no kv_new rows
+  L.kv_new = reinterpret_cast<const float*>(16), L.rows_per_split = 48;
+  EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // split not a multiple of 32
+}
+
+}  // namespace
+}  // namespace dsv4
