@@ -11,7 +11,9 @@
 # and no network, hence the bundle. Building from build/gpusrc (a committed tree) rather than the working copy
 # keeps other people's half-edited files out of the build. Environment: JOBS (default nproc), GPU_CHECK_QUICK=1
 # skips the largest workbench case and the knob sweep, GPU_CHECK_SANITIZE=1 adds a compute-sanitizer memcheck pass,
-# GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits).
+# GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits),
+# GPU_CHECK_TESTS='Suite*:Other*' restricts the parity tests (gtest filter, default all), GPU_CHECK_WB="gemv attention"
+# names the workbenches to build and run (dev/cuda/<name>.cu, default both).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEPS="$ROOT/build/gpudeps"
@@ -72,7 +74,9 @@ fi
 
 status=0
 set -o pipefail
-targets=(dsv4_test_ops wb_gemv)
+WBS=(${GPU_CHECK_WB:-gemv attention})
+targets=(dsv4_test_ops)
+for wb in "${WBS[@]}"; do targets+=("wb_$wb"); done
 [ "${GPU_CHECK_E2E:-0}" = 1 ] && targets+=(dsv4 dsv4_test_convert)
 if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}") \
      > "$OUT/build.log" 2>&1; then
@@ -83,7 +87,7 @@ echo "build ok"
 # Parity tests, one process per test: a kernel fault leaves a sticky error in the CUDA context that would fail
 # every later test of the same process. Run from the source root (tests find data relative to it).
 : > "$OUT/ops.log"
-tests=$("$BUILD/dsv4_test_ops" --gtest_list_tests | awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}')
+tests=$("$BUILD/dsv4_test_ops" --gtest_list_tests --gtest_filter="${GPU_CHECK_TESTS:-*}" | awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}')
 for t in $tests; do
   if (cd "$SRC" && "$BUILD/dsv4_test_ops" --gtest_filter="$t") >> "$OUT/ops.log" 2>&1; then
     echo "ok    $t"
@@ -122,7 +126,9 @@ print('tiny q2 logits cpu vs cuda: rel-L2 %.3g, max abs %.3g (max |logit| %.3g),
   grep -E "tiny q2|PASSED|FAILED|OK \]" "$OUT/e2e.log" | tail -12
 fi
 
-wb_args=(--csv "$OUT/wb_gemv.csv")
-[ "${GPU_CHECK_QUICK:-0}" = 1 ] && wb_args+=(--quick)
-"$BUILD/wb_gemv" "${wb_args[@]}" 2>&1 | tee "$OUT/wb_gemv.log" || status=1
+for wb in "${WBS[@]}"; do
+  wb_args=(--csv "$OUT/wb_$wb.csv")
+  [ "${GPU_CHECK_QUICK:-0}" = 1 ] && wb_args+=(--quick)
+  "$BUILD/wb_$wb" "${wb_args[@]}" 2>&1 | tee "$OUT/wb_$wb.log" || status=1
+done
 exit $status

@@ -1,0 +1,249 @@
+// Workbench: attention-sublayer kernels at DeepSeek-V4-Flash decode shapes, against the bytes-moved roofline.
+//
+//   wb_attention [--csv FILE] [--quick]
+//
+// Measures the card's streaming-read bandwidth first (16-byte loads over 1 GiB), then times each case as a CUDA
+// graph of 32 launches (the decode-step setting: no launch gaps) and eagerly. Every case rotates over enough
+// per-layer copies of its KV / key buffers (>= 256 MiB, <= 128 copies) that L2 never serves the previous
+// launch's rows, as in a real decode where 43 layers' KV passes between two uses of a layer. Bytes counted: KV or
+// key rows read once + queries + outputs (+ split partials written and read back for split attention).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/attention.h"
+#include "backend/cuda/attention_rows.h"
+#include "backend/cuda/compressor.h"
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/indexer.h"
+#include "common/error.h"
+
+using namespace dsv4;
+using namespace dsv4::cuda;
+
+namespace {
+
+constexpr int H = 64, DH = 512, W = 128, K = 512, HI = 64, DI = 128;
+
+__global__ void fill_kernel(float* p, size_t n, uint32_t seed) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 0x9E3779B9u ^ seed;
+    x ^= x >> 16, x *= 0x7FEB352Du, x ^= x >> 15, x *= 0x846CA68Bu, x ^= x >> 16;
+    p[i] = float(int(x & 0xFFFF) - 32768) * (1.0f / 16384.0f);  // uniform in [-2, 2)
+  }
+}
+void fill(float* p, size_t n, uint32_t seed) {
+  fill_kernel<<<1024, 256>>>(p, n, seed);
+  check_launch("fill_kernel");
+}
+
+__global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
+  uint32_t acc = 0;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+float time_ms(const std::function<void()>& f, int reps) {
+  cudaEvent_t a, b;
+  check(cudaEventCreate(&a), "event"), check(cudaEventCreate(&b), "event");
+  f();
+  check(cudaDeviceSynchronize(), "warmup");
+  check(cudaEventRecord(a), "record");
+  for (int i = 0; i < reps; ++i) f();
+  check(cudaEventRecord(b), "record");
+  check(cudaEventSynchronize(b), "sync");
+  float ms = 0;
+  check(cudaEventElapsedTime(&ms, a, b), "elapsed");
+  cudaEventDestroy(a), cudaEventDestroy(b);
+  return ms / reps;
+}
+
+double read_bandwidth_gbs() {
+  const size_t bytes = size_t(1) << 30;
+  DeviceArray<uint4> buf(bytes / 16);
+  DeviceArray<unsigned> sink(1);
+  buf.fill_bytes(1);
+  const float ms = time_ms([&] { read_kernel<<<132 * 8, 512>>>(buf.get(), bytes / 16, sink.get()); }, 10);
+  return double(bytes) / (ms * 1e-3) / 1e9;
+}
+
+// Times `launch(copy)` for copies 0..n_copies-1 in turn: eager per launch, and as a graph of 32 launches.
+struct Timing {
+  double us_graph, us_eager;
+};
+Timing time_case(int n_copies, const std::function<void(int, cudaStream_t)>& launch) {
+  cudaStream_t s;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+  int next = 0;
+  const float eager = time_ms([&] { launch(next++ % n_copies, s); }, 64);
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "begin capture");
+  for (int i = 0; i < 32; ++i) launch(i % n_copies, s);
+  check(cudaStreamEndCapture(s, &g), "end capture");
+  check(cudaGraphInstantiate(&ge, g, 0), "instantiate");
+  const float graph = time_ms([&] { check(cudaGraphLaunch(ge, s), "graph launch"); }, 20);
+  check(cudaStreamSynchronize(s), "sync");
+  cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
+  return {graph * 1e3 / 32, eager * 1e3};
+}
+
+int copies_for(size_t bytes_per_copy) {
+  return int(std::clamp<size_t>((size_t(256) << 20) / std::max<size_t>(bytes_per_copy, 1) + 1, 2, 128));
+}
+
+struct Row {
+  std::string name;
+  int64_t ctx;
+  double bytes, us_graph, us_eager;
+};
+
+// Decode attention of one token at context ctx: CSA (window + 512 selected of ctx/4) or HCA (window + ctx/128).
+Row attention_case(int64_t ctx, int ratio) {
+  const int64_t n_comp = ctx / ratio;
+  const size_t comp_f = size_t(n_comp) * DH, ring_f = size_t(W) * DH;
+  const int n = copies_for((comp_f + ring_f) * 4);
+  DeviceArray<float> comp(comp_f * n), ring(ring_f * n), q(size_t(H) * DH), kv(DH), out(size_t(H) * DH), sinks(H);
+  fill(comp.get(), comp.size(), 1), fill(ring.get(), ring.size(), 2), fill(q.get(), q.size(), 3);
+  fill(kv.get(), kv.size(), 4), fill(sinks.get(), sinks.size(), 5);
+  std::vector<int32_t> sel(K);
+  std::mt19937 rng(7);
+  std::vector<int32_t> all(static_cast<size_t>(n_comp));
+  for (int64_t i = 0; i < n_comp; ++i) all[size_t(i)] = int32_t(i);
+  std::shuffle(all.begin(), all.end(), rng);
+  const int n_sel = int(std::min<int64_t>(K, n_comp));
+  std::sort(all.begin(), all.begin() + n_sel);
+  std::copy_n(all.begin(), n_sel, sel.begin());
+  DeviceArray<int32_t> d_sel{std::span<const int32_t>(sel)};
+  SinkAttnLaunch L;
+  L.q = q.get(), L.out = out.get(), L.sinks = sinks.get(), L.T = 1, L.H = H, L.dh = DH, L.pos0 = ctx - 1;
+  L.window = W, L.kv_new = kv.get(), L.comp = comp.get(), L.ratio = ratio;
+  if (ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
+  const int64_t scratch_f = sink_attention_scratch_floats(L);
+  DeviceArray<float> scratch(size_t(std::max<int64_t>(scratch_f, 1)));
+  const Timing t = time_case(n, [&](int c, cudaStream_t s) {
+    SinkAttnLaunch l = L;
+    l.ring = ring.get() + c * ring_f, l.comp = comp.get() + c * comp_f;
+    sink_attention_cuda(l, scratch.get(), s);
+  });
+  const int64_t rows = std::min<int64_t>(W, ctx) + (ratio == 4 ? n_sel : n_comp);
+  const double bytes = double(rows) * DH * 4 + 2.0 * H * DH * 4 + 2.0 * scratch_f * 4;
+  return {ratio == 4 ? "attn_csa_decode" : "attn_hca_decode", ctx, bytes, t.us_graph, t.us_eager};
+}
+
+// Indexer decode at context ctx: scores over ctx/4 keys, top-512, ascending sort.
+Row indexer_case(int64_t ctx) {
+  const int64_t n_keys = ctx / 4;
+  const size_t key_f = size_t(n_keys) * DI;
+  const int n = copies_for(key_f * 4);
+  DeviceArray<float> keys(key_f * n), q(size_t(HI) * DI), w(HI);
+  fill(keys.get(), keys.size(), 11), fill(q.get(), q.size(), 12), fill(w.get(), w.size(), 13);
+  DeviceArray<int32_t> sel(K);
+  IndexerLaunch L;
+  L.q = q.get(), L.w = w.get(), L.weight_scale = 1.0f / std::sqrt(float(HI * DI)), L.T = 1, L.HI = HI, L.dI = DI;
+  L.pos0 = ctx - 1, L.ratio = 4, L.k = K, L.sel = sel.get();
+  DeviceArray<float> scratch(size_t(std::max<int64_t>(1, indexer_scratch_floats(L))));
+  const Timing t = time_case(n, [&](int c, cudaStream_t s) {
+    IndexerLaunch l = L;
+    l.keys = keys.get() + c * key_f;
+    indexer_select_cuda(l, scratch.get(), s);
+  });
+  const double bytes = double(key_f) * 4 + HI * DI * 4 + (n_keys > K ? 2.0 * n_keys * 4 : 0.0);
+  return {"indexer_decode", ctx, bytes, t.us_graph, t.us_eager};
+}
+
+// One decode token through the main ratio-4 compressor (dC 512, overlap, FP8) at a position that closes a window.
+Row compressor_case() {
+  const int m = 4, d = 512, cw = 2 * d;
+  DeviceArray<float> v(cw), z(cw), ape(size_t(m) * cw), cv(size_t(m) * cw), cz(size_t(m) * cw), pv(size_t(m) * d),
+      pz(size_t(m) * d), rows(size_t(4096) * d), norm(d);
+  for (auto* a : {&v, &z, &ape, &cv, &cz, &pv, &pz, &norm}) fill(a->get(), a->size(), 21);
+  CompressorStepParams p;
+  p.ratio = m, p.dim = d, p.overlap = true, p.T = 1, p.v = v.get(), p.z = z.get(), p.ape = ape.get();
+  p.cur_v = cv.get(), p.cur_z = cz.get(), p.prev_v = pv.get(), p.prev_z = pz.get(), p.rows = rows.get();
+  p.max_rows = 4096, p.norm_w = norm.get(), p.n_rot = 64, p.qat = RowQat::Fp8;
+  for (int j = 0; j < 32; ++j) p.omega[j] = std::pow(160000.0, -2.0 * j / 64);
+  const Timing t = time_case(1, [&](int, cudaStream_t s) {
+    CompressorStepParams q = p;
+    q.pos0 = 8191;
+    compressor_step_cuda(q, s);
+  });
+  return {"compressor_step_decode", 8192, double(cw) * 4 * 8, t.us_graph, t.us_eager};
+}
+
+// Prefill attention of a 2048-token chunk at 6144 (the last chunk of an 8k prompt), CSA: GFLOP/s, not bytes.
+Row prefill_case(int64_t pos0, int T) {
+  const int64_t n_comp = (pos0 + T) / 4;
+  DeviceArray<float> comp(size_t(n_comp) * DH), ring(size_t(W) * DH), q(size_t(T) * H * DH), kv(size_t(T) * DH),
+      out(size_t(T) * H * DH), sinks(H);
+  fill(comp.get(), comp.size(), 31), fill(ring.get(), ring.size(), 32), fill(q.get(), q.size(), 33);
+  fill(kv.get(), kv.size(), 34), fill(sinks.get(), sinks.size(), 35);
+  std::vector<int32_t> sel(size_t(T) * K);
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < K; ++i) sel[size_t(t) * K + i] = int32_t(i * (n_comp / K));
+  DeviceArray<int32_t> d_sel{std::span<const int32_t>(sel)};
+  SinkAttnLaunch L;
+  L.q = q.get(), L.out = out.get(), L.sinks = sinks.get(), L.T = T, L.H = H, L.dh = DH, L.pos0 = pos0;
+  L.window = W, L.kv_new = kv.get(), L.ring = ring.get(), L.comp = comp.get(), L.ratio = 4;
+  L.comp_idx = d_sel.get(), L.top_k = K;
+  const Timing t = time_case(1, [&](int, cudaStream_t s) { sink_attention_cuda(L, nullptr, s); });
+  const double flop = 4.0 * T * H * DH * (W + K);  // QK and PV, 2 flop per multiply-add
+  return {"attn_csa_prefill_T" + std::to_string(T), pos0 + T, flop, t.us_graph, t.us_eager};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string csv_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
+    else if (!std::strcmp(argv[i], "--quick")) quick = true;
+  }
+  try {
+    if (!device_available()) {
+      std::printf("no CUDA device\n");
+      return 0;
+    }
+    const std::string card = device_description();
+    const double bw = read_bandwidth_gbs();
+    std::printf("%s\nstreaming read: %.0f GB/s\n\n", card.c_str(), bw);
+    std::vector<Row> rows;
+    for (int64_t ctx : {2048, 8192, 65536}) {
+      rows.push_back(attention_case(ctx, 4));
+      rows.push_back(attention_case(ctx, 128));
+      rows.push_back(indexer_case(ctx));
+    }
+    rows.push_back(compressor_case());
+    if (!quick) rows.push_back(prefill_case(6144, 2048));
+    FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
+    if (csv) std::fprintf(csv, "card,case,ctx,bytes_or_flop,us_graph,us_eager,gbs_or_gflops,pct_read_bw\n");
+    std::printf("%-26s %7s %12s %10s %10s %12s %8s\n", "case", "ctx", "bytes/flop", "us_graph", "us_eager",
+                "GB/s|GFLOP/s", "%read");
+    for (const Row& r : rows) {
+      const bool flops = r.name.find("prefill") != std::string::npos;
+      const double rate = r.bytes / (r.us_graph * 1e-6) / 1e9;
+      const double pct = flops ? 0.0 : 100.0 * rate / bw;
+      std::printf("%-26s %7lld %12.0f %10.2f %10.2f %12.1f %7.1f%%\n", r.name.c_str(), (long long)r.ctx, r.bytes,
+                  r.us_graph, r.us_eager, rate, pct);
+      if (csv)
+        std::fprintf(csv, "\"%s\",%s,%lld,%.0f,%.3f,%.3f,%.1f,%.2f\n", card.c_str(), r.name.c_str(),
+                     (long long)r.ctx, r.bytes, r.us_graph, r.us_eager, rate, pct);
+    }
+    if (csv) std::fclose(csv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "wb_attention: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
