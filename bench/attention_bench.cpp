@@ -93,16 +93,19 @@ AttentionWeights make_weights(Store& s, const AttentionShape& sh) {
   return w;
 }
 
-// A state as if `ctx` tokens had been consumed (random rows).
+// A state as if `ctx` tokens had been consumed (random rows), uploaded into the state's backend memory.
 void fill_state(AttentionState& st, int64_t ctx, std::mt19937& rng) {
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (auto& v : st.window) v = nd(rng);
+  auto randomize = [&](Backend* be, DeviceBuffer& b) {
+    std::vector<float> h(b.bytes() / sizeof(float));
+    for (auto& v : h) v = nd(rng);
+    if (!h.empty()) be->upload(b.data(), h.data(), b.bytes());
+  };
+  randomize(st.be, st.window);
   auto fill = [&](CompressorState& c) {
+    c.reserve(ctx / c.ratio);
     c.n_rows = ctx / c.ratio;
-    c.rows.resize(size_t(c.n_rows) * c.dim);
-    for (auto& v : c.rows) v = nd(rng);
-    for (size_t i = 0; i < c.cur_v.size(); ++i) c.cur_v[i] = nd(rng), c.cur_z[i] = nd(rng);
-    for (size_t i = 0; i < c.prev_v.size(); ++i) c.prev_v[i] = nd(rng), c.prev_z[i] = nd(rng);
+    for (DeviceBuffer* b : {&c.rows, &c.cur_v, &c.cur_z, &c.prev_v, &c.prev_z}) randomize(c.be, *b);
   };
   if (st.shape.has_compressor()) fill(st.comp);
   if (st.shape.has_indexer()) fill(st.idx_comp);

@@ -1,25 +1,23 @@
-// The attention sublayer forward (model-spec §6, §6.7-6.8); see attention.h for the contract.
+// The attention sublayer forward (model-spec §6, §6.7-6.8) as backend ops; see attention.h for the contract.
 //
 // One pass handles up to opt.max_tokens_per_pass consecutive tokens in this order:
-//   1. projections for all tokens (quant matmul: one fixed summation order per output value, per token)
-//   2. Q/KV post-processing per token (norms, RoPE, FP8 QAT)
-//   3. compressors fed token by token (rows become visible per the availability rule, not per pass)
-//   4. indexer top-k per token (CSA)
-//   5. sink attention per (token, head) over [window rows | compressed rows]
-//   6. inverse RoPE, grouped output projection
-//   7. window ring update
+//   1. projections for all tokens (matmul: one fixed summation order per output value, per token)
+//   2. Q/KV post-processing per token (head_prep: norms, RoPE, FP8 QAT)
+//   3. compressors fed token by token (compressor_step; rows become visible per the availability rule)
+//   4. indexer top-k per token (CSA: indexer_topk)
+//   5. sink attention per (token, head) over [window rows | compressed rows] (sink_attention)
+//   6. inverse RoPE, grouped output projection (head_prep, matmul_grouped, matmul)
+//   7. window ring update (window_store)
 // Nothing in a token's result depends on which other tokens share its pass, hence the chunking invariance.
+// The host only computes sizes and positions from st.n_past and T; all data stays in backend memory.
 #include "model/attention.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "backend/cpu/attention_cpu.h"
+#include "backend/backend.h"
 #include "common/error.h"
-#include "common/thread_pool.h"
-#include "model/attention_qat.h"
 #include "model/config.h"
-#include "model/indexer.h"
 #include "quant/quant.h"
 
 namespace dsv4 {
@@ -69,193 +67,103 @@ void check_weights(const AttentionWeights& w, const AttentionShape& s) {
   }
 }
 
-// Y[t] = W X[t] for T tokens (W: GGUF [cols, rows]).
-void project(const WeightView& w, const float* X, int T, float* Y, ThreadPool* pool) {
-  matmul(w.type, w.data, w.rows(), w.cols(), X, T, Y, pool);
-}
-
-// Scratch of one pass, sized for T tokens.
-struct Pass {
-  int T = 0;
-  int64_t p0 = 0;
-  ThreadPool* pool = nullptr;
-  std::vector<float> cs;    // [T, dr] cos/sin per token position
-  std::vector<float> qr;    // [T, rq]
-  std::vector<float> q;     // [T, H*dh]
-  std::vector<float> kv;    // [T, dh]
-  std::vector<float> o;     // [T, H*dh]
-  std::vector<int32_t> sel; // [T, KI] indexer-selected compressed rows, ascending (CSA)
-  std::vector<int32_t> n_sel;  // [T]
+// Scratch of the passes of one call, in backend memory, sized for up to T tokens.
+struct Scratch {
+  DeviceBuffer qr, q, kv, o, low, v, z, qI, wI, sel;
+  Scratch(Backend& be, const AttentionShape& s, int T) {
+    const size_t n = size_t(T), f = sizeof(float);
+    const size_t qd = size_t(s.n_heads) * size_t(s.head_dim);
+    qr = be.alloc(f * n * size_t(s.q_rank));
+    q = be.alloc(f * n * qd);
+    kv = be.alloc(f * n * size_t(s.head_dim));
+    o = be.alloc(f * n * qd);
+    low = be.alloc(f * n * size_t(s.o_groups) * size_t(s.o_rank));
+    size_t cw = 0;  // widest compressor projection
+    if (s.has_compressor()) cw = size_t(s.has_indexer() ? 2 : 1) * size_t(s.head_dim);
+    if (s.has_indexer()) {
+      cw = std::max(cw, 2 * size_t(s.idx_dim));
+      qI = be.alloc(f * n * size_t(s.idx_heads) * size_t(s.idx_dim));
+      wI = be.alloc(f * n * size_t(s.idx_heads));
+      sel = be.alloc(sizeof(int32_t) * n * size_t(s.idx_topk));
+    }
+    v = be.alloc(f * n * cw);
+    z = be.alloc(f * n * cw);
+  }
 };
 
-// Steps 1-2 for Q and KV: qr, q (normed, roped) and kv (normed, roped, FP8 QAT).
-void q_kv_path(const AttentionWeights& w, const AttentionShape& s, const float* x, Pass& P, bool qat) {
-  const int T = P.T, H = s.n_heads, dh = s.head_dim, dr = s.rope_dim, rq = s.q_rank;
-  P.qr.resize(size_t(T) * rq);
-  P.q.resize(size_t(T) * H * dh);
-  P.kv.resize(size_t(T) * dh);
-  project(w.q_a, x, T, P.qr.data(), P.pool);
-  for (int t = 0; t < T; ++t) rms_norm_inplace(P.qr.data() + size_t(t) * rq, rq, w.q_a_norm.f32(), s.eps);
-  project(w.q_b, P.qr.data(), T, P.q.data(), P.pool);
-  project(w.kv, x, T, P.kv.data(), P.pool);
-  for (int t = 0; t < T; ++t) {
-    const float* cs = P.cs.data() + size_t(t) * dr;
-    for (int h = 0; h < H; ++h) {
-      float* qh = P.q.data() + (size_t(t) * H + h) * dh;
-      rms_norm_inplace(qh, dh, nullptr, s.eps);
-      rope_rotate(qh, dh, dr, cs);
-    }
-    float* kv = P.kv.data() + size_t(t) * dh;
-    rms_norm_inplace(kv, dh, w.kv_norm.f32(), s.eps);
-    rope_rotate(kv, dh, dr, cs);
-    if (qat) qat_fp8_blocks(kv, dh - dr, 64);
-  }
+// Step 3: feed T tokens at p0.. to one compressor; rows closed by them are written at their window index.
+void run_compressor(Backend& be, const CompressorWeights& cw, CompressorState& st, const AttentionShape& s,
+                    const float* x, int T, int64_t p0, AttnQat qat, Scratch& S) {
+  st.reserve((p0 + T) / st.ratio);
+  be.matmul(cw.kv, -1, x, T, S.v.f32());
+  be.matmul(cw.gate, -1, x, T, S.z.f32());
+  CompressorParams cp;
+  cp.ape = &cw.ape;
+  cp.norm = &cw.norm;
+  cp.eps = s.eps;
+  cp.rope = &s.rope;
+  cp.qat = qat;
+  be.compressor_step(cp, st.buffers(), S.v.f32(), S.z.f32(), T, p0);
+  st.n_rows = (p0 + T) / st.ratio;
 }
 
-// Step 3: feed T tokens to one compressor; emitted rows are appended to cs.rows.
-void run_compressor(const CompressorWeights& cw, CompressorState& st, const AttentionShape& s, const float* x,
-                    const Pass& P, CompressorQat qat) {
-  const int T = P.T, width = st.width();
-  std::vector<float> v(size_t(T) * width), z(size_t(T) * width), u(static_cast<size_t>(st.dim));
-  project(cw.kv, x, T, v.data(), P.pool);
-  project(cw.gate, x, T, z.data(), P.pool);
-  for (int t = 0; t < T; ++t) {
-    int64_t p = P.p0 + t;
-    const float* ape_row = cw.ape.f32() + (p % st.ratio) * width;
-    if (compressor_push(st, p, v.data() + size_t(t) * width, z.data() + size_t(t) * width, ape_row, u.data()))
-      compressor_emit(st, u.data(), cw.norm.f32(), s.eps, s.rope, qat);
-  }
-}
-
-// Top-k of one query over indexer rows [0, n_vis) (see indexer_top_k); scoring skipped when all rows fit.
-int select_top_k(const float* qI, const float* wI, const CompressorState& rows, int64_t n_vis, int k, int HI,
-                 int dI, ThreadPool* pool, int32_t* sel) {
-  if (n_vis <= k) return indexer_top_k(nullptr, n_vis, k, sel);
-  std::vector<float> score(static_cast<size_t>(n_vis));
-  auto score_range = [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) score[size_t(i)] = cpu::indexer_score(qI, wI, rows.row(i), HI, dI);
-  };
-  if (pool) pool->parallel_for(n_vis, score_range); else score_range(0, n_vis);
-  return indexer_top_k(score.data(), n_vis, k, sel);
-}
-
-// Step 4 (CSA): indexer queries and weights, then the selected compressed rows of every token.
-void indexer_path(const AttentionWeights& w, AttentionState& st, const float* x, Pass& P, bool qat,
-                  ThreadPool& pool) {
+void forward_pass(Backend& be, const AttentionWeights& w, AttentionState& st, const float* x, int T, float* out,
+                  bool qat, Scratch& S) {
   const AttentionShape& s = st.shape;
-  const int T = P.T, HI = s.idx_heads, dI = s.idx_dim, dr = s.rope_dim, K = s.idx_topk;
-  std::vector<float> qI(size_t(T) * HI * dI), wI(size_t(T) * HI);
-  project(w.indexer.q_b, P.qr.data(), T, qI.data(), P.pool);
-  project(w.indexer.proj, x, T, wI.data(), P.pool);
-  const float wscale = float(1.0 / std::sqrt(double(dI) * double(HI)));
-  for (int t = 0; t < T; ++t) {
-    for (int h = 0; h < HI; ++h) {
-      float* qh = qI.data() + (size_t(t) * HI + h) * dI;
-      rope_rotate(qh, dI, dr, P.cs.data() + size_t(t) * dr);
-      if (qat) qat_fp4_indexer_row(qh, dI);
-    }
-    for (int h = 0; h < HI; ++h) wI[size_t(t) * HI + h] *= wscale;
-  }
-  P.sel.assign(size_t(T) * K, 0);
-  P.n_sel.assign(size_t(T), 0);
-  auto one = [&](int t, ThreadPool* inner) {
-    int64_t n_vis = compressed_visible(P.p0 + t, s.ratio);
-    P.n_sel[size_t(t)] = select_top_k(qI.data() + size_t(t) * HI * dI, wI.data() + size_t(t) * HI, st.idx_comp,
-                                      n_vis, K, HI, dI, inner, P.sel.data() + size_t(t) * K);
-  };
-  if (T == 1) {
-    one(0, &pool);  // decode: parallel over rows
-  } else {
-    pool.parallel_for(T, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) one(int(t), nullptr);
-    });
-  }
-}
+  const int H = s.n_heads, dh = s.head_dim;
+  const int64_t p0 = st.n_past;
 
-// Step 5: attention for every (token, head). win: [n_prev + T, dh] KV rows of positions p0 - n_prev .. p0+T-1.
-void attend(const AttentionWeights& w, const AttentionState& st, const std::vector<float>& win, int64_t n_prev,
-            Pass& P, ThreadPool& pool) {
-  const AttentionShape& s = st.shape;
-  const int T = P.T, H = s.n_heads, dh = s.head_dim, W = s.window;
-  const float scale = float(1.0 / std::sqrt(double(dh)));
-  const int64_t first = P.p0 - n_prev;  // position of win row 0
-  P.o.assign(size_t(T) * H * dh, 0.0f);
-  int64_t max_comp = s.has_indexer() ? s.idx_topk : (s.has_compressor() ? st.comp.n_rows : 0);
-  pool.parallel_for(int64_t(T) * H, [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(size_t(W + max_comp));
-    for (int64_t i = b; i < e; ++i) {
-      int t = int(i / H), h = int(i % H);
-      int64_t p = P.p0 + t, lo = window_first(p, W);
-      cpu::SinkAttnRows rows;
-      rows.window = win.data() + (lo - first) * dh;
-      rows.n_window = p - lo + 1;
-      if (s.has_indexer()) {
-        rows.comp = st.comp.rows.data();
-        rows.comp_idx = P.sel.data() + size_t(t) * s.idx_topk;
-        rows.n_comp = P.n_sel[size_t(t)];
-      } else if (s.has_compressor()) {
-        rows.comp = st.comp.rows.data();
-        rows.n_comp = compressed_visible(p, s.ratio);  // HCA: every complete window
-      }
-      cpu::sink_attention_head(P.q.data() + size_t(i) * dh, dh, rows, w.sinks.f32()[h], scale, scratch.data(),
-                               P.o.data() + size_t(i) * dh);
-    }
-  });
-}
+  // 1-2. Q and KV paths.
+  float *qr = S.qr.f32(), *q = S.q.f32(), *kv = S.kv.f32();
+  be.matmul(w.q_a, -1, x, T, qr);
+  HeadPrep qa_norm;
+  qa_norm.norm = true, qa_norm.norm_w = &w.q_a_norm, qa_norm.eps = s.eps;
+  be.head_prep(qr, T, 1, s.q_rank, qa_norm);
+  be.matmul(w.q_b, -1, qr, T, q);
+  be.matmul(w.kv, -1, x, T, kv);
+  HeadPrep qp;
+  qp.norm = true, qp.eps = s.eps, qp.rope = &s.rope, qp.pos0 = p0;
+  be.head_prep(q, T, H, dh, qp);
+  HeadPrep kp = qp;
+  kp.norm_w = &w.kv_norm;
+  kp.qat = qat ? AttnQat::Fp8 : AttnQat::None;
+  be.head_prep(kv, T, 1, dh, kp);
 
-// Step 6: inverse RoPE per head, grouped wo_a, then wo_b into out [T, D].
-void output_path(const AttentionWeights& w, const AttentionShape& s, Pass& P, float* out) {
-  const int T = P.T, H = s.n_heads, dh = s.head_dim, dr = s.rope_dim, G = s.o_groups, ro = s.o_rank;
-  for (int t = 0; t < T; ++t)
-    for (int h = 0; h < H; ++h)
-      rope_rotate(P.o.data() + (size_t(t) * H + h) * dh, dh, dr, P.cs.data() + size_t(t) * dr, /*inverse=*/true);
-  const int64_t gin = int64_t(H / G) * dh;  // inputs per group
-  const int64_t grow = row_bytes(w.output_a.type, gin);
-  std::vector<float> xin(size_t(T) * gin), y(size_t(T) * ro), low(size_t(T) * G * ro);
-  for (int g = 0; g < G; ++g) {
-    for (int t = 0; t < T; ++t)
-      std::copy_n(P.o.data() + size_t(t) * H * dh + size_t(g) * gin, gin, xin.data() + size_t(t) * gin);
-    const auto* wg = static_cast<const uint8_t*>(w.output_a.data) + int64_t(g) * ro * grow;
-    matmul(w.output_a.type, wg, ro, gin, xin.data(), T, y.data(), P.pool);
-    for (int t = 0; t < T; ++t)
-      std::copy_n(y.data() + size_t(t) * ro, ro, low.data() + (size_t(t) * G + g) * ro);
-  }
-  project(w.output_b, low.data(), T, out, P.pool);
-}
-
-void forward_pass(const AttentionWeights& w, AttentionState& st, const float* x, int T, float* out,
-                  const AttentionOptions& opt, ThreadPool& pool) {
-  const AttentionShape& s = st.shape;
-  const int dh = s.head_dim, dr = s.rope_dim, W = s.window;
-  Pass P;
-  P.T = T;
-  P.p0 = st.n_past;
-  P.pool = &pool;
-  P.cs.resize(size_t(T) * dr);
-  for (int t = 0; t < T; ++t) rope_cos_sin(s.rope, P.p0 + t, P.cs.data() + size_t(t) * dr);
-
-  q_kv_path(w, s, x, P, opt.qat_sim);
+  // 3-4. Compressors and the indexer.
   if (s.has_compressor())
-    run_compressor(w.compressor, st.comp, s, x, P, opt.qat_sim ? CompressorQat::Fp8Kv : CompressorQat::None);
+    run_compressor(be, w.compressor, st.comp, s, x, T, p0, qat ? AttnQat::Fp8 : AttnQat::None, S);
   if (s.has_indexer()) {
-    run_compressor(w.indexer.compressor, st.idx_comp, s, x, P,
-                   opt.qat_sim ? CompressorQat::Fp4Indexer : CompressorQat::None);
-    indexer_path(w, st, x, P, opt.qat_sim, pool);
+    run_compressor(be, w.indexer.compressor, st.idx_comp, s, x, T, p0, qat ? AttnQat::Fp4Indexer : AttnQat::None,
+                   S);
+    be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
+    be.matmul(w.indexer.proj, -1, x, T, S.wI.f32());
+    HeadPrep ip;
+    ip.rope = &s.rope, ip.pos0 = p0, ip.qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
+    be.head_prep(S.qI.f32(), T, s.idx_heads, s.idx_dim, ip);
+    IndexerParams xp;
+    xp.heads = s.idx_heads, xp.dim = s.idx_dim, xp.ratio = s.ratio, xp.top_k = s.idx_topk;
+    xp.weight_scale = float(1.0 / std::sqrt(double(s.idx_dim) * double(s.idx_heads)));
+    be.indexer_topk(xp, S.qI.f32(), S.wI.f32(), st.idx_comp.rows.f32(), T, p0, S.sel.i32());
   }
 
-  // Window rows: the last min(W-1, p0) positions from the ring, then this pass's tokens.
-  const int64_t n_prev = std::min<int64_t>(W - 1, P.p0);
-  std::vector<float> win(size_t(n_prev + T) * dh);
-  for (int64_t i = 0; i < n_prev; ++i) {
-    int64_t p = P.p0 - n_prev + i;
-    std::copy_n(st.window.data() + (p % W) * dh, dh, win.data() + i * dh);
-  }
-  std::copy(P.kv.begin(), P.kv.end(), win.begin() + n_prev * dh);
-  attend(w, st, win, n_prev, P, pool);
-  output_path(w, s, P, out);
+  // 5. Attention, before the ring takes this pass's rows (window rows of earlier positions come from it).
+  SinkAttnParams ap;
+  ap.heads = H, ap.dim = dh, ap.window = s.window, ap.ratio = s.ratio, ap.top_k = s.idx_topk;
+  ap.comp = s.has_indexer() ? CompRows::Selected : s.has_compressor() ? CompRows::All : CompRows::None;
+  ap.sinks = &w.sinks;
+  ap.scale = float(1.0 / std::sqrt(double(dh)));
+  be.sink_attention(ap, q, kv, st.window.f32(), s.has_compressor() ? st.comp.rows.f32() : nullptr,
+                    s.has_indexer() ? S.sel.i32() : nullptr, T, p0, S.o.f32());
 
-  for (int t = std::max(0, T - W); t < T; ++t)
-    std::copy_n(P.kv.data() + size_t(t) * dh, dh, st.window.data() + ((P.p0 + t) % W) * dh);
+  // 6. Output: de-rotate each head, grouped wo_a, wo_b.
+  HeadPrep op;
+  op.rope = &s.rope, op.pos0 = p0, op.inverse = true;
+  be.head_prep(S.o.f32(), T, H, dh, op);
+  be.matmul_grouped(w.output_a, s.o_groups, S.o.f32(), T, S.low.f32());
+  be.matmul(w.output_b, -1, S.low.f32(), T, out);
+
+  // 7. Window ring.
+  be.window_store(st.window.f32(), s.window, dh, kv, T, p0);
   st.n_past += T;
 }
 
@@ -273,11 +181,15 @@ void attention_forward(const AttentionWeights& w, AttentionState& st, const floa
     fail("attention: positions up to %lld exceed the session's max context %lld", (long long)(st.n_past + T - 1),
          (long long)s.max_context);
   check_weights(w, s);
-  ThreadPool& pool = opt.pool ? *opt.pool : default_thread_pool();
+  if (!st.be) fail("attention: state is not initialized (no backend)");
+  Backend& be = opt.backend ? *opt.backend : *st.be;
+  if (&be != st.be && !(be.host_memory() && st.be->host_memory()))
+    fail("attention: state lives in %s backend memory, ops were asked to run on %s", st.be->name(), be.name());
   const int step = std::max(1, opt.max_tokens_per_pass);
+  Scratch S(be, s, std::min(step, T));
   for (int t0 = 0; t0 < T; t0 += step) {
     int n = std::min(step, T - t0);
-    forward_pass(w, st, x + size_t(t0) * s.d_model, n, out + size_t(t0) * s.d_model, opt, pool);
+    forward_pass(be, w, st, x + size_t(t0) * s.d_model, n, out + size_t(t0) * s.d_model, opt.qat_sim, S);
   }
 }
 

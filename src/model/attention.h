@@ -1,4 +1,5 @@
-// The attention sublayer of DeepSeek V4 (model-spec §6) on the CPU, with its per-layer session state (§11).
+// The attention sublayer of DeepSeek V4 (model-spec §6), written as a sequence of backend ops (backend.h), with
+// its per-layer session state (§11) in backend memory.
 //
 // One call processes T consecutive tokens of ONE session (prefill chunk or a single decode token):
 //   Q path      qr = RMSNorm_w(wq_a x); q = wq_b qr -> H heads x dh, per-head RMSNorm, RoPE on the last dr dims
@@ -7,6 +8,8 @@
 //   indexer     (m == 4) its own 128-dim compressor + per-query top-k over the visible compressed rows
 //   attention   one softmax over window rows + (all | selected) compressed rows + a per-head sink logit
 //   output      inverse RoPE on each head's output, grouped wo_a (G groups), then wo_b
+// Everything the host decides (positions, row counts, buffer growth) follows from st.n_past and T; no op
+// result is read back on the host.
 //
 // Determinism: every output row and every state row is computed by the same code in the same summation order
 // whatever the chunking of the token stream, so chunked prefill is bitwise equal to whole prefill, and T
@@ -24,7 +27,7 @@
 namespace dsv4 {
 
 struct ModelConfig;
-class ThreadPool;
+class Backend;
 
 // Weights of a compressor (model-spec §2, §13.3): ape [c*dC, m] (F32), kv / gate [D -> c*dC], norm [dC] (F32).
 struct CompressorWeights {
@@ -70,21 +73,26 @@ AttentionShape attention_shape(const ModelConfig& c, int layer, int64_t max_cont
 
 struct AttentionOptions {
   bool qat_sim = true;             // FP8 KV and Hadamard+FP4 indexer round trips (model-spec §3.4)
-  ThreadPool* pool = nullptr;      // nullptr: default_thread_pool()
+  // Runs the ops (nullptr: the state's backend). Must be the state's backend or, when both keep host memory
+  // (Backend::host_memory), another one (e.g. the engine's CPU backend on its own thread pool).
+  Backend* backend = nullptr;
   int max_tokens_per_pass = 256;   // internal sub-chunking bound on scratch memory (results do not depend on it)
 };
 
-// Per-layer, per-session state (model-spec §11). Copyable (Session::clone).
+// Per-layer, per-session state (model-spec §11), its arrays in the memory of backend `be`, which also runs the
+// sublayer's ops. Copyable (Session::clone: a backend-side copy).
 struct AttentionState {
   AttentionShape shape;
+  Backend* be = nullptr;           // owner of the buffers and executor of the ops
   int64_t n_past = 0;              // tokens consumed so far = position of the next token
-  std::vector<float> window;       // [W, dh] ring, slot p mod W holds the KV row of position p
+  DeviceBuffer window;             // [W, dh] ring, slot p mod W holds the KV row of position p
   CompressorState comp;            // m > 0: main compressor buffers + compressed KV rows [n, dh], row w <-> window w
   CompressorState idx_comp;        // m == 4: indexer compressor buffers + indexer keys [n, dI]
 
   AttentionState() = default;
-  explicit AttentionState(const AttentionShape& s) { init(s); }
-  void init(const AttentionShape& s);  // allocates and resets
+  explicit AttentionState(const AttentionShape& s, Backend* backend = nullptr) { init(s, backend); }
+  // Allocates (backend == nullptr: host_backend(), the CPU) and resets.
+  void init(const AttentionShape& s, Backend* backend = nullptr);
   void reset();                        // start of a new sequence: empty rows, cleared buffers, n_past 0
 
   int64_t n_comp() const { return shape.has_compressor() ? comp.n_rows : 0; }
@@ -100,8 +108,8 @@ struct AttentionState {
   void load_unchecked(std::istream& is);
 };
 
-// The sublayer (see the top of this file). x: [T, d_model] attn_norm-ed input; positions: [T] consecutive with
-// positions[0] == st.n_past; out: [T, d_model]. Throws dsv4::Error on non-consecutive positions, context
+// The sublayer (see the top of this file) on st.be. x: [T, d_model] attn_norm-ed input and out: [T, d_model] are
+// backend memory of st.be; positions: [T] (host) consecutive with positions[0] == st.n_past. Throws dsv4::Error on non-consecutive positions, context
 // overflow or weights whose shapes disagree with the config.
 void attention_forward(const ModelConfig& cfg, int layer, const AttentionWeights& w, AttentionState& st,
                        const float* x, const int64_t* positions, int T, float* out, const AttentionOptions& opt);

@@ -2,7 +2,9 @@
 #include <istream>
 #include <ostream>
 #include <utility>
+#include <vector>
 
+#include "backend/cpu/cpu_backend.h"
 #include "common/error.h"
 #include "model/attention.h"
 #include "model/attention_io.h"
@@ -37,7 +39,7 @@ namespace {
 constexpr int64_t kStateTag = int64_t(0x4E545441) | (int64_t(1) << 32);
 }  // namespace
 
-void AttentionState::init(const AttentionShape& s) {
+void AttentionState::init(const AttentionShape& s, Backend* backend) {
   if (s.n_heads <= 0 || s.head_dim <= 0 || s.window <= 0 || s.rope_dim <= 0 || s.rope_dim > s.head_dim)
     fail("attention: bad shape (heads %d, head_dim %d, window %d, rope_dim %d)", s.n_heads, s.head_dim, s.window,
          s.rope_dim);
@@ -45,14 +47,16 @@ void AttentionState::init(const AttentionShape& s) {
   if (s.has_indexer() && (s.idx_dim < s.rope_dim || s.idx_heads <= 0 || s.idx_topk <= 0))
     fail("attention: bad indexer shape (heads %d, dim %d, top_k %d)", s.idx_heads, s.idx_dim, s.idx_topk);
   shape = s;
-  if (s.has_compressor()) comp.init(s.ratio, s.head_dim, s.max_context);
-  if (s.has_indexer()) idx_comp.init(s.ratio, s.idx_dim, s.max_context);
+  be = backend ? backend : &host_backend();
+  window = be->alloc(sizeof(float) * size_t(s.window) * size_t(s.head_dim));
+  if (s.has_compressor()) comp.init(s.ratio, s.head_dim, s.max_context, be);
+  if (s.has_indexer()) idx_comp.init(s.ratio, s.idx_dim, s.max_context, be);
   reset();
 }
 
 void AttentionState::reset() {
   n_past = 0;
-  window.assign(size_t(shape.window) * size_t(shape.head_dim), 0.0f);
+  be->fill(window.f32(), 0.0f, size_t(shape.window) * size_t(shape.head_dim));
   if (shape.has_compressor()) comp.reset();
   if (shape.has_indexer()) idx_comp.reset();
 }
@@ -65,7 +69,9 @@ void AttentionState::save(std::ostream& os) const {
   put_i64(os, shape.head_dim);
   put_i64(os, shape.has_indexer() ? shape.idx_dim : 0);
   put_i64(os, n_past);
-  put_floats(os, window.data(), window.size());
+  std::vector<float> ring(window.bytes() / sizeof(float));
+  be->download(ring.data(), window.data(), window.bytes());
+  put_floats(os, ring.data(), ring.size());
   if (shape.has_compressor()) comp.save(os);
   if (shape.has_indexer()) idx_comp.save(os);
 }
@@ -89,7 +95,9 @@ void AttentionState::load_unchecked(std::istream& is) {
   if (n < 0 || n > shape.max_context)
     fail("attention state: field n_past at stream offset %lld is %lld, outside [0, max_context %lld]",
          (long long)at, (long long)n, (long long)shape.max_context);
-  get_floats(is, window.data(), window.size(), "window");
+  std::vector<float> ring(window.bytes() / sizeof(float));
+  get_floats(is, ring.data(), ring.size(), "window");
+  be->upload(window.data(), ring.data(), window.bytes());
   if (shape.has_compressor()) comp.load(is, "compressor");
   if (shape.has_indexer()) idx_comp.load(is, "indexer");
   int64_t m = shape.ratio;

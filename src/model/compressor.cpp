@@ -1,116 +1,93 @@
-// Streaming KV compressor (model-spec §6.3, §6.9); see compressor.h for the layout invariants.
+// Streaming KV compressor state (model-spec §6.3, §6.9): allocation in backend memory, growth, byte-exact
+// save/load. The pooling itself is the backend's compressor_step op (src/backend/cpu/attention_ops.cpp).
 #include "model/compressor.h"
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
+#include <string>
 
+#include "backend/cpu/cpu_backend.h"
 #include "common/error.h"
 #include "model/attention_io.h"
-#include "model/attention_qat.h"
 
 namespace dsv4 {
 
-void rms_norm_inplace(float* x, int n, const float* w, float eps) {
-  float ss = 0.0f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  float r = 1.0f / std::sqrt(ss / float(n) + eps);
-  if (w) {
-    for (int i = 0; i < n; ++i) x[i] = x[i] * r * w[i];
-  } else {
-    for (int i = 0; i < n; ++i) x[i] *= r;
-  }
-}
-
-void CompressorState::init(int m, int d, int64_t max_context) {
+void CompressorState::init(int m, int d, int64_t max_context, Backend* backend) {
   if (m <= 0 || d <= 0) fail("compressor: bad ratio %d / dim %d", m, d);
   ratio = m;
   dim = d;
   overlap = (m == 4);
   max_rows = max_context / m;
+  be = backend ? backend : &host_backend();
+  cur_v = be->alloc(sizeof(float) * size_t(m) * size_t(width()));
+  cur_z = be->alloc(sizeof(float) * size_t(m) * size_t(width()));
+  prev_v = be->alloc(overlap ? sizeof(float) * size_t(m) * size_t(d) : 0);
+  prev_z = be->alloc(overlap ? sizeof(float) * size_t(m) * size_t(d) : 0);
   reset();
 }
 
 void CompressorState::reset() {
   const float ninf = -std::numeric_limits<float>::infinity();
-  cur_v.assign(size_t(ratio) * size_t(width()), 0.0f);
-  cur_z.assign(size_t(ratio) * size_t(width()), ninf);
-  prev_v.assign(overlap ? size_t(ratio) * size_t(dim) : 0, 0.0f);
-  prev_z.assign(overlap ? size_t(ratio) * size_t(dim) : 0, ninf);
-  rows.clear();
-  rows.shrink_to_fit();
+  be->fill(cur_v.f32(), 0.0f, size_t(ratio) * size_t(width()));
+  be->fill(cur_z.f32(), ninf, size_t(ratio) * size_t(width()));
+  if (overlap) {
+    be->fill(prev_v.f32(), 0.0f, size_t(ratio) * size_t(dim));
+    be->fill(prev_z.f32(), ninf, size_t(ratio) * size_t(dim));
+  }
+  rows = DeviceBuffer();  // a new sequence starts small again
   n_rows = 0;
 }
 
-bool compressor_push(CompressorState& s, int64_t pos, const float* v, const float* z, const float* ape_row,
-                     float* u) {
-  const int m = s.ratio, d = s.dim, cw = s.width();
-  const int r = int(pos % m);
-  float* cv = s.cur_v.data() + size_t(r) * cw;
-  float* cz = s.cur_z.data() + size_t(r) * cw;
-  for (int i = 0; i < cw; ++i) {
-    cv[i] = v[i];
-    cz[i] = z[i] + ape_row[i];
-  }
-  if (r != m - 1) return false;
-
-  // Per channel: softmax over the slots of the window, in the fixed order prev[0..m) then cur[0..m).
-  const int boff = s.overlap ? d : 0;  // the window's own contribution: B halves (overlap) or the whole row
-  for (int c = 0; c < d; ++c) {
-    float zmax = -std::numeric_limits<float>::infinity();
-    if (s.overlap)
-      for (int i = 0; i < m; ++i) zmax = std::max(zmax, s.prev_z[size_t(i) * d + c]);
-    for (int i = 0; i < m; ++i) zmax = std::max(zmax, s.cur_z[size_t(i) * cw + boff + c]);
-    float num = 0.0f, den = 0.0f;
-    if (s.overlap) {
-      for (int i = 0; i < m; ++i) {
-        float e = std::exp(s.prev_z[size_t(i) * d + c] - zmax);  // -inf slots give exactly 0
-        num += e * s.prev_v[size_t(i) * d + c];
-        den += e;
-      }
-    }
-    for (int i = 0; i < m; ++i) {
-      float e = std::exp(s.cur_z[size_t(i) * cw + boff + c] - zmax);
-      num += e * s.cur_v[size_t(i) * cw + boff + c];
-      den += e;
-    }
-    u[c] = num / den;
-  }
-  if (s.overlap) {  // this window's A halves seed the next row
-    for (int i = 0; i < m; ++i) {
-      std::copy_n(s.cur_v.data() + size_t(i) * cw, d, s.prev_v.data() + size_t(i) * d);
-      std::copy_n(s.cur_z.data() + size_t(i) * cw, d, s.prev_z.data() + size_t(i) * d);
-    }
-  }
-  return true;
-}
-
-void compressor_emit(CompressorState& s, float* u, const float* norm, float eps, const RopeFreqs& rope,
-                     CompressorQat qat) {
-  if (s.n_rows >= s.max_rows)
+void CompressorState::reserve(int64_t n) {
+  if (n <= capacity()) return;
+  if (n > max_rows)
     fail("compressor: row %lld exceeds the session capacity of %lld rows (max context too small)",
-         (long long)s.n_rows, (long long)s.max_rows);
-  const int d = s.dim, n_rot = rope.n_rot;
-  rms_norm_inplace(u, d, norm, eps);
-  std::vector<float> cs(static_cast<size_t>(n_rot));
-  rope_cos_sin(rope, s.n_rows * s.ratio, cs.data());  // position of the window's first token
-  rope_rotate(u, d, n_rot, cs.data());
-  if (qat == CompressorQat::Fp8Kv) qat_fp8_blocks(u, d - n_rot, 64);
-  if (qat == CompressorQat::Fp4Indexer) qat_fp4_indexer_row(u, d);
-  s.rows.insert(s.rows.end(), u, u + d);
-  s.n_rows += 1;
+         (long long)(n - 1), (long long)max_rows);
+  // Geometric growth bounds the copies; the first block is sized for a modest prompt.
+  const int64_t cap = std::min(max_rows, std::max({n, 2 * capacity(), int64_t(64)}));
+  DeviceBuffer grown = be->alloc(sizeof(float) * size_t(cap) * size_t(dim));
+  if (n_rows > 0) be->copy(grown.data(), rows.data(), sizeof(float) * size_t(n_rows) * size_t(dim));
+  rows = std::move(grown);
 }
+
+CompressorBuffers CompressorState::buffers() const {
+  CompressorBuffers b;
+  b.ratio = ratio;
+  b.dim = dim;
+  b.overlap = overlap;
+  b.cur_v = cur_v.f32();
+  b.cur_z = cur_z.f32();
+  b.prev_v = prev_v.f32();
+  b.prev_z = prev_z.f32();
+  b.rows = rows.f32();
+  return b;
+}
+
+std::vector<float> CompressorState::download_rows() const {
+  std::vector<float> h(size_t(n_rows) * size_t(dim));
+  if (!h.empty()) be->download(h.data(), rows.data(), h.size() * sizeof(float));
+  return h;
+}
+
+namespace {
+std::vector<float> download(Backend* be, const DeviceBuffer& b) {
+  std::vector<float> h(b.bytes() / sizeof(float));
+  if (!h.empty()) be->download(h.data(), b.data(), b.bytes());
+  return h;
+}
+}  // namespace
 
 void CompressorState::save(std::ostream& os) const {
   using namespace attn_io;
   put_i64(os, ratio);
   put_i64(os, dim);
   put_i64(os, n_rows);
-  put_floats(os, cur_v.data(), cur_v.size());
-  put_floats(os, cur_z.data(), cur_z.size());
-  put_floats(os, prev_v.data(), prev_v.size());
-  put_floats(os, prev_z.data(), prev_z.size());
-  put_floats(os, rows.data(), size_t(n_rows) * size_t(dim));
+  for (const DeviceBuffer* b : {&cur_v, &cur_z, &prev_v, &prev_z}) {
+    std::vector<float> h = download(be, *b);
+    put_floats(os, h.data(), h.size());
+  }
+  std::vector<float> r = download_rows();
+  put_floats(os, r.data(), r.size());
 }
 
 void CompressorState::load(std::istream& is, const char* what) {
@@ -123,12 +100,19 @@ void CompressorState::load(std::istream& is, const char* what) {
   if (n < 0 || n > max_rows)
     fail("attention state: field %s.n_rows at stream offset %lld is %lld, capacity is %lld", what,
          (long long)at, (long long)n, (long long)max_rows);
-  get_floats(is, cur_v.data(), cur_v.size(), (w + ".cur_v").c_str());
-  get_floats(is, cur_z.data(), cur_z.size(), (w + ".cur_z").c_str());
-  get_floats(is, prev_v.data(), prev_v.size(), (w + ".prev_v").c_str());
-  get_floats(is, prev_z.data(), prev_z.size(), (w + ".prev_z").c_str());
-  rows.assign(size_t(n) * size_t(dim), 0.0f);
-  get_floats(is, rows.data(), rows.size(), (w + ".rows").c_str());
+  const char* names[4] = {".cur_v", ".cur_z", ".prev_v", ".prev_z"};
+  DeviceBuffer* bufs[4] = {&cur_v, &cur_z, &prev_v, &prev_z};
+  for (int i = 0; i < 4; ++i) {
+    std::vector<float> h(bufs[i]->bytes() / sizeof(float));
+    get_floats(is, h.data(), h.size(), (w + names[i]).c_str());
+    if (!h.empty()) be->upload(bufs[i]->data(), h.data(), bufs[i]->bytes());
+  }
+  std::vector<float> r(size_t(n) * size_t(dim));
+  get_floats(is, r.data(), r.size(), (w + ".rows").c_str());
+  rows = DeviceBuffer();
+  n_rows = 0;
+  reserve(n);
+  if (!r.empty()) be->upload(rows.data(), r.data(), r.size() * sizeof(float));
   n_rows = n;
 }
 

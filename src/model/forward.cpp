@@ -13,28 +13,36 @@ namespace dsv4 {
 
 namespace {
 
-// Scratch activations for one pass of up to T tokens.
+// Scratch activations for passes of up to `cap` tokens, in backend memory.
 struct Scratch {
-  std::vector<float> X;     // [T, n, D] residual streams
-  std::vector<float> a;     // [T, D] sublayer input (HC mix, then normed in place)
-  std::vector<float> y;     // [T, D] sublayer output
-  std::vector<float> post;  // [T, n]
-  std::vector<float> comb;  // [T, n, n]
-  std::vector<int32_t> ids; // [T, k]
-  std::vector<float> wts;   // [T, k]
-  std::vector<float> h;     // [T, n, D] residual rows gathered for the final head
-  std::vector<int64_t> pos; // [T]
-  void resize(const ModelConfig& c, int T) {
-    const size_t n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
-    X.resize(size_t(T) * n * D);
-    a.resize(size_t(T) * D);
-    y.resize(size_t(T) * D);
-    post.resize(size_t(T) * n);
-    comb.resize(size_t(T) * n * n);
-    ids.resize(size_t(T) * k);
-    wts.resize(size_t(T) * k);
-    h.resize(size_t(T) * n * D);
-    pos.resize(size_t(T));
+  int cap = 0;
+  DeviceBuffer X;     // [T, n, D] residual streams
+  DeviceBuffer a;     // [T, D] sublayer input (HC mix, then normed in place)
+  DeviceBuffer y;     // [T, D] sublayer output
+  DeviceBuffer post;  // [T, n]
+  DeviceBuffer comb;  // [T, n, n]
+  DeviceBuffer ids;   // [T, k] int32
+  DeviceBuffer wts;   // [T, k]
+  DeviceBuffer h;     // [T, n, D] residual rows gathered for the final head
+  DeviceBuffer tok;   // [T] int32 token ids
+  DeviceBuffer logits;// [T, V] (device backends only; host-memory backends write the caller's array)
+  std::vector<int64_t> pos; // [T] host: positions are host-known
+  void ensure(Backend& be, const ModelConfig& c, int T) {
+    if (T <= cap) return;
+    const size_t f = sizeof(float), n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
+    const size_t t = size_t(T);
+    X = be.alloc(f * t * n * D);
+    a = be.alloc(f * t * D);
+    y = be.alloc(f * t * D);
+    post = be.alloc(f * t * n);
+    comb = be.alloc(f * t * n * n);
+    ids = be.alloc(sizeof(int32_t) * t * k);
+    wts = be.alloc(f * t * k);
+    h = be.alloc(f * t * n * D);
+    tok = be.alloc(sizeof(int32_t) * t);
+    if (!be.host_memory()) logits = be.alloc(f * t * size_t(c.n_vocab));
+    pos.resize(t);
+    cap = T;
   }
 };
 
@@ -76,72 +84,92 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   const ModelWeights& w = model.weights();
   const HcParams hp = hc_params(c);
   const int64_t D = c.d_model;
-  s.resize(c, T);
+  s.ensure(be, c, T);
   for (const Segment& g : segs)
     for (int t = 0; t < g.n; ++t) s.pos[size_t(g.begin + t)] = g.st->n_past + t;
 
   AttentionOptions ao;
   ao.qat_sim = opt.qat_sim;
-  ao.pool = opt.pool;
+  ao.backend = &be;
+  float *X = s.X.f32(), *a = s.a.f32(), *y = s.y.f32(), *post = s.post.f32(), *comb = s.comb.f32();
+  float* wts = s.wts.f32();
+  int32_t *ids = s.ids.i32(), *tok = s.tok.i32();
 
-  be.embed(w.token_embd, tokens, T, c.hc_mult, s.X.data());                               // X {T, n, D}
+  be.upload(tok, tokens, sizeof(int32_t) * size_t(T));                                 // validated by the caller
+  be.embed(w.token_embd, tok, T, c.hc_mult, X);                                        // X {T, n, D}
   const int64_t nD = int64_t(c.hc_mult) * D;
+  // The debug tap sees host copies (a device backend downloads; only when a tap is installed).
+  std::vector<float> tap_host;
   auto tap = [&](const char* name, int layer, const float* p, int rows, int64_t width) {
-    if (opt.tap) opt.tap(name, layer, p, rows, width);
+    if (!opt.tap) return;
+    if (!be.host_memory()) {
+      tap_host.resize(size_t(rows) * size_t(width));
+      be.download(tap_host.data(), p, tap_host.size() * sizeof(float));
+      p = tap_host.data();
+    }
+    opt.tap(name, layer, p, rows, width);
   };
-  tap("embed", -1, s.X.data(), T, nD);
+  tap("embed", -1, X, T, nD);
   for (int il = 0; il < c.n_layers; ++il) {
     const LayerWeights& lw = w.layers[size_t(il)];
     // attention sublayer
-    be.hc_pre(lw.hc_attn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());  // a {T, D}
-    be.rms_norm(s.a.data(), &lw.attn_norm, T, D, c.rms_eps, s.a.data());
-    tap("attn_in", il, s.a.data(), T, D);
+    be.hc_pre(lw.hc_attn, hp, X, T, a, post, comb);                                    // a {T, D}
+    be.rms_norm(a, &lw.attn_norm, T, D, c.rms_eps, a);
+    tap("attn_in", il, a, T, D);
     for (const Segment& g : segs) {
       const size_t off = size_t(g.begin) * size_t(D);
-      attention_forward(c, il, lw.attn, g.st->layers[size_t(il)], s.a.data() + off, s.pos.data() + g.begin, g.n,
-                        s.y.data() + off, ao);                                           // y {T, D}
+      attention_forward(c, il, lw.attn, g.st->layers[size_t(il)], a + off, s.pos.data() + g.begin, g.n, y + off,
+                        ao);                                                           // y {T, D}
     }
-    tap("attn_out", il, s.y.data(), T, D);
-    be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
+    tap("attn_out", il, y, T, D);
+    be.hc_post(hp, y, post, comb, T, X);
     // MoE sublayer
-    be.hc_pre(lw.hc_ffn, hp, s.X.data(), T, s.a.data(), s.post.data(), s.comb.data());
-    be.rms_norm(s.a.data(), &lw.ffn_norm, T, D, c.rms_eps, s.a.data());
-    tap("ffn_in", il, s.a.data(), T, D);
+    be.hc_pre(lw.hc_ffn, hp, X, T, a, post, comb);
+    be.rms_norm(a, &lw.ffn_norm, T, D, c.rms_eps, a);
+    tap("ffn_in", il, a, T, D);
     const MoeParams mp = moe_params(c, il);
-    be.moe_route(lw.moe, mp, s.a.data(), tokens, T, s.ids.data(), s.wts.data());          // ids, wts {T, k}
-    be.moe_ffn(lw.moe, mp, s.a.data(), s.ids.data(), s.wts.data(), T, s.y.data());         // y {T, D}
-    tap("ffn_out", il, s.y.data(), T, D);
-    be.hc_post(hp, s.y.data(), s.post.data(), s.comb.data(), T, s.X.data());
-    tap("residual", il, s.X.data(), T, nD);
+    be.moe_route(lw.moe, mp, a, tok, T, ids, wts);                                     // ids, wts {T, k}
+    be.moe_ffn(lw.moe, mp, a, ids, wts, T, y);                                         // y {T, D}
+    tap("ffn_out", il, y, T, D);
+    be.hc_post(hp, y, post, comb, T, X);
+    tap("residual", il, X, T, nD);
   }
   for (const Segment& g : segs) g.st->n_past += g.n;
   if (!logits) return;
-  // Final head (model-spec §8) only for the rows asked for, gathered contiguously.
+  // Final head (model-spec §8) only for the rows asked for, gathered contiguously (backend-side copies).
   const size_t row = size_t(c.hc_mult) * size_t(D);
   int rows = T;
-  const float* Xr = s.X.data();
+  const float* Xr = X;
   if (!all_rows) {
     rows = 0;
     for (const Segment& g : segs)
       if (g.ends_slice) {
-        std::memcpy(s.h.data() + size_t(rows) * row, s.X.data() + size_t(g.begin + g.n - 1) * row,
-                    row * sizeof(float));
+        be.copy(s.h.f32() + size_t(rows) * row, X + size_t(g.begin + g.n - 1) * row, row * sizeof(float));
         ++rows;
       }
     if (rows == 0) return;
-    Xr = s.h.data();
+    Xr = s.h.f32();
   }
-  be.hc_head(w.hc_head, hp, Xr, rows, s.a.data());                                        // h {rows, D}
-  be.rms_norm(s.a.data(), &w.output_norm, rows, D, c.rms_eps, s.a.data());
-  tap("head_in", -1, s.a.data(), rows, D);
-  be.matmul(w.output, -1, s.a.data(), rows, logits);                                     // {rows, V}
+  be.hc_head(w.hc_head, hp, Xr, rows, a);                                              // h {rows, D}
+  be.rms_norm(a, &w.output_norm, rows, D, c.rms_eps, a);
+  tap("head_in", -1, a, rows, D);
+  if (be.host_memory()) {
+    be.matmul(w.output, -1, a, rows, logits);                                          // {rows, V}
+  } else {
+    be.matmul(w.output, -1, a, rows, s.logits.f32());
+    be.download(logits, s.logits.f32(), sizeof(float) * size_t(rows) * size_t(c.n_vocab));
+  }
 }
 
-void check_slice(const ModelConfig& c, const SequenceState& st, const int32_t* tokens, int T, size_t index) {
+void check_slice(const ModelConfig& c, Backend& be, const SequenceState& st, const int32_t* tokens, int T, size_t index) {
   if (T <= 0) fail("forward: batch slice %zu has no tokens", index);
   if (int64_t(st.layers.size()) != c.n_layers)
     fail("forward: batch slice %zu: sequence state has %zu layers, model has %d", index, st.layers.size(),
          c.n_layers);
+  for (const AttentionState& l : st.layers)
+    if (l.be != &be && !(l.be && l.be->host_memory() && be.host_memory()))
+      fail("forward: batch slice %zu: sequence state lives in %s backend memory, the forward runs on %s", index,
+           l.be ? l.be->name() : "no", be.name());
   if (st.n_past + T > st.max_context)
     fail("forward: %d tokens at position %lld exceed the session's max context %lld", T, (long long)st.n_past,
          (long long)st.max_context);
@@ -160,7 +188,7 @@ void model_forward_batch(const Model& model, Backend& be, std::span<const BatchS
   for (size_t i = 0; i < slices.size(); ++i) {
     for (size_t j = 0; j < i; ++j)
       if (slices[j].st == slices[i].st) fail("forward: batch slices %zu and %zu share one sequence state", j, i);
-    check_slice(c, *slices[i].st, tokens + total, slices[i].n_tokens, i);
+    check_slice(c, be, *slices[i].st, tokens + total, slices[i].n_tokens, i);
     total += slices[i].n_tokens;
   }
   // Passes of at most `step` rows; a slice may straddle passes (each row's result does not depend on it).
@@ -202,12 +230,12 @@ void model_forward(const Model& model, Backend& be, SequenceState& st, const int
 
 // ---- SequenceState ---------------------------------------------------------------------------------------
 
-void SequenceState::init(const ModelConfig& c, int64_t max_ctx) {
+void SequenceState::init(const ModelConfig& c, int64_t max_ctx, Backend* be) {
   if (max_ctx <= 0) fail("session: max_context must be positive, got %lld", (long long)max_ctx);
   max_context = max_ctx;
   layers.clear();
   layers.reserve(size_t(c.n_layers));
-  for (int il = 0; il < c.n_layers; ++il) layers.emplace_back(attention_shape(c, il, max_ctx));
+  for (int il = 0; il < c.n_layers; ++il) layers.emplace_back(attention_shape(c, il, max_ctx), be);
   n_past = 0;
 }
 

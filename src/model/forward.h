@@ -15,12 +15,10 @@ namespace dsv4 {
 
 class Backend;
 class Model;
-class ThreadPool;
 struct ModelConfig;
 
 struct ForwardOptions {
   bool qat_sim = true;             // QAT round trips (model-spec §3.4); the attention sublayer applies them
-  ThreadPool* pool = nullptr;      // nullptr: default_thread_pool()
   int max_tokens_per_pass = 256;   // bounds scratch memory; results do not depend on it
   // Debug tap (roadmap: activations by name for imatrix collection and reference diffs). When set, called with
   // rows x width fp32 activations of the current pass: "embed" (layer -1, width n*D), per layer "attn_in",
@@ -36,7 +34,9 @@ struct SequenceState {
   int64_t n_past = 0;
   int64_t max_context = 0;
 
-  void init(const ModelConfig& c, int64_t max_context);
+  // Allocates every layer's state in the memory of `be` (nullptr: host_backend(), the CPU); model_forward must
+  // then run on that backend (or, for host memory, on another host-memory backend).
+  void init(const ModelConfig& c, int64_t max_context, Backend* be = nullptr);
   void reset();
   // Layer records in order (AttentionState's byte-exact format) after a small header; load() validates the
   // header against this state's shape and leaves the state untouched on error.
@@ -44,8 +44,8 @@ struct SequenceState {
   void load(std::istream& is);
 };
 
-// Runs tokens [T] at positions st.n_past .. st.n_past+T-1 and advances st. When `logits` is non-null it
-// receives next-token logits: [T, n_vocab] if all_rows, else [1, n_vocab] for the last token only.
+// Runs tokens [T] (host) at positions st.n_past .. st.n_past+T-1 and advances st. When `logits` (host) is non-null
+// it receives next-token logits: [T, n_vocab] if all_rows, else [1, n_vocab] for the last token only.
 // Chunking a token stream across calls gives bitwise the same logits and state as one call.
 void model_forward(const Model& model, Backend& backend, SequenceState& st, const int32_t* tokens, int T,
                    float* logits, bool all_rows, const ForwardOptions& opt);

@@ -98,10 +98,10 @@ class EngineImpl final : public Engine {
     std::lock_guard<std::mutex> lock(run_mutex_);
     ForwardOptions fo;
     fo.qat_sim = opt_.qat_sim;
-    fo.pool = pool_.get();
     model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
   }
   const ModelConfig& config() const { return model_->config(); }
+  Backend& backend() { return *backend_; }  // owner of every session's state memory
 
   void eval_batch(std::span<Session* const> sessions, std::span<const std::span<const Token>> tokens) override {
     if (sessions.size() != tokens.size())
@@ -126,8 +126,7 @@ class EngineImpl final : public Engine {
       std::lock_guard<std::mutex> lock(run_mutex_);
       ForwardOptions fo;
       fo.qat_sim = opt_.qat_sim;
-      fo.pool = pool_.get();
-      model_forward_batch(*model_, *backend_, slices, all.data(), last.data(), false, fo);
+        model_forward_batch(*model_, *backend_, slices, all.data(), last.data(), false, fo);
     }
     for (size_t i = 0; i < ss.size(); ++i) ss[i]->commit(tokens[i], last.data() + i * V);
   }
@@ -141,7 +140,9 @@ class EngineImpl final : public Engine {
   std::mutex run_mutex_;
 };
 
-SessionImpl::SessionImpl(EngineImpl& e, int64_t max_context) : eng_(e) { st_.init(e.config(), max_context); }
+SessionImpl::SessionImpl(EngineImpl& e, int64_t max_context) : eng_(e) {
+  st_.init(e.config(), max_context, &e.backend());
+}
 
 size_t SessionImpl::eng_config_vocab() const { return size_t(eng_.config().n_vocab); }
 
@@ -253,7 +254,7 @@ void SessionImpl::restore(std::istream& in) {
   std::vector<float> lg(n_log);
   for (auto& v : lg) v = get<float>(is, hb, "logits");
   SequenceState st;
-  st.init(eng_.config(), max_ctx);
+  st.init(eng_.config(), max_ctx, &eng_.backend());
   st.load(is);
   uint64_t expect = hb.hash();
   uint64_t at = hb.offset();

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <vector>
 
+#include "backend/cpu/cpu_backend.h"
 #include "common/error.h"
 #include "common/thread_pool.h"
 #include "model/attention.h"
@@ -252,12 +253,11 @@ std::vector<float> reference(const AttentionShape& s, const AttentionWeights& w,
 // ---- runners --------------------------------------------------------------------------------------------
 std::vector<float> run_chunks(const AttentionShape& s, const AttentionWeights& w, const std::vector<float>& x,
                               int T, const std::vector<int>& chunks, bool qat_on, int pass = 256,
-                              AttentionState* state_out = nullptr, ThreadPool* pool = nullptr) {
-  AttentionState st(s);
+                              AttentionState* state_out = nullptr, Backend* be = nullptr) {
+  AttentionState st(s, be);  // be == nullptr: host_backend()
   AttentionOptions opt;
   opt.qat_sim = qat_on;
   opt.max_tokens_per_pass = pass;
-  opt.pool = pool;
   std::vector<float> out(size_t(T) * s.d_model);
   int t0 = 0;
   size_t ci = 0;
@@ -338,8 +338,9 @@ TEST_P(AttentionForward, ThreadCountDoesNotChangeBits) {
   const int T = 40;
   auto x = random_input(T, s.d_model, 16u);
   ThreadPool one(1), three(3);
-  auto a = run_chunks(s, tw.w, x, T, {}, true, 256, nullptr, &one);
-  auto b = run_chunks(s, tw.w, x, T, {}, true, 256, nullptr, &three);
+  auto be1 = make_cpu_backend(&one), be3 = make_cpu_backend(&three);
+  auto a = run_chunks(s, tw.w, x, T, {}, true, 256, nullptr, be1.get());
+  auto b = run_chunks(s, tw.w, x, T, {}, true, 256, nullptr, be3.get());
   EXPECT_EQ(a, b);  // static partition, one owner per output value: bitwise
 }
 

@@ -6,6 +6,12 @@
 
 #include <cstdint>
 
+#include "backend/backend.h"
+
+namespace dsv4 {
+class ThreadPool;
+}
+
 namespace dsv4::cpu {
 
 // The KV rows one query attends to (K = V): window rows window[0 .. n_window) (contiguous, `dim` floats each),
@@ -26,5 +32,16 @@ void sink_attention_head(const float* q, int dim, const SinkAttnRows& rows, floa
 
 // Lightning-indexer score of one key: sum_h w[h] * ReLU(q_h . k). q: [n_heads, dim], w: [n_heads], k: [dim].
 float indexer_score(const float* q, const float* w, const float* k, int n_heads, int dim);
+
+// The CPU implementations of the attention ops of the table (backend.h documents the semantics). Arrays are host
+// memory. Parallel over independent rows only (tokens / heads / keys), so results do not depend on the pool.
+void head_prep(ThreadPool& pool, float* x, int T, int H, int dim, const HeadPrep& p);
+void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
+                     int64_t p0);
+void indexer_topk(ThreadPool& pool, const IndexerParams& p, const float* qI, const float* wI, const float* keys,
+                  int T, int64_t p0, int32_t* sel);
+void sink_attention(ThreadPool& pool, const SinkAttnParams& p, const float* q, const float* kv_new,
+                    const float* ring, const float* comp, const int32_t* sel, int T, int64_t p0, float* out);
+void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0);
 
 }  // namespace dsv4::cpu

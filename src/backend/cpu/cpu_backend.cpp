@@ -1,9 +1,12 @@
 #include "backend/cpu/cpu_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <vector>
 
+#include "backend/cpu/attention_cpu.h"
 #include "backend/cpu/cpu_ops.h"
 #include "common/error.h"
 #include "common/thread_pool.h"
@@ -32,6 +35,17 @@ class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(ThreadPool* pool) : pool_(pool ? *pool : default_thread_pool()) {}
   const char* name() const override { return "cpu"; }
+
+  // Backend memory is host memory: 64-byte aligned blocks (cache lines, AVX-512 loads).
+  void* mem_alloc(size_t bytes) override { return ::operator new(bytes, std::align_val_t(64)); }
+  void mem_free(void* p) noexcept override { ::operator delete(p, std::align_val_t(64)); }
+  void upload(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes) std::memmove(dst, src, bytes);
+  }
+  void fill(float* dst, float value, size_t n) override { std::fill(dst, dst + n, value); }
+  bool host_memory() const override { return true; }
 
   void embed(const WeightView& e, const int32_t* tokens, int T, int n, float* X) override {
     const int64_t D = e.ne[0], V = e.ne[1];
@@ -154,6 +168,26 @@ class CpuBackend final : public Backend {
   void moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
                int T, float* y) override;
 
+  void matmul_grouped(const WeightView& w, int groups, const float* x, int T, float* y) override;
+  void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) override {
+    cpu::head_prep(pool_, x, T, H, dim, p);
+  }
+  void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
+                       int64_t p0) override {
+    cpu::compressor_step(p, s, v, z, T, p0);
+  }
+  void indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T, int64_t p0,
+                    int32_t* sel) override {
+    cpu::indexer_topk(pool_, p, qI, wI, keys, T, p0, sel);
+  }
+  void sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
+                      const float* comp, const int32_t* sel, int T, int64_t p0, float* out) override {
+    cpu::sink_attention(pool_, p, q, kv_new, ring, comp, sel, T, p0, out);
+  }
+  void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) override {
+    cpu::window_store(ring, W, dim, kv, T, p0);
+  }
+
  private:
   ThreadPool& pool_;
   std::vector<uint8_t> xq_;  // quantized activations scratch
@@ -244,8 +278,32 @@ void CpuBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x
   });
 }
 
+void CpuBackend::matmul_grouped(const WeightView& w, int G, const float* x, int T, float* y) {
+  const int64_t gin = w.ne[0], ro = w.ne[1] / G;
+  if (w.n_dims != 2 || G <= 0 || w.ne[1] % G != 0)
+    fail("matmul_grouped: tensor '%s' ([%lld, %lld]) cannot be split into %d groups", w.name, (long long)w.ne[0],
+         (long long)w.ne[1], G);
+  const int64_t rb = row_bytes(w.type, gin);
+  std::vector<float> xin(size_t(T) * gin), yg(size_t(T) * ro);
+  for (int g = 0; g < G; ++g) {
+    for (int t = 0; t < T; ++t)
+      std::copy_n(x + (size_t(t) * G + g) * gin, gin, xin.data() + size_t(t) * gin);
+    WeightView v = w;  // rows [g*ro, (g+1)*ro): a view on the same bytes
+    v.data = static_cast<const uint8_t*>(w.data) + size_t(g) * size_t(ro) * size_t(rb);
+    v.ne[1] = ro;
+    v.n_bytes = size_t(ro) * size_t(rb);
+    matmul(v, -1, xin.data(), T, yg.data());
+    for (int t = 0; t < T; ++t) std::copy_n(yg.data() + size_t(t) * ro, ro, y + (size_t(t) * G + g) * ro);
+  }
+}
+
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(ThreadPool* pool) { return std::make_unique<CpuBackend>(pool); }
+
+Backend& host_backend() {
+  static CpuBackend be(nullptr);  // function-local static: constructed on first use, thread-safe
+  return be;
+}
 
 }  // namespace dsv4

@@ -15,4 +15,9 @@ class ThreadPool;
 // pool: the engine's thread pool (must outlive the backend); nullptr = default_thread_pool().
 std::unique_ptr<Backend> make_cpu_backend(ThreadPool* pool = nullptr);
 
+// A process-wide CPU backend on default_thread_pool(): the default owner of session state memory when no
+// backend is named (tests, tools). Its memory ops are thread-safe; its matmul scratch is not, so concurrent
+// forwards must use their own backend.
+Backend& host_backend();
+
 }  // namespace dsv4

@@ -6,6 +6,7 @@
 #include <tuple>
 #include <vector>
 
+#include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
 #include "backend/cuda/hc.h"
@@ -25,6 +26,36 @@ class CudaBackend final : public Backend {
     if (!cuda::device_available()) fail("cuda backend: no CUDA device present");
   }
   const char* name() const override { return "cuda"; }
+
+  // ---- bridge (see cuda_backend.h): backend memory is host memory for now, so the ops below take host
+  // pointers as before, and the attention ops run the CPU implementation. Replace with device memory +
+  // kernels (then host_memory() returns false and the forward downloads only the logits).
+  void* mem_alloc(size_t bytes) override { return host_->mem_alloc(bytes); }
+  void mem_free(void* p) noexcept override { host_->mem_free(p); }
+  void upload(void* dst, const void* src, size_t bytes) override { host_->upload(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { host_->download(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { host_->copy(dst, src, bytes); }
+  void fill(float* dst, float value, size_t n) override { host_->fill(dst, value, n); }
+  bool host_memory() const override { return true; }
+  void matmul_grouped(const WeightView& w, int groups, const float* x, int T, float* y) override {
+    host_->matmul_grouped(w, groups, x, T, y);
+  }
+  void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) override { host_->head_prep(x, T, H, dim, p); }
+  void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
+                       int64_t p0) override {
+    host_->compressor_step(p, s, v, z, T, p0);
+  }
+  void indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T, int64_t p0,
+                    int32_t* sel) override {
+    host_->indexer_topk(p, qI, wI, keys, T, p0, sel);
+  }
+  void sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
+                      const float* comp, const int32_t* sel, int T, int64_t p0, float* out) override {
+    host_->sink_attention(p, q, kv_new, ring, comp, sel, T, p0, out);
+  }
+  void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) override {
+    host_->window_store(ring, W, dim, kv, T, p0);
+  }
 
   void embed(const WeightView& e, const int32_t* tokens, int T, int n, float* X) override {
     const int64_t D = e.ne[0], V = e.ne[1];
@@ -226,6 +257,7 @@ class CudaBackend final : public Backend {
   std::vector<DeviceArray<float>> scratch_;
   DeviceArray<uint8_t> xq_;
   DeviceArray<int32_t> ids_;
+  std::unique_ptr<Backend> host_ = make_cpu_backend();  // the bridge's memory and attention ops
 };
 
 void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,

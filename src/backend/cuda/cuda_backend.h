@@ -7,6 +7,9 @@
 // (WeightView::data; the bytes must stay valid and unchanged while the backend lives, as the engine's mmap
 // does), so the model reaches the device a tensor at a time as layers first run. Q8_0 matrices with
 // cols % 256 == 0 are repacked to the split layout on upload (gemv.h).
+// Memory bridge: alloc() returns host memory (host_memory() == true) and the attention ops (matmul_grouped,
+// head_prep, compressor_step, indexer_topk, sink_attention, window_store) run the CPU implementation, so the
+// forward and session state work unchanged until device memory and attention kernels replace them.
 // Exceptions: `embed` gathers on the host (a row copy, no arithmetic), the hash-layer tid2eid lookup is done on
 // the host (the table is a host tensor), and matmul on a weight type gemv_cuda lacks (BF16) runs the CPU kernel
 // (no tensor of the q2/q4 mixes is BF16).
