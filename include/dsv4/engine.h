@@ -56,7 +56,8 @@ class Engine {
   virtual ~Engine() = default;
 
   virtual const ModelInfo& info() const = 0;
-  // max_context: tokens the session may hold (bounds compressed-row storage).
+  // max_context: tokens the session may hold (bounds compressed-row storage). The session's state lives in
+  // the engine's backend memory (device memory for a GPU backend): destroy sessions before their engine.
   virtual std::unique_ptr<Session> new_session(int64_t max_context) = 0;
 
   // Continuous batching: appends tokens[i] to sessions[i] (distinct sessions of this engine) in one forward

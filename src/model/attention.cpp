@@ -67,29 +67,7 @@ void check_weights(const AttentionWeights& w, const AttentionShape& s) {
   }
 }
 
-// Scratch of the passes of one call, in backend memory, sized for up to T tokens.
-struct Scratch {
-  DeviceBuffer qr, q, kv, o, low, v, z, qI, wI, sel;
-  Scratch(Backend& be, const AttentionShape& s, int T) {
-    const size_t n = size_t(T), f = sizeof(float);
-    const size_t qd = size_t(s.n_heads) * size_t(s.head_dim);
-    qr = be.alloc(f * n * size_t(s.q_rank));
-    q = be.alloc(f * n * qd);
-    kv = be.alloc(f * n * size_t(s.head_dim));
-    o = be.alloc(f * n * qd);
-    low = be.alloc(f * n * size_t(s.o_groups) * size_t(s.o_rank));
-    size_t cw = 0;  // widest compressor projection
-    if (s.has_compressor()) cw = size_t(s.has_indexer() ? 2 : 1) * size_t(s.head_dim);
-    if (s.has_indexer()) {
-      cw = std::max(cw, 2 * size_t(s.idx_dim));
-      qI = be.alloc(f * n * size_t(s.idx_heads) * size_t(s.idx_dim));
-      wI = be.alloc(f * n * size_t(s.idx_heads));
-      sel = be.alloc(sizeof(int32_t) * n * size_t(s.idx_topk));
-    }
-    v = be.alloc(f * n * cw);
-    z = be.alloc(f * n * cw);
-  }
-};
+using Scratch = AttentionScratch;
 
 // Step 3: feed T tokens at p0.. to one compressor; rows closed by them are written at their window index.
 void run_compressor(Backend& be, const CompressorWeights& cw, CompressorState& st, const AttentionShape& s,
@@ -169,6 +147,32 @@ void forward_pass(Backend& be, const AttentionWeights& w, AttentionState& st, co
 
 }  // namespace
 
+void AttentionScratch::ensure(Backend& be, const AttentionShape& s, int T) {
+  if (owner != &be) *this = AttentionScratch();  // buffers of another backend: start over
+  owner = &be;
+  const size_t n = size_t(T), f = sizeof(float);
+  const size_t qd = size_t(s.n_heads) * size_t(s.head_dim);
+  // Grows a buffer to at least `bytes`; never shrinks, so layers of different kinds share one set.
+  auto grow = [&](DeviceBuffer& b, size_t bytes) {
+    if (b.bytes() < bytes) b = be.alloc(bytes);
+  };
+  grow(qr, f * n * size_t(s.q_rank));
+  grow(q, f * n * qd);
+  grow(kv, f * n * size_t(s.head_dim));
+  grow(o, f * n * qd);
+  grow(low, f * n * size_t(s.o_groups) * size_t(s.o_rank));
+  size_t cw = 0;  // widest compressor projection
+  if (s.has_compressor()) cw = size_t(s.has_indexer() ? 2 : 1) * size_t(s.head_dim);
+  if (s.has_indexer()) {
+    cw = std::max(cw, 2 * size_t(s.idx_dim));
+    grow(qI, f * n * size_t(s.idx_heads) * size_t(s.idx_dim));
+    grow(wI, f * n * size_t(s.idx_heads));
+    grow(sel, sizeof(int32_t) * n * size_t(s.idx_topk));
+  }
+  grow(v, f * n * cw);
+  grow(z, f * n * cw);
+}
+
 void attention_forward(const AttentionWeights& w, AttentionState& st, const float* x, const int64_t* positions,
                        int T, float* out, const AttentionOptions& opt) {
   const AttentionShape& s = st.shape;
@@ -186,7 +190,9 @@ void attention_forward(const AttentionWeights& w, AttentionState& st, const floa
   if (&be != st.be && !(be.host_memory() && st.be->host_memory()))
     fail("attention: state lives in %s backend memory, ops were asked to run on %s", st.be->name(), be.name());
   const int step = std::max(1, opt.max_tokens_per_pass);
-  Scratch S(be, s, std::min(step, T));
+  AttentionScratch local;
+  Scratch& S = opt.scratch ? *opt.scratch : local;
+  S.ensure(be, s, std::min(step, T));
   for (int t0 = 0; t0 < T; t0 += step) {
     int n = std::min(step, T - t0);
     forward_pass(be, w, st, x + size_t(t0) * s.d_model, n, out + size_t(t0) * s.d_model, opt.qat_sim, S);

@@ -20,6 +20,7 @@
 #include <iosfwd>
 #include <vector>
 
+#include "backend/backend.h"
 #include "model/compressor.h"
 #include "model/rope.h"
 #include "model/weights.h"
@@ -71,11 +72,20 @@ struct AttentionShape {
 };
 AttentionShape attention_shape(const ModelConfig& c, int layer, int64_t max_context);
 
+// Scratch activations of the sublayer in backend memory, reusable across calls and layers (ensure() only grows
+// them), so a steady decode step allocates nothing (a requirement for capturing it as a device graph).
+struct AttentionScratch {
+  Backend* owner = nullptr;
+  DeviceBuffer qr, q, kv, o, low, v, z, qI, wI, sel;
+  void ensure(Backend& be, const AttentionShape& s, int T);  // room for T tokens of shape s on be
+};
+
 struct AttentionOptions {
   bool qat_sim = true;             // FP8 KV and Hadamard+FP4 indexer round trips (model-spec §3.4)
   // Runs the ops (nullptr: the state's backend). Must be the state's backend or, when both keep host memory
   // (Backend::host_memory), another one (e.g. the engine's CPU backend on its own thread pool).
   Backend* backend = nullptr;
+  AttentionScratch* scratch = nullptr;  // reused scratch (nullptr: allocated for this call)
   int max_tokens_per_pass = 256;   // internal sub-chunking bound on scratch memory (results do not depend on it)
 };
 

@@ -13,8 +13,10 @@ namespace dsv4 {
 
 namespace {
 
+}  // namespace
+
 // Scratch activations for passes of up to `cap` tokens, in backend memory.
-struct Scratch {
+struct ForwardScratch::Impl {
   int cap = 0;
   DeviceBuffer X;     // [T, n, D] residual streams
   DeviceBuffer a;     // [T, D] sublayer input (HC mix, then normed in place)
@@ -27,7 +29,11 @@ struct Scratch {
   DeviceBuffer tok;   // [T] int32 token ids
   DeviceBuffer logits;// [T, V] (device backends only; host-memory backends write the caller's array)
   std::vector<int64_t> pos; // [T] host: positions are host-known
+  AttentionScratch attn;    // shared by all layers and segments
+  Backend* owner = nullptr;
   void ensure(Backend& be, const ModelConfig& c, int T) {
+    if (owner != &be) *this = Impl();  // buffers of another backend: start over
+    owner = &be;
     if (T <= cap) return;
     const size_t f = sizeof(float), n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
     const size_t t = size_t(T);
@@ -45,6 +51,13 @@ struct Scratch {
     cap = T;
   }
 };
+
+ForwardScratch::ForwardScratch() : impl(std::make_unique<Impl>()) {}
+ForwardScratch::~ForwardScratch() = default;
+
+namespace {
+
+using Scratch = ForwardScratch::Impl;
 
 HcParams hc_params(const ModelConfig& c) {
   HcParams p;
@@ -91,6 +104,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   AttentionOptions ao;
   ao.qat_sim = opt.qat_sim;
   ao.backend = &be;
+  ao.scratch = &s.attn;
   float *X = s.X.f32(), *a = s.a.f32(), *y = s.y.f32(), *post = s.post.f32(), *comb = s.comb.f32();
   float* wts = s.wts.f32();
   int32_t *ids = s.ids.i32(), *tok = s.tok.i32();
@@ -192,7 +206,8 @@ void model_forward_batch(const Model& model, Backend& be, std::span<const BatchS
     total += slices[i].n_tokens;
   }
   // Passes of at most `step` rows; a slice may straddle passes (each row's result does not depend on it).
-  Scratch s;
+  ForwardScratch local;
+  Scratch& s = opt.scratch ? *opt.scratch->impl : *local.impl;
   const int step = std::max(1, opt.max_tokens_per_pass);
   const size_t V = size_t(c.n_vocab);
   size_t slice = 0;
@@ -237,6 +252,14 @@ void SequenceState::init(const ModelConfig& c, int64_t max_ctx, Backend* be) {
   layers.reserve(size_t(c.n_layers));
   for (int il = 0; il < c.n_layers; ++il) layers.emplace_back(attention_shape(c, il, max_ctx), be);
   n_past = 0;
+}
+
+void SequenceState::reserve(int64_t n_tokens) {
+  n_tokens = std::min(n_tokens, max_context);
+  for (auto& l : layers) {
+    if (l.shape.has_compressor()) l.comp.reserve(n_tokens / l.shape.ratio);
+    if (l.shape.has_indexer()) l.idx_comp.reserve(n_tokens / l.shape.ratio);
+  }
 }
 
 void SequenceState::reset() {

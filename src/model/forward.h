@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -17,9 +18,21 @@ class Backend;
 class Model;
 struct ModelConfig;
 
+// Scratch activations of the forward in backend memory, kept across calls by a caller that runs many (the
+// engine): buffers only grow, so a steady decode step allocates nothing. One per backend; not shared by
+// concurrent calls.
+class ForwardScratch {
+ public:
+  ForwardScratch();
+  ~ForwardScratch();
+  struct Impl;
+  std::unique_ptr<Impl> impl;
+};
+
 struct ForwardOptions {
   bool qat_sim = true;             // QAT round trips (model-spec §3.4); the attention sublayer applies them
   int max_tokens_per_pass = 256;   // bounds scratch memory; results do not depend on it
+  ForwardScratch* scratch = nullptr;  // reused scratch (nullptr: allocated for this call)
   // Debug tap (roadmap: activations by name for imatrix collection and reference diffs). When set, called with
   // rows x width fp32 activations of the current pass: "embed" (layer -1, width n*D), per layer "attn_in",
   // "attn_out", "ffn_in", "ffn_out" (width D) and "residual" (width n*D, after the layer), and "head_in"
@@ -38,6 +51,9 @@ struct SequenceState {
   // then run on that backend (or, for host memory, on another host-memory backend).
   void init(const ModelConfig& c, int64_t max_context, Backend* be = nullptr);
   void reset();
+  // Grows every compressed-row buffer to hold the rows of n_tokens positions (capped at max_context), so the
+  // forward allocates nothing before that length (device graphs; otherwise buffers grow on demand).
+  void reserve(int64_t n_tokens);
   // Layer records in order (AttentionState's byte-exact format) after a small header; load() validates the
   // header against this state's shape and leaves the state untouched on error.
   void save(std::ostream& os) const;

@@ -98,6 +98,7 @@ class EngineImpl final : public Engine {
     std::lock_guard<std::mutex> lock(run_mutex_);
     ForwardOptions fo;
     fo.qat_sim = opt_.qat_sim;
+    fo.scratch = &scratch_;
     model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
   }
   const ModelConfig& config() const { return model_->config(); }
@@ -126,7 +127,8 @@ class EngineImpl final : public Engine {
       std::lock_guard<std::mutex> lock(run_mutex_);
       ForwardOptions fo;
       fo.qat_sim = opt_.qat_sim;
-        model_forward_batch(*model_, *backend_, slices, all.data(), last.data(), false, fo);
+      fo.scratch = &scratch_;
+      model_forward_batch(*model_, *backend_, slices, all.data(), last.data(), false, fo);
     }
     for (size_t i = 0; i < ss.size(); ++i) ss[i]->commit(tokens[i], last.data() + i * V);
   }
@@ -138,6 +140,7 @@ class EngineImpl final : public Engine {
   std::unique_ptr<Backend> backend_;
   ModelInfo info_;
   std::mutex run_mutex_;
+  ForwardScratch scratch_;  // activations in backend memory, reused by every forward (under run_mutex_)
 };
 
 SessionImpl::SessionImpl(EngineImpl& e, int64_t max_context) : eng_(e) {
