@@ -1,12 +1,14 @@
 // CUDA implementation of the op table (see cuda_backend.h for the host-pointer contract).
 #include "backend/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <tuple>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/attention_ops.h"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
 #include "backend/cuda/hc.h"
@@ -27,9 +29,9 @@ class CudaBackend final : public Backend {
   }
   const char* name() const override { return "cuda"; }
 
-  // ---- bridge (see cuda_backend.h): backend memory is host memory for now, so the ops below take host
-  // pointers as before, and the attention ops run the CPU implementation. Replace with device memory +
-  // kernels (then host_memory() returns false and the forward downloads only the logits).
+  // ---- bridge (see cuda_backend.h): backend memory is host memory for now, so every op stages its host
+  // arguments on the device around the kernels. The attention ops run the kernels of attention_ops.h (window_store
+  // is a host row copy); once memory is device memory they are called on the buffers directly.
   void* mem_alloc(size_t bytes) override { return host_->mem_alloc(bytes); }
   void mem_free(void* p) noexcept override { host_->mem_free(p); }
   void upload(void* dst, const void* src, size_t bytes) override { host_->upload(dst, src, bytes); }
@@ -37,22 +39,14 @@ class CudaBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override { host_->copy(dst, src, bytes); }
   void fill(float* dst, float value, size_t n) override { host_->fill(dst, value, n); }
   bool host_memory() const override { return true; }
-  void matmul_grouped(const WeightView& w, int groups, const float* x, int T, float* y) override {
-    host_->matmul_grouped(w, groups, x, T, y);
-  }
-  void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) override { host_->head_prep(x, T, H, dim, p); }
+  void matmul_grouped(const WeightView& w, int groups, const float* x, int T, float* y) override;
+  void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) override;
   void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
-                       int64_t p0) override {
-    host_->compressor_step(p, s, v, z, T, p0);
-  }
+                       int64_t p0) override;
   void indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T, int64_t p0,
-                    int32_t* sel) override {
-    host_->indexer_topk(p, qI, wI, keys, T, p0, sel);
-  }
+                    int32_t* sel) override;
   void sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
-                      const float* comp, const int32_t* sel, int T, int64_t p0, float* out) override {
-    host_->sink_attention(p, q, kv_new, ring, comp, sel, T, p0, out);
-  }
+                      const float* comp, const int32_t* sel, int T, int64_t p0, float* out) override;
   void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) override {
     host_->window_store(ring, W, dim, kv, T, p0);
   }
@@ -259,6 +253,101 @@ class CudaBackend final : public Backend {
   DeviceArray<int32_t> ids_;
   std::unique_ptr<Backend> host_ = make_cpu_backend();  // the bridge's memory and attention ops
 };
+
+// ---- attention ops (bridge: host arguments staged in scratch slots around the attention_ops.h kernels) -------
+
+void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) {
+  const size_t n = size_t(T) * H * dim;
+  float* d_x = upload(0, x, n);
+  const float* nw = (p.norm && p.norm_w && p.norm_w->present()) ? f32_weight(*p.norm_w) : nullptr;
+  cuda::head_prep_device(d_x, T, H, dim, p, nw, nullptr);
+  download(x, d_x, n);
+}
+
+void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
+                                  const float* z, int T, int64_t p0) {
+  if (T <= 0) return;
+  const int cw = s.width();
+  const size_t n_cur = size_t(s.ratio) * cw, n_prev = s.overlap ? size_t(s.ratio) * s.dim : 0;
+  const int64_t w0 = p0 / s.ratio, n_emit = (p0 + T) / s.ratio - w0;
+  CompressorBuffers d = s;
+  d.cur_v = upload(0, s.cur_v, n_cur);
+  d.cur_z = upload(1, s.cur_z, n_cur);
+  d.prev_v = n_prev ? upload(2, s.prev_v, n_prev) : nullptr;
+  d.prev_z = n_prev ? upload(3, s.prev_z, n_prev) : nullptr;
+  const float* d_v = upload(4, v, size_t(T) * cw);
+  const float* d_z = upload(5, z, size_t(T) * cw);
+  float* d_rows = buffer(6, size_t(std::max<int64_t>(n_emit, 1)) * s.dim);
+  // The kernels address rows by window index and touch only windows [w0, w0 + n_emit): staging just those,
+  // the device base is shifted so that row w0 lands at the start of the scratch slot.
+  d.rows = d_rows - w0 * s.dim;
+  const float* nw = (p.norm && p.norm->present()) ? f32_weight(*p.norm) : nullptr;
+  cuda::compressor_step_device(p, d, f32_weight(*p.ape), nw, d_v, d_z, T, p0, nullptr);
+  download(s.cur_v, d.cur_v, n_cur);
+  download(s.cur_z, d.cur_z, n_cur);
+  if (n_prev) download(s.prev_v, d.prev_v, n_prev), download(s.prev_z, d.prev_z, n_prev);
+  if (n_emit > 0) download(s.rows + w0 * s.dim, d_rows, size_t(n_emit) * s.dim);
+}
+
+void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,
+                               int64_t p0, int32_t* sel) {
+  if (T <= 0) return;
+  const int64_t n_keys = (p0 + T) / p.ratio;
+  const float* d_q = upload(0, qI, size_t(T) * p.heads * p.dim);
+  const float* d_w = upload(1, wI, size_t(T) * p.heads);
+  const float* d_k = upload(2, keys, size_t(std::max<int64_t>(n_keys, 0)) * p.dim);
+  auto* d_sel = reinterpret_cast<int32_t*>(buffer(3, size_t(T) * p.top_k));
+  float* d_scr = buffer(4, size_t(std::max<int64_t>(1, cuda::indexer_topk_scratch_floats(p, T, p0))));
+  cuda::indexer_topk_device(p, d_q, d_w, d_k, T, p0, d_sel, d_scr, nullptr);
+  download(sel, d_sel, size_t(T) * p.top_k);
+}
+
+void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
+                                 const float* comp, const int32_t* sel, int T, int64_t p0, float* out) {
+  if (T <= 0) return;
+  const size_t nq = size_t(T) * p.heads * p.dim;
+  const int64_t n_comp = p.comp != CompRows::None ? (p0 + T) / p.ratio : 0;
+  const float* d_q = upload(0, q, nq);
+  const float* d_new = upload(1, kv_new, size_t(T) * p.dim);
+  const float* d_ring = p0 > 0 ? upload(2, ring, size_t(p.window) * p.dim) : nullptr;
+  const float* d_comp = n_comp > 0 ? upload(3, comp, size_t(n_comp) * p.dim) : buffer(3, 1);
+  int32_t* d_sel = nullptr;
+  if (p.comp == CompRows::Selected) {
+    d_sel = reinterpret_cast<int32_t*>(buffer(4, size_t(T) * p.top_k));
+    cuda::check(cudaMemcpy(d_sel, sel, size_t(T) * p.top_k * sizeof(int32_t), cudaMemcpyHostToDevice), "upload sel");
+  }
+  float* d_out = buffer(5, nq);
+  float* d_scr = buffer(6, size_t(std::max<int64_t>(1, cuda::sink_attention_scratch_floats(p, T, p0))));
+  cuda::sink_attention_device(p, f32_weight(*p.sinks), d_q, d_new, d_ring, d_comp, d_sel, T, p0, d_out, d_scr,
+                              nullptr);
+  download(out, d_out, nq);
+}
+
+// Group g: input columns [g*gin, (g+1)*gin) of x through weight rows [g*ro, (g+1)*ro), as G sub-matrix GEMVs
+// (each sub-matrix is mirrored once, keyed by its own address).
+void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int T, float* y) {
+  const int64_t gin = w.ne[0], ro = G > 0 ? w.ne[1] / G : 0;
+  if (w.n_dims != 2 || G <= 0 || w.ne[1] % G != 0)
+    fail("matmul_grouped: tensor '%s' ([%lld, %lld]) cannot be split into %d groups", w.name, (long long)w.ne[0],
+         (long long)w.ne[1], G);
+  const int64_t rb = row_bytes(w.type, gin);
+  const float* d_x = upload(0, x, size_t(T) * G * gin);
+  float* d_xg = buffer(1, size_t(T) * gin);
+  float* d_yg = buffer(2, size_t(T) * ro);
+  float* d_y = buffer(3, size_t(T) * G * ro);
+  for (int g = 0; g < G; ++g) {
+    WeightView sub = w;
+    sub.data = static_cast<const uint8_t*>(w.data) + size_t(g) * size_t(ro) * size_t(rb);
+    sub.ne[1] = ro;
+    sub.n_bytes = size_t(ro) * size_t(rb);
+    cuda::check(cudaMemcpy2D(d_xg, gin * sizeof(float), d_x + g * gin, G * gin * sizeof(float), gin * sizeof(float),
+                             T, cudaMemcpyDeviceToDevice), "matmul_grouped gather");
+    dmatmul(sub, -1, d_xg, T, d_yg);
+    cuda::check(cudaMemcpy2D(d_y + g * ro, G * ro * sizeof(float), d_yg, ro * sizeof(float), ro * sizeof(float), T,
+                             cudaMemcpyDeviceToDevice), "matmul_grouped scatter");
+  }
+  download(y, d_y, size_t(T) * G * ro);
+}
 
 void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
                             int32_t* ids, float* weights) {
