@@ -205,6 +205,9 @@ TEST(Ds4Layout, FlashMetadataTypesAndValues) {
 
   // Tokenizer: string arrays of tokens (the whole vocabulary) and merges, and the seven special tokens ds4
   // looks up by text at load time.
+  // ds4 ignores these two, but its published files carry them with these values (io-and-api §1.7).
+  EXPECT_EQ(f->get_string("tokenizer.ggml.model"), "gpt2");
+  EXPECT_EQ(f->get_string("tokenizer.ggml.pre"), "joyai-llm");
   ASSERT_EQ(f->get_array_type("tokenizer.ggml.tokens"), GgufType::STRING);
   ASSERT_EQ(f->get_array_type("tokenizer.ggml.merges"), GgufType::STRING);
   EXPECT_GT(f->get_array_size("tokenizer.ggml.merges"), 100000u);  // the V3/V4 BPE has ~127k merges
