@@ -127,7 +127,7 @@ Row attention_case(int64_t ctx, int ratio) {
   DeviceArray<int32_t> d_sel{std::span<const int32_t>(sel)};
   SinkAttnLaunch L;
   L.q = q.get(), L.out = out.get(), L.sinks = sinks.get(), L.T = 1, L.H = H, L.dh = DH, L.pos0 = ctx - 1;
-  L.window = W, L.kv_new = kv.get(), L.comp = comp.get(), L.ratio = ratio;
+  L.window = W, L.kv_new = kv.get(), L.ring = ring.get(), L.comp = comp.get(), L.ratio = ratio;
   if (ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
   const int64_t scratch_f = sink_attention_scratch_floats(L);
   DeviceArray<float> scratch(size_t(std::max<int64_t>(scratch_f, 1)));
