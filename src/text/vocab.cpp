@@ -158,8 +158,8 @@ TokenizerData deepseek_v4_vocab(const std::string& tiktoken_path) {
     fail("tiktoken vocabulary '%s' has %zu tokens, expected %d (DeepSeek V3/V4 base)", tiktoken_path.c_str(),
          raw.size(), kDeepSeekBaseVocabSize);
   TokenizerData d;
-  // The antirez V4 GGUFs name the pre-tokenizer "joyai-llm" (io-and-api §1.7); llama.cpp maps it to the same
-  // regexes as "deepseek-v3". Writing ds4's name keeps synth/convert metadata identical to the published files.
+  // The antirez V4 GGUFs name the pre-tokenizer "joyai-llm" (io-and-api §1.7); llama.cpp maps it to the
+  // same regexes as "deepseek-v3". Using ds4's name keeps synth/convert metadata identical to those files.
   d.pre = "joyai-llm";
   // The file stores each token as UTF-8 of its remapped (byte-to-unicode) string, i.e. already GGUF form.
   d.tokens = std::move(raw);

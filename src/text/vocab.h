@@ -23,7 +23,7 @@ namespace dsv4::text {
 
 // GGUF metadata keys for the tokenizer (io-and-api.md §1.7).
 inline constexpr const char* kGgufKeyModel = "tokenizer.ggml.model";           // string: "gpt2"
-inline constexpr const char* kGgufKeyPre = "tokenizer.ggml.pre";               // string: "joyai-llm" (V4) / "deepseek-v3"
+inline constexpr const char* kGgufKeyPre = "tokenizer.ggml.pre";               // string: "joyai-llm" (V4)
 inline constexpr const char* kGgufKeyTokens = "tokenizer.ggml.tokens";         // string array
 inline constexpr const char* kGgufKeyTokenType = "tokenizer.ggml.token_type";  // int32 array
 inline constexpr const char* kGgufKeyMerges = "tokenizer.ggml.merges";         // string array "a b"

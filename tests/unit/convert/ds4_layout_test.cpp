@@ -34,7 +34,9 @@ constexpr int64_t kExperts = 256, kFf = 2048, kIdxHeads = 64, kIdxDim = 128;
 constexpr int kLayers = 43, kHashLayers = 3;
 
 // model-spec §1.2: layers 0 and 1 sliding only; then ratio 4 (CSA) on even and 128 (HCA) on odd layers.
-int ratio_of(int il) { return il < 2 ? 0 : (il % 2 == 0 ? 4 : 128); }
+int ratio_of(int il) {
+  return il < 2 ? 0 : (il % 2 == 0 ? 4 : 128);
+}
 
 // The expected tensor table of a Flash file with the given routed-expert types (model-spec §13.3).
 std::map<std::string, Want> ds4_table(QType gate_up, QType down) {
@@ -47,7 +49,9 @@ std::map<std::string, Want> ds4_table(QType gate_up, QType down) {
   t["output_hc_scale.weight"] = {QType::F32, {1}};
   for (int il = 0; il < kLayers; ++il) {
     const std::string b = "blk." + std::to_string(il) + ".";
-    auto put = [&](const std::string& n, QType ty, std::vector<int64_t> ne) { t[b + n] = {ty, std::move(ne)}; };
+    auto put = [&](const std::string& n, QType ty, std::vector<int64_t> ne) {
+      t[b + n] = {ty, std::move(ne)};
+    };
     put("hc_attn_fn.weight", QType::F16, {kHcDim, kHcMix});
     put("hc_attn_scale.weight", QType::F32, {3});
     put("hc_attn_base.weight", QType::F32, {kHcMix});
@@ -112,8 +116,12 @@ void expect_table(Mix mix, QType gate_up, QType down) {
   EXPECT_EQ(specs.size(), size_t(6 + 43 * 24 + 41 * 4 + 21 * 6));
 }
 
-TEST(Ds4Layout, FlashQ2TensorTable) { expect_table(Mix::Q2, QType::IQ2_XXS, QType::Q2_K); }
-TEST(Ds4Layout, FlashQ4TensorTable) { expect_table(Mix::Q4, QType::Q4_K, QType::Q4_K); }
+TEST(Ds4Layout, FlashQ2TensorTable) {
+  expect_table(Mix::Q2, QType::IQ2_XXS, QType::Q2_K);
+}
+TEST(Ds4Layout, FlashQ4TensorTable) {
+  expect_table(Mix::Q4, QType::Q4_K, QType::Q4_K);
+}
 
 // ds4 reads integer keys as GGUF u32 only (an i32 or u64 would read as "missing"), a few as u64 or u32, the
 // floats as f32 (f64/u32/i32 also taken), booleans as bool, and two arrays of at least 43 entries.
