@@ -53,14 +53,15 @@ __global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
   if (acc == 0x12345678u) *sink = acc;
 }
 
-float time_ms(const std::function<void()>& f, int reps) {
+// Events are recorded on the stream the work goes to (a non-blocking stream does not order with stream 0).
+float time_ms(const std::function<void()>& f, int reps, cudaStream_t s = nullptr) {
   cudaEvent_t a, b;
   check(cudaEventCreate(&a), "event"), check(cudaEventCreate(&b), "event");
   f();
   check(cudaDeviceSynchronize(), "warmup");
-  check(cudaEventRecord(a), "record");
+  check(cudaEventRecord(a, s), "record");
   for (int i = 0; i < reps; ++i) f();
-  check(cudaEventRecord(b), "record");
+  check(cudaEventRecord(b, s), "record");
   check(cudaEventSynchronize(b), "sync");
   float ms = 0;
   check(cudaEventElapsedTime(&ms, a, b), "elapsed");
@@ -85,14 +86,14 @@ Timing time_case(int n_copies, const std::function<void(int, cudaStream_t)>& lau
   cudaStream_t s;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
   int next = 0;
-  const float eager = time_ms([&] { launch(next++ % n_copies, s); }, 64);
+  const float eager = time_ms([&] { launch(next++ % n_copies, s); }, 64, s);
   cudaGraph_t g;
   cudaGraphExec_t ge;
   check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "begin capture");
   for (int i = 0; i < 32; ++i) launch(i % n_copies, s);
   check(cudaStreamEndCapture(s, &g), "end capture");
   check(cudaGraphInstantiate(&ge, g, 0), "instantiate");
-  const float graph = time_ms([&] { check(cudaGraphLaunch(ge, s), "graph launch"); }, 20);
+  const float graph = time_ms([&] { check(cudaGraphLaunch(ge, s), "graph launch"); }, 20, s);
   check(cudaStreamSynchronize(s), "sync");
   cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
   return {graph * 1e3 / 32, eager * 1e3};
@@ -109,7 +110,9 @@ struct Row {
 };
 
 // Decode attention of one token at context ctx: CSA (window + 512 selected of ctx/4) or HCA (window + ctx/128).
-Row attention_case(int64_t ctx, int ratio) {
+// rps: rows per split (0 = the library's choice). Bytes are the compulsory ones (rows, q, out); the split
+// partials (written and read back through L2) are not counted.
+Row attention_case(int64_t ctx, int ratio, int rps = 0) {
   const int64_t n_comp = ctx / ratio;
   const size_t comp_f = size_t(n_comp) * DH, ring_f = size_t(W) * DH;
   const int n = copies_for((comp_f + ring_f) * 4);
@@ -129,6 +132,7 @@ Row attention_case(int64_t ctx, int ratio) {
   L.q = q.get(), L.out = out.get(), L.sinks = sinks.get(), L.T = 1, L.H = H, L.dh = DH, L.pos0 = ctx - 1;
   L.window = W, L.kv_new = kv.get(), L.ring = ring.get(), L.comp = comp.get(), L.ratio = ratio;
   if (ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
+  L.rows_per_split = rps;
   const int64_t scratch_f = sink_attention_scratch_floats(L);
   DeviceArray<float> scratch(size_t(std::max<int64_t>(scratch_f, 1)));
   const Timing t = time_case(n, [&](int c, cudaStream_t s) {
@@ -137,8 +141,10 @@ Row attention_case(int64_t ctx, int ratio) {
     sink_attention_cuda(l, scratch.get(), s);
   });
   const int64_t rows = std::min<int64_t>(W, ctx) + (ratio == 4 ? n_sel : n_comp);
-  const double bytes = double(rows) * DH * 4 + 2.0 * H * DH * 4 + 2.0 * scratch_f * 4;
-  return {ratio == 4 ? "attn_csa_decode" : "attn_hca_decode", ctx, bytes, t.us_graph, t.us_eager};
+  const double bytes = double(rows) * DH * 4 + 2.0 * H * DH * 4;
+  std::string name = ratio == 4 ? "attn_csa_decode" : "attn_hca_decode";
+  if (rps) name += "_rps" + std::to_string(rps);
+  return {name, ctx, bytes, t.us_graph, t.us_eager};
 }
 
 // Indexer decode at context ctx: scores over ctx/4 keys, top-512, ascending sort.
@@ -158,7 +164,7 @@ Row indexer_case(int64_t ctx) {
     l.keys = keys.get() + c * key_f;
     indexer_select_cuda(l, scratch.get(), s);
   });
-  const double bytes = double(key_f) * 4 + HI * DI * 4 + (n_keys > K ? 2.0 * n_keys * 4 : 0.0);
+  const double bytes = double(key_f) * 4 + HI * DI * 4;  // keys + queries (scores round-trip L2, not counted)
   return {"indexer_decode", ctx, bytes, t.us_graph, t.us_eager};
 }
 
@@ -224,6 +230,7 @@ int main(int argc, char** argv) {
       rows.push_back(attention_case(ctx, 128));
       rows.push_back(indexer_case(ctx));
     }
+    for (int rps : {64, 128, 320, 640}) rows.push_back(attention_case(65536, 4, rps));  // split-size sweep
     rows.push_back(compressor_case());
     if (!quick) rows.push_back(prefill_case(6144, 2048));
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");

@@ -2,6 +2,7 @@
 #include "backend/cuda/cuda_backend.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -252,11 +253,17 @@ class CudaBackend final : public Backend {
   DeviceArray<uint8_t> xq_;
   DeviceArray<int32_t> ids_;
   std::unique_ptr<Backend> host_ = make_cpu_backend();  // the bridge's memory and attention ops
+  // DSV4_CUDA_ATTENTION=cpu: the attention ops run the CPU implementation (A/B checks of the attention kernels).
+  const bool cpu_attention_ = [] {
+    const char* e = std::getenv("DSV4_CUDA_ATTENTION");
+    return e && std::strcmp(e, "cpu") == 0;
+  }();
 };
 
 // ---- attention ops (bridge: host arguments staged in scratch slots around the attention_ops.h kernels) -------
 
 void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) {
+  if (cpu_attention_) return host_->head_prep(x, T, H, dim, p);
   const size_t n = size_t(T) * H * dim;
   float* d_x = upload(0, x, n);
   const float* nw = (p.norm && p.norm_w && p.norm_w->present()) ? f32_weight(*p.norm_w) : nullptr;
@@ -266,6 +273,7 @@ void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) 
 
 void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
                                   const float* z, int T, int64_t p0) {
+  if (cpu_attention_) return host_->compressor_step(p, s, v, z, T, p0);
   if (T <= 0) return;
   const int cw = s.width();
   const size_t n_cur = size_t(s.ratio) * cw, n_prev = s.overlap ? size_t(s.ratio) * s.dim : 0;
@@ -291,6 +299,7 @@ void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuf
 
 void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,
                                int64_t p0, int32_t* sel) {
+  if (cpu_attention_) return host_->indexer_topk(p, qI, wI, keys, T, p0, sel);
   if (T <= 0) return;
   const int64_t n_keys = (p0 + T) / p.ratio;
   const float* d_q = upload(0, qI, size_t(T) * p.heads * p.dim);
@@ -304,6 +313,7 @@ void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const fl
 
 void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
                                  const float* comp, const int32_t* sel, int T, int64_t p0, float* out) {
+  if (cpu_attention_) return host_->sink_attention(p, q, kv_new, ring, comp, sel, T, p0, out);
   if (T <= 0) return;
   const size_t nq = size_t(T) * p.heads * p.dim;
   const int64_t n_comp = p.comp != CompRows::None ? (p0 + T) / p.ratio : 0;
@@ -326,6 +336,7 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
 // Group g: input columns [g*gin, (g+1)*gin) of x through weight rows [g*ro, (g+1)*ro), as G sub-matrix GEMVs
 // (each sub-matrix is mirrored once, keyed by its own address).
 void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int T, float* y) {
+  if (cpu_attention_) return host_->matmul_grouped(w, G, x, T, y);
   const int64_t gin = w.ne[0], ro = G > 0 ? w.ne[1] / G : 0;
   if (w.n_dims != 2 || G <= 0 || w.ne[1] % G != 0)
     fail("matmul_grouped: tensor '%s' ([%lld, %lld]) cannot be split into %d groups", w.name, (long long)w.ne[0],
