@@ -239,19 +239,22 @@ class GgufArrayBuilder {
 };
 
 // Streaming GGUF v3 writer. Usage:
-//   GgufWriter w(path);                      // creates/truncates the file
+//   GgufWriter w(path);                      // creates a temporary file next to path
 //   w.add_u32("deepseek4.block_count", 43);  // metadata, any order (duplicate keys throw)
 //   w.add_tensor("token_embd.weight", 1, {4096, 129280});   // declare every tensor up front
 //   w.begin_data();                          // writes header + metadata + tensor directory
 //   w.write_tensor_data("token_embd.weight", bytes);   // in declaration order; may be called repeatedly
 //                                                      // per tensor to stream it in chunks
 //   w.skip_tensor_data("...");               // or leave the (rest of the) tensor as a zero-filled hole
-//   w.finish();                              // checks every tensor is complete, sets the file length
+//   w.finish();                              // checks every tensor is complete, sets the file length,
+//                                            // renames the temporary file to path
 // Only metadata and the tensor directory are kept in memory; tensor bytes go straight to the file.
 class GgufWriter {
  public:
+  // Writes to a temporary file next to `path` (PATH.tmp.<pid>.<n>) and renames it over `path` only in
+  // finish(), so an existing file at `path` survives any failure before that point.
   explicit GgufWriter(const std::string& path);
-  ~GgufWriter();  // closes the file; does not finish() (an unfinished file is left as is)
+  ~GgufWriter();  // without finish(): closes and deletes the temporary file; `path` is untouched
   GgufWriter(const GgufWriter&) = delete;
   GgufWriter& operator=(const GgufWriter&) = delete;
 
@@ -315,6 +318,7 @@ class GgufWriter {
   void advance_past_complete();
 
   std::string path_;
+  std::string tmp_path_;  // where the bytes go until finish() renames it to path_
   std::FILE* f_ = nullptr;
   uint32_t alignment_ = 32;
   bool alignment_key_ = false;

@@ -2,10 +2,14 @@
 // the file in declaration order. Padding and skipped tensors are never written: we seek past them, so they
 // read back as zeros and, on filesystems with sparse files, occupy no disk blocks (the synthetic-model
 // generator relies on this to write files with the real tensor table without writing ~80 GB).
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 
@@ -102,12 +106,28 @@ std::vector<uint8_t> GgufArrayBuilder::encode() const {
 // ---- GgufWriter: metadata --------------------------------------------------------------------------------
 
 GgufWriter::GgufWriter(const std::string& path) : path_(path) {
-  f_ = std::fopen(path.c_str(), "wb");
-  if (!f_) fail("%s: cannot create: %s", path.c_str(), std::strerror(errno));
+  // Refuse a directory now rather than after streaming gigabytes into the temporary file.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) fail("%s: is a directory", path.c_str());
+  // A unique name in the same directory, so the final rename() is atomic and never crosses filesystems.
+  static std::atomic<unsigned> counter{0};
+  tmp_path_ = strfmt("%s.tmp.%d.%u", path.c_str(), int(::getpid()), counter.fetch_add(1));
+  int fd = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) fail("%s: cannot create '%s': %s", path.c_str(), tmp_path_.c_str(), std::strerror(errno));
+  f_ = ::fdopen(fd, "wb");
+  if (!f_) {
+    int err = errno;
+    ::close(fd);
+    ::unlink(tmp_path_.c_str());
+    fail("%s: cannot open '%s': %s", path.c_str(), tmp_path_.c_str(), std::strerror(err));
+  }
 }
 
 GgufWriter::~GgufWriter() {
-  if (f_) std::fclose(f_);
+  if (f_) {
+    std::fclose(f_);
+    ::unlink(tmp_path_.c_str());  // unfinished: drop the partial file, leave whatever was at path_ alone
+  }
 }
 
 void GgufWriter::add_kv(const std::string& key, GgufType type, const void* payload, size_t n) {
@@ -318,7 +338,16 @@ void GgufWriter::finish() {
   std::FILE* f = f_;
   f_ = nullptr;
   state_ = State::Finished;
-  if (std::fclose(f) != 0) fail("%s: close failed: %s", path_.c_str(), std::strerror(errno));
+  if (std::fclose(f) != 0) {
+    int err = errno;
+    ::unlink(tmp_path_.c_str());
+    fail("%s: close failed: %s", path_.c_str(), std::strerror(err));
+  }
+  if (std::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp_path_.c_str());
+    fail("%s: cannot rename '%s' over it: %s", path_.c_str(), tmp_path_.c_str(), std::strerror(err));
+  }
 }
 
 }  // namespace dsv4
