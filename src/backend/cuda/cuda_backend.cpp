@@ -179,7 +179,11 @@ class CudaBackend final : public Backend {
   }
   const float* f32_weight(const WeightView& w) {
     if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());
-    return reinterpret_cast<const float*>(weight(w));
+    // Mirror ne-product floats, not w.n_bytes: the binding's F32 copies of F16 vectors (e.g. compressor ape in
+    // the q8_0/q2/q4 mixes) keep the file tensor's byte count, half the floats, and the rest would be garbage.
+    WeightView full = w;
+    full.n_bytes = size_t(w.ne[0] * w.ne[1] * w.ne[2] * w.ne[3]) * sizeof(float);
+    return reinterpret_cast<const float*>(weight(full));
   }
   static void check_hc(const HcParams& p) {
     if (p.n != cuda::kHcStreams) fail("cuda backend: HC kernels are built for %d streams, model has %d", cuda::kHcStreams, p.n);
