@@ -122,8 +122,25 @@ V = c.size // 16; c = c.reshape(16, V); g = g.reshape(16, V)
 print('tiny q2 logits cpu vs cuda: rel-L2 %.3g, max abs %.3g (max |logit| %.3g), argmax agree %d/16' % (
     np.linalg.norm(g - c) / np.linalg.norm(c), np.abs(g - c).max(), np.abs(c).max(), (g.argmax(1) == c.argmax(1)).sum()))
 " || status=1
+    # Attention A/B on the tiny model (f16, 200 tokens: ring, HCA row, indexer scoring, QAT on): the CUDA
+    # attention ops against the same backend with DSV4_CUDA_ATTENTION=cpu; both against the CPU backend.
+    f16=/tmp/dsv4-tiny-f16.gguf
+    toks200=$(python3 -c "print(' '.join(str((i * 7919 + 13) % 129000) for i in range(200)))")
+    "$BUILD/dsv4" synth --shape tiny --mix f16 --out $f16 > /dev/null &&
+    "$BUILD/dsv4" logits -m $f16 --tokens "$toks200" --backend cpu --out /tmp/ab.cpu.f32 > /dev/null &&
+    "$BUILD/dsv4" logits -m $f16 --tokens "$toks200" --backend cuda --out /tmp/ab.cuda.f32 > /dev/null &&
+    DSV4_CUDA_ATTENTION=cpu "$BUILD/dsv4" logits -m $f16 --tokens "$toks200" --backend cuda --out /tmp/ab.cudacpu.f32 \
+      > /dev/null &&
+    python3 -c "
+import numpy as np
+L = lambda n: np.fromfile('/tmp/ab.%s.f32' % n, np.float32).reshape(200, -1)
+c, g, h = L('cpu'), L('cuda'), L('cudacpu')
+f = lambda a, b: 'rel-L2 %.3g, max abs %.3g, argmax agree %d/200' % (
+    np.linalg.norm(a - b) / np.linalg.norm(b), np.abs(a - b).max(), (a.argmax(1) == b.argmax(1)).sum())
+print('tiny f16 attention A/B: cuda vs cpu', f(g, c), '| cuda[cpu attention] vs cpu', f(h, c))
+" || status=1
   } > "$OUT/e2e.log" 2>&1
-  grep -E "tiny q2|PASSED|FAILED|OK \]" "$OUT/e2e.log" | tail -12
+  grep -E "tiny q2|tiny f16|PASSED|FAILED|OK \]" "$OUT/e2e.log" | tail -16
 fi
 
 for wb in "${WBS[@]}"; do
