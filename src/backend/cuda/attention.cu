@@ -239,14 +239,16 @@ void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_
   const int rps = rows_per_split(p), ns = n_splits(p);
   if (ns > 1 && !scratch) fail("sink_attention_cuda: %d splits need scratch (sink_attention_scratch_floats)", ns);
   const size_t smem = sizeof(float) * (size_t(kHeadsPerCta + kTile) * p.dh + kHeadsPerCta * kTile);
-  static bool attr_set = false;  // the opt-in above 48 KiB is a per-function attribute: set once
-  if (!attr_set) {
+  // The opt-in above 48 KiB is a per-function attribute: set once per process (a thread-safe static; one device
+  // assumed, as everywhere in the backend).
+  static const bool attr_set = [] {
     check(cudaFuncSetAttribute(sink_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(sizeof(float) * ((kHeadsPerCta + kTile) * kAttnMaxHeadDim +
                                                     kHeadsPerCta * kTile))),
           "cudaFuncSetAttribute(sink_attn_kernel)");
-    attr_set = true;
-  }
+    return true;
+  }();
+  (void)attr_set;
   dim3 grid(unsigned(p.T), unsigned((p.H + kHeadsPerCta - 1) / kHeadsPerCta), unsigned(ns));
   sink_attn_kernel<<<grid, kThreads, smem, stream>>>(p, rps, scratch);
   check_launch("sink_attn_kernel");

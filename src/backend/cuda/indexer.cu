@@ -95,13 +95,13 @@ void indexer_scores_cuda(const IndexerLaunch& p, float* scores, int64_t n_cols, 
   // ~4 waves of CTAs in total; each CTA stages the token's queries once and loops over its tiles.
   const int64_t per_token = std::max<int64_t>(1, std::min<int64_t>(n_tiles, 528 / std::max(1, p.T)));
   dim3 grid(unsigned(per_token), unsigned(p.T));
-  static bool attr_set = false;  // opt-in above 48 KiB of dynamic shared memory, once per process
-  if (!attr_set) {
+  static const bool attr_set = [] {  // opt-in above 48 KiB of dynamic shared memory, once per process
     check(cudaFuncSetAttribute(indexer_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(smem_bytes(64, kMaxIdxDim))),
           "cudaFuncSetAttribute(indexer_score_kernel)");
-    attr_set = true;
-  }
+    return true;
+  }();
+  (void)attr_set;
   indexer_score_kernel<<<grid, kThreads, smem_bytes(p.HI, p.dI), stream>>>(p, scores, n_cols);
   check_launch("indexer_score_kernel");
 }
