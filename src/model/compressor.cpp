@@ -34,8 +34,7 @@ void CompressorState::reset() {
     be->fill(prev_v.f32(), 0.0f, size_t(ratio) * size_t(dim));
     be->fill(prev_z.f32(), ninf, size_t(ratio) * size_t(dim));
   }
-  rows = DeviceBuffer();  // a new sequence starts small again
-  n_rows = 0;
+  n_rows = 0;  // rows keep their capacity: a reserve() made for device graphs survives a new sequence
 }
 
 void CompressorState::reserve(int64_t n) {
