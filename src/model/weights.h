@@ -13,12 +13,14 @@
 // per token batch of ONE session with consecutive positions:
 //
 //   void attention_forward(const ModelConfig& cfg, int layer, const AttentionWeights& w, AttentionState& st,
-//                          const float* x,          // [T, d_model] attn_norm-ed sublayer input, fp32
+//                          const float* x,          // [T, d_model] attn_norm-ed sublayer input, fp32, in
+//                                                   //     backend memory (backend/backend.h)
 //                          const int64_t* positions,// [T] absolute positions, consecutive, positions[0] == the
 //                                                   //     state's current position
 //                          int T,
-//                          float* out,              // [T, d_model] sublayer output (before HC post)
-//                          const AttentionOptions& opt);  // opt.qat_sim (default true), thread pool
+//                          float* out,              // [T, d_model] sublayer output (before HC post), backend
+//                                                   //     memory
+//                          const AttentionOptions& opt);  // opt.qat_sim (default true), backend, scratch
 //
 // Requirements the runtime relies on: chunking a batch differently gives bitwise-identical `out` and state;
 // AttentionState has reset(), save(std::ostream&) and load(std::istream&) that are byte-exact, and is copyable
