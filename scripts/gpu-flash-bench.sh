@@ -10,9 +10,9 @@ OUT=${OUT:-/tmp/gpu-flash-bench-out}
 GGUF=${FLASH_GGUF:-/tmp/flash-q2.gguf}
 mkdir -p "$OUT"
 if [ ! -f "$GGUF" ]; then
-  /usr/bin/time -f "synth: %e s, %M KB peak" "$BUILD/dsv4" synth --shape flash --mix q2 --sparse-experts \
-    --out "$GGUF" > "$OUT/synth.log" 2>&1
-  tail -1 "$OUT/synth.log"
+  t0=$(date +%s)
+  "$BUILD/dsv4" synth --shape flash --mix q2 --sparse-experts --out "$GGUF" > "$OUT/synth.log" 2>&1
+  echo "synth: $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/synth.log")"
 fi
 args=${BENCH_ARGS:-"--ctx-start 32 --ctx-max 64 --step-incr 32 --gen-tokens 8"}
 echo "bench: dsv4 bench -m $GGUF --backend cuda $args"
