@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "common/error.h"
+#include "file_io.h"
 
 #ifdef DSV4_HAVE_READLINE
 #include <readline/history.h>
@@ -124,17 +125,18 @@ bool command(ChatSession& chat, const std::string& line, const TermStyle& style)
       std::printf("usage: /ctx N (N >= 64); now %lld\n", (long long)cfg.ctx);
       return true;
     }
+    const int64_t old_ctx = cfg.ctx;
     cfg.ctx = n;
-    chat.rebuild();
-  } else if (cmd == "/read") {
-    std::ifstream f(arg, std::ios::binary);
-    if (!f) {
-      std::printf("cannot open '%s'\n", arg.c_str());
-      return true;
+    try {
+      chat.rebuild();
+    } catch (...) {
+      cfg.ctx = old_ctx;  // rebuild() kept the old session; keep the setting that matches it
+      throw;
     }
-    std::stringstream ss;
-    ss << f.rdbuf();
-    print_turn(chat, ss.str(), style);
+  } else if (cmd == "/read") {
+    std::string text = read_whole_file(arg, "/read");
+    if (text.empty()) fail("/read '%s': the file is empty", arg.c_str());
+    print_turn(chat, text, style);
     return true;
   } else if (cmd == "/save" || cmd == "/load") {
     if (arg.empty()) {
@@ -210,7 +212,7 @@ bool print_turn(ChatSession& chat, const std::string& user_text, const TermStyle
   TurnStats st;
   try {
     st = chat.turn(user_text, out, &g_interrupt);
-  } catch (const dsv4::Error& e) {
+  } catch (const std::exception& e) {  // dsv4::Error, and also bad_alloc & co.: the chat must survive them
     g_generating = false;
     end_reasoning("\n");
     std::fprintf(stderr, "dsv4: error: %s\n", e.what());
@@ -244,7 +246,7 @@ int run_repl(ChatSession& chat, const TermStyle& style) {
         if (!command(chat, line, style)) break;
         continue;
       }
-    } catch (const dsv4::Error& e) {
+    } catch (const std::exception& e) {  // also filesystem_error from /save's directory, bad_alloc from /ctx
       std::fprintf(stderr, "dsv4: error: %s\n", e.what());
       continue;
     }

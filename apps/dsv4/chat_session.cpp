@@ -2,10 +2,12 @@
 #include "chat_session.h"
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "file_io.h"
 
 namespace dsv4::app {
 
@@ -60,17 +62,33 @@ void ChatSession::prefill(const std::vector<Token>& toks, const TurnOutput& out,
 }
 
 void ChatSession::rebuild() {
-  session_ = engine_.new_session(cfg_.ctx);
-  open_turn_ = false;
-  rendered_effort_ = cfg_.mode == ThinkingMode::Thinking ? effective_effort() : ReasoningEffort::None;
-  if (messages_.empty() || (messages_.size() == 1 && messages_[0].role == "system")) {
-    session_.reset();  // nothing to evaluate yet: the first turn renders from BOS
-    return;
+  const ModelInfo& info = engine_.info();
+  if (info.context_length > 0 && uint64_t(cfg_.ctx) > info.context_length)
+    fail("context size %lld exceeds the model's context length %llu", (long long)cfg_.ctx,
+         (unsigned long long)info.context_length);
+  // On failure (the transcript no longer fits, allocation) the previous live session is put back, so the
+  // chat goes on exactly as before instead of continuing from a half-built state without its BOS.
+  std::unique_ptr<Session> old = std::move(session_);
+  const bool old_open = open_turn_;
+  const ReasoningEffort old_effort = rendered_effort_;
+  try {
+    session_ = engine_.new_session(cfg_.ctx);
+    open_turn_ = false;
+    rendered_effort_ = cfg_.mode == ThinkingMode::Thinking ? effective_effort() : ReasoningEffort::None;
+    if (messages_.empty() || (messages_.size() == 1 && messages_[0].role == "system")) {
+      session_.reset();  // nothing to evaluate yet: the first turn renders from BOS
+      return;
+    }
+    // The transcript ends with an assistant message: rendered with its EOS, ready for the next user turn.
+    std::vector<Token> toks = tok_.encode(render_new(0));
+    TurnStats ignored;
+    prefill(toks, TurnOutput{}, ignored);
+  } catch (...) {
+    session_ = std::move(old);
+    open_turn_ = old_open;
+    rendered_effort_ = old_effort;
+    throw;
   }
-  // The transcript ends with an assistant message: rendered with its EOS, ready for the next user turn.
-  std::vector<Token> toks = tok_.encode(render_new(0));
-  TurnStats ignored;
-  prefill(toks, TurnOutput{}, ignored);
 }
 
 TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
@@ -160,12 +178,6 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
 
 void ChatSession::save(const std::string& path) const {
   if (!session_) fail("nothing to save yet: the conversation is empty");
-  {
-    std::ofstream f(path, std::ios::binary);
-    if (!f) fail("cannot write '%s'", path.c_str());
-    session_->save(f);
-    if (!f) fail("write failed: '%s'", path.c_str());
-  }
   nlohmann::json j;
   j["ctx"] = cfg_.ctx;
   j["thinking"] = cfg_.mode == ThinkingMode::Thinking;
@@ -177,22 +189,31 @@ void ChatSession::save(const std::string& path) const {
       jm["tool_calls"].push_back({{"id", c.id}, {"name", c.name}, {"arguments", c.arguments}});
     j["messages"].push_back(jm);
   }
-  std::ofstream f(path + ".json");
-  f << j.dump(1);
-  if (!f) fail("write failed: '%s.json'", path.c_str());
+  // Model text may hold invalid UTF-8 (a reply cut mid-character); replace it rather than fail the save.
+  std::string text = j.dump(1, ' ', false, nlohmann::json::error_handler_t::replace);
+  // Both files are written in full to temporaries before either replaces an earlier save of the same name,
+  // so a failed save (disk full, bad directory) leaves the previous pair intact.
+  std::string state_tmp = write_temp(path, [&](std::ostream& f) { session_->save(f); });
+  std::string json_tmp;
+  try {
+    json_tmp = write_temp(path + ".json", [&](std::ostream& f) { f << text; });
+  } catch (...) {
+    std::remove(state_tmp.c_str());
+    throw;
+  }
+  commit_temp(json_tmp, path + ".json");
+  commit_temp(state_tmp, path);
 }
 
 void ChatSession::load(const std::string& path) {
-  std::ifstream jf(path + ".json");
-  if (!jf) fail("cannot open '%s.json' (the transcript saved next to the session state)", path.c_str());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(jf);
-  } catch (const std::exception& e) {
-    fail("%s.json: %s", path.c_str(), e.what());
-  }
+  std::string text = read_whole_file(path + ".json", "session transcript");
   std::vector<ChatMessage> msgs;
+  int64_t ctx = 0;
+  bool thinking = true, open_turn = true;
+  int effort = 0;
+  // Every field is read (and type-checked) before anything changes, so a bad file leaves the chat as it was.
   try {
+    nlohmann::json j = nlohmann::json::parse(text);
     for (const auto& jm : j.at("messages")) {
       ChatMessage m;
       m.role = jm.at("role");
@@ -203,19 +224,31 @@ void ChatSession::load(const std::string& path) {
           m.tool_calls.push_back({c.at("id"), c.at("name"), c.at("arguments")});
       msgs.push_back(m);
     }
+    ctx = j.value("ctx", cfg_.ctx);
+    thinking = j.value("thinking", true);
+    effort = j.value("effort", 0);
+    open_turn = j.value("open_turn", true);
   } catch (const nlohmann::json::exception& e) {
-    fail("%s.json: field error: %s", path.c_str(), e.what());
+    fail("%s.json: %s", path.c_str(), e.what());
   }
+  if (ctx < 1) fail("%s.json: field 'ctx' is %lld; need at least 1", path.c_str(), (long long)ctx);
+  if (effort < int(ReasoningEffort::None) || effort > int(ReasoningEffort::Max))
+    fail("%s.json: field 'effort' is %d, not a known reasoning effort", path.c_str(), effort);
+  require_input_file(path, "session state");
   std::ifstream sf(path, std::ios::binary);
   if (!sf) fail("cannot open '%s'", path.c_str());
-  auto s = engine_.new_session(j.value("ctx", cfg_.ctx));
-  s->restore(sf);
+  auto s = engine_.new_session(ctx);
+  try {
+    s->restore(sf);
+  } catch (const Error& e) {
+    fail("%s: %s", path.c_str(), e.what());  // the stream's own message lacks the file name
+  }
   session_ = std::move(s);
   messages_ = std::move(msgs);
   cfg_.ctx = session_->max_context();
-  cfg_.mode = j.value("thinking", true) ? ThinkingMode::Thinking : ThinkingMode::Chat;
-  rendered_effort_ = ReasoningEffort(j.value("effort", 0));
-  open_turn_ = j.value("open_turn", true);
+  cfg_.mode = thinking ? ThinkingMode::Thinking : ThinkingMode::Chat;
+  rendered_effort_ = ReasoningEffort(effort);
+  open_turn_ = open_turn;
 }
 
 }  // namespace dsv4::app

@@ -3,7 +3,7 @@
 // token at a time through a session; --chunks 7,13: prefill in chunks of those sizes, then the rest.
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
+#include <filesystem>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -12,6 +12,7 @@
 #include "command.h"
 #include "common/error.h"
 #include "dsv4/engine.h"
+#include "file_io.h"
 
 namespace {
 
@@ -48,6 +49,9 @@ int run_logits(const LogitsArgs& a) {
   std::vector<dsv4::Token> toks;
   for (int t : parse_ints(ts, ' ', "--tokens")) toks.push_back(t);
   if (toks.empty()) dsv4::fail("--tokens: no token ids given");
+  if (a.threads < 0) dsv4::fail("--threads: %d is negative (0 means all cores)", a.threads);
+  // Refuse an output that cannot be written before spending minutes on the forward.
+  if (std::filesystem::is_directory(a.out)) dsv4::fail("--out %s: is a directory", a.out.c_str());
   dsv4::EngineOptions eo;
   eo.model_path = a.model;
   eo.threads = a.threads;
@@ -77,10 +81,9 @@ int run_logits(const LogitsArgs& a) {
     }
     if (at < toks.size()) feed(at, toks.size() - at);
   }
-  std::ofstream f(a.out, std::ios::binary);
-  if (!f) dsv4::fail("%s: cannot open for writing", a.out.c_str());
-  f.write(reinterpret_cast<const char*>(all.data()), std::streamsize(all.size() * sizeof(float)));
-  if (!f) dsv4::fail("%s: write failed", a.out.c_str());
+  dsv4::app::write_file_atomically(a.out, [&](std::ostream& f) {
+    f.write(reinterpret_cast<const char*>(all.data()), std::streamsize(all.size() * sizeof(float)));
+  });
   std::fprintf(stderr, "dsv4 logits: %zu positions x %zu vocab -> %s\n", toks.size(), V, a.out.c_str());
   return 0;
 }

@@ -5,15 +5,14 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 
 #include "chat_repl.h"
 #include "chat_session.h"
 #include "command.h"
 #include "common/error.h"
+#include "file_io.h"
 
 namespace {
 
@@ -31,6 +30,7 @@ struct RunArgs {
   std::string backend = "auto";
   int threads = 0;
   bool no_color = false;
+  bool have_prompt = false;  // -p given (an explicit empty prompt is an error, not interactive mode)
 };
 
 void print_missing_model(const std::string& path) {
@@ -49,18 +49,26 @@ void print_missing_model(const std::string& path) {
       path.c_str());
 }
 
-std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot open prompt file '%s'", path.c_str());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+// Flags that are wrong whatever the model: checked before the (possibly minutes long) load.
+void check_flags(const RunArgs& a) {
+  if (a.n_predict < 1) fail("-n/--tokens: %d new tokens per reply; need at least 1", a.n_predict);
+  if (a.ctx < 1) fail("-c/--ctx: %lld tokens; need at least 1", (long long)a.ctx);
+  if (a.threads < 0) fail("-t/--threads: %d is negative (0 means all cores)", a.threads);
+  if (a.have_prompt && a.prompt.empty()) fail("-p/--prompt: the prompt is empty");
+  if (a.have_prompt && !a.prompt_file.empty()) fail("-p/--prompt and --prompt-file: give only one");
 }
 
 int run_main(const RunArgs& a) {
+  check_flags(a);
   if (!std::filesystem::exists(a.model)) {
     print_missing_model(a.model);
     return 1;
+  }
+  // Read the prompt before loading: a missing or empty file should not cost a model load first.
+  std::string prompt = a.have_prompt ? a.prompt : std::string();
+  if (!a.prompt_file.empty()) {
+    prompt = app::read_whole_file(a.prompt_file, "--prompt-file");
+    if (prompt.empty()) fail("--prompt-file '%s': the file is empty", a.prompt_file.c_str());
   }
   app::TermStyle style;
   style.color = !a.no_color && isatty(STDOUT_FILENO) && isatty(STDERR_FILENO);
@@ -88,6 +96,11 @@ int run_main(const RunArgs& a) {
                "model %s: %d layers, d_model %d, vocab %d, %.2f GB weights, backend %s, loaded in %.1f s\n",
                info.name.c_str(), info.n_layers, info.d_model, info.n_vocab, double(info.weight_bytes) / 1e9,
                info.backend.c_str(), load_s);
+  // The session would accept a larger ctx (its storage grows lazily), but positions past the trained
+  // context length are outside what the model (and its YaRN scaling) was built for.
+  if (info.context_length > 0 && uint64_t(a.ctx) > info.context_length)
+    fail("-c/--ctx: %lld tokens exceeds the model's context length %llu (%s)", (long long)a.ctx,
+         (unsigned long long)info.context_length, a.model.c_str());
   if (tok.n_vocab() != info.n_vocab)
     fail("%s: tokenizer has %d tokens but the model has %d vocabulary rows", a.model.c_str(), tok.n_vocab(),
          info.n_vocab);
@@ -111,7 +124,6 @@ int run_main(const RunArgs& a) {
 
   app::ChatSession chat(*engine, tok, cfg);
   app::install_sigint_handler();
-  std::string prompt = !a.prompt_file.empty() ? read_text_file(a.prompt_file) : a.prompt;
   if (!prompt.empty()) return app::print_turn(chat, prompt, style) ? 0 : 1;
   return app::run_repl(chat, style);
 }
@@ -121,7 +133,7 @@ DSV4_COMMAND(
     [](CLI::App& sub) {
       auto a = std::make_shared<RunArgs>();
       sub.add_option("-m,--model", a->model, "GGUF model file")->capture_default_str();
-      sub.add_option("-p,--prompt", a->prompt, "one-shot prompt (prints the reply and exits)");
+      auto* p = sub.add_option("-p,--prompt", a->prompt, "one-shot prompt (prints the reply and exits)");
       sub.add_option("--prompt-file", a->prompt_file, "one-shot prompt read from a file");
       sub.add_option("-s,--system", a->system, "system prompt ('' for none)")->capture_default_str();
       sub.add_option("-n,--tokens", a->n_predict, "max new tokens per reply")->capture_default_str();
@@ -140,7 +152,10 @@ DSV4_COMMAND(
           ->capture_default_str();
       sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
       sub.add_flag("--no-color", a->no_color, "no ANSI styling");
-      return [a]() { return run_main(*a); };
+      return [a, p]() {
+        a->have_prompt = p->count() > 0;
+        return run_main(*a);
+      };
     });
 
 }  // namespace

@@ -3,14 +3,13 @@
 // the text as one user message with the official encoder (no system prompt) and tokenizes the rendered
 // prompt.
 #include <cstdio>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 
 #include "command.h"
 #include "common/error.h"
 #include "dsv4/text.h"
+#include "file_io.h"
 
 namespace {
 
@@ -19,17 +18,9 @@ struct TokenizeArgs {
   bool chat = false, have_text = false;
 };
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) dsv4::fail("cannot open '%s'", path.c_str());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 int run_tokenize(const TokenizeArgs& a) {
   dsv4::Tokenizer tok = a.model.empty() ? dsv4::Tokenizer::builtin() : dsv4::Tokenizer::from_gguf(a.model);
-  std::string text = a.have_text ? a.text : read_file(a.file);
+  std::string text = a.have_text ? a.text : dsv4::app::read_whole_file(a.file, "--file");
   std::vector<dsv4::Token> ids;
   if (a.chat) {
     dsv4::ChatMessage m;

@@ -34,8 +34,16 @@ int main(int argc, char** argv) {
   std::reverse(args.begin(), args.end());  // CLI11 consumes a reversed vector
   try {
     app.parse(args);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // Same one-line shape as every other error, so scripts can match "dsv4: error:".
+    std::fprintf(stderr, "dsv4: error: %s (see dsv4 --help)\n", e.what());
+    return e.get_exit_code() != 0 ? e.get_exit_code() : 1;
   }
   try {
     for (auto& [sub, action] : actions)

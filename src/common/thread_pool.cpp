@@ -3,6 +3,8 @@
 // can never mistake the next job's parameters for the one it woke up for.
 #include "common/thread_pool.h"
 
+#include "common/error.h"
+
 #include <algorithm>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -29,7 +31,12 @@ void spin_step(int i) {
 }
 thread_local bool t_in_parallel_region = false;
 
+// More workers than this is a typo (-t 100000), not a machine: each one is an OS thread with its own stack,
+// and creating tens of thousands of them exhausts memory or aborts under the sanitizers.
+constexpr int kMaxThreads = 1024;
+
 int resolve_threads(int n) {
+  if (n > kMaxThreads) fail("thread count %d is above the supported maximum of %d", n, kMaxThreads);
   if (n > 0) return n;
   unsigned hw = std::thread::hardware_concurrency();
   return hw > 0 ? int(hw) : 1;

@@ -83,7 +83,7 @@ TEST(RunCli, ReadFileAndLongPrefill) {
   EXPECT_EQ(status_numbers(r.out, "prompt"), std::vector<int>{304}) << r.out;
   EXPECT_NE(r.out.find("/think-max"), std::string::npos);  // the help text
   EXPECT_NE(r.out.find("unknown command /nope"), std::string::npos);
-  EXPECT_NE(r.out.find("cannot open '/nonexistent'"), std::string::npos);
+  EXPECT_NE(r.out.find("dsv4: error: /read '/nonexistent': No such file"), std::string::npos) << r.out;
 }
 
 TEST(RunCli, ContextFullIsReportedAndTheChatGoesOn) {
