@@ -70,8 +70,21 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->path_ = path;
   f->map_ = std::make_unique<MmapFile>(path);
-  const uint8_t* base = f->map_->data();
-  const uint64_t size = f->map_->size();
+  f->parse(f->map_->data(), f->map_->size());
+  return f;
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::open_memory(const std::string& name, const uint8_t* data,
+                                                              uint64_t size) {
+  std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
+  f->path_ = name;
+  f->parse(data, size);
+  return f;
+}
+
+void SafetensorsFile::parse(const uint8_t* base, uint64_t size) {
+  const std::string& path = path_;
+  SafetensorsFile* f = this;
   if (size < 8) fail("%s: not a safetensors file: %llu bytes, the 8-byte header length is missing", path.c_str(),
                      (unsigned long long)size);
   const uint64_t hlen = load_le<uint64_t>(base);
@@ -122,9 +135,13 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     if (e < b || e > data_size)
       bad("data_offsets", strfmt("[%llu, %llu] fall outside the data section of %llu bytes", (unsigned long long)b,
                                  (unsigned long long)e, (unsigned long long)data_size));
-    if (e - b != n * uint64_t(info->size))
-      bad("data_offsets", strfmt("span %llu bytes but shape %s x %s needs %llu", (unsigned long long)(e - b),
-                                 t.shape_string().c_str(), info->name, (unsigned long long)(n * info->size)));
+    // Compared by division: n is only bounded by 2^62, so n * size could wrap (a shape of 2^61 F64 elements
+    // would "need" 0 bytes and pass with an empty span).
+    if ((e - b) % uint64_t(info->size) != 0 || (e - b) / uint64_t(info->size) != n)
+      bad("data_offsets", strfmt("span %llu bytes but shape %s x %s needs %s", (unsigned long long)(e - b),
+                                 t.shape_string().c_str(), info->name,
+                                 n > (uint64_t(1) << 60) ? "more than 2^60 bytes"
+                                                         : std::to_string(n * info->size).c_str()));
     t.offset = data_start + b;
     t.n_bytes = e - b;
     t.data = base + t.offset;
@@ -137,7 +154,6 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     if (ranges[i].first < ranges[i - 1].second)
       fail("%s: two tensors overlap at data byte %llu (file byte %llu)", path.c_str(),
            (unsigned long long)ranges[i].first, (unsigned long long)(data_start + ranges[i].first));
-  return f;
 }
 
 std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir) {

@@ -39,12 +39,17 @@ struct StTensor {
 class SafetensorsFile {
  public:
   static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+  // Parses a safetensors image already in memory (the caller keeps it alive); `name` stands for the path in
+  // error messages. Same validation as open(); the fuzz target uses it so ASan sees reads past the buffer.
+  static std::unique_ptr<SafetensorsFile> open_memory(const std::string& name, const uint8_t* data,
+                                                      uint64_t size);
   ~SafetensorsFile();
   const std::string& path() const { return path_; }
   const std::vector<StTensor>& tensors() const { return tensors_; }
 
  private:
   SafetensorsFile() = default;
+  void parse(const uint8_t* base, uint64_t size);
   std::string path_;
   std::unique_ptr<MmapFile> map_;
   std::vector<StTensor> tensors_;
