@@ -59,30 +59,35 @@ int run_logits(const LogitsArgs& a) {
   if (a.backend == "cpu") eo.backend = dsv4::BackendKind::Cpu;
   else if (a.backend == "cuda") eo.backend = dsv4::BackendKind::Cuda;
   else dsv4::fail("--backend: expected cpu or cuda, found '%s'", a.backend.c_str());
+  const std::vector<int> chunks = parse_ints(a.chunks, ',', "--chunks");  // checked before the load
   auto engine = dsv4::Engine::load(eo);
+  const uint64_t max_ctx = engine->info().context_length;
+  if (max_ctx > 0 && toks.size() > max_ctx)
+    dsv4::fail("--tokens: %zu tokens exceed the model's context length %llu (%s)", toks.size(),
+               (unsigned long long)max_ctx, a.model.c_str());
   auto session = engine->new_session(int64_t(toks.size()));
   const size_t V = size_t(engine->info().n_vocab);
-  std::vector<float> all;
-  all.reserve(toks.size() * V);
-  std::vector<float> rows;
-  auto feed = [&](size_t begin, size_t n) {
-    session->eval(std::span<const dsv4::Token>(toks.data() + begin, n), &rows);
-    all.insert(all.end(), rows.begin(), rows.end());
-  };
-  if (a.decode) {
-    for (size_t i = 0; i < toks.size(); ++i) feed(i, 1);
-  } else {
-    size_t at = 0;
-    for (int c : parse_ints(a.chunks, ',', "--chunks")) {
-      if (c == 0 || at >= toks.size()) continue;
-      size_t n = std::min(size_t(c), toks.size() - at);
-      feed(at, n);
-      at += n;
-    }
-    if (at < toks.size()) feed(at, toks.size() - at);
-  }
+  // Rows are streamed to the (temporary) output as they come, so memory holds one eval's rows, not all of
+  // them (positions x 129280 floats is 0.5 MB per token).
   dsv4::app::write_file_atomically(a.out, [&](std::ostream& f) {
-    f.write(reinterpret_cast<const char*>(all.data()), std::streamsize(all.size() * sizeof(float)));
+    std::vector<float> rows;
+    auto feed = [&](size_t begin, size_t n) {
+      session->eval(std::span<const dsv4::Token>(toks.data() + begin, n), &rows);
+      f.write(reinterpret_cast<const char*>(rows.data()), std::streamsize(rows.size() * sizeof(float)));
+      if (!f) dsv4::fail("%s: write failed", a.out.c_str());
+    };
+    if (a.decode) {
+      for (size_t i = 0; i < toks.size(); ++i) feed(i, 1);
+    } else {
+      size_t at = 0;
+      for (int c : chunks) {
+        if (c == 0 || at >= toks.size()) continue;
+        size_t n = std::min(size_t(c), toks.size() - at);
+        feed(at, n);
+        at += n;
+      }
+      if (at < toks.size()) feed(at, toks.size() - at);
+    }
   });
   std::fprintf(stderr, "dsv4 logits: %zu positions x %zu vocab -> %s\n", toks.size(), V, a.out.c_str());
   return 0;
