@@ -21,7 +21,11 @@ DSV4_COMMAND("synth", "Write a synthetic DeepSeek-V4 GGUF (ds4 names, metadata a
                sub.add_option("--shape", a->shape, "flash, pro or tiny")->check(CLI::IsMember({"flash", "pro", "tiny"}));
                sub.add_option("--mix", a->mix, "q2, q4, q8_0, f16, bf16 or f32");
                sub.add_option("--out", a->out, "GGUF file to write")->required();
-               sub.add_option("--seed", a->seed, "random seed (same seed, same file)");
+               // CLI11 would wrap "-1" into 2^64 - 1 for an unsigned option: refuse negatives instead.
+               sub.add_option("--seed", a->seed, "random seed (same seed, same file)")
+                   ->check([](const std::string& v) {
+                     return !v.empty() && v[0] == '-' ? std::string("must not be negative, got " + v) : std::string();
+                   });
                sub.add_flag("--sparse-experts", a->sparse, "leave routed-expert data as file holes (zeros)");
                return [a]() {
                  dsv4::SynthOptions o;

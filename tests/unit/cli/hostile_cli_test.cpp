@@ -85,6 +85,12 @@ TEST(HostileCli, EmptyPromptsAreErrors) {
   expect_error_line(run_dsv4(m + "--prompt-file '" + empty + "' < /dev/null", true), "file is empty");
 }
 
+// Was: synth --seed -1 was taken as seed 2^64 - 1 (CLI11 wraps negatives into unsigned options).
+TEST(HostileCli, SynthNegativeSeedIsAnError) {
+  expect_error_line(run_dsv4("synth --shape tiny --seed -1 --out '" + scratch("neg.gguf") + "'", true), "--seed");
+  EXPECT_FALSE(fs::exists(scratch("neg.gguf")));
+}
+
 // Was: a directory given as --file tokenized as the empty string (exit 0, empty line).
 TEST(HostileCli, TokenizeDirectoryIsAnError) {
   expect_error_line(run_dsv4("tokenize --file '" + testing::TempDir() + "'", true), "is a directory");
