@@ -29,6 +29,8 @@ Sampler::Sampler(const SamplingParams& p) : params_(p), state_(splitmix64(p.seed
     fail("sampling: min_p must be in [0, 1], got %g", double(p.min_p));
   if (p.top_k < 0) fail("sampling: top_k must be >= 0, got %d", p.top_k);
   if (std::isnan(p.temperature)) fail("sampling: temperature is NaN");
+  // Infinite temperature (e.g. --temp 1e39 overflowing float) would silently sample uniformly over the vocab.
+  if (std::isinf(p.temperature)) fail("sampling: temperature must be finite, got %g", double(p.temperature));
 }
 
 double Sampler::uniform() {
