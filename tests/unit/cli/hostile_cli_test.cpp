@@ -28,10 +28,18 @@ const std::string& model() {
   return path;
 }
 
+// Files of this run live in one directory, removed at exit (static destructor).
 std::string scratch(const std::string& name) {
-  fs::path d = fs::path(testing::TempDir()) / ("dsv4-hostile-" + std::to_string(::getpid()));
-  fs::create_directories(d);
-  return (d / name).string();
+  struct Dir {
+    fs::path path = fs::path(testing::TempDir()) / ("dsv4-hostile-" + std::to_string(::getpid()));
+    ~Dir() {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  };
+  static Dir dir;
+  fs::create_directories(dir.path);
+  return (dir.path / name).string();
 }
 
 std::string slurp(const std::string& p) {
