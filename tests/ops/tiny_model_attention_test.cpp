@@ -92,51 +92,91 @@ std::vector<std::vector<double>> teacher_forced(const Model& m, bool qat, bool c
   return err;
 }
 
-// Tolerance: the CUDA kernels sum in other orders than the CPU (tree reductions, expf vs std::exp), ~1e-6
-// relative on the sublayer's internal vectors. A Q8_0 activation quantization inside the sublayer (q_b,
-// output_a, output_b of the q2 mix) can then round one element to the neighbouring code (1/127 of its block's
-// max), worth up to ~1e-3 of a row; rows without such a flip agree to ~1e-5. So: every row <= 5e-3 and at
-// least 3/4 of the rows of every layer <= 1e-4. A wrong op (bad weights, wrong rows, wrong positions) gives
-// O(1e-1) on the rows it touches.
-void check(const std::vector<std::vector<double>>& err) {
+// Tolerance. The CUDA kernels sum in other orders than the CPU (tree reductions, expf vs std::exp): rows agree
+// to ~1e-7 relative (H200: 7e-8..1e-7 for q2, 2e-7..5e-7 for f16), hence 1e-6 for a "clean" row. In the q2 mix the
+// sublayer quantizes its activations to Q8_0 (q_b, output_a, output_b), and such a tiny difference can move one
+// element that sits on a rounding tie of q = round(x * 127 / amax) to the neighbouring code: that row then differs
+// by ~1e-3..5e-3 (measured max 5.1e-3). Ties are common with QAT on at row 0, where the attention output is
+// p * kv_0 and kv_0 lies on the FP8 grid (values at exactly half their block's max give 63.5). So for quantized
+// mixes: at most 3 of the 16 rows of a layer above 1e-6 (measured: 2) and none above 1e-2. F16 activations are
+// never quantized: every row <= 1e-6. A wrong op (weights, rows, positions, state) moves many rows by >= 1e-2.
+void check(const std::vector<std::vector<double>>& err, bool quantized_acts) {
   for (size_t il = 0; il < err.size(); ++il) {
-    int tight = 0;
+    int loose = 0;
     for (size_t t = 0; t < err[il].size(); ++t) {
-      EXPECT_LE(err[il][t], 5e-3) << "layer " << il << " row " << t;
-      tight += err[il][t] <= 1e-4;
+      EXPECT_LE(err[il][t], quantized_acts ? 1e-2 : 1e-6) << "layer " << il << " row " << t;
+      loose += err[il][t] > 1e-6;
     }
-    EXPECT_GE(tight * 4, int(err[il].size()) * 3) << "layer " << il << ": only " << tight << " rows within 1e-4";
+    EXPECT_LE(loose, 3) << "layer " << il << ": " << loose << " rows above 1e-6";
   }
 }
 
 TEST(CudaTinyModelAttention, Q2TeacherForcedQatOff) {
   DSV4_REQUIRE_CUDA();
   auto m = Model::load(synth_tiny(Mix::Q2, "q2"));
-  check(teacher_forced(*m, false));
+  check(teacher_forced(*m, false), true);
 }
 
 TEST(CudaTinyModelAttention, Q2TeacherForcedQatOn) {
   DSV4_REQUIRE_CUDA();
   auto m = Model::load(synth_tiny(Mix::Q2, "q2"));
-  check(teacher_forced(*m, true));
+  check(teacher_forced(*m, true), true);
 }
 
 TEST(CudaTinyModelAttention, Q2TeacherForcedQatOnCpuAttentionOps) {
   DSV4_REQUIRE_CUDA();
   auto m = Model::load(synth_tiny(Mix::Q2, "q2"));
-  check(teacher_forced(*m, true, true));
+  check(teacher_forced(*m, true, true), true);
 }
 
 TEST(CudaTinyModelAttention, F16TeacherForcedQatOff) {
   DSV4_REQUIRE_CUDA();
   auto m = Model::load(synth_tiny(Mix::F16, "f16"));
-  check(teacher_forced(*m, false));
+  check(teacher_forced(*m, false), false);
 }
 
 TEST(CudaTinyModelAttention, F16TeacherForcedQatOn) {
   DSV4_REQUIRE_CUDA();
   auto m = Model::load(synth_tiny(Mix::F16, "f16"));
-  check(teacher_forced(*m, true));
+  check(teacher_forced(*m, true), false);
+}
+
+// Why end-to-end logits of the q2 tiny model cannot be compared tightly between backends, on the CPU alone: a
+// relative change of at most 1e-5 to the elements of row 0 of layer 0's attention input (the size of one Q8_0 code
+// flip's effect, far above the 1e-7 op differences) moves the logits of the q2 mix by ~2e-2 relative on every row
+// (measured 2e-2..4e-1; later rows attend to row 0), but those of the f16 mix by < 1e-6. Bounds: q2 median row
+// above 1e-3, f16 every row below 1e-4 (10x and 100x margins from the measurements).
+std::vector<double> perturbed_logit_change(const Model& m) {
+  const ModelConfig& c = m.config();
+  const size_t V = size_t(c.n_vocab);
+  auto cpu = make_cpu_backend();
+  std::vector<float> L[2];
+  for (int run = 0; run < 2; ++run) {
+    SequenceState st;
+    st.init(c, 64, cpu.get());
+    ForwardOptions fo;
+    if (run == 1)
+      fo.tap = [](const char* name, int layer, const float* d, int, int64_t width) {
+        if (layer != 0 || std::string(name) != "attn_in") return;
+        float* p = const_cast<float*>(d);  // host memory of the CPU backend: the tap may edit row 0 in place
+        for (int64_t i = 0; i < width; ++i) p[i] *= 1.0f + 1e-5f * float(int(i % 7) - 3) / 3.0f;
+      };
+    L[run].resize(size_t(kT) * V);
+    model_forward(m, *cpu, st, kTokens.data(), kT, L[run].data(), true, fo);
+  }
+  std::vector<double> e;
+  for (int t = 0; t < kT; ++t)
+    e.push_back(test::rel_l2(std::span<const float>(L[1].data() + size_t(t) * V, V),
+                             std::span<const float>(L[0].data() + size_t(t) * V, V)));
+  return e;
+}
+
+TEST(TinyModelConditioning, Q2LogitsAmplifyTinyChangesF16DoNot) {
+  auto q2 = perturbed_logit_change(*Model::load(synth_tiny(Mix::Q2, "q2")));
+  auto f16 = perturbed_logit_change(*Model::load(synth_tiny(Mix::F16, "f16")));
+  for (double e : f16) EXPECT_LT(e, 1e-4);
+  std::sort(q2.begin(), q2.end());
+  EXPECT_GT(q2[q2.size() / 2], 1e-3) << "q2 tiny model no longer amplifies: tighten the e2e tolerance";
 }
 
 }  // namespace
