@@ -99,13 +99,14 @@ std::vector<std::vector<double>> teacher_forced(const Model& m, bool qat, bool c
 // by ~1e-3..5e-3 (measured max 5.1e-3). Ties are common with QAT on at row 0, where the attention output is
 // p * kv_0 and kv_0 lies on the FP8 grid (values at exactly half their block's max give 63.5). So for quantized
 // mixes: at most 3 of the 16 rows of a layer above 1e-6 (measured: 2) and none above 1e-2. F16 activations are
-// never quantized: every row <= 1e-6. A wrong op (weights, rows, positions, state) moves many rows by >= 1e-2.
+// never quantized: every row <= 1e-5 (measured max 5.3e-7; 1e-6 would leave no margin for another GPU or
+// compiler). A wrong op (weights, rows, positions, state) moves many rows by >= 1e-2.
 void check(const std::vector<std::vector<double>>& err, bool quantized_acts) {
   for (size_t il = 0; il < err.size(); ++il) {
     int loose = 0;
     for (size_t t = 0; t < err[il].size(); ++t) {
-      EXPECT_LE(err[il][t], quantized_acts ? 1e-2 : 1e-6) << "layer " << il << " row " << t;
-      loose += err[il][t] > 1e-6;
+      EXPECT_LE(err[il][t], quantized_acts ? 1e-2 : 1e-5) << "layer " << il << " row " << t;
+      loose += err[il][t] > 1e-6;  // f16: counts rows within its 1e-5 bound too (measured: none)
     }
     EXPECT_LE(loose, 3) << "layer " << il << ": " << loose << " rows above 1e-6";
   }
