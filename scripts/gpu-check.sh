@@ -119,7 +119,7 @@ if [ "${GPU_CHECK_E2E:-0}" = 1 ]; then
 import numpy as np
 c = np.fromfile('/tmp/logits.cpu.f32', np.float32); g = np.fromfile('/tmp/logits.cuda.f32', np.float32)
 V = c.size // 16; c = c.reshape(16, V); g = g.reshape(16, V)
-print('tiny q2 logits cpu vs cuda: rel-L2 %.3g, max abs %.3g (max |logit| %.3g), argmax agree %d/16' % (
+print('tiny q2 logits cpu vs cuda: rel-L2 %.3g, max abs %.3g (max |logit| %.3g), argmax agree %d/16 (q2 tiny amplifies ulp-level op differences ~1e5x: not a correctness check, see docs/cuda.md Known discrepancy; CudaTinyModelAttention.* is)' % (
     np.linalg.norm(g - c) / np.linalg.norm(c), np.abs(g - c).max(), np.abs(c).max(), (g.argmax(1) == c.argmax(1)).sum()))
 " || status=1
     # Attention A/B on the tiny model (f16, 200 tokens: ring, HCA row, indexer scoring, QAT on): the CUDA
