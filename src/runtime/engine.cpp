@@ -1,5 +1,6 @@
 // Engine and Session implementations behind include/dsv4/engine.h: a loaded Model + backend + thread pool, and
 // per-session SequenceState + token history + last logits, with a versioned, checksummed state stream.
+#include <algorithm>
 #include <cstring>
 #include <istream>
 #include <mutex>
@@ -12,6 +13,7 @@
 #include "common/error.h"
 #include "common/thread_pool.h"
 #include "dsv4/engine.h"
+#include "gguf/gguf.h"
 #include "model/forward.h"
 #include "model/model.h"
 #include "runtime/checksum_stream.h"
@@ -21,9 +23,10 @@ namespace dsv4 {
 namespace {
 
 constexpr char kSessionMagic[8] = {'D', 'S', 'V', '4', 'S', 'E', 'S', 'S'};
-constexpr uint32_t kSessionVersion = 1;
+constexpr uint32_t kSessionVersion = 2;  // 2: fingerprint ends with a digest of the weights file
 
 class EngineImpl;
+uint64_t weights_digest(const GgufFile& f);  // below, with the session stream format
 
 class SessionImpl final : public Session {
  public:
@@ -85,6 +88,7 @@ class EngineImpl final : public Engine {
     info_.compress_ratios.assign(c.compress_ratios.begin(), c.compress_ratios.begin() + c.n_layers);
     info_.context_length = c.context_length;
     info_.weight_bytes = model_->weight_bytes();
+    digest_ = weights_digest(model_->file());
     info_.backend = backend_->name();
     if (o.progress) o.progress(1.0, "loaded");
   }
@@ -102,6 +106,7 @@ class EngineImpl final : public Engine {
     model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
   }
   const ModelConfig& config() const { return model_->config(); }
+  uint64_t digest() const { return digest_; }
   Backend& backend() { return *backend_; }  // owner of every session's state memory
 
   void eval_batch(std::span<Session* const> sessions, std::span<const std::span<const Token>> tokens) override {
@@ -139,6 +144,7 @@ class EngineImpl final : public Engine {
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<Backend> backend_;
   ModelInfo info_;
+  uint64_t digest_ = 0;
   std::mutex run_mutex_;
   ForwardScratch scratch_;  // activations in backend memory, reused by every forward (under run_mutex_)
 };
@@ -172,11 +178,33 @@ void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_lo
   if (all_logits) *all_logits = std::move(rows);
 }
 
-// Model fingerprint: the shape numbers a state depends on.
-std::vector<int64_t> fingerprint(const ModelConfig& c) {
+// Digest of the weights a state was computed with: FNV-1a over every tensor's name, type and shape plus up to 64
+// bytes at its start, middle and end. Two files of the same shape (another quant mix, another imatrix run,
+// another synth seed) almost surely differ here, so a session saved with one model is refused by another
+// instead of continuing from the wrong model's KV. Samples, not a full hash: the real file is 81+ GB.
+uint64_t weights_digest(const GgufFile& f) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  auto mix = [&h](const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+  };
+  for (const GgufTensorInfo& t : f.tensors()) {
+    mix(t.name.data(), t.name.size());
+    mix(&t.type, sizeof t.type);
+    mix(t.ne.data(), sizeof t.ne);
+    const uint64_t k = std::min<uint64_t>(64, t.n_bytes);
+    for (uint64_t at : {uint64_t(0), (t.n_bytes - k) / 2, t.n_bytes - k}) mix(t.data + at, size_t(k));
+  }
+  return h;
+}
+
+// Model fingerprint: the shape numbers a state depends on, then the weights digest (two i64 halves).
+std::vector<int64_t> fingerprint(const ModelConfig& c, uint64_t digest) {
   std::vector<int64_t> f = {c.n_layers, c.d_model, c.n_vocab, c.n_heads, c.head_dim, c.hc_mult, c.idx_head_dim,
                             c.sliding_window};
   for (int il = 0; il < c.n_layers; ++il) f.push_back(c.ratio(il));
+  f.push_back(int64_t(digest >> 32));
+  f.push_back(int64_t(digest & 0xffffffffu));
   return f;
 }
 
@@ -203,7 +231,7 @@ void SessionImpl::save(std::ostream& out) const {
   os.write(kSessionMagic, 8);
   put(os, kSessionVersion);
   put(os, uint32_t(0));
-  auto fp = fingerprint(eng_.config());
+  auto fp = fingerprint(eng_.config(), eng_.digest());
   put(os, uint64_t(fp.size()));
   for (int64_t v : fp) put(os, v);
   put(os, st_.max_context);
@@ -231,12 +259,15 @@ void SessionImpl::restore(std::istream& in) {
   if (version != kSessionVersion)
     fail("session state: field 'version' is %u, this build reads version %u", version, kSessionVersion);
   get<uint32_t>(is, hb, "reserved");
-  const auto fp = fingerprint(eng_.config());
+  const auto fp = fingerprint(eng_.config(), eng_.digest());
   uint64_t n_fp = get<uint64_t>(is, hb, "fingerprint size");
   if (n_fp != fp.size()) fail("session state: saved for a different model (fingerprint size %llu, expected %zu)",
                               (unsigned long long)n_fp, fp.size());
   for (size_t i = 0; i < fp.size(); ++i) {
     int64_t v = get<int64_t>(is, hb, "fingerprint");
+    if (v != fp[i] && i + 2 >= fp.size())
+      fail("session state: saved with different weights (same shape, weights digest differs): refusing to continue "
+           "another model's state");
     if (v != fp[i]) fail("session state: saved for a different model (fingerprint entry %zu is %lld, expected %lld)",
                          i, (long long)v, (long long)fp[i]);
   }

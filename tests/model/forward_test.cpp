@@ -400,3 +400,31 @@ TEST_F(TinyForward, DebugTapReportsEveryStageInOrder) {
     for (int sidx = 1; sidx < 4; ++sidx)
       for (int d = 0; d < 64; ++d) ASSERT_EQ(embed[size_t(t * 256 + sidx * 64 + d)], embed[size_t(t * 256 + d)]);
 }
+
+// A state saved with one weights file must not continue on another file of the same shape (another seed stands
+// in for another quant mix or imatrix run): the restore names the weights digest and leaves the session empty.
+TEST(TinySessionFingerprint, StateFromOtherWeightsOfSameShapeIsRefused) {
+  test::TinyOptions other;
+  other.seed = 2;
+  TinyModel ma("fp_a.gguf"), mb("fp_b.gguf", other);
+  auto ea = load(ma.path), eb = load(mb.path);
+  auto toks = test_tokens(12);
+  auto a = ea->new_session(64);
+  a->eval(toks);
+  std::stringstream ss;
+  a->save(ss);
+  const std::string bytes = ss.str();
+  auto b = eb->new_session(64);
+  std::stringstream in(bytes);
+  try {
+    b->restore(in);
+    FAIL() << "state from other weights accepted";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("different weights"), std::string::npos) << err.what();
+  }
+  EXPECT_EQ(b->position(), 0);
+  std::stringstream same(bytes);  // the same file's engine still takes it
+  auto c = ea->new_session(64);
+  c->restore(same);
+  EXPECT_EQ(c->position(), 12);
+}
