@@ -11,6 +11,7 @@
 // what save() writes), reported as kv_bytes. Output: a table, optional CSV and an SVG plot of both curves.
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "command.h"
+#include "file_io.h"
 #include "common/error.h"
 #include "dsv4/engine.h"
 #include "dsv4/text.h"
@@ -73,6 +75,8 @@ std::vector<int64_t> frontiers(const BenchArgs& a) {
   if (a.ctx_start < 1 || a.ctx_max < a.ctx_start)
     dsv4::fail("bench: need 1 <= --ctx-start <= --ctx-max (got %lld, %lld)", (long long)a.ctx_start,
                (long long)a.ctx_max);
+  if (a.ctx_max > (int64_t(1) << 31))  // far past any V4 context (1M); bounds the frontier list
+    dsv4::fail("bench: --ctx-max %lld is out of range (at most 2^31)", (long long)a.ctx_max);
   if (a.step_incr < 0 || (a.step_incr == 0 && !(a.step_mul > 1.0)))
     dsv4::fail("bench: --step-incr must be > 0 or --step-mul > 1");
   std::vector<int64_t> f;
@@ -125,9 +129,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // Two stacked panels (prefill t/s, decode t/s) over context, each with its own y scale; hand-written SVG.
-void write_svg(const std::string& path, const std::vector<Row>& rows, const std::string& title) {
-  std::ofstream f(path);
-  if (!f) dsv4::fail("%s: cannot open for writing", path.c_str());
+void write_svg(std::ostream& f, const std::vector<Row>& rows, const std::string& title) {
   const double W = 820, H = 640, left = 80, right = 30, top = 50, panel_h = 230, gap = 70;
   const double x_max = double(rows.back().ctx);
   auto px = [&](double ctx) { return left + (W - left - right) * ctx / x_max; };
@@ -168,12 +170,9 @@ void write_svg(const std::string& path, const std::vector<Row>& rows, const std:
         << r.ctx << "</text>\n";
   }
   f << "<text x=\"" << W / 2 << "\" y=\"" << H - 8 << "\" text-anchor=\"middle\">context (tokens)</text>\n</svg>\n";
-  if (!f) dsv4::fail("%s: write failed", path.c_str());
 }
 
-void write_csv(const std::string& path, const std::vector<Row>& rows, const std::string& backend) {
-  std::ofstream f(path);
-  if (!f) dsv4::fail("%s: cannot open for writing", path.c_str());
+void write_csv(std::ostream& f, const std::vector<Row>& rows, const std::string& backend) {
   f << "backend,ctx,prefill_tokens,prefill_s,prefill_tps,gen_tokens,decode_s,decode_tps,kv_bytes\n";
   char line[256];
   for (const Row& r : rows) {
@@ -182,7 +181,6 @@ void write_csv(const std::string& path, const std::vector<Row>& rows, const std:
                   r.decode_s, r.decode_tps(), (unsigned long long)r.kv_bytes);
     f << line;
   }
-  if (!f) dsv4::fail("%s: write failed", path.c_str());
 }
 
 int run_bench(const BenchArgs& a) {
@@ -196,8 +194,15 @@ int run_bench(const BenchArgs& a) {
   else if (a.backend == "cuda") eo.backend = dsv4::BackendKind::Cuda;
   else if (a.backend == "auto") eo.backend = dsv4::BackendKind::Auto;
   else dsv4::fail("--backend: expected auto, cpu or cuda, found '%s'", a.backend.c_str());
+  // Output paths are checked before the (possibly long) run, so a typo does not throw the results away.
+  for (const std::string* out : {&a.csv, &a.svg})
+    if (!out->empty() && std::filesystem::is_directory(*out))
+      dsv4::fail("bench: output '%s' is a directory", out->c_str());
   auto engine = dsv4::Engine::load(eo);
   const dsv4::ModelInfo& info = engine->info();
+  if (uint64_t(fr.back() + a.gen_tokens) > info.context_length)
+    dsv4::fail("bench: last frontier %lld + --gen-tokens %d exceeds the model's context length %llu",
+               (long long)fr.back(), a.gen_tokens, (unsigned long long)info.context_length);
   const std::vector<dsv4::Token> toks = bench_tokens(a, fr.back(), info.n_vocab);
   auto session = engine->new_session(fr.back() + a.gen_tokens);
   std::printf("dsv4 bench: %s, backend %s, %zu frontiers %lld..%lld, %d generated tokens each\n",
@@ -231,8 +236,12 @@ int run_bench(const BenchArgs& a) {
     std::fflush(stdout);
     rows.push_back(r);
   }
-  if (!a.csv.empty()) write_csv(a.csv, rows, info.backend);
-  if (!a.svg.empty()) write_svg(a.svg, rows, "dsv4 bench: " + info.name + " (" + info.backend + ")");
+  if (!a.csv.empty())
+    dsv4::app::write_file_atomically(a.csv, [&](std::ostream& f) { write_csv(f, rows, info.backend); });
+  if (!a.svg.empty())
+    dsv4::app::write_file_atomically(a.svg, [&](std::ostream& f) {
+      write_svg(f, rows, "dsv4 bench: " + info.name + " (" + info.backend + ")");
+    });
   return 0;
 }
 

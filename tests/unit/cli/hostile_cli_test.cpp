@@ -183,5 +183,19 @@ TEST(HostileCli, FailedCtxChangeKeepsTheSession) {
   EXPECT_GT(std::stoi(m[1]), 70) << r.out;
 }
 
+// Was: --ctx-max 10^12 ran until killed; --csv DIR failed only after the whole benchmark; CSV/SVG were written
+// in place (a failed write lost an earlier result).
+TEST(HostileCli, BenchChecksContextAndOutputsUpFront) {
+  ASSERT_TRUE(fs::exists(model()));
+  const std::string b = "bench -m '" + model() + "' --backend cpu --gen-tokens 1 --ctx-start 16 ";
+  expect_error_line(run_dsv4(b + "--ctx-max 1000000000000", true), "--ctx-max");
+  expect_error_line(run_dsv4(b + "--ctx-max 2000000", true), "context length");
+  expect_error_line(run_dsv4(b + "--ctx-max 32 --csv '" + testing::TempDir() + "'", true), "is a directory");
+  const std::string csv = scratch("bench.csv");
+  Ran ok = run_dsv4(b + "--ctx-max 32 --csv '" + csv + "'", true);
+  EXPECT_EQ(ok.status, 0) << ok.out;
+  EXPECT_EQ(slurp(csv).rfind("backend,ctx,", 0), 0u) << slurp(csv);
+}
+
 }  // namespace
 }  // namespace dsv4::test
