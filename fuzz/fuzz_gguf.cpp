@@ -6,6 +6,7 @@
 // Build and run: scripts/fuzz-smoke.sh (clang, -DDSV4_FUZZ=ON). Seeds: fuzz/corpus/fuzz_gguf/, written by
 // fuzz/tools/make_gguf_seeds.cpp.
 #include <cstdint>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -77,7 +78,12 @@ void walk_file(const dsv4::GgufFile& f, const uint8_t* data, size_t size) {
     may_throw([&] { fuzz_gguf_sink += f.get_u32(key); });
     may_throw([&] { fuzz_gguf_sink += f.get_u64(key); });
     may_throw([&] { fuzz_gguf_sink += uint64_t(f.get_i32(key)); });
-    may_throw([&] { fuzz_gguf_sink += uint64_t(f.get_f32(key)); });
+    may_throw([&] {  // bits, not a float->int conversion (UB for out-of-range values such as -1.7e38)
+      float x = f.get_f32(key);
+      uint32_t bits;
+      std::memcpy(&bits, &x, sizeof bits);
+      fuzz_gguf_sink += bits;
+    });
     may_throw([&] { fuzz_gguf_sink += f.get_bool(key); });
     may_throw([&] { fuzz_gguf_sink += f.get_string(key).size(); });
     may_throw([&] { fuzz_gguf_sink += f.get_array_i32(key).size(); });

@@ -122,6 +122,13 @@ struct GgufFileLoader {
     uint64_t data_offset = (end_of_dir + al - 1) / al * al;
     file.data_offset_ = data_offset;
     uint64_t size = in.size;
+    // Even empty tensors get a data pointer, so the data section must begin inside the file (fuzzer find: a
+    // zero-element tensor in a file cut before the aligned data start pointed past the mapping).
+    if (!file.tensors_.empty() && data_offset > size)
+      fail("%s: tensor data section starts at byte %llu (end of directory %llu aligned to %llu), past the end of "
+           "the file (%llu bytes)",
+           file.path_.c_str(), (unsigned long long)data_offset, (unsigned long long)end_of_dir,
+           (unsigned long long)al, (unsigned long long)size);
     for (auto& t : file.tensors_) {
       uint64_t avail = data_offset <= size ? size - data_offset : 0;
       if (t.offset > avail || t.n_bytes > avail - t.offset)
