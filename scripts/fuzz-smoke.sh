@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Fixed mutation seed (FUZZ_SEED, default 1; 0 = random) so a CI run is reproducible.
 # Builds the libFuzzer targets (fuzz/*.cpp) with clang and runs each for a few seconds on its seed corpus
 # (fuzz/corpus/<target>/, read-only) plus a scratch corpus in the build dir. The libraries under test are
 # instrumented too (see the DSV4_FUZZ section of CMakeLists.txt). A crash, leak, sanitizer report or timeout
@@ -19,7 +20,7 @@ for t in "${targets[@]}"; do
   corpus=fuzz/corpus/$stem; mkdir -p "$B/corpus-$stem"
   log=$B/$stem.log
   echo "fuzz-smoke: $stem ($SECONDS_PER_TARGET s)"
-  if ! "$B/$stem" -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -timeout=10 -artifact_prefix="$B/" \
+  if ! "$B/$stem" -seed="${FUZZ_SEED:-1}" -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -timeout=10 -artifact_prefix="$B/" \
       "$B/corpus-$stem" $( [ -d "$corpus" ] && echo "$corpus" ) >"$log" 2>&1; then
     tail -n 60 "$log"
     echo "fuzz-smoke: $stem FAILED (log: $log, reproducer: $B/crash-* / leak-* / timeout-*)"
