@@ -14,10 +14,8 @@
 #include <filesystem>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <ostream>
-#include <sstream>
 #include <streambuf>
 #include <string>
 #include <vector>
@@ -91,10 +89,7 @@ std::vector<int64_t> frontiers(const BenchArgs& a) {
 std::vector<dsv4::Token> bench_tokens(const BenchArgs& a, int64_t n, int n_vocab) {
   std::vector<dsv4::Token> toks;
   if (!a.prompt_file.empty()) {
-    std::ifstream f(a.prompt_file, std::ios::binary);
-    if (!f) dsv4::fail("%s: cannot open prompt file", a.prompt_file.c_str());
-    std::stringstream ss;
-    ss << f.rdbuf();
+    const std::string prompt = dsv4::app::read_whole_file(a.prompt_file, "--prompt-file");
     dsv4::Tokenizer tok = [&] {
       try {
         return dsv4::Tokenizer::from_gguf(a.model);
@@ -102,7 +97,7 @@ std::vector<dsv4::Token> bench_tokens(const BenchArgs& a, int64_t n, int n_vocab
         return dsv4::Tokenizer::builtin();  // a synthetic GGUF may carry no tokenizer
       }
     }();
-    const std::vector<dsv4::Token> text = tok.encode(ss.str());
+    const std::vector<dsv4::Token> text = tok.encode(prompt);
     if (text.empty()) dsv4::fail("%s: prompt file gives no tokens", a.prompt_file.c_str());
     while (int64_t(toks.size()) < n) toks.insert(toks.end(), text.begin(), text.end());
     for (dsv4::Token t : toks)
