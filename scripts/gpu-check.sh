@@ -6,6 +6,7 @@
 #                                       build/gpudeps (GTest/CLI11/nlohmann-json/PCRE2/pkgconf, relocatable) and
 #                                       build/gpusrc (git archive of REF, default HEAD: the exact tree to test)
 #   scripts/gpu-check.sh                on the GPU box (run with carry: build/gpudeps, build/gpusrc)
+#   GPUSRC=gpusrc-NAME (both sides)     a private packed tree, when several engineers pack at the same time
 #
 # The GPU image has CUDA, CMake and a compiler but none of the Debian -dev packages the project's CMake wants
 # and no network, hence the bundle. Building from build/gpusrc (a committed tree) rather than the working copy
@@ -19,9 +20,10 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEPS="$ROOT/build/gpudeps"
 ARCH_LIB=lib/x86_64-linux-gnu
 
-pack() {
-  local ref="${1:-HEAD}"
-  rm -rf "$DEPS" "$ROOT/build/gpusrc"
+GPUSRC="${GPUSRC:-gpusrc}"   # build/<GPUSRC>: the packed tree (one per engineer when several pack at once)
+
+pack_deps() {
+  rm -rf "$DEPS"
   mkdir -p "$DEPS/include" "$DEPS/$ARCH_LIB/cmake" "$DEPS/$ARCH_LIB/pkgconfig" "$DEPS/share/cmake" "$DEPS/bin"
   cp -r /usr/include/nlohmann /usr/include/CLI /usr/include/gtest /usr/include/gmock /usr/include/pcre2.h \
         "$DEPS/include/"
@@ -40,9 +42,16 @@ Version: 10.42
 Libs: -L${libdir} -lpcre2-8
 Cflags: -I${includedir}
 PC
-  mkdir -p "$ROOT/build/gpusrc"
-  git -C "$ROOT" archive "$ref" | tar -x -C "$ROOT/build/gpusrc"
-  echo "packed: build/gpudeps ($(du -sh "$DEPS" | cut -f1)), build/gpusrc = $(git -C "$ROOT" rev-parse --short "$ref")"
+}
+
+pack() {
+  local ref="${1:-HEAD}"
+  # The dependency bundle is the same for everybody: built once (PACK_DEPS=1 rebuilds it).
+  if [ ! -f "$DEPS/bin/pkgconf" ] || [ "${PACK_DEPS:-0}" = 1 ]; then pack_deps; fi
+  rm -rf "$ROOT/build/$GPUSRC"
+  mkdir -p "$ROOT/build/$GPUSRC"
+  git -C "$ROOT" archive "$ref" | tar -x -C "$ROOT/build/$GPUSRC"
+  echo "packed: build/gpudeps ($(du -sh "$DEPS" | cut -f1)), build/$GPUSRC = $(git -C "$ROOT" rev-parse --short "$ref")"
 }
 
 if [ "${1:-}" = "--pack" ]; then
@@ -53,7 +62,7 @@ fi
 OUT="${OUT:-$ROOT/build/gpu-check-out}"
 mkdir -p "$OUT"
 SRC="$ROOT"
-[ -d "$ROOT/build/gpusrc" ] && SRC="$ROOT/build/gpusrc"
+[ -d "$ROOT/build/$GPUSRC" ] && SRC="$ROOT/build/$GPUSRC"
 BUILD=/tmp/dsv4-gpu-build
 JOBS="${JOBS:-$(nproc)}"
 
