@@ -152,10 +152,9 @@ class CudaBackend final : public Backend {
   void download(T* host, const T* dev, size_t n) {
     cuda::check(cudaMemcpy(host, dev, n * sizeof(T), cudaMemcpyDeviceToHost), "cuda backend: download");
   }
-  // Q8_0 matrices whose width allows it are repacked to the split layout on upload (gemv.h: 16-byte loads).
+  // Device layout per weight: the policy lives in gemv.h (preferred_layout / repack_weight_cuda).
   static cuda::GemvLayout layout_for(const WeightView& w) {
-    return w.type == QType::Q8_0 && cuda::q8_split_supported(w.ne[0]) ? cuda::GemvLayout::Q8Split
-                                                                       : cuda::GemvLayout::Ggml;
+    return cuda::preferred_layout(w.type, w.ne[0], w.n_dims >= 3);
   }
   const uint8_t* weight(const WeightView& w) {
     if (!w.present()) fail("cuda backend: tensor '%s' is not bound", w.name);
@@ -164,18 +163,19 @@ class CudaBackend final : public Backend {
     if (it == weights_.end()) {
       DeviceArray<uint8_t> d(w.n_bytes);
       cuda::check(cudaMemcpy(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice), w.name);
-      if (layout_for(w) == cuda::GemvLayout::Q8Split) {
+      const cuda::GemvLayout layout = layout_for(w);
+      if (layout != cuda::GemvLayout::Ggml) {
         const int64_t n_rows = w.ne[1] * (w.n_dims >= 3 ? w.ne[2] : 1);
-        DeviceArray<uint8_t> split(size_t(n_rows * cuda::q8_split_row_bytes(w.ne[0])));
-        cuda::q8_0_split_cuda(d.get(), n_rows, w.ne[0], split.get(), nullptr);
-        d = std::move(split);
+        DeviceArray<uint8_t> packed(size_t(n_rows * cuda::layout_row_bytes(w.type, layout, w.ne[0])));
+        cuda::repack_weight_cuda(w.type, layout, d.get(), n_rows, w.ne[0], packed.get(), nullptr);
+        d = std::move(packed);
       }
       it = weights_.emplace(key, std::move(d)).first;
     }
     return it->second.get();
   }
   static int64_t device_row_bytes(const WeightView& w) {
-    return layout_for(w) == cuda::GemvLayout::Q8Split ? cuda::q8_split_row_bytes(w.ne[0]) : row_bytes(w.type, w.ne[0]);
+    return cuda::layout_row_bytes(w.type, layout_for(w), w.ne[0]);
   }
   const float* f32_weight(const WeightView& w) {
     if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());

@@ -579,6 +579,30 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
 bool q8_split_supported(int64_t cols) { return cols > 0 && cols % 256 == 0; }
 int64_t q8_split_row_bytes(int64_t cols) { return cols + cols / 16; }
 
+GemvLayout preferred_layout(QType wtype, int64_t cols, bool /*expert_stack*/) {
+  return wtype == QType::Q8_0 && q8_split_supported(cols) ? GemvLayout::Q8Split : GemvLayout::Ggml;
+}
+
+int64_t layout_row_bytes(QType wtype, GemvLayout layout, int64_t cols) {
+  return layout == GemvLayout::Q8Split ? q8_split_row_bytes(cols) : row_bytes(wtype, cols);
+}
+
+void repack_weight_cuda(QType wtype, GemvLayout layout, const void* src, int64_t n_rows, int64_t cols, void* dst,
+                        cudaStream_t stream) {
+  switch (layout) {
+    case GemvLayout::Ggml:
+      check(cudaMemcpyAsync(dst, src, size_t(n_rows) * size_t(row_bytes(wtype, cols)), cudaMemcpyDeviceToDevice,
+                            stream), "repack_weight_cuda: copy");
+      return;
+    case GemvLayout::Q8Split:
+      if (wtype != QType::Q8_0) fail("repack_weight_cuda: the Q8Split layout needs Q8_0 weights, got %s",
+                                     qtype_name(wtype).c_str());
+      q8_0_split_cuda(src, n_rows, cols, dst, stream);
+      return;
+  }
+  fail("repack_weight_cuda: unknown layout %d", int(layout));
+}
+
 void q8_0_split_cuda(const void* src, int64_t n_rows, int64_t cols, void* dst, cudaStream_t stream) {
   if (!q8_split_supported(cols)) fail("q8_0_split_cuda: cols=%lld is not a multiple of 256", (long long)cols);
   const int64_t n_blocks = n_rows * cols / kQK8_0;

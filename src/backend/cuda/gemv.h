@@ -37,6 +37,16 @@ int64_t q8_split_row_bytes(int64_t cols);
 // n_rows rows (all experts of a stack together) of Q8_0 blocks at src -> split rows at dst (device pointers).
 void q8_0_split_cuda(const void* src, int64_t n_rows, int64_t cols, void* dst, cudaStream_t stream);
 
+// Layout policy, in one place: the backend asks which device layout a weight gets, how long a device row is, and
+// repacks at upload through these (new layouts, e.g. a repacked expert layout, are added here only).
+//   expert_stack: the tensor is a 3-D stack of routed experts (read a few rows at a time by MoE launches).
+GemvLayout preferred_layout(QType wtype, int64_t cols, bool expert_stack);
+int64_t layout_row_bytes(QType wtype, GemvLayout layout, int64_t cols);
+// n_rows file-layout rows at src (device) -> n_rows rows of `layout` at dst (device, layout_row_bytes each).
+// Ggml: a plain device copy.
+void repack_weight_cuda(QType wtype, GemvLayout layout, const void* src, int64_t n_rows, int64_t cols, void* dst,
+                        cudaStream_t stream);
+
 struct GemvParams {
   QType wtype = QType::F16;
   const void* w = nullptr;            // rows x cols (x experts), GGUF row layout: row r = row_bytes(cols) bytes
