@@ -1,4 +1,4 @@
-// `dsv4 convert --in DIR --out FILE.gguf --mix f32|f16|bf16|q8_0|q2|q4`: safetensors checkpoint -> GGUF
+// `dsv4 convert --in DIR --out FILE.gguf --mix f32|f16|bf16|q8_0|q2|q4|iq2`: safetensors checkpoint -> GGUF
 // (docs/convert.md).
 #include <chrono>
 #include <cstdio>
@@ -16,7 +16,7 @@ DSV4_COMMAND("convert", "Convert a DeepSeek-V4 safetensors checkpoint (HF or off
                auto mix = std::make_shared<std::string>("q2");
                sub.add_option("--in", *in, "checkpoint directory (config.json + *.safetensors)")->required();
                sub.add_option("--out", *out, "GGUF file to write")->required();
-               sub.add_option("--mix", *mix, "quant mix: f32, f16, bf16, q8_0, q2 (ds4 q2), q4 (ds4 q4)");
+               sub.add_option("--mix", *mix, "quant mix: f32, f16, bf16, q8_0, q2 (ds4 q2), q4 (ds4 q4), iq2 (q2 with IQ2_XXS down experts)");
                return [in, out, mix]() {
                  dsv4::ConvertOptions o;
                  o.in_dir = *in;

@@ -1,4 +1,4 @@
-// `dsv4 synth --shape flash|pro|tiny --mix q2|q4|q8_0|f16|bf16|f32 --out FILE.gguf [--seed N] [--sparse-experts]`:
+// `dsv4 synth --shape flash|pro|tiny --mix q2|q4|iq2|q8_0|f16|bf16|f32 --out FILE.gguf [--seed N] [--sparse-experts]`:
 // random but valid weights in ds4's exact GGUF layout (src/convert/synth.h, docs/convert.md).
 #include <chrono>
 #include <cstdio>
@@ -19,7 +19,7 @@ DSV4_COMMAND("synth", "Write a synthetic DeepSeek-V4 GGUF (ds4 names, metadata a
              [](CLI::App& sub) {
                auto a = std::make_shared<SynthArgs>();
                sub.add_option("--shape", a->shape, "flash, pro or tiny")->check(CLI::IsMember({"flash", "pro", "tiny"}));
-               sub.add_option("--mix", a->mix, "q2, q4, q8_0, f16, bf16 or f32");
+               sub.add_option("--mix", a->mix, "q2, q4, iq2 (all experts IQ2_XXS: fits 80 GB cards), q8_0, f16, bf16 or f32");
                sub.add_option("--out", a->out, "GGUF file to write")->required();
                // CLI11 would wrap "-1" into 2^64 - 1 for an unsigned option: refuse negatives instead.
                sub.add_option("--seed", a->seed, "random seed (same seed, same file)")

@@ -16,7 +16,8 @@ Mix parse_mix(const std::string& s) {
   if (s == "q8_0") return Mix::Q8_0;
   if (s == "q2") return Mix::Q2;
   if (s == "q4") return Mix::Q4;
-  fail("unknown quant mix '%s' (expected f32, f16, bf16, q8_0, q2 or q4)", s.c_str());
+  if (s == "iq2") return Mix::IQ2;
+  fail("unknown quant mix '%s' (expected f32, f16, bf16, q8_0, q2, q4 or iq2)", s.c_str());
 }
 
 const char* mix_name(Mix m) {
@@ -27,6 +28,7 @@ const char* mix_name(Mix m) {
     case Mix::Q8_0: return "q8_0";
     case Mix::Q2: return "q2";
     case Mix::Q4: return "q4";
+    case Mix::IQ2: return "iq2";
   }
   return "?";
 }
@@ -52,6 +54,7 @@ QType preferred_type(const TensorSpec& spec, Mix mix) {
   // Routed experts.
   if (mix == Mix::Q8_0) return QType::Q8_0;
   if (mix == Mix::Q4) return QType::Q4_K;
+  if (mix == Mix::IQ2) return QType::IQ2_XXS;
   return ends_with(spec.name, "ffn_down_exps.weight") ? QType::Q2_K : QType::IQ2_XXS;
 }
 

@@ -119,6 +119,9 @@ void expect_table(Mix mix, QType gate_up, QType down) {
 TEST(Ds4Layout, FlashQ2TensorTable) {
   expect_table(Mix::Q2, QType::IQ2_XXS, QType::Q2_K);
 }
+TEST(Ds4Layout, FlashIq2TensorTable) {  // the 80 GB-card mix: every routed expert IQ2_XXS
+  expect_table(Mix::IQ2, QType::IQ2_XXS, QType::IQ2_XXS);
+}
 TEST(Ds4Layout, FlashQ4TensorTable) {
   expect_table(Mix::Q4, QType::Q4_K, QType::Q4_K);
 }
