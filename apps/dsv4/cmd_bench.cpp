@@ -203,6 +203,17 @@ int run_bench(const BenchArgs& a) {
   std::printf("dsv4 bench: %s, backend %s, %zu frontiers %lld..%lld, %d generated tokens each\n",
               info.name.c_str(), info.backend.c_str(), fr.size(), (long long)fr.front(), (long long)fr.back(),
               a.gen_tokens);
+  {
+    // Warm-up, not timed: a device backend mirrors each weight on first use, so the first pass would otherwise
+    // include the whole model's upload (tens of GB). A short prefill plus one decode step touches every tensor
+    // and grows the scratch of both shapes.
+    const auto t0 = std::chrono::steady_clock::now();
+    auto warm = engine->new_session(16);
+    warm->eval(std::span<const dsv4::Token>(toks.data(), std::min<size_t>(8, toks.size())));
+    const dsv4::Token next = greedy(warm->logits());
+    warm->eval(std::span<const dsv4::Token>(&next, 1));
+    std::printf("warm-up (weights to the backend, first passes): %.2f s\n", seconds_since(t0));
+  }
   std::printf("%8s %9s %12s %10s %12s %14s\n", "ctx", "prefill", "prefill t/s", "gen", "decode t/s", "kv bytes");
   std::vector<Row> rows;
   int64_t at = 0;
