@@ -2,6 +2,10 @@
 //
 //   wb_attention [--csv FILE] [--quick]
 //
+// Decode cases are bytes-bound (GB/s against the read roofline); prefill cases (names *_prefill_T<T>) are one
+// pass of T tokens ending at context ctx, timed eagerly (median of 5): attention rows give GFLOP/s (4 H dh per
+// query-row pair), the other prefill rows' rate column is nominal bytes moved.
+
 // Measures the card's streaming-read bandwidth first (16-byte loads over 1 GiB), then times each case as a CUDA
 // graph of 32 launches (the decode-step setting: no launch gaps) and eagerly. Every case rotates over enough
 // per-layer copies of its KV / key buffers (>= 256 MiB, <= 128 copies) that L2 never serves the previous
@@ -187,24 +191,119 @@ Row compressor_case() {
   return {"compressor_step_decode", 8192, double(cw) * 4 * 8, t.us_graph, t.us_eager};
 }
 
-// Prefill attention of a 2048-token chunk at 6144 (the last chunk of an 8k prompt), CSA: GFLOP/s, not bytes.
-Row prefill_case(int64_t pos0, int T) {
-  const int64_t n_comp = (pos0 + T) / 4;
-  DeviceArray<float> comp(size_t(n_comp) * DH), ring(size_t(W) * DH), q(size_t(T) * H * DH), kv(size_t(T) * DH),
-      out(size_t(T) * H * DH), sinks(H);
+// ---- prefill (per-layer op times of one T-token pass ending at context ctx): eager, median of 5 ----------
+double time_prefill_us(const std::function<void()>& f) {
+  f();
+  check(cudaDeviceSynchronize(), "warmup");
+  std::vector<float> ms;
+  for (int i = 0; i < 5; ++i) ms.push_back(time_ms(f, 1));
+  std::sort(ms.begin(), ms.end());
+  return ms[2] * 1e3;
+}
+
+const char* impl_name(SinkAttnImpl i) { return i == SinkAttnImpl::TensorCore ? "tc" : "fp32"; }
+
+// Sink attention of T tokens at pos0 (CSA: window + 512 selected of the visible rows, HCA: window + all), with
+// the kernel `impl`. Returns GFLOP/s-style rows (flop = 4 * H * dh * rows summed over tokens). `out_copy`
+// receives the output for the cross-check between the two kernels.
+Row prefill_attention(int64_t pos0, int T, int ratio, SinkAttnImpl impl, std::vector<float>* out_copy) {
+  const int64_t n_comp = (pos0 + T) / ratio;
+  DeviceArray<float> comp(size_t(std::max<int64_t>(n_comp, 1)) * DH), ring(size_t(W) * DH), q(size_t(T) * H * DH),
+      kv(size_t(T) * DH), out(size_t(T) * H * DH), sinks(H);
   fill(comp.get(), comp.size(), 31), fill(ring.get(), ring.size(), 32), fill(q.get(), q.size(), 33);
   fill(kv.get(), kv.size(), 34), fill(sinks.get(), sinks.size(), 35);
-  std::vector<int32_t> sel(size_t(T) * K);
-  for (int t = 0; t < T; ++t)
-    for (int i = 0; i < K; ++i) sel[size_t(t) * K + i] = int32_t(i * (n_comp / K));
+  std::vector<int32_t> sel(size_t(T) * K, 0);
+  int64_t rows = 0;
+  for (int t = 0; t < T; ++t) {
+    const int64_t vis = (pos0 + t + 1) / ratio, n = ratio == 4 ? std::min<int64_t>(vis, K) : vis;
+    if (ratio == 4)  // an ascending spread over the visible rows (the indexer's contract: ascending, distinct)
+      for (int64_t i = 0; i < n; ++i) sel[size_t(t) * K + i] = int32_t(i * vis / n);
+    rows += std::min<int64_t>(W, pos0 + t + 1) + n;
+  }
   DeviceArray<int32_t> d_sel{std::span<const int32_t>(sel)};
   SinkAttnLaunch L;
   L.q = q.get(), L.out = out.get(), L.sinks = sinks.get(), L.T = T, L.H = H, L.dh = DH, L.pos0 = pos0;
-  L.window = W, L.kv_new = kv.get(), L.ring = ring.get(), L.comp = comp.get(), L.ratio = 4;
-  L.comp_idx = d_sel.get(), L.top_k = K;
-  const Timing t = time_case(1, [&](int, cudaStream_t s) { sink_attention_cuda(L, nullptr, s); });
-  const double flop = 4.0 * T * H * DH * (W + K);  // QK and PV, 2 flop per multiply-add
-  return {"attn_csa_prefill_T" + std::to_string(T), pos0 + T, flop, t.us_graph, t.us_eager};
+  L.window = W, L.kv_new = kv.get(), L.ring = ring.get(), L.comp = comp.get(), L.ratio = ratio;
+  if (ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
+  L.impl = impl;
+  DeviceArray<float> scratch(size_t(std::max<int64_t>(1, sink_attention_scratch_floats(L))));
+  const double us = time_prefill_us([&] { sink_attention_cuda(L, scratch.get(), nullptr); });
+  if (out_copy) *out_copy = out.download();
+  const std::string name = std::string(ratio == 4 ? "attn_csa" : "attn_hca") + "_prefill_T" + std::to_string(T) +
+                           "_" + impl_name(impl);
+  return {name, pos0 + T, 4.0 * H * DH * double(rows), us, us};
+}
+
+// Both kernels on the same inputs; prints their largest output difference (a sanity check, the parity tests
+// compare each with the CPU).
+void prefill_attention_pair(int64_t pos0, int T, int ratio, std::vector<Row>& rows) {
+  std::vector<float> a, b;
+  rows.push_back(prefill_attention(pos0, T, ratio, SinkAttnImpl::CudaCore, &a));
+  rows.push_back(prefill_attention(pos0, T, ratio, SinkAttnImpl::TensorCore, &b));
+  double d = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, double(std::fabs(a[i] - b[i]))), m = std::max(m, double(std::fabs(a[i])));
+  std::printf("  check T=%d ctx=%lld ratio=%d: max |tc - fp32| = %.3g (max |out| %.3g)\n", T, (long long)(pos0 + T),
+              ratio, d, m);
+}
+
+// Indexer of T tokens ending at ctx: scores alone and the whole selection (scores + top-512 + sort).
+void prefill_indexer(int64_t pos0, int T, std::vector<Row>& rows) {
+  const int64_t n_keys = (pos0 + T) / 4;
+  DeviceArray<float> keys(size_t(n_keys) * DI), q(size_t(T) * HI * DI), w(size_t(T) * HI);
+  fill(keys.get(), keys.size(), 41), fill(q.get(), q.size(), 42), fill(w.get(), w.size(), 43);
+  DeviceArray<int32_t> sel(size_t(T) * K);
+  IndexerLaunch L;
+  L.q = q.get(), L.w = w.get(), L.weight_scale = 1.0f / std::sqrt(float(HI * DI)), L.T = T, L.HI = HI, L.dI = DI;
+  L.pos0 = pos0, L.ratio = 4, L.k = K, L.sel = sel.get(), L.keys = keys.get();
+  DeviceArray<float> scratch(size_t(std::max<int64_t>(1, indexer_scratch_floats(L)))), scores(size_t(T) * n_keys);
+  double flop = 0;
+  for (int t = 0; t < T; ++t) flop += 2.0 * HI * DI * double((pos0 + t + 1) / 4);
+  const double us_scores = time_prefill_us([&] { indexer_scores_cuda(L, scores.get(), n_keys, nullptr); });
+  const double us_all = time_prefill_us([&] { indexer_select_cuda(L, scratch.get(), nullptr); });
+  rows.push_back({"indexer_scores_prefill_T" + std::to_string(T), pos0 + T, flop, us_scores, us_scores});
+  rows.push_back({"indexer_select_prefill_T" + std::to_string(T), pos0 + T, flop, us_all, us_all});
+}
+
+// Compressor pass of T tokens at pos0: main CSA (m 4, 512, overlap, FP8), HCA (m 128, 512, FP8), indexer
+// (m 4, 128, overlap, Hadamard + FP4). "flop" column: bytes of the pass's inputs (v, z) and rows written.
+void prefill_compressor(int64_t pos0, int T, std::vector<Row>& rows) {
+  struct Cfg { const char* name; int m, d; bool ov; RowQat qat; };
+  for (const Cfg& c : {Cfg{"compressor_csa", 4, 512, true, RowQat::Fp8}, Cfg{"compressor_hca", 128, 512, false, RowQat::Fp8},
+                       Cfg{"compressor_idx", 4, 128, true, RowQat::Fp4Hadamard}}) {
+    const int cw = c.ov ? 2 * c.d : c.d;
+    const int64_t max_rows = (pos0 + T) / c.m;
+    DeviceArray<float> v(size_t(T) * cw), z(size_t(T) * cw), ape(size_t(c.m) * cw), cv(size_t(c.m) * cw),
+        cz(size_t(c.m) * cw), pv(size_t(c.m) * c.d), pz(size_t(c.m) * c.d), out_rows(size_t(max_rows) * c.d),
+        norm(c.d);
+    for (auto* a : {&v, &z, &ape, &cv, &cz, &pv, &pz, &norm}) fill(a->get(), a->size(), 51);
+    CompressorStepParams p;
+    p.ratio = c.m, p.dim = c.d, p.overlap = c.ov, p.T = T, p.pos0 = pos0, p.v = v.get(), p.z = z.get();
+    p.ape = ape.get(), p.cur_v = cv.get(), p.cur_z = cz.get(), p.prev_v = pv.get(), p.prev_z = pz.get();
+    p.rows = out_rows.get(), p.max_rows = max_rows, p.norm_w = norm.get(), p.n_rot = 64, p.qat = c.qat;
+    for (int j = 0; j < 32; ++j) p.omega[j] = std::pow(160000.0, -2.0 * j / 64);
+    const double us = time_prefill_us([&] { compressor_step_cuda(p, nullptr); });
+    const double bytes = 2.0 * T * cw * 4 + double(T / c.m) * c.d * 4;
+    rows.push_back({std::string(c.name) + "_prefill_T" + std::to_string(T), pos0 + T, bytes, us, us});
+  }
+}
+
+// Row finishing of a pass: q heads (T x 64 rows of 512: unweighted norm + RoPE), the KV rows (T rows: norm, RoPE,
+// FP8) and the indexer queries (T x 64 rows of 128: RoPE + Hadamard/FP4).
+void prefill_rows(int64_t pos0, int T, std::vector<Row>& rows) {
+  struct Cfg { const char* name; int per_pos, d; RowNorm norm; RowQat qat; };
+  for (const Cfg& c : {Cfg{"rows_q_heads", H, DH, RowNorm::Unweighted, RowQat::None},
+                       Cfg{"rows_kv_fp8", 1, DH, RowNorm::Weighted, RowQat::Fp8},
+                       Cfg{"rows_idx_q_fp4", HI, DI, RowNorm::None, RowQat::Fp4Hadamard}}) {
+    DeviceArray<float> x(size_t(T) * c.per_pos * c.d), w(c.d);
+    fill(x.get(), x.size(), 61), fill(w.get(), w.size(), 62);
+    RowFinishParams f;
+    f.x = x.get(), f.n_rows = int64_t(T) * c.per_pos, f.d = c.d, f.norm = c.norm, f.norm_w = w.get();
+    f.n_rot = 64, f.pos0 = pos0, f.rows_per_pos = c.per_pos, f.qat = c.qat;
+    for (int j = 0; j < 32; ++j) f.omega[j] = std::pow(160000.0, -2.0 * j / 64);
+    // In place: every repetition re-finishes already finished rows (same cost, values stay finite).
+    const double us = time_prefill_us([&] { row_finish_cuda(f, nullptr); });
+    rows.push_back({std::string(c.name) + "_prefill_T" + std::to_string(T), pos0 + T, 8.0 * x.size(), us, us});
+  }
 }
 
 }  // namespace
@@ -232,13 +331,25 @@ int main(int argc, char** argv) {
     }
     for (int rps : {64, 128, 320, 640}) rows.push_back(attention_case(65536, 4, rps));  // split-size sweep
     rows.push_back(compressor_case());
-    if (!quick) rows.push_back(prefill_case(6144, 2048));
+    // Prefill: passes of 256 and 1024 tokens ending at 1k..8k; the small-T sweep finds the kernels' crossover.
+    std::vector<std::pair<int64_t, int>> passes = {{0, 256}, {3840, 256}, {7936, 256}, {0, 1024}, {3072, 1024},
+                                                   {7168, 1024}};
+    if (quick) passes = {{0, 256}, {7936, 256}, {0, 1024}, {7168, 1024}};
+    for (auto [pos0, T] : passes) {
+      prefill_attention_pair(pos0, T, 4, rows);
+      prefill_attention_pair(pos0, T, 128, rows);
+      prefill_indexer(pos0, T, rows);
+    }
+    for (int T : {1, 4, 16, 64}) prefill_attention_pair(8192 - T, T, 4, rows);
+    prefill_compressor(7168, 1024, rows);
+    prefill_rows(7168, 1024, rows);
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
     if (csv) std::fprintf(csv, "card,case,ctx,bytes_or_flop,us_graph,us_eager,gbs_or_gflops,pct_read_bw\n");
     std::printf("%-26s %7s %12s %10s %10s %12s %8s\n", "case", "ctx", "bytes/flop", "us_graph", "us_eager",
                 "GB/s|GFLOP/s", "%read");
     for (const Row& r : rows) {
-      const bool flops = r.name.find("prefill") != std::string::npos;
+      const bool flops = (r.name.find("attn_") == 0 || r.name.find("indexer_") == 0) &&
+                         r.name.find("prefill") != std::string::npos;
       const double rate = r.bytes / (r.us_graph * 1e-6) / 1e9;
       const double pct = flops ? 0.0 : 100.0 * rate / bw;
       std::printf("%-26s %7lld %12.0f %10.2f %10.2f %12.1f %7.1f%%\n", r.name.c_str(), (long long)r.ctx, r.bytes,

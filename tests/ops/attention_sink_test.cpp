@@ -2,6 +2,7 @@
 // at Flash widths: 64 heads, head dim 512, window 128, compressed rows selected (CSA, top-k 512) or all (HCA),
 // contexts 1k..64k, decode (split-K + combine) and prefill (one split, fused sink), forced split counts too.
 #include <algorithm>
+#include <cstdio>
 #include <numeric>
 
 #include "backend/cpu/attention_cpu.h"
@@ -23,16 +24,20 @@ struct Case {
   int T;
   int ratio;      // 0 sliding only, 4 CSA (selected rows), 128 HCA (all rows)
   int rows_per_split = 0;
+  cuda::SinkAttnImpl impl = cuda::SinkAttnImpl::Auto;
+  int H = 64;
+  float q_sigma = 1.0f;  // 4: logits with std ~4, a peaked softmax (probabilities spanning many binades)
 };
 
 // Runs one case on both sides. Inputs are N(0,1) like normalized q/kv rows; scale 1/sqrt(512) makes logits
 // O(1). Selected rows: a random ascending subset of min(K, visible) rows per token (the indexer's contract).
 void run_case(const Case& c) {
-  constexpr int H = 64, dh = 512, W = 128, K = 512;
+  constexpr int dh = 512, W = 128, K = 512;
+  const int H = c.H;
   const int64_t p_end = c.pos0 + c.T;
   const int64_t n_comp = c.ratio > 0 ? p_end / c.ratio : 0;
   const uint64_t seed = uint64_t(c.pos0 * 31 + c.T * 7 + c.ratio);
-  const auto q = test::random_normal(size_t(c.T) * H * dh, seed + 1);
+  const auto q = test::random_normal(size_t(c.T) * H * dh, seed + 1, c.q_sigma);
   const auto kv_new = test::random_normal(size_t(c.T) * dh, seed + 2);
   const auto ring = test::random_normal(size_t(W) * dh, seed + 3);
   const auto comp = test::random_normal(size_t(std::max<int64_t>(n_comp, 1)) * dh, seed + 4);
@@ -85,15 +90,20 @@ void run_case(const Case& c) {
   if (c.ratio > 0) L.comp = d_comp.get(), L.ratio = c.ratio;
   if (c.ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
   L.rows_per_split = c.rows_per_split;
+  L.impl = c.impl;
   DeviceArray<float> d_scratch(size_t(cuda::sink_attention_scratch_floats(L)));
   cuda::sink_attention_cuda(L, d_scratch.get(), nullptr);
   const auto out = d_out.download();
   // Tolerance: logits are 512-term fp32 dots (warp tree vs the CPU's 16-lane order: ~1e-6 relative), the
   // softmax is rescaled per tile / split instead of one max, and outputs are convex combinations of O(1) rows.
   // Each of those is a few ulp; 2e-5 relative L2 and 5e-5 max abs (values |x| <= ~4) leave ~10x margin while a
-  // wrong row, a missed sink or a dropped split moves results by > 1e-2.
-  EXPECT_LE(test::rel_l2(out, ref), 2e-5) << c.name;
-  EXPECT_LE(test::max_abs_err(out, ref), 5e-5) << c.name;
+  // wrong row, a missed sink or a dropped split moves results by > 1e-2. The tensor-core kernel is held to the
+  // same bounds: its hi/lo fp16 split products lose ~2^-22 relative per term (below fp32 accumulation noise),
+  // and plain fp16 operands (~5e-4 relative per term) would fail them.
+  const double rel = test::rel_l2(out, ref), mx = test::max_abs_err(out, ref);
+  std::printf("  %-44s impl %d: rel-L2 %.3g, max abs %.3g\n", c.name, int(c.impl), rel, mx);
+  EXPECT_LE(rel, 2e-5) << c.name;
+  EXPECT_LE(mx, 5e-5) << c.name;
 }
 
 TEST(CudaAttention, SinkDecodeCsaContexts) {
@@ -119,9 +129,37 @@ TEST(CudaAttention, SinkPrefill) {
 
 TEST(CudaAttention, SinkForcedSplits) {
   DSV4_REQUIRE_CUDA();
-  run_case({"prefill with 64-row splits", 4000, 16, 4, 64});
-  run_case({"decode with one 1024-row split", 8191, 1, 4, 1024});
-  run_case({"prefill, splits past early tokens' rows", 10, 40, 128, 32});
+  constexpr auto kCore = cuda::SinkAttnImpl::CudaCore;  // splits exist on the CUDA-core path only
+  run_case({"prefill with 64-row splits", 4000, 16, 4, 64, kCore});
+  run_case({"decode with one 1024-row split", 8191, 1, 4, 1024, kCore});
+  run_case({"prefill, splits past early tokens' rows", 10, 40, 128, 32, kCore});
+}
+
+// The fp32 CUDA-core kernel on prefill shapes (Auto sends T >= kAttnTcMinTokens to tensor cores).
+TEST(CudaAttention, SinkPrefillCudaCore) {
+  DSV4_REQUIRE_CUDA();
+  constexpr auto kCore = cuda::SinkAttnImpl::CudaCore;
+  run_case({"fp32 csa prefill from 0", 0, 300, 4, 0, kCore});
+  run_case({"fp32 hca prefill chunk at 8000", 8000, 40, 128, 0, kCore});
+  run_case({"fp32 sliding prefill", 100, 37, 0, 0, kCore});
+}
+
+// The tensor-core kernel forced on: prefill chunks, decode (one token, many tiles), head counts that are not
+// one full group of 64 (padding, a second partial group), a peaked softmax, the first tokens of a sequence.
+TEST(CudaAttention, SinkTensorCore) {
+  DSV4_REQUIRE_CUDA();
+  constexpr auto kTc = cuda::SinkAttnImpl::TensorCore;
+  run_case({"tc csa prefill from 0", 0, 300, 4, 0, kTc});
+  run_case({"tc csa prefill chunk at 4000", 4000, 64, 4, 0, kTc});
+  run_case({"tc csa prefill chunk at 65000", 65000, 24, 4, 0, kTc});
+  run_case({"tc hca prefill chunk at 8000", 8000, 40, 128, 0, kTc});
+  run_case({"tc sliding prefill", 100, 37, 0, 0, kTc});
+  run_case({"tc decode csa 8k", 8191, 1, 4, 0, kTc});
+  run_case({"tc first token (the sink and itself)", 0, 1, 4, 0, kTc});
+  run_case({"tc decode hca 64k", 65535, 1, 128, 0, kTc});
+  run_case({"tc 80 heads (a partial second group)", 500, 20, 4, 0, kTc, 80});
+  run_case({"tc 8 heads", 130, 17, 128, 0, kTc, 8});
+  run_case({"tc peaked softmax (logit std ~4)", 3000, 32, 4, 0, kTc, 64, 4.0f});
 }
 
 TEST(CudaAttention, SinkRejectsBadShapes) {
@@ -132,6 +170,10 @@ TEST(CudaAttention, SinkRejectsBadShapes) {
   EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // no kv_new rows
   L.kv_new = reinterpret_cast<const float*>(16), L.rows_per_split = 48;
   EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // split not a multiple of 32
+  L.rows_per_split = 0, L.dh = 256, L.impl = cuda::SinkAttnImpl::TensorCore;
+  EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // tensor cores need dh == 512
+  L.dh = 512, L.impl = static_cast<cuda::SinkAttnImpl>(7);
+  EXPECT_THROW(cuda::sink_attention_scratch_floats(L), Error);  // unknown kernel
 }
 
 }  // namespace

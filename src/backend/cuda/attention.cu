@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include <cuda_fp16.h>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "common/error.h"
@@ -184,6 +186,216 @@ __global__ void sink_attn_combine_kernel(SinkAttnLaunch p, int n_split, const fl
   reinterpret_cast<float4*>(p.out)[th * dh4 + j] = make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
 }
 
+
+// ---- tensor-core path (SinkAttnImpl::TensorCore; numerics in attention.h) ---------------------------------
+namespace tc {
+
+constexpr int kDh = 512;
+constexpr int kHeads = 64;                // query rows of a CTA: the heads of one token (zero-padded)
+constexpr int kRows = 32;                 // K = V rows per tile
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+// Shared rows are padded by 8 halves (16 bytes): consecutive rows start 4 banks apart, so the 8 row addresses of
+// an ldmatrix phase cover all 32 banks once (unpadded 1 KiB rows would all hit the same bank: 8-way conflicts).
+constexpr int kQStride = kDh + 8;         // halves
+constexpr int kPStride = kRows + 8;       // halves
+constexpr int kSStride = kRows + 1;       // floats
+constexpr size_t kSmemBytes = sizeof(__half) * (2 * kHeads * kQStride + 2 * kRows * kQStride +
+                                                2 * kHeads * kPStride) +
+                              sizeof(float) * (kHeads * kSStride + 3 * kHeads);
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+// c += a * b, m16n8k16, fp16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// hi*hi + lo*hi + hi*lo: the product of two hi/lo-split operands to ~2^-22 relative.
+__device__ __forceinline__ void mma3(float (&c)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], uint32_t bh0,
+                                     uint32_t bh1, uint32_t bl0, uint32_t bl1) {
+  mma(c, ah, bh0, bh1);
+  mma(c, al, bh0, bh1);
+  mma(c, ah, bl0, bl1);
+}
+
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+// x = hi + lo with hi = fp16(x) and lo = fp16(x - hi) (x - hi is exact in fp32).
+__device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(a, b);
+  const float2 f = __half22float2(h);
+  hi = h2_bits(h);
+  lo = h2_bits(__floats2half2_rn(a - f.x, b - f.y));
+}
+__device__ __forceinline__ void store_split4(float4 v, __half* hi, __half* lo) {
+  uint2 h, l;
+  split2(v.x, v.y, h.x, l.x);
+  split2(v.z, v.w, h.y, l.y);
+  *reinterpret_cast<uint2*>(hi) = h;
+  *reinterpret_cast<uint2*>(lo) = l;
+}
+
+// grid (T, ceil(H / 64)), kThreads threads, kSmemBytes of shared memory. Per 32-row tile:
+//   load    rows (window / compressed, gathered) -> fp16 hi/lo in shared memory
+//   scores  warp w: heads 16(w%4).., rows 16(w/4)..: S = scale * Q K^T, masked past the token's rows
+//   softmax warp w: heads 8w..8w+7, lane = row: online max / sum per head, P = exp(S - m) as hi/lo
+//   values  warp w: heads 16(w%4).., dims 256(w/4)..: O = alpha O + P V (V = the same tile: K = V)
+// and the sink joins at the end as in the CUDA-core kernel.
+__global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunch p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* qh = reinterpret_cast<__half*>(smem_raw);
+  __half* ql = qh + kHeads * kQStride;
+  __half* kh = ql + kHeads * kQStride;
+  __half* kl = kh + kRows * kQStride;
+  __half* ph = kl + kRows * kQStride;
+  __half* pl = ph + kHeads * kPStride;
+  float* s_sc = reinterpret_cast<float*>(pl + kHeads * kPStride);
+  float* s_m = s_sc + kHeads * kSStride;
+  float* s_l = s_m + kHeads;
+  float* s_alpha = s_l + kHeads;
+
+  const int t = blockIdx.x, h0 = blockIdx.y * kHeads;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, c4 = lane & 3;  // mma fragment coordinates: row group, column pair
+  const int nh = min(kHeads, p.H - h0);
+  constexpr int kDh4 = kDh / 4;
+
+  const float4* q4 = reinterpret_cast<const float4*>(p.q) + (int64_t(t) * p.H + h0) * kDh4;
+  for (int i = tid; i < kHeads * kDh4; i += kThreads) {
+    const int r = i / kDh4, c = i % kDh4;
+    const float4 v = r < nh ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    store_split4(v, qh + r * kQStride + 4 * c, ql + r * kQStride + 4 * c);
+  }
+  if (tid < kHeads) s_m[tid] = -INFINITY, s_l[tid] = 0.0f;
+
+  const TokenRows tr = token_rows(p, t);
+  const int n_rows = tr.n_win + tr.n_comp;
+  const int mt = warp & 3, wq = warp >> 2;  // m tile (16 heads); half of the tile's rows / of the dims
+
+  // Per-lane ldmatrix row addresses (x4: lanes 8j..8j+7 address the rows of 8x8 matrix j).
+  const int a_row = 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1), a_col = 8 * (lane >> 4);
+  const uint32_t qh_a = smem_u32(qh + a_row * kQStride + a_col), ql_a = smem_u32(ql + a_row * kQStride + a_col);
+  const uint32_t ph_a = smem_u32(ph + a_row * kPStride + a_col), pl_a = smem_u32(pl + a_row * kPStride + a_col);
+  const int b_row = 16 * wq + (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
+  const uint32_t kh_b = smem_u32(kh + b_row * kQStride + b_col), kl_b = smem_u32(kl + b_row * kQStride + b_col);
+  const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 256 * wq + 8 * (lane >> 4);
+  const uint32_t kh_v = smem_u32(kh + v_row * kQStride + v_col), kl_v = smem_u32(kl + v_row * kQStride + v_col);
+
+  float acc[32][4];
+#pragma unroll
+  for (int n = 0; n < 32; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int base = 0; base < n_rows; base += kRows) {
+    __syncthreads();  // Q staged / previous tile's values and probabilities consumed
+    {
+      const int col = tid % kDh4, r0 = tid / kDh4;  // 2 rows per pass of 256 threads
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float4 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // all loads of the batch issued before any conversion
+          const int rr = r0 + 2 * (8 * half + j), i = base + rr;
+          v[j] = i < n_rows ? __ldg(row_ptr(p, t, tr, i) + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int rr = r0 + 2 * (8 * half + j);
+          store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
+        }
+      }
+    }
+    __syncthreads();
+    {  // scores: 16 heads x 16 rows per warp, k = 512
+      float sc[2][4] = {};
+#pragma unroll 4
+      for (int k0 = 0; k0 < kDh; k0 += 16) {
+        uint32_t ah[4], al[4], bh[4], bl[4];
+        ldsm_x4(ah, qh_a + 2 * k0);
+        ldsm_x4(al, ql_a + 2 * k0);
+        ldsm_x4(bh, kh_b + 2 * k0);
+        ldsm_x4(bl, kl_b + 2 * k0);
+        mma3(sc[0], ah, al, bh[0], bh[1], bl[0], bl[1]);
+        mma3(sc[1], ah, al, bh[2], bh[3], bl[2], bl[3]);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = 16 * mt + g + 8 * (e >> 1), c = 16 * wq + 8 * n + 2 * c4 + (e & 1);
+          s_sc[r * kSStride + c] = base + c < n_rows ? p.scale * sc[n][e] : -INFINITY;
+        }
+    }
+    __syncthreads();
+    // Online softmax, head r = 8 * warp + i, lane = row of the tile (the tile has >= 1 valid row).
+    for (int i = 0; i < 8; ++i) {
+      const int r = 8 * warp + i;
+      const float s = s_sc[r * kSStride + lane];
+      const float m_old = s_m[r];
+      const float m_new = fmaxf(m_old, warp_max(s));
+      const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+      const float pr = s == -INFINITY ? 0.0f : expf(s - m_new);
+      const float sum = warp_sum(pr);  // every lane has read s_m[r] before lane 0 rewrites it below
+      const __half h = __float2half_rn(pr);
+      ph[r * kPStride + lane] = h;
+      pl[r * kPStride + lane] = __float2half_rn(pr - __half2float(h));
+      if (lane == 0) s_m[r] = m_new, s_l[r] = s_l[r] * alpha + sum, s_alpha[r] = alpha;
+    }
+    __syncthreads();
+    {  // values: 16 heads x 256 dims per warp, k = 32 rows
+      const float a0 = s_alpha[16 * mt + g], a1 = s_alpha[16 * mt + g + 8];
+#pragma unroll
+      for (int n = 0; n < 32; ++n) acc[n][0] *= a0, acc[n][1] *= a0, acc[n][2] *= a1, acc[n][3] *= a1;
+#pragma unroll
+      for (int k0 = 0; k0 < kRows; k0 += 16) {
+        uint32_t ah[4], al[4];
+        ldsm_x4(ah, ph_a + 2 * k0);
+        ldsm_x4(al, pl_a + 2 * k0);
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+          uint32_t vh[4], vl[4];
+          ldsm_x4_trans(vh, kh_v + 2 * (k0 * kQStride + 16 * n));
+          ldsm_x4_trans(vl, kl_v + 2 * (k0 * kQStride + 16 * n));
+          mma3(acc[2 * n], ah, al, vh[0], vh[1], vl[0], vl[1]);
+          mma3(acc[2 * n + 1], ah, al, vh[2], vh[3], vl[2], vl[3]);
+        }
+      }
+    }
+  }
+
+  // out = acc * e^(m - M) / (l e^(m - M) + e^(sink - M)), M = max(m, sink). s_m / s_l were last written before
+  // the final __syncthreads of the loop.
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int r = 16 * mt + g + 8 * e2;
+    if (r >= nh) continue;
+    const int h = h0 + r;
+    const float m = s_m[r], l = s_l[r], sink = p.sinks[h];
+    const float M = fmaxf(m, sink);
+    const float a = m == -INFINITY ? 0.0f : expf(m - M);
+    const float f = a / (l * a + expf(sink - M));
+    float* o = p.out + (int64_t(t) * p.H + h) * kDh + 256 * wq + 2 * c4;
+#pragma unroll
+    for (int n = 0; n < 32; ++n)
+      *reinterpret_cast<float2*>(o + 8 * n) = make_float2(acc[n][2 * e2] * f, acc[n][2 * e2 + 1] * f);
+  }
+}
+
+}  // namespace tc
+
 int64_t max_rows(const SinkAttnLaunch& p) {
   int64_t n = std::min<int64_t>(p.window, p.pos0 + p.T);
   if (p.ratio > 0 && p.comp) {
@@ -215,6 +427,15 @@ void validate(const SinkAttnLaunch& p) {
     fail("sink_attention_cuda: selected compressed rows need comp, top_k > 0 and ratio > 0");
   if (p.rows_per_split < 0 || p.rows_per_split % kTile != 0)
     fail("sink_attention_cuda: rows_per_split %d must be a multiple of %d", p.rows_per_split, kTile);
+  if (p.impl != SinkAttnImpl::Auto && p.impl != SinkAttnImpl::CudaCore && p.impl != SinkAttnImpl::TensorCore)
+    fail("sink_attention_cuda: unknown impl %d", int(p.impl));
+  if (p.impl == SinkAttnImpl::TensorCore && p.dh != tc::kDh)
+    fail("sink_attention_cuda: the tensor-core kernel needs dh == %d (got %d)", tc::kDh, p.dh);
+}
+
+bool use_tensor_cores(const SinkAttnLaunch& p) {
+  if (p.impl == SinkAttnImpl::TensorCore) return true;
+  return p.impl == SinkAttnImpl::Auto && p.dh == tc::kDh && p.T >= kAttnTcMinTokens;
 }
 
 int n_splits(const SinkAttnLaunch& p) {
@@ -226,6 +447,7 @@ int n_splits(const SinkAttnLaunch& p) {
 
 int64_t sink_attention_scratch_floats(const SinkAttnLaunch& p) {
   validate(p);
+  if (use_tensor_cores(p)) return 0;
   const int ns = n_splits(p);
   if (ns <= 1) return 0;
   return int64_t(ns) * p.T * p.H * (p.dh + 2);
@@ -236,6 +458,19 @@ void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_
   validate(p);
   if (p.T == 0) return;
   if (p.scale == 0.0f) p.scale = float(1.0 / std::sqrt(double(p.dh)));
+  if (use_tensor_cores(p)) {
+    static const bool tc_attr_set = [] {
+      check(cudaFuncSetAttribute(tc::sink_attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(tc::kSmemBytes)),
+            "cudaFuncSetAttribute(sink_attn_tc_kernel)");
+      return true;
+    }();
+    (void)tc_attr_set;
+    const dim3 grid(unsigned(p.T), unsigned((p.H + tc::kHeads - 1) / tc::kHeads));
+    tc::sink_attn_tc_kernel<<<grid, tc::kThreads, tc::kSmemBytes, stream>>>(p);
+    check_launch("sink_attn_tc_kernel");
+    return;
+  }
   const int rps = rows_per_split(p), ns = n_splits(p);
   if (ns > 1 && !scratch) fail("sink_attention_cuda: %d splits need scratch (sink_attention_scratch_floats)", ns);
   const size_t smem = sizeof(float) * (size_t(kHeadsPerCta + kTile) * p.dh + kHeadsPerCta * kTile);

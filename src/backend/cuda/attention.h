@@ -9,9 +9,9 @@
 // several it writes (normalized partial output, log-sum-exp) and a second kernel combines the splits and the
 // sink. Decode picks many splits (rows spread over the SMs), prefill one (enough CTAs from tokens x heads).
 //
-// Numerics: fp32 throughout; scores are scale * dot (dot as a warp tree, not the CPU's 16-lane order) and the
-// softmax is rescaled per tile, so results agree with the CPU twin to a few ulp-scaled relative error, not
-// bitwise.
+// Numerics of the CUDA-core path (the tensor-core one: see SinkAttnImpl): fp32 throughout; scores are
+// scale * dot (dot as a warp tree, not the CPU's 16-lane order) and the softmax is rescaled per tile, so results
+// agree with the CPU twin to a few ulp-scaled relative error, not bitwise.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,6 +22,19 @@ namespace dsv4::cuda {
 
 inline constexpr int kAttnMaxHeadDim = 512;  // registers hold dh/128 float4 accumulators per lane
 inline constexpr int kAttnTileRows = 32;
+
+// Two kernels compute the same function:
+//   CudaCore   fp32 FMAs, split over rows (flash-decoding) for decode; any dh <= 512.
+//   TensorCore prefill: a CTA owns one token and 64 heads, so each 32-row tile of the token's K = V rows is a
+//              real [64 x 512] x [512 x 32] GEMM (scores) and [64 x 32] x [32 x 512] (values) on mma.sync
+//              m16n8k16. Operands are split x = hi + lo into two fp16 numbers and multiplied as
+//              hi*hi + hi*lo + lo*hi with fp32 accumulation (the dropped lo*lo term is ~2^-22 relative), so
+//              results stay within a few 1e-6 of the fp32 path; plain fp16 (~5e-4) would not, and the KV rows'
+//              64 rotary dims are not on the FP8 grid, so they are not exact in one fp16 either.
+//              Needs dh == 512 and |q|, |kv| < 65504 (fp16 range: normalized rows are O(1..10)); a larger
+//              element becomes inf/NaN in the output instead of an error.
+enum class SinkAttnImpl : int { Auto = 0, CudaCore = 1, TensorCore = 2 };
+inline constexpr int kAttnTcMinTokens = 16;
 
 // Rows of token t (position p = pos0 + t), the semantics of Backend::sink_attention (src/backend/backend.h):
 //   window rows  positions lo .. p with lo = max(0, p - window + 1): a position q >= pos0 is row q - pos0 of
@@ -45,7 +58,10 @@ struct SinkAttnLaunch {
   int ratio = 0;
   float scale = 0.0f;             // 0: 1/sqrt(dh)
   // Rows per split (a multiple of 32); 0 = automatic (decode: 32 rows per split, prefill: one split).
+  // Used by the CUDA-core path only.
   int rows_per_split = 0;
+  // Kernel: Auto picks TensorCore when dh == 512 and T >= kAttnTcMinTokens (prefill), else CudaCore.
+  SinkAttnImpl impl = SinkAttnImpl::Auto;
 };
 
 // Scratch for the split path: partial outputs and log-sum-exps. Owned by the caller so a decode loop (or a
