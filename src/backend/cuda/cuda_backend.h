@@ -1,18 +1,27 @@
-// The op table (backend/backend.h) implemented with the CUDA kernels of this directory.
+// The op table (backend/backend.h) implemented with the CUDA kernels of this directory, on device memory.
 //
-// The table passes activations as host pointers, so every op here uploads its inputs, runs on the GPU and
-// downloads its outputs, synchronously: this backend proves op-for-op parity with the CPU oracle and can run the
-// forward's non-attention ops on the GPU, but it is not the fast decode path (that needs device-resident activations and a
-// captured graph; docs/cuda.md). Weights are uploaded once, on first use, and cached by their host address
-// (WeightView::data; the bytes must stay valid and unchanged while the backend lives, as the engine's mmap
-// does), so the model reaches the device a tensor at a time as layers first run. Q8_0 matrices with
-// cols % 256 == 0 are repacked to the split layout on upload (gemv.h).
-// Memory bridge: alloc() returns host memory (host_memory() == true) and the attention ops (matmul_grouped,
-// head_prep, compressor_step, indexer_topk, sink_attention, window_store) run the CPU implementation, so the
-// forward and session state work unchanged until device memory and attention kernels replace them.
-// Exceptions: `embed` gathers on the host (a row copy, no arithmetic), the hash-layer tid2eid lookup is done on
-// the host (the table is a host tensor), and matmul on a weight type gemv_cuda lacks (BF16) runs the CPU kernel
-// (no tensor of the q2/q4 mixes is BF16).
+// Memory: alloc() returns device memory (stream-ordered cudaMallocAsync from the device's default pool;
+// host_memory() is false). Everything runs on ONE backend-owned non-blocking stream: upload / copy / fill and every
+// op's kernels are enqueued there without host synchronization; download() enqueues the copy and waits for the
+// stream. So a forward pass issues its whole op sequence asynchronously and the host waits once, for the logits.
+// Ops take device pointers directly; the scratch they need internally is grow-only (no allocation in a steady
+// decode step). Every op reads its data-dependent inputs (token ids, expert ids, top-k rows) from device memory.
+//
+// Weights are mirrored on first use and cached by their host address (WeightView::data; the bytes must stay
+// valid and unchanged while the backend lives, as the engine's mmap does), so the model reaches the device a
+// tensor at a time as layers first run. Device layouts follow gemv.h (preferred_layout: Q8_0 matrices with
+// cols % 256 == 0 are repacked to the split layout); the token embedding is mirrored in file layout and gathered
+// on the device (Q8_0 / F16 / F32; other encodings decode on the host); the hash layers' tid2eid table is
+// validated once on the host (every entry an expert id) and mirrored.
+//
+// Launch economy (a decode step is launch-bound): a grouped projection is one MoE-mode GEMV launch for up to 2
+// tokens; an activation read by several matmuls in the same format is quantized once (the cache is invalidated
+// by any write overlapping the input, and by any free); F16/F32 weights read the fp32 activations directly.
+//
+// Exceptions to "everything on the GPU": matmul on a weight type gemv_cuda lacks (BF16; no tensor of the q2/q4
+// mixes) runs the CPU kernel on downloaded activations. DSV4_CUDA_ATTENTION=cpu runs the attention ops on the CPU
+// on staged copies (A/B checks of the attention kernels; synchronous). DSV4_CUDA_PROFILE=1 prints a per-op
+// time table when the backend is destroyed (profile.h).
 #pragma once
 
 #include <memory>

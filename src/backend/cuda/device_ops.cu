@@ -1,0 +1,102 @@
+// Small device kernels of the CUDA op table (see device_ops.h).
+#include "backend/cuda/device_ops.h"
+
+#include <algorithm>
+
+#include "backend/cuda/cuda_util.h"
+#include "common/error.h"
+#include "quant/blocks.h"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned blocks_for(int64_t n) { return unsigned(std::max<int64_t>(1, (n + kThreads - 1) / kThreads)); }
+
+__global__ void fill_kernel(float* dst, float value, size_t n) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
+// One CTA per (token, column chunk): decode the element once, store it to every stream.
+template <QType kType>
+__global__ void embed_kernel(const uint8_t* table, int64_t vocab, int64_t dim, const int32_t* tokens,
+                             int n_streams, float* X) {
+  const int t = blockIdx.y;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= dim) return;
+  const int32_t tok = tokens[t];
+  float v = 0.0f;
+  if (tok >= 0 && tok < vocab) {
+    if constexpr (kType == QType::F32) {
+      v = reinterpret_cast<const float*>(table)[int64_t(tok) * dim + c];
+    } else if constexpr (kType == QType::F16) {
+      v = f16_to_f32(reinterpret_cast<const uint16_t*>(table)[int64_t(tok) * dim + c]);
+    } else {  // Q8_0: 34-byte blocks {f16 d; int8 qs[32]}, the same product as dequant_q8_0 on the CPU
+      const uint8_t* blk = table + int64_t(tok) * (dim / kQK8_0) * 34 + (c / kQK8_0) * 34;
+      const uint16_t d = uint16_t(blk[0]) | uint16_t(uint16_t(blk[1]) << 8);
+      v = f16_to_f32(d) * float(int8_t(blk[2 + c % kQK8_0]));
+    }
+  }
+  float* x = X + int64_t(t) * n_streams * dim + c;
+  for (int s = 0; s < n_streams; ++s) x[int64_t(s) * dim] = v;
+}
+
+__global__ void hash_ids_kernel(const int32_t* table, int64_t vocab, int k, const int32_t* tokens, int T,
+                                int32_t* ids) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= T * k) return;
+  const int32_t tok = tokens[i / k];
+  ids[i] = (tok >= 0 && tok < vocab) ? table[int64_t(tok) * k + i % k] : 0;
+}
+
+__global__ void ramp_kernel(int32_t* ids, int64_t n, int period) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) ids[i] = int32_t(i % period);
+}
+
+}  // namespace
+
+void fill_f32_cuda(float* dst, float value, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const unsigned grid = unsigned(std::min<size_t>((n + kThreads - 1) / kThreads, 4096));
+  fill_kernel<<<grid, kThreads, 0, stream>>>(dst, value, n);
+  check_launch("fill_kernel");
+}
+
+bool embed_supports(QType type) { return type == QType::F32 || type == QType::F16 || type == QType::Q8_0; }
+
+void embed_rows_cuda(QType type, const void* table, int64_t vocab, int64_t dim, const int32_t* tokens, int T,
+                     int n_streams, float* X, cudaStream_t stream) {
+  if (T <= 0) return;
+  if (dim <= 0 || (type == QType::Q8_0 && dim % kQK8_0 != 0) || T > 65535)
+    fail("embed_rows_cuda: bad shape dim=%lld T=%d for %s", (long long)dim, T, qtype_name(type).c_str());
+  const dim3 grid(blocks_for(dim), unsigned(T));
+  const auto* tb = static_cast<const uint8_t*>(table);
+  switch (type) {
+    case QType::F32: embed_kernel<QType::F32><<<grid, kThreads, 0, stream>>>(tb, vocab, dim, tokens, n_streams, X); break;
+    case QType::F16: embed_kernel<QType::F16><<<grid, kThreads, 0, stream>>>(tb, vocab, dim, tokens, n_streams, X); break;
+    case QType::Q8_0:
+      embed_kernel<QType::Q8_0><<<grid, kThreads, 0, stream>>>(tb, vocab, dim, tokens, n_streams, X);
+      break;
+    default: fail("embed_rows_cuda: no device decoder for %s", qtype_name(type).c_str());
+  }
+  check_launch("embed_kernel");
+}
+
+void gather_hash_ids_cuda(const int32_t* table, int64_t vocab, int k, const int32_t* tokens, int T, int32_t* ids,
+                          cudaStream_t stream) {
+  if (T <= 0) return;
+  hash_ids_kernel<<<blocks_for(int64_t(T) * k), kThreads, 0, stream>>>(table, vocab, k, tokens, T, ids);
+  check_launch("hash_ids_kernel");
+}
+
+void ramp_mod_cuda(int32_t* ids, int64_t n, int period, cudaStream_t stream) {
+  if (n <= 0) return;
+  if (period <= 0) fail("ramp_mod_cuda: period %d", period);
+  ramp_kernel<<<blocks_for(n), kThreads, 0, stream>>>(ids, n, period);
+  check_launch("ramp_kernel");
+}
+
+}  // namespace dsv4::cuda
