@@ -1,0 +1,698 @@
+// Tensor-core GEMMs for prefill (see gemm.h for the contract).
+//
+// The mma kernel: a CTA computes a BM x BN tile of Y = A W^T (A: BM activation rows gathered by index, FP16;
+// W: BN weight rows, dequantized on the fly). 256 threads = 8 warps as 2 (M) x 4 (N), each warp 32 x 32 with
+// mma.sync m16n8k16 (FP16 in, FP32 accumulate). Per BK = 64 step every thread dequantizes one 32-value chunk of
+// one weight row into shared memory and copies two 16-byte pieces of activations; the global loads of step
+// kt + 1 are issued before the MMAs of step kt (register prefetch) so their latency hides behind the math.
+// Fragments come from shared memory with ldmatrix; rows are padded by 8 halves (144-byte stride) so the eight
+// 16-byte row reads of one ldmatrix phase hit distinct bank groups.
+//
+// Routed experts: the T*k (token, slot) pairs are grouped by expert on the device (count, scan, scatter) into a
+// list padded per expert to a multiple of BM, so every M tile belongs to one expert; the grid covers the worst
+// case number of tiles and surplus CTAs exit at once (the host never reads the ids). A row of the result does
+// not depend on which other rows share its tile, so the (atomic) order within an expert does not change any
+// value: results are deterministic.
+#include "backend/cuda/gemm.h"
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_util.h"
+#include "common/error.h"
+#include "quant/blocks.h"
+#include "quant/iq2xxs_tables.h"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kBM = 64, kBN = 128, kBK = 64;
+constexpr int kThreads = 256;
+constexpr int kPad = 8;                 // halves of padding per shared-memory row
+constexpr int kLds = kBK + kPad;        // shared-memory row stride in halves (144 bytes)
+constexpr int64_t kAlign = 256;         // workspace sub-buffer alignment
+
+__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+// ---- dequantization of one 32-value chunk of a weight row --------------------------------------------------------
+// fetch() issues the global loads (kept in registers across the MMAs of the previous step); decode() turns them
+// into 32 FP16 values (16 packed pairs, column order). c0 % 32 == 0.
+struct DqF16 {
+  struct Raw {
+    uint4 v[4];
+  };
+  __device__ static Raw fetch(const uint8_t* row, int64_t c0, int64_t) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + 2 * c0);
+    return {{p[0], p[1], p[2], p[3]}};
+  }
+  __device__ static void decode(const Raw& r, uint32_t out[16], const uint2*) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[4 * i] = r.v[i].x, out[4 * i + 1] = r.v[i].y, out[4 * i + 2] = r.v[i].z, out[4 * i + 3] = r.v[i].w;
+  }
+};
+
+__device__ __forceinline__ void decode_i8x32(const uint32_t q[8], float d, uint32_t out[16]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int v = int(q[i]);
+    // d * q is exact in fp32 (11 x 8 significant bits); one rounding to FP16 follows.
+    out[2 * i] = pack_half2(d * float(int8_t(v)), d * float(int8_t(v >> 8)));
+    out[2 * i + 1] = pack_half2(d * float(int8_t(v >> 16)), d * float(v >> 24));
+  }
+}
+
+struct DqQ8_0 {  // GGUF blocks: {f16 d; int8 qs[32]}, 34 bytes, payload 2-byte aligned
+  struct Raw {
+    uint32_t q[8];
+    uint16_t d;
+  };
+  __device__ static Raw fetch(const uint8_t* row, int64_t c0, int64_t) {
+    const uint8_t* b = row + (c0 / kQK8_0) * int64_t(sizeof(block_q8_0));
+    Raw r;
+    r.d = *reinterpret_cast<const uint16_t*>(b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) r.q[i] = uint32_t(load_i32_a2(b + 2 + 4 * i));
+    return r;
+  }
+  __device__ static void decode(const Raw& r, uint32_t out[16], const uint2*) {
+    decode_i8x32(r.q, half_bits_to_float(r.d), out);
+  }
+};
+
+struct DqQ8Split {  // gemv.h's split rows: [cols int8][cols/32 f16 scales]
+  struct Raw {
+    uint32_t q[8];
+    uint16_t d;
+  };
+  __device__ static Raw fetch(const uint8_t* row, int64_t c0, int64_t cols) {
+    const uint4 a = *reinterpret_cast<const uint4*>(row + c0);
+    const uint4 b = *reinterpret_cast<const uint4*>(row + c0 + 16);
+    Raw r{{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}, 0};
+    r.d = reinterpret_cast<const uint16_t*>(row + cols)[c0 / kQK8_0];
+    return r;
+  }
+  __device__ static void decode(const Raw& r, uint32_t out[16], const uint2*) {
+    decode_i8x32(r.q, half_bits_to_float(r.d), out);
+  }
+};
+
+// Q2_K: value 128h + 32s + l = d*(sc&15)*q - dmin*(sc>>4), q = bits 2s..2s+1 of qs[32h + l],
+// sc = scales[8h + 2s + (l >= 16)]. A 32-value chunk is one (h, s): all 32 qs bytes of half h.
+struct DqQ2_K {
+  struct Raw {
+    uint32_t q[8];
+    uint32_t sc;  // the two scale bytes
+    uint32_t dd;  // d | dmin << 16
+    int shift;
+  };
+  __device__ static Raw fetch(const uint8_t* row, int64_t c0, int64_t) {
+    const uint8_t* b = row + (c0 / kQK_K) * int64_t(sizeof(block_q2_K));
+    const int j = int(c0 % kQK_K), h = j >> 7, s = (j >> 5) & 3;
+    Raw r;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) r.q[i] = uint32_t(load_i32_a4(b + 16 + 32 * h + 4 * i));
+    r.sc = uint32_t(b[8 * h + 2 * s]) | (uint32_t(b[8 * h + 2 * s + 1]) << 8);
+    r.dd = uint32_t(load_i32_a4(b + 80));
+    r.shift = 2 * s;
+    return r;
+  }
+  __device__ static void decode(const Raw& r, uint32_t out[16], const uint2*) {
+    const float d = half_bits_to_float(uint16_t(r.dd)), dmin = half_bits_to_float(uint16_t(r.dd >> 16));
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t sc = (r.sc >> (8 * half)) & 255u;
+      const float dl = d * float(sc & 15u), ml = dmin * float(sc >> 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t v = (r.q[4 * half + i] >> r.shift) & 0x03030303u;
+        out[8 * half + 2 * i] = pack_half2(dl * float(v & 3u) - ml, dl * float((v >> 8) & 3u) - ml);
+        out[8 * half + 2 * i + 1] = pack_half2(dl * float((v >> 16) & 3u) - ml, dl * float(v >> 24) - ml);
+      }
+    }
+  }
+};
+
+// Q4_K: sub-block sb (32 values) = nibbles (low for even sb, high for odd) of qs[32 (sb/2) ..], 6-bit scale/min.
+struct DqQ4_K {
+  struct Raw {
+    uint4 a, b;
+    uint32_t dd;
+    uint8_t sc, mn;
+    int shift;
+  };
+  __device__ static Raw fetch(const uint8_t* row, int64_t c0, int64_t) {
+    const uint8_t* blk = row + (c0 / kQK_K) * int64_t(sizeof(block_q4_K));
+    const int sb = int(c0 % kQK_K) >> 5;
+    const uint8_t* qs = blk + 16 + 32 * (sb >> 1);
+    Raw r;
+    r.a = *reinterpret_cast<const uint4*>(qs);
+    r.b = *reinterpret_cast<const uint4*>(qs + 16);
+    r.dd = uint32_t(load_i32_a4(blk));
+    q4k_scale_min(sb, blk + 4, &r.sc, &r.mn);
+    r.shift = 4 * (sb & 1);
+    return r;
+  }
+  __device__ static void decode(const Raw& r, uint32_t out[16], const uint2*) {
+    const float d = half_bits_to_float(uint16_t(r.dd)) * float(r.sc);
+    const float m = half_bits_to_float(uint16_t(r.dd >> 16)) * float(r.mn);
+    const uint32_t w[8] = {r.a.x, r.a.y, r.a.z, r.a.w, r.b.x, r.b.y, r.b.z, r.b.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t v = (w[i] >> r.shift) & 0x0F0F0F0Fu;
+      out[2 * i] = pack_half2(d * float(v & 15u) - m, d * float((v >> 8) & 15u) - m);
+      out[2 * i + 1] = pack_half2(d * float((v >> 16) & 15u) - m, d * float(v >> 24) - m);
+    }
+  }
+};
+
+// IQ2_XXS: group g of 32 = 4 grid entries (bytes of a0) with 7-bit sign codes (a1), scale d (0.5 + ls) / 4.
+struct DqIQ2_XXS {
+  struct Raw {
+    uint32_t a0, a1;
+    uint16_t d;
+  };
+  __device__ static Raw fetch(const uint8_t* row, int64_t c0, int64_t) {
+    const uint8_t* b = row + (c0 / kQK_K) * int64_t(sizeof(block_iq2_xxs));
+    const uint8_t* q = b + 2 + 8 * ((c0 % kQK_K) >> 5);
+    return {uint32_t(load_i32_a2(q)), uint32_t(load_i32_a2(q + 4)), *reinterpret_cast<const uint16_t*>(b)};
+  }
+  __device__ static void decode(const Raw& r, uint32_t out[16], const uint2* grid) {
+    const float db = half_bits_to_float(r.d) * (0.5f + float(r.a1 >> 28)) * 0.25f;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const uint2 g = grid[(r.a0 >> (8 * t)) & 255u];
+      const uint32_t code = (r.a1 >> (7 * t)) & 127u;
+      const uint32_t signs = code | ((__popc(code) & 1u) << 7);  // ksigns_iq2xs: even parity in bit 7
+      float v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float mag = db * float(((k < 4 ? g.x : g.y) >> (8 * (k & 3))) & 255u);
+        v[k] = (signs >> k) & 1u ? -mag : mag;
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) out[4 * t + k] = pack_half2(v[2 * k], v[2 * k + 1]);
+    }
+  }
+};
+
+template <class D>
+constexpr bool kNeedsGrid = std::is_same_v<D, DqIQ2_XXS>;
+
+// ---- the grouped/dense MMA kernel ---------------------------------------------------------------------------------
+struct MmaArgs {
+  const uint8_t* w[2];     // weight (stack) per blockIdx.z
+  float* y[2];             // output per blockIdx.z: y[out_row][rows]
+  int64_t expert_stride;   // bytes
+  int64_t rows, cols, row_bytes;
+  const __half* a;         // activation rows [*, cols] FP16
+  int act_div;             // activation row = index / act_div
+  int n_tokens;            // dense: rows of A; MoE: unused
+  const int32_t* sorted;   // MoE: [tiles * kBM] slot per position (-1 = padding); null = dense
+  const int32_t* tile_expert;  // MoE: expert per M tile, -1 = unused tile
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const __half* p) {
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class D>
+__global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs p) {
+  __shared__ __align__(16) __half sA[kBM][kLds];
+  __shared__ __align__(16) __half sB[kBN][kLds];
+  __shared__ int s_act[kBM], s_out[kBM];
+  __shared__ uint2 s_grid[kNeedsGrid<D> ? 256 : 1];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int mt = blockIdx.x, z = blockIdx.z;
+  const int64_t n0 = int64_t(blockIdx.y) * kBN;
+  int64_t expert = 0;
+  if (p.sorted) {
+    expert = p.tile_expert[mt];
+    if (expert < 0) return;  // beyond the last expert's tiles (whole CTA exits: no barrier reached)
+  }
+  if constexpr (kNeedsGrid<D>) {
+    for (int i = tid; i < 256; i += kThreads) {
+      const uint64_t g = iq2xxs_grid[i];
+      s_grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
+    }
+  }
+  if (tid < kBM) {
+    int idx;
+    if (p.sorted) idx = p.sorted[int64_t(mt) * kBM + tid];
+    else idx = mt * kBM + tid < p.n_tokens ? mt * kBM + tid : -1;
+    s_out[tid] = idx;
+    s_act[tid] = idx < 0 ? -1 : idx / p.act_div;
+  }
+  __syncthreads();
+
+  // This thread's loads: weight row n0 + brow, columns bcol..bcol+31 of each K step; activation pieces
+  // (row arow[i], 8 halves at column acol).
+  const int brow = tid >> 1, bcol = (tid & 1) * 32;
+  const uint8_t* wrow = (z ? p.w[1] : p.w[0]) + expert * p.expert_stride + std::min<int64_t>(n0 + brow, p.rows - 1) * p.row_bytes;
+  const int acol = (tid & 7) * 8;
+  const __half* arow[2];
+  int ar[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    ar[i] = (tid >> 3) + 32 * i;
+    const int act = s_act[ar[i]];
+    arow[i] = act < 0 ? nullptr : p.a + int64_t(act) * p.cols + acol;
+  }
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  const int64_t nk = p.cols / kBK;
+  typename D::Raw raw = D::fetch(wrow, bcol, p.cols);
+  uint4 av[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) av[i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i]) : make_uint4(0, 0, 0, 0);
+
+  const int wm = warp >> 2, wn = warp & 3;
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    {
+      uint32_t dec[16];
+      D::decode(raw, dec, s_grid);
+      uint4* dst = reinterpret_cast<uint4*>(&sB[brow][bcol]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dst[i] = make_uint4(dec[4 * i], dec[4 * i + 1], dec[4 * i + 2], dec[4 * i + 3]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) *reinterpret_cast<uint4*>(&sA[ar[i]][acol]) = av[i];
+    }
+    __syncthreads();
+    if (kt + 1 < nk) {  // next step's global loads, in flight during this step's MMAs
+      const int64_t k1 = (kt + 1) * kBK;
+      raw = D::fetch(wrow, k1 + bcol, p.cols);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) av[i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + k1) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t af[2][4], bf[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(af[mi], &sA[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+      // B x4: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj)
+        ldmatrix_x4(bf[nj], &sB[wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni >> 1][2 * (ni & 1)], bf[ni >> 1][2 * (ni & 1) + 1]);
+    }
+    __syncthreads();
+  }
+
+  float* y = z ? p.y[1] : p.y[0];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int out = s_out[wm * 32 + mi * 16 + h * 8 + (lane >> 2)];
+      if (out < 0) continue;
+      float* yr = y + int64_t(out) * p.rows;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int64_t n = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+        if (n < p.rows) yr[n] = acc[mi][ni][2 * h];
+        if (n + 1 < p.rows) yr[n + 1] = acc[mi][ni][2 * h + 1];
+      }
+    }
+}
+
+// ---- helpers: conversion, dequantization to a buffer, routing groups -------------------------------------------
+__global__ void to_half_kernel(const float* x, int64_t n, __half* y) {
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (i + 3 < n) {
+    const float4 v = *reinterpret_cast<const float4*>(x + i);
+    reinterpret_cast<__half2*>(y + i)[0] = __floats2half2_rn(v.x, v.y);
+    reinterpret_cast<__half2*>(y + i)[1] = __floats2half2_rn(v.z, v.w);
+  } else {
+    for (int64_t j = i; j < n; ++j) y[j] = __float2half_rn(x[j]);
+  }
+}
+
+// n_rows rows from `w` (row_bytes each) -> FP16 rows of cols, one thread per 32-value chunk.
+template <class D>
+__global__ void dequant_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t cols, __half* out) {
+  __shared__ uint2 s_grid[kNeedsGrid<D> ? 256 : 1];
+  if constexpr (kNeedsGrid<D>) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+      const uint64_t g = iq2xxs_grid[i];
+      s_grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
+    }
+    __syncthreads();
+  }
+  const int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_row = cols / 32;
+  if (chunk >= n_rows * per_row) return;
+  const int64_t r = chunk / per_row, c0 = (chunk % per_row) * 32;
+  uint32_t dec[16];
+  D::decode(D::fetch(w + r * row_bytes, c0, cols), dec, s_grid);
+  uint4* dst = reinterpret_cast<uint4*>(out + r * cols + c0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[i] = make_uint4(dec[4 * i], dec[4 * i + 1], dec[4 * i + 2], dec[4 * i + 3]);
+}
+
+__global__ void moe_count_kernel(const int32_t* ids, int n_slots, int32_t* counts) {
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s < n_slots) atomicAdd(&counts[ids[s]], 1);
+}
+
+// One CTA: per-expert tile counts -> first tile per expert (serial scan, E <= 1024), the per-tile expert map
+// (-1 past the last used tile) and each expert's fill cursor (first padded position).
+__global__ void moe_scan_kernel(const int32_t* counts, int n_experts, int max_tiles, int32_t* cursor,
+                                int32_t* tile_expert) {
+  __shared__ int32_t first[1025];
+  if (threadIdx.x == 0) {
+    int t = 0;
+    for (int e = 0; e < n_experts; ++e) {
+      first[e] = t;
+      t += (counts[e] + kBM - 1) / kBM;
+    }
+    first[n_experts] = t;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    cursor[e] = first[e] * kBM;
+    for (int i = first[e]; i < first[e + 1]; ++i) tile_expert[i] = e;
+  }
+  for (int i = first[n_experts] + threadIdx.x; i < max_tiles; i += blockDim.x) tile_expert[i] = -1;
+}
+
+__global__ void moe_scatter_kernel(const int32_t* ids, int n_slots, int32_t* cursor, int32_t* sorted) {
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s < n_slots) sorted[atomicAdd(&cursor[ids[s]], 1)] = s;
+}
+
+// h[s][f] = FP16( silu(min(g, clamp)) * clamp(u, -clamp, clamp) * w[s] ), the CPU's swiglu_clamped order.
+__global__ void swiglu_half_kernel(const float* g, const float* u, const float* row_weight, int64_t rows, int64_t f,
+                                   float clamp, __half* h) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * f) return;
+  const float gc = fminf(g[idx], clamp);
+  const float uc = fmaxf(fminf(u[idx], clamp), -clamp);
+  const float v = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
+  h[idx] = __float2half_rn(__fmul_rn(v, row_weight[idx / f]));
+}
+
+// ---- dispatch ---------------------------------------------------------------------------------------------------
+template <class D>
+void launch_mma(const MmaArgs& a, int m_tiles, int n_mats, cudaStream_t stream) {
+  const dim3 grid(unsigned(m_tiles), unsigned((a.rows + kBN - 1) / kBN), unsigned(n_mats));
+  mma_kernel<D><<<grid, kThreads, 0, stream>>>(a);
+  check_launch("gemm mma_kernel");
+}
+
+void mma_dispatch(QType t, GemvLayout layout, const MmaArgs& a, int m_tiles, int n_mats, cudaStream_t stream) {
+  switch (t) {
+    case QType::F16: return launch_mma<DqF16>(a, m_tiles, n_mats, stream);
+    case QType::Q8_0:
+      if (layout == GemvLayout::Q8Split) return launch_mma<DqQ8Split>(a, m_tiles, n_mats, stream);
+      return launch_mma<DqQ8_0>(a, m_tiles, n_mats, stream);
+    case QType::Q2_K: return launch_mma<DqQ2_K>(a, m_tiles, n_mats, stream);
+    case QType::Q4_K: return launch_mma<DqQ4_K>(a, m_tiles, n_mats, stream);
+    case QType::IQ2_XXS: return launch_mma<DqIQ2_XXS>(a, m_tiles, n_mats, stream);
+    default: fail("gemm: no MMA kernel for %s", qtype_name(t).c_str());
+  }
+}
+
+template <class D>
+void launch_dequant(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t cols, __half* out, cudaStream_t s) {
+  const int64_t chunks = n_rows * cols / 32;
+  dequant_kernel<D><<<unsigned((chunks + 255) / 256), 256, 0, s>>>(w, row_bytes, n_rows, cols, out);
+  check_launch("gemm dequant_kernel");
+}
+
+void dequant_dispatch(QType t, GemvLayout layout, const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t cols,
+                      __half* out, cudaStream_t s) {
+  switch (t) {
+    case QType::Q8_0:
+      if (layout == GemvLayout::Q8Split) return launch_dequant<DqQ8Split>(w, row_bytes, n_rows, cols, out, s);
+      return launch_dequant<DqQ8_0>(w, row_bytes, n_rows, cols, out, s);
+    case QType::Q2_K: return launch_dequant<DqQ2_K>(w, row_bytes, n_rows, cols, out, s);
+    case QType::Q4_K: return launch_dequant<DqQ4_K>(w, row_bytes, n_rows, cols, out, s);
+    case QType::IQ2_XXS: return launch_dequant<DqIQ2_XXS>(w, row_bytes, n_rows, cols, out, s);
+    default: fail("gemm: no dequantizer for %s", qtype_name(t).c_str());
+  }
+}
+
+void to_half(const float* x, int64_t n, __half* y, cudaStream_t s) {
+  if (n <= 0) return;
+  to_half_kernel<<<unsigned((n / 4 + 256) / 256), 256, 0, s>>>(x, n, y);
+  check_launch("gemm to_half_kernel");
+}
+
+// One cuBLAS handle per device, created on first use and kept for the process (creation costs milliseconds).
+cublasHandle_t cublas_handle() {
+  static std::mutex mu;
+  static cublasHandle_t handles[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "gemm: cudaGetDevice");
+  if (dev < 0 || dev >= 64) fail("gemm: device %d out of range", dev);
+  std::lock_guard<std::mutex> lock(mu);
+  if (!handles[dev]) {
+    if (cublasCreate(&handles[dev]) != CUBLAS_STATUS_SUCCESS) fail("gemm: cublasCreate failed");
+    // FP32 products stay IEEE FP32: no TF32 (the F32 weights are the exact reference path).
+    cublasSetMathMode(handles[dev], CUBLAS_DEFAULT_MATH);
+  }
+  return handles[dev];
+}
+
+void cublas_check(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) fail("gemm: %s failed: cuBLAS status %d", what, int(st));
+}
+
+int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+// Rows of a dequantized FP16 chunk for the cuBLAS path: ~16 M values (32 MiB), which stays in the 50 MiB L2 of
+// an H100/H200 between the dequantization that writes it and the GEMM that reads it.
+int64_t cublas_chunk_rows(const GemmParams& p) {
+  const int64_t r = std::max<int64_t>(kBN, (int64_t(16) << 20) / p.cols / kBN * kBN);
+  return std::min(r, p.rows);
+}
+
+GemmImpl choose_impl(const GemmParams& p) {
+  if (p.wtype == QType::F32) return GemmImpl::Cublas;
+  if (p.impl != GemmImpl::Auto) return p.impl;
+  // Provisional rule until measured (docs/cuda.md "Prefill GEMM"): F16 needs no dequantization, so cuBLAS;
+  // quantized weights are re-dequantized once per 64-token M tile by the MMA kernel, so beyond a few hundred
+  // tokens one dequantization into the workspace + cuBLAS wins.
+  if (p.wtype == QType::F16) return GemmImpl::Cublas;
+  return p.n_tokens >= 512 ? GemmImpl::Cublas : GemmImpl::Mma;
+}
+
+void check_dense(const GemmParams& p) {
+  if (!gemm_supports(p.wtype, p.layout))
+    fail("gemm_cuda: weight type %s (layout %d) not supported", qtype_name(p.wtype).c_str(), int(p.layout));
+  if (p.rows <= 0 || p.cols <= 0 || p.cols % kBK != 0 || p.cols % block_elems(p.wtype) != 0)
+    fail("gemm_cuda: bad shape %lld x %lld (cols must be a multiple of %d and of the block size)",
+         (long long)p.rows, (long long)p.cols, kBK);
+  if (p.n_tokens < 0) fail("gemm_cuda: n_tokens = %d", p.n_tokens);
+  if ((p.rows + kBN - 1) / kBN > 65535) fail("gemm_cuda: %lld rows exceed one launch", (long long)p.rows);
+  if (p.n_tokens > 0 && (!p.w || !p.x || !p.y)) fail("gemm_cuda: null w, x or y");
+  if (p.impl == GemmImpl::Mma && p.wtype == QType::F32) fail("gemm_cuda: F32 weights have no MMA kernel");
+}
+
+}  // namespace
+
+bool gemm_supports(QType wtype, GemvLayout layout) {
+  if (layout == GemvLayout::Q8Split) return wtype == QType::Q8_0;
+  return wtype == QType::Q8_0 || wtype == QType::Q2_K || wtype == QType::Q4_K || wtype == QType::IQ2_XXS ||
+         wtype == QType::F16 || wtype == QType::F32;
+}
+
+int gemm_min_tokens(QType wtype) {
+  (void)wtype;
+  return 16;  // provisional: two batched-GEMV launches read the weights twice (see docs/cuda.md)
+}
+
+size_t gemm_workspace_bytes(const GemmParams& p) {
+  check_dense(p);
+  if (p.n_tokens == 0) return 0;
+  const GemmImpl impl = choose_impl(p);
+  if (p.wtype == QType::F32) return 0;
+  int64_t bytes = align_up(int64_t(p.n_tokens) * p.cols * 2);  // FP16 activations
+  if (impl == GemmImpl::Cublas && p.wtype != QType::F16) bytes += align_up(cublas_chunk_rows(p) * p.cols * 2);
+  return size_t(bytes);
+}
+
+void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream) {
+  check_dense(p);
+  if (p.n_tokens == 0) return;
+  const GemmImpl impl = choose_impl(p);
+  if (gemm_workspace_bytes(p) > 0 && !workspace) fail("gemm_cuda: workspace is null");
+  const float one = 1.0f, zero = 0.0f;
+  if (p.wtype == QType::F32) {
+    // Y^T (rows x T, column-major) = W (cols x rows column-major, transposed) * X^T (cols x T).
+    cublasHandle_t h = cublas_handle();
+    cublas_check(cublasSetStream(h, stream), "cublasSetStream");
+    cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(p.rows), p.n_tokens, int(p.cols), &one, p.w,
+                              CUDA_R_32F, int(p.cols), p.x, CUDA_R_32F, int(p.cols), &zero, p.y, CUDA_R_32F,
+                              int(p.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx (f32)");
+    return;
+  }
+  uint8_t* ws = static_cast<uint8_t*>(workspace);
+  __half* x16 = reinterpret_cast<__half*>(ws);
+  to_half(p.x, int64_t(p.n_tokens) * p.cols, x16, stream);
+  const int64_t rb = layout_row_bytes(p.wtype, p.layout, p.cols);
+  if (impl == GemmImpl::Mma) {
+    MmaArgs a{};
+    a.w[0] = static_cast<const uint8_t*>(p.w);
+    a.y[0] = p.y;
+    a.rows = p.rows, a.cols = p.cols, a.row_bytes = rb;
+    a.a = x16, a.act_div = 1, a.n_tokens = p.n_tokens;
+    mma_dispatch(p.wtype, p.layout, a, (p.n_tokens + kBM - 1) / kBM, 1, stream);
+    return;
+  }
+  cublasHandle_t h = cublas_handle();
+  cublas_check(cublasSetStream(h, stream), "cublasSetStream");
+  if (p.wtype == QType::F16) {
+    cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(p.rows), p.n_tokens, int(p.cols), &one, p.w,
+                              CUDA_R_16F, int(p.cols), x16, CUDA_R_16F, int(p.cols), &zero, p.y, CUDA_R_32F,
+                              int(p.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx (f16)");
+    return;
+  }
+  __half* w16 = reinterpret_cast<__half*>(ws + align_up(int64_t(p.n_tokens) * p.cols * 2));
+  const int64_t chunk = cublas_chunk_rows(p);
+  for (int64_t r0 = 0; r0 < p.rows; r0 += chunk) {
+    const int64_t nr = std::min(chunk, p.rows - r0);
+    dequant_dispatch(p.wtype, p.layout, static_cast<const uint8_t*>(p.w) + r0 * rb, rb, nr, p.cols, w16, stream);
+    cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(nr), p.n_tokens, int(p.cols), &one, w16, CUDA_R_16F,
+                              int(p.cols), x16, CUDA_R_16F, int(p.cols), &zero, p.y + r0, CUDA_R_32F, int(p.rows),
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx (dequantized f16)");
+  }
+}
+
+// ---- routed experts -----------------------------------------------------------------------------------------------
+namespace {
+
+struct MoeWs {
+  int32_t *counts, *cursor, *tile_expert, *sorted;
+  __half *x16, *h16;
+  float *g, *u;
+  int max_tiles;
+  int64_t bytes;
+};
+
+MoeWs moe_layout(const MoeGemmParams& p, uint8_t* base) {
+  MoeWs w{};
+  const int64_t slots = int64_t(p.n_tokens) * p.k;
+  // Each used expert pads its slot list to a multiple of kBM: at most one partial tile per used expert.
+  w.max_tiles = int((slots + kBM - 1) / kBM + std::min<int64_t>(p.n_experts, slots));
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    uint8_t* q = base ? base + off : nullptr;
+    off += align_up(bytes);
+    return q;
+  };
+  w.counts = reinterpret_cast<int32_t*>(take(int64_t(p.n_experts) * 4));
+  w.cursor = reinterpret_cast<int32_t*>(take(int64_t(p.n_experts) * 4));
+  w.tile_expert = reinterpret_cast<int32_t*>(take(int64_t(w.max_tiles) * 4));
+  w.sorted = reinterpret_cast<int32_t*>(take(int64_t(w.max_tiles) * kBM * 4));
+  w.x16 = reinterpret_cast<__half*>(take(int64_t(p.n_tokens) * p.d * 2));
+  w.g = reinterpret_cast<float*>(take(slots * p.ff * 4));
+  w.u = reinterpret_cast<float*>(take(slots * p.ff * 4));
+  w.h16 = reinterpret_cast<__half*>(take(slots * p.ff * 2));
+  w.bytes = off;
+  return w;
+}
+
+void check_moe(const MoeGemmParams& p) {
+  const ExpertStack* st[3] = {&p.gate, &p.up, &p.down};
+  const char* names[3] = {"gate", "up", "down"};
+  for (int i = 0; i < 3; ++i) {
+    if (!gemm_supports(st[i]->type, st[i]->layout) || st[i]->type == QType::F32)
+      fail("moe_gemm_cuda: %s experts of type %s (layout %d) not supported", names[i],
+           qtype_name(st[i]->type).c_str(), int(st[i]->layout));
+    const int64_t cols = i < 2 ? p.d : p.ff;
+    if (cols % block_elems(st[i]->type) != 0) fail("moe_gemm_cuda: %s width %lld not a multiple of its block", names[i], (long long)cols);
+  }
+  if (p.d <= 0 || p.ff <= 0 || p.d % kBK != 0 || p.ff % kBK != 0 || p.d / kBN > 65535 || p.ff / kBN > 65535)
+    fail("moe_gemm_cuda: d=%lld ff=%lld must be positive multiples of %d", (long long)p.d, (long long)p.ff, kBK);
+  if (p.n_experts < 1 || p.n_experts > 1024 || p.k < 1 || p.n_tokens < 0)
+    fail("moe_gemm_cuda: n_experts=%d (1..1024) k=%d n_tokens=%d", p.n_experts, p.k, p.n_tokens);
+  if (int64_t(p.n_tokens) * p.k > (int64_t(1) << 30)) fail("moe_gemm_cuda: %d tokens x %d slots too many", p.n_tokens, p.k);
+  if (p.n_tokens > 0 && (!p.ids || !p.weights || !p.x || !p.y_slots || !p.gate.base || !p.up.base || !p.down.base))
+    fail("moe_gemm_cuda: null pointer argument");
+}
+
+}  // namespace
+
+size_t moe_gemm_workspace_bytes(const MoeGemmParams& p) {
+  check_moe(p);
+  return size_t(moe_layout(p, nullptr).bytes);
+}
+
+void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream) {
+  check_moe(p);
+  if (p.n_tokens == 0) return;
+  if (!workspace) fail("moe_gemm_cuda: workspace is null");
+  const MoeWs w = moe_layout(p, static_cast<uint8_t*>(workspace));
+  const int slots = p.n_tokens * p.k;
+  // Group slots by expert: counts -> padded tile map and cursors -> scatter slot ids (padding stays -1).
+  check(cudaMemsetAsync(w.counts, 0, size_t(p.n_experts) * 4, stream), "moe_gemm: memset counts");
+  check(cudaMemsetAsync(w.sorted, 0xFF, size_t(w.max_tiles) * kBM * 4, stream), "moe_gemm: memset sorted");
+  moe_count_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p.ids, slots, w.counts);
+  check_launch("moe_count_kernel");
+  moe_scan_kernel<<<1, 256, 0, stream>>>(w.counts, p.n_experts, w.max_tiles, w.cursor, w.tile_expert);
+  check_launch("moe_scan_kernel");
+  moe_scatter_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p.ids, slots, w.cursor, w.sorted);
+  check_launch("moe_scatter_kernel");
+
+  to_half(p.x, int64_t(p.n_tokens) * p.d, w.x16, stream);
+  MmaArgs a{};
+  a.sorted = w.sorted, a.tile_expert = w.tile_expert;
+  a.a = w.x16, a.act_div = p.k, a.cols = p.d, a.rows = p.ff;
+  a.row_bytes = layout_row_bytes(p.gate.type, p.gate.layout, p.d);
+  if (p.gate.type == p.up.type && p.gate.layout == p.up.layout && p.gate.expert_stride == p.up.expert_stride) {
+    a.w[0] = static_cast<const uint8_t*>(p.gate.base), a.w[1] = static_cast<const uint8_t*>(p.up.base);
+    a.y[0] = w.g, a.y[1] = w.u, a.expert_stride = p.gate.expert_stride;
+    mma_dispatch(p.gate.type, p.gate.layout, a, w.max_tiles, 2, stream);  // gate and up in one launch
+  } else {
+    const ExpertStack* st[2] = {&p.gate, &p.up};
+    float* out[2] = {w.g, w.u};
+    for (int i = 0; i < 2; ++i) {
+      a.w[0] = static_cast<const uint8_t*>(st[i]->base), a.y[0] = out[i], a.expert_stride = st[i]->expert_stride;
+      a.row_bytes = layout_row_bytes(st[i]->type, st[i]->layout, p.d);
+      mma_dispatch(st[i]->type, st[i]->layout, a, w.max_tiles, 1, stream);
+    }
+  }
+  const int64_t n = int64_t(slots) * p.ff;
+  swiglu_half_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(w.g, w.u, p.weights, slots, p.ff,
+                                                                     p.swiglu_clamp, w.h16);
+  check_launch("swiglu_half_kernel");
+  MmaArgs b = a;
+  b.a = w.h16, b.act_div = 1, b.cols = p.ff, b.rows = p.d;
+  b.w[0] = static_cast<const uint8_t*>(p.down.base), b.y[0] = p.y_slots, b.expert_stride = p.down.expert_stride;
+  b.row_bytes = layout_row_bytes(p.down.type, p.down.layout, p.ff);
+  mma_dispatch(p.down.type, p.down.layout, b, w.max_tiles, 1, stream);
+}
+
+}  // namespace dsv4::cuda
