@@ -2,6 +2,9 @@
 //
 //   wb_gemv [--csv FILE] [--quick]
 //
+// Single-token cases run on both GEMV kernels (kernel=1 register streaming, kernel=2 staged cp.async tiles), with a
+// sweep of the staged knobs on the MoE cases; the fused MoE decode pieces are timed against their unfused sequences.
+//
 // Measures the card first (a plain 16-byte streaming-read kernel over 2 GiB, and a 1 GiB device-to-device copy
 // counting read + write bytes), then times every case two ways: eager launches (what a non-graph decode pays,
 // launch overhead included) and a CUDA graph of the same launches (the decode-step target). Weight bytes are
@@ -23,6 +26,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
+#include "backend/cuda/moe.h"
 #include "common/error.h"
 #include "quant/quant.h"
 
@@ -149,14 +153,21 @@ struct Case {
   int n_tokens = 1;
   bool split = false;  // Q8_0 repacked to GemvLayout::Q8Split
   bool pair = false;   // two matrices (gate + up) in one launch
+  // MoE decode sequences: 1 = moe_gate_up_swiglu_cuda (fused), 2 = paired GEMV + swiglu_cuda (unfused),
+  // 3 = moe_down_sum_cuda (fused), 4 = down GEMV + moe_sum_cuda (unfused). Down (3, 4): one input per slot.
+  int fused = 0;
+};
+
+// Kernel choice and knobs passed to GemvParams (0 = default).
+struct Knobs {
+  int kernel = 0, unroll = 0, row_group = 0, cta_warps = 0, tile_rows = 0, iq2_rep = 0;
 };
 
 struct Result {
   double us_graph, us_eager, gbs, pct_read, pct_spec;
 };
 
-Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, int unroll = 0, int row_group = 0,
-                int cta_warps = 0) {
+Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, const Knobs& kn = {}) {
   const int64_t rb = row_bytes(c.type, c.cols);
   const bool moe = c.n_experts > 0;
   const int64_t mat_bytes = rb * c.rows;
@@ -177,7 +188,8 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   DeviceArray<uint8_t> w2(c.pair ? size_t(dev_stack_bytes * (moe ? 1 : copies)) : 0);
   if (c.pair) random_device_weights(c.type, w2.get(), w2.size(), 4321u);
   if (c.pair && c.split) fail("wb_gemv: paired split cases are not set up");
-  const int n_act = moe ? 1 : c.n_tokens;
+  const bool down = c.fused == 3 || c.fused == 4;
+  const int n_act = moe ? (down ? c.n_slots : 1) : c.n_tokens;
   std::vector<float> hx(size_t(n_act * c.cols));
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
@@ -191,20 +203,35 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   for (int k = 0; k < kIdSets; ++k)
     for (int j = 0; j < c.n_slots; ++j) hid.push_back(int32_t((k * c.n_slots + j) * 37 % std::max(c.n_experts, 1)));
   DeviceArray<int32_t> ids{std::span<const int32_t>(hid)};
+  const std::vector<float> hrw(size_t(c.n_slots), 0.25f);
+  DeviceArray<float> rw{std::span<const float>(hrw)};
 
   const int n_launch = moe ? kIdSets : copies;
   auto body = [&]() {
     for (int i = 0; i < n_launch; ++i) {
       GemvParams p;
       p.wtype = c.type, p.rows = c.rows, p.cols = c.cols, p.xq = xq.get(), p.n_tokens = c.n_tokens, p.y = y.get();
-      p.unroll = unroll, p.row_group = row_group, p.cta_warps = cta_warps, p.layout = layout;
+      p.unroll = kn.unroll, p.row_group = kn.row_group, p.cta_warps = kn.cta_warps, p.layout = layout;
+      p.kernel = kn.kernel, p.tile_rows = kn.tile_rows, p.iq2_rep = kn.iq2_rep;
       if (c.pair) p.w2 = w2.get() + (moe ? 0 : i * dev_stack_bytes), p.y2 = y2.get();
       p.w = w.get() + (moe ? 0 : i * dev_stack_bytes);
       if (moe) {
         p.expert_stride = dev_mat_bytes, p.expert_ids = ids.get() + i * c.n_slots, p.n_slots = c.n_slots;
-        p.act_slot_div = c.n_slots;
+        p.act_slot_div = down ? 1 : c.n_slots;
       }
-      gemv_cuda(p, s);
+      switch (c.fused) {
+        case 1: moe_gate_up_swiglu_cuda(p, rw.get() + 0, 10.0f, s); break;
+        case 2:
+          gemv_cuda(p, s);
+          swiglu_cuda(y.get(), y2.get(), rw.get(), c.n_slots, c.rows, 10.0f, y.get(), s);
+          break;
+        case 3: p.y = y2.get(), moe_down_sum_cuda(p, c.n_slots, s); break;
+        case 4:
+          gemv_cuda(p, s);
+          moe_sum_cuda(y.get(), 1, c.n_slots, c.rows, y2.get(), s);
+          break;
+        default: gemv_cuda(p, s);
+      }
     }
   };
   const float eager_ms = time_ms(s, body, 20);
@@ -218,6 +245,8 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, i
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
 
+  // Bytes a perfect kernel must move: weights, activations, outputs (fused kernels write less; counted the same
+  // so GB/s compares sequences doing the same work).
   const double bytes = (double(mat_bytes) * c.n_slots + double(y.bytes())) * (c.pair ? 2 : 1) + double(xq.bytes());
   Result r;
   r.us_graph = graph_ms * 1e3 / n_launch;
@@ -327,41 +356,74 @@ int main(int argc, char** argv) {
       cases.push_back({"split output 4096->129280", QType::Q8_0, 129280, 4096, 0, 1, 1, true});
     }
 
+    cases.push_back({"moe gate+up+swiglu FUSED 6x/256", QType::IQ2_XXS, 2048, 4096, 256, 6, 1, false, true, 1});
+    cases.push_back({"moe gate+up pair, swiglu 6x/256", QType::IQ2_XXS, 2048, 4096, 256, 6, 1, false, true, 2});
+    cases.push_back({"moe down+sum FUSED 6x/256", QType::Q2_K, 4096, 2048, 256, 6, 1, false, false, 3});
+    cases.push_back({"moe down, moe_sum 6x/256", QType::Q2_K, 4096, 2048, 256, 6, 1, false, false, 4});
+    cases.push_back({"q4 gate+up+swiglu FUSED 6x/256", QType::Q4_K, 2048, 4096, 256, 6, 1, false, true, 1});
+    cases.push_back({"q4 down+sum FUSED 6x/256", QType::Q4_K, 4096, 2048, 256, 6, 1, false, false, 3});
+    cases.push_back({"q4 down, moe_sum 6x/256", QType::Q4_K, 4096, 2048, 256, 6, 1, false, false, 4});
+
+    // Every single-token case runs on both kernels: kernel=1 (register streaming, the old path) and kernel=2
+    // (staged: cp.async tiles). Unsupported combinations print "-".
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
-    if (csv) std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,us_graph,us_eager,gbs,pct_read,pct_spec,best_u,best_r,best_w,best_us,best_gbs\n");
-    std::printf("%-32s %-8s %10s %10s %9s %7s %7s\n", "case", "type", "us(graph)", "us(eager)", "GB/s", "%read",
-                "%spec");
+    if (csv)
+      std::fprintf(csv, "card,case,type,rows,cols,slots,tokens,fused,us_stream,pct_stream,us_staged,us_staged_eager,"
+                        "gbs_staged,pct_staged,best_tile,best_r,best_w,best_rep,best_us,best_pct\n");
+    std::printf("%-34s %-8s %11s %7s %11s %11s %7s   %s\n", "case", "type", "stream us", "%read", "staged us",
+                "(eager)", "%read", "staged sweep best (tile R W rep)");
+    const auto try_case = [&](const Case& c, const Knobs& k, Result* out) {
+      try {
+        *out = run_case(c, s, read_bw, spec_bw, k);
+        return true;
+      } catch (const dsv4::Error&) {
+        return false;
+      }
+    };
     for (const Case& c : cases) {
-      const Result r = run_case(c, s, read_bw, spec_bw);
-      // Single-token cases: sweep the kernel knobs and report the best (unroll U, rows per warp R).
-      Result best = r;
-      int best_u = 0, best_r = 0, best_w = 0;
-      if (c.n_tokens == 1 && !quick)
-        for (int cw : {4, 16})
-          for (int rg : {1, 2, 4})
-            for (int u : {1, 2}) {
-              const Result v = run_case(c, s, read_bw, spec_bw, u, rg, cw);
-              if (v.us_graph < best.us_graph) best = v, best_u = u, best_r = rg, best_w = cw;
-            }
-      std::printf("%-32s %-8s %10.2f %10.2f %9.0f %6.1f%% %6.1f%%", c.name.c_str(), qtype_name(c.type).c_str(),
-                  r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec);
-      if (best_u)
-        std::printf("   best U=%d R=%d W=%d: %.2f us %.0f GB/s %.1f%%", best_u, best_r, best_w, best.us_graph, best.gbs,
-                    best.pct_read);
+      Result r1{}, r2{};
+      const bool fused_only = c.fused == 1 || c.fused == 3;
+      const bool ok1 = !fused_only && try_case(c, Knobs{1}, &r1);
+      const bool ok2 = c.n_tokens == 1 && try_case(c, Knobs{2}, &r2);
+      // Staged sweep for the MoE cases (the decode's biggest reads) and the dense single-token ones in full mode.
+      Result best = r2;
+      Knobs bk{2};
+      if (ok2 && (c.n_experts > 0 || !quick))
+        for (int tile : {0, 8, 16, 32})
+          for (int rg : {2, 4})
+            for (int cw : {4, 8})
+              for (int rep : (c.type == QType::IQ2_XXS ? std::vector<int>{8, 32} : std::vector<int>{0})) {
+                const Knobs k{2, 0, rg, cw, tile, rep};
+                Result v;
+                if (try_case(c, k, &v) && v.us_graph < best.us_graph) best = v, bk = k;
+              }
+      std::printf("%-34s %-8s", c.name.c_str(), qtype_name(c.type).c_str());
+      if (ok1) std::printf(" %11.2f %6.1f%%", r1.us_graph, r1.pct_read);
+      else std::printf(" %11s %7s", "-", "-");
+      if (ok2) std::printf(" %11.2f %11.2f %6.1f%%", r2.us_graph, r2.us_eager, r2.pct_read);
+      else std::printf(" %11s %11s %7s", "-", "-", "-");
+      if (ok2 && best.us_graph < r2.us_graph)
+        std::printf("   %.2f us %.1f%% (%d %d %d %d)", best.us_graph, best.pct_read, bk.tile_rows, bk.row_group,
+                    bk.cta_warps, bk.iq2_rep);
       std::printf("\n");
+      std::fflush(stdout);
       if (csv)
-        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%.3f,%.3f,%.1f,%.2f,%.2f,%d,%d,%d,%.3f,%.1f\n", card.c_str(),
-                     c.name.c_str(), qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols, c.n_slots,
-                     c.n_tokens, r.us_graph, r.us_eager, r.gbs, r.pct_read, r.pct_spec, best_u, best_r, best_w,
-                     best.us_graph, best.gbs);
+        std::fprintf(csv, "%s,%s,%s,%lld,%lld,%d,%d,%d,%.3f,%.2f,%.3f,%.3f,%.1f,%.2f,%d,%d,%d,%d,%.3f,%.2f\n",
+                     card.c_str(), c.name.c_str(), qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols,
+                     c.n_slots, c.n_tokens, c.fused, ok1 ? r1.us_graph : -1.0, ok1 ? r1.pct_read : -1.0,
+                     ok2 ? r2.us_graph : -1.0, ok2 ? r2.us_eager : -1.0, ok2 ? r2.gbs : -1.0,
+                     ok2 ? r2.pct_read : -1.0, bk.tile_rows, bk.row_group, bk.cta_warps, bk.iq2_rep,
+                     ok2 ? best.us_graph : -1.0, ok2 ? best.pct_read : -1.0);
     }
-    std::printf("\nprototype Q8R (Q8_0 repacked: int8 quants contiguous, f16 scales apart), graph-timed:\n");
-    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 4096}, {32768, 1024}, {4096, 8192}, {2048, 4096}}) {
-      for (int u : {2, 4}) {
-        const double us = u == 2 ? run_q8r<2>(rows, cols, s) : run_q8r<4>(rows, cols, s);
-        const double gbs = double(rows * cols + rows * cols / 16 + cols) / (us * 1e-6) / 1e9;
-        std::printf("  Q8R %6lld x %-6lld U=%d %8.2f us %6.0f GB/s %5.1f%%\n", (long long)rows, (long long)cols, u,
-                    us, gbs, 100.0 * gbs / read_bw);
+    if (!quick) {
+      std::printf("\nprototype Q8R (Q8_0 repacked: int8 quants contiguous, f16 scales apart), graph-timed:\n");
+      for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 4096}, {32768, 1024}, {4096, 8192}, {2048, 4096}}) {
+        for (int u : {2, 4}) {
+          const double us = u == 2 ? run_q8r<2>(rows, cols, s) : run_q8r<4>(rows, cols, s);
+          const double gbs = double(rows * cols + rows * cols / 16 + cols) / (us * 1e-6) / 1e9;
+          std::printf("  Q8R %6lld x %-6lld U=%d %8.2f us %6.0f GB/s %5.1f%%\n", (long long)rows, (long long)cols, u,
+                      us, gbs, 100.0 * gbs / read_bw);
+        }
       }
     }
     if (csv) std::fclose(csv);

@@ -14,6 +14,7 @@
 #include "backend/cuda/gemv.h"
 
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 
 #include <algorithm>
 #include <cstddef>
@@ -443,6 +444,277 @@ void launch_tokens(const GemvParams& p, cudaStream_t stream) {
   }
 }
 
+// ---- the staged kernel (single token per slot) -------------------------------------------------------------------
+// Why: a decode GEMV reads 5-30 MB, which takes only 1-7 us at full bandwidth, so the DRAM pipe must be full from
+// the first microsecond. The register-streaming kernel above keeps a few KiB per warp in flight and walks each row
+// in dependent steps; here each CTA issues cp.async copies of its whole tile of rows (tens of KiB) at once, so one
+// wave of CTAs has most of the matrix requested before any arithmetic, then decodes from shared memory. The tile is
+// split into kStages commit groups so the first half is decoded while the second is still arriving.
+//
+// A CTA covers rows [r0, r0 + tile_rows) of `segs` row spans ("segments") that its epilogue combines:
+//   Store:  1 segment  (slot or, for a paired launch, slot of w2), y[slot][r] = dot
+//   Swiglu: 2 segments (gate and up of one slot), y[slot][r] = swiglu(g, u) * route_w[slot]
+//   Sum:    k segments (the k slots of token t), y[t][r] += sum_j dot_j (j in order)
+// Work unit = one (segment, row) dot; a warp takes R units that share an activation row (R consecutive rows of
+// one segment, or gate+up of the same rows), so one activation load feeds R rows.
+constexpr int kStages = 2;
+constexpr int kStagedMaxSegs = 16;
+enum class Epi : int { Store, Swiglu, Sum };
+
+struct StagedArgs {
+  GemvParams p;
+  int64_t row_bytes = 0, act_row_bytes = 0;
+  int tile_rows = 0, segs = 1, iq2_rep = 1;
+  int table_bytes = 0;  // shared-memory bytes of the IQ2_XXS table (0 for other types)
+  const float* route_w = nullptr;
+  float clamp = 0.0f;
+};
+
+// IQ2_XXS grid as byte-permute selectors: entry i holds, in nibble k, the code (0, 1, 2) of grid byte k (each grid
+// byte is one of 8, 25, 43), and __byte_perm(0x002B1908, 0, sel) expands 4 nibbles back to 4 magnitude bytes. A
+// 4-byte entry (vs 8) halves the shared-memory words touched; `rep` interleaved copies (entry i of copy c at word
+// i * rep + c, lane l reading copy l % rep) spread a warp's 32 random lookups over the banks: with rep = 32 every
+// lane owns a bank and a lookup instruction is one conflict-free wavefront.
+__device__ __forceinline__ void fill_iq2_selectors(uint32_t* tab, int rep_shift) {
+  const int n = 256 << rep_shift;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint64_t g = iq2xxs_grid[i >> rep_shift];
+    uint32_t sel = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t b = uint32_t(g >> (8 * k)) & 0xFFu;
+      sel |= (b == 0x08u ? 0u : (b == 0x19u ? 1u : 2u)) << (4 * k);
+    }
+    tab[i] = sel;
+  }
+}
+
+struct TraitsIQ2Staged : TraitsIQ2_XXS {
+  __device__ static W load_sel(const uint8_t* blk, int g, const uint32_t* tab, int rep_shift, int copy) {
+    const uint8_t* q = blk + 2 + 8 * g;
+    const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
+    W w;
+    w.d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t sel = tab[(((a0 >> (8 * k)) & 255u) << rep_shift) + copy];
+      const uint32_t code = (a1 >> (7 * k)) & 127u;
+      const uint32_t sg = code | ((__popc(code) & 1u) << 7);
+      const uint32_t mlo = sign_bytes(sg & 15u), mhi = sign_bytes(sg >> 4);
+      w.v[2 * k] = int(__vsub4(__byte_perm(0x002B1908u, 0u, sel) ^ mlo, mlo));
+      w.v[2 * k + 1] = int(__vsub4(__byte_perm(0x002B1908u, 0u, sel >> 16) ^ mhi, mhi));
+    }
+    w.ls = int(2 * (a1 >> 28) + 1);
+    return w;
+  }
+};
+
+// R dots of rows (shared memory) with one activation row (global, L1-resident): acc[r] += row_r . act.
+template <class T, int R>
+__device__ __forceinline__ void staged_dots(const uint8_t* (&rows)[R], const uint8_t* act, int64_t cols,
+                                            const uint32_t* tab, int rep_shift, float (&acc)[R]) {
+  const int lane = threadIdx.x & 31;
+  if constexpr (kIsSplit<T>) {
+    const int64_t nb = cols / T::kBlockElems;
+    for (int64_t b = lane; b < nb; b += 32) {
+      typename T::W w[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) w[r] = T::load_split(rows[r], b, cols);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += T::dot_split(w[r], act, b, cols);
+    }
+  } else {
+    constexpr int kStep = 32 / T::kTpb;
+    const int sub = lane % T::kTpb;
+    const int copy = lane & ((1 << rep_shift) - 1);
+    const int64_t nb = cols / T::kBlockElems;
+    for (int64_t b = lane / T::kTpb; b < nb; b += kStep) {
+      typename T::W w[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if constexpr (std::is_same_v<T, TraitsIQ2Staged>)
+          w[r] = T::load_sel(rows[r] + b * T::kBlockBytes, sub, tab, rep_shift, copy);
+        else
+          w[r] = T::load(rows[r] + b * T::kBlockBytes, sub, nullptr);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += T::dot(w[r], act + b * T::kActBlockBytes, sub);
+    }
+  }
+}
+
+template <class T, Epi E, int R>
+__global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(StagedArgs a) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ const uint8_t* seg_w[kStagedMaxSegs];
+  __shared__ const uint8_t* seg_act[kStagedMaxSegs];
+  const GemvParams& p = a.p;
+  uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
+  uint8_t* tile = smem + a.table_bytes;
+  float* res = reinterpret_cast<float*>(tile + int64_t(a.segs) * a.tile_rows * a.row_bytes);
+  const int64_t r0 = int64_t(blockIdx.x) * a.tile_rows;
+  const int n_valid = int(std::min<int64_t>(a.tile_rows, p.rows - r0));
+
+  // Segment -> weight rows and activation row.
+  const int yb = int(blockIdx.y);
+  int out_slot = yb;  // Store/Swiglu: the slot written; Sum: the token
+  if (threadIdx.x < a.segs) {
+    const int s = int(threadIdx.x);
+    int slot = yb;
+    const void* mat = p.w;
+    if constexpr (E == Epi::Store) {
+      if (yb >= p.n_slots) slot = yb - p.n_slots, mat = p.w2;
+    } else if constexpr (E == Epi::Swiglu) {
+      if (s == 1) mat = p.w2;
+    } else {
+      slot = yb * a.segs + s;
+    }
+    const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
+    seg_w[s] = static_cast<const uint8_t*>(mat) + expert * p.expert_stride + r0 * a.row_bytes;
+    seg_act[s] = static_cast<const uint8_t*>(p.xq) + int64_t(slot / p.act_slot_div) * a.act_row_bytes;
+  }
+  __syncthreads();
+
+  // Issue every copy of the tile (kStages commit groups), then build the lookup table while they fly.
+  const int rows_per_stage = a.tile_rows / kStages;
+  const int64_t chunks_per_row = a.row_bytes / 16;
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) {
+    const int first = st * rows_per_stage;
+    const int n_rows = std::max(0, std::min(rows_per_stage, n_valid - first));
+    const int64_t per_seg = int64_t(n_rows) * chunks_per_row;
+    for (int64_t i = threadIdx.x; i < per_seg * a.segs; i += blockDim.x) {
+      const int s = int(i / per_seg);
+      const int64_t off = (int64_t(first) * chunks_per_row + i % per_seg) * 16;
+      __pipeline_memcpy_async(tile + (int64_t(s) * a.tile_rows) * a.row_bytes + off, seg_w[s] + off, 16);
+    }
+    __pipeline_commit();
+  }
+  int rep_shift = 0;
+  if constexpr (std::is_same_v<T, TraitsIQ2Staged>) {
+    rep_shift = __ffs(a.iq2_rep) - 1;
+    fill_iq2_selectors(tab, rep_shift);
+  }
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+  const int units = rows_per_stage * a.segs;  // per stage; a multiple of R (launcher)
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) {
+    if (st == 0) __pipeline_wait_prior(kStages - 1);
+    else __pipeline_wait_prior(0);
+    __syncthreads();
+    for (int item = warp; item * R < units; item += n_warps) {
+      const uint8_t* rows[R];
+      int seg[R], row[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int u = item * R + r;
+        if constexpr (E == Epi::Sum) seg[r] = u / rows_per_stage, row[r] = st * rows_per_stage + u % rows_per_stage;
+        else seg[r] = u % a.segs, row[r] = st * rows_per_stage + u / a.segs;
+        rows[r] = tile + (int64_t(seg[r]) * a.tile_rows + row[r]) * a.row_bytes;
+      }
+      float acc[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+      staged_dots<T, R>(rows, seg_act[seg[0]], p.cols, tab, rep_shift, acc);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        acc[r] = warp_sum(acc[r]);
+        if (lane == 0) res[seg[r] * a.tile_rows + row[r]] = acc[r];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_valid; i += blockDim.x) {
+    const int64_t r = r0 + i;
+    if constexpr (E == Epi::Store) {
+      float* y = yb >= p.n_slots ? p.y2 : p.y;
+      y[int64_t(yb % p.n_slots) * p.rows + r] = res[i];
+    } else if constexpr (E == Epi::Swiglu) {
+      // Same operations and roundings as swiglu_kernel (moe.cu) and the CPU backend.
+      const float gc = fminf(res[i], a.clamp);
+      const float uc = fmaxf(fminf(res[a.tile_rows + i], a.clamp), -a.clamp);
+      const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
+      p.y[int64_t(out_slot) * p.rows + r] = a.route_w ? __fmul_rn(h, a.route_w[out_slot]) : h;
+    } else {
+      float s = 0.0f;
+      for (int j = 0; j < a.segs; ++j) s += res[j * a.tile_rows + i];
+      p.y[int64_t(out_slot) * p.rows + r] += s;
+    }
+  }
+}
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev), "SM count");
+    return v;
+  }();
+  return n;
+}
+
+template <class T, Epi E, int R>
+void launch_staged_r(StagedArgs a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  static size_t smem_set = 48 << 10;  // the default limit; larger tiles opt in once per instantiation
+  if (smem > smem_set) {
+    check(cudaFuncSetAttribute(gemv_staged_kernel<T, E, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "gemv_staged_kernel smem");
+    smem_set = smem;
+  }
+  gemv_staged_kernel<T, E, R><<<grid, threads, smem, stream>>>(a);
+  check_launch("gemv_staged_kernel");
+}
+
+template <class T, Epi E>
+void launch_staged(const GemvParams& p, int segs, const float* route_w, float clamp, cudaStream_t stream) {
+  StagedArgs a;
+  a.p = p, a.segs = segs, a.route_w = route_w, a.clamp = clamp;
+  a.row_bytes = weight_row_bytes<T>(p.cols);
+  a.act_row_bytes = act_row_bytes_of<T>(p.cols);
+  const int R = p.row_group == 4 ? 4 : 2;
+  const int quantum = kStages * R;  // tile rows: whole R-groups in every stage
+  const int ys = E == Epi::Store ? p.n_slots * (p.w2 ? 2 : 1) : (E == Epi::Swiglu ? p.n_slots : p.n_slots / segs);
+  if (p.tile_rows > 0) {
+    a.tile_rows = (p.tile_rows + quantum - 1) / quantum * quantum;
+  } else {
+    // Aim for ~4 CTAs per SM over the whole launch (one wave, everything requested up front), with tiles of
+    // 8-40 KiB: smaller tiles waste the per-CTA setup, larger ones leave SMs idle at the tail.
+    const int64_t total = a.row_bytes * p.rows * segs * ys;
+    const int64_t target = std::clamp<int64_t>(total / (int64_t(sm_count()) * 4), 8 << 10, 40 << 10);
+    const int64_t tr = target / (a.row_bytes * segs) / quantum * quantum;
+    a.tile_rows = int(std::max<int64_t>(quantum, tr));
+  }
+  a.tile_rows = int(std::min<int64_t>(a.tile_rows, (p.rows + quantum - 1) / quantum * quantum));
+  if constexpr (std::is_same_v<T, TraitsIQ2Staged>) {
+    a.iq2_rep = p.iq2_rep ? p.iq2_rep : 32;
+    a.table_bytes = 256 * 4 * a.iq2_rep;
+  }
+  const size_t smem = size_t(a.table_bytes) + size_t(segs) * a.tile_rows * a.row_bytes +
+                      size_t(segs) * a.tile_rows * sizeof(float);
+  if (smem > (200u << 10))
+    fail("gemv_cuda: staged tile of %d rows x %d segments needs %zu bytes of shared memory", a.tile_rows, segs, smem);
+  const int threads = 32 * (p.cta_warps ? p.cta_warps : 8);
+  const dim3 grid(unsigned((p.rows + a.tile_rows - 1) / a.tile_rows), unsigned(ys));
+  if (R == 4) launch_staged_r<T, E, 4>(a, grid, threads, smem, stream);
+  else launch_staged_r<T, E, 2>(a, grid, threads, smem, stream);
+}
+
+template <Epi E>
+void dispatch_staged(const GemvParams& p, int segs, const float* route_w, float clamp, cudaStream_t stream) {
+  switch (p.wtype) {
+    case QType::Q8_0:
+      if (p.layout == GemvLayout::Q8Split) return launch_staged<TraitsQ8Split, E>(p, segs, route_w, clamp, stream);
+      return launch_staged<TraitsQ8_0, E>(p, segs, route_w, clamp, stream);
+    case QType::Q2_K: return launch_staged<TraitsQ2_K, E>(p, segs, route_w, clamp, stream);
+    case QType::Q4_K: return launch_staged<TraitsQ4_K, E>(p, segs, route_w, clamp, stream);
+    case QType::IQ2_XXS: return launch_staged<TraitsIQ2Staged, E>(p, segs, route_w, clamp, stream);
+    case QType::F16: return launch_staged<TraitsF16, E>(p, segs, route_w, clamp, stream);
+    case QType::F32: return launch_staged<TraitsF32, E>(p, segs, route_w, clamp, stream);
+    default: fail("gemv_cuda: no staged kernel for %s", qtype_name(p.wtype).c_str());
+  }
+}
+
 // ---- activation quantization -------------------------------------------------------------------------------------
 // Q8_0: one warp per 32-value block (one value per lane). Same rule as quant_q8_0 on the CPU: d = amax/127 in
 // f32, q = roundf(x / d) computed as x * (1/d), d stored as f16.
@@ -537,21 +809,79 @@ bool gemv_supports(QType wtype) {
          wtype == QType::F16 || wtype == QType::F32;
 }
 
+namespace {
+
+// Row bytes of p's device layout (the staged kernel copies whole rows in 16-byte pieces).
+int64_t device_row_bytes_of(const GemvParams& p) {
+  return p.layout == GemvLayout::Q8Split ? q8_split_row_bytes(p.cols) : row_bytes(p.wtype, p.cols);
+}
+
+void check_common(const GemvParams& p, const char* who) {
+  if (!gemv_supports(p.wtype)) fail("%s: weight type %s not supported", who, qtype_name(p.wtype).c_str());
+  if (p.rows <= 0 || p.cols <= 0 || p.cols % block_elems(p.wtype) != 0 ||
+      (p.wtype == QType::F16 && p.cols % 8 != 0) || (p.wtype == QType::F32 && p.cols % 4 != 0))
+    fail("%s: bad shape %lld x %lld for %s", who, (long long)p.rows, (long long)p.cols, qtype_name(p.wtype).c_str());
+  if (p.w2 && !p.y2) fail("%s: a paired launch (w2) needs y2", who);
+  if (p.n_slots < 1 || p.n_slots * (p.w2 ? 2 : 1) > 65535 || p.act_slot_div < 1 || p.n_tokens < 1)
+    fail("%s: bad slots=%d act_slot_div=%d n_tokens=%d", who, p.n_slots, p.act_slot_div, p.n_tokens);
+  if (p.layout == GemvLayout::Q8Split && (p.wtype != QType::Q8_0 || !q8_split_supported(p.cols)))
+    fail("%s: the split layout needs Q8_0 weights and cols %% 256 == 0 (got %s, %lld)", who,
+         qtype_name(p.wtype).c_str(), (long long)p.cols);
+  if (p.cta_warps != 0 && (p.cta_warps > kMaxWarpsPerCta || (p.cta_warps & (p.cta_warps - 1)) != 0))
+    fail("%s: cta_warps=%d must be a power of two <= %d", who, p.cta_warps, kMaxWarpsPerCta);
+  if (p.expert_ids && p.n_tokens != 1) fail("%s: the MoE variant takes one token per slot", who);
+  if (p.kernel < 0 || p.kernel > 2) fail("%s: kernel=%d (0 auto, 1 streaming, 2 staged)", who, p.kernel);
+  if (p.iq2_rep != 0 && (p.iq2_rep > 32 || (p.iq2_rep & (p.iq2_rep - 1)) != 0))
+    fail("%s: iq2_rep=%d must be a power of two <= 32", who, p.iq2_rep);
+  if (p.tile_rows < 0 || p.tile_rows > 4096) fail("%s: tile_rows=%d outside [0, 4096]", who, p.tile_rows);
+}
+
+}  // namespace
+
+bool gemv_staged_supported(const GemvParams& p) {
+  if (!gemv_supports(p.wtype) || p.n_tokens != 1 || p.cols <= 0) return false;
+  if (p.layout == GemvLayout::Q8Split && (p.wtype != QType::Q8_0 || !q8_split_supported(p.cols))) return false;
+  const int64_t rb = device_row_bytes_of(p);
+  // The smallest tile (kStages x 4 rows, for 4 rows per warp) must fit in shared memory with room to spare:
+  // very long rows (HC's 16384-wide F16) are left to the streaming kernel, which splits a row across warps.
+  if (int64_t(kStages) * 4 * rb > (128 << 10)) return false;
+  const auto misaligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) != 0; };
+  return rb % 16 == 0 && p.expert_stride % 16 == 0 && !misaligned(p.w) && !(p.w2 && misaligned(p.w2));
+}
+
+void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float clamp, cudaStream_t stream) {
+  check_common(p, "moe_gate_up_swiglu_cuda");
+  if (!p.w2) fail("moe_gate_up_swiglu_cuda: needs the up stack in w2");
+  if (!gemv_staged_supported(p))
+    fail("moe_gate_up_swiglu_cuda: layout not supported by the staged kernel (%s, %lld cols, 16-byte rows needed)",
+         qtype_name(p.wtype).c_str(), (long long)p.cols);
+  GemvParams q = p;
+  q.y2 = nullptr;
+  dispatch_staged<Epi::Swiglu>(q, 2, route_w, clamp, stream);
+}
+
+void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
+  check_common(p, "moe_down_sum_cuda");
+  if (p.w2) fail("moe_down_sum_cuda: no paired launch");
+  if (k < 1 || k > kStagedMaxSegs || p.n_slots % k != 0)
+    fail("moe_down_sum_cuda: k=%d must be in [1, %d] and divide n_slots=%d", k, kStagedMaxSegs, p.n_slots);
+  if (!gemv_staged_supported(p))
+    fail("moe_down_sum_cuda: layout not supported by the staged kernel (%s, %lld cols, 16-byte rows needed)",
+         qtype_name(p.wtype).c_str(), (long long)p.cols);
+  dispatch_staged<Epi::Sum>(p, k, nullptr, 0.0f, stream);
+}
+
 void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
-  if (!gemv_supports(p_in.wtype)) fail("gemv_cuda: weight type %s not supported", qtype_name(p_in.wtype).c_str());
-  if (p_in.rows <= 0 || p_in.cols <= 0 || p_in.cols % block_elems(p_in.wtype) != 0 ||
-      (p_in.wtype == QType::F16 && p_in.cols % 8 != 0) || (p_in.wtype == QType::F32 && p_in.cols % 4 != 0))
-    fail("gemv_cuda: bad shape %lld x %lld for %s", (long long)p_in.rows, (long long)p_in.cols,
-         qtype_name(p_in.wtype).c_str());
-  if (p_in.w2 && !p_in.y2) fail("gemv_cuda: a paired launch (w2) needs y2");
-  if (p_in.n_slots < 1 || p_in.n_slots * (p_in.w2 ? 2 : 1) > 65535 || p_in.act_slot_div < 1 || p_in.n_tokens < 1)
-    fail("gemv_cuda: bad slots=%d act_slot_div=%d n_tokens=%d", p_in.n_slots, p_in.act_slot_div, p_in.n_tokens);
-  if (p_in.layout == GemvLayout::Q8Split && (p_in.wtype != QType::Q8_0 || !q8_split_supported(p_in.cols)))
-    fail("gemv_cuda: the split layout needs Q8_0 weights and cols %% 256 == 0 (got %s, %lld)",
-         qtype_name(p_in.wtype).c_str(), (long long)p_in.cols);
-  if (p_in.cta_warps != 0 && (p_in.cta_warps > kMaxWarpsPerCta || (p_in.cta_warps & (p_in.cta_warps - 1)) != 0))
-    fail("gemv_cuda: cta_warps=%d must be a power of two <= %d", p_in.cta_warps, kMaxWarpsPerCta);
-  if (p_in.expert_ids && p_in.n_tokens != 1) fail("gemv_cuda: the MoE variant takes one token per slot");
+  check_common(p_in, "gemv_cuda");
+  // Single-token launches: the staged kernel where the policy (or the caller) picks it. Policy from the H200/H100
+  // workbench runs (docs/cuda.md): routed-expert stacks.
+  if (p_in.n_tokens == 1 && p_in.kernel != 1 && gemv_staged_supported(p_in) &&
+      (p_in.kernel == 2 || p_in.expert_ids != nullptr)) {
+    dispatch_staged<Epi::Store>(p_in, 1, nullptr, 0.0f, stream);
+    return;
+  }
+  if (p_in.kernel == 2) fail("gemv_cuda: kernel=2 (staged) does not support this launch (see gemv_staged_supported)");
+
   // Batches beyond kGemvMaxTokens run as several launches of up to 8 tokens (dense only).
   for (int t0 = 0; t0 < p_in.n_tokens; t0 += kGemvMaxTokens) {
     GemvParams p = p_in;

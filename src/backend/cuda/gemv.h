@@ -70,8 +70,34 @@ struct GemvParams {
   int unroll = 0;
   int row_group = 0;
   int cta_warps = 0;
+  // Kernel choice for single-token launches: 0 = the policy in gemv_cuda, 1 = the register-streaming kernel
+  // above, 2 = the staged kernel (each CTA copies a tile of whole rows into shared memory with cp.async, every
+  // row's bytes issued up front, then decodes from shared memory; needs gemv_staged_supported). Staged knobs
+  // (0 = default): tile_rows = rows per CTA tile, iq2_rep = copies of the IQ2_XXS grid table in shared memory
+  // (1..32, power of two: 32 copies make every lane's lookup hit its own bank). The staged kernel uses
+  // row_group (2 or 4) as rows per warp sharing one activation load and cta_warps as warps per CTA.
+  int kernel = 0;
+  int tile_rows = 0;
+  int iq2_rep = 0;
 };
 void gemv_cuda(const GemvParams& p, cudaStream_t stream);
+
+// Whether the staged kernel can run p: one token per slot (or a dense single token), Ggml or Q8Split layout,
+// every row span 16-byte aligned (weight pointers, expert_stride and the device row length multiples of 16).
+bool gemv_staged_supported(const GemvParams& p);
+
+// Fused MoE decode pieces (staged kernel with an epilogue; same per-row dot products as gemv_cuda kernel 2, so
+// the outputs equal the unfused sequence bit for bit). Both need gemv_staged_supported(p).
+//
+// gate + up + clamped SwiGLU * route weight in one launch: p.w = gate stack, p.w2 = up stack (same type, shape,
+// layout), expert_ids / n_slots / act_slot_div / xq as for gemv_cuda, p.y = h [n_slots][rows] with
+//   h[s][r] = silu(min(g, clamp)) * clamp(u, -clamp, clamp) * route_w[s]   (route_w may be null: weight 1),
+// g = gate_{ids[s]} row r . x, u = up_{ids[s]} row r . x, rounded as swiglu_cuda (moe.h). p.y2 is unused.
+void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float clamp, cudaStream_t stream);
+// down projection + in-order sum over each token's k slots in one launch: slots s = t*k + j (n_slots = T*k,
+// act_slot_div = 1: each slot has its own input row of xq), p.y = [T][rows] accumulated:
+//   y[t][r] += sum_{j<k} down_{ids[t*k+j]} row r . xq[t*k+j]   (summed in j order first, then added: moe_sum_cuda)
+void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream);
 
 // Quantizes n_rows rows of `cols` floats into activation_type(wtype) rows of gpu_activation_bytes(wtype, cols)
 // bytes each (for F16/F32 weights it copies the floats). Values are bit-identical to quantize_activation();
