@@ -258,9 +258,21 @@ void prefill_indexer(int64_t pos0, int T, std::vector<Row>& rows) {
   DeviceArray<float> scratch(size_t(std::max<int64_t>(1, indexer_scratch_floats(L)))), scores(size_t(T) * n_keys);
   double flop = 0;
   for (int t = 0; t < T; ++t) flop += 2.0 * HI * DI * double((pos0 + t + 1) / 4);
-  const double us_scores = time_prefill_us([&] { indexer_scores_cuda(L, scores.get(), n_keys, nullptr); });
+  IndexerLaunch Lc = L;
+  Lc.impl = IndexerImpl::CudaCore;
+  const double us_fp32 = time_prefill_us([&] { indexer_scores_cuda(Lc, scores.get(), n_keys, nullptr); });
+  std::vector<float> a = scores.download();
+  IndexerLaunch Lt = L;
+  Lt.impl = IndexerImpl::TensorCore;
+  const double us_tc = time_prefill_us([&] { indexer_scores_cuda(Lt, scores.get(), n_keys, nullptr); });
+  std::vector<float> b = scores.download();
+  double d = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::isfinite(a[i])) d = std::max(d, double(std::fabs(a[i] - b[i]))), m = std::max(m, double(std::fabs(a[i])));
+  std::printf("  check indexer T=%d ctx=%lld: max |tc - fp32| = %.3g (max |score| %.3g)\n", T, (long long)(pos0 + T), d, m);
   const double us_all = time_prefill_us([&] { indexer_select_cuda(L, scratch.get(), nullptr); });
-  rows.push_back({"indexer_scores_prefill_T" + std::to_string(T), pos0 + T, flop, us_scores, us_scores});
+  rows.push_back({"indexer_scores_prefill_T" + std::to_string(T) + "_fp32", pos0 + T, flop, us_fp32, us_fp32});
+  rows.push_back({"indexer_scores_prefill_T" + std::to_string(T) + "_tc", pos0 + T, flop, us_tc, us_tc});
   rows.push_back({"indexer_select_prefill_T" + std::to_string(T), pos0 + T, flop, us_all, us_all});
 }
 

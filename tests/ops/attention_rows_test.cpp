@@ -2,6 +2,7 @@
 // row finishing (norm + RoPE + QAT), the streaming compressor (main ratio 4 with overlap, HCA ratio 128, the
 // indexer's 128-dim compressor) and the lightning indexer (64 heads x 128 dims, top-k 512, contexts 1k..64k).
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -242,18 +243,25 @@ TEST(CudaAttentionRows, CompressorRejectsOverflow) {
 }
 
 // Indexer: scores vs cpu::indexer_score, then the selection vs indexer_top_k on the CPU scores.
-void indexer_case(int64_t pos0, int T) {
-  constexpr int HI = 64, dI = 128, K = 512;
+// impl: the scores kernel; HI < 64 exercises the tensor-core kernel's head padding; tie_rows > 0 makes every
+// key row i with i % 3 != 0 a copy of row 1 (thousands of exactly equal scores: the k-th place falls inside a
+// tie unless row 0's class wins, and the selection must then take the lowest rows, exactly as the CPU).
+void indexer_case(int64_t pos0, int T, cuda::IndexerImpl impl = cuda::IndexerImpl::Auto, int HI = 64,
+                  bool ties = false) {
+  constexpr int dI = 128, K = 512;
   const int64_t n_keys = (pos0 + T) / 4;
   const auto q = test::random_normal(size_t(T) * HI * dI, uint64_t(pos0 + 1));
   const auto w = test::random_normal(size_t(T) * HI, uint64_t(pos0 + 2));
-  const auto keys = test::random_normal(size_t(std::max<int64_t>(n_keys, 1)) * dI, uint64_t(pos0 + 3));
+  auto keys = test::random_normal(size_t(std::max<int64_t>(n_keys, 1)) * dI, uint64_t(pos0 + 3));
+  if (ties)
+    for (int64_t i = 2; i < n_keys; ++i)
+      if (i % 3 != 0) std::copy_n(keys.begin() + dI, dI, keys.begin() + i * dI);
   const float wscale = float(1.0 / std::sqrt(double(dI) * HI));
   auto d_q = upload(q), d_w = upload(w), d_k = upload(keys);
   DeviceArray<int32_t> d_sel{size_t(T) * K}, d_cnt{size_t(T)};
   cuda::IndexerLaunch L;
   L.q = d_q.get(), L.w = d_w.get(), L.weight_scale = wscale, L.keys = d_k.get(), L.T = T, L.HI = HI, L.dI = dI;
-  L.pos0 = pos0, L.ratio = 4, L.k = K, L.sel = d_sel.get(), L.count = d_cnt.get();
+  L.pos0 = pos0, L.ratio = 4, L.k = K, L.sel = d_sel.get(), L.count = d_cnt.get(), L.impl = impl;
   DeviceArray<float> scratch(size_t(std::max<int64_t>(1, cuda::indexer_scratch_floats(L))));
   DeviceArray<float> d_scores(size_t(T) * std::max<int64_t>(n_keys, 1));
   cuda::indexer_scores_cuda(L, d_scores.get(), n_keys, nullptr);
@@ -296,6 +304,19 @@ void indexer_case(int64_t pos0, int T) {
       }
     }
     EXPECT_LE(swapped, 2) << "pos0=" << pos0 << " t=" << t;
+    if (ties) {  // the tie class {1} u {i >= 2, i % 3 != 0}: the selected members are its lowest rows
+      std::vector<int32_t> members, chosen;
+      for (int64_t i = 1; i < vis; ++i)
+        if (i == 1 || i % 3 != 0) members.push_back(int32_t(i));
+      for (int i = 0; i < n; ++i) {
+        const int32_t r = sel[size_t(t) * K + i];
+        if (r == 1 || (r >= 2 && r % 3 != 0)) chosen.push_back(r);
+      }
+      ASSERT_LE(chosen.size(), members.size());
+      EXPECT_TRUE(std::equal(chosen.begin(), chosen.end(), members.begin())) << "tie rows not the lowest";
+      std::printf("  ties pos0=%lld t=%d: %zu of %zu tied rows selected\n", (long long)pos0, t, chosen.size(),
+                  members.size());
+    }
   }
 }
 
@@ -309,6 +330,19 @@ TEST(CudaAttentionRows, IndexerPrefill) {
   indexer_case(0, 40);       // rows appear one per 4 tokens, all fit in k
   indexer_case(2030, 40);    // crosses the point where visible rows exceed k = 512
   indexer_case(8000, 16);
+}
+
+// Both score kernels forced on prefill and decode shapes, head padding, and exact ties in the selection.
+TEST(CudaAttentionRows, IndexerKernelsAndTies) {
+  DSV4_REQUIRE_CUDA();
+  constexpr auto kCore = cuda::IndexerImpl::CudaCore, kTc = cuda::IndexerImpl::TensorCore;
+  indexer_case(2030, 40, kCore);
+  indexer_case(8000, 16, kCore);
+  indexer_case(8191, 1, kTc);
+  indexer_case(65535, 1, kTc);
+  indexer_case(3000, 24, kTc, 24);
+  indexer_case(8191, 1, kCore, 64, true);
+  indexer_case(8188, 4, kTc, 64, true);
 }
 
 }  // namespace

@@ -4,8 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include <cuda_fp16.h>
-
+#include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "common/error.h"
@@ -189,6 +188,7 @@ __global__ void sink_attn_combine_kernel(SinkAttnLaunch p, int n_split, const fl
 
 // ---- tensor-core path (SinkAttnImpl::TensorCore; numerics in attention.h) ---------------------------------
 namespace tc {
+using namespace tcore;
 
 constexpr int kDh = 512;
 constexpr int kHeads = 64;                // query rows of a CTA: the heads of one token (zero-padded)
@@ -203,51 +203,6 @@ constexpr int kSStride = kRows + 1;       // floats
 constexpr size_t kSmemBytes = sizeof(__half) * (2 * kHeads * kQStride + 2 * kRows * kQStride +
                                                 2 * kHeads * kPStride) +
                               sizeof(float) * (kHeads * kSStride + 3 * kHeads);
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-// c += a * b, m16n8k16, fp16 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// hi*hi + lo*hi + hi*lo: the product of two hi/lo-split operands to ~2^-22 relative.
-__device__ __forceinline__ void mma3(float (&c)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], uint32_t bh0,
-                                     uint32_t bh1, uint32_t bl0, uint32_t bl1) {
-  mma(c, ah, bh0, bh1);
-  mma(c, al, bh0, bh1);
-  mma(c, ah, bl0, bl1);
-}
-
-__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-// x = hi + lo with hi = fp16(x) and lo = fp16(x - hi) (x - hi is exact in fp32).
-__device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
-  const __half2 h = __floats2half2_rn(a, b);
-  const float2 f = __half22float2(h);
-  hi = h2_bits(h);
-  lo = h2_bits(__floats2half2_rn(a - f.x, b - f.y));
-}
-__device__ __forceinline__ void store_split4(float4 v, __half* hi, __half* lo) {
-  uint2 h, l;
-  split2(v.x, v.y, h.x, l.x);
-  split2(v.z, v.w, h.y, l.y);
-  *reinterpret_cast<uint2*>(hi) = h;
-  *reinterpret_cast<uint2*>(lo) = l;
-}
 
 // grid (T, ceil(H / 64)), kThreads threads, kSmemBytes of shared memory. Per 32-row tile:
 //   load    rows (window / compressed, gathered) -> fp16 hi/lo in shared memory
@@ -303,44 +258,50 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
     __syncthreads();  // Q staged / previous tile's values and probabilities consumed
     {
       const int col = tid % kDh4, r0 = tid / kDh4;  // 2 rows per pass of 256 threads
+      float4 v[kRows / 2];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float4 v[8];
+      for (int j = 0; j < kRows / 2; ++j) {  // all loads issued before any conversion: one latency per tile
+        const int rr = r0 + 2 * j, i = base + rr;
+        v[j] = i < n_rows ? __ldg(row_ptr(p, t, tr, i) + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {  // all loads of the batch issued before any conversion
-          const int rr = r0 + 2 * (8 * half + j), i = base + rr;
-          v[j] = i < n_rows ? __ldg(row_ptr(p, t, tr, i) + col) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int rr = r0 + 2 * (8 * half + j);
-          store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
-        }
+      for (int j = 0; j < kRows / 2; ++j) {
+        const int rr = r0 + 2 * j;
+        store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
       }
     }
     __syncthreads();
     {  // scores: 16 heads x 16 rows per warp, k = 512
-      float sc[2][4] = {};
+      // Four accumulator sets (hi*hi / the two lo terms, even / odd k steps) keep the dependent mma chains a
+      // quarter as long: the phase is latency-bound with only 8 warps per SM.
+      float sh[2][2][4] = {}, sx[2][2][4] = {};
 #pragma unroll 4
       for (int k0 = 0; k0 < kDh; k0 += 16) {
+        const int par = (k0 >> 4) & 1;
         uint32_t ah[4], al[4], bh[4], bl[4];
         ldsm_x4(ah, qh_a + 2 * k0);
         ldsm_x4(al, ql_a + 2 * k0);
         ldsm_x4(bh, kh_b + 2 * k0);
         ldsm_x4(bl, kl_b + 2 * k0);
-        mma3(sc[0], ah, al, bh[0], bh[1], bl[0], bl[1]);
-        mma3(sc[1], ah, al, bh[2], bh[3], bl[2], bl[3]);
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          mma(sh[par][n], ah, bh[2 * n], bh[2 * n + 1]);
+          mma(sx[par][n], al, bh[2 * n], bh[2 * n + 1]);
+          mma(sx[par][n], ah, bl[2 * n], bl[2 * n + 1]);
+        }
       }
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 16 * mt + g + 8 * (e >> 1), c = 16 * wq + 8 * n + 2 * c4 + (e & 1);
-          s_sc[r * kSStride + c] = base + c < n_rows ? p.scale * sc[n][e] : -INFINITY;
+          const float dot = (sh[0][n][e] + sh[1][n][e]) + (sx[0][n][e] + sx[1][n][e]);
+          s_sc[r * kSStride + c] = base + c < n_rows ? p.scale * dot : -INFINITY;
         }
     }
     __syncthreads();
     // Online softmax, head r = 8 * warp + i, lane = row of the tile (the tile has >= 1 valid row).
+#pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int r = 8 * warp + i;
       const float s = s_sc[r * kSStride + lane];

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/select.h"
@@ -55,23 +56,203 @@ __global__ void __launch_bounds__(kThreads) indexer_score_kernel(IndexerLaunch p
   }
 }
 
-// One block per token: the top-k winners (value order) -> ascending row order, or all rows when they fit.
-__global__ void indexer_finish_kernel(IndexerLaunch p, const int32_t* top, int k_top) {
-  const int t = blockIdx.x;
+// ---- tensor-core scores (IndexerImpl::TensorCore; see indexer.h) ---------------------------------------------
+namespace itc {
+using namespace tcore;
+
+constexpr int kD = 128, kHeads = 64, kKeys = 64, kThreads = 256;
+constexpr int kStride = kD + 8;  // halves: 272-byte rows start 16 bytes apart mod 128, so ldmatrix is conflict-free
+constexpr size_t kSmemBytes = sizeof(__half) * 4 * kHeads * kStride + sizeof(float) * (4 * kKeys + kHeads);
+
+// grid (CTAs per token, T). Warp w: heads 16(w%4)..+15 x keys 32(w/4)..+31 of each 64-key tile.
+__global__ void __launch_bounds__(kThreads) indexer_score_tc_kernel(IndexerLaunch p, float* scores, int64_t n_cols) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* qh = reinterpret_cast<__half*>(smem_raw);
+  __half* ql = qh + kHeads * kStride;
+  __half* kh = ql + kHeads * kStride;
+  __half* kl = kh + kKeys * kStride;
+  float* part = reinterpret_cast<float*>(kl + kKeys * kStride);  // [4 head tiles][64 keys]
+  float* ws = part + 4 * kKeys;
+  const int t = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, c4 = lane & 3, mt = warp & 3, nq = warp >> 2;
   const int64_t n_vis = (p.pos0 + t + 1) / p.ratio;
-  int32_t* sel = p.sel + int64_t(t) * p.k;
-  if (n_vis <= p.k) {
-    for (int i = threadIdx.x; i < n_vis; i += blockDim.x) sel[i] = i;
-  } else {
-    const int32_t* tt = top + int64_t(t) * k_top;
-    for (int i = threadIdx.x; i < k_top; i += blockDim.x) {
-      const int32_t v = tt[i];
-      int rank = 0;
-      for (int j = 0; j < k_top; ++j) rank += tt[j] < v;
-      sel[rank] = v;
+  constexpr int kD4 = kD / 4;
+
+  const float4* q4 = reinterpret_cast<const float4*>(p.q) + int64_t(t) * p.HI * kD4;
+  for (int i = tid; i < kHeads * kD4; i += kThreads) {
+    const int r = i / kD4, c = i % kD4;
+    const float4 v = r < p.HI ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);  // padded heads: q = 0, weight 0
+    store_split4(v, qh + r * kStride + 4 * c, ql + r * kStride + 4 * c);
+  }
+  if (tid < kHeads) ws[tid] = tid < p.HI ? p.w[int64_t(t) * p.HI + tid] * p.weight_scale : 0.0f;
+
+  const int a_row = 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1), a_col = 8 * (lane >> 4);
+  const uint32_t qh_a = smem_u32(qh + a_row * kStride + a_col), ql_a = smem_u32(ql + a_row * kStride + a_col);
+  const int b_row = 32 * nq + (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
+  const uint32_t kh_b = smem_u32(kh + b_row * kStride + b_col), kl_b = smem_u32(kl + b_row * kStride + b_col);
+
+  const int64_t n_tiles = (n_cols + kKeys - 1) / kKeys;
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const int64_t k0 = tile * kKeys;
+    if (k0 >= n_vis) {  // nothing visible in this tile (uniform over the CTA): only the -inf padding
+      for (int i = tid; i < kKeys; i += kThreads)
+        if (k0 + i < n_cols) scores[int64_t(t) * n_cols + k0 + i] = -INFINITY;
+      continue;
+    }
+    __syncthreads();  // q staged / previous tile's keys and partial sums consumed
+    {
+      float4 v[kKeys * kD4 / kThreads];
+#pragma unroll
+      for (int j = 0; j < kKeys * kD4 / kThreads; ++j) {
+        const int i = tid + j * kThreads, r = i / kD4, c = i % kD4;
+        v[j] = k0 + r < n_vis ? __ldg(reinterpret_cast<const float4*>(p.keys + (k0 + r) * kD) + c)
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int j = 0; j < kKeys * kD4 / kThreads; ++j) {
+        const int i = tid + j * kThreads, r = i / kD4, c = i % kD4;
+        store_split4(v[j], kh + r * kStride + 4 * c, kl + r * kStride + 4 * c);
+      }
+    }
+    __syncthreads();
+    float acc[4][4] = {};
+#pragma unroll
+    for (int d0 = 0; d0 < kD; d0 += 16) {
+      uint32_t ah[4], al[4], bh0[4], bl0[4], bh1[4], bl1[4];
+      ldsm_x4(ah, qh_a + 2 * d0);
+      ldsm_x4(al, ql_a + 2 * d0);
+      ldsm_x4(bh0, kh_b + 2 * d0);
+      ldsm_x4(bl0, kl_b + 2 * d0);
+      ldsm_x4(bh1, kh_b + 2 * (16 * kStride + d0));
+      ldsm_x4(bl1, kl_b + 2 * (16 * kStride + d0));
+      mma3(acc[0], ah, al, bh0[0], bh0[1], bl0[0], bl0[1]);
+      mma3(acc[1], ah, al, bh0[2], bh0[3], bl0[2], bl0[3]);
+      mma3(acc[2], ah, al, bh1[0], bh1[1], bl1[0], bl1[1]);
+      mma3(acc[3], ah, al, bh1[2], bh1[3], bl1[2], bl1[3]);
+    }
+    // w_h * ReLU(dot), summed over this warp's 16 heads: rows g and g + 8 in the lane, then over g by shuffles.
+    const float w0 = ws[16 * mt + g], w1 = ws[16 * mt + g + 8];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = w0 * fmaxf(acc[n][e], 0.0f) + w1 * fmaxf(acc[n][e + 2], 0.0f);
+        v += __shfl_xor_sync(kFullMask, v, 4);
+        v += __shfl_xor_sync(kFullMask, v, 8);
+        v += __shfl_xor_sync(kFullMask, v, 16);
+        if (g == 0) part[mt * kKeys + 32 * nq + 8 * n + 2 * c4 + e] = v;
+      }
+    }
+    __syncthreads();
+    if (tid < kKeys && k0 + tid < n_cols) {
+      const float sc = (part[tid] + part[kKeys + tid]) + (part[2 * kKeys + tid] + part[3 * kKeys + tid]);
+      scores[int64_t(t) * n_cols + k0 + tid] = k0 + tid < n_vis ? sc : -INFINITY;
     }
   }
-  if (threadIdx.x == 0 && p.count) p.count[t] = int32_t(n_vis < p.k ? n_vis : p.k);
+}
+
+}  // namespace itc
+
+// ---- selection: radix select of the k-th score + one ordered pass (ascending rows, ties to the lower row) ----
+constexpr int kSelThreads = 1024;
+
+__device__ __forceinline__ uint32_t order_key(float f) {  // order-preserving: larger float -> larger key
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// One block per token. scores: [T, n_cols] with the token's visible rows first.
+__global__ void __launch_bounds__(kSelThreads) indexer_topk_kernel(IndexerLaunch p, const float* scores,
+                                                                    int64_t n_cols) {
+  __shared__ unsigned hist[256];
+  __shared__ int warp_gt[32], warp_eq[32];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_remaining;
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t n_vis = (p.pos0 + t + 1) / p.ratio;
+  int32_t* sel = p.sel + int64_t(t) * p.k;
+  if (tid == 0 && p.count) p.count[t] = int32_t(n_vis < p.k ? n_vis : p.k);
+  if (n_vis <= p.k) {  // every visible row (no scores were computed for such a call)
+    for (int i = tid; i < n_vis; i += kSelThreads) sel[i] = i;
+    return;
+  }
+  const float* s = scores + int64_t(t) * n_cols;
+  const int n = int(n_vis);
+
+  // Radix select, 8 bits per pass from the top: s_prefix ends as the k-th largest key, s_remaining as the
+  // number of rows equal to it that belong to the top k.
+  if (tid == 0) s_prefix = 0, s_remaining = p.k;
+  uint32_t mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = tid; b < 256; b += kSelThreads) hist[b] = 0;
+    __syncthreads();
+    const uint32_t prefix = s_prefix;
+    for (int base = 0; base < n; base += kSelThreads) {  // uniform trip count: the warp collectives below
+      const int i = base + tid;
+      const uint32_t key = i < n ? order_key(s[i]) : 0u;
+      const bool active = i < n && (key & mask) == prefix;
+      const unsigned bin = (key >> shift) & 255u;
+      const unsigned act = __ballot_sync(kFullMask, active);
+      if (active) {  // scores cluster in a few bins: one atomic per distinct bin of the warp
+        const unsigned peers = __match_any_sync(act, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], unsigned(__popc(peers)));
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {  // find the bin holding the k-th largest: lane l owns bins 8l..8l+7
+      const int remaining = s_remaining;
+      int own = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) own += int(hist[8 * lane + b]);
+      int incl = own;  // rows in bins of lanes >= lane
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int x = __shfl_down_sync(kFullMask, incl, o);
+        if (lane + o < 32) incl += x;
+      }
+      const int above = incl - own;
+      if (above < remaining && remaining <= incl) {
+        int cum = above;
+        for (int b = 8 * lane + 7; b >= 8 * lane; --b) {
+          if (cum + int(hist[b]) >= remaining) {
+            s_prefix = prefix | (uint32_t(b) << shift);
+            s_remaining = remaining - cum;
+            break;
+          }
+          cum += int(hist[b]);
+        }
+      }
+    }
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  const uint32_t thr = s_prefix;
+  const int need_eq = s_remaining;
+
+  // Ordered pass: keep key > thr, and key == thr while fewer than need_eq equal rows came before.
+  const unsigned lt = (1u << lane) - 1u;
+  int take_base = 0, eq_base = 0;  // identical in every thread
+  for (int base = 0; base < n && take_base < p.k; base += kSelThreads) {
+    const int i = base + tid;
+    const uint32_t key = i < n ? order_key(s[i]) : 0u;
+    const bool gt = i < n && key > thr, eq = i < n && key == thr;
+    const unsigned bg = __ballot_sync(kFullMask, gt), be = __ballot_sync(kFullMask, eq);
+    if (lane == 0) warp_gt[warp] = __popc(bg), warp_eq[warp] = __popc(be);
+    __syncthreads();
+    int my_take = 0, my_eq = 0;
+    int e_run = eq_base, t_run = take_base;
+    for (int w = 0; w < kSelThreads / 32; ++w) {
+      if (w == warp) my_take = t_run, my_eq = e_run;
+      const int ew = warp_eq[w];
+      t_run += warp_gt[w] + max(0, min(ew, need_eq - e_run));
+      e_run += ew;
+    }
+    take_base = t_run, eq_base = e_run;
+    const bool take = gt || (eq && my_eq + __popc(be & lt) < need_eq);
+    const unsigned bt = __ballot_sync(kFullMask, take);
+    if (take) sel[my_take + __popc(bt & lt)] = i;
+    __syncthreads();  // warp_gt / warp_eq are rewritten by the next pass
+  }
 }
 
 size_t smem_bytes(int HI, int dI) {
@@ -84,6 +265,17 @@ void validate(const IndexerLaunch& p) {
          kMaxIdxDim, kMaxQFloats);
   if (p.ratio <= 0 || p.k <= 0 || p.k > kTopkMax)
     fail("indexer_cuda: ratio %d / k %d out of range (k <= %d)", p.ratio, p.k, kTopkMax);
+  if (p.impl != IndexerImpl::Auto && p.impl != IndexerImpl::CudaCore && p.impl != IndexerImpl::TensorCore)
+    fail("indexer_cuda: unknown impl %d", int(p.impl));
+}
+
+bool use_tensor_cores(const IndexerLaunch& p) {
+  const bool fits = p.dI == itc::kD && p.HI <= itc::kHeads;
+  if (p.impl == IndexerImpl::TensorCore) {
+    if (!fits) fail("indexer_cuda: the tensor-core kernel needs dI == %d and HI <= %d", itc::kD, itc::kHeads);
+    return true;
+  }
+  return p.impl == IndexerImpl::Auto && fits && p.T >= kIndexerTcMinTokens;
 }
 
 }  // namespace
@@ -91,6 +283,22 @@ void validate(const IndexerLaunch& p) {
 void indexer_scores_cuda(const IndexerLaunch& p, float* scores, int64_t n_cols, cudaStream_t stream) {
   validate(p);
   if (p.T == 0 || n_cols <= 0) return;
+  if (use_tensor_cores(p)) {
+    static const bool attr_set = [] {  // opt-in above 48 KiB of dynamic shared memory, once per process
+      check(cudaFuncSetAttribute(itc::indexer_score_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(itc::kSmemBytes)),
+            "cudaFuncSetAttribute(indexer_score_tc_kernel)");
+      return true;
+    }();
+    (void)attr_set;
+    // ~8 CTAs per SM in all (3 fit at once); each stages its token's queries once and loops over key tiles.
+    const int64_t n_tiles = (n_cols + itc::kKeys - 1) / itc::kKeys;
+    const int64_t per_token = std::max<int64_t>(1, std::min<int64_t>(n_tiles, 1056 / std::max(1, p.T)));
+    const dim3 grid(unsigned(per_token), unsigned(p.T));
+    itc::indexer_score_tc_kernel<<<grid, itc::kThreads, itc::kSmemBytes, stream>>>(p, scores, n_cols);
+    check_launch("indexer_score_tc_kernel");
+    return;
+  }
   const int64_t n_tiles = (n_cols + kKeys - 1) / kKeys;
   // ~4 waves of CTAs in total; each CTA stages the token's queries once and loops over its tiles.
   const int64_t per_token = std::max<int64_t>(1, std::min<int64_t>(n_tiles, 528 / std::max(1, p.T)));
@@ -110,32 +318,19 @@ int64_t indexer_scratch_floats(const IndexerLaunch& p) {
   validate(p);
   const int64_t n = indexer_max_visible(p);
   if (n <= p.k) return 0;
-  return int64_t(p.T) * (n + p.k);
+  return int64_t(p.T) * n;
 }
 
 void indexer_select_cuda(const IndexerLaunch& p, float* scratch, cudaStream_t stream) {
   validate(p);
   if (p.T == 0) return;
   const int64_t n = indexer_max_visible(p);
-  const int32_t* top = nullptr;
-  int k_top = 0;
   if (n > p.k) {
     if (!scratch) fail("indexer_select_cuda: %lld visible rows > k=%d need scratch", (long long)n, p.k);
-    float* scores = scratch;
-    auto* idx = reinterpret_cast<int32_t*>(scratch + int64_t(p.T) * n);
-    indexer_scores_cuda(p, scores, n, stream);
-    TopkParams tp;
-    tp.scores = scores;
-    tp.rows = p.T;
-    tp.n = n;
-    tp.k = p.k;
-    tp.indices = idx;
-    topk_cuda(tp, stream);
-    top = idx;
-    k_top = p.k;
+    indexer_scores_cuda(p, scratch, n, stream);
   }
-  indexer_finish_kernel<<<unsigned(p.T), 256, 0, stream>>>(p, top, k_top);
-  check_launch("indexer_finish_kernel");
+  indexer_topk_kernel<<<unsigned(p.T), kSelThreads, 0, stream>>>(p, scratch, n);
+  check_launch("indexer_topk_kernel");
 }
 
 }  // namespace dsv4::cuda

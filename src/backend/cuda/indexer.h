@@ -2,11 +2,20 @@
 // indexer key, score(i) = sum_h w_h * ReLU(q_h . k_i), and select the top-k rows in ascending row order.
 // CPU twins: dsv4::cpu::indexer_score and dsv4::indexer_top_k. All pointers are device pointers.
 //
-// Scores: a CTA stages 32 keys (transposed, padded: conflict-free) and the token's queries in shared memory;
-// thread (key, head group) accumulates 8 heads' weighted ReLU dots, a fixed-order sum over groups finishes.
-// Selection: topk_cuda (select.h: radix select, ties toward the lower row, as the CPU) over the token's row
-// range (rows beyond a token's visible count score -inf), then the winners are sorted ascending by rank
-// counting. With every visible row fitting in k, no scoring happens (all rows, as the CPU).
+// Scores, two kernels (IndexerImpl):
+//   CudaCore   a CTA stages 32 keys (transposed, padded: conflict-free) and the token's queries in shared
+//              memory; thread (key, head group) accumulates 8 heads' weighted ReLU dots in fp32, a fixed-order
+//              sum over groups finishes. Decode (T < kIndexerTcMinTokens).
+//   TensorCore prefill, dI == 128, HI <= 64: a CTA owns one token; each tile of 64 keys is a [64 heads x 128] x
+//              [128 x 64 keys] mma.sync m16n8k16 GEMM on hi/lo-split fp16 operands (hi*hi + hi*lo + lo*hi, fp32
+//              accumulation: ~2^-22 relative per product, as the sink attention's tensor-core path), then ReLU,
+//              the head weights and the sum over heads in fp32 (shuffles within a 16-head tile, a fixed-order
+//              sum over the 4 tiles). Needs |q|, |k| < 65504 (fp16 range).
+// Selection: one 1024-thread block per token: 8-bit radix select of the k-th largest score (order-preserving
+// integer keys, warp-aggregated histograms) over the token's visible rows, then one ordered pass that keeps
+// rows above the threshold and the lowest-index rows equal to it (ties toward the lower row, as the CPU), so
+// the selection comes out ascending with no sort. With every visible row fitting in k, no scoring happens
+// (all rows, as the CPU).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,6 +23,9 @@
 #include <cstdint>
 
 namespace dsv4::cuda {
+
+enum class IndexerImpl : int { Auto = 0, CudaCore = 1, TensorCore = 2 };
+inline constexpr int kIndexerTcMinTokens = 4;
 
 struct IndexerLaunch {
   const float* q = nullptr;     // [T, HI, dI] queries after RoPE / QAT
@@ -26,11 +38,12 @@ struct IndexerLaunch {
   int k = 0;                    // top-k (512 for Flash)
   int32_t* sel = nullptr;       // [T, k] selected rows, ascending; entries past count are unspecified
   int32_t* count = nullptr;     // optional [T]: min(k, visible rows) (the host also knows it)
+  IndexerImpl impl = IndexerImpl::Auto;  // scores kernel; Auto: TensorCore when dI == 128 and T >= 4
 };
 
 // Visible rows of the last token: the width of the score matrix.
 inline int64_t indexer_max_visible(const IndexerLaunch& p) { return (p.pos0 + p.T) / p.ratio; }
-// Scratch floats a call needs (scores [T, n] and top-k indices [T, k]); 0 when every row fits in k.
+// Scratch floats a call needs (scores [T, n]); 0 when every row fits in k.
 int64_t indexer_scratch_floats(const IndexerLaunch& p);
 void indexer_select_cuda(const IndexerLaunch& p, float* scratch, cudaStream_t stream);
 
