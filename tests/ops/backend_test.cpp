@@ -11,6 +11,8 @@
 // 2e-5 for hc_pre/hc_head/moe_ffn outputs, 1e-6 absolute on routing weights (values ~0.25). Expert ids must be
 // identical (random logits have no near-ties at the 1e-6 level).
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -247,6 +249,50 @@ TEST(CudaBackend, MoeRouteAndFfn) {
     return get<float>(be, y, size_t(T) * D);
   };
   expect_close(ffn(*b.gpu), ffn(*b.cpu), 2e-5, "moe_ffn");
+  // One token: the fused decode launches (gate+up+SwiGLU, down+slot sum, shared gate+up+SwiGLU).
+  auto ffn1 = [&](Backend& be) {
+    const std::vector<float> x1(x.begin(), x.begin() + D);
+    const std::vector<int32_t> i1(c.ids.begin(), c.ids.begin() + k);
+    const std::vector<float> w1(c.wts.begin(), c.wts.begin() + k);
+    auto bx = put(be, x1), bi = put(be, i1), bw = put(be, w1);
+    DeviceBuffer y = be.alloc(size_t(D) * 4);
+    be.moe_ffn(m.w, m.p, bx.f32(), bi.i32(), bw.f32(), 1, y.f32());
+    return get<float>(be, y, size_t(D));
+  };
+  expect_close(ffn1(*b.gpu), ffn1(*b.cpu), 2e-5, "moe_ffn, one token");
+}
+
+// Prefill sizes (T >= gemm_min_tokens): dense matmuls and the routed experts run on the tensor-core GEMMs, which
+// round activations to FP16 where the CPU rounds them to 8 bits (Q8_0 / Q8_K: relative steps up to 1/254 of a
+// block's max), so the two differ by the CPU's rounding, ~2e-3..5e-3 relative L2: bound 2e-2. A wrong row, expert
+// or slot order gives O(1). With DSV4_CUDA_GEMM=0 the same sizes run on the GEMVs and match at 2e-5.
+TEST(CudaBackend, PrefillSizesOnGemmAndGemv) {
+  DSV4_REQUIRE_CUDA();
+  const int T = 24, k = 6;
+  const MoeCase m = moe_case(32, k, 2048);
+  const Tensor q = make_tensor(QType::Q8_0, D, 512, 1, 71, 0.05f, "attn_q_a");
+  const auto x = test::random_normal(size_t(T) * D, 72);
+  std::vector<int32_t> tokens(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) tokens[size_t(t)] = t;
+  auto cpu = make_cpu_backend();
+  const Route r = run_route(*cpu, m, x, tokens);
+  auto ffn = [&](Backend& be) {
+    auto bx = put(be, x), bi = put(be, r.ids), bw = put(be, r.wts);
+    DeviceBuffer y = be.alloc(size_t(T) * D * 4);
+    be.moe_ffn(m.w, m.p, bx.f32(), bi.i32(), bw.f32(), T, y.f32());
+    return get<float>(be, y, size_t(T) * D);
+  };
+  const auto yc = ffn(*cpu), mc = run_matmul(*cpu, q.view, -1, x, T);
+  for (bool gemm : {true, false}) {
+    if (!gemm) setenv("DSV4_CUDA_GEMM", "0", 1);
+    auto gpu = make_cuda_backend();
+    unsetenv("DSV4_CUDA_GEMM");
+    const double tol = gemm ? 2e-2 : 2e-5;
+    const double e_ffn = test::rel_l2(ffn(*gpu), yc), e_mm = test::rel_l2(run_matmul(*gpu, q.view, -1, x, T), mc);
+    std::printf("T=%d %s: moe_ffn rel-L2 %.2e, Q8_0 matmul rel-L2 %.2e\n", T, gemm ? "GEMM" : "GEMV", e_ffn, e_mm);
+    EXPECT_LE(e_ffn, tol) << (gemm ? "GEMM" : "GEMV");
+    EXPECT_LE(e_mm, tol) << (gemm ? "GEMM" : "GEMV");
+  }
 }
 
 // Hash layers: expert ids are the token's tid2eid row, looked up on the device from device token ids; the

@@ -14,6 +14,7 @@
 #include "backend/cuda/attention_ops.h"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/device_ops.h"
+#include "backend/cuda/gemm.h"
 #include "backend/cuda/gemv.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/moe.h"
@@ -96,7 +97,7 @@ class CudaBackend final : public Backend {
   // ---- general ops -----------------------------------------------------------------------------------------
   void embed(const WeightView& e, const int32_t* tokens, int T, int n, float* X) override;
   void rms_norm(const float* x, const WeightView* w, int T, int64_t dim, float eps, float* y) override {
-    Scope sc(*prof_, "rms_norm");
+    Scope sc(*prof_, "rms_norm", T);
     cuda::RmsNormParams p;
     p.x = x, p.y = y, p.rows = T, p.n = int(dim), p.eps = eps;
     p.w = (w && w->present()) ? f32_weight(*w) : nullptr;
@@ -104,14 +105,14 @@ class CudaBackend final : public Backend {
     wrote(y, size_t(T) * dim * sizeof(float));
   }
   void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
-    Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string());
+    Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string(), T);
     dmatmul(w, expert, x, T, y, nullptr, nullptr, /*cacheable=*/true);
     wrote(y, size_t(T) * w.ne[1] * sizeof(float));
   }
   void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
               float* comb) override;
   void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {
-    Scope sc(*prof_, "hc_post");
+    Scope sc(*prof_, "hc_post", T);
     check_hc(p);
     cuda::hc_post_cuda(X, y, post, comb, T, p.d, stream_);
     wrote(X, size_t(T) * 4 * p.d * sizeof(float));
@@ -163,6 +164,7 @@ class CudaBackend final : public Backend {
     const WeightKey key{w.data, w.n_bytes, uint32_t(w.type), uint32_t(layout)};
     auto it = weights_.find(key);
     if (it != weights_.end()) return it->second.get();
+    prof_->discard_open();  // this call times the upload, not the op
     DeviceArray<uint8_t> d(w.n_bytes);
     cuda::check(cudaMemcpyAsync(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice, stream_), w.name);
     if (layout != GemvLayout::Ggml) {
@@ -221,6 +223,28 @@ class CudaBackend final : public Backend {
     for (ActEntry& e : act_) e.x = nullptr;
   }
 
+  // Prefill GEMMs (gemm.h) for T >= gemm_min_tokens on the types/layouts they take; DSV4_CUDA_GEMM=0 keeps every
+  // product on the GEMV kernels (A/B checks: the GEMMs round activations to FP16, the GEMVs to Q8 like the CPU).
+  bool use_gemm(QType wtype, GemvLayout layout, int T, int64_t cols) const {
+    return gemm_enabled_ && T >= cuda::gemm_min_tokens(wtype) && cuda::gemm_supports(wtype, layout) && cols % 64 == 0;
+  }
+  void* workspace(size_t bytes) {
+    if (bytes == 0) return nullptr;
+    if (gemm_ws_.size() < bytes) gemm_ws_ = DeviceArray<uint8_t>(std::max(bytes, gemm_ws_.size() * 3 / 2));
+    return gemm_ws_.get();
+  }
+  void moe_routed(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
+                  int T, bool fused_down);
+  cuda::GemvParams expert_launch(const WeightView& w, const WeightView* w2, const int32_t* ids, int n_slots,
+                                 int act_div, const void* xq, float* y) {
+    cuda::GemvParams g;
+    g.wtype = w.type, g.layout = layout_for(w), g.w = weight(w), g.rows = w.ne[1], g.cols = w.ne[0];
+    g.expert_stride = w.ne[1] * device_row_bytes(w);
+    g.expert_ids = ids, g.n_slots = n_slots, g.act_slot_div = act_div, g.xq = xq, g.y = y;
+    if (w2) g.w2 = weight(*w2);
+    return g;
+  }
+
   // ---- GEMV helpers (device pointers) ----------------------------------------------------------------------
   void dmatmul(const WeightView& w, int expert, const float* x, int T, float* y, const WeightView* w2 = nullptr,
                float* y2 = nullptr, bool cacheable = false);
@@ -245,6 +269,7 @@ class CudaBackend final : public Backend {
   std::map<int, DeviceArray<int32_t>> group_ids_;
   std::vector<DeviceArray<float>> scratch_;
   std::array<ActEntry, 3> act_;
+  DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
   std::unique_ptr<Backend> host_ = make_cpu_backend();  // BF16 matmuls and DSV4_CUDA_ATTENTION=cpu
   // DSV4_CUDA_ATTENTION=cpu: the attention ops run the CPU implementation on staged copies (A/B checks of the
@@ -252,6 +277,10 @@ class CudaBackend final : public Backend {
   const bool cpu_attention_ = [] {
     const char* e = std::getenv("DSV4_CUDA_ATTENTION");
     return e && std::strcmp(e, "cpu") == 0;
+  }();
+  const bool gemm_enabled_ = [] {
+    const char* e = std::getenv("DSV4_CUDA_GEMM");
+    return !(e && std::strcmp(e, "0") == 0);
   }();
 };
 
@@ -263,6 +292,7 @@ const int32_t* CudaBackend::hash_table(const WeightView& t, int n_experts, int k
   auto it = hash_tables_.find(t.data);
   if (it != hash_tables_.end()) return it->second.get();
   if (!t.present()) fail("cuda backend: tensor '%s' is not bound", t.name);
+  prof_->discard_open();
   if (t.type != QType::I32 || t.ne[0] != k || size_t(t.ne[0] * t.ne[1]) * sizeof(int32_t) > t.n_bytes)
     fail("moe_route: tensor '%s' must be I32 [%d, vocab], is %s [%lld, %lld]", t.name, k, qtype_name(t.type).c_str(),
          (long long)t.ne[0], (long long)t.ne[1]);
@@ -314,10 +344,21 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   if (expert >= 0 && (w.n_dims < 3 || expert >= w.ne[2])) fail("matmul: tensor '%s' has no expert %d", w.name, expert);
   if (!cuda::gemv_supports(w.type)) return matmul_on_host(w, expert, x, T, y);
   const GemvLayout layout = layout_for(w);
+  const size_t off = expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w));
+  if (use_gemm(w.type, layout, T, cols)) {  // prefill: tensor cores, weights read once per tile of tokens
+    cuda::GemmParams gp;
+    gp.wtype = w.type, gp.layout = layout, gp.w = weight(w) + off, gp.rows = rows, gp.cols = cols, gp.x = x;
+    gp.n_tokens = T, gp.y = y;
+    cuda::gemm_cuda(gp, workspace(cuda::gemm_workspace_bytes(gp)), stream_);
+    if (w2) {
+      gp.w = weight(*w2) + off, gp.y = y2;
+      cuda::gemm_cuda(gp, workspace(cuda::gemm_workspace_bytes(gp)), stream_);
+    }
+    return;
+  }
   cuda::GemvParams g;
   g.wtype = w.type, g.layout = layout, g.rows = rows, g.cols = cols, g.n_tokens = T, g.y = y;
   g.xq = activations(w.type, layout, x, T, cols, cacheable);
-  const size_t off = expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w));
   g.w = weight(w) + off;
   if (w2) g.w2 = weight(*w2) + off, g.y2 = y2;
   cuda::gemv_cuda(g, stream_);
@@ -354,7 +395,7 @@ void CudaBackend::dmatmul_experts(const WeightView& w, const int32_t* ids, int n
 // ---- general ops ------------------------------------------------------------------------------------------
 
 void CudaBackend::embed(const WeightView& e, const int32_t* tokens, int T, int n, float* X) {
-  Scope sc(*prof_, "embed");
+  Scope sc(*prof_, "embed", T);
   const int64_t D = e.ne[0], V = e.ne[1];
   wrote(X, size_t(T) * n * D * sizeof(float));
   if (cuda::embed_supports(e.type)) {
@@ -377,7 +418,7 @@ void CudaBackend::embed(const WeightView& e, const int32_t* tokens, int T, int n
 
 void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
                          float* comb) {
-  Scope sc(*prof_, "hc_pre");
+  Scope sc(*prof_, "hc_pre", T);
   check_hc(p);
   const int64_t nd = int64_t(p.n) * p.d;
   float* mix = buffer(0, size_t(T) * cuda::kHcMix);
@@ -396,7 +437,7 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
 }
 
 void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) {
-  Scope sc(*prof_, "hc_head");
+  Scope sc(*prof_, "hc_head", T);
   check_hc(p);
   const int64_t nd = int64_t(p.n) * p.d;
   float* mix = buffer(0, size_t(T) * 4);
@@ -411,7 +452,7 @@ void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float
 
 void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
                             int32_t* ids, float* weights) {
-  Scope sc(*prof_, p.hash ? "moe_route (hash)" : "moe_route");
+  Scope sc(*prof_, p.hash ? "moe_route (hash)" : "moe_route", T);
   const int E = p.n_experts, k = p.n_used;
   float* z = buffer(0, size_t(T) * E);
   dmatmul(w.gate_inp, -1, x, T, z);
@@ -422,33 +463,84 @@ void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float
   wrote(weights, size_t(T) * k * sizeof(float));
 }
 
+// Routed experts for T tokens (slots s = t*k + j). Writes g = SwiGLU(gate, up) * route weight [n_slots, F] (scratch
+// 0) and, unless fused_down, the per-slot down outputs ye [n_slots, D] (scratch 2) for moe_sum. Prefill: the
+// grouped-by-expert tensor-core GEMM (gemm.h). Decode: fused gate+up+SwiGLU in one staged launch where it applies
+// (gemv.h), else paired gate/up GEMV + swiglu, then down as one MoE-mode launch.
+void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
+                             const float* weights, int T, bool fused_down) {
+  const int k = p.n_used, n_slots = T * k;
+  const int64_t D = p.d, F = p.ff;
+  float* g = buffer(0, size_t(n_slots) * F);
+  float* ye = fused_down ? nullptr : buffer(2, size_t(n_slots) * D);
+  const GemvLayout lg = layout_for(w.gate_exps), lu = layout_for(w.up_exps), ld = layout_for(w.down_exps);
+  if (!fused_down && use_gemm(w.gate_exps.type, lg, T, D) && cuda::gemm_supports(w.up_exps.type, lu) &&
+      cuda::gemm_supports(w.down_exps.type, ld) && F % 64 == 0) {
+    cuda::MoeGemmParams mp;
+    const WeightView* st[3] = {&w.gate_exps, &w.up_exps, &w.down_exps};
+    cuda::ExpertStack* es[3] = {&mp.gate, &mp.up, &mp.down};
+    for (int i = 0; i < 3; ++i)
+      es[i]->type = st[i]->type, es[i]->layout = layout_for(*st[i]), es[i]->base = weight(*st[i]),
+      es[i]->expert_stride = st[i]->ne[1] * device_row_bytes(*st[i]);
+    mp.d = D, mp.ff = F, mp.n_experts = p.n_experts, mp.k = k, mp.ids = ids, mp.weights = weights, mp.x = x;
+    mp.n_tokens = T, mp.swiglu_clamp = p.swiglu_clamp, mp.y_slots = ye;
+    cuda::moe_gemm_cuda(mp, workspace(cuda::moe_gemm_workspace_bytes(mp)), stream_);
+    return;
+  }
+  const bool pair = w.up_exps.type == w.gate_exps.type && w.up_exps.ne[0] == D && w.up_exps.ne[1] == F;
+  cuda::GemvParams gu = expert_launch(w.gate_exps, pair ? &w.up_exps : nullptr, ids, n_slots, k, nullptr, g);
+  if (pair && n_slots <= kMaxSlotsPerLaunch && cuda::gemv_staged_supported(gu)) {
+    gu.xq = activations(w.gate_exps.type, lg, x, T, D, false);
+    cuda::moe_gate_up_swiglu_cuda(gu, weights, p.swiglu_clamp, stream_);
+  } else {
+    float* u = buffer(1, size_t(n_slots) * F);
+    dmatmul_experts(w.gate_exps, ids, n_slots, k, x, g, &w.up_exps, u);  // gate + up: one launch when pairable
+    cuda::swiglu_cuda(g, u, weights, n_slots, F, p.swiglu_clamp, g, stream_);
+  }
+  if (!fused_down) dmatmul_experts(w.down_exps, ids, n_slots, 1, g, ye);
+}
+
 // Expert ids come from moe_route on the device and are not checked here (the CPU oracle validates them).
+// y = shared expert, then += the routed outputs summed in selection order (the CPU's order): either the fused
+// down-projection + slot sum launch (decode), or per-slot outputs and moe_sum.
 void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
                           const float* weights, int T, float* y) {
-  Scope sc(*prof_, "moe_ffn");
-  const int k = p.n_used;
+  Scope sc(*prof_, "moe_ffn", T);
+  const int k = p.n_used, n_slots = T * k;
   const int64_t D = p.d, F = p.ff;
-  const int n_slots = T * k;
-  float* g = buffer(0, size_t(n_slots) * F);
-  float* u = buffer(1, size_t(n_slots) * F);
-  float* ye = buffer(2, size_t(n_slots) * D);
+  cuda::GemvParams down = expert_launch(w.down_exps, nullptr, ids, n_slots, 1, nullptr, y);
+  const bool fused_down = n_slots <= kMaxSlotsPerLaunch && k <= 8 &&
+                          !use_gemm(w.gate_exps.type, layout_for(w.gate_exps), T, D) &&
+                          cuda::gemv_staged_supported(down);
   {
-    // Routed: gate/up share the token's input (act row = slot / k), down has one input per slot.
-    Scope part(*prof_, "moe_ffn.routed");
-    dmatmul_experts(w.gate_exps, ids, n_slots, k, x, g, &w.up_exps, u);  // gate + up: one launch
-    cuda::swiglu_cuda(g, u, weights, n_slots, F, p.swiglu_clamp, g, stream_);
-    dmatmul_experts(w.down_exps, ids, n_slots, 1, g, ye);
+    Scope part(*prof_, "moe_ffn.routed", T);
+    moe_routed(w, p, x, ids, weights, T, fused_down);
   }
   {
-    // Shared expert into y, then the routed outputs added in selection order (the CPU's order).
-    Scope part(*prof_, "moe_ffn.shared");
+    Scope part(*prof_, "moe_ffn.shared", T);
     float* gs = buffer(3, size_t(T) * F);
-    float* us = buffer(4, size_t(T) * F);
-    dmatmul(w.gate_shexp, -1, x, T, gs, &w.up_shexp, us);
-    cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
+    cuda::GemvParams sh;
+    sh.wtype = w.gate_shexp.type, sh.layout = layout_for(w.gate_shexp), sh.rows = F, sh.cols = D, sh.y = gs;
+    const bool fuse_shared = T == 1 && w.up_shexp.type == w.gate_shexp.type && w.up_shexp.ne[0] == D &&
+                             w.up_shexp.ne[1] == F && w.gate_shexp.ne[1] == F && cuda::gemv_supports(sh.wtype);
+    if (fuse_shared) sh.w = weight(w.gate_shexp), sh.w2 = weight(w.up_shexp);
+    if (fuse_shared && cuda::gemv_staged_supported(sh)) {  // gate + up + SwiGLU: one launch
+      sh.xq = activations(sh.wtype, sh.layout, x, 1, D, false);
+      cuda::moe_gate_up_swiglu_cuda(sh, nullptr, p.swiglu_clamp, stream_);
+    } else {
+      float* us = buffer(4, size_t(T) * F);
+      dmatmul(w.gate_shexp, -1, x, T, gs, &w.up_shexp, us);
+      cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
+    }
     dmatmul(w.down_shexp, -1, gs, T, y);
   }
-  cuda::moe_sum_cuda(ye, T, k, D, y, stream_);
+  if (fused_down) {
+    Scope part(*prof_, "moe_ffn.routed_down", T);
+    down.xq = activations(w.down_exps.type, layout_for(w.down_exps), buffer(0, size_t(n_slots) * F), n_slots, F, false);
+    cuda::moe_down_sum_cuda(down, k, stream_);
+  } else {
+    cuda::moe_sum_cuda(buffer(2, size_t(n_slots) * D), T, k, D, y, stream_);
+  }
   wrote(y, size_t(T) * D * sizeof(float));
 }
 
@@ -458,7 +550,7 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
 // launch whose "experts" are the groups (x viewed as [T*G, gin] rows, slot t*G + g -> expert g, output rows
 // [T*G, ro] == [T, G*ro]). More tokens: per group a dense launch on gathered rows (weights read once per 8).
 void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int T, float* y) {
-  Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul_grouped", w) : std::string());
+  Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul_grouped", w) : std::string(), T);
   const int64_t gin = w.ne[0], ro = G > 0 ? w.ne[1] / G : 0;
   if (w.n_dims != 2 || G <= 0 || w.ne[1] % G != 0)
     fail("matmul_grouped: tensor '%s' ([%lld, %lld]) cannot be split into %d groups", w.name, (long long)w.ne[0],
@@ -488,17 +580,25 @@ void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int
   for (int gi = 0; gi < G; ++gi) {
     cuda::check(cudaMemcpy2DAsync(xg, gin * sizeof(float), x + gi * gin, G * gin * sizeof(float), gin * sizeof(float),
                                   T, cudaMemcpyDeviceToDevice, stream_), "matmul_grouped gather");
-    cuda::GemvParams g;
-    g.wtype = w.type, g.layout = layout, g.w = dw + size_t(gi) * size_t(ro) * size_t(drb), g.rows = ro, g.cols = gin;
-    g.n_tokens = T, g.y = yg, g.xq = activations(w.type, layout, xg, T, gin, false);
-    cuda::gemv_cuda(g, stream_);
+    const uint8_t* wg = dw + size_t(gi) * size_t(ro) * size_t(drb);
+    if (use_gemm(w.type, layout, T, gin)) {
+      cuda::GemmParams gp;
+      gp.wtype = w.type, gp.layout = layout, gp.w = wg, gp.rows = ro, gp.cols = gin, gp.x = xg, gp.n_tokens = T;
+      gp.y = yg;
+      cuda::gemm_cuda(gp, workspace(cuda::gemm_workspace_bytes(gp)), stream_);
+    } else {
+      cuda::GemvParams g;
+      g.wtype = w.type, g.layout = layout, g.w = wg, g.rows = ro, g.cols = gin;
+      g.n_tokens = T, g.y = yg, g.xq = activations(w.type, layout, xg, T, gin, false);
+      cuda::gemv_cuda(g, stream_);
+    }
     cuda::check(cudaMemcpy2DAsync(y + gi * ro, G * ro * sizeof(float), yg, ro * sizeof(float), ro * sizeof(float), T,
                                   cudaMemcpyDeviceToDevice, stream_), "matmul_grouped scatter");
   }
 }
 
 void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) {
-  Scope sc(*prof_, "head_prep");
+  Scope sc(*prof_, "head_prep", T);
   const size_t n = size_t(T) * H * dim;
   wrote(x, n * sizeof(float));
   if (cpu_attention_) {
@@ -512,7 +612,7 @@ void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) 
 
 void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
                                   const float* z, int T, int64_t p0) {
-  Scope sc(*prof_, "compressor_step");
+  Scope sc(*prof_, "compressor_step", T);
   if (T <= 0) return;
   const int cw = s.width();
   const size_t n_cur = size_t(s.ratio) * cw, n_prev = s.overlap ? size_t(s.ratio) * s.dim : 0;
@@ -539,7 +639,7 @@ void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuf
 
 void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,
                                int64_t p0, int32_t* sel) {
-  Scope sc(*prof_, "indexer_topk");
+  Scope sc(*prof_, "indexer_topk", T);
   if (T <= 0) return;
   wrote(sel, size_t(T) * p.top_k * sizeof(int32_t));
   if (cpu_attention_) {
@@ -556,7 +656,7 @@ void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const fl
 
 void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
                                  const float* comp, const int32_t* sel, int T, int64_t p0, float* out) {
-  Scope sc(*prof_, "sink_attention");
+  Scope sc(*prof_, "sink_attention", T);
   if (T <= 0) return;
   const size_t nq = size_t(T) * p.heads * p.dim;
   wrote(out, nq * sizeof(float));
@@ -583,7 +683,7 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
 // Ring slot (p0 + t) mod W = kv[t] for the last n = min(T, W) tokens: their slots are consecutive modulo W, so at
 // most two contiguous device copies.
 void CudaBackend::window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) {
-  Scope sc(*prof_, "window_store");
+  Scope sc(*prof_, "window_store", T);
   if (T <= 0 || W <= 0) return;
   wrote(ring, size_t(W) * dim * sizeof(float));
   const int n = std::min(T, W);

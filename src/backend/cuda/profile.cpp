@@ -29,7 +29,7 @@ OpProfiler::~OpProfiler() {
     std::fprintf(stderr, "cuda profile: %s\n", ex.what());
   }
   for (auto& p : pending_) cudaEventDestroy(p.begin), cudaEventDestroy(p.end);
-  for (auto& o : open_) cudaEventDestroy(o.second);
+  for (auto& o : open_) cudaEventDestroy(o.begin);
   for (cudaEvent_t e : free_) cudaEventDestroy(e);
 }
 
@@ -44,27 +44,37 @@ cudaEvent_t OpProfiler::event() {
   return e;
 }
 
-void OpProfiler::begin(const char* name) {
-  auto it = ids_.find(name);
+void OpProfiler::begin(const char* name, int64_t n_tokens) {
+  const int group = n_tokens == 1 ? 0 : 1;
+  const std::string key = std::string(group ? "n|" : "1|") + name;
+  auto it = ids_.find(key);
   if (it == ids_.end()) {
-    it = ids_.emplace(name, int(stats_.size())).first;
+    it = ids_.emplace(key, int(stats_.size())).first;
     Stat s;
     s.name = name;
+    s.group = group;
     s.depth = int(open_.size());
     stats_.push_back(s);
   }
   cudaEvent_t b = event();
   check(cudaEventRecord(b, stream_), "cuda profile: cudaEventRecord");
-  open_.emplace_back(it->second, b);
+  open_.push_back({it->second, b, false, std::chrono::steady_clock::now()});
 }
 
 void OpProfiler::end() {
   if (open_.empty()) return;
-  auto [id, b] = open_.back();
+  const Open o = open_.back();
   open_.pop_back();
+  Stat& s = stats_[size_t(o.id)];
+  if (o.discard) {
+    free_.push_back(o.begin);
+    ++s.discarded;
+    return;
+  }
+  s.host_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - o.t0).count();
   cudaEvent_t e = event();
   check(cudaEventRecord(e, stream_), "cuda profile: cudaEventRecord");
-  pending_.push_back({id, b, e});
+  pending_.push_back({o.id, o.begin, e});
   if (pending_.size() >= kFoldEvery && open_.empty()) fold();
 }
 
@@ -84,23 +94,32 @@ void OpProfiler::fold() {
 std::string OpProfiler::report() {
   if (!enabled_) return {};
   fold();
-  if (stats_.empty()) return {};
-  std::vector<const Stat*> order;
-  double top_ms = 0;
-  for (const Stat& s : stats_) {
-    order.push_back(&s);
-    if (s.depth == 0) top_ms += s.ms;
+  std::string out;
+  for (int group = 0; group < 2; ++group) {
+    std::vector<const Stat*> order;
+    double top_ms = 0, top_host = 0;
+    long long discarded = 0;
+    for (const Stat& s : stats_) {
+      if (s.group != group) continue;
+      order.push_back(&s);
+      discarded += s.discarded;
+      if (s.depth == 0) top_ms += s.ms, top_host += s.host_ms;
+    }
+    if (order.empty()) continue;
+    std::sort(order.begin(), order.end(), [](const Stat* a, const Stat* b) { return a->ms > b->ms; });
+    out += strfmt("cuda op profile, %s (DSV4_CUDA_PROFILE; GPU time between events around each op on the backend "
+                  "stream; '.part' rows are inside their op and not in the share):\n%-44s %9s %11s %10s %10s %7s\n",
+                  group == 0 ? "one-token calls (decode)" : "multi-token calls (prefill)", "op", "calls", "GPU ms",
+                  "us/call", "host us", "share");
+    for (const Stat* s : order) {
+      if (s->calls == 0) continue;
+      const double n = double(s->calls);
+      out += strfmt("%-44s %9lld %11.3f %10.2f %10.2f %6.1f%%\n", s->name.c_str(), s->calls, s->ms, 1e3 * s->ms / n,
+                    1e3 * s->host_ms / n, s->depth == 0 && top_ms > 0 ? 100.0 * s->ms / top_ms : 0.0);
+    }
+    out += strfmt("%-44s %9s %11.3f %10s %10.3f ms host\n", "total (top-level ops)", "", top_ms, "", top_host);
+    if (discarded) out += strfmt("(%lld calls that mirrored weights to the device left out)\n", discarded);
   }
-  std::sort(order.begin(), order.end(), [](const Stat* a, const Stat* b) { return a->ms > b->ms; });
-  std::string out = strfmt("cuda op profile (DSV4_CUDA_PROFILE; ops bracketed by events on the backend stream; "
-                           "'.part' rows are inside their op and not in the share):\n%-44s %10s %12s %10s %7s\n",
-                           "op", "calls", "total ms", "us/call", "share");
-  for (const Stat* s : order) {
-    if (s->calls == 0) continue;
-    out += strfmt("%-44s %10lld %12.3f %10.2f %6.1f%%\n", s->name.c_str(), s->calls, s->ms, 1e3 * s->ms / double(s->calls),
-                  s->depth == 0 && top_ms > 0 ? 100.0 * s->ms / top_ms : 0.0);
-  }
-  out += strfmt("%-44s %10s %12.3f\n", "total (top-level ops)", "", top_ms);
   return out;
 }
 

@@ -1,7 +1,13 @@
 // Op profiler of the CUDA backend: with DSV4_CUDA_PROFILE=1 every op of the op table is bracketed by a pair of
 // CUDA events on the backend's stream, the elapsed times are aggregated per op name (matmuls per weight type and
-// tensor class, e.g. "matmul Q8_0 attn_q_b") and a table (calls, total ms, us/call, share) is printed to stderr
-// when the backend is destroyed, sorted by total time.
+// tensor class, e.g. "matmul Q8_0 attn_q_b") and per pass kind (ops over one token, i.e. decode steps, apart from
+// ops over several tokens, i.e. prefill), and a table per kind (calls, GPU ms, us/call, host us/call, share) is
+// printed to stderr when the backend is destroyed, sorted by total time. Calls that mirrored a weight to the
+// device (first use) are left out (counted apart): they time the upload, not the op.
+//
+// Launch-bound or not: "host us/call" is the time the host spent inside the op (argument checks, launches). When
+// it is close to the GPU us/call, the GPU waits for launches and fewer launches (fusion, graphs) pay; when the
+// GPU time is much larger, the kernels themselves are the cost.
 //
 // What the numbers mean: an interval runs from the GPU reaching the op's begin event to it finishing the op's
 // last kernel. When the host launches slower than the GPU executes (a launch-bound decode) the GPU reaches the
@@ -13,6 +19,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -33,11 +41,12 @@ class OpProfiler {
   // RAII bracket of one op (no-op when disabled). The name is copied only when enabled.
   class Scope {
    public:
-    Scope(OpProfiler& p, const char* name) : p_(p.enabled_ ? &p : nullptr) {
-      if (p_) p_->begin(name);
+    // n_tokens: the op's token count (1: a decode step's op).
+    Scope(OpProfiler& p, const char* name, int64_t n_tokens) : p_(p.enabled_ ? &p : nullptr) {
+      if (p_) p_->begin(name, n_tokens);
     }
-    Scope(OpProfiler& p, const std::string& name) : p_(p.enabled_ ? &p : nullptr) {
-      if (p_) p_->begin(name.c_str());
+    Scope(OpProfiler& p, const std::string& name, int64_t n_tokens) : p_(p.enabled_ ? &p : nullptr) {
+      if (p_) p_->begin(name.c_str(), n_tokens);
     }
     ~Scope() {
       if (p_) p_->end();
@@ -49,6 +58,11 @@ class OpProfiler {
     OpProfiler* p_;
   };
 
+  // The scopes now open time something else (a weight upload): their samples are dropped.
+  void discard_open() {
+    for (Open& o : open_) o.discard = true;
+  }
+
   // The aggregated table as text (folds pending pairs first). Empty when disabled or nothing was recorded.
   std::string report();
 
@@ -59,11 +73,18 @@ class OpProfiler {
   };
   struct Stat {
     std::string name;
+    int group = 0;  // 0: one-token calls (decode), 1: several tokens
     int depth = 0;
-    long long calls = 0;
-    double ms = 0;
+    long long calls = 0, discarded = 0;
+    double ms = 0, host_ms = 0;
   };
-  void begin(const char* name);
+  struct Open {
+    int id;
+    cudaEvent_t begin;
+    bool discard;
+    std::chrono::steady_clock::time_point t0;
+  };
+  void begin(const char* name, int64_t n_tokens);
   void end();
   void fold();  // waits for the pending pairs, adds their times, recycles the events
   cudaEvent_t event();
@@ -73,7 +94,7 @@ class OpProfiler {
   std::vector<Stat> stats_;
   std::map<std::string, int> ids_;
   std::vector<Pending> pending_;
-  std::vector<std::pair<int, cudaEvent_t>> open_;  // (stat id, begin event) of the scopes now open
+  std::vector<Open> open_;  // the scopes now open, innermost last
   std::vector<cudaEvent_t> free_;
 };
 
