@@ -63,7 +63,7 @@ OUT="${OUT:-$ROOT/build/gpu-check-out}"
 mkdir -p "$OUT"
 SRC="$ROOT"
 [ -d "$ROOT/build/$GPUSRC" ] && SRC="$ROOT/build/$GPUSRC"
-BUILD=/tmp/dsv4-gpu-build
+BUILD="/tmp/dsv4-gpu-build-$GPUSRC"  # one build tree per packed source: CMake refuses a cache made from another source dir
 JOBS="${JOBS:-$(nproc)}"
 
 {
