@@ -26,6 +26,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
+#include "backend/cuda/hc.h"
 #include "backend/cuda/moe.h"
 #include "common/error.h"
 #include "quant/quant.h"
@@ -286,6 +287,42 @@ double run_q8r(int64_t rows, int64_t cols, cudaStream_t s) {
   return ms * 1e3 / copies;
 }
 
+// Fused HC control (hc_mix_cuda: K-split F16 projection + RMS scale + Sinkhorn split or head weights) for one
+// token, fn rotated over 64 copies like run_case. Returns graph-timed us per launch.
+double run_hc_mix(int n_mix, int64_t K, cudaStream_t s) {
+  constexpr int kCopies = 64;
+  const int64_t fn_bytes = int64_t(n_mix) * K * 2;
+  DeviceArray<uint8_t> fn(size_t(fn_bytes * kCopies));
+  random_device_weights(QType::F16, fn.get(), fn.size(), 99u);
+  std::vector<float> hx(static_cast<size_t>(K)), hbase(24, 0.1f), hscale = {0.5f, 0.5f, 0.5f};
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  for (auto& v : hx) v = nd(rng);
+  DeviceArray<float> x{std::span<const float>(hx)}, base{std::span<const float>(hbase)},
+      scale{std::span<const float>(hscale)}, out(64);
+  DeviceArray<uint8_t> ws(hc_mix_workspace_bytes(1, K));
+  ws.fill_bytes(0);
+  auto body = [&]() {
+    for (int i = 0; i < kCopies; ++i) {
+      HcMixParams p;
+      p.fn = fn.get() + i * fn_bytes, p.n_mix = n_mix, p.X = x.get(), p.K = K, p.n_tokens = 1, p.base = base.get();
+      p.scale = scale.get(), p.pre = out.get(), p.post = out.get() + 4, p.comb = out.get() + 8, p.w = out.get();
+      p.workspace = ws.get();
+      hc_mix_cuda(p, s);
+    }
+  };
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
+  body();
+  check(cudaStreamEndCapture(s, &graph), "capture end");
+  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  const float ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms * 1e3 / kCopies;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -415,6 +452,15 @@ int main(int argc, char** argv) {
                      ok2 ? r2.pct_read : -1.0, bk.tile_rows, bk.row_group, bk.cta_warps, bk.iq2_rep,
                      ok2 ? best.us_graph : -1.0, ok2 ? best.pct_read : -1.0);
     }
+    for (int n_mix : {24, 4}) {
+      const double us = run_hc_mix(n_mix, 16384, s);
+      const double gbs = double(n_mix * 16384 * 2 + 16384 * 4) / (us * 1e-6) / 1e9;
+      std::printf("\nhc_mix FUSED (16384 -> %d F16 + rms + %s), one launch: %.2f us graph, %.0f GB/s %.1f%%", n_mix,
+                  n_mix == 24 ? "sinkhorn" : "head weights", us, gbs, 100.0 * gbs / read_bw);
+      if (csv) std::fprintf(csv, "%s,hc_mix fused n_mix=%d,F16,%d,16384,1,1,0,-1,-1,%.3f,-1,%.1f,%.2f,0,0,0,0,%.3f,%.2f\n",
+                            card.c_str(), n_mix, n_mix, us, gbs, 100.0 * gbs / read_bw, us, 100.0 * gbs / read_bw);
+    }
+    std::printf("\n");
     if (!quick) {
       std::printf("\nprototype Q8R (Q8_0 repacked: int8 quants contiguous, f16 scales apart), graph-timed:\n");
       for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 4096}, {32768, 1024}, {4096, 8192}, {2048, 4096}}) {

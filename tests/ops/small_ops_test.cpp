@@ -215,5 +215,94 @@ TEST(CudaSmallOps, RejectsBadArguments) {
   EXPECT_THROW(cuda::rope_cuda(r, nullptr), Error);
 }
 
+// Fused HC control (hc_mix_cuda) against a double reference of the whole chain: mix = fn . X in double over the
+// F16 weights, rs = 1/sqrt(mean(X^2) + eps) in double, then the CPU twin of the Sinkhorn split / head weights on
+// float(mix * rs). Tolerances: mix is a 16384-term fp32 sum (chunked, then chunk partials in order): error ~1e-6
+// of the O(5) values, so 1e-5 relative to max(|ref|, rms); rs 1e-6 relative. The control outputs see an argument
+// error of ~1e-5 after the scale (<= 2); sigmoid (slope <= 1/4), softmax and the contracting Sinkhorn rounds keep
+// it below that, so 1e-4 absolute on values in (0, 2] leaves 10x margin. The unfused GPU sequence (F16 GEMV,
+// rms_scale, split) is held to the same bound, and two launches must agree bit for bit (fixed reduction order;
+// the ticket counters return to zero).
+void hc_mix_case(int n_mix, int64_t T, int64_t K, uint64_t seed) {
+  const std::string what = "hc_mix n_mix=" + std::to_string(n_mix) + " T=" + std::to_string(T);
+  const auto fn = test::random_weights(QType::F16, n_mix, K, seed);
+  const auto X = test::random_normal(size_t(T * K), seed + 1);
+  const auto base = test::random_normal(size_t(n_mix), seed + 2, 0.5f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  std::vector<float> fnf(size_t(n_mix * K));
+  dequantize_row(QType::F16, fn.data(), fnf.data(), n_mix * K);
+  std::vector<double> mix_ref(static_cast<size_t>(T * n_mix)), rs_ref(static_cast<size_t>(T));
+  std::vector<float> pre(size_t(T * 4)), post(size_t(T * 4)), comb(size_t(T * 16)), w(size_t(T * 4));
+  for (int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t c = 0; c < K; ++c) ss += double(X[size_t(t * K + c)]) * X[size_t(t * K + c)];
+    rs_ref[size_t(t)] = 1.0 / std::sqrt(ss / double(K) + 1e-6);
+    std::vector<float> m(static_cast<size_t>(n_mix));
+    for (int j = 0; j < n_mix; ++j) {
+      double s = 0;
+      for (int64_t c = 0; c < K; ++c) s += double(fnf[size_t(j * K + c)]) * X[size_t(t * K + c)];
+      mix_ref[size_t(t * n_mix + j)] = s;
+      m[size_t(j)] = float(s * rs_ref[size_t(t)]);
+    }
+    if (n_mix == 24)
+      test::hc_sinkhorn_ref(m.data(), base.data(), scale.data(), 20, 1e-6f, &pre[size_t(t * 4)], &post[size_t(t * 4)],
+                            &comb[size_t(t * 16)]);
+    else
+      for (int i = 0; i < 4; ++i)
+        w[size_t(t * 4 + i)] = 1.0f / (1.0f + std::exp(-(m[size_t(i)] * scale[0] + base[size_t(i)]))) + 1e-6f;
+  }
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
+  DeviceArray<float> d_pre(pre.size()), d_post(post.size()), d_comb(comb.size()), d_w(w.size());
+  DeviceArray<float> d_mix(mix_ref.size()), d_rs(static_cast<size_t>(T));
+  DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(T, K));
+  ws.fill_bytes(0);
+  d_comb.fill_bytes(0xFF), d_w.fill_bytes(0xFF);
+  cuda::HcMixParams p;
+  p.fn = d_fn.get(), p.n_mix = n_mix, p.X = d_X.get(), p.K = K, p.n_tokens = T, p.base = d_base.get();
+  p.scale = d_scale.get(), p.pre = d_pre.get(), p.post = d_post.get(), p.comb = d_comb.get(), p.w = d_w.get();
+  p.mix_out = d_mix.get(), p.rs_out = d_rs.get(), p.workspace = ws.get();
+  cuda::hc_mix_cuda(p, nullptr);
+  cuda::check(cudaDeviceSynchronize(), what.c_str());
+  const auto mix1 = d_mix.download(), rs1 = d_rs.download();
+  const auto out1 = n_mix == 24 ? d_comb.download() : d_w.download();
+  cuda::hc_mix_cuda(p, nullptr);
+  cuda::check(cudaDeviceSynchronize(), what.c_str());
+  EXPECT_EQ(mix1, d_mix.download()) << what << ": second launch differs";
+  EXPECT_EQ(out1, n_mix == 24 ? d_comb.download() : d_w.download()) << what << ": second launch differs";
+  const auto wsb = ws.download();
+  for (int64_t i = 0; i < T * 4; ++i) EXPECT_EQ(wsb[size_t(i)], 0) << what << ": ticket byte " << i << " not reset";
+
+  double ms = 0;
+  for (double v : mix_ref) ms += v * v;
+  EXPECT_LE(test::max_rel_err(mix1, mix_ref, std::sqrt(ms / double(mix_ref.size()))), 1e-5) << what;
+  EXPECT_LE(test::max_rel_err(rs1, rs_ref, 0.0), 1e-6) << what;
+  if (n_mix == 24) {
+    EXPECT_LE(test::max_abs_err(d_pre.download(), pre), 1e-4) << what;
+    EXPECT_LE(test::max_abs_err(d_post.download(), post), 1e-4) << what;
+    EXPECT_LE(test::max_abs_err(out1, comb), 1e-4) << what;
+  } else {
+    EXPECT_LE(test::max_abs_err(out1, w), 1e-4) << what;
+  }
+}
+
+TEST(CudaSmallOps, HcMixFusedPreAndHead) {
+  DSV4_REQUIRE_CUDA();
+  hc_mix_case(24, 3, 16384, 41);  // Flash: n = 4 streams x d = 4096
+  hc_mix_case(4, 2, 16384, 42);
+  hc_mix_case(24, 5, 1000, 43);   // K not a multiple of the 256-column chunk
+}
+
+TEST(CudaSmallOps, HcMixRejectsBadArguments) {
+  DSV4_REQUIRE_CUDA();
+  cuda::HcMixParams p;
+  p.n_mix = 7, p.K = 16;
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+  p.n_mix = 24, p.K = 15;
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+  p.K = 16;  // null pointers
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+}
+
 }  // namespace
 }  // namespace dsv4

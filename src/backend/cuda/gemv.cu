@@ -464,7 +464,7 @@ enum class Epi : int { Store, Swiglu, Sum };
 struct StagedArgs {
   GemvParams p;
   int64_t row_bytes = 0, act_row_bytes = 0;
-  int tile_rows = 0, segs = 1, iq2_rep = 1;
+  int tile_rows = 0, segs = 1, iq2_rep = 1, parts = 1;
   int table_bytes = 0;  // shared-memory bytes of the IQ2_XXS table (0 for other types)
   const float* route_w = nullptr;
   float clamp = 0.0f;
@@ -475,18 +475,23 @@ struct StagedArgs {
 // 4-byte entry (vs 8) halves the shared-memory words touched; `rep` interleaved copies (entry i of copy c at word
 // i * rep + c, lane l reading copy l % rep) spread a warp's 32 random lookups over the banks: with rep = 32 every
 // lane owns a bank and a lookup instruction is one conflict-free wavefront.
-__device__ __forceinline__ void fill_iq2_selectors(uint32_t* tab, int rep_shift) {
-  const int n = 256 << rep_shift;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const uint64_t g = iq2xxs_grid[i >> rep_shift];
+// Threads < 256 derive one selector each (scratch: 256 words), then all threads replicate them; consecutive
+// threads write consecutive words, so the replication is free of bank conflicts. The first measurement derived
+// every copy separately (8192 derivations per CTA at rep = 32) and that alone made the kernel 2.5x slower.
+__device__ __forceinline__ void fill_iq2_selectors(uint32_t* tab, uint32_t* scratch, int rep_shift) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    const uint64_t g = iq2xxs_grid[i];
     uint32_t sel = 0;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const uint32_t b = uint32_t(g >> (8 * k)) & 0xFFu;
       sel |= (b == 0x08u ? 0u : (b == 0x19u ? 1u : 2u)) << (4 * k);
     }
-    tab[i] = sel;
+    scratch[i] = sel;
   }
+  __syncthreads();
+  const int n = 256 << rep_shift;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) tab[i] = scratch[i >> rep_shift];
 }
 
 struct TraitsIQ2Staged : TraitsIQ2_XXS {
@@ -509,14 +514,17 @@ struct TraitsIQ2Staged : TraitsIQ2_XXS {
   }
 };
 
-// R dots of rows (shared memory) with one activation row (global, L1-resident): acc[r] += row_r . act.
+// R dots of rows (shared memory) with one activation row (global, L1-resident): acc[r] += row_r . act over part
+// `part` of `parts` equal ranges of the row's blocks (the last range may be shorter).
 template <class T, int R>
-__device__ __forceinline__ void staged_dots(const uint8_t* (&rows)[R], const uint8_t* act, int64_t cols,
-                                            const uint32_t* tab, int rep_shift, float (&acc)[R]) {
+__device__ __forceinline__ void staged_dots(const uint8_t* (&rows)[R], const uint8_t* act, int64_t cols, int part,
+                                            int parts, const uint32_t* tab, int rep_shift, float (&acc)[R]) {
   const int lane = threadIdx.x & 31;
+  const int64_t nb = cols / T::kBlockElems;
+  const int64_t per_part = (nb + parts - 1) / parts;
+  const int64_t b_begin = part * per_part, b_end = std::min<int64_t>(nb, b_begin + per_part);
   if constexpr (kIsSplit<T>) {
-    const int64_t nb = cols / T::kBlockElems;
-    for (int64_t b = lane; b < nb; b += 32) {
+    for (int64_t b = b_begin + lane; b < b_end; b += 32) {
       typename T::W w[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) w[r] = T::load_split(rows[r], b, cols);
@@ -527,8 +535,7 @@ __device__ __forceinline__ void staged_dots(const uint8_t* (&rows)[R], const uin
     constexpr int kStep = 32 / T::kTpb;
     const int sub = lane % T::kTpb;
     const int copy = lane & ((1 << rep_shift) - 1);
-    const int64_t nb = cols / T::kBlockElems;
-    for (int64_t b = lane / T::kTpb; b < nb; b += kStep) {
+    for (int64_t b = b_begin + lane / T::kTpb; b < b_end; b += kStep) {
       typename T::W w[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -541,6 +548,15 @@ __device__ __forceinline__ void staged_dots(const uint8_t* (&rows)[R], const uin
       for (int r = 0; r < R; ++r) acc[r] += T::dot(w[r], act + b * T::kActBlockBytes, sub);
     }
   }
+}
+
+// Warps per row for the staged kernel: enough that each warp still walks >= 4 steps of its range; a function of
+// the row length only (see the kernel).
+template <class T>
+int staged_parts(int64_t cols) {
+  const int64_t nb = cols / T::kBlockElems;
+  const int64_t step = kIsSplit<T> ? 32 : 32 / T::kTpb;
+  return int(std::clamp<int64_t>(nb / (4 * step), 1, 8));
 }
 
 template <class T, Epi E, int R>
@@ -582,28 +598,33 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
   for (int st = 0; st < kStages; ++st) {
     const int first = st * rows_per_stage;
     const int n_rows = std::max(0, std::min(rows_per_stage, n_valid - first));
-    const int64_t per_seg = int64_t(n_rows) * chunks_per_row;
-    for (int64_t i = threadIdx.x; i < per_seg * a.segs; i += blockDim.x) {
-      const int s = int(i / per_seg);
-      const int64_t off = (int64_t(first) * chunks_per_row + i % per_seg) * 16;
-      __pipeline_memcpy_async(tile + (int64_t(s) * a.tile_rows) * a.row_bytes + off, seg_w[s] + off, 16);
+    const int n16 = int(n_rows * chunks_per_row);  // 32-bit: a tile is < 200 KiB
+    for (int s = 0; s < a.segs; ++s) {
+      const uint8_t* src = seg_w[s] + int64_t(first) * a.row_bytes;
+      uint8_t* dst = tile + (int64_t(s) * a.tile_rows + first) * a.row_bytes;
+      for (int i = threadIdx.x; i < n16; i += blockDim.x) __pipeline_memcpy_async(dst + 16 * i, src + 16 * i, 16);
     }
     __pipeline_commit();
   }
   int rep_shift = 0;
   if constexpr (std::is_same_v<T, TraitsIQ2Staged>) {
     rep_shift = __ffs(a.iq2_rep) - 1;
-    fill_iq2_selectors(tab, rep_shift);
+    fill_iq2_selectors(tab, reinterpret_cast<uint32_t*>(res), rep_shift);  // res is free until the first dot
   }
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
   const int units = rows_per_stage * a.segs;  // per stage; a multiple of R (launcher)
+  // A long row is split into a.parts contiguous ranges of blocks, each dotted by its own warp (a tile of a few
+  // long rows would otherwise keep only one or two warps busy); the parts' sums are added in part order in the
+  // epilogue. a.parts depends on the row length only, so every epilogue and tiling sums a row identically.
+  const int P = a.parts, work = units / R * P;
 #pragma unroll
   for (int st = 0; st < kStages; ++st) {
     if (st == 0) __pipeline_wait_prior(kStages - 1);
     else __pipeline_wait_prior(0);
     __syncthreads();
-    for (int item = warp; item * R < units; item += n_warps) {
+    for (int wi = warp; wi < work; wi += n_warps) {
+      const int item = wi / P, part = wi % P;
       const uint8_t* rows[R];
       int seg[R], row[R];
 #pragma unroll
@@ -616,29 +637,35 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
       float acc[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-      staged_dots<T, R>(rows, seg_act[seg[0]], p.cols, tab, rep_shift, acc);
+      staged_dots<T, R>(rows, seg_act[seg[0]], p.cols, part, P, tab, rep_shift, acc);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         acc[r] = warp_sum(acc[r]);
-        if (lane == 0) res[seg[r] * a.tile_rows + row[r]] = acc[r];
+        if (lane == 0) res[(seg[r] * a.tile_rows + row[r]) * P + part] = acc[r];
       }
     }
   }
   __syncthreads();
+  // Row value of (segment s, tile row i): its parts in order.
+  const auto value = [&](int s, int i) {
+    float v = res[(s * a.tile_rows + i) * P];
+    for (int q = 1; q < P; ++q) v += res[(s * a.tile_rows + i) * P + q];
+    return v;
+  };
   for (int i = threadIdx.x; i < n_valid; i += blockDim.x) {
     const int64_t r = r0 + i;
     if constexpr (E == Epi::Store) {
       float* y = yb >= p.n_slots ? p.y2 : p.y;
-      y[int64_t(yb % p.n_slots) * p.rows + r] = res[i];
+      y[int64_t(yb % p.n_slots) * p.rows + r] = value(0, i);
     } else if constexpr (E == Epi::Swiglu) {
       // Same operations and roundings as swiglu_kernel (moe.cu) and the CPU backend.
-      const float gc = fminf(res[i], a.clamp);
-      const float uc = fmaxf(fminf(res[a.tile_rows + i], a.clamp), -a.clamp);
+      const float gc = fminf(value(0, i), a.clamp);
+      const float uc = fmaxf(fminf(value(1, i), a.clamp), -a.clamp);
       const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
       p.y[int64_t(out_slot) * p.rows + r] = a.route_w ? __fmul_rn(h, a.route_w[out_slot]) : h;
     } else {
       float s = 0.0f;
-      for (int j = 0; j < a.segs; ++j) s += res[j * a.tile_rows + i];
+      for (int j = 0; j < a.segs; ++j) s += value(j, i);
       p.y[int64_t(out_slot) * p.rows + r] += s;
     }
   }
@@ -672,7 +699,9 @@ void launch_staged(const GemvParams& p, int segs, const float* route_w, float cl
   a.p = p, a.segs = segs, a.route_w = route_w, a.clamp = clamp;
   a.row_bytes = weight_row_bytes<T>(p.cols);
   a.act_row_bytes = act_row_bytes_of<T>(p.cols);
-  const int R = p.row_group == 4 ? 4 : 2;
+  a.parts = staged_parts<T>(p.cols);
+  // Rows per warp: 4 for Q2_K (H200 sweep: 13.2 us vs 17.2 us for the 6-expert down projection), else 2.
+  const int R = p.row_group == 4 || (p.row_group == 0 && std::is_same_v<T, TraitsQ2_K>) ? 4 : 2;
   const int quantum = kStages * R;  // tile rows: whole R-groups in every stage
   const int ys = E == Epi::Store ? p.n_slots * (p.w2 ? 2 : 1) : (E == Epi::Swiglu ? p.n_slots : p.n_slots / segs);
   if (p.tile_rows > 0) {
@@ -680,8 +709,9 @@ void launch_staged(const GemvParams& p, int segs, const float* route_w, float cl
   } else {
     // Aim for ~4 CTAs per SM over the whole launch (one wave, everything requested up front), with tiles of
     // 8-40 KiB: smaller tiles waste the per-CTA setup, larger ones leave SMs idle at the tail.
+    // H200 sweep (first run): 32-row tiles beat 8 and 16 for every MoE case (per-CTA setup is not free).
     const int64_t total = a.row_bytes * p.rows * segs * ys;
-    const int64_t target = std::clamp<int64_t>(total / (int64_t(sm_count()) * 4), 8 << 10, 40 << 10);
+    const int64_t target = std::clamp<int64_t>(total / (int64_t(sm_count()) * 2), 16 << 10, 64 << 10);
     const int64_t tr = target / (a.row_bytes * segs) / quantum * quantum;
     a.tile_rows = int(std::max<int64_t>(quantum, tr));
   }
@@ -690,8 +720,9 @@ void launch_staged(const GemvParams& p, int segs, const float* route_w, float cl
     a.iq2_rep = p.iq2_rep ? p.iq2_rep : 32;
     a.table_bytes = 256 * 4 * a.iq2_rep;
   }
-  const size_t smem = size_t(a.table_bytes) + size_t(segs) * a.tile_rows * a.row_bytes +
-                      size_t(segs) * a.tile_rows * sizeof(float);
+  // res: segs x tile_rows results; IQ2_XXS also borrows it as the 256-word selector scratch before the dots.
+  const size_t res_floats = std::max<size_t>(size_t(segs) * a.tile_rows * a.parts, a.table_bytes ? 256 : 0);
+  const size_t smem = size_t(a.table_bytes) + size_t(segs) * a.tile_rows * a.row_bytes + res_floats * sizeof(float);
   if (smem > (200u << 10))
     fail("gemv_cuda: staged tile of %d rows x %d segments needs %zu bytes of shared memory", a.tile_rows, segs, smem);
   const int threads = 32 * (p.cta_warps ? p.cta_warps : 8);
@@ -850,14 +881,14 @@ bool gemv_staged_supported(const GemvParams& p) {
 }
 
 void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float clamp, cudaStream_t stream) {
-  check_common(p, "moe_gate_up_swiglu_cuda");
+  GemvParams checked = p;
+  checked.y2 = p.y;  // y2 is unused here; the common check wants one for a paired launch
+  check_common(checked, "moe_gate_up_swiglu_cuda");
   if (!p.w2) fail("moe_gate_up_swiglu_cuda: needs the up stack in w2");
   if (!gemv_staged_supported(p))
     fail("moe_gate_up_swiglu_cuda: layout not supported by the staged kernel (%s, %lld cols, 16-byte rows needed)",
          qtype_name(p.wtype).c_str(), (long long)p.cols);
-  GemvParams q = p;
-  q.y2 = nullptr;
-  dispatch_staged<Epi::Swiglu>(q, 2, route_w, clamp, stream);
+  dispatch_staged<Epi::Swiglu>(p, 2, route_w, clamp, stream);
 }
 
 void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {

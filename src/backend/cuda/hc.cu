@@ -3,6 +3,8 @@
 // identical to the CPU loop (sum over o in order, then over i in order).
 #include "backend/cuda/hc.h"
 
+#include <cuda_fp16.h>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "common/error.h"
@@ -14,18 +16,14 @@ constexpr int N = kHcStreams;
 
 __device__ __forceinline__ float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-__global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= p.n_tokens) return;
-  float mix[kHcMix];
-  const float ms = p.mix_scale ? p.mix_scale[t] : 1.0f;
-#pragma unroll
-  for (int j = 0; j < kHcMix; ++j) mix[j] = p.mix[t * kHcMix + j] * ms;
-  const float s_pre = p.scale[0], s_post = p.scale[1], s_comb = p.scale[2];
+// Steps 3-7 of model-spec §4 for one token, mix already scaled by the RMS factor (shared by both launches).
+__device__ void sinkhorn_token(const float* mix, const float* base, const float* scale, int iters, float eps,
+                               float* pre, float* post, float* comb) {
+  const float s_pre = scale[0], s_post = scale[1], s_comb = scale[2];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    p.pre[t * N + i] = sigmoidf_(mix[i] * s_pre + p.base[i]) + p.eps;
-    p.post[t * N + i] = 2.0f * sigmoidf_(mix[N + i] * s_post + p.base[N + i]);
+    pre[i] = sigmoidf_(mix[i] * s_pre + base[i]) + eps;
+    post[i] = 2.0f * sigmoidf_(mix[N + i] * s_post + base[N + i]);
   }
   float c[N][N];
 #pragma unroll
@@ -33,7 +31,7 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
     float m = -INFINITY;
 #pragma unroll
     for (int o = 0; o < N; ++o) {
-      c[i][o] = mix[2 * N + N * i + o] * s_comb + p.base[2 * N + N * i + o];
+      c[i][o] = mix[2 * N + N * i + o] * s_comb + base[2 * N + N * i + o];
       m = fmaxf(m, c[i][o]);
     }
     float sum = 0.0f;
@@ -43,16 +41,16 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
       sum += c[i][o];
     }
 #pragma unroll
-    for (int o = 0; o < N; ++o) c[i][o] = c[i][o] / sum + p.eps;
+    for (int o = 0; o < N; ++o) c[i][o] = c[i][o] / sum + eps;
   }
-  for (int it = 0; it < p.iters; ++it) {
+  for (int it = 0; it < iters; ++it) {
     if (it > 0) {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         float sum = 0.0f;
 #pragma unroll
         for (int o = 0; o < N; ++o) sum += c[i][o];
-        const float inv = 1.0f / (sum + p.eps);
+        const float inv = 1.0f / (sum + eps);
 #pragma unroll
         for (int o = 0; o < N; ++o) c[i][o] *= inv;
       }
@@ -62,7 +60,7 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
       float sum = 0.0f;
 #pragma unroll
       for (int i = 0; i < N; ++i) sum += c[i][o];
-      const float inv = 1.0f / (sum + p.eps);
+      const float inv = 1.0f / (sum + eps);
 #pragma unroll
       for (int i = 0; i < N; ++i) c[i][o] *= inv;
     }
@@ -70,7 +68,93 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
 #pragma unroll
   for (int i = 0; i < N; ++i)
 #pragma unroll
-    for (int o = 0; o < N; ++o) p.comb[t * N * N + i * N + o] = c[i][o];
+    for (int o = 0; o < N; ++o) comb[i * N + o] = c[i][o];
+}
+
+__global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= p.n_tokens) return;
+  float mix[kHcMix];
+  const float ms = p.mix_scale ? p.mix_scale[t] : 1.0f;
+#pragma unroll
+  for (int j = 0; j < kHcMix; ++j) mix[j] = p.mix[t * kHcMix + j] * ms;
+  sinkhorn_token(mix, p.base, p.scale, p.iters, p.eps, p.pre + t * N, p.post + t * N, p.comb + t * N * N);
+}
+
+// ---- fused HC control (hc_mix_cuda) -------------------------------------------------------------------------------
+constexpr int kMixChunk = 256;   // columns per CTA: 64 CTAs per token for K = 16384
+constexpr int kMixThreads = 128; // 2 columns per thread (one half2 per fn row)
+
+int64_t mix_chunks(int64_t K) { return (K + kMixChunk - 1) / kMixChunk; }
+
+// Workspace: [T] uint32 tickets (padded to 16 bytes), then [T][chunks][n_mix + 1] partial sums (+1: sum of squares).
+template <int M>
+__global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int64_t chunks) {
+  __shared__ float red[kMixThreads / 32][M + 1];
+  __shared__ bool last;
+  const int64_t t = blockIdx.y, chunk = blockIdx.x;
+  uint32_t* tickets = static_cast<uint32_t*>(p.workspace);
+  float* partial = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + ((p.n_tokens * 4 + 15) / 16) * 16);
+  float* mine = partial + (t * chunks + chunk) * (M + 1);
+  const int64_t c = chunk * kMixChunk + 2 * threadIdx.x;
+  float acc[M + 1];
+#pragma unroll
+  for (int j = 0; j <= M; ++j) acc[j] = 0.0f;
+  if (c < p.K) {  // K is even, so both columns exist
+    const float2 x = *reinterpret_cast<const float2*>(p.X + t * p.K + c);
+    const __half2* fn = static_cast<const __half2*>(p.fn);
+    __half2 h[M];
+#pragma unroll
+    for (int j = 0; j < M; ++j) h[j] = fn[(j * p.K + c) / 2];  // all M loads issued before any use
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float2 f = __half22float2(h[j]);
+      acc[j] = f.x * x.x + f.y * x.y;
+    }
+    acc[M] = x.x * x.x + x.y * x.y;
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j <= M; ++j) {
+    const float v = warp_sum(acc[j]);
+    if (lane == 0) red[warp][j] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x <= M) {
+    float v = 0.0f;
+    for (int w = 0; w < kMixThreads / 32; ++w) v += red[w][threadIdx.x];  // fixed order
+    mine[threadIdx.x] = v;
+  }
+  // Last-CTA-finishes: publish the partials, take a ticket; the CTA drawing chunks - 1 sees every partial.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&tickets[t], 1u) == uint32_t(chunks - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  __shared__ float total[M + 1];
+  if (threadIdx.x <= M) {
+    float v = 0.0f;
+    const float* col = partial + t * chunks * (M + 1) + threadIdx.x;
+    for (int64_t k = 0; k < chunks; ++k) v += __ldcg(col + k * (M + 1));  // chunk order: deterministic
+    total[threadIdx.x] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  tickets[t] = 0;  // ready for the next launch
+  const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
+  if (p.rs_out) p.rs_out[t] = rs;
+  if (p.mix_out)
+    for (int j = 0; j < M; ++j) p.mix_out[t * M + j] = total[j];
+  if constexpr (M == kHcMix) {
+    float mix[kHcMix];
+#pragma unroll
+    for (int j = 0; j < kHcMix; ++j) mix[j] = total[j] * rs;
+    sinkhorn_token(mix, p.base, p.scale, p.iters, p.eps, p.pre + t * N, p.post + t * N, p.comb + t * N * N);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p.w[t * N + i] = sigmoidf_(total[i] * rs * p.scale[0] + p.base[i]) + p.eps;
+  }
 }
 
 // One thread per (token, dim): reads the 4 stream values of that dim.
@@ -125,6 +209,26 @@ void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream) {
   if (p.n_tokens <= 0) return;
   hc_split_sinkhorn_kernel<<<blocks_for(p.n_tokens), kThreads, 0, stream>>>(p);
   check_launch("hc_split_sinkhorn_kernel");
+}
+
+size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
+  return size_t((n_tokens * 4 + 15) / 16 * 16) + size_t(n_tokens * mix_chunks(K) * (kHcMix + 1)) * sizeof(float);
+}
+
+void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
+  if (p.n_mix != kHcMix && p.n_mix != N) fail("hc_mix_cuda: n_mix=%d (24 for hc_pre, 4 for hc_head)", p.n_mix);
+  if (p.K <= 0 || p.K % 2 != 0) fail("hc_mix_cuda: K=%lld must be positive and even", (long long)p.K);
+  if (!p.fn || !p.X || !p.base || !p.scale || !p.workspace) fail("hc_mix_cuda: fn, X, base, scale, workspace needed");
+  if (p.n_mix == kHcMix && (!p.pre || !p.post || !p.comb || p.iters < 1))
+    fail("hc_mix_cuda: hc_pre needs pre, post, comb and iters >= 1 (got %d)", p.iters);
+  if (p.n_mix == N && !p.w) fail("hc_mix_cuda: hc_head needs w");
+  if (p.n_tokens <= 0) return;
+  if (p.n_tokens > 65535) fail("hc_mix_cuda: %lld tokens in one launch (max 65535)", (long long)p.n_tokens);
+  const int64_t chunks = mix_chunks(p.K);
+  const dim3 grid(unsigned(chunks), unsigned(p.n_tokens));
+  if (p.n_mix == kHcMix) hc_mix_kernel<kHcMix><<<grid, kMixThreads, 0, stream>>>(p, chunks);
+  else hc_mix_kernel<N><<<grid, kMixThreads, 0, stream>>>(p, chunks);
+  check_launch("hc_mix_kernel");
 }
 
 void hc_head_weights_cuda(const float* mix, const float* mix_scale, const float* base, const float* scale,

@@ -41,6 +41,39 @@ void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream);
 void hc_head_weights_cuda(const float* mix, const float* mix_scale, const float* base, const float* scale,
                           int64_t n_tokens, float eps, float* w, cudaStream_t stream);
 
+// HC control in one launch (decode: replaces the F16 GEMV of fn, its activation copy, rms_scale_cuda and
+// hc_split_sinkhorn_cuda / hc_head_weights_cuda): per token t,
+//   mix[t][j] = sum_c fn[j][c] * X[t][c]        (fn F16 [n_mix, K] in the file's row layout, X f32 [T, K])
+//   rs[t]     = rsqrt(mean_c X[t][c]^2 + norm_eps)
+//   n_mix == 24 (hc_pre):  pre/post/comb = hc_split_sinkhorn(mix[t] * rs[t])   (same operations as above)
+//   n_mix == 4  (hc_head): w[t][i] = sigmoid(mix[t][i] * rs[t] * scale[0] + base[i]) + eps
+// Why: fn is small (0.8 MB for 16384 -> 24) but long, and one CTA per row leaves 108 of 132 SMs idle, so the
+// product is split over K across ceil(K / 256) CTAs per token; their partial sums meet in `workspace` and the
+// last CTA of each token (an integer ticket, no float atomics) adds them in chunk order and finishes the token,
+// so results are deterministic. `workspace` must be hc_mix_workspace_bytes(T, K) bytes, zero-filled once when
+// allocated; every launch leaves it zeroed again (launches on one stream may share it).
+struct HcMixParams {
+  const void* fn = nullptr;
+  int n_mix = kHcMix;  // 24 or 4
+  const float* X = nullptr;
+  int64_t K = 0;         // n * d (even)
+  int64_t n_tokens = 0;
+  float norm_eps = 1e-6f;
+  const float* base = nullptr;
+  const float* scale = nullptr;
+  int iters = 20;        // hc_pre only
+  float eps = 1e-6f;     // hc_eps
+  float* pre = nullptr;  // hc_pre outputs: [T, 4], [T, 4], [T, 4, 4]
+  float* post = nullptr;
+  float* comb = nullptr;
+  float* w = nullptr;    // hc_head output: [T, 4]
+  float* mix_out = nullptr;  // optional: raw mix [T, n_mix] (tests, diagnostics)
+  float* rs_out = nullptr;   // optional: rs [T]
+  void* workspace = nullptr;
+};
+size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K);
+void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream);
+
 // a[t] = sum_i pre[t][i] * X[t][i].   X: [T, 4, D], pre: [T, 4], a: [T, D]
 void hc_collapse_cuda(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a,
                       cudaStream_t stream);
