@@ -214,7 +214,7 @@ float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps) {
   p.up = {QType::IQ2_XXS, GemvLayout::Ggml, m.up.get(), m.gu_stride};
   p.down = {QType::Q2_K, GemvLayout::Ggml, m.down.get(), m.down_stride};
   p.d = m.d, p.ff = m.ff, p.n_experts = m.E, p.k = m.k, p.weights = d_w.get(), p.x = s.x.get(), p.n_tokens = T;
-  p.swiglu_clamp = 10.0f, p.y_slots = s.y.get();
+  p.swiglu_clamp = 10.0f, p.y_slots = s.y.get(), p.ids = d_ids.get();
   DeviceArray<uint8_t> ws(moe_gemm_workspace_bytes(p));
   return time_ms([&] {
     p.ids = d_ids.get() + size_t(rep++ % kSets) * S;

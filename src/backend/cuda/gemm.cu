@@ -43,9 +43,11 @@ __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 
 // ---- dequantization of one 32-value chunk of a weight row --------------------------------------------------------
-// fetch() issues the global loads (kept in registers across the MMAs of the previous step); decode() turns them
-// into 32 FP16 values (16 packed pairs, column order). c0 % 32 == 0.
+// fetch() issues the global loads (kept in registers across the MMAs of the previous steps); decode() turns them
+// into 32 FP16 values (16 packed pairs, column order). c0 % 32 == 0. kDepth: K steps the MMA kernel keeps in
+// flight, as deep as the 128 registers of two CTAs per SM allow without (much) spilling: deeper for fewer bytes.
 struct DqF16 {
+  static constexpr int kDepth = 2;
   struct Raw {
     uint4 v[4];
   };
@@ -70,6 +72,7 @@ __device__ __forceinline__ void decode_i8x32(const uint32_t q[8], float d, uint3
 }
 
 struct DqQ8_0 {  // GGUF blocks: {f16 d; int8 qs[32]}, 34 bytes, payload 2-byte aligned
+  static constexpr int kDepth = 3;
   struct Raw {
     uint32_t q[8];
     uint16_t d;
@@ -88,6 +91,7 @@ struct DqQ8_0 {  // GGUF blocks: {f16 d; int8 qs[32]}, 34 bytes, payload 2-byte 
 };
 
 struct DqQ8Split {  // gemv.h's split rows: [cols int8][cols/32 f16 scales]
+  static constexpr int kDepth = 3;
   struct Raw {
     uint32_t q[8];
     uint16_t d;
@@ -107,6 +111,7 @@ struct DqQ8Split {  // gemv.h's split rows: [cols int8][cols/32 f16 scales]
 // Q2_K: value 128h + 32s + l = d*(sc&15)*q - dmin*(sc>>4), q = bits 2s..2s+1 of qs[32h + l],
 // sc = scales[8h + 2s + (l >= 16)]. A 32-value chunk is one (h, s): all 32 qs bytes of half h.
 struct DqQ2_K {
+  static constexpr int kDepth = 3;
   struct Raw {
     uint32_t q[8];
     uint32_t sc;  // the two scale bytes
@@ -142,6 +147,7 @@ struct DqQ2_K {
 
 // Q4_K: sub-block sb (32 values) = nibbles (low for even sb, high for odd) of qs[32 (sb/2) ..], 6-bit scale/min.
 struct DqQ4_K {
+  static constexpr int kDepth = 3;
   struct Raw {
     uint4 a, b;
     uint32_t dd;
@@ -175,6 +181,7 @@ struct DqQ4_K {
 
 // IQ2_XXS: group g of 32 = 4 grid entries (bytes of a0) with 7-bit sign codes (a1), scale d (0.5 + ls) / 4.
 struct DqIQ2_XXS {
+  static constexpr int kDepth = 4;
   struct Raw {
     uint32_t a0, a1;
     uint16_t d;
@@ -233,8 +240,8 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <class D>
-__global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs p) {
+template <class D, int P>
+__global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
   __shared__ __align__(16) __half sA[kBM][kLds];
   __shared__ __align__(16) __half sB[kBN][kLds];
   __shared__ int s_act[kBM], s_out[kBM];
@@ -285,45 +292,61 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaArgs p) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
+  // Register ring of P steps: the loads of step kt + P are issued right after step kt's data went to shared
+  // memory, so P steps of weight and activation bytes are in flight per thread (a 2-bit weight step is only
+  // ~2 KiB per CTA: one step ahead left the memory system idle, see docs/cuda.md "Prefill GEMM").
   const int64_t nk = p.cols / kBK;
-  typename D::Raw raw = D::fetch(wrow, bcol, p.cols);
-  uint4 av[2];
+  typename D::Raw raw[P];
+  uint4 av[P][2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) av[i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i]) : make_uint4(0, 0, 0, 0);
+  for (int s = 0; s < P; ++s)
+    if (s < nk) {
+      raw[s] = D::fetch(wrow, int64_t(s) * kBK + bcol, p.cols);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        av[s][i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + s * kBK) : make_uint4(0, 0, 0, 0);
+    }
 
   const int wm = warp >> 2, wn = warp & 3;
-  for (int64_t kt = 0; kt < nk; ++kt) {
-    {
-      uint32_t dec[16];
-      D::decode(raw, dec, s_grid);
-      uint4* dst = reinterpret_cast<uint4*>(&sB[brow][bcol]);
+  for (int64_t k0 = 0; k0 < nk; k0 += P) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dst[i] = make_uint4(dec[4 * i], dec[4 * i + 1], dec[4 * i + 2], dec[4 * i + 3]);
+    for (int s = 0; s < P; ++s) {
+      const int64_t kt = k0 + s;
+      if (kt >= nk) break;  // uniform across the CTA
+      {
+        uint32_t dec[16];
+        D::decode(raw[s], dec, s_grid);
+        uint4* dst = reinterpret_cast<uint4*>(&sB[brow][bcol]);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) *reinterpret_cast<uint4*>(&sA[ar[i]][acol]) = av[i];
+        for (int i = 0; i < 4; ++i) dst[i] = make_uint4(dec[4 * i], dec[4 * i + 1], dec[4 * i + 2], dec[4 * i + 3]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) *reinterpret_cast<uint4*>(&sA[ar[i]][acol]) = av[s][i];
+      }
+      __syncthreads();
+      if (kt + P < nk) {
+        const int64_t k1 = (kt + P) * kBK;
+        raw[s] = D::fetch(wrow, k1 + bcol, p.cols);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          av[s][i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + k1) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t af[2][4], bf[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(af[mi], &sA[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+        // B x4: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj)
+          ldmatrix_x4(bf[nj], &sB[wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+            mma_16816(acc[mi][ni], af[mi], bf[ni >> 1][2 * (ni & 1)], bf[ni >> 1][2 * (ni & 1) + 1]);
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    if (kt + 1 < nk) {  // next step's global loads, in flight during this step's MMAs
-      const int64_t k1 = (kt + 1) * kBK;
-      raw = D::fetch(wrow, k1 + bcol, p.cols);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) av[i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + k1) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[2][4], bf[2][4];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(af[mi], &sA[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
-      // B x4: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
-#pragma unroll
-      for (int nj = 0; nj < 2; ++nj)
-        ldmatrix_x4(bf[nj], &sB[wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni >> 1][2 * (ni & 1)], bf[ni >> 1][2 * (ni & 1) + 1]);
-    }
-    __syncthreads();
   }
 
   float* y = z ? p.y[1] : p.y[0];
@@ -423,7 +446,7 @@ __global__ void swiglu_half_kernel(const float* g, const float* u, const float* 
 template <class D>
 void launch_mma(const MmaArgs& a, int m_tiles, int n_mats, cudaStream_t stream) {
   const dim3 grid(unsigned(m_tiles), unsigned((a.rows + kBN - 1) / kBN), unsigned(n_mats));
-  mma_kernel<D><<<grid, kThreads, 0, stream>>>(a);
+  mma_kernel<D, D::kDepth><<<grid, kThreads, 0, stream>>>(a);
   check_launch("gemm mma_kernel");
 }
 
@@ -498,11 +521,12 @@ int64_t cublas_chunk_rows(const GemmParams& p) {
 GemmImpl choose_impl(const GemmParams& p) {
   if (p.wtype == QType::F32) return GemmImpl::Cublas;
   if (p.impl != GemmImpl::Auto) return p.impl;
-  // Provisional rule until measured (docs/cuda.md "Prefill GEMM"): F16 needs no dequantization, so cuBLAS;
-  // quantized weights are re-dequantized once per 64-token M tile by the MMA kernel, so beyond a few hundred
-  // tokens one dequantization into the workspace + cuBLAS wins.
+  // H200 measurements (wb_gemm, docs/cuda.md "Prefill GEMM"): F16 needs no dequantization, so cuBLAS. For
+  // quantized weights dequantize + cuBLAS wins except where the MMA kernel has enough CTAs (>= 128 N tiles of
+  // 128 rows) and few tokens: attn_q_b 1024 -> 32768 at T <= 64 took 29-36 us (MMA) vs 74-77 us (cuBLAS, whose
+  // time is mostly the 67 MB FP16 copy it writes and reads).
   if (p.wtype == QType::F16) return GemmImpl::Cublas;
-  return p.n_tokens >= 512 ? GemmImpl::Cublas : GemmImpl::Mma;
+  return p.n_tokens <= 64 && p.rows >= 16384 ? GemmImpl::Mma : GemmImpl::Cublas;
 }
 
 void check_dense(const GemmParams& p) {
@@ -526,8 +550,10 @@ bool gemm_supports(QType wtype, GemvLayout layout) {
 }
 
 int gemm_min_tokens(QType wtype) {
-  (void)wtype;
-  return 16;  // provisional: two batched-GEMV launches read the weights twice (see docs/cuda.md)
+  // H200 (wb_gemm): F16 compressor 4096 -> 1024 at T = 8: cuBLAS 16.0 us vs GEMV 21.1 us, so any batch beyond
+  // one GEMV launch. Q8_0 at T = 16 is a wash per matrix (q_a GEMV 26 vs 31 us, q_b 60 vs 30, o_b 67 vs 79,
+  // shared gate 28 vs 26; sum 181 vs 166 us) and at T = 32 the GEMM wins everywhere (1.3-3.5x).
+  return wtype == QType::F16 || wtype == QType::F32 ? kGemvMaxTokens + 1 : 16;
 }
 
 size_t gemm_workspace_bytes(const GemmParams& p) {
