@@ -48,6 +48,21 @@ void fill(float* p, size_t n, uint32_t seed) {
   check_launch("fill_kernel");
 }
 
+// Puts the first dh - 64 dims of each row on a 4-significant-bit grid (the FP8 e4m3 mantissa), as the model's
+// QAT'd KV rows; the 64 rotary dims keep full precision.
+__global__ void fp8_grid_kernel(float* p, size_t n, int dh) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    if (int(i % dh) >= dh - 64) continue;
+    int e;
+    const float m = frexpf(p[i], &e);
+    p[i] = ldexpf(rintf(m * 16.0f) / 16.0f, e);
+  }
+}
+void fp8_grid(float* p, size_t n, int dh) {
+  fp8_grid_kernel<<<1024, 256>>>(p, n, dh);
+  check_launch("fp8_grid_kernel");
+}
+
 __global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
   uint32_t acc = 0;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -152,7 +167,7 @@ Row attention_case(int64_t ctx, int ratio, int rps = 0) {
 }
 
 // Indexer decode at context ctx: scores over ctx/4 keys, top-512, ascending sort.
-Row indexer_case(int64_t ctx) {
+Row indexer_case(int64_t ctx, IndexerImpl impl = IndexerImpl::Auto) {
   const int64_t n_keys = ctx / 4;
   const size_t key_f = size_t(n_keys) * DI;
   const int n = copies_for(key_f * 4);
@@ -161,7 +176,7 @@ Row indexer_case(int64_t ctx) {
   DeviceArray<int32_t> sel(K);
   IndexerLaunch L;
   L.q = q.get(), L.w = w.get(), L.weight_scale = 1.0f / std::sqrt(float(HI * DI)), L.T = 1, L.HI = HI, L.dI = DI;
-  L.pos0 = ctx - 1, L.ratio = 4, L.k = K, L.sel = sel.get();
+  L.pos0 = ctx - 1, L.ratio = 4, L.k = K, L.sel = sel.get(), L.impl = impl;
   DeviceArray<float> scratch(size_t(std::max<int64_t>(1, indexer_scratch_floats(L))));
   const Timing t = time_case(n, [&](int c, cudaStream_t s) {
     IndexerLaunch l = L;
@@ -169,7 +184,7 @@ Row indexer_case(int64_t ctx) {
     indexer_select_cuda(l, scratch.get(), s);
   });
   const double bytes = double(key_f) * 4 + HI * DI * 4;  // keys + queries (scores round-trip L2, not counted)
-  return {"indexer_decode", ctx, bytes, t.us_graph, t.us_eager};
+  return {impl == IndexerImpl::TensorCore ? "indexer_decode_tc" : "indexer_decode", ctx, bytes, t.us_graph, t.us_eager};
 }
 
 // One decode token through the main ratio-4 compressor (dC 512, overlap, FP8) at a position that closes a window.
@@ -204,14 +219,16 @@ double time_prefill_us(const std::function<void()>& f) {
 const char* impl_name(SinkAttnImpl i) { return i == SinkAttnImpl::TensorCore ? "tc" : "fp32"; }
 
 // Sink attention of T tokens at pos0 (CSA: window + 512 selected of the visible rows, HCA: window + all), with
-// the kernel `impl`. Returns GFLOP/s-style rows (flop = 4 * H * dh * rows summed over tokens). `out_copy`
+// the kernel `impl`, KV rows on the FP8 grid in their non-rotary dims (qat_rows, the model's rows) or not. Returns GFLOP/s-style rows (flop = 4 * H * dh * rows summed over tokens). `out_copy`
 // receives the output for the cross-check between the two kernels.
-Row prefill_attention(int64_t pos0, int T, int ratio, SinkAttnImpl impl, std::vector<float>* out_copy) {
+Row prefill_attention(int64_t pos0, int T, int ratio, SinkAttnImpl impl, std::vector<float>* out_copy,
+                      bool qat_rows = true) {
   const int64_t n_comp = (pos0 + T) / ratio;
   DeviceArray<float> comp(size_t(std::max<int64_t>(n_comp, 1)) * DH), ring(size_t(W) * DH), q(size_t(T) * H * DH),
       kv(size_t(T) * DH), out(size_t(T) * H * DH), sinks(H);
   fill(comp.get(), comp.size(), 31), fill(ring.get(), ring.size(), 32), fill(q.get(), q.size(), 33);
   fill(kv.get(), kv.size(), 34), fill(sinks.get(), sinks.size(), 35);
+  if (qat_rows) fp8_grid(comp.get(), comp.size(), DH), fp8_grid(ring.get(), ring.size(), DH), fp8_grid(kv.get(), kv.size(), DH);
   std::vector<int32_t> sel(size_t(T) * K, 0);
   int64_t rows = 0;
   for (int t = 0; t < T; ++t) {
@@ -230,7 +247,7 @@ Row prefill_attention(int64_t pos0, int T, int ratio, SinkAttnImpl impl, std::ve
   const double us = time_prefill_us([&] { sink_attention_cuda(L, scratch.get(), nullptr); });
   if (out_copy) *out_copy = out.download();
   const std::string name = std::string(ratio == 4 ? "attn_csa" : "attn_hca") + "_prefill_T" + std::to_string(T) +
-                           "_" + impl_name(impl);
+                           "_" + impl_name(impl) + (qat_rows ? "" : "_rawkv");
   return {name, pos0 + T, 4.0 * H * DH * double(rows), us, us};
 }
 
@@ -240,6 +257,7 @@ void prefill_attention_pair(int64_t pos0, int T, int ratio, std::vector<Row>& ro
   std::vector<float> a, b;
   rows.push_back(prefill_attention(pos0, T, ratio, SinkAttnImpl::CudaCore, &a));
   rows.push_back(prefill_attention(pos0, T, ratio, SinkAttnImpl::TensorCore, &b));
+  if (T >= 1024 && pos0 > 0) rows.push_back(prefill_attention(pos0, T, ratio, SinkAttnImpl::TensorCore, nullptr, false));
   double d = 0, m = 0;
   for (size_t i = 0; i < a.size(); ++i) d = std::max(d, double(std::fabs(a[i] - b[i]))), m = std::max(m, double(std::fabs(a[i])));
   std::printf("  check T=%d ctx=%lld ratio=%d: max |tc - fp32| = %.3g (max |out| %.3g)\n", T, (long long)(pos0 + T),
@@ -340,6 +358,7 @@ int main(int argc, char** argv) {
       rows.push_back(attention_case(ctx, 4));
       rows.push_back(attention_case(ctx, 128));
       rows.push_back(indexer_case(ctx));
+      if (ctx > 2048) rows.push_back(indexer_case(ctx, IndexerImpl::TensorCore));
     }
     for (int rps : {64, 128, 320, 640}) rows.push_back(attention_case(65536, 4, rps));  // split-size sweep
     rows.push_back(compressor_case());

@@ -343,6 +343,7 @@ TEST(CudaAttentionRows, IndexerKernelsAndTies) {
   indexer_case(3000, 24, kTc, 24);
   indexer_case(8191, 1, kCore, 64, true);
   indexer_case(8188, 4, kTc, 64, true);
+  indexer_case(139999, 1);  // 35000 visible rows: past the selection's shared-memory key cache (32768)
 }
 
 }  // namespace

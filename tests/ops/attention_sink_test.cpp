@@ -7,6 +7,7 @@
 
 #include "backend/cpu/attention_cpu.h"
 #include "backend/cuda/attention.h"
+#include "model/attention_qat.h"
 #include "ops_common.h"
 
 namespace dsv4 {
@@ -27,7 +28,13 @@ struct Case {
   cuda::SinkAttnImpl impl = cuda::SinkAttnImpl::Auto;
   int H = 64;
   float q_sigma = 1.0f;  // 4: logits with std ~4, a peaked softmax (probabilities spanning many binades)
+  bool qat_kv = false;   // KV rows on the FP8 grid in their first 448 dims, as the model stores them
 };
+
+// The model's KV rows: FP8 QAT round trip (blocks of 64) on the non-rotary dims 0..447.
+void qat_rows(std::vector<float>& rows, int dh) {
+  for (size_t r = 0; r + size_t(dh) <= rows.size(); r += size_t(dh)) qat_fp8_blocks(rows.data() + r, dh - 64);
+}
 
 // Runs one case on both sides. Inputs are N(0,1) like normalized q/kv rows; scale 1/sqrt(512) makes logits
 // O(1). Selected rows: a random ascending subset of min(K, visible) rows per token (the indexer's contract).
@@ -38,9 +45,10 @@ void run_case(const Case& c) {
   const int64_t n_comp = c.ratio > 0 ? p_end / c.ratio : 0;
   const uint64_t seed = uint64_t(c.pos0 * 31 + c.T * 7 + c.ratio);
   const auto q = test::random_normal(size_t(c.T) * H * dh, seed + 1, c.q_sigma);
-  const auto kv_new = test::random_normal(size_t(c.T) * dh, seed + 2);
-  const auto ring = test::random_normal(size_t(W) * dh, seed + 3);
-  const auto comp = test::random_normal(size_t(std::max<int64_t>(n_comp, 1)) * dh, seed + 4);
+  auto kv_new = test::random_normal(size_t(c.T) * dh, seed + 2);
+  auto ring = test::random_normal(size_t(W) * dh, seed + 3);
+  auto comp = test::random_normal(size_t(std::max<int64_t>(n_comp, 1)) * dh, seed + 4);
+  if (c.qat_kv) qat_rows(kv_new, dh), qat_rows(ring, dh), qat_rows(comp, dh);
   const auto sinks = test::random_normal(H, seed + 5, 2.0f);
   std::vector<int32_t> sel(size_t(c.T) * K, 0);
   std::mt19937_64 rng(seed + 6);
@@ -160,6 +168,11 @@ TEST(CudaAttention, SinkTensorCore) {
   run_case({"tc 80 heads (a partial second group)", 500, 20, 4, 0, kTc, 80});
   run_case({"tc 8 heads", 130, 17, 128, 0, kTc, 8});
   run_case({"tc peaked softmax (logit std ~4)", 3000, 32, 4, 0, kTc, 64, 4.0f});
+  // FP8-grid rows: the kernel skips the hi*lo products of the chunks whose lo parts are all zero.
+  run_case({"tc qat rows, csa chunk at 4000", 4000, 48, 4, 0, kTc, 64, 1.0f, true});
+  run_case({"tc qat rows, hca chunk at 8000", 8000, 40, 128, 0, kTc, 64, 1.0f, true});
+  run_case({"tc qat rows, peaked, sliding", 100, 37, 0, 0, kTc, 64, 4.0f, true});
+  run_case({"fp32 qat rows, csa decode 8k", 8191, 1, 4, 0, cuda::SinkAttnImpl::CudaCore, 64, 1.0f, true});
 }
 
 TEST(CudaAttention, SinkRejectsBadShapes) {

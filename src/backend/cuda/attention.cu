@@ -54,8 +54,43 @@ __device__ __forceinline__ void fma4(float4& acc, float w, float4 v) {
   acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
 }
 
+// The 4 rows (warp + 8j, j < 4) of a tile that warp `warp` loads: all index and row loads issued at once.
+__device__ __forceinline__ void load_tile_rows(const SinkAttnLaunch& p, int t, const TokenRows& tr, int base,
+                                               int r_end, int warp, int lane, float4 (&v)[4][kMaxF4]) {
+  const float4* rp[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = base + warp + 8 * j;
+    rp[j] = i < r_end ? row_ptr(p, t, tr, i) : nullptr;
+  }
+  const int dh4 = p.dh / 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int k = 0; k < kMaxF4; ++k) {
+      const int c = lane + 32 * k;
+      v[j][k] = rp[j] && c < dh4 ? __ldg(rp[j] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+// One step of the transposing butterfly: the lane keeps the half of d[0 .. 2*kHalf) selected by bit kHalf of
+// its id and adds the partner lane's copy of that half (a template so every index is a constant: registers).
+template <int kHalf>
+__device__ __forceinline__ void butterfly_step(float (&d)[kHeadsPerCta * 4], int lane) {
+  const bool upper = (lane & kHalf) != 0;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const float send = upper ? d[i] : d[i + kHalf];
+    const float keep = upper ? d[i + kHalf] : d[i];
+    d[i] = keep + __shfl_xor_sync(kFullMask, send, kHalf);
+  }
+}
+
 // grid (T, ceil(H/8), n_split). Shared: q [8][dh] | tile [32][dh] | scores/probabilities [8][32].
-__global__ void __launch_bounds__(kThreads) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part) {
+// Warp w loads tile rows w, w+8, w+16, w+24 (the next tile's while the current one is consumed) and dots them
+// with the 8 heads' queries; the 32 (head, row) partial sums of a lane are reduced across the warp by a
+// transposing butterfly (31 shuffles, lane l ends with pair l) instead of 32 separate warp sums.
+__global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part) {
   extern __shared__ float4 smem4[];
   const int dh4 = p.dh / 4;
   float4* qs = smem4;
@@ -65,14 +100,16 @@ __global__ void __launch_bounds__(kThreads) sink_attn_kernel(SinkAttnLaunch p, i
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nh = min(kHeadsPerCta, p.H - h0);
 
-  const float4* q4 = reinterpret_cast<const float4*>(p.q) + (int64_t(t) * p.H + h0) * dh4;
-  for (int i = threadIdx.x; i < kHeadsPerCta * dh4; i += kThreads)
-    qs[i] = i / dh4 < nh ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-
   const TokenRows tr = token_rows(p, t);
   const int n_rows = tr.n_win + tr.n_comp;
   const int r_begin = split * rows_per_split;
   const int r_end = min(n_rows, r_begin + rows_per_split);
+  float4 v[4][kMaxF4];
+  load_tile_rows(p, t, tr, r_begin, r_end, warp, lane, v);  // in flight while q is staged
+
+  const float4* q4 = reinterpret_cast<const float4*>(p.q) + (int64_t(t) * p.H + h0) * dh4;
+  for (int i = threadIdx.x; i < kHeadsPerCta * dh4; i += kThreads)
+    qs[i] = i / dh4 < nh ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
 
   float4 acc[kMaxF4];
 #pragma unroll
@@ -80,35 +117,40 @@ __global__ void __launch_bounds__(kThreads) sink_attn_kernel(SinkAttnLaunch p, i
   float m = -INFINITY, s = 0.0f;  // running max and sum of head h0 + warp (every lane holds them)
 
   for (int base = r_begin; base < r_end; base += kTile) {
-    __syncthreads();  // q loaded / previous tile consumed
-    // Scores: each row is read from global memory once and dotted with all 8 heads' queries.
-    for (int rr = warp; rr < kTile; rr += kHeadsPerCta) {
-      const int i = base + rr;
-      if (i < r_end) {
-        const float4* row = row_ptr(p, t, tr, i);
-        float4 v[kMaxF4];
+    __syncthreads();  // q staged / previous tile consumed
+    float d[kHeadsPerCta * 4];  // d[h * 4 + j]: this lane's part of head h . row warp + 8j
 #pragma unroll
-        for (int k = 0; k < kMaxF4; ++k) {
-          const int j = lane + 32 * k;
-          if (j < dh4) {
-            v[k] = __ldg(row + j);
-            tile[rr * dh4 + j] = v[k];
-          }
-        }
-        for (int h = 0; h < kHeadsPerCta; ++h) {
-          float d = 0.0f;
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int k = 0; k < kMaxF4; ++k) {
-            const int j = lane + 32 * k;
-            if (j < dh4) d += dot4(v[k], qs[h * dh4 + j]);
-          }
-          d = warp_sum(d);
-          if (lane == 0) sc[h * kTile + rr] = p.scale * d;
-        }
-      } else if (lane == 0) {
-        for (int h = 0; h < kHeadsPerCta; ++h) sc[h * kTile + rr] = -INFINITY;
+      for (int k = 0; k < kMaxF4; ++k) {
+        const int c = lane + 32 * k;
+        if (c < dh4) tile[(warp + 8 * j) * dh4 + c] = v[j][k];
       }
+#pragma unroll
+    for (int i = 0; i < kHeadsPerCta * 4; ++i) d[i] = 0.0f;
+#pragma unroll
+    for (int h = 0; h < kHeadsPerCta; ++h)
+#pragma unroll
+      for (int k = 0; k < kMaxF4; ++k) {
+        const int c = lane + 32 * k;
+        if (c < dh4) {
+          const float4 qv = qs[h * dh4 + c];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) d[h * 4 + j] += dot4(v[j][k], qv);
+        }
+      }
+    // Transposing butterfly: after the step of offset o, a lane keeps the half of its values selected by bit o
+    // of its lane id and adds the partner's copy of that half; at the end lane l holds the full sum of pair l.
+    butterfly_step<16>(d, lane);
+    butterfly_step<8>(d, lane);
+    butterfly_step<4>(d, lane);
+    butterfly_step<2>(d, lane);
+    butterfly_step<1>(d, lane);
+    {
+      const int h = lane >> 2, rr = warp + 8 * (lane & 3);
+      sc[h * kTile + rr] = base + rr < r_end ? p.scale * d[0] : -INFINITY;
     }
+    if (base + kTile < r_end) load_tile_rows(p, t, tr, base + kTile, r_end, warp, lane, v);  // next tile
     __syncthreads();
     // Online softmax of this tile for head h0 + warp: lane = tile row.
     const float l = sc[warp * kTile + lane];
@@ -162,29 +204,48 @@ __global__ void __launch_bounds__(kThreads) sink_attn_kernel(SinkAttnLaunch p, i
   }
 }
 
-// grid T*H, block dh/4 threads: out = sum_c e^(m_c - M) acc_c / (e^(sink - M) + sum_c e^(m_c - M) s_c).
+// grid T*H, block dh/4 threads, dynamic shared memory 2 * n_split floats:
+// out = sum_c e^(m_c - M) acc_c / (e^(sink - M) + sum_c e^(m_c - M) s_c). The splits' (max, sum) are staged in
+// shared memory first (one parallel load), so the partial loads that follow are independent of each other.
 __global__ void sink_attn_combine_kernel(SinkAttnLaunch p, int n_split, const float* part) {
+  extern __shared__ float wsum[];  // [n_split] weights e^(m_c - M), then [n_split] sums s_c
+  __shared__ float s_den;
   const int64_t th = blockIdx.x;  // t * H + h
   const int h = int(th % p.H);
   const int dh4 = p.dh / 4, j = threadIdx.x;
   const float* ms = part + int64_t(n_split) * p.T * p.H * p.dh;
   const int64_t stride = int64_t(p.T) * p.H;
   const float sink = p.sinks[h];
-  float M = sink;
-  for (int c = 0; c < n_split; ++c) M = fmaxf(M, ms[2 * (c * stride + th)]);
-  float den = expf(sink - M);
-  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int c = 0; c < n_split; ++c) {
-    const float mc = ms[2 * (c * stride + th)];
-    if (mc == -INFINITY) continue;  // split without rows
-    const float w = expf(mc - M);
-    den += w * ms[2 * (c * stride + th) + 1];
-    fma4(o, w, reinterpret_cast<const float4*>(part)[(c * stride + th) * dh4 + j]);
+  for (int c = j; c < n_split; c += blockDim.x) {
+    wsum[c] = ms[2 * (c * stride + th)];
+    wsum[n_split + c] = ms[2 * (c * stride + th) + 1];
   }
-  const float f = 1.0f / den;
-  reinterpret_cast<float4*>(p.out)[th * dh4 + j] = make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
+  __syncthreads();
+  float M = sink;
+  for (int c = 0; c < n_split; ++c) M = fmaxf(M, wsum[c]);
+  __syncthreads();  // every thread has read the maxima before they are replaced by weights
+  for (int c = j; c < n_split; c += blockDim.x) {
+    const float mc = wsum[c];
+    wsum[c] = mc == -INFINITY ? 0.0f : expf(mc - M);  // a split without rows weighs nothing
+  }
+  __syncthreads();
+  if (j == 0) {
+    float den = expf(sink - M);
+    for (int c = 0; c < n_split; ++c) den += wsum[c] * wsum[n_split + c];
+    s_den = den;
+  }
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (j < dh4) {
+#pragma unroll 4
+    for (int c = 0; c < n_split; ++c) {
+      const float w = wsum[c];
+      if (w != 0.0f) fma4(o, w, reinterpret_cast<const float4*>(part)[(c * stride + th) * dh4 + j]);
+    }
+  }
+  __syncthreads();
+  const float f = 1.0f / s_den;
+  if (j < dh4) reinterpret_cast<float4*>(p.out)[th * dh4 + j] = make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
 }
-
 
 // ---- tensor-core path (SinkAttnImpl::TensorCore; numerics in attention.h) ---------------------------------
 namespace tc {
@@ -200,9 +261,10 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kQStride = kDh + 8;         // halves
 constexpr int kPStride = kRows + 8;       // halves
 constexpr int kSStride = kRows + 1;       // floats
+constexpr int kChunks = kDh / 16;         // 16-dim k / n chunks of a row (one mma step)
 constexpr size_t kSmemBytes = sizeof(__half) * (2 * kHeads * kQStride + 2 * kRows * kQStride +
                                                 2 * kHeads * kPStride) +
-                              sizeof(float) * (kHeads * kSStride + 3 * kHeads);
+                              sizeof(float) * (kHeads * kSStride + 3 * kHeads) + sizeof(int) * 2 * kChunks;
 
 // grid (T, ceil(H / 64)), kThreads threads, kSmemBytes of shared memory. Per 32-row tile:
 //   load    rows (window / compressed, gathered) -> fp16 hi/lo in shared memory
@@ -222,6 +284,12 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
   float* s_m = s_sc + kHeads * kSStride;
   float* s_l = s_m + kHeads;
   float* s_alpha = s_l + kHeads;
+  // lo_any[parity][chunk]: some row of the tile has a nonzero lo part in these 16 dims. QAT'd KV rows sit on the
+  // FP8 grid (3 mantissa bits) in their first dh - 64 dims, exact in one fp16, so their lo parts are 0 and the
+  // hi*lo products with the row operand are skipped there (about a third of the mma work); rotary dims, QAT off
+  // or tiny FP8 scales give nonzero lo and keep all three products. Double-buffered by tile parity so a tile
+  // can clear the next tile's flags without another barrier.
+  int* lo_any = reinterpret_cast<int*>(s_alpha + kHeads);
 
   const int t = blockIdx.x, h0 = blockIdx.y * kHeads;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -236,6 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
     store_split4(v, qh + r * kQStride + 4 * c, ql + r * kQStride + 4 * c);
   }
   if (tid < kHeads) s_m[tid] = -INFINITY, s_l[tid] = 0.0f;
+  if (tid < 2 * kChunks) lo_any[tid] = 0;
 
   const TokenRows tr = token_rows(p, t);
   const int n_rows = tr.n_win + tr.n_comp;
@@ -255,6 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
   for (int n = 0; n < 32; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
   for (int base = 0; base < n_rows; base += kRows) {
+    int* lo_cur = lo_any + ((base / kRows) & 1) * kChunks;
+    int* lo_next = lo_any + (((base / kRows) + 1) & 1) * kChunks;
     __syncthreads();  // Q staged / previous tile's values and probabilities consumed
     {
       const int col = tid % kDh4, r0 = tid / kDh4;  // 2 rows per pass of 256 threads
@@ -264,13 +335,16 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
         const int rr = r0 + 2 * j, i = base + rr;
         v[j] = i < n_rows ? __ldg(row_ptr(p, t, tr, i) + col) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
+      bool nz = false;
 #pragma unroll
       for (int j = 0; j < kRows / 2; ++j) {
         const int rr = r0 + 2 * j;
-        store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
+        nz |= store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
       }
+      if (nz) lo_cur[col / 4] = 1;  // every writer stores the same value
     }
     __syncthreads();
+    if (tid < kChunks) lo_next[tid] = 0;  // last read in the previous tile's value phase
     {  // scores: 16 heads x 16 rows per warp, k = 512
       // Four accumulator sets (hi*hi / the two lo terms, even / odd k steps) keep the dependent mma chains a
       // quarter as long: the phase is latency-bound with only 8 warps per SM.
@@ -278,16 +352,20 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
 #pragma unroll 4
       for (int k0 = 0; k0 < kDh; k0 += 16) {
         const int par = (k0 >> 4) & 1;
-        uint32_t ah[4], al[4], bh[4], bl[4];
+        uint32_t ah[4], al[4], bh[4];
         ldsm_x4(ah, qh_a + 2 * k0);
         ldsm_x4(al, ql_a + 2 * k0);
         ldsm_x4(bh, kh_b + 2 * k0);
-        ldsm_x4(bl, kl_b + 2 * k0);
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           mma(sh[par][n], ah, bh[2 * n], bh[2 * n + 1]);
           mma(sx[par][n], al, bh[2 * n], bh[2 * n + 1]);
-          mma(sx[par][n], ah, bl[2 * n], bl[2 * n + 1]);
+        }
+        if (lo_cur[k0 >> 4]) {  // uniform over the CTA
+          uint32_t bl[4];
+          ldsm_x4(bl, kl_b + 2 * k0);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) mma(sx[par][n], ah, bl[2 * n], bl[2 * n + 1]);
         }
       }
 #pragma unroll
@@ -327,11 +405,18 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
         ldsm_x4(al, pl_a + 2 * k0);
 #pragma unroll
         for (int n = 0; n < 16; ++n) {
-          uint32_t vh[4], vl[4];
+          uint32_t vh[4];
           ldsm_x4_trans(vh, kh_v + 2 * (k0 * kQStride + 16 * n));
-          ldsm_x4_trans(vl, kl_v + 2 * (k0 * kQStride + 16 * n));
-          mma3(acc[2 * n], ah, al, vh[0], vh[1], vl[0], vl[1]);
-          mma3(acc[2 * n + 1], ah, al, vh[2], vh[3], vl[2], vl[3]);
+          mma(acc[2 * n], ah, vh[0], vh[1]);
+          mma(acc[2 * n], al, vh[0], vh[1]);
+          mma(acc[2 * n + 1], ah, vh[2], vh[3]);
+          mma(acc[2 * n + 1], al, vh[2], vh[3]);
+          if (lo_cur[16 * wq + n]) {  // uniform over the warp
+            uint32_t vl[4];
+            ldsm_x4_trans(vl, kl_v + 2 * (k0 * kQStride + 16 * n));
+            mma(acc[2 * n], ah, vl[0], vl[1]);
+            mma(acc[2 * n + 1], ah, vl[2], vl[3]);
+          }
         }
       }
     }
@@ -449,7 +534,10 @@ void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_
   sink_attn_kernel<<<grid, kThreads, smem, stream>>>(p, rps, scratch);
   check_launch("sink_attn_kernel");
   if (ns > 1) {
-    sink_attn_combine_kernel<<<unsigned(int64_t(p.T) * p.H), unsigned(p.dh / 4), 0, stream>>>(p, ns, scratch);
+    // One block per (token, head): dh/4 threads (at least a warp), the splits' weights in shared memory.
+    const unsigned threads = unsigned(std::max(32, (p.dh / 4 + 31) / 32 * 32));
+    sink_attn_combine_kernel<<<unsigned(int64_t(p.T) * p.H), threads, sizeof(float) * 2 * size_t(ns), stream>>>(
+        p, ns, scratch);
     check_launch("sink_attn_combine_kernel");
   }
 }

@@ -49,12 +49,14 @@ __device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t&
   hi = h2_bits(h);
   lo = h2_bits(__floats2half2_rn(a - f.x, b - f.y));
 }
-__device__ __forceinline__ void store_split4(float4 v, __half* hi, __half* lo) {
+// Stores the split of 4 floats; returns whether any lo part is nonzero (-0 counts as nonzero: harmless).
+__device__ __forceinline__ bool store_split4(float4 v, __half* hi, __half* lo) {
   uint2 h, l;
   split2(v.x, v.y, h.x, l.x);
   split2(v.z, v.w, h.y, l.y);
   *reinterpret_cast<uint2*>(hi) = h;
   *reinterpret_cast<uint2*>(lo) = l;
+  return (l.x | l.y) != 0;
 }
 
 }  // namespace dsv4::cuda::tcore

@@ -155,15 +155,18 @@ __global__ void __launch_bounds__(kThreads) indexer_score_tc_kernel(IndexerLaunc
 
 // ---- selection: radix select of the k-th score + one ordered pass (ascending rows, ties to the lower row) ----
 constexpr int kSelThreads = 1024;
+constexpr int kSelCacheKeys = 32768;
 
 __device__ __forceinline__ uint32_t order_key(float f) {  // order-preserving: larger float -> larger key
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// One block per token. scores: [T, n_cols] with the token's visible rows first.
+// One block per token. scores: [T, n_cols] with the token's visible rows first. With cache_keys >= the token's
+// visible rows, the first pass keeps the order keys in dynamic shared memory and the later passes read them there.
 __global__ void __launch_bounds__(kSelThreads) indexer_topk_kernel(IndexerLaunch p, const float* scores,
-                                                                    int64_t n_cols) {
+                                                                    int64_t n_cols, int cache_keys) {
+  extern __shared__ uint32_t key_cache[];
   __shared__ unsigned hist[256];
   __shared__ int warp_gt[32], warp_eq[32];
   __shared__ uint32_t s_prefix;
@@ -178,6 +181,8 @@ __global__ void __launch_bounds__(kSelThreads) indexer_topk_kernel(IndexerLaunch
   }
   const float* s = scores + int64_t(t) * n_cols;
   const int n = int(n_vis);
+  const bool cached = n <= cache_keys;
+  auto key_at = [&](int i) { return cached ? key_cache[i] : order_key(s[i]); };  // passes after the first
 
   // Radix select, 8 bits per pass from the top: s_prefix ends as the k-th largest key, s_remaining as the
   // number of rows equal to it that belong to the top k.
@@ -187,15 +192,29 @@ __global__ void __launch_bounds__(kSelThreads) indexer_topk_kernel(IndexerLaunch
     for (int b = tid; b < 256; b += kSelThreads) hist[b] = 0;
     __syncthreads();
     const uint32_t prefix = s_prefix;
-    for (int base = 0; base < n; base += kSelThreads) {  // uniform trip count: the warp collectives below
-      const int i = base + tid;
-      const uint32_t key = i < n ? order_key(s[i]) : 0u;
-      const bool active = i < n && (key & mask) == prefix;
-      const unsigned bin = (key >> shift) & 255u;
-      const unsigned act = __ballot_sync(kFullMask, active);
-      if (active) {  // scores cluster in a few bins: one atomic per distinct bin of the warp
-        const unsigned peers = __match_any_sync(act, bin);
-        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], unsigned(__popc(peers)));
+    constexpr int kU = 4;  // first pass: kU independent global loads in flight per thread
+    for (int base = 0; base < n; base += kU * kSelThreads) {  // uniform trip count: warp collectives below
+      uint32_t key[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kSelThreads + tid;
+        if (shift == 24) {
+          key[u] = i < n ? order_key(s[i]) : 0u;
+          if (cached && i < n) key_cache[i] = key[u];
+        } else {
+          key[u] = i < n ? key_at(i) : 0u;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kSelThreads + tid;
+        const bool active = i < n && (key[u] & mask) == prefix;
+        const unsigned bin = (key[u] >> shift) & 255u;
+        const unsigned act = __ballot_sync(kFullMask, active);
+        if (active) {  // scores cluster in a few bins: one atomic per distinct bin of the warp
+          const unsigned peers = __match_any_sync(act, bin);
+          if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], unsigned(__popc(peers)));
+        }
       }
     }
     __syncthreads();
@@ -234,7 +253,7 @@ __global__ void __launch_bounds__(kSelThreads) indexer_topk_kernel(IndexerLaunch
   int take_base = 0, eq_base = 0;  // identical in every thread
   for (int base = 0; base < n && take_base < p.k; base += kSelThreads) {
     const int i = base + tid;
-    const uint32_t key = i < n ? order_key(s[i]) : 0u;
+    const uint32_t key = i < n ? key_at(i) : 0u;
     const bool gt = i < n && key > thr, eq = i < n && key == thr;
     const unsigned bg = __ballot_sync(kFullMask, gt), be = __ballot_sync(kFullMask, eq);
     if (lane == 0) warp_gt[warp] = __popc(bg), warp_eq[warp] = __popc(be);
@@ -329,7 +348,16 @@ void indexer_select_cuda(const IndexerLaunch& p, float* scratch, cudaStream_t st
     if (!scratch) fail("indexer_select_cuda: %lld visible rows > k=%d need scratch", (long long)n, p.k);
     indexer_scores_cuda(p, scratch, n, stream);
   }
-  indexer_topk_kernel<<<unsigned(p.T), kSelThreads, 0, stream>>>(p, scratch, n);
+  // Keys cached in shared memory up to 32768 rows (128 KiB: contexts up to 128k); longer rows re-read L2.
+  static const bool attr_set = [] {
+    check(cudaFuncSetAttribute(indexer_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(sizeof(uint32_t) * kSelCacheKeys)),
+          "cudaFuncSetAttribute(indexer_topk_kernel)");
+    return true;
+  }();
+  (void)attr_set;
+  const int cache = n > p.k && n <= kSelCacheKeys ? int(n) : 0;
+  indexer_topk_kernel<<<unsigned(p.T), kSelThreads, sizeof(uint32_t) * size_t(cache), stream>>>(p, scratch, n, cache);
   check_launch("indexer_topk_kernel");
 }
 
