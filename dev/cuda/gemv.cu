@@ -419,7 +419,7 @@ int main(int argc, char** argv) {
     };
     for (const Case& c : cases) {
       Result r1{}, r2{};
-      const bool fused_only = c.fused == 1 || c.fused == 3;
+      const bool fused_only = c.fused == 3;  // down+sum: staged only (gate+up+swiglu has both kernels)
       const bool ok1 = !fused_only && try_case(c, Knobs{1}, &r1);
       const bool ok2 = c.n_tokens == 1 && try_case(c, Knobs{2}, &r2);
       // Staged sweep for the MoE cases (the decode's biggest reads) and the dense single-token ones in full mode.
@@ -439,6 +439,9 @@ int main(int argc, char** argv) {
       else std::printf(" %11s %7s", "-", "-");
       if (ok2) std::printf(" %11.2f %11.2f %6.1f%%", r2.us_graph, r2.us_eager, r2.pct_read);
       else std::printf(" %11s %11s %7s", "-", "-", "-");
+      Result rg{};
+      if (c.type == QType::IQ2_XXS && !fused_only && try_case(c, Knobs{1, 0, 0, 0, 0, 1}, &rg))
+        std::printf("   [stream, uint2 grid table: %.2f us]", rg.us_graph);
       if (ok2 && best.us_graph < r2.us_graph)
         std::printf("   %.2f us %.1f%% (%d %d %d %d)", best.us_graph, best.pct_read, bk.tile_rows, bk.row_group,
                     bk.cta_warps, bk.iq2_rep);

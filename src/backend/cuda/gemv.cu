@@ -202,6 +202,57 @@ struct TraitsIQ2_XXS {
   }
 };
 
+// IQ2_XXS grid as byte-permute selectors: entry i holds, in nibble k, the code (0, 1, 2) of grid byte k (each grid
+// byte is one of 8, 25, 43), and __byte_perm(0x002B1908, 0, sel) expands 4 nibbles back to 4 magnitude bytes. A
+// 4-byte entry (vs 8) halves the shared-memory words touched; `rep` interleaved copies (entry i of copy c at word
+// i * rep + c, lane l reading copy l % rep) spread a warp's 32 random lookups over the banks: with rep = 32 every
+// lane owns a bank and a lookup instruction is one conflict-free wavefront.
+// Threads < 256 derive one selector each (scratch: 256 words), then all threads replicate them; consecutive
+// threads write consecutive words, so the replication is free of bank conflicts. The first measurement derived
+// every copy separately (8192 derivations per CTA at rep = 32) and that alone made the kernel 2.5x slower.
+__device__ __forceinline__ void fill_iq2_selectors(uint32_t* tab, uint32_t* scratch, int rep_shift) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    const uint64_t g = iq2xxs_grid[i];
+    uint32_t sel = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t b = uint32_t(g >> (8 * k)) & 0xFFu;
+      sel |= (b == 0x08u ? 0u : (b == 0x19u ? 1u : 2u)) << (4 * k);
+    }
+    scratch[i] = sel;
+  }
+  __syncthreads();
+  const int n = 256 << rep_shift;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) tab[i] = scratch[i >> rep_shift];
+}
+
+struct TraitsIQ2Sel : TraitsIQ2_XXS {
+  __device__ static W load_sel(const uint8_t* blk, int g, const uint32_t* tab, int rep_shift, int copy) {
+    const uint8_t* q = blk + 2 + 8 * g;
+    const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
+    W w;
+    w.d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t sel = tab[(((a0 >> (8 * k)) & 255u) << rep_shift) + copy];
+      const uint32_t code = (a1 >> (7 * k)) & 127u;
+      const uint32_t sg = code | ((__popc(code) & 1u) << 7);
+      const uint32_t mlo = sign_bytes(sg & 15u), mhi = sign_bytes(sg >> 4);
+      w.v[2 * k] = int(__vsub4(__byte_perm(0x002B1908u, 0u, sel) ^ mlo, mlo));
+      w.v[2 * k + 1] = int(__vsub4(__byte_perm(0x002B1908u, 0u, sel >> 16) ^ mhi, mhi));
+    }
+    w.ls = int(2 * (a1 >> 28) + 1);
+    return w;
+  }
+  // Streaming kernel: 8 copies (rep_shift 3; 8 KiB), the H200 sweeps' best for the staged kernel.
+  static constexpr int kRepShift = 3;
+  __device__ static W load(const uint8_t* blk, int g, const Iq2Smem* t) {
+    return load_sel(blk, g, reinterpret_cast<const uint32_t*>(t), kRepShift, int(threadIdx.x) & ((1 << kRepShift) - 1));
+  }
+};
+// The staged kernel passes its own table copy count (GemvParams::iq2_rep).
+struct TraitsIQ2Staged : TraitsIQ2Sel {};
+
 struct TraitsF16 {
   static constexpr int kTpb = 1;  // a "block" is 8 halves (16 bytes) per lane
   static constexpr int kUnroll = 1;
@@ -289,12 +340,28 @@ int64_t act_row_bytes_of(int64_t cols) {
 
 // ---- the kernel --------------------------------------------------------------------------------------------------
 template <class T>
+constexpr bool kIsIq2 = std::is_same_v<T, TraitsIQ2_XXS> || std::is_same_v<T, TraitsIQ2Sel>;
+
+// Shared-memory bytes of the streaming kernel's IQ2_XXS table: the 2 KiB uint2 grid, or 8 selector copies (8 KiB)
+// plus the 1 KiB scratch they are built in.
+template <class T>
+constexpr size_t iq2_table_bytes() {
+  if constexpr (std::is_same_v<T, TraitsIQ2_XXS>) return sizeof(Iq2Smem);
+  else if constexpr (std::is_same_v<T, TraitsIQ2Sel>) return (256u << TraitsIQ2Sel::kRepShift) * 4 + 256 * 4;
+  else return 0;
+}
+
+template <class T>
 __device__ void load_iq2_tables(Iq2Smem* t) {
   if constexpr (std::is_same_v<T, TraitsIQ2_XXS>) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
       const uint64_t g = iq2xxs_grid[i];
       t->grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
     }
+    __syncthreads();
+  } else if constexpr (std::is_same_v<T, TraitsIQ2Sel>) {
+    uint32_t* tab = reinterpret_cast<uint32_t*>(t);
+    fill_iq2_selectors(tab, tab + (256 << TraitsIQ2Sel::kRepShift), TraitsIQ2Sel::kRepShift);
     __syncthreads();
   }
 }
@@ -303,9 +370,17 @@ __device__ void load_iq2_tables(Iq2Smem* t) {
 // row group (wpr > 1 splits few-and-long rows, e.g. HC control's 24 rows, across warps; partials meet in shared
 // memory in a fixed order). Each step issues U blocks' loads per row before any arithmetic, so a warp keeps
 // several KiB in flight. U and R are template knobs swept by dev/cuda/gemv.cu (GemvParams::unroll/row_group).
-template <class T, int NT, int U, int R>
+// SW (fused MoE gate + up + SwiGLU, R = 2): a warp's two rows are row r of w (gate) and row r of w2 (up) of one
+// slot, sharing the activation loads, and lane 0 writes swiglu(g, u) * route_w[slot] to y[slot][r].
+struct SwigluArgs {
+  const float* route_w = nullptr;
+  float clamp = 0.0f;
+};
+
+template <class T, int NT, int U, int R, bool SW = false>
 __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p, int64_t row_bytes,
-                                                                    int64_t act_row_bytes, int wpr) {
+                                                                    int64_t act_row_bytes, int wpr, SwigluArgs sw) {
+  static_assert(!SW || (R == 2 && NT == 1), "SwiGLU mode: one token, gate and up rows");
   extern __shared__ uint2 dyn_smem[];  // sizeof(Iq2Smem) for IQ2_XXS, empty otherwise
   Iq2Smem* tables = reinterpret_cast<Iq2Smem*>(dyn_smem);
   __shared__ float partial[kMaxWarpsPerCta][R * NT];
@@ -313,17 +388,23 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups_per_cta = int(blockDim.x >> 5) / wpr;
-  const int64_t row0 = (int64_t(blockIdx.x) * groups_per_cta + warp / wpr) * R;
+  const int64_t row0 = (int64_t(blockIdx.x) * groups_per_cta + warp / wpr) * (SW ? 1 : R);
   const int part = warp % wpr;
-  // grid.y covers the slots of w, then (paired launch) the same slots of w2.
-  const bool second = int(blockIdx.y) >= p.n_slots;
+  // grid.y covers the slots of w, then (paired launch) the same slots of w2; SwiGLU mode: the slots once.
+  const bool second = !SW && int(blockIdx.y) >= p.n_slots;
   const int slot = second ? int(blockIdx.y) - p.n_slots : int(blockIdx.y);
   const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
   const uint8_t* wbase = static_cast<const uint8_t*>(second ? p.w2 : p.w) + expert * p.expert_stride;
   float* y = second ? p.y2 : p.y;
   const uint8_t* wrow[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) wrow[r] = wbase + std::min<int64_t>(row0 + r, p.rows - 1) * row_bytes;
+  for (int r = 0; r < R; ++r) {
+    if constexpr (SW)
+      wrow[r] = (r == 0 ? wbase : static_cast<const uint8_t*>(p.w2) + expert * p.expert_stride) +
+                std::min<int64_t>(row0, p.rows - 1) * row_bytes;
+    else
+      wrow[r] = wbase + std::min<int64_t>(row0 + r, p.rows - 1) * row_bytes;
+  }
   const int64_t act_row0 = int64_t(slot / p.act_slot_div) * p.n_tokens;
   const uint8_t* act = static_cast<const uint8_t*>(p.xq) + act_row0 * act_row_bytes;
 
@@ -381,31 +462,41 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
       for (int t = 0; t < NT; ++t)
         for (int j = 1; j < wpr; ++j) acc[r][t] += partial[warp + j][r * NT + t];  // fixed order: deterministic
   }
-  if (lane == 0)
+  if constexpr (SW) {
+    if (lane == 0 && row0 < p.rows) {
+      // Same operations and roundings as swiglu_kernel (moe.cu) and the CPU backend.
+      const float gc = fminf(acc[0][0], sw.clamp);
+      const float uc = fmaxf(fminf(acc[1][0], sw.clamp), -sw.clamp);
+      const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
+      p.y[int64_t(slot) * p.rows + row0] = sw.route_w ? __fmul_rn(h, sw.route_w[slot]) : h;
+    }
+  } else if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
       if (row0 + r < p.rows)
 #pragma unroll
         for (int t = 0; t < NT; ++t) y[(int64_t(slot) * p.n_tokens + t) * p.rows + row0 + r] = acc[r][t];
+  }
 }
 
-template <class T, int NT, int U, int R>
-void launch(const GemvParams& p, cudaStream_t stream) {
+template <class T, int NT, int U, int R, bool SW = false>
+void launch(const GemvParams& p, cudaStream_t stream, SwigluArgs sw = {}) {
   const int64_t row_bytes = weight_row_bytes<T>(p.cols);
   const int64_t act_row_bytes = act_row_bytes_of<T>(p.cols);
   // Enough warps to fill the card (132 SMs x 64 resident warps ~ 8k): row groups are split across warps until
   // there are 8k warps, or 16 per group. Measured on H200 (wb_gemv): 4096 rows of 8192 Q8_0 columns ran at 35% of
   // the read bandwidth with one warp per row, because each warp walks its long row one dependent step at a time.
-  const int64_t total_groups = (p.rows + R - 1) / R * p.n_slots * (p.w2 ? 2 : 1);
+  const int64_t total_groups = SW ? p.rows * p.n_slots : (p.rows + R - 1) / R * p.n_slots * (p.w2 ? 2 : 1);
   int wpr = 1;
   while (wpr < kMaxWarpsPerCta && total_groups * wpr < 8192) wpr *= 2;
   // IQ2_XXS CTAs first copy the 2 KiB grid to shared memory: bigger CTAs amortize that copy over more rows.
-  const int base_warps = p.cta_warps ? p.cta_warps : (std::is_same_v<T, TraitsIQ2_XXS> ? 16 : kWarpsPerCta);
+  const int base_warps = p.cta_warps ? p.cta_warps : (kIsIq2<T> ? 16 : kWarpsPerCta);
   const int warps = std::max(base_warps, wpr);
-  const int rows_per_cta = warps / wpr * R;
-  const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta), unsigned(p.n_slots * (p.w2 ? 2 : 1)));
-  const size_t smem = std::is_same_v<T, TraitsIQ2_XXS> ? sizeof(Iq2Smem) : 0;
-  gemv_kernel<T, NT, U, R><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr);
+  const int rows_per_cta = warps / wpr * (SW ? 1 : R);
+  const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta),
+                  unsigned(p.n_slots * (p.w2 && !SW ? 2 : 1)));
+  const size_t smem = iq2_table_bytes<T>();
+  gemv_kernel<T, NT, U, R, SW><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr, sw);
   check_launch("gemv_kernel");
 }
 
@@ -468,50 +559,6 @@ struct StagedArgs {
   int table_bytes = 0;  // shared-memory bytes of the IQ2_XXS table (0 for other types)
   const float* route_w = nullptr;
   float clamp = 0.0f;
-};
-
-// IQ2_XXS grid as byte-permute selectors: entry i holds, in nibble k, the code (0, 1, 2) of grid byte k (each grid
-// byte is one of 8, 25, 43), and __byte_perm(0x002B1908, 0, sel) expands 4 nibbles back to 4 magnitude bytes. A
-// 4-byte entry (vs 8) halves the shared-memory words touched; `rep` interleaved copies (entry i of copy c at word
-// i * rep + c, lane l reading copy l % rep) spread a warp's 32 random lookups over the banks: with rep = 32 every
-// lane owns a bank and a lookup instruction is one conflict-free wavefront.
-// Threads < 256 derive one selector each (scratch: 256 words), then all threads replicate them; consecutive
-// threads write consecutive words, so the replication is free of bank conflicts. The first measurement derived
-// every copy separately (8192 derivations per CTA at rep = 32) and that alone made the kernel 2.5x slower.
-__device__ __forceinline__ void fill_iq2_selectors(uint32_t* tab, uint32_t* scratch, int rep_shift) {
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-    const uint64_t g = iq2xxs_grid[i];
-    uint32_t sel = 0;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint32_t b = uint32_t(g >> (8 * k)) & 0xFFu;
-      sel |= (b == 0x08u ? 0u : (b == 0x19u ? 1u : 2u)) << (4 * k);
-    }
-    scratch[i] = sel;
-  }
-  __syncthreads();
-  const int n = 256 << rep_shift;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) tab[i] = scratch[i >> rep_shift];
-}
-
-struct TraitsIQ2Staged : TraitsIQ2_XXS {
-  __device__ static W load_sel(const uint8_t* blk, int g, const uint32_t* tab, int rep_shift, int copy) {
-    const uint8_t* q = blk + 2 + 8 * g;
-    const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
-    W w;
-    w.d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t sel = tab[(((a0 >> (8 * k)) & 255u) << rep_shift) + copy];
-      const uint32_t code = (a1 >> (7 * k)) & 127u;
-      const uint32_t sg = code | ((__popc(code) & 1u) << 7);
-      const uint32_t mlo = sign_bytes(sg & 15u), mhi = sign_bytes(sg >> 4);
-      w.v[2 * k] = int(__vsub4(__byte_perm(0x002B1908u, 0u, sel) ^ mlo, mlo));
-      w.v[2 * k + 1] = int(__vsub4(__byte_perm(0x002B1908u, 0u, sel >> 16) ^ mhi, mhi));
-    }
-    w.ls = int(2 * (a1 >> 28) + 1);
-    return w;
-  }
 };
 
 // R dots of rows (shared memory) with one activation row (global, L1-resident): acc[r] += row_r . act over part
@@ -706,6 +753,8 @@ void launch_staged(const GemvParams& p, int segs, const float* route_w, float cl
   const int ys = E == Epi::Store ? p.n_slots * (p.w2 ? 2 : 1) : (E == Epi::Swiglu ? p.n_slots : p.n_slots / segs);
   if (p.tile_rows > 0) {
     a.tile_rows = (p.tile_rows + quantum - 1) / quantum * quantum;
+  } else if (int64_t(segs) * 32 * a.row_bytes <= (64 << 10)) {
+    a.tile_rows = 32;  // H200 sweeps: 32-row tiles were the best or within noise of it for every MoE case
   } else {
     // Aim for ~4 CTAs per SM over the whole launch (one wave, everything requested up front), with tiles of
     // 8-40 KiB: smaller tiles waste the per-CTA setup, larger ones leave SMs idle at the tail.
@@ -717,7 +766,7 @@ void launch_staged(const GemvParams& p, int segs, const float* route_w, float cl
   }
   a.tile_rows = int(std::min<int64_t>(a.tile_rows, (p.rows + quantum - 1) / quantum * quantum));
   if constexpr (std::is_same_v<T, TraitsIQ2Staged>) {
-    a.iq2_rep = p.iq2_rep ? p.iq2_rep : 32;
+    a.iq2_rep = p.iq2_rep ? p.iq2_rep : 8;  // 8 won every H200 sweep (32 copies cost more shared memory)
     a.table_bytes = 256 * 4 * a.iq2_rep;
   }
   // res: segs x tile_rows results; IQ2_XXS also borrows it as the 256-word selector scratch before the dots.
@@ -885,10 +934,29 @@ void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float cl
   checked.y2 = p.y;  // y2 is unused here; the common check wants one for a paired launch
   check_common(checked, "moe_gate_up_swiglu_cuda");
   if (!p.w2) fail("moe_gate_up_swiglu_cuda: needs the up stack in w2");
-  if (!gemv_staged_supported(p))
-    fail("moe_gate_up_swiglu_cuda: layout not supported by the staged kernel (%s, %lld cols, 16-byte rows needed)",
-         qtype_name(p.wtype).c_str(), (long long)p.cols);
-  dispatch_staged<Epi::Swiglu>(p, 2, route_w, clamp, stream);
+  if (p.n_tokens != 1) fail("moe_gate_up_swiglu_cuda: one token per slot");
+  if (p.kernel == 2) {
+    if (!gemv_staged_supported(p))
+      fail("moe_gate_up_swiglu_cuda: layout not supported by the staged kernel (%s, %lld cols, 16-byte rows needed)",
+           qtype_name(p.wtype).c_str(), (long long)p.cols);
+    dispatch_staged<Epi::Swiglu>(p, 2, route_w, clamp, stream);
+    return;
+  }
+  // Default: the streaming kernel (faster than the staged one for IQ2_XXS and Q4_K gate/up on the H200).
+  const SwigluArgs sw{route_w, clamp};
+  const int u = p.unroll ? p.unroll : 1;
+  switch (p.wtype) {
+    case QType::Q2_K: return u == 2 ? launch<TraitsQ2_K, 1, 2, 2, true>(p, stream, sw)
+                                    : launch<TraitsQ2_K, 1, 1, 2, true>(p, stream, sw);
+    case QType::Q4_K: return u == 2 ? launch<TraitsQ4_K, 1, 2, 2, true>(p, stream, sw)
+                                    : launch<TraitsQ4_K, 1, 1, 2, true>(p, stream, sw);
+    case QType::IQ2_XXS:
+      if (p.iq2_rep == 1) return launch<TraitsIQ2_XXS, 1, 1, 2, true>(p, stream, sw);
+      return u == 2 ? launch<TraitsIQ2Sel, 1, 2, 2, true>(p, stream, sw) : launch<TraitsIQ2Sel, 1, 1, 2, true>(p, stream, sw);
+    default:
+      fail("moe_gate_up_swiglu_cuda: %s routed experts are not supported (Q2_K, Q4_K, IQ2_XXS)",
+           qtype_name(p.wtype).c_str());
+  }
 }
 
 void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
@@ -904,10 +972,11 @@ void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
 
 void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
   check_common(p_in, "gemv_cuda");
-  // Single-token launches: the staged kernel where the policy (or the caller) picks it. Policy from the H200/H100
-  // workbench runs (docs/cuda.md): routed-expert stacks.
-  if (p_in.n_tokens == 1 && p_in.kernel != 1 && gemv_staged_supported(p_in) &&
-      (p_in.kernel == 2 || p_in.expert_ids != nullptr)) {
+  // Single-token launches: the staged kernel where the policy (or the caller) picks it. Policy from the H200
+  // workbench runs (docs/cuda.md, dev/cuda/results/h200_wb_gemv_*): only the Q2_K routed-expert stacks (down
+  // projection, 14 us vs 17 us); the streaming kernel stays ahead for IQ2_XXS, Q4_K and the dense matrices.
+  const bool staged_policy = p_in.expert_ids != nullptr && p_in.wtype == QType::Q2_K;
+  if (p_in.n_tokens == 1 && p_in.kernel != 1 && gemv_staged_supported(p_in) && (p_in.kernel == 2 || staged_policy)) {
     dispatch_staged<Epi::Store>(p_in, 1, nullptr, 0.0f, stream);
     return;
   }
@@ -929,7 +998,11 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
         break;
       case QType::Q2_K: launch_tokens<TraitsQ2_K>(p, stream); break;
       case QType::Q4_K: launch_tokens<TraitsQ4_K>(p, stream); break;
-      case QType::IQ2_XXS: launch_tokens<TraitsIQ2_XXS>(p, stream); break;
+      // iq2_rep == 1: the 2 KiB uint2 grid; otherwise 8 interleaved selector copies (fewer bank conflicts).
+      case QType::IQ2_XXS:
+        if (p.iq2_rep == 1) launch_tokens<TraitsIQ2_XXS>(p, stream);
+        else launch_tokens<TraitsIQ2Sel>(p, stream);
+        break;
       case QType::F16: launch_tokens<TraitsF16>(p, stream); break;
       case QType::F32: launch_tokens<TraitsF32>(p, stream); break;
       default: break;

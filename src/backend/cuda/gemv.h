@@ -76,6 +76,8 @@ struct GemvParams {
   // (0 = default): tile_rows = rows per CTA tile, iq2_rep = copies of the IQ2_XXS grid table in shared memory
   // (1..32, power of two: 32 copies make every lane's lookup hit its own bank). The staged kernel uses
   // row_group (2 or 4) as rows per warp sharing one activation load and cta_warps as warps per CTA.
+  // Streaming kernel and IQ2_XXS: iq2_rep == 1 selects the plain 2 KiB grid table, anything else 8 copies of the
+  // byte-permute selector table (same values, fewer shared-memory bank conflicts).
   int kernel = 0;
   int tile_rows = 0;
   int iq2_rep = 0;
@@ -86,15 +88,19 @@ void gemv_cuda(const GemvParams& p, cudaStream_t stream);
 // every row span 16-byte aligned (weight pointers, expert_stride and the device row length multiples of 16).
 bool gemv_staged_supported(const GemvParams& p);
 
-// Fused MoE decode pieces (staged kernel with an epilogue; same per-row dot products as gemv_cuda kernel 2, so
-// the outputs equal the unfused sequence bit for bit). Both need gemv_staged_supported(p).
+// Fused MoE decode pieces (one token per slot).
 //
 // gate + up + clamped SwiGLU * route weight in one launch: p.w = gate stack, p.w2 = up stack (same type, shape,
-// layout), expert_ids / n_slots / act_slot_div / xq as for gemv_cuda, p.y = h [n_slots][rows] with
+// layout; Q2_K, Q4_K or IQ2_XXS), expert_ids / n_slots / act_slot_div / xq as for gemv_cuda, p.y = h
+// [n_slots][rows] with
 //   h[s][r] = silu(min(g, clamp)) * clamp(u, -clamp, clamp) * route_w[s]   (route_w may be null: weight 1),
 // g = gate_{ids[s]} row r . x, u = up_{ids[s]} row r . x, rounded as swiglu_cuda (moe.h). p.y2 is unused.
+// p.kernel 0/1: the streaming kernel, each warp dotting gate row r and up row r with one activation load (the
+// default: faster than the staged kernel for IQ2_XXS and Q4_K on the H200); 2: the staged kernel (needs
+// gemv_staged_supported; equals gemv_cuda(kernel 2, paired) + swiglu_cuda bit for bit).
 void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float clamp, cudaStream_t stream);
-// down projection + in-order sum over each token's k slots in one launch: slots s = t*k + j (n_slots = T*k,
+// down projection + in-order sum over each token's k slots in one launch (staged kernel: needs
+// gemv_staged_supported; equals gemv_cuda(kernel 2) + moe_sum_cuda bit for bit): slots s = t*k + j (n_slots = T*k,
 // act_slot_div = 1: each slot has its own input row of xq), p.y = [T][rows] accumulated:
 //   y[t][r] += sum_{j<k} down_{ids[t*k+j]} row r . xq[t*k+j]   (summed in j order first, then added: moe_sum_cuda)
 void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream);

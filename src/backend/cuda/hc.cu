@@ -1,6 +1,5 @@
-// Hyper-connection kernels (see hc.h). The 4x4 Sinkhorn runs in one thread per token, entirely in registers:
-// it is 20 iterations of 16 divisions, far below launch cost, and a single thread keeps the summation order
-// identical to the CPU loop (sum over o in order, then over i in order).
+// Hyper-connection kernels (see hc.h). The 4x4 Sinkhorn runs on one warp per token (sinkhorn_token_warp), with
+// the summation order of the CPU loop (sum over o in order, then over i in order).
 #include "backend/cuda/hc.h"
 
 #include <cuda_fp16.h>
@@ -16,69 +15,53 @@ constexpr int N = kHcStreams;
 
 __device__ __forceinline__ float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-// Steps 3-7 of model-spec §4 for one token, mix already scaled by the RMS factor (shared by both launches).
-__device__ void sinkhorn_token(const float* mix, const float* base, const float* scale, int iters, float eps,
-                               float* pre, float* post, float* comb) {
-  const float s_pre = scale[0], s_post = scale[1], s_comb = scale[2];
+// Steps 3-7 of model-spec §4 for one token on one warp. A single thread took ~9 us per token on the H200 (the
+// 4x4 Sinkhorn is 20 rounds of dependent sums and IEEE divisions: latency, not work), and hc_pre runs 86 times
+// per decoded token. Lane l < 16 holds c[i][o], i = l / 4, o = l % 4 (lanes 16-31 mirror them and write nothing);
+// row and column sums gather the 4 values by shuffles and add them in the CPU's order (o, resp. i, ascending,
+// from 0), and every lane computes the same 1 / (sum + eps), so results equal the CPU loop operation for
+// operation. mix_pp: lanes 0-7 hold mix[lane] (pre, post); mix_c: mix[8 + l % 16]; both already RMS-scaled.
+__device__ void sinkhorn_token_warp(float mix_pp, float mix_c, const float* base, const float* scale, int iters,
+                                    float eps, float* pre, float* post, float* comb) {
+  const int lane = threadIdx.x & 31, e = lane & 15, o = e & 3;
+  const int row0 = lane & ~3, col0 = (lane & 16) | o;
+  if (lane < N) pre[lane] = sigmoidf_(mix_pp * scale[0] + base[lane]) + eps;
+  else if (lane < 2 * N) post[lane - N] = 2.0f * sigmoidf_(mix_pp * scale[1] + base[lane]);
+  float c = mix_c * scale[2] + base[2 * N + e];
+  float m = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    pre[i] = sigmoidf_(mix[i] * s_pre + base[i]) + eps;
-    post[i] = 2.0f * sigmoidf_(mix[N + i] * s_post + base[N + i]);
-  }
-  float c[N][N];
+  for (int q = 0; q < N; ++q) m = fmaxf(m, __shfl_sync(kFullMask, c, row0 + q));
+  c = expf(c - m);
+  float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int o = 0; o < N; ++o) {
-      c[i][o] = mix[2 * N + N * i + o] * s_comb + base[2 * N + N * i + o];
-      m = fmaxf(m, c[i][o]);
-    }
-    float sum = 0.0f;
-#pragma unroll
-    for (int o = 0; o < N; ++o) {
-      c[i][o] = expf(c[i][o] - m);
-      sum += c[i][o];
-    }
-#pragma unroll
-    for (int o = 0; o < N; ++o) c[i][o] = c[i][o] / sum + eps;
-  }
+  for (int q = 0; q < N; ++q) sum += __shfl_sync(kFullMask, c, row0 + q);
+  c = c / sum + eps;
   for (int it = 0; it < iters; ++it) {
     if (it > 0) {
+      sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int o = 0; o < N; ++o) sum += c[i][o];
-        const float inv = 1.0f / (sum + eps);
-#pragma unroll
-        for (int o = 0; o < N; ++o) c[i][o] *= inv;
-      }
+      for (int q = 0; q < N; ++q) sum += __shfl_sync(kFullMask, c, row0 + q);
+      c *= 1.0f / (sum + eps);
     }
+    sum = 0.0f;
 #pragma unroll
-    for (int o = 0; o < N; ++o) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < N; ++i) sum += c[i][o];
-      const float inv = 1.0f / (sum + eps);
-#pragma unroll
-      for (int i = 0; i < N; ++i) c[i][o] *= inv;
-    }
+    for (int q = 0; q < N; ++q) sum += __shfl_sync(kFullMask, c, col0 + N * q);
+    c *= 1.0f / (sum + eps);
   }
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int o = 0; o < N; ++o) comb[i * N + o] = c[i][o];
+  if (lane < N * N) comb[e] = c;
 }
 
+// One warp per token.
 __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= p.n_tokens) return;
-  float mix[kHcMix];
+  const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (t >= p.n_tokens) return;  // whole warps leave together
+  const int lane = threadIdx.x & 31;
   const float ms = p.mix_scale ? p.mix_scale[t] : 1.0f;
-#pragma unroll
-  for (int j = 0; j < kHcMix; ++j) mix[j] = p.mix[t * kHcMix + j] * ms;
-  sinkhorn_token(mix, p.base, p.scale, p.iters, p.eps, p.pre + t * N, p.post + t * N, p.comb + t * N * N);
+  const float* mix = p.mix + t * kHcMix;
+  const float mix_pp = lane < 2 * N ? mix[lane] * ms : 0.0f;
+  const float mix_c = mix[2 * N + (lane & 15)] * ms;
+  sinkhorn_token_warp(mix_pp, mix_c, p.base, p.scale, p.iters, p.eps, p.pre + t * N, p.post + t * N,
+                      p.comb + t * N * N);
 }
 
 // ---- fused HC control (hc_mix_cuda) -------------------------------------------------------------------------------
@@ -134,26 +117,33 @@ __global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int6
   __threadfence();
   __shared__ float total[M + 1];
   if (threadIdx.x <= M) {
+    // Chunk order (deterministic); loads batched 16 at a time: a loop of dependent L2 round trips cost ~5 us.
     float v = 0.0f;
     const float* col = partial + t * chunks * (M + 1) + threadIdx.x;
-    for (int64_t k = 0; k < chunks; ++k) v += __ldcg(col + k * (M + 1));  // chunk order: deterministic
+    for (int64_t k0 = 0; k0 < chunks; k0 += 16) {
+      float buf[16];
+#pragma unroll
+      for (int q = 0; q < 16; ++q) buf[q] = k0 + q < chunks ? __ldcg(col + (k0 + q) * (M + 1)) : 0.0f;
+#pragma unroll
+      for (int q = 0; q < 16; ++q)
+        if (k0 + q < chunks) v += buf[q];
+    }
     total[threadIdx.x] = v;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  tickets[t] = 0;  // ready for the next launch
+  if (threadIdx.x >= 32) return;  // warp 0 finishes (lane == threadIdx.x)
   const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
-  if (p.rs_out) p.rs_out[t] = rs;
-  if (p.mix_out)
-    for (int j = 0; j < M; ++j) p.mix_out[t * M + j] = total[j];
+  if (lane == 0) {
+    tickets[t] = 0;  // ready for the next launch
+    if (p.rs_out) p.rs_out[t] = rs;
+  }
+  if (p.mix_out && lane < M) p.mix_out[t * M + lane] = total[lane];
   if constexpr (M == kHcMix) {
-    float mix[kHcMix];
-#pragma unroll
-    for (int j = 0; j < kHcMix; ++j) mix[j] = total[j] * rs;
-    sinkhorn_token(mix, p.base, p.scale, p.iters, p.eps, p.pre + t * N, p.post + t * N, p.comb + t * N * N);
+    const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
+    sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, p.base, p.scale, p.iters, p.eps, p.pre + t * N,
+                        p.post + t * N, p.comb + t * N * N);
   } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p.w[t * N + i] = sigmoidf_(total[i] * rs * p.scale[0] + p.base[i]) + p.eps;
+    if (lane < N) p.w[t * N + lane] = sigmoidf_(total[lane] * rs * p.scale[0] + p.base[lane]) + p.eps;
   }
 }
 
@@ -207,7 +197,7 @@ unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads);
 void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream) {
   if (p.iters < 1) fail("hc_split_sinkhorn_cuda: iters must be >= 1, got %d", p.iters);
   if (p.n_tokens <= 0) return;
-  hc_split_sinkhorn_kernel<<<blocks_for(p.n_tokens), kThreads, 0, stream>>>(p);
+  hc_split_sinkhorn_kernel<<<blocks_for(p.n_tokens * 32), kThreads, 0, stream>>>(p);
   check_launch("hc_split_sinkhorn_kernel");
 }
 
