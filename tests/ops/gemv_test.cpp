@@ -353,7 +353,9 @@ void run_gate_up_swiglu(QType t, int64_t rows, int64_t cols, int n_experts, cons
   p.wtype = t, p.w = d_wg.get(), p.w2 = d_wu.get(), p.rows = rows, p.cols = cols, p.expert_stride = rows * rb;
   p.expert_ids = d_ids.get(), p.n_slots = n_slots, p.act_slot_div = k, p.xq = d_xq.get(), p.y = d_h.get();
   apply(knobs, p);
-  if (knobs.kernel == 2) ASSERT_TRUE(cuda::gemv_staged_supported(p)) << what;
+  if (knobs.kernel == 2) {
+    ASSERT_TRUE(cuda::gemv_staged_supported(p)) << what;
+  }
   cuda::moe_gate_up_swiglu_cuda(p, d_rw.get(), clamp, nullptr);
   // Unfused: staged paired GEMV, then swiglu_cuda.
   cuda::GemvParams q = p;
