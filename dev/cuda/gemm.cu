@@ -286,7 +286,7 @@ int main(int argc, char** argv) {
     std::printf("\n== routed experts, one layer, q2 mix (IQ2_XXS gate/up, Q2_K down), 256 experts, k=6 ==\n");
     const MoeLayer moe = make_moe();
     const double moe_bytes = double(moe.gate.bytes() + moe.up.bytes() + moe.down.bytes());
-    const std::vector<int> moe_Ts = quick ? std::vector<int>{1, 8, 32, 256, 1024, 2048}
+    const std::vector<int> moe_Ts = quick ? std::vector<int>{1, 8, 16, 32, 64, 256, 1024, 2048}
                                           : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048};
     for (int T : moe_Ts) {
       std::printf("moe T=%5d", T);

@@ -137,7 +137,7 @@ TEST(CudaGemm, DenseAllTypes) {
   DSV4_REQUIRE_CUDA();
   run_dense(QType::Q8_0, GemvLayout::Ggml, 320, 1024, {9, 64, 1000}, kBoth, 11);
   run_dense(QType::Q8_0, GemvLayout::Q8Split, 320, 1024, {9, 256}, kBoth, 12);
-  run_dense(QType::Q2_K, GemvLayout::Ggml, 320, 1024, {9, 64}, kBoth, 13);
+  run_dense(QType::Q2_K, GemvLayout::Ggml, 320, 1024, {9, 32, 64}, kBoth, 13);  // tile heights 16, 32, 64
   run_dense(QType::Q4_K, GemvLayout::Ggml, 320, 1024, {9, 256}, kBoth, 14);
   run_dense(QType::IQ2_XXS, GemvLayout::Ggml, 320, 1024, {9, 64, 1000}, kBoth, 15);
   run_dense(QType::F16, GemvLayout::Ggml, 320, 1024, {9, 256}, kBoth, 16);
@@ -297,7 +297,7 @@ TEST(CudaGemm, MoeQ2Mix) {
   DSV4_REQUIRE_CUDA();
   run_moe({QType::IQ2_XXS, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 256, 6, 9, false, 41});
   run_moe({QType::IQ2_XXS, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 256, 6, 256, false, 42});
-  run_moe({QType::IQ2_XXS, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 512, 256, 256, 6, 1000, false, 43});
+  run_moe({QType::IQ2_XXS, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 512, 256, 256, 6, 1000, false, 43});  // 32-row tiles
   run_moe({QType::IQ2_XXS, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 256, 6, 64, true, 44});
   run_moe({QType::IQ2_XXS, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 4096, 2048, 16, 6, 9, false, 45});
 }
@@ -307,6 +307,8 @@ TEST(CudaGemm, MoeQ4AndQ8Mixes) {
   run_moe({QType::Q4_K, QType::Q4_K, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 256, 6, 64, false, 51});
   run_moe({QType::Q8_0, QType::Q8_0, GemvLayout::Q8Split, GemvLayout::Q8Split, 1024, 512, 256, 6, 64, false, 52});
   run_moe({QType::Q8_0, QType::Q8_0, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 64, 6, 33, false, 53});
+  // Few experts, many rows each: 64-row tiles (T*k/E = 75), several tiles per expert.
+  run_moe({QType::Q4_K, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 8, 6, 100, false, 54});
 }
 
 }  // namespace

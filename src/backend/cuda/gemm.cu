@@ -30,7 +30,7 @@
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kBM = 64, kBN = 128, kBK = 64;
+constexpr int kBN = 128, kBK = 64;  // weight rows and K columns per tile (tokens per tile: BM, 16/32/64)
 constexpr int kThreads = 256;
 constexpr int kPad = 8;                 // halves of padding per shared-memory row
 constexpr int kLds = kBK + kPad;        // shared-memory row stride in halves (144 bytes)
@@ -222,7 +222,7 @@ struct MmaArgs {
   const __half* a;         // activation rows [*, cols] FP16
   int act_div;             // activation row = index / act_div
   int n_tokens;            // dense: rows of A; MoE: unused
-  const int32_t* sorted;   // MoE: [tiles * kBM] slot per position (-1 = padding); null = dense
+  const int32_t* sorted;   // MoE: [tiles * BM] slot per position (-1 = padding); null = dense
   const int32_t* tile_expert;  // MoE: expert per M tile, -1 = unused tile
 };
 
@@ -240,11 +240,17 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <class D, int P>
+// BM (tokens per tile) is 16, 32 or 64: routed experts see ~T*k/256 rows each, and the MMA work of a tile is
+// paid in full however few of its rows are real (T = 256 gives ~6 rows per expert: 64-row tiles spent ~90% of
+// the tensor-core time on padding). Warps: 2 (M) x 4 (N) for BM 32/64, 1 x 8 for BM 16.
+template <class D, int P, int BM>
 __global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
-  __shared__ __align__(16) __half sA[kBM][kLds];
+  constexpr int kWarpsM = BM == 16 ? 1 : 2, kWarpsN = 8 / kWarpsM;
+  constexpr int kMI = BM / kWarpsM / 16, kNI = kBN / kWarpsN / 8;  // m16 and n8 tiles per warp
+  constexpr int kAPieces = BM * kBK / 8, kAIters = (kAPieces + kThreads - 1) / kThreads;
+  __shared__ __align__(16) __half sA[BM][kLds];
   __shared__ __align__(16) __half sB[kBN][kLds];
-  __shared__ int s_act[kBM], s_out[kBM];
+  __shared__ int s_act[BM], s_out[BM];
   __shared__ uint2 s_grid[kNeedsGrid<D> ? 256 : 1];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -261,34 +267,36 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
       s_grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
     }
   }
-  if (tid < kBM) {
+  if (tid < BM) {
     int idx;
-    if (p.sorted) idx = p.sorted[int64_t(mt) * kBM + tid];
-    else idx = mt * kBM + tid < p.n_tokens ? mt * kBM + tid : -1;
+    if (p.sorted) idx = p.sorted[int64_t(mt) * BM + tid];
+    else idx = mt * BM + tid < p.n_tokens ? mt * BM + tid : -1;
     s_out[tid] = idx;
     s_act[tid] = idx < 0 ? -1 : idx / p.act_div;
   }
   __syncthreads();
 
   // This thread's loads: weight row n0 + brow, columns bcol..bcol+31 of each K step; activation pieces
-  // (row arow[i], 8 halves at column acol).
+  // (row ar[i], 8 halves at column acol; ar < 0: this thread has no piece i; null arow: a padding row).
   const int brow = tid >> 1, bcol = (tid & 1) * 32;
-  const uint8_t* wrow = (z ? p.w[1] : p.w[0]) + expert * p.expert_stride + std::min<int64_t>(n0 + brow, p.rows - 1) * p.row_bytes;
+  const uint8_t* wrow =
+      (z ? p.w[1] : p.w[0]) + expert * p.expert_stride + std::min<int64_t>(n0 + brow, p.rows - 1) * p.row_bytes;
   const int acol = (tid & 7) * 8;
-  const __half* arow[2];
-  int ar[2];
+  const __half* arow[kAIters];
+  int ar[kAIters];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    ar[i] = (tid >> 3) + 32 * i;
-    const int act = s_act[ar[i]];
+  for (int i = 0; i < kAIters; ++i) {
+    const int piece = tid + kThreads * i;
+    ar[i] = piece < kAPieces ? piece >> 3 : -1;
+    const int act = ar[i] < 0 ? -1 : s_act[ar[i]];
     arow[i] = act < 0 ? nullptr : p.a + int64_t(act) * p.cols + acol;
   }
 
-  float acc[2][4][4];
+  float acc[kMI][kNI][4];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < kMI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kNI; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
@@ -297,17 +305,17 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
   // ~2 KiB per CTA: one step ahead left the memory system idle, see docs/cuda.md "Prefill GEMM").
   const int64_t nk = p.cols / kBK;
   typename D::Raw raw[P];
-  uint4 av[P][2];
+  uint4 av[P][kAIters];
 #pragma unroll
   for (int s = 0; s < P; ++s)
     if (s < nk) {
       raw[s] = D::fetch(wrow, int64_t(s) * kBK + bcol, p.cols);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < kAIters; ++i)
         av[s][i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + s * kBK) : make_uint4(0, 0, 0, 0);
     }
 
-  const int wm = warp >> 2, wn = warp & 3;
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   for (int64_t k0 = 0; k0 < nk; k0 += P) {
 #pragma unroll
     for (int s = 0; s < P; ++s) {
@@ -320,29 +328,32 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) dst[i] = make_uint4(dec[4 * i], dec[4 * i + 1], dec[4 * i + 2], dec[4 * i + 3]);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) *reinterpret_cast<uint4*>(&sA[ar[i]][acol]) = av[s][i];
+        for (int i = 0; i < kAIters; ++i)
+          if (ar[i] >= 0) *reinterpret_cast<uint4*>(&sA[ar[i]][acol]) = av[s][i];
       }
       __syncthreads();
       if (kt + P < nk) {
         const int64_t k1 = (kt + P) * kBK;
         raw[s] = D::fetch(wrow, k1 + bcol, p.cols);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < kAIters; ++i)
           av[s][i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + k1) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
-        uint32_t af[2][4], bf[2][4];
+        uint32_t af[kMI][4], bf[kNI / 2][4];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(af[mi], &sA[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+        for (int mi = 0; mi < kMI; ++mi)
+          ldmatrix_x4(af[mi], &sA[wm * (BM / kWarpsM) + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
         // B x4: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
 #pragma unroll
-        for (int nj = 0; nj < 2; ++nj)
-          ldmatrix_x4(bf[nj], &sB[wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
+        for (int nj = 0; nj < kNI / 2; ++nj)
+          ldmatrix_x4(bf[nj],
+                      &sB[wn * (kNI * 8) + nj * 16 + ((lane >> 4) << 3) + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
+        for (int mi = 0; mi < kMI; ++mi)
 #pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
+          for (int ni = 0; ni < kNI; ++ni)
             mma_16816(acc[mi][ni], af[mi], bf[ni >> 1][2 * (ni & 1)], bf[ni >> 1][2 * (ni & 1) + 1]);
       }
       __syncthreads();
@@ -351,15 +362,15 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
 
   float* y = z ? p.y[1] : p.y[0];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < kMI; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int out = s_out[wm * 32 + mi * 16 + h * 8 + (lane >> 2)];
+      const int out = s_out[wm * (BM / kWarpsM) + mi * 16 + h * 8 + (lane >> 2)];
       if (out < 0) continue;
       float* yr = y + int64_t(out) * p.rows;
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int64_t n = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+      for (int ni = 0; ni < kNI; ++ni) {
+        const int64_t n = n0 + wn * (kNI * 8) + ni * 8 + (lane & 3) * 2;
         if (n < p.rows) yr[n] = acc[mi][ni][2 * h];
         if (n + 1 < p.rows) yr[n + 1] = acc[mi][ni][2 * h + 1];
       }
@@ -407,20 +418,20 @@ __global__ void moe_count_kernel(const int32_t* ids, int n_slots, int32_t* count
 
 // One CTA: per-expert tile counts -> first tile per expert (serial scan, E <= 1024), the per-tile expert map
 // (-1 past the last used tile) and each expert's fill cursor (first padded position).
-__global__ void moe_scan_kernel(const int32_t* counts, int n_experts, int max_tiles, int32_t* cursor,
+__global__ void moe_scan_kernel(const int32_t* counts, int n_experts, int max_tiles, int bm, int32_t* cursor,
                                 int32_t* tile_expert) {
   __shared__ int32_t first[1025];
   if (threadIdx.x == 0) {
     int t = 0;
     for (int e = 0; e < n_experts; ++e) {
       first[e] = t;
-      t += (counts[e] + kBM - 1) / kBM;
+      t += (counts[e] + bm - 1) / bm;
     }
     first[n_experts] = t;
   }
   __syncthreads();
   for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
-    cursor[e] = first[e] * kBM;
+    cursor[e] = first[e] * bm;
     for (int i = first[e]; i < first[e + 1]; ++i) tile_expert[i] = e;
   }
   for (int i = first[n_experts] + threadIdx.x; i < max_tiles; i += blockDim.x) tile_expert[i] = -1;
@@ -444,21 +455,30 @@ __global__ void swiglu_half_kernel(const float* g, const float* u, const float* 
 
 // ---- dispatch ---------------------------------------------------------------------------------------------------
 template <class D>
-void launch_mma(const MmaArgs& a, int m_tiles, int n_mats, cudaStream_t stream) {
+void launch_mma(const MmaArgs& a, int bm, int m_tiles, int n_mats, cudaStream_t stream) {
   const dim3 grid(unsigned(m_tiles), unsigned((a.rows + kBN - 1) / kBN), unsigned(n_mats));
-  mma_kernel<D, D::kDepth><<<grid, kThreads, 0, stream>>>(a);
+  switch (bm) {
+    case 16: mma_kernel<D, D::kDepth, 16><<<grid, kThreads, 0, stream>>>(a); break;
+    case 32: mma_kernel<D, D::kDepth, 32><<<grid, kThreads, 0, stream>>>(a); break;
+    case 64: mma_kernel<D, D::kDepth, 64><<<grid, kThreads, 0, stream>>>(a); break;
+    default: fail("gemm: tile height %d (16, 32 or 64)", bm);
+  }
   check_launch("gemm mma_kernel");
 }
 
-void mma_dispatch(QType t, GemvLayout layout, const MmaArgs& a, int m_tiles, int n_mats, cudaStream_t stream) {
+// Tokens per tile from the rows a weight sees per launch (dense: T; MoE: ~T*k/E per expert): the smallest tile
+// that holds them, so padding costs at most what the rows themselves cost.
+int tile_rows_for(double rows_per_weight) { return rows_per_weight <= 16 ? 16 : rows_per_weight <= 32 ? 32 : 64; }
+
+void mma_dispatch(QType t, GemvLayout layout, const MmaArgs& a, int bm, int m_tiles, int n_mats, cudaStream_t stream) {
   switch (t) {
-    case QType::F16: return launch_mma<DqF16>(a, m_tiles, n_mats, stream);
+    case QType::F16: return launch_mma<DqF16>(a, bm, m_tiles, n_mats, stream);
     case QType::Q8_0:
-      if (layout == GemvLayout::Q8Split) return launch_mma<DqQ8Split>(a, m_tiles, n_mats, stream);
-      return launch_mma<DqQ8_0>(a, m_tiles, n_mats, stream);
-    case QType::Q2_K: return launch_mma<DqQ2_K>(a, m_tiles, n_mats, stream);
-    case QType::Q4_K: return launch_mma<DqQ4_K>(a, m_tiles, n_mats, stream);
-    case QType::IQ2_XXS: return launch_mma<DqIQ2_XXS>(a, m_tiles, n_mats, stream);
+      if (layout == GemvLayout::Q8Split) return launch_mma<DqQ8Split>(a, bm, m_tiles, n_mats, stream);
+      return launch_mma<DqQ8_0>(a, bm, m_tiles, n_mats, stream);
+    case QType::Q2_K: return launch_mma<DqQ2_K>(a, bm, m_tiles, n_mats, stream);
+    case QType::Q4_K: return launch_mma<DqQ4_K>(a, bm, m_tiles, n_mats, stream);
+    case QType::IQ2_XXS: return launch_mma<DqIQ2_XXS>(a, bm, m_tiles, n_mats, stream);
     default: fail("gemm: no MMA kernel for %s", qtype_name(t).c_str());
   }
 }
@@ -592,7 +612,8 @@ void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream) {
     a.y[0] = p.y;
     a.rows = p.rows, a.cols = p.cols, a.row_bytes = rb;
     a.a = x16, a.act_div = 1, a.n_tokens = p.n_tokens;
-    mma_dispatch(p.wtype, p.layout, a, (p.n_tokens + kBM - 1) / kBM, 1, stream);
+    const int bm = tile_rows_for(p.n_tokens);
+    mma_dispatch(p.wtype, p.layout, a, bm, (p.n_tokens + bm - 1) / bm, 1, stream);
     return;
   }
   cublasHandle_t h = cublas_handle();
@@ -623,15 +644,16 @@ struct MoeWs {
   int32_t *counts, *cursor, *tile_expert, *sorted;
   __half *x16, *h16;
   float *g, *u;
-  int max_tiles;
+  int bm, max_tiles;
   int64_t bytes;
 };
 
 MoeWs moe_layout(const MoeGemmParams& p, uint8_t* base) {
   MoeWs w{};
   const int64_t slots = int64_t(p.n_tokens) * p.k;
-  // Each used expert pads its slot list to a multiple of kBM: at most one partial tile per used expert.
-  w.max_tiles = int((slots + kBM - 1) / kBM + std::min<int64_t>(p.n_experts, slots));
+  // Each used expert pads its slot list to a multiple of bm: at most one partial tile per used expert.
+  w.bm = tile_rows_for(double(slots) / p.n_experts);
+  w.max_tiles = int((slots + w.bm - 1) / w.bm + std::min<int64_t>(p.n_experts, slots));
   int64_t off = 0;
   auto take = [&](int64_t bytes) {
     uint8_t* q = base ? base + off : nullptr;
@@ -641,7 +663,7 @@ MoeWs moe_layout(const MoeGemmParams& p, uint8_t* base) {
   w.counts = reinterpret_cast<int32_t*>(take(int64_t(p.n_experts) * 4));
   w.cursor = reinterpret_cast<int32_t*>(take(int64_t(p.n_experts) * 4));
   w.tile_expert = reinterpret_cast<int32_t*>(take(int64_t(w.max_tiles) * 4));
-  w.sorted = reinterpret_cast<int32_t*>(take(int64_t(w.max_tiles) * kBM * 4));
+  w.sorted = reinterpret_cast<int32_t*>(take(int64_t(w.max_tiles) * w.bm * 4));
   w.x16 = reinterpret_cast<__half*>(take(int64_t(p.n_tokens) * p.d * 2));
   w.g = reinterpret_cast<float*>(take(slots * p.ff * 4));
   w.u = reinterpret_cast<float*>(take(slots * p.ff * 4));
@@ -684,10 +706,10 @@ void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream)
   const int slots = p.n_tokens * p.k;
   // Group slots by expert: counts -> padded tile map and cursors -> scatter slot ids (padding stays -1).
   check(cudaMemsetAsync(w.counts, 0, size_t(p.n_experts) * 4, stream), "moe_gemm: memset counts");
-  check(cudaMemsetAsync(w.sorted, 0xFF, size_t(w.max_tiles) * kBM * 4, stream), "moe_gemm: memset sorted");
+  check(cudaMemsetAsync(w.sorted, 0xFF, size_t(w.max_tiles) * w.bm * 4, stream), "moe_gemm: memset sorted");
   moe_count_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p.ids, slots, w.counts);
   check_launch("moe_count_kernel");
-  moe_scan_kernel<<<1, 256, 0, stream>>>(w.counts, p.n_experts, w.max_tiles, w.cursor, w.tile_expert);
+  moe_scan_kernel<<<1, 256, 0, stream>>>(w.counts, p.n_experts, w.max_tiles, w.bm, w.cursor, w.tile_expert);
   check_launch("moe_scan_kernel");
   moe_scatter_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p.ids, slots, w.cursor, w.sorted);
   check_launch("moe_scatter_kernel");
@@ -700,14 +722,14 @@ void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream)
   if (p.gate.type == p.up.type && p.gate.layout == p.up.layout && p.gate.expert_stride == p.up.expert_stride) {
     a.w[0] = static_cast<const uint8_t*>(p.gate.base), a.w[1] = static_cast<const uint8_t*>(p.up.base);
     a.y[0] = w.g, a.y[1] = w.u, a.expert_stride = p.gate.expert_stride;
-    mma_dispatch(p.gate.type, p.gate.layout, a, w.max_tiles, 2, stream);  // gate and up in one launch
+    mma_dispatch(p.gate.type, p.gate.layout, a, w.bm, w.max_tiles, 2, stream);  // gate and up in one launch
   } else {
     const ExpertStack* st[2] = {&p.gate, &p.up};
     float* out[2] = {w.g, w.u};
     for (int i = 0; i < 2; ++i) {
       a.w[0] = static_cast<const uint8_t*>(st[i]->base), a.y[0] = out[i], a.expert_stride = st[i]->expert_stride;
       a.row_bytes = layout_row_bytes(st[i]->type, st[i]->layout, p.d);
-      mma_dispatch(st[i]->type, st[i]->layout, a, w.max_tiles, 1, stream);
+      mma_dispatch(st[i]->type, st[i]->layout, a, w.bm, w.max_tiles, 1, stream);
     }
   }
   const int64_t n = int64_t(slots) * p.ff;
@@ -718,7 +740,7 @@ void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream)
   b.a = w.h16, b.act_div = 1, b.cols = p.ff, b.rows = p.d;
   b.w[0] = static_cast<const uint8_t*>(p.down.base), b.y[0] = p.y_slots, b.expert_stride = p.down.expert_stride;
   b.row_bytes = layout_row_bytes(p.down.type, p.down.layout, p.ff);
-  mma_dispatch(p.down.type, p.down.layout, b, w.max_tiles, 1, stream);
+  mma_dispatch(p.down.type, p.down.layout, b, w.bm, w.max_tiles, 1, stream);
 }
 
 }  // namespace dsv4::cuda
