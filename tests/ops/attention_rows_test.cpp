@@ -338,6 +338,7 @@ TEST(CudaAttentionRows, IndexerKernelsAndTies) {
   constexpr auto kCore = cuda::IndexerImpl::CudaCore, kTc = cuda::IndexerImpl::TensorCore;
   indexer_case(2030, 40, kCore);
   indexer_case(8000, 16, kCore);
+  indexer_case(65535, 1, kCore);
   indexer_case(8191, 1, kTc);
   indexer_case(65535, 1, kTc);
   indexer_case(3000, 24, kTc, 24);

@@ -261,10 +261,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kQStride = kDh + 8;         // halves
 constexpr int kPStride = kRows + 8;       // halves
 constexpr int kSStride = kRows + 1;       // floats
-constexpr int kChunks = kDh / 16;         // 16-dim k / n chunks of a row (one mma step)
 constexpr size_t kSmemBytes = sizeof(__half) * (2 * kHeads * kQStride + 2 * kRows * kQStride +
                                                 2 * kHeads * kPStride) +
-                              sizeof(float) * (kHeads * kSStride + 3 * kHeads) + sizeof(int) * 2 * kChunks;
+                              sizeof(float) * (kHeads * kSStride + 3 * kHeads);
 
 // grid (T, ceil(H / 64)), kThreads threads, kSmemBytes of shared memory. Per 32-row tile:
 //   load    rows (window / compressed, gathered) -> fp16 hi/lo in shared memory
@@ -284,12 +283,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
   float* s_m = s_sc + kHeads * kSStride;
   float* s_l = s_m + kHeads;
   float* s_alpha = s_l + kHeads;
-  // lo_any[parity][chunk]: some row of the tile has a nonzero lo part in these 16 dims. QAT'd KV rows sit on the
-  // FP8 grid (3 mantissa bits) in their first dh - 64 dims, exact in one fp16, so their lo parts are 0 and the
-  // hi*lo products with the row operand are skipped there (about a third of the mma work); rotary dims, QAT off
-  // or tiny FP8 scales give nonzero lo and keep all three products. Double-buffered by tile parity so a tile
-  // can clear the next tile's flags without another barrier.
-  int* lo_any = reinterpret_cast<int*>(s_alpha + kHeads);
 
   const int t = blockIdx.x, h0 = blockIdx.y * kHeads;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -304,7 +297,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
     store_split4(v, qh + r * kQStride + 4 * c, ql + r * kQStride + 4 * c);
   }
   if (tid < kHeads) s_m[tid] = -INFINITY, s_l[tid] = 0.0f;
-  if (tid < 2 * kChunks) lo_any[tid] = 0;
 
   const TokenRows tr = token_rows(p, t);
   const int n_rows = tr.n_win + tr.n_comp;
@@ -324,8 +316,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
   for (int n = 0; n < 32; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
   for (int base = 0; base < n_rows; base += kRows) {
-    int* lo_cur = lo_any + ((base / kRows) & 1) * kChunks;
-    int* lo_next = lo_any + (((base / kRows) + 1) & 1) * kChunks;
     __syncthreads();  // Q staged / previous tile's values and probabilities consumed
     {
       const int col = tid % kDh4, r0 = tid / kDh4;  // 2 rows per pass of 256 threads
@@ -335,16 +325,13 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
         const int rr = r0 + 2 * j, i = base + rr;
         v[j] = i < n_rows ? __ldg(row_ptr(p, t, tr, i) + col) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      bool nz = false;
 #pragma unroll
       for (int j = 0; j < kRows / 2; ++j) {
         const int rr = r0 + 2 * j;
-        nz |= store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
+        store_split4(v[j], kh + rr * kQStride + 4 * col, kl + rr * kQStride + 4 * col);
       }
-      if (nz) lo_cur[col / 4] = 1;  // every writer stores the same value
     }
     __syncthreads();
-    if (tid < kChunks) lo_next[tid] = 0;  // last read in the previous tile's value phase
     {  // scores: 16 heads x 16 rows per warp, k = 512
       // Four accumulator sets (hi*hi / the two lo terms, even / odd k steps) keep the dependent mma chains a
       // quarter as long: the phase is latency-bound with only 8 warps per SM.
@@ -352,20 +339,16 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
 #pragma unroll 4
       for (int k0 = 0; k0 < kDh; k0 += 16) {
         const int par = (k0 >> 4) & 1;
-        uint32_t ah[4], al[4], bh[4];
+        uint32_t ah[4], al[4], bh[4], bl[4];
         ldsm_x4(ah, qh_a + 2 * k0);
         ldsm_x4(al, ql_a + 2 * k0);
         ldsm_x4(bh, kh_b + 2 * k0);
+        ldsm_x4(bl, kl_b + 2 * k0);
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           mma(sh[par][n], ah, bh[2 * n], bh[2 * n + 1]);
           mma(sx[par][n], al, bh[2 * n], bh[2 * n + 1]);
-        }
-        if (lo_cur[k0 >> 4]) {  // uniform over the CTA
-          uint32_t bl[4];
-          ldsm_x4(bl, kl_b + 2 * k0);
-#pragma unroll
-          for (int n = 0; n < 2; ++n) mma(sx[par][n], ah, bl[2 * n], bl[2 * n + 1]);
+          mma(sx[par][n], ah, bl[2 * n], bl[2 * n + 1]);
         }
       }
 #pragma unroll
@@ -405,18 +388,11 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
         ldsm_x4(al, pl_a + 2 * k0);
 #pragma unroll
         for (int n = 0; n < 16; ++n) {
-          uint32_t vh[4];
+          uint32_t vh[4], vl[4];
           ldsm_x4_trans(vh, kh_v + 2 * (k0 * kQStride + 16 * n));
-          mma(acc[2 * n], ah, vh[0], vh[1]);
-          mma(acc[2 * n], al, vh[0], vh[1]);
-          mma(acc[2 * n + 1], ah, vh[2], vh[3]);
-          mma(acc[2 * n + 1], al, vh[2], vh[3]);
-          if (lo_cur[16 * wq + n]) {  // uniform over the warp
-            uint32_t vl[4];
-            ldsm_x4_trans(vl, kl_v + 2 * (k0 * kQStride + 16 * n));
-            mma(acc[2 * n], ah, vl[0], vl[1]);
-            mma(acc[2 * n + 1], ah, vl[2], vl[3]);
-          }
+          ldsm_x4_trans(vl, kl_v + 2 * (k0 * kQStride + 16 * n));
+          mma3(acc[2 * n], ah, al, vh[0], vh[1], vl[0], vl[1]);
+          mma3(acc[2 * n + 1], ah, al, vh[2], vh[3], vl[2], vl[3]);
         }
       }
     }
