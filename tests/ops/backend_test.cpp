@@ -264,7 +264,8 @@ TEST(CudaBackend, MoeRouteAndFfn) {
 
 // Prefill sizes (T >= gemm_min_tokens): dense matmuls and the routed experts run on the tensor-core GEMMs, which
 // round activations to FP16 where the CPU rounds them to 8 bits (Q8_0 / Q8_K: relative steps up to 1/254 of a
-// block's max), so the two differ by the CPU's rounding, ~2e-3..5e-3 relative L2: bound 2e-2. A wrong row, expert
+// block's max), so the two differ by the CPU's rounding (H200: 5.3e-3 for the Q8_0 matmul, 1.0e-2 for the whole moe_ffn with
+// Q8_K-rounded expert inputs): bound 3e-2. A wrong row, expert
 // or slot order gives O(1). With DSV4_CUDA_GEMM=0 the same sizes run on the GEMVs and match at 2e-5.
 TEST(CudaBackend, PrefillSizesOnGemmAndGemv) {
   DSV4_REQUIRE_CUDA();
@@ -287,7 +288,7 @@ TEST(CudaBackend, PrefillSizesOnGemmAndGemv) {
     if (!gemm) setenv("DSV4_CUDA_GEMM", "0", 1);
     auto gpu = make_cuda_backend();
     unsetenv("DSV4_CUDA_GEMM");
-    const double tol = gemm ? 2e-2 : 2e-5;
+    const double tol = gemm ? 3e-2 : 2e-5;
     const double e_ffn = test::rel_l2(ffn(*gpu), yc), e_mm = test::rel_l2(run_matmul(*gpu, q.view, -1, x, T), mc);
     std::printf("T=%d %s: moe_ffn rel-L2 %.2e, Q8_0 matmul rel-L2 %.2e\n", T, gemm ? "GEMM" : "GEMV", e_ffn, e_mm);
     EXPECT_LE(e_ffn, tol) << (gemm ? "GEMM" : "GEMV");

@@ -491,6 +491,7 @@ void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const floa
   cuda::GemvParams gu = expert_launch(w.gate_exps, pair ? &w.up_exps : nullptr, ids, n_slots, k, nullptr, g);
   if (pair && n_slots <= kMaxSlotsPerLaunch && cuda::gemv_staged_supported(gu)) {
     gu.xq = activations(w.gate_exps.type, lg, x, T, D, false);
+    gu.y2 = g;  // unused by the fused launch (h goes to y), but a paired launch must name one
     cuda::moe_gate_up_swiglu_cuda(gu, weights, p.swiglu_clamp, stream_);
   } else {
     float* u = buffer(1, size_t(n_slots) * F);
@@ -523,7 +524,7 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     sh.wtype = w.gate_shexp.type, sh.layout = layout_for(w.gate_shexp), sh.rows = F, sh.cols = D, sh.y = gs;
     const bool fuse_shared = T == 1 && w.up_shexp.type == w.gate_shexp.type && w.up_shexp.ne[0] == D &&
                              w.up_shexp.ne[1] == F && w.gate_shexp.ne[1] == F && cuda::gemv_supports(sh.wtype);
-    if (fuse_shared) sh.w = weight(w.gate_shexp), sh.w2 = weight(w.up_shexp);
+    if (fuse_shared) sh.w = weight(w.gate_shexp), sh.w2 = weight(w.up_shexp), sh.y2 = gs;  // y2: unused, required
     if (fuse_shared && cuda::gemv_staged_supported(sh)) {  // gate + up + SwiGLU: one launch
       sh.xq = activations(sh.wtype, sh.layout, x, 1, D, false);
       cuda::moe_gate_up_swiglu_cuda(sh, nullptr, p.swiglu_clamp, stream_);
