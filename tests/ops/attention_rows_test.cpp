@@ -105,6 +105,35 @@ TEST(CudaAttentionRows, NormRopeQatRows) {
     // 1e-5: the norm scale differs by a few ulp (tree vs sequential sum of 512 squares), RoPE factors are equal.
     expect_close_or_one_step(d_x.download(), ref, 1e-5, "kv rows");
   }
+  // Query heads (the warp-per-row kernel's main case): unweighted norm + RoPE, 64 rows per position; and the
+  // inverse rotation alone (the attention output's de-rotation).
+  for (const bool inverse : {false, true}) {
+    const int T = 6, H = 64, d = 512;
+    auto x = test::random_normal(size_t(T) * H * d, inverse ? 11 : 10, 2.0f);
+    std::vector<float> ref = x, cs(64);
+    for (int t = 0; t < T; ++t) {
+      rope_cos_sin(rf, 65530 + t, cs.data());
+      for (int h = 0; h < H; ++h) {
+        float* r = ref.data() + (int64_t(t) * H + h) * d;
+        if (!inverse) rms_norm_inplace(r, d, nullptr, 1e-6f);
+        rope_rotate(r, d, 64, cs.data(), inverse);
+      }
+    }
+    auto d_x = upload(x);
+    cuda::RowFinishParams p;
+    p.x = d_x.get(), p.n_rows = int64_t(T) * H, p.d = d, p.n_rot = 64, p.pos0 = 65530, p.rows_per_pos = H;
+    p.norm = inverse ? cuda::RowNorm::None : cuda::RowNorm::Unweighted, p.inverse = inverse;
+    std::copy(rf.omega.begin(), rf.omega.end(), p.omega);
+    cuda::row_finish_cuda(p, nullptr);
+    const auto y = d_x.download();
+    // Norm: the scale differs by a few ulp (another summation order): 1e-5 relative to the row scale (~1) bounds
+    // it. Rotation alone: the CPU's factors and products, so equal.
+    if (inverse) {
+      EXPECT_EQ(test::max_abs_err(y, ref), 0.0) << "inverse rope";
+    } else {
+      EXPECT_LE(test::max_abs_err(y, ref), 1e-5) << "q heads";
+    }
+  }
   {
     const int T = 5, HI = 64, d = 128;
     auto x = test::random_normal(size_t(T) * HI * d, 9);
