@@ -14,7 +14,8 @@
 # skips the largest workbench case and the knob sweep, GPU_CHECK_SANITIZE=1 adds a compute-sanitizer memcheck pass,
 # GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits),
 # GPU_CHECK_TESTS='Suite*:Other*' restricts the parity tests (gtest filter, default all), GPU_CHECK_WB="gemv attention"
-# names the workbenches to build and run (dev/cuda/<name>.cu, default both).
+# names the workbenches to build and run (dev/cuda/<name>.cu, default both). GPU_CHECK_BENCH_ONLY=1 builds only
+# dsv4 and runs scripts/gpu-flash-bench.sh (its FLASH_MIX / BENCH_ARGS / DSV4_CUDA_PROFILE apply).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEPS="$ROOT/build/gpudeps"
@@ -87,11 +88,16 @@ WBS=(${GPU_CHECK_WB:-gemv attention})
 targets=(dsv4_test_ops)
 for wb in "${WBS[@]}"; do targets+=("wb_$wb"); done
 [ "${GPU_CHECK_E2E:-0}" = 1 ] && targets+=(dsv4 dsv4_test_convert)
+[ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ] && targets=(dsv4)   # build dsv4 only, then scripts/gpu-flash-bench.sh
 if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}") \
      > "$OUT/build.log" 2>&1; then
   echo "BUILD FAILED (tail of build.log):"; tail -40 "$OUT/build.log"; exit 1
 fi
 echo "build ok"
+if [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ]; then
+  BUILD="$BUILD" OUT="$OUT" "$SRC/scripts/gpu-flash-bench.sh"
+  exit $?
+fi
 
 # Parity tests, one process per test: a kernel fault leaves a sticky error in the CUDA context that would fail
 # every later test of the same process. Run from the source root (tests find data relative to it).
