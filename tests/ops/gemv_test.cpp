@@ -302,10 +302,10 @@ TEST(CudaGemv, StagedKernelMoe) {
   run_moe(QType::Q4_K, 4096, 2048, 32, {31, 1, 7, 9, 0, 16}, 1, 614, false, Knobs{2, 24});
   run_moe(QType::Q4_K, 512, 4096, 8, {7, 1, 0, 3, 5, 2, 6, 4, 1, 0, 2, 3}, 6, 615, true, Knobs{2});
   // The register-streaming kernel, forced (the policy sends Q2_K expert stacks to the staged one), and with the
-  // plain uint2 grid table for IQ2_XXS (iq2_rep = 1) instead of the default selector copies.
+  // selector table for IQ2_XXS (iq2_rep >= 2) instead of the default uint2 grid.
   run_moe(QType::IQ2_XXS, 2048, 4096, 256, ids, 6, 616, true, Knobs{1});
-  run_moe(QType::IQ2_XXS, 2048, 4096, 256, ids, 6, 618, true, Knobs{1, 0, 1});
-  run_dense(QType::IQ2_XXS, 2048, 4096, 3, 619, cuda::GemvLayout::Ggml, Knobs{1, 0, 1});
+  run_moe(QType::IQ2_XXS, 2048, 4096, 256, ids, 6, 618, true, Knobs{1, 0, 8});
+  run_dense(QType::IQ2_XXS, 2048, 4096, 3, 619, cuda::GemvLayout::Ggml, Knobs{1, 0, 8});
   run_moe(QType::Q2_K, 4096, 2048, 256, {255, 1, 100, 42, 0, 199}, 1, 617, false, Knobs{1});
 }
 
@@ -385,7 +385,7 @@ TEST(CudaMoeFused, GateUpSwiglu) {
   DSV4_REQUIRE_CUDA();
   // Flash: 6 experts per token of 256, 4096 -> 2048, clamp 10. The random dots are O(1-10), so both clamps (10 and
   // 0.5) clip some g and u: both branches of the clamp are exercised.
-  // Streaming (default) and staged variants; the old uint2 grid table for IQ2_XXS once (iq2_rep = 1).
+  // Streaming (default) and staged variants; the selector table in the streaming kernel once (iq2_rep = 8).
   for (const Knobs& k : {Knobs{}, Knobs{2}}) {
     run_gate_up_swiglu(QType::IQ2_XXS, 2048, 4096, 256, {0, 17, 255, 128, 3, 77}, 6, 10.0f, 701, k);
     run_gate_up_swiglu(QType::Q4_K, 1000, 4096, 16, {15, 3, 0, 7, 8, 1}, 6, 0.5f, 703, k);
@@ -394,7 +394,7 @@ TEST(CudaMoeFused, GateUpSwiglu) {
   run_gate_up_swiglu(QType::IQ2_XXS, 2048, 4096, 64, {5, 63, 2, 17, 40, 0, 9, 1, 2, 3, 4, 5}, 6, 0.5f, 702,
                      Knobs{2, 8, 8, 4});
   run_gate_up_swiglu(QType::IQ2_XXS, 2048, 4096, 64, {5, 63, 2, 17, 40, 0, 9, 1, 2, 3, 4, 5}, 6, 0.5f, 705,
-                     Knobs{1, 0, 1});
+                     Knobs{1, 0, 8});
 }
 
 void run_down_sum(QType t, int64_t rows, int64_t cols, int n_experts, const std::vector<int32_t>& ids, int k,

@@ -244,7 +244,7 @@ struct TraitsIQ2Sel : TraitsIQ2_XXS {
     w.ls = int(2 * (a1 >> 28) + 1);
     return w;
   }
-  // Streaming kernel: 8 copies (rep_shift 3; 8 KiB), the H200 sweeps' best for the staged kernel.
+  // Streaming kernel (opt-in, iq2_rep >= 2): 8 copies (rep_shift 3; 8 KiB), the staged kernel's best setting.
   static constexpr int kRepShift = 3;
   __device__ static W load(const uint8_t* blk, int g, const Iq2Smem* t) {
     return load_sel(blk, g, reinterpret_cast<const uint32_t*>(t), kRepShift, int(threadIdx.x) & ((1 << kRepShift) - 1));
@@ -951,8 +951,8 @@ void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float cl
     case QType::Q4_K: return u == 2 ? launch<TraitsQ4_K, 1, 2, 2, true>(p, stream, sw)
                                     : launch<TraitsQ4_K, 1, 1, 2, true>(p, stream, sw);
     case QType::IQ2_XXS:
-      if (p.iq2_rep == 1) return launch<TraitsIQ2_XXS, 1, 1, 2, true>(p, stream, sw);
-      return u == 2 ? launch<TraitsIQ2Sel, 1, 2, 2, true>(p, stream, sw) : launch<TraitsIQ2Sel, 1, 1, 2, true>(p, stream, sw);
+      if (p.iq2_rep >= 2) return launch<TraitsIQ2Sel, 1, 1, 2, true>(p, stream, sw);
+      return u == 2 ? launch<TraitsIQ2_XXS, 1, 2, 2, true>(p, stream, sw) : launch<TraitsIQ2_XXS, 1, 1, 2, true>(p, stream, sw);
     default:
       fail("moe_gate_up_swiglu_cuda: %s routed experts are not supported (Q2_K, Q4_K, IQ2_XXS)",
            qtype_name(p.wtype).c_str());
@@ -998,10 +998,11 @@ void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
         break;
       case QType::Q2_K: launch_tokens<TraitsQ2_K>(p, stream); break;
       case QType::Q4_K: launch_tokens<TraitsQ4_K>(p, stream); break;
-      // iq2_rep == 1: the 2 KiB uint2 grid; otherwise 8 interleaved selector copies (fewer bank conflicts).
+      // Default (iq2_rep 0 or 1): the 2 KiB uint2 grid; iq2_rep >= 2: 8 interleaved selector copies. The
+      // selectors were slower in the streaming kernel on the H200 (MoE gate 19.3 us vs 16.2 us, commit f736620).
       case QType::IQ2_XXS:
-        if (p.iq2_rep == 1) launch_tokens<TraitsIQ2_XXS>(p, stream);
-        else launch_tokens<TraitsIQ2Sel>(p, stream);
+        if (p.iq2_rep >= 2) launch_tokens<TraitsIQ2Sel>(p, stream);
+        else launch_tokens<TraitsIQ2_XXS>(p, stream);
         break;
       case QType::F16: launch_tokens<TraitsF16>(p, stream); break;
       case QType::F32: launch_tokens<TraitsF32>(p, stream); break;

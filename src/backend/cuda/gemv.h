@@ -76,8 +76,8 @@ struct GemvParams {
   // (0 = default): tile_rows = rows per CTA tile, iq2_rep = copies of the IQ2_XXS grid table in shared memory
   // (1..32, power of two: 32 copies make every lane's lookup hit its own bank). The staged kernel uses
   // row_group (2 or 4) as rows per warp sharing one activation load and cta_warps as warps per CTA.
-  // Streaming kernel and IQ2_XXS: iq2_rep == 1 selects the plain 2 KiB grid table, anything else 8 copies of the
-  // byte-permute selector table (same values, fewer shared-memory bank conflicts).
+  // Streaming kernel and IQ2_XXS: iq2_rep 0/1 = the plain 2 KiB uint2 grid table (default: measured faster there),
+  // >= 2 = 8 copies of the byte-permute selector table (same values).
   int kernel = 0;
   int tile_rows = 0;
   int iq2_rep = 0;
