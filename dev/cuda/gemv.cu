@@ -1,6 +1,6 @@
 // Workbench: GEMV kernel timings at DeepSeek-V4-Flash shapes, in GB/s and % of the card's bandwidth.
 //
-//   wb_gemv [--csv FILE] [--quick]
+//   wb_gemv [--csv FILE] [--quick]          (environment WB_NO_SWEEP=1: no staged-knob sweep)
 //
 // Single-token cases run on both GEMV kernels (kernel=1 register streaming, kernel=2 staged cp.async tiles), with a
 // sweep of the staged knobs on the MoE cases; the fused MoE decode pieces are timed against their unfused sequences.
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -350,6 +351,8 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
   }
+  // WB_NO_SWEEP=1 (environment, so scripts/gpu-check.sh needs no new flag): skip the staged-knob sweep.
+  const bool no_sweep = std::getenv("WB_NO_SWEEP") && std::strcmp(std::getenv("WB_NO_SWEEP"), "1") == 0;
   try {
     if (!device_available()) {
       std::fprintf(stderr, "wb_gemv: no CUDA device\n");
@@ -443,7 +446,7 @@ int main(int argc, char** argv) {
       // Staged sweep for the MoE cases (the decode's biggest reads) and the dense single-token ones in full mode.
       Result best = r2;
       Knobs bk{2};
-      if (ok2 && (c.n_experts > 0 || !quick))
+      if (ok2 && (c.n_experts > 0 || !quick) && !no_sweep)
         for (int tile : {0, 8, 16, 32})
           for (int rg : {2, 4})
             for (int cw : {4, 8})
