@@ -233,6 +233,9 @@ class CudaBackend final : public Backend {
     if (gemm_ws_.size() < bytes) gemm_ws_ = DeviceArray<uint8_t>(std::max(bytes, gemm_ws_.size() * 3 / 2));
     return gemm_ws_.get();
   }
+  // Types the fused MoE launches (moe_gate_up_swiglu_cuda, moe_down_sum_cuda) take: the routed-expert types of
+  // the ds4 mixes; other stacks (F16/F32 test models, Q8_0) use the unfused launches.
+  static bool fused_moe_type(QType t) { return t == QType::Q2_K || t == QType::Q4_K || t == QType::IQ2_XXS; }
   void moe_routed(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
                   int T, bool fused_down);
   cuda::GemvParams expert_launch(const WeightView& w, const WeightView* w2, const int32_t* ids, int n_slots,
@@ -489,7 +492,7 @@ void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const floa
   }
   const bool pair = w.up_exps.type == w.gate_exps.type && w.up_exps.ne[0] == D && w.up_exps.ne[1] == F;
   cuda::GemvParams gu = expert_launch(w.gate_exps, pair ? &w.up_exps : nullptr, ids, n_slots, k, nullptr, g);
-  if (pair && n_slots <= kMaxSlotsPerLaunch && cuda::gemv_staged_supported(gu)) {
+  if (pair && n_slots <= kMaxSlotsPerLaunch && fused_moe_type(w.gate_exps.type)) {
     gu.xq = activations(w.gate_exps.type, lg, x, T, D, false);
     gu.y2 = g;  // unused by the fused launch (h goes to y), but a paired launch must name one
     cuda::moe_gate_up_swiglu_cuda(gu, weights, p.swiglu_clamp, stream_);
@@ -503,14 +506,14 @@ void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const floa
 
 // Expert ids come from moe_route on the device and are not checked here (the CPU oracle validates them).
 // y = shared expert, then += the routed outputs summed in selection order (the CPU's order): either the fused
-// down-projection + slot sum launch (decode), or per-slot outputs and moe_sum.
+// down-projection + slot sum launch (GEMV sizes, routed-expert types), or per-slot outputs and moe_sum.
 void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
                           const float* weights, int T, float* y) {
   Scope sc(*prof_, "moe_ffn", T);
   const int k = p.n_used, n_slots = T * k;
   const int64_t D = p.d, F = p.ff;
   cuda::GemvParams down = expert_launch(w.down_exps, nullptr, ids, n_slots, 1, nullptr, y);
-  const bool fused_down = n_slots <= kMaxSlotsPerLaunch && k <= 8 &&
+  const bool fused_down = n_slots <= kMaxSlotsPerLaunch && k <= 8 && fused_moe_type(w.down_exps.type) &&
                           !use_gemm(w.gate_exps.type, layout_for(w.gate_exps), T, D) &&
                           cuda::gemv_staged_supported(down);
   {
@@ -519,20 +522,11 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
   }
   {
     Scope part(*prof_, "moe_ffn.shared", T);
+    // Unfused: the fused gate+up+SwiGLU launch takes only the routed-expert types (not the shared Q8_0).
     float* gs = buffer(3, size_t(T) * F);
-    cuda::GemvParams sh;
-    sh.wtype = w.gate_shexp.type, sh.layout = layout_for(w.gate_shexp), sh.rows = F, sh.cols = D, sh.y = gs;
-    const bool fuse_shared = T == 1 && w.up_shexp.type == w.gate_shexp.type && w.up_shexp.ne[0] == D &&
-                             w.up_shexp.ne[1] == F && w.gate_shexp.ne[1] == F && cuda::gemv_supports(sh.wtype);
-    if (fuse_shared) sh.w = weight(w.gate_shexp), sh.w2 = weight(w.up_shexp), sh.y2 = gs;  // y2: unused, required
-    if (fuse_shared && cuda::gemv_staged_supported(sh)) {  // gate + up + SwiGLU: one launch
-      sh.xq = activations(sh.wtype, sh.layout, x, 1, D, false);
-      cuda::moe_gate_up_swiglu_cuda(sh, nullptr, p.swiglu_clamp, stream_);
-    } else {
-      float* us = buffer(4, size_t(T) * F);
-      dmatmul(w.gate_shexp, -1, x, T, gs, &w.up_shexp, us);
-      cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
-    }
+    float* us = buffer(4, size_t(T) * F);
+    dmatmul(w.gate_shexp, -1, x, T, gs, &w.up_shexp, us);
+    cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
     dmatmul(w.down_shexp, -1, gs, T, y);
   }
   if (fused_down) {
