@@ -222,7 +222,7 @@ const char* impl_name(SinkAttnImpl i) { return i == SinkAttnImpl::TensorCore ? "
 // the kernel `impl`, KV rows on the FP8 grid in their non-rotary dims (qat_rows, the model's rows) or not. Returns GFLOP/s-style rows (flop = 4 * H * dh * rows summed over tokens). `out_copy`
 // receives the output for the cross-check between the two kernels.
 Row prefill_attention(int64_t pos0, int T, int ratio, SinkAttnImpl impl, std::vector<float>* out_copy,
-                      bool qat_rows = true, bool probe = false) {
+                      bool qat_rows = true) {
   const int64_t n_comp = (pos0 + T) / ratio;
   DeviceArray<float> comp(size_t(std::max<int64_t>(n_comp, 1)) * DH), ring(size_t(W) * DH), q(size_t(T) * H * DH),
       kv(size_t(T) * DH), out(size_t(T) * H * DH), sinks(H);
@@ -243,18 +243,8 @@ Row prefill_attention(int64_t pos0, int T, int ratio, SinkAttnImpl impl, std::ve
   L.window = W, L.kv_new = kv.get(), L.ring = ring.get(), L.comp = comp.get(), L.ratio = ratio;
   if (ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
   L.impl = impl;
-  DeviceArray<long long> clocks(4);
-  if (probe) L.phase_clocks = clocks.get();
   DeviceArray<float> scratch(size_t(std::max<int64_t>(1, sink_attention_scratch_floats(L))));
   const double us = time_prefill_us([&] { sink_attention_cuda(L, scratch.get(), nullptr); });
-  if (probe) {  // token 0's CTA, last launch: cycles per 32-row tile in each phase
-    const auto c = clocks.download();
-    const int64_t vis = (pos0 + 1) / ratio, rows0 = std::min<int64_t>(W, pos0 + 1) + (ratio == 4 ? std::min<int64_t>(vis, K) : vis);
-    const double tiles = double((rows0 + 31) / 32);
-    std::printf("  probe tc T=%d ctx=%lld ratio=%d: cycles per tile (%.0f tiles) load %.0f scores %.0f softmax %.0f "
-                "values %.0f\n", T, (long long)(pos0 + T), ratio, tiles, c[0] / tiles, c[1] / tiles, c[2] / tiles,
-                c[3] / tiles);
-  }
   if (out_copy) *out_copy = out.download();
   const std::string name = std::string(ratio == 4 ? "attn_csa" : "attn_hca") + "_prefill_T" + std::to_string(T) +
                            "_" + impl_name(impl) + (qat_rows ? "" : "_rawkv");
@@ -382,9 +372,6 @@ int main(int argc, char** argv) {
       prefill_indexer(pos0, T, rows);
     }
     for (int T : {1, 4, 16, 64}) prefill_attention_pair(8192 - T, T, 4, rows);
-    // Phase profile of the tensor-core kernel: one CTA alone (T = 1) and a full GPU (T = 1024), CSA at 8k.
-    prefill_attention(8191, 1, 4, SinkAttnImpl::TensorCore, nullptr, true, true);
-    prefill_attention(7168, 1024, 4, SinkAttnImpl::TensorCore, nullptr, true, true);
     prefill_compressor(7168, 1024, rows);
     prefill_rows(7168, 1024, rows);
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");

@@ -315,19 +315,8 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
 #pragma unroll
   for (int n = 0; n < 32; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
-  const bool probe = p.phase_clocks && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0;
-  long long clk[4] = {0, 0, 0, 0}, c_prev = 0;
-  auto phase = [&](int i) {  // adds the cycles since the previous mark to phase i (probe thread only)
-    if (!probe) return;
-    const long long c = clock64();
-    if (i >= 0) clk[i] += c - c_prev;
-    c_prev = c;
-  };
-  phase(-1);
   for (int base = 0; base < n_rows; base += kRows) {
     __syncthreads();  // Q staged / previous tile's values and probabilities consumed
-    if (base > 0) phase(3);
-    else phase(-1);
     {
       const int col = tid % kDh4, r0 = tid / kDh4;  // 2 rows per pass of 256 threads
       float4 v[kRows / 2];
@@ -343,7 +332,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
       }
     }
     __syncthreads();
-    phase(0);
     {  // scores: 16 heads x 16 rows per warp, k = 512
       // Four accumulator sets (hi*hi / the two lo terms, even / odd k steps) keep the dependent mma chains a
       // quarter as long: the phase is latency-bound with only 8 warps per SM.
@@ -373,7 +361,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
         }
     }
     __syncthreads();
-    phase(1);
     // Online softmax, head r = 8 * warp + i, lane = row of the tile (the tile has >= 1 valid row).
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -390,7 +377,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
       if (lane == 0) s_m[r] = m_new, s_l[r] = s_l[r] * alpha + sum, s_alpha[r] = alpha;
     }
     __syncthreads();
-    phase(2);
     {  // values: 16 heads x 256 dims per warp, k = 32 rows
       const float a0 = s_alpha[16 * mt + g], a1 = s_alpha[16 * mt + g + 8];
 #pragma unroll
@@ -411,11 +397,6 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
       }
     }
   }
-
-  __syncthreads();  // (also ends the last tile's value phase for the probe)
-  phase(3);
-  if (probe)
-    for (int i = 0; i < 4; ++i) p.phase_clocks[i] = clk[i];
 
   // out = acc * e^(m - M) / (l e^(m - M) + e^(sink - M)), M = max(m, sink). s_m / s_l were last written before
   // the final __syncthreads of the loop.

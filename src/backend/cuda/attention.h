@@ -63,9 +63,6 @@ struct SinkAttnLaunch {
   int rows_per_split = 0;
   // Kernel: Auto picks TensorCore when dh == 512 and T >= kAttnTcMinTokens (prefill), else CudaCore.
   SinkAttnImpl impl = SinkAttnImpl::Auto;
-  // Workbench probe (tensor-core kernel only; null in normal use): device array of 4 int64 that thread 0 of CTA
-  // (0, 0) fills with its clock cycles summed over tiles per phase: load, scores, softmax, values.
-  long long* phase_clocks = nullptr;
 };
 
 // Scratch for the split path: partial outputs and log-sum-exps. Owned by the caller so a decode loop (or a
