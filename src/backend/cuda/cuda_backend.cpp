@@ -236,6 +236,12 @@ class CudaBackend final : public Backend {
   // Types the fused MoE launches (moe_gate_up_swiglu_cuda, moe_down_sum_cuda) take: the routed-expert types of
   // the ds4 mixes; other stacks (F16/F32 test models, Q8_0) use the unfused launches.
   static bool fused_moe_type(QType t) { return t == QType::Q2_K || t == QType::Q4_K || t == QType::IQ2_XXS; }
+  // Routed experts of T tokens on the grouped GEMM (gemm.h): every stack of a type and layout it takes (not F32).
+  bool moe_gemm(const MoeWeights& w, int T) const {
+    for (const WeightView* st : {&w.gate_exps, &w.up_exps, &w.down_exps})
+      if (st->type == QType::F32 || !use_gemm(st->type, layout_for(*st), T, st->ne[0])) return false;
+    return true;
+  }
   void moe_routed(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
                   int T, bool fused_down);
   cuda::GemvParams expert_launch(const WeightView& w, const WeightView* w2, const int32_t* ids, int n_slots,
@@ -249,8 +255,11 @@ class CudaBackend final : public Backend {
   }
 
   // ---- GEMV helpers (device pointers) ----------------------------------------------------------------------
+  // gemm: prefill sizes may use the FP16 tensor-core GEMM; the small control projections (HC mix, router) pass
+  // false and stay on the GEMVs so their fp32/Q8 inputs, and the decisions taken from them (Sinkhorn weights,
+  // expert choice), are the same in prefill and decode.
   void dmatmul(const WeightView& w, int expert, const float* x, int T, float* y, const WeightView* w2 = nullptr,
-               float* y2 = nullptr, bool cacheable = false);
+               float* y2 = nullptr, bool cacheable = false, bool gemm = true);
   void dmatmul_experts(const WeightView& w, const int32_t* ids, int n_slots, int act_div, const float* x, float* y,
                        const WeightView* w2 = nullptr, float* y2 = nullptr);
   void matmul_on_host(const WeightView& w, int expert, const float* x, int T, float* y);
@@ -336,10 +345,10 @@ void CudaBackend::matmul_on_host(const WeightView& w, int expert, const float* x
 // y[t] = W x[t] for T tokens. w2/y2 (optional): a second matrix of the same type and shape over the same input,
 // in the same launch.
 void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T, float* y, const WeightView* w2,
-                          float* y2, bool cacheable) {
+                          float* y2, bool cacheable, bool gemm) {
   if (w2 && (w2->type != w.type || w2->ne[0] != w.ne[0] || w2->ne[1] != w.ne[1] || !cuda::gemv_supports(w.type))) {
-    dmatmul(w, expert, x, T, y, nullptr, nullptr, cacheable);  // not pairable: two launches
-    dmatmul(*w2, expert, x, T, y2, nullptr, nullptr, cacheable);
+    dmatmul(w, expert, x, T, y, nullptr, nullptr, cacheable, gemm);  // not pairable: two launches
+    dmatmul(*w2, expert, x, T, y2, nullptr, nullptr, cacheable, gemm);
     return;
   }
   if (T <= 0) return;
@@ -348,7 +357,7 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   if (!cuda::gemv_supports(w.type)) return matmul_on_host(w, expert, x, T, y);
   const GemvLayout layout = layout_for(w);
   const size_t off = expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w));
-  if (use_gemm(w.type, layout, T, cols)) {  // prefill: tensor cores, weights read once per tile of tokens
+  if (gemm && use_gemm(w.type, layout, T, cols)) {  // prefill: tensor cores, weights read once per tile of tokens
     cuda::GemmParams gp;
     gp.wtype = w.type, gp.layout = layout, gp.w = weight(w) + off, gp.rows = rows, gp.cols = cols, gp.x = x;
     gp.n_tokens = T, gp.y = y;
@@ -427,7 +436,7 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
   float* mix = buffer(0, size_t(T) * cuda::kHcMix);
   float* rs = buffer(1, size_t(T));
   float* pre = buffer(2, size_t(T) * 4);
-  dmatmul(w.fn, -1, X, T, mix);
+  dmatmul(w.fn, -1, X, T, mix, nullptr, nullptr, false, /*gemm=*/false);
   cuda::rms_scale_cuda(X, T, nd, p.norm_eps, rs, stream_);
   cuda::HcSinkhornParams sp;
   sp.mix = mix, sp.mix_scale = rs, sp.base = f32_weight(w.base), sp.scale = f32_weight(w.scale);
@@ -446,7 +455,7 @@ void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float
   float* mix = buffer(0, size_t(T) * 4);
   float* rs = buffer(1, size_t(T));
   float* hw = buffer(2, size_t(T) * 4);
-  dmatmul(w.fn, -1, X, T, mix);
+  dmatmul(w.fn, -1, X, T, mix, nullptr, nullptr, false, /*gemm=*/false);
   cuda::rms_scale_cuda(X, T, nd, p.norm_eps, rs, stream_);
   cuda::hc_head_weights_cuda(mix, rs, f32_weight(w.base), f32_weight(w.scale), T, p.hc_eps, hw, stream_);
   cuda::hc_collapse_cuda(X, hw, T, p.d, h, stream_);
@@ -458,7 +467,7 @@ void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float
   Scope sc(*prof_, p.hash ? "moe_route (hash)" : "moe_route", T);
   const int E = p.n_experts, k = p.n_used;
   float* z = buffer(0, size_t(T) * E);
-  dmatmul(w.gate_inp, -1, x, T, z);
+  dmatmul(w.gate_inp, -1, x, T, z, nullptr, nullptr, false, /*gemm=*/false);
   if (p.hash) cuda::gather_hash_ids_cuda(hash_table(w.tid2eid, E, k), w.tid2eid.ne[1], k, tokens, T, ids, stream_);
   const float* bias = w.exp_probs_b.present() ? f32_weight(w.exp_probs_b) : nullptr;
   cuda::moe_route_cuda(z, bias, T, E, k, p.weights_scale, p.hash, ids, weights, stream_);
@@ -476,9 +485,8 @@ void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const floa
   const int64_t D = p.d, F = p.ff;
   float* g = buffer(0, size_t(n_slots) * F);
   float* ye = fused_down ? nullptr : buffer(2, size_t(n_slots) * D);
-  const GemvLayout lg = layout_for(w.gate_exps), lu = layout_for(w.up_exps), ld = layout_for(w.down_exps);
-  if (!fused_down && use_gemm(w.gate_exps.type, lg, T, D) && cuda::gemm_supports(w.up_exps.type, lu) &&
-      cuda::gemm_supports(w.down_exps.type, ld) && F % 64 == 0) {
+  const GemvLayout lg = layout_for(w.gate_exps);
+  if (!fused_down && moe_gemm(w, T)) {
     cuda::MoeGemmParams mp;
     const WeightView* st[3] = {&w.gate_exps, &w.up_exps, &w.down_exps};
     cuda::ExpertStack* es[3] = {&mp.gate, &mp.up, &mp.down};
@@ -514,7 +522,7 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
   const int64_t D = p.d, F = p.ff;
   cuda::GemvParams down = expert_launch(w.down_exps, nullptr, ids, n_slots, 1, nullptr, y);
   const bool fused_down = n_slots <= kMaxSlotsPerLaunch && k <= 8 && fused_moe_type(w.down_exps.type) &&
-                          !use_gemm(w.gate_exps.type, layout_for(w.gate_exps), T, D) &&
+                          !moe_gemm(w, T) &&
                           cuda::gemv_staged_supported(down);
   {
     Scope part(*prof_, "moe_ffn.routed", T);
