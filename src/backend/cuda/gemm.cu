@@ -42,20 +42,6 @@ __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
 }
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 
-// Unsigned byte K of w as a float, exactly, without an integer-to-float conversion: those issue at 16 per clock
-// per SM on sm_90 (1/8 of the FP32 rate), and one per weight made the decoders, not the MMAs or the memory, the
-// bottleneck of the MMA kernel (~1.2 us per K step whatever the tile height, H200). 0x4B0000bb is the float
-// 2^23 + b, so one byte permute and one FP32 add give b.
-template <int K>
-__device__ __forceinline__ float ubyte_f(uint32_t w) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | K)) - 8388608.0f;
-}
-// Signed byte K of w given as w ^ 0x80808080 (the byte holds q + 128): 2^23 + q + 128 minus (2^23 + 128).
-template <int K>
-__device__ __forceinline__ float sbyte_f(uint32_t flipped) {
-  return __uint_as_float(__byte_perm(flipped, 0x4B000000u, 0x7440u | K)) - 8388736.0f;
-}
-
 // ---- dequantization of one 32-value chunk of a weight row --------------------------------------------------------
 // fetch() issues the global loads (kept in registers across the MMAs of the previous steps); decode() turns them
 // into 32 FP16 values (16 packed pairs, column order). c0 % 32 == 0. kDepth: K steps the MMA kernel keeps in
@@ -78,10 +64,10 @@ struct DqF16 {
 __device__ __forceinline__ void decode_i8x32(const uint32_t q[8], float d, uint32_t out[16]) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const uint32_t u = q[i] ^ 0x80808080u;
+    const int v = int(q[i]);
     // d * q is exact in fp32 (11 x 8 significant bits); one rounding to FP16 follows.
-    out[2 * i] = pack_half2(d * sbyte_f<0>(u), d * sbyte_f<1>(u));
-    out[2 * i + 1] = pack_half2(d * sbyte_f<2>(u), d * sbyte_f<3>(u));
+    out[2 * i] = pack_half2(d * float(int8_t(v)), d * float(int8_t(v >> 8)));
+    out[2 * i + 1] = pack_half2(d * float(int8_t(v >> 16)), d * float(v >> 24));
   }
 }
 
@@ -152,8 +138,8 @@ struct DqQ2_K {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const uint32_t v = (r.q[4 * half + i] >> r.shift) & 0x03030303u;
-        out[8 * half + 2 * i] = pack_half2(dl * ubyte_f<0>(v) - ml, dl * ubyte_f<1>(v) - ml);
-        out[8 * half + 2 * i + 1] = pack_half2(dl * ubyte_f<2>(v) - ml, dl * ubyte_f<3>(v) - ml);
+        out[8 * half + 2 * i] = pack_half2(dl * float(v & 3u) - ml, dl * float((v >> 8) & 3u) - ml);
+        out[8 * half + 2 * i + 1] = pack_half2(dl * float((v >> 16) & 3u) - ml, dl * float(v >> 24) - ml);
       }
     }
   }
@@ -187,8 +173,8 @@ struct DqQ4_K {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const uint32_t v = (w[i] >> r.shift) & 0x0F0F0F0Fu;
-      out[2 * i] = pack_half2(d * ubyte_f<0>(v) - m, d * ubyte_f<1>(v) - m);
-      out[2 * i + 1] = pack_half2(d * ubyte_f<2>(v) - m, d * ubyte_f<3>(v) - m);
+      out[2 * i] = pack_half2(d * float(v & 15u) - m, d * float((v >> 8) & 15u) - m);
+      out[2 * i + 1] = pack_half2(d * float((v >> 16) & 15u) - m, d * float(v >> 24) - m);
     }
   }
 };
@@ -212,11 +198,12 @@ struct DqIQ2_XXS {
       const uint2 g = grid[(r.a0 >> (8 * t)) & 255u];
       const uint32_t code = (r.a1 >> (7 * t)) & 127u;
       const uint32_t signs = code | ((__popc(code) & 1u) << 7);  // ksigns_iq2xs: even parity in bit 7
-      const float mag[8] = {ubyte_f<0>(g.x), ubyte_f<1>(g.x), ubyte_f<2>(g.x), ubyte_f<3>(g.x),
-                            ubyte_f<0>(g.y), ubyte_f<1>(g.y), ubyte_f<2>(g.y), ubyte_f<3>(g.y)};
       float v[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = (signs >> k) & 1u ? -(db * mag[k]) : db * mag[k];
+      for (int k = 0; k < 8; ++k) {
+        const float mag = db * float(((k < 4 ? g.x : g.y) >> (8 * (k & 3))) & 255u);
+        v[k] = (signs >> k) & 1u ? -mag : mag;
+      }
 #pragma unroll
       for (int k = 0; k < 4; ++k) out[4 * t + k] = pack_half2(v[2 * k], v[2 * k + 1]);
     }
@@ -429,30 +416,25 @@ __global__ void moe_count_kernel(const int32_t* ids, int n_slots, int32_t* count
   if (s < n_slots) atomicAdd(&counts[ids[s]], 1);
 }
 
-// One CTA of 1024 threads: per-expert tile counts -> first tile per expert (exclusive scan in shared memory,
-// E <= 1024), the per-tile expert map (-1 past the last used tile) and each expert's fill cursor (first padded
-// position). A serial scan by one thread cost ~130 us at E = 256 (one dependent global load per expert).
-constexpr int kScanThreads = 1024;
-__global__ void __launch_bounds__(kScanThreads) moe_scan_kernel(const int32_t* counts, int n_experts, int max_tiles,
-                                                              int bm, int32_t* cursor, int32_t* tile_expert) {
-  __shared__ int32_t buf[2][kScanThreads];
-  const int e = threadIdx.x;
-  const int tiles = e < n_experts ? (counts[e] + bm - 1) / bm : 0;
-  int cur = 0;
-  buf[0][e] = tiles;
+// One CTA: per-expert tile counts -> first tile per expert (serial scan, E <= 1024), the per-tile expert map
+// (-1 past the last used tile) and each expert's fill cursor (first padded position).
+__global__ void moe_scan_kernel(const int32_t* counts, int n_experts, int max_tiles, int bm, int32_t* cursor,
+                                int32_t* tile_expert) {
+  __shared__ int32_t first[1025];
+  if (threadIdx.x == 0) {
+    int t = 0;
+    for (int e = 0; e < n_experts; ++e) {
+      first[e] = t;
+      t += (counts[e] + bm - 1) / bm;
+    }
+    first[n_experts] = t;
+  }
   __syncthreads();
-  for (int off = 1; off < kScanThreads; off <<= 1) {  // Hillis-Steele inclusive scan, double-buffered
-    const int v = buf[cur][e] + (e >= off ? buf[cur][e - off] : 0);
-    buf[cur ^ 1][e] = v;
-    cur ^= 1;
-    __syncthreads();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    cursor[e] = first[e] * bm;
+    for (int i = first[e]; i < first[e + 1]; ++i) tile_expert[i] = e;
   }
-  const int first = buf[cur][e] - tiles, total = buf[cur][kScanThreads - 1];
-  if (e < n_experts) {
-    cursor[e] = first * bm;
-    for (int i = first; i < first + tiles; ++i) tile_expert[i] = e;
-  }
-  for (int i = total + e; i < max_tiles; i += kScanThreads) tile_expert[i] = -1;
+  for (int i = first[n_experts] + threadIdx.x; i < max_tiles; i += blockDim.x) tile_expert[i] = -1;
 }
 
 __global__ void moe_scatter_kernel(const int32_t* ids, int n_slots, int32_t* cursor, int32_t* sorted) {
@@ -594,6 +576,14 @@ int gemm_min_tokens(QType wtype) {
   return wtype == QType::F16 || wtype == QType::F32 ? kGemvMaxTokens + 1 : 16;
 }
 
+int moe_gemm_min_tokens(QType gate_type) {
+  // H200, q2 layer (IQ2_XXS gate/up, Q2_K down; wb_gemm, commit 50027d2): GEMV path 2.62 ms vs 3.13 ms at T = 64,
+  // GEMM 4.06 ms at T = 256 where the GEMV path grows ~41 us per token (~10.5 ms): linear interpolation puts the
+  // crossover near T = 80. Other types were not timed; the same bound is used for them.
+  (void)gate_type;
+  return 96;
+}
+
 size_t gemm_workspace_bytes(const GemmParams& p) {
   check_dense(p);
   if (p.n_tokens == 0) return 0;
@@ -727,7 +717,7 @@ void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream)
   check(cudaMemsetAsync(w.sorted, 0xFF, size_t(w.max_tiles) * w.bm * 4, stream), "moe_gemm: memset sorted");
   moe_count_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p.ids, slots, w.counts);
   check_launch("moe_count_kernel");
-  moe_scan_kernel<<<1, kScanThreads, 0, stream>>>(w.counts, p.n_experts, w.max_tiles, w.bm, w.cursor, w.tile_expert);
+  moe_scan_kernel<<<1, 256, 0, stream>>>(w.counts, p.n_experts, w.max_tiles, w.bm, w.cursor, w.tile_expert);
   check_launch("moe_scan_kernel");
   moe_scatter_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p.ids, slots, w.cursor, w.sorted);
   check_launch("moe_scatter_kernel");

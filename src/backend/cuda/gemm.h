@@ -32,6 +32,9 @@ bool gemm_supports(QType wtype, GemvLayout layout);
 // Fewest tokens for which gemm_cuda beats the batched GEMV (gemv_cuda, 8 tokens per weight read), measured on
 // the H100/H200 by dev/cuda/gemm.cu. Below it the caller should use gemv_cuda.
 int gemm_min_tokens(QType wtype);
+// The same for the routed experts (moe_gemm_cuda vs the MoE GEMV path: paired gate/up over T*k slots, SwiGLU,
+// down), by the gate/up weight type; below it the caller should keep the GEMV path.
+int moe_gemm_min_tokens(QType gate_type);
 
 enum class GemmImpl : uint8_t { Auto, Mma, Cublas };
 
