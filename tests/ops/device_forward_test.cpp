@@ -9,13 +9,18 @@
 //  * QAT off, GEMMs off (DSV4_CUDA_GEMM=0): 1e-4. The f16 mix never quantizes activations (F16 weights read fp32
 //    inputs), so the backends differ by fp32 summation order only (~1e-7 per op, ~5e-7 per attention row,
 //    docs/cuda.md) and the f16 tiny model does not amplify that (TinyModelConditioning: < 1e-6).
-//  * QAT on: 5e-3. The indexer scores FP4-rounded queries and keys (model-spec §3.4): few distinct products, so
-//    scores tie exactly or to an ulp, and a 1-ulp difference between the two backends' sums can swap which of
-//    two rows is selected; the FP8 rounding of KV and compressed rows then turns later 1e-7 differences into
-//    whole grid steps on some elements. Measured on an H200 (tree 9360137): worst row 6.4e-4, compressed rows
-//    of layer 3 9.3e-4, argmax 140/140.
+//  * QAT on: 5e-3. Our explanation (not isolated op by op): the indexer scores FP4-rounded queries and keys
+//    (model-spec §3.4), few distinct products, so scores tie exactly or to an ulp and a 1-ulp difference between
+//    the two backends' sums can swap which of two rows is selected; the FP8 rounding of KV and compressed rows
+//    then turns later 1e-7 differences into whole grid steps on some elements. Measured on an H200 (tree 9360137): worst row 6.4e-4, compressed rows
+//    of layer 3 9.3e-4, argmax 140/140 (QAT on was the only case of that run); CUDA decode/chunks vs CUDA whole
+//    prefill 2.5e-7. The QAT-off case was not yet run on a GPU: its bound is the expectation above.
 //  * GEMMs on (prefill passes of >= 16 tokens on the tensor cores, gemm.h): activations rounded to FP16 (unit
-//    roundoff 4.9e-4) where the CPU keeps fp32, so ~3e-4 relative per projection: 2e-2.
+//    roundoff 4.9e-4) where the CPU keeps fp32, so ~3e-4 relative per projection. Differences of that size can
+//    flip a near-tie in the router's top-2 of 8 experts for some token and layer, which changes that row (and
+//    later rows through the state) by far more, so this case is checked statistically: the MEDIAN row within
+//    2e-2 and argmax agreement on >= 90% of rows, no state value comparison (sizes only). A wrong GEMM (rows,
+//    slots, tiles) breaks every prefill row and fails both. Not yet measured on a GPU.
 // A wrong op, a stale ring slot, a lost state row or a wrong position moves rows by far more (>= 1e-1 typically).
 #include <algorithm>
 #include <cmath>
@@ -41,10 +46,11 @@ struct Case {
   bool qat, gemm;
   double tol;
   const char* what;
+  bool statistical = false;  // median row and argmax agreement instead of the worst row (see the top)
 };
 constexpr Case kExact{false, false, 1e-4, "qat off, gemm off"};
 constexpr Case kQat{true, false, 5e-3, "qat on, gemm off"};
-constexpr Case kGemm{false, true, 2e-2, "qat off, gemm on"};
+constexpr Case kGemm{false, true, 2e-2, "qat off, gemm on", true};
 
 // A CUDA backend with the prefill GEMMs on or off (the backend reads DSV4_CUDA_GEMM when it is made).
 std::unique_ptr<Backend> cuda_backend(bool gemm) {
@@ -100,13 +106,23 @@ std::vector<float> run(const Model& m, Backend& be, SequenceState& st, const std
 }
 
 // Per-row rel-L2 of logits rows [row0, row0 + n) of `got` against the same rows of `ref` (ref_row0 offset).
+std::vector<double> row_errors(const std::vector<float>& got, size_t got_row0, const std::vector<float>& ref,
+                               size_t ref_row0, size_t n, size_t V) {
+  std::vector<double> e;
+  for (size_t r = 0; r < n; ++r)
+    e.push_back(test::rel_l2(std::span<const float>(got.data() + (got_row0 + r) * V, V),
+                             std::span<const float>(ref.data() + (ref_row0 + r) * V, V)));
+  return e;
+}
 double worst_row(const std::vector<float>& got, size_t got_row0, const std::vector<float>& ref, size_t ref_row0,
                  size_t n, size_t V) {
-  double worst = 0;
-  for (size_t r = 0; r < n; ++r)
-    worst = std::max(worst, test::rel_l2(std::span<const float>(got.data() + (got_row0 + r) * V, V),
-                                         std::span<const float>(ref.data() + (ref_row0 + r) * V, V)));
-  return worst;
+  const auto e = row_errors(got, got_row0, ref, ref_row0, n, V);
+  return *std::max_element(e.begin(), e.end());
+}
+double median_row(const std::vector<float>& got, const std::vector<float>& ref, size_t n, size_t V) {
+  auto e = row_errors(got, 0, ref, 0, n, V);
+  std::nth_element(e.begin(), e.begin() + e.size() / 2, e.end());
+  return e[e.size() / 2];
 }
 
 std::vector<float> host_copy(const DeviceBuffer& b, size_t n_floats) {
@@ -190,13 +206,19 @@ void prefill_decode_chunks(const Model& m, const Case& k) {
   for (size_t r = 0; r < size_t(kN); ++r)
     agree += test::argmax(std::span<const float>(lg.data() + r * V, V)) ==
              test::argmax(std::span<const float>(lc.data() + r * V, V));
-  std::printf("[%s] cuda vs cpu logits, worst row rel-L2: prefill %.2e decode %.2e chunk %.2e; argmax agree %d/%d\n",
-              k.what, e_pre, e_dec, e_chunk, agree, kN);
-  EXPECT_LE(e_pre, k.tol) << k.what;
-  EXPECT_LE(e_dec, k.tol) << k.what;
-  EXPECT_LE(e_chunk, k.tol) << k.what;
-  const double es = compare_states(sg, sc, k.tol);
-  std::printf("[%s] state buffers, worst rel-L2 %.2e\n", k.what, es);
+  const double e_med = median_row(lg, lc, kN, V);
+  std::printf("[%s] cuda vs cpu logits, worst row rel-L2: prefill %.2e decode %.2e chunk %.2e; median row %.2e; "
+              "argmax agree %d/%d\n", k.what, e_pre, e_dec, e_chunk, e_med, agree, kN);
+  if (k.statistical) {
+    EXPECT_LE(e_med, k.tol) << k.what;
+    EXPECT_GE(agree, kN * 9 / 10) << k.what;
+  } else {
+    EXPECT_LE(e_pre, k.tol) << k.what;
+    EXPECT_LE(e_dec, k.tol) << k.what;
+    EXPECT_LE(e_chunk, k.tol) << k.what;
+    const double es = compare_states(sg, sc, k.tol);
+    std::printf("[%s] state buffers, worst rel-L2 %.2e\n", k.what, es);
+  }
   EXPECT_EQ(saved(sg).size(), saved(sc).size());  // same byte layout
 
   // Decode/chunks == whole prefill on the device: one 140-token prefill of a fresh session gives the same rows.
@@ -204,8 +226,9 @@ void prefill_decode_chunks(const Model& m, const Case& k) {
   one.init(m.config(), 256, gpu.get());
   std::vector<float> lp(size_t(kN) * V);
   model_forward(m, *gpu, one, t.data(), kN, lp.data(), true, o);
-  const double e_same = worst_row(lg, 0, lp, 0, kN, V);
-  std::printf("[%s] cuda decode/chunks vs cuda whole prefill: worst row rel-L2 %.2e\n", k.what, e_same);
+  const double e_same = k.statistical ? median_row(lg, lp, kN, V) : worst_row(lg, 0, lp, 0, kN, V);
+  std::printf("[%s] cuda decode/chunks vs cuda whole prefill: %s row rel-L2 %.2e\n", k.what,
+              k.statistical ? "median" : "worst", e_same);
   EXPECT_LE(e_same, k.tol) << k.what;
 }
 
