@@ -32,7 +32,7 @@ struct BenchArgs {
   std::string model, backend = "auto", prompt_file, csv, svg;
   int64_t ctx_start = 512, ctx_max = 8192, step_incr = 0;
   double step_mul = 2.0;
-  int gen_tokens = 32, threads = 0;
+  int gen_tokens = 32, threads = 0, batch = 0;
   uint64_t seed = 1;
   bool no_qat = false;
 };
@@ -184,6 +184,7 @@ int run_bench(const BenchArgs& a) {
   dsv4::EngineOptions eo;
   eo.model_path = a.model;
   eo.threads = a.threads;
+  eo.pass_tokens = a.batch;
   eo.qat_sim = !a.no_qat;
   if (a.backend == "cpu") eo.backend = dsv4::BackendKind::Cpu;
   else if (a.backend == "cuda") eo.backend = dsv4::BackendKind::Cuda;
@@ -256,6 +257,7 @@ DSV4_COMMAND("bench", "Prefill and greedy-decode speed at growing context fronti
   sub.add_option("-m,--model", a->model, "GGUF model file")->required();
   sub.add_option("--backend", a->backend, "auto, cpu or cuda (default auto)");
   sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
+  sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default 256; results do not depend on it)");
   sub.add_option("--ctx-start", a->ctx_start, "first context frontier (default 512)");
   sub.add_option("--ctx-max", a->ctx_max, "last context frontier (default 8192)");
   auto* incr = sub.add_option("--step-incr", a->step_incr, "frontier step: add this many tokens");

@@ -19,7 +19,7 @@ namespace {
 struct LogitsArgs {
   std::string model, tokens, out, backend = "cpu", chunks;
   bool decode = false, no_qat = false;
-  int threads = 0;
+  int threads = 0, batch = 0;
 };
 
 std::vector<int> parse_ints(const std::string& s, char sep, const char* what) {
@@ -55,6 +55,7 @@ int run_logits(const LogitsArgs& a) {
   dsv4::EngineOptions eo;
   eo.model_path = a.model;
   eo.threads = a.threads;
+  eo.pass_tokens = a.batch;
   eo.qat_sim = !a.no_qat;
   if (a.backend == "cpu") eo.backend = dsv4::BackendKind::Cpu;
   else if (a.backend == "cuda") eo.backend = dsv4::BackendKind::Cuda;
@@ -104,6 +105,7 @@ DSV4_COMMAND("logits", "Write f32 logits (one row of n_vocab per input position)
                sub.add_option("--backend", a->backend, "cpu or cuda (default cpu)");
                sub.add_option("--chunks", a->chunks, "prefill chunk sizes, e.g. 7,13 (the rest follows)");
                sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
+               sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default 256; results do not depend on it)");
                return [a]() { return run_logits(*a); };
              });
 

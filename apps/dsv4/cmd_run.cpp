@@ -28,7 +28,7 @@ struct RunArgs {
   int top_k = 0;
   int64_t seed = -1;
   std::string backend = "auto";
-  int threads = 0;
+  int threads = 0, batch = 0;
   bool no_color = false;
   bool have_prompt = false;  // -p given (an explicit empty prompt is an error, not interactive mode)
 };
@@ -79,6 +79,7 @@ int run_main(const RunArgs& a) {
                : a.backend == "cuda" ? BackendKind::Cuda
                                      : BackendKind::Auto;
   eo.threads = a.threads;
+  eo.pass_tokens = a.batch;
   bool tty_err = isatty(STDERR_FILENO);
   eo.progress = [tty_err](double f, const std::string& what) {
     if (!tty_err) return;  // a bar only makes sense on a terminal; the summary line below is always printed
@@ -151,6 +152,7 @@ DSV4_COMMAND(
           ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
           ->capture_default_str();
       sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
+      sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default 256; results do not depend on it)");
       sub.add_flag("--no-color", a->no_color, "no ANSI styling");
       return [a, p]() {
         a->have_prompt = p->count() > 0;

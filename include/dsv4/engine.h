@@ -33,6 +33,11 @@ struct EngineOptions {
   BackendKind backend = BackendKind::Auto;  // Auto: CUDA when a device is present, else CPU
   int threads = 0;                     // CPU threads; 0 = all cores
   bool qat_sim = true;                 // FP8/FP4 QAT simulations as in the official code (--no-qat-sim)
+  // Tokens per forward pass when a long prompt is evaluated (prefill chunk, llama.cpp's ubatch). Results do not
+  // depend on it; memory and speed do: bigger passes amortize weight reads (the CUDA prefill GEMMs were measured
+  // to prefer 1024-2048, docs/cuda.md) at the cost of scratch memory. 0: 256. At most kMaxPassTokens.
+  int pass_tokens = 0;
+  static constexpr int kMaxPassTokens = 8192;
   // Load progress in [0, 1] (model upload can take a while on the real 81 GB file).
   std::function<void(double fraction, const std::string& what)> progress;
 };

@@ -105,6 +105,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   ao.qat_sim = opt.qat_sim;
   ao.backend = &be;
   ao.scratch = &s.attn;
+  ao.max_tokens_per_pass = std::max(1, opt.max_tokens_per_pass);  // attention sub-chunks no finer than the pass
   float *X = s.X.f32(), *a = s.a.f32(), *y = s.y.f32(), *post = s.post.f32(), *comb = s.comb.f32();
   float* wts = s.wts.f32();
   int32_t *ids = s.ids.i32(), *tok = s.tok.i32();

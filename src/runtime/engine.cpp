@@ -61,12 +61,14 @@ class SessionImpl final : public Session {
 class EngineImpl final : public Engine {
  public:
   explicit EngineImpl(const EngineOptions& o) : opt_(o) {
+    if (o.pass_tokens < 0 || o.pass_tokens > EngineOptions::kMaxPassTokens)
+      fail("engine option pass_tokens: %d outside [0, %d] (0 = default)", o.pass_tokens, EngineOptions::kMaxPassTokens);
     if (o.progress) o.progress(0.0, "opening " + o.model_path);
     model_ = Model::load(o.model_path);
     pool_ = std::make_unique<ThreadPool>(o.threads);
     if (o.backend == BackendKind::Cuda) {
 #ifdef DSV4_HAVE_CUDA
-      backend_ = make_cuda_backend();  // op table on the GPU; attention still runs on the CPU (docs/cuda.md)
+      backend_ = make_cuda_backend();  // op table on the GPU, state and activations in device memory
 #else
       fail("%s: the CUDA backend is not available in this build (use --backend cpu)", o.model_path.c_str());
 #endif
@@ -100,10 +102,15 @@ class EngineImpl final : public Engine {
   // The backend keeps scratch buffers, so forward calls of different sessions are serialized here.
   void run(SequenceState& st, const Token* tokens, int T, float* logits, bool all_rows) {
     std::lock_guard<std::mutex> lock(run_mutex_);
+    ForwardOptions fo = forward_options();
+    model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
+  }
+  ForwardOptions forward_options() {
     ForwardOptions fo;
     fo.qat_sim = opt_.qat_sim;
     fo.scratch = &scratch_;
-    model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
+    if (opt_.pass_tokens > 0) fo.max_tokens_per_pass = opt_.pass_tokens;
+    return fo;
   }
   const ModelConfig& config() const { return model_->config(); }
   uint64_t digest() const { return digest_; }
@@ -130,9 +137,7 @@ class EngineImpl final : public Engine {
     std::vector<float> last(ss.size() * V);
     {
       std::lock_guard<std::mutex> lock(run_mutex_);
-      ForwardOptions fo;
-      fo.qat_sim = opt_.qat_sim;
-      fo.scratch = &scratch_;
+      ForwardOptions fo = forward_options();
       model_forward_batch(*model_, *backend_, slices, all.data(), last.data(), false, fo);
     }
     for (size_t i = 0; i < ss.size(); ++i) ss[i]->commit(tokens[i], last.data() + i * V);

@@ -428,3 +428,36 @@ TEST(TinySessionFingerprint, StateFromOtherWeightsOfSameShapeIsRefused) {
   c->restore(same);
   EXPECT_EQ(c->position(), 12);
 }
+
+TEST_F(TinyForward, EnginePassTokensGiveTheSameBitsAndAreValidated) {
+  // EngineOptions::pass_tokens (CLI -b/--batch-size) only changes how a prompt is cut into forward passes; the CPU
+  // oracle's rows are independent of that, so logits and saved state must be bitwise equal.
+  auto toks = test_tokens();
+  std::vector<float> la, lb;
+  std::ostringstream sa, sb;
+  for (int pass : {0, 5}) {
+    EngineOptions o;
+    o.model_path = model_->path;
+    o.backend = BackendKind::Cpu;
+    o.threads = 2;
+    o.pass_tokens = pass;
+    auto e = Engine::load(o);
+    auto s = e->new_session(64);
+    s->eval(toks, pass == 0 ? &la : &lb);
+    s->save(pass == 0 ? sa : sb);
+  }
+  expect_bitwise(la, lb, "pass_tokens 5 vs default");
+  EXPECT_TRUE(sa.str() == sb.str()) << "saved state differs with pass_tokens";
+  for (int bad : {-1, EngineOptions::kMaxPassTokens + 1}) {
+    EngineOptions o;
+    o.model_path = model_->path;
+    o.backend = BackendKind::Cpu;
+    o.pass_tokens = bad;
+    try {
+      Engine::load(o);
+      ADD_FAILURE() << "pass_tokens " << bad << " was accepted";
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find("pass_tokens"), std::string::npos) << err.what();
+    }
+  }
+}
