@@ -150,10 +150,13 @@ TEST(CudaBackend, ActivationCacheSeesEveryWrite) {
   expect_close(y(again, w), ref(x2, w), 1e-5, "after free + alloc");
 }
 
-TEST(CudaBackend, HyperConnections) {
-  DSV4_REQUIRE_CUDA();
+// T = 2: F16 GEMV of fn, rms_scale, Sinkhorn / head weights, collapse. T = 1 (decode): the fused HC control
+// (hc_mix_cuda: K-split projection + RMS + Sinkhorn / head weights in one launch), whose chunked sum order differs
+// more from the CPU's sequential one: its own test bounds the control outputs at 1e-4 absolute against a double
+// reference (values in (0, 2]); rel-L2 1e-4 here.
+void hyper_connections(int T, double tol) {
   Backends b;
-  const int T = 2, n = 4;
+  const int n = 4;
   HcParams p;
   p.n = n, p.d = D;
   HcWeights w;
@@ -170,9 +173,9 @@ TEST(CudaBackend, HyperConnections) {
     return Pre{get<float>(be, a, size_t(T) * D), get<float>(be, po, size_t(T) * n), get<float>(be, co, size_t(T) * n * n)};
   };
   const Pre c = pre(*b.cpu), g = pre(*b.gpu);
-  expect_close(g.a, c.a, 2e-5, "hc_pre a");
-  expect_close(g.post, c.post, 2e-5, "hc_pre post");
-  expect_close(g.comb, c.comb, 2e-5, "hc_pre comb");
+  expect_close(g.a, c.a, tol, "hc_pre a");
+  expect_close(g.post, c.post, tol, "hc_pre post");
+  expect_close(g.comb, c.comb, tol, "hc_pre comb");
 
   const auto y = test::random_normal(size_t(T * D), 25);
   auto post = [&](Backend& be) {
@@ -193,7 +196,13 @@ TEST(CudaBackend, HyperConnections) {
     be.hc_head(hw, p, bX.f32(), T, h.f32());
     return get<float>(be, h, size_t(T) * D);
   };
-  expect_close(head(*b.gpu), head(*b.cpu), 2e-5, "hc_head");
+  expect_close(head(*b.gpu), head(*b.cpu), tol, "hc_head");
+}
+
+TEST(CudaBackend, HyperConnections) {
+  DSV4_REQUIRE_CUDA();
+  hyper_connections(2, 2e-5);
+  hyper_connections(1, 1e-4);
 }
 
 struct MoeCase {

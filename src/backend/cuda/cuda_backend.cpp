@@ -186,6 +186,20 @@ class CudaBackend final : public Backend {
   }
   const int32_t* hash_table(const WeightView& t, int n_experts, int k);
   const int32_t* group_ids(int groups, int64_t n);
+  // The fused HC control (hc.h hc_mix_cuda) for one-token passes with an F16 fn of the expected shape. Only T == 1:
+  // its workspace holds per-token tickets that every launch leaves at zero, but the ticket region's size depends
+  // on T, so launches of different T must not share one buffer; decode is where the launches count.
+  static bool hc_mix_applies(const WeightView& fn, int n_mix, int64_t K, int T) {
+    return T == 1 && fn.type == QType::F16 && fn.ne[0] == K && fn.ne[1] == n_mix && K % 2 == 0;
+  }
+  void* hc_mix_workspace(int64_t K) {
+    const size_t bytes = cuda::hc_mix_workspace_bytes(1, K);
+    if (hc_ws_.size() < bytes) {
+      hc_ws_ = DeviceArray<uint8_t>(bytes);
+      cuda::check(cudaMemsetAsync(hc_ws_.get(), 0, bytes, stream_), "cuda backend: hc_mix workspace");
+    }
+    return hc_ws_.get();
+  }
   static void check_hc(const HcParams& p) {
     if (p.n != cuda::kHcStreams) fail("cuda backend: HC kernels are built for %d streams, model has %d", cuda::kHcStreams, p.n);
   }
@@ -282,6 +296,7 @@ class CudaBackend final : public Backend {
   std::vector<DeviceArray<float>> scratch_;
   std::array<ActEntry, 3> act_;
   DeviceArray<uint8_t> gemm_ws_;
+  DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
   std::unique_ptr<Backend> host_ = make_cpu_backend();  // BF16 matmuls and DSV4_CUDA_ATTENTION=cpu
   // DSV4_CUDA_ATTENTION=cpu: the attention ops run the CPU implementation on staged copies (A/B checks of the
@@ -436,10 +451,23 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
   float* mix = buffer(0, size_t(T) * cuda::kHcMix);
   float* rs = buffer(1, size_t(T));
   float* pre = buffer(2, size_t(T) * 4);
+  const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
+  if (hc_mix_applies(w.fn, cuda::kHcMix, nd, T)) {  // decode: projection + RMS + Sinkhorn in one launch
+    cuda::HcMixParams hp;
+    hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
+    hp.base = base, hp.scale = scale, hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
+    hp.pre = pre, hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+    cuda::hc_mix_cuda(hp, stream_);
+    cuda::hc_collapse_cuda(X, pre, T, p.d, a, stream_);
+    wrote(a, size_t(T) * p.d * sizeof(float));
+    wrote(post, size_t(T) * 4 * sizeof(float));
+    wrote(comb, size_t(T) * 16 * sizeof(float));
+    return;
+  }
   dmatmul(w.fn, -1, X, T, mix, nullptr, nullptr, false, /*gemm=*/false);
   cuda::rms_scale_cuda(X, T, nd, p.norm_eps, rs, stream_);
   cuda::HcSinkhornParams sp;
-  sp.mix = mix, sp.mix_scale = rs, sp.base = f32_weight(w.base), sp.scale = f32_weight(w.scale);
+  sp.mix = mix, sp.mix_scale = rs, sp.base = base, sp.scale = scale;
   sp.pre = pre, sp.post = post, sp.comb = comb, sp.n_tokens = T, sp.iters = p.sinkhorn_iters, sp.eps = p.hc_eps;
   cuda::hc_split_sinkhorn_cuda(sp, stream_);
   cuda::hc_collapse_cuda(X, pre, T, p.d, a, stream_);
@@ -455,9 +483,17 @@ void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float
   float* mix = buffer(0, size_t(T) * 4);
   float* rs = buffer(1, size_t(T));
   float* hw = buffer(2, size_t(T) * 4);
-  dmatmul(w.fn, -1, X, T, mix, nullptr, nullptr, false, /*gemm=*/false);
-  cuda::rms_scale_cuda(X, T, nd, p.norm_eps, rs, stream_);
-  cuda::hc_head_weights_cuda(mix, rs, f32_weight(w.base), f32_weight(w.scale), T, p.hc_eps, hw, stream_);
+  if (hc_mix_applies(w.fn, 4, nd, T)) {  // decode: projection + RMS + head weights in one launch
+    cuda::HcMixParams hp;
+    hp.fn = weight(w.fn), hp.n_mix = 4, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
+    hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.eps = p.hc_eps, hp.w = hw;
+    hp.workspace = hc_mix_workspace(nd);
+    cuda::hc_mix_cuda(hp, stream_);
+  } else {
+    dmatmul(w.fn, -1, X, T, mix, nullptr, nullptr, false, /*gemm=*/false);
+    cuda::rms_scale_cuda(X, T, nd, p.norm_eps, rs, stream_);
+    cuda::hc_head_weights_cuda(mix, rs, f32_weight(w.base), f32_weight(w.scale), T, p.hc_eps, hw, stream_);
+  }
   cuda::hc_collapse_cuda(X, hw, T, p.d, h, stream_);
   wrote(h, size_t(T) * p.d * sizeof(float));
 }
