@@ -252,6 +252,8 @@ class CudaBackend final : public Backend {
   static bool fused_moe_type(QType t) { return t == QType::Q2_K || t == QType::Q4_K || t == QType::IQ2_XXS; }
   // Routed experts of T tokens on the grouped GEMM (gemm.h): every stack of a type and layout it takes (not F32).
   bool moe_gemm(const MoeWeights& w, int T) const {
+    // Below the measured crossover (~80 tokens on the H200, gemm.h) the expert GEMVs are faster.
+    if (T < cuda::moe_gemm_min_tokens(w.gate_exps.type)) return false;
     for (const WeightView* st : {&w.gate_exps, &w.up_exps, &w.down_exps})
       if (st->type == QType::F32 || !use_gemm(st->type, layout_for(*st), T, st->ne[0])) return false;
     return true;
