@@ -62,11 +62,15 @@ class EngineImpl final : public Engine {
  public:
   explicit EngineImpl(const EngineOptions& o) : opt_(o) {
     if (o.pass_tokens < 0 || o.pass_tokens > EngineOptions::kMaxPassTokens)
-      fail("engine option pass_tokens: %d outside [0, %d] (0 = default)", o.pass_tokens, EngineOptions::kMaxPassTokens);
+      fail("engine option pass_tokens (CLI -b/--batch-size): %d outside [0, %d] (0 = default 256)", o.pass_tokens, EngineOptions::kMaxPassTokens);
     if (o.progress) o.progress(0.0, "opening " + o.model_path);
     model_ = Model::load(o.model_path);
     pool_ = std::make_unique<ThreadPool>(o.threads);
-    if (o.backend == BackendKind::Cuda) {
+    bool use_cuda = o.backend == BackendKind::Cuda;
+#ifdef DSV4_HAVE_CUDA
+    if (o.backend == BackendKind::Auto) use_cuda = cuda_backend_available();  // the GPU when there is one
+#endif
+    if (use_cuda) {
 #ifdef DSV4_HAVE_CUDA
       backend_ = make_cuda_backend();  // op table on the GPU, state and activations in device memory
 #else

@@ -743,4 +743,6 @@ void CudaBackend::window_store(float* ring, int W, int dim, const float* kv, int
 
 std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
 
+bool cuda_backend_available() { return cuda::device_available(); }
+
 }  // namespace dsv4

@@ -32,5 +32,7 @@ namespace dsv4 {
 
 // Throws dsv4::Error when no CUDA device is present.
 std::unique_ptr<Backend> make_cuda_backend();
+// True when a CUDA device is present and usable (BackendKind::Auto picks the CUDA backend then).
+bool cuda_backend_available();
 
 }  // namespace dsv4

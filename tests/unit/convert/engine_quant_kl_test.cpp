@@ -163,7 +163,9 @@ TEST(EngineQuantKl, Ds4ExpertTypesRunAndReportKl) {
     {
       auto f = GgufFile::open(o.out_path);
       EXPECT_EQ(f->get_tensor("blk.1.ffn_gate_exps.weight").type, uint32_t(gate_type)) << mix_name(mix);
-      if (mix == Mix::Q2) EXPECT_EQ(f->get_tensor("blk.1.ffn_down_exps.weight").type, uint32_t(QType::Q2_K));
+      if (mix == Mix::Q2) {
+        EXPECT_EQ(f->get_tensor("blk.1.ffn_down_exps.weight").type, uint32_t(QType::Q2_K));
+      }
     }
     out[mix_name(mix)] = logits(o.out_path, toks);
     for (float x : out[mix_name(mix)]) ASSERT_TRUE(std::isfinite(x)) << mix_name(mix);
