@@ -62,7 +62,8 @@ class EngineImpl final : public Engine {
  public:
   explicit EngineImpl(const EngineOptions& o) : opt_(o) {
     if (o.pass_tokens < 0 || o.pass_tokens > EngineOptions::kMaxPassTokens)
-      fail("engine option pass_tokens (CLI -b/--batch-size): %d outside [0, %d] (0 = default 256)", o.pass_tokens, EngineOptions::kMaxPassTokens);
+      fail("engine option pass_tokens (CLI -b/--batch-size): %d outside [0, %d] (0 = default 256)", o.pass_tokens,
+           EngineOptions::kMaxPassTokens);
     if (o.progress) o.progress(0.0, "opening " + o.model_path);
     model_ = Model::load(o.model_path);
     pool_ = std::make_unique<ThreadPool>(o.threads);
