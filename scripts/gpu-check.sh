@@ -14,7 +14,7 @@
 # skips the largest workbench case and the knob sweep, GPU_CHECK_SANITIZE=1 adds a compute-sanitizer memcheck pass,
 # GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits),
 # GPU_CHECK_TESTS='Suite*:Other*' restricts the parity tests (gtest filter, default all), GPU_CHECK_WB="gemv attention"
-# names the workbenches to build and run (dev/cuda/<name>.cu, default both). GPU_CHECK_BENCH_ONLY=1 builds only
+# names the workbenches to build and run (dev/cuda/<name>.cu, default gemv attention; "none": none). GPU_CHECK_BENCH_ONLY=1 builds only
 # dsv4 and runs scripts/gpu-flash-bench.sh (its FLASH_MIX / BENCH_ARGS / DSV4_CUDA_PROFILE apply).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -85,6 +85,7 @@ fi
 status=0
 set -o pipefail
 WBS=(${GPU_CHECK_WB:-gemv attention})
+[ "${WBS[*]}" = none ] && WBS=()   # GPU_CHECK_WB=none: no workbench
 targets=(dsv4_test_ops)
 for wb in "${WBS[@]}"; do targets+=("wb_$wb"); done
 [ "${GPU_CHECK_E2E:-0}" = 1 ] && targets+=(dsv4 dsv4_test_convert)
