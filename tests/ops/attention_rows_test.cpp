@@ -361,6 +361,49 @@ TEST(CudaAttentionRows, IndexerPrefill) {
   indexer_case(8000, 16);
 }
 
+// Token chunks (IndexerLaunch::max_score_floats bounds the scores of one launch; the default bound only bites
+// at long contexts with big passes): the same selection and counts as one launch, entry for entry, since each
+// token's scores and selection depend on its own inputs only; the scratch formula shrinks to one chunk.
+// 40 tokens from position 2030: the last 19 see more than k = 512 rows (real selections), the first ones all
+// rows; chunks of 7 tokens put boundaries in both regimes and leave a short last chunk.
+TEST(CudaAttentionRows, IndexerChunkedEqualsOneLaunch) {
+  DSV4_REQUIRE_CUDA();
+  constexpr int dI = 128, HI = 64, K = 512, T = 40;
+  constexpr int64_t pos0 = 2030, n_keys = (pos0 + T) / 4;
+  const auto q = test::random_normal(size_t(T) * HI * dI, 91);
+  const auto w = test::random_normal(size_t(T) * HI, 92);
+  const auto keys = test::random_normal(size_t(n_keys) * dI, 93);
+  auto d_q = upload(q), d_w = upload(w), d_k = upload(keys);
+  cuda::IndexerLaunch L;
+  L.q = d_q.get(), L.w = d_w.get(), L.weight_scale = float(1.0 / std::sqrt(double(dI) * HI)), L.keys = d_k.get();
+  L.T = T, L.HI = HI, L.dI = dI, L.pos0 = pos0, L.ratio = 4, L.k = K;
+  EXPECT_EQ(cuda::indexer_scratch_floats(L), int64_t(T) * n_keys);
+  struct Out {
+    std::vector<int32_t> sel, cnt;
+  };
+  auto run = [&](int64_t bound) {
+    cuda::IndexerLaunch c = L;
+    c.max_score_floats = bound;
+    DeviceArray<int32_t> d_sel{size_t(T) * K}, d_cnt{size_t(T)};
+    d_sel.fill_bytes(0xFF), d_cnt.fill_bytes(0xFF);
+    c.sel = d_sel.get(), c.count = d_cnt.get();
+    DeviceArray<float> scratch(size_t(std::max<int64_t>(1, cuda::indexer_scratch_floats(c))));
+    cuda::indexer_select_cuda(c, scratch.get(), nullptr);
+    return Out{d_sel.download(), d_cnt.download()};
+  };
+  const Out one = run(0), chunked = run(7 * n_keys);
+  cuda::IndexerLaunch c7 = L;
+  c7.max_score_floats = 7 * n_keys;
+  EXPECT_EQ(cuda::indexer_scratch_floats(c7), 7 * n_keys);
+  ASSERT_EQ(chunked.cnt, one.cnt);
+  for (int t = 0; t < T; ++t) {
+    const int64_t vis = (pos0 + t + 1) / 4;
+    ASSERT_EQ(one.cnt[size_t(t)], int32_t(std::min<int64_t>(vis, K))) << "t=" << t;
+    for (int i = 0; i < one.cnt[size_t(t)]; ++i)
+      ASSERT_EQ(chunked.sel[size_t(t) * K + i], one.sel[size_t(t) * K + i]) << "t=" << t << " i=" << i;
+  }
+}
+
 // Both score kernels forced on prefill and decode shapes, head padding, and exact ties in the selection.
 TEST(CudaAttentionRows, IndexerKernelsAndTies) {
   DSV4_REQUIRE_CUDA();

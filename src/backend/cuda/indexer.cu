@@ -286,7 +286,21 @@ void validate(const IndexerLaunch& p) {
     fail("indexer_cuda: ratio %d / k %d out of range (k <= %d)", p.ratio, p.k, kTopkMax);
   if (p.impl != IndexerImpl::Auto && p.impl != IndexerImpl::CudaCore && p.impl != IndexerImpl::TensorCore)
     fail("indexer_cuda: unknown impl %d", int(p.impl));
+  if (p.max_score_floats < 0) fail("indexer_cuda: max_score_floats %lld < 0", (long long)p.max_score_floats);
 }
+
+// Tokens per launch of indexer_select_cuda: as many as keep [tokens, n] scores under the bound (n: the last
+// token's visible rows, the widest row of any chunk), at least one. A token's scores and selection depend only on
+// its own query, weights and position (every key tile is computed whole by one CTA; the selection is one block per
+// token), so chunked launches give the same values as one launch.
+int chunk_tokens(const IndexerLaunch& p) {
+  const int64_t bound = p.max_score_floats > 0 ? p.max_score_floats : kIndexerMaxScoreFloats;
+  const int64_t n = std::max<int64_t>(indexer_max_visible(p), 1);
+  return int(std::clamp<int64_t>(bound / n, 1, std::max(p.T, 1)));
+}
+
+// One launch pair (scores, then selection) for all of p's tokens.
+void select_launch(const IndexerLaunch& p, float* scratch, cudaStream_t stream);
 
 bool use_tensor_cores(const IndexerLaunch& p) {
   const bool fits = p.dI == itc::kD && p.HI <= itc::kHeads;
@@ -337,12 +351,28 @@ int64_t indexer_scratch_floats(const IndexerLaunch& p) {
   validate(p);
   const int64_t n = indexer_max_visible(p);
   if (n <= p.k) return 0;
-  return int64_t(p.T) * n;
+  return int64_t(std::min(p.T, chunk_tokens(p))) * n;  // every chunk's [tokens, visible rows] fits
 }
 
 void indexer_select_cuda(const IndexerLaunch& p, float* scratch, cudaStream_t stream) {
   validate(p);
   if (p.T == 0) return;
+  const int tc = chunk_tokens(p);
+  for (int t0 = 0; t0 < p.T; t0 += tc) {
+    IndexerLaunch c = p;
+    c.T = std::min(tc, p.T - t0);
+    c.pos0 = p.pos0 + t0;
+    c.q = p.q + int64_t(t0) * p.HI * p.dI;
+    c.w = p.w + int64_t(t0) * p.HI;
+    c.sel = p.sel + int64_t(t0) * p.k;
+    if (p.count) c.count = p.count + t0;
+    select_launch(c, scratch, stream);
+  }
+}
+
+namespace {
+
+void select_launch(const IndexerLaunch& p, float* scratch, cudaStream_t stream) {
   const int64_t n = indexer_max_visible(p);
   if (n > p.k) {
     if (!scratch) fail("indexer_select_cuda: %lld visible rows > k=%d need scratch", (long long)n, p.k);
@@ -360,5 +390,7 @@ void indexer_select_cuda(const IndexerLaunch& p, float* scratch, cudaStream_t st
   indexer_topk_kernel<<<unsigned(p.T), kSelThreads, sizeof(uint32_t) * size_t(cache), stream>>>(p, scratch, n, cache);
   check_launch("indexer_topk_kernel");
 }
+
+}  // namespace
 
 }  // namespace dsv4::cuda

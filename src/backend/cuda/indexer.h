@@ -40,11 +40,20 @@ struct IndexerLaunch {
   int32_t* sel = nullptr;       // [T, k] selected rows, ascending; entries past count are unspecified
   int32_t* count = nullptr;     // optional [T]: min(k, visible rows) (the host also knows it)
   IndexerImpl impl = IndexerImpl::Auto;  // scores kernel; Auto: TensorCore when it fits (dI 128)
+  // Bound on the score matrix of one launch, in floats (0: kIndexerMaxScoreFloats). indexer_select_cuda runs the
+  // tokens in chunks whose [chunk, visible rows] scores fit under it; tests set it small to force chunks.
+  int64_t max_score_floats = 0;
 };
+
+// Default bound on the scores of one launch: 2^28 floats (1 GiB). Without it a pass of T = 8192 tokens at 1M
+// context would need 8192 x 262144 floats (8 GiB) of scratch; tokens are independent (own score row, own
+// selection), so chunking changes no result.
+inline constexpr int64_t kIndexerMaxScoreFloats = int64_t(1) << 28;
 
 // Visible rows of the last token: the width of the score matrix.
 inline int64_t indexer_max_visible(const IndexerLaunch& p) { return (p.pos0 + p.T) / p.ratio; }
-// Scratch floats a call needs (scores [T, n]); 0 when every row fits in k.
+// Scratch floats a call needs (scores [chunk, n] of its largest token chunk, <= the bound above); 0 when every
+// row fits in k.
 int64_t indexer_scratch_floats(const IndexerLaunch& p);
 void indexer_select_cuda(const IndexerLaunch& p, float* scratch, cudaStream_t stream);
 
