@@ -6,7 +6,12 @@
 namespace dsv4::cuda {
 
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) fail("%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  // A failed call (e.g. cudaMalloc out of memory) also leaves its error as the runtime's last error; reported
+  // here, it must not resurface in the next check_launch and be blamed on an unrelated kernel after a caller
+  // caught this exception (sticky errors stay: cudaGetLastError cannot clear those).
+  cudaGetLastError();
+  fail("%s: %s: %s", what, cudaGetErrorName(err), cudaGetErrorString(err));
 }
 
 void check_launch(const char* kernel) {
