@@ -141,7 +141,13 @@ class CudaBackend final : public Backend {
   float* buffer(int slot, size_t n_floats) {
     if (scratch_.size() <= size_t(slot)) scratch_.resize(size_t(slot) + 1);
     auto& b = scratch_[size_t(slot)];
-    if (b.size() < n_floats) b = DeviceArray<float>(std::max(n_floats, b.size() * 3 / 2));
+    if (b.size() < n_floats) {
+      // Free before allocating: the peak is the new size, not old + new (GiBs at long contexts and big passes);
+      // the contents are not carried over either way.
+      const size_t n = std::max(n_floats, b.size() * 3 / 2);
+      b.reset();
+      b = DeviceArray<float>(n);
+    }
     return b.get();
   }
   template <typename T>
@@ -215,7 +221,11 @@ class CudaBackend final : public Backend {
     ActEntry& e = act_[act_kind(wtype, layout)];
     if (cacheable && e.x == x && e.rows == n_rows && e.cols == cols) return e.buf.get();
     const size_t bytes = size_t(n_rows) * size_t(cuda::gpu_activation_bytes(wtype, cols, layout));
-    if (e.buf.size() < bytes) e.buf = DeviceArray<uint8_t>(std::max(bytes, e.buf.size() * 3 / 2));
+    if (e.buf.size() < bytes) {
+      const size_t n = std::max(bytes, e.buf.size() * 3 / 2);
+      e.buf.reset();  // free first (see buffer())
+      e.buf = DeviceArray<uint8_t>(n);
+    }
     cuda::quantize_activations_cuda(wtype, x, n_rows, cols, e.buf.get(), stream_, layout);
     e.x = cacheable ? x : nullptr, e.rows = n_rows, e.cols = cols;
     return e.buf.get();
@@ -244,7 +254,11 @@ class CudaBackend final : public Backend {
   }
   void* workspace(size_t bytes) {
     if (bytes == 0) return nullptr;
-    if (gemm_ws_.size() < bytes) gemm_ws_ = DeviceArray<uint8_t>(std::max(bytes, gemm_ws_.size() * 3 / 2));
+    if (gemm_ws_.size() < bytes) {
+      const size_t n = std::max(bytes, gemm_ws_.size() * 3 / 2);
+      gemm_ws_.reset();  // free first (see buffer())
+      gemm_ws_ = DeviceArray<uint8_t>(n);
+    }
     return gemm_ws_.get();
   }
   // Types the fused MoE launches (moe_gate_up_swiglu_cuda, moe_down_sum_cuda) take: the routed-expert types of
