@@ -20,6 +20,28 @@ void check_launch(const char* kernel) {
     fail("launch of %s failed: %s: %s", kernel, cudaGetErrorName(err), cudaGetErrorString(err));
 }
 
+void* device_malloc(size_t bytes) {
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    // Freed stream-ordered blocks count as outstanding until the host has observed their frees, hence the
+    // synchronize before the trim. Only the failure path pays for either.
+    int dev = 0;
+    cudaMemPool_t pool;
+    if (cudaDeviceSynchronize() == cudaSuccess && cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess)
+      cudaMemPoolTrimTo(pool, 0);
+    cudaGetLastError();
+    err = cudaMalloc(&p, bytes);
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    fail("cudaMalloc of %zu bytes: %s: %s", bytes, cudaGetErrorName(err), cudaGetErrorString(err));
+  }
+  return p;
+}
+
 bool device_available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

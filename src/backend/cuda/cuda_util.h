@@ -21,6 +21,12 @@ void check(cudaError_t err, const char* what);
 // After a kernel launch: checks the launch error (not the kernel's completion).
 void check_launch(const char* kernel);
 
+// cudaMalloc of `bytes` (> 0) that throws dsv4::Error naming the size. On out-of-memory it first hands the free
+// blocks of the device's default stream-ordered pool back to the driver and tries once more: the CUDA backend
+// keeps freed cudaMallocAsync blocks in that pool (release threshold UINT64_MAX), which plain cudaMalloc cannot
+// use.
+void* device_malloc(size_t bytes);
+
 // True when a CUDA device is present and usable (driver + runtime agree). Never throws.
 bool device_available();
 // "NVIDIA H100 80GB HBM3, 132 SMs, 79.2 GiB, cc 9.0" of the current device.
@@ -32,7 +38,7 @@ class DeviceArray {
  public:
   DeviceArray() = default;
   explicit DeviceArray(size_t n) : n_(n) {
-    if (n > 0) check(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T)), "cudaMalloc");
+    if (n > 0) p_ = static_cast<T*>(device_malloc(n * sizeof(T)));
   }
   explicit DeviceArray(std::span<const T> host) : DeviceArray(host.size()) { upload(host); }
   DeviceArray(const DeviceArray&) = delete;
