@@ -27,7 +27,8 @@ struct ForwardScratch::Impl {
   DeviceBuffer wts;   // [T, k]
   DeviceBuffer h;     // [T, n, D] residual rows gathered for the final head
   DeviceBuffer tok;   // [T] int32 token ids
-  DeviceBuffer logits;// [T, V] (device backends only; host-memory backends write the caller's array)
+  DeviceBuffer logits;// [rows, V] (device backends only; grown to the rows a pass asks for: usually 1 per
+                      // sequence, all T only for all-rows logits; host-memory backends write the caller's array)
   std::vector<int64_t> pos; // [T] host: positions are host-known
   AttentionScratch attn;    // shared by all layers and segments
   Backend* owner = nullptr;
@@ -37,16 +38,20 @@ struct ForwardScratch::Impl {
     if (T <= cap) return;
     const size_t f = sizeof(float), n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
     const size_t t = size_t(T);
-    X = be.alloc(f * t * n * D);
-    a = be.alloc(f * t * D);
-    y = be.alloc(f * t * D);
-    post = be.alloc(f * t * n);
-    comb = be.alloc(f * t * n * n);
-    ids = be.alloc(sizeof(int32_t) * t * k);
-    wts = be.alloc(f * t * k);
-    h = be.alloc(f * t * n * D);
-    tok = be.alloc(sizeof(int32_t) * t);
-    if (!be.host_memory()) logits = be.alloc(f * t * size_t(c.n_vocab));
+    // Old blocks go first (contents are not kept): holding old and new would double the peak at large passes.
+    auto fresh = [&](DeviceBuffer& buf, size_t bytes) {
+      buf = DeviceBuffer();
+      buf = be.alloc(bytes);
+    };
+    fresh(X, f * t * n * D);
+    fresh(a, f * t * D);
+    fresh(y, f * t * D);
+    fresh(post, f * t * n);
+    fresh(comb, f * t * n * n);
+    fresh(ids, sizeof(int32_t) * t * k);
+    fresh(wts, f * t * k);
+    fresh(h, f * t * n * D);
+    fresh(tok, sizeof(int32_t) * t);
     pos.resize(t);
     cap = T;
   }
@@ -171,6 +176,11 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   if (be.host_memory()) {
     be.matmul(w.output, -1, a, rows, logits);                                          // {rows, V}
   } else {
+    const size_t bytes = sizeof(float) * size_t(rows) * size_t(c.n_vocab);
+    if (s.logits.bytes() < bytes) {
+      s.logits = DeviceBuffer();
+      s.logits = be.alloc(bytes);
+    }
     be.matmul(w.output, -1, a, rows, s.logits.f32());
     be.download(logits, s.logits.f32(), sizeof(float) * size_t(rows) * size_t(c.n_vocab));
   }
