@@ -29,47 +29,12 @@
 #include "backend/cuda/moe.h"
 #include "common/error.h"
 #include "quant/quant.h"
+#include "wb_weights.cuh"
 
 using namespace dsv4;
 using namespace dsv4::cuda;
 
 namespace {
-
-__global__ void hash_fill_kernel(uint32_t* p, size_t n, uint32_t seed) {
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t v = (uint32_t(i) + seed) * 2654435761u;
-    v ^= v >> 13, v *= 0x5bd1e995u, v ^= v >> 15;
-    p[i] = v;
-  }
-}
-
-// Scale fields of every block set to small positive f16 values (random bytes would give inf/NaN scales).
-__global__ void sane_scales_kernel(uint8_t* w, size_t n_blocks, int bb, int off_a, int off_b, int f16) {
-  for (size_t b = size_t(blockIdx.x) * blockDim.x + threadIdx.x; b < n_blocks; b += size_t(gridDim.x) * blockDim.x) {
-    uint16_t* h = reinterpret_cast<uint16_t*>(w + b * size_t(bb));
-    if (f16) {
-      for (int i = 0; i < bb / 2; ++i) h[i] = uint16_t((h[i] & 0x83FFu) | 0x2000u);
-    } else {
-      if (off_a >= 0) h[off_a / 2] = uint16_t(0x1400u | (h[off_a / 2] & 0xFFu));
-      if (off_b >= 0) h[off_b / 2] = uint16_t(0x1000u | (h[off_b / 2] & 0xFFu));
-    }
-  }
-}
-
-void fill_weights(QType t, uint8_t* w, size_t bytes, uint32_t seed) {
-  hash_fill_kernel<<<1024, 256>>>(reinterpret_cast<uint32_t*>(w), bytes / 4, seed);
-  int bb = int(block_bytes(t)), a = -1, b = -1, f16 = 0;
-  switch (t) {
-    case QType::Q8_0: a = 0; break;
-    case QType::Q2_K: a = 80, b = 82; break;
-    case QType::Q4_K: a = 0, b = 2; break;
-    case QType::IQ2_XXS: a = 0; break;
-    case QType::F16: bb = 16, f16 = 1; break;
-    default: fail("wb_gemm: no generator for %s", qtype_name(t).c_str());
-  }
-  sane_scales_kernel<<<1024, 256>>>(w, bytes / size_t(bb), bb, a, b, f16);
-  check_launch("wb_gemm fill");
-}
 
 __global__ void normal_fill_kernel(float* x, size_t n, uint32_t seed) {
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -110,7 +75,7 @@ DenseW make_dense(QType t, int64_t rows, int64_t cols) {
   w.bytes = rows * layout_row_bytes(t, w.layout, cols);
   w.copies = int(std::max<int64_t>(1, ((int64_t(256) << 20) + w.bytes - 1) / w.bytes));
   w.mem = DeviceArray<uint8_t>(size_t(w.bytes) * size_t(w.copies));
-  fill_weights(t, w.mem.get(), w.mem.bytes(), uint32_t(rows * 7 + cols));  // values only: layout is bytes
+  random_device_weights(t, w.mem.get(), w.mem.bytes(), uint32_t(rows * 7 + cols));  // values only: layout is bytes
   return w;
 }
 
@@ -157,9 +122,9 @@ MoeLayer make_moe() {
   m.gate = DeviceArray<uint8_t>(size_t(m.gu_stride * m.E));
   m.up = DeviceArray<uint8_t>(size_t(m.gu_stride * m.E));
   m.down = DeviceArray<uint8_t>(size_t(m.down_stride * m.E));
-  fill_weights(QType::IQ2_XXS, m.gate.get(), m.gate.bytes(), 1);
-  fill_weights(QType::IQ2_XXS, m.up.get(), m.up.bytes(), 2);
-  fill_weights(QType::Q2_K, m.down.get(), m.down.bytes(), 3);
+  random_device_weights(QType::IQ2_XXS, m.gate.get(), m.gate.bytes(), 1);
+  random_device_weights(QType::IQ2_XXS, m.up.get(), m.up.bytes(), 2);
+  random_device_weights(QType::Q2_K, m.down.get(), m.down.bytes(), 3);
   return m;
 }
 
