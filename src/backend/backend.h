@@ -258,6 +258,14 @@ class Backend {
   virtual void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) = 0;
 };
 
+// Grows b to at least `bytes` on `be`; contents are not kept. The old block is released before the new one is
+// allocated, so a grow-only scratch never holds both (that would double the peak at large passes).
+inline void grow_discarding(Backend& be, DeviceBuffer& b, size_t bytes) {
+  if (b.bytes() >= bytes) return;
+  b = DeviceBuffer();
+  b = be.alloc(bytes);
+}
+
 inline DeviceBuffer::DeviceBuffer(Backend* be, size_t bytes) : be_(be), bytes_(bytes) {
   p_ = bytes ? be->mem_alloc(bytes) : nullptr;
 }

@@ -153,14 +153,7 @@ void AttentionScratch::ensure(Backend& be, const AttentionShape& s, int T) {
   const size_t n = size_t(T), f = sizeof(float);
   const size_t qd = size_t(s.n_heads) * size_t(s.head_dim);
   // Grows a buffer to at least `bytes`; never shrinks, so layers of different kinds share one set.
-  // The old block is released first: its contents are not kept, and holding both would double the peak
-  // (about 1 GiB each for q and o at 8192 tokens per pass on Flash).
-  auto grow = [&](DeviceBuffer& b, size_t bytes) {
-    if (b.bytes() < bytes) {
-      b = DeviceBuffer();
-      b = be.alloc(bytes);
-    }
-  };
+  auto grow = [&](DeviceBuffer& b, size_t bytes) { grow_discarding(be, b, bytes); };
   grow(qr, f * n * size_t(s.q_rank));
   grow(q, f * n * qd);
   grow(kv, f * n * size_t(s.head_dim));

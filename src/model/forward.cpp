@@ -38,20 +38,16 @@ struct ForwardScratch::Impl {
     if (T <= cap) return;
     const size_t f = sizeof(float), n = size_t(c.hc_mult), D = size_t(c.d_model), k = size_t(c.n_experts_used);
     const size_t t = size_t(T);
-    // Old blocks go first (contents are not kept): holding old and new would double the peak at large passes.
-    auto fresh = [&](DeviceBuffer& buf, size_t bytes) {
-      buf = DeviceBuffer();
-      buf = be.alloc(bytes);
-    };
-    fresh(X, f * t * n * D);
-    fresh(a, f * t * D);
-    fresh(y, f * t * D);
-    fresh(post, f * t * n);
-    fresh(comb, f * t * n * n);
-    fresh(ids, sizeof(int32_t) * t * k);
-    fresh(wts, f * t * k);
-    fresh(h, f * t * n * D);
-    fresh(tok, sizeof(int32_t) * t);
+    auto grow = [&](DeviceBuffer& buf, size_t bytes) { grow_discarding(be, buf, bytes); };
+    grow(X, f * t * n * D);
+    grow(a, f * t * D);
+    grow(y, f * t * D);
+    grow(post, f * t * n);
+    grow(comb, f * t * n * n);
+    grow(ids, sizeof(int32_t) * t * k);
+    grow(wts, f * t * k);
+    grow(h, f * t * n * D);
+    grow(tok, sizeof(int32_t) * t);
     pos.resize(t);
     cap = T;
   }
@@ -176,11 +172,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   if (be.host_memory()) {
     be.matmul(w.output, -1, a, rows, logits);                                          // {rows, V}
   } else {
-    const size_t bytes = sizeof(float) * size_t(rows) * size_t(c.n_vocab);
-    if (s.logits.bytes() < bytes) {
-      s.logits = DeviceBuffer();
-      s.logits = be.alloc(bytes);
-    }
+    grow_discarding(be, s.logits, sizeof(float) * size_t(rows) * size_t(c.n_vocab));
     be.matmul(w.output, -1, a, rows, s.logits.f32());
     be.download(logits, s.logits.f32(), sizeof(float) * size_t(rows) * size_t(c.n_vocab));
   }
