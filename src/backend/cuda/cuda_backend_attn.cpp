@@ -1,0 +1,160 @@
+// CudaBackend: attention ops (grouped projection, head prep, compressor, indexer, sink attention, window).
+#include "backend/cuda/cuda_backend_impl.h"
+
+namespace dsv4::cuda_impl {
+
+// ---- attention ops ----------------------------------------------------------------------------------------
+
+// Group g: input columns [g*gin, (g+1)*gin) of x through weight rows [g*ro, (g+1)*ro). Few tokens: one MoE-mode
+// launch whose "experts" are the groups (x viewed as [T*G, gin] rows, slot t*G + g -> expert g, output rows
+// [T*G, ro] == [T, G*ro]). More tokens: per group a dense launch on gathered rows (weights read once per 8).
+void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int T, float* y) {
+  Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul_grouped", w) : std::string(), T);
+  const int64_t gin = w.ne[0], ro = G > 0 ? w.ne[1] / G : 0;
+  if (w.n_dims != 2 || G <= 0 || w.ne[1] % G != 0)
+    fail("matmul_grouped: tensor '%s' ([%lld, %lld]) cannot be split into %d groups", w.name, (long long)w.ne[0],
+         (long long)w.ne[1], G);
+  wrote(y, size_t(T) * G * ro * sizeof(float));
+  if (T <= 0) return;
+  if (cpu_attention_ || !cuda::gemv_supports(w.type)) {
+    const std::vector<float> hx = to_host(x, size_t(T) * G * gin);
+    std::vector<float> hy(size_t(T) * G * ro);
+    host_->matmul_grouped(w, G, hx.data(), T, hy.data());
+    upload(y, hy.data(), hy.size() * sizeof(float));
+    return;
+  }
+  const GemvLayout layout = layout_for(w);
+  const uint8_t* dw = weight(w);
+  const int64_t drb = device_row_bytes(w);
+  if (T <= kGroupedMoeMaxTokens) {
+    cuda::GemvParams g;
+    g.wtype = w.type, g.layout = layout, g.w = dw, g.rows = ro, g.cols = gin, g.expert_stride = ro * drb;
+    g.expert_ids = group_ids(G, int64_t(T) * G), g.n_slots = T * G, g.act_slot_div = 1, g.y = y;
+    g.xq = activations(w.type, layout, x, int64_t(T) * G, gin, true);
+    cuda::gemv_cuda(g, stream_);
+    return;
+  }
+  float* xg = buffer(0, size_t(T) * gin);
+  float* yg = buffer(1, size_t(T) * ro);
+  for (int gi = 0; gi < G; ++gi) {
+    cuda::check(cudaMemcpy2DAsync(xg, gin * sizeof(float), x + gi * gin, G * gin * sizeof(float), gin * sizeof(float),
+                                  T, cudaMemcpyDeviceToDevice, stream_), "matmul_grouped gather");
+    const uint8_t* wg = dw + size_t(gi) * size_t(ro) * size_t(drb);
+    if (use_gemm(w.type, layout, T, gin)) {
+      cuda::GemmParams gp;
+      gp.wtype = w.type, gp.layout = layout, gp.w = wg, gp.rows = ro, gp.cols = gin, gp.x = xg, gp.n_tokens = T;
+      gp.y = yg;
+      cuda::gemm_cuda(gp, workspace(cuda::gemm_workspace_bytes(gp)), stream_);
+    } else {
+      cuda::GemvParams g;
+      g.wtype = w.type, g.layout = layout, g.w = wg, g.rows = ro, g.cols = gin;
+      g.n_tokens = T, g.y = yg, g.xq = activations(w.type, layout, xg, T, gin, false);
+      cuda::gemv_cuda(g, stream_);
+    }
+    cuda::check(cudaMemcpy2DAsync(y + gi * ro, G * ro * sizeof(float), yg, ro * sizeof(float), ro * sizeof(float), T,
+                                  cudaMemcpyDeviceToDevice, stream_), "matmul_grouped scatter");
+  }
+}
+
+void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) {
+  Scope sc(*prof_, "head_prep", T);
+  const size_t n = size_t(T) * H * dim;
+  wrote(x, n * sizeof(float));
+  if (cpu_attention_) {
+    std::vector<float> h = to_host(x, n);
+    host_->head_prep(h.data(), T, H, dim, p);
+    return upload(x, h.data(), n * sizeof(float));
+  }
+  const float* nw = (p.norm && p.norm_w && p.norm_w->present()) ? f32_weight(*p.norm_w) : nullptr;
+  cuda::head_prep_device(x, T, H, dim, p, nw, stream_);
+}
+
+void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
+                                  const float* z, int T, int64_t p0) {
+  Scope sc(*prof_, "compressor_step", T);
+  if (T <= 0) return;
+  const int cw = s.width();
+  const size_t n_cur = size_t(s.ratio) * cw, n_prev = s.overlap ? size_t(s.ratio) * s.dim : 0;
+  const size_t n_rows = size_t((p0 + T) / s.ratio) * s.dim;
+  wrote(s.cur_v, n_cur * 4), wrote(s.cur_z, n_cur * 4), wrote(s.rows, n_rows * 4);
+  if (n_prev) wrote(s.prev_v, n_prev * 4), wrote(s.prev_z, n_prev * 4);
+  if (cpu_attention_) {
+    // Staged copies of the whole state (rows up to this call's last window), the CPU op, then back.
+    std::vector<float> cv = to_host(s.cur_v, n_cur), cz = to_host(s.cur_z, n_cur), rows = to_host(s.rows, n_rows);
+    std::vector<float> pv = n_prev ? to_host(s.prev_v, n_prev) : std::vector<float>();
+    std::vector<float> pz = n_prev ? to_host(s.prev_z, n_prev) : std::vector<float>();
+    const std::vector<float> hv = to_host(v, size_t(T) * cw), hz = to_host(z, size_t(T) * cw);
+    CompressorBuffers h = s;
+    h.cur_v = cv.data(), h.cur_z = cz.data(), h.rows = rows.data();
+    h.prev_v = n_prev ? pv.data() : nullptr, h.prev_z = n_prev ? pz.data() : nullptr;
+    host_->compressor_step(p, h, hv.data(), hz.data(), T, p0);
+    upload(s.cur_v, cv.data(), n_cur * 4), upload(s.cur_z, cz.data(), n_cur * 4), upload(s.rows, rows.data(), n_rows * 4);
+    if (n_prev) upload(s.prev_v, pv.data(), n_prev * 4), upload(s.prev_z, pz.data(), n_prev * 4);
+    return;
+  }
+  const float* nw = (p.norm && p.norm->present()) ? f32_weight(*p.norm) : nullptr;
+  cuda::compressor_step_device(p, s, f32_weight(*p.ape), nw, v, z, T, p0, stream_);
+}
+
+void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,
+                               int64_t p0, int32_t* sel) {
+  Scope sc(*prof_, "indexer_topk", T);
+  if (T <= 0) return;
+  wrote(sel, size_t(T) * p.top_k * sizeof(int32_t));
+  if (cpu_attention_) {
+    const size_t n_keys = size_t(std::max<int64_t>((p0 + T) / p.ratio, 0));
+    const std::vector<float> hq = to_host(qI, size_t(T) * p.heads * p.dim), hw = to_host(wI, size_t(T) * p.heads);
+    const std::vector<float> hk = to_host(keys, n_keys * p.dim);
+    std::vector<int32_t> hs(size_t(T) * p.top_k, 0);
+    host_->indexer_topk(p, hq.data(), hw.data(), hk.data(), T, p0, hs.data());
+    return upload(sel, hs.data(), hs.size() * sizeof(int32_t));
+  }
+  float* scr = buffer(0, size_t(std::max<int64_t>(1, cuda::indexer_topk_scratch_floats(p, T, p0))));
+  cuda::indexer_topk_device(p, qI, wI, keys, T, p0, sel, scr, stream_);
+}
+
+void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
+                                 const float* comp, const int32_t* sel, int T, int64_t p0, float* out) {
+  Scope sc(*prof_, "sink_attention", T);
+  if (T <= 0) return;
+  const size_t nq = size_t(T) * p.heads * p.dim;
+  wrote(out, nq * sizeof(float));
+  if (cpu_attention_) {
+    const size_t n_comp = p.comp != CompRows::None ? size_t((p0 + T) / p.ratio) : 0;
+    const std::vector<float> hq = to_host(q, nq), hn = to_host(kv_new, size_t(T) * p.dim);
+    const std::vector<float> hr = p0 > 0 ? to_host(ring, size_t(p.window) * p.dim) : std::vector<float>(1);
+    const std::vector<float> hc = n_comp ? to_host(comp, n_comp * p.dim) : std::vector<float>(1);
+    const std::vector<int32_t> hs =
+        p.comp == CompRows::Selected ? to_host(sel, size_t(T) * p.top_k) : std::vector<int32_t>(1);
+    std::vector<float> ho(nq);
+    host_->sink_attention(p, hq.data(), hn.data(), hr.data(), hc.data(), hs.data(), T, p0, ho.data());
+    return upload(out, ho.data(), nq * sizeof(float));
+  }
+  // The kernels validate row pointers of the row sets they may visit; a state with no compressed rows yet may
+  // pass null (its rows buffer is still empty): any valid address stands in, no row of it is read.
+  if (!dummy_.get()) dummy_ = DeviceArray<float>(64);
+  if (p.comp != CompRows::None && !comp) comp = dummy_.get();
+  if (!ring) ring = dummy_.get();
+  float* scr = buffer(0, size_t(std::max<int64_t>(1, cuda::sink_attention_scratch_floats(p, T, p0))));
+  cuda::sink_attention_device(p, f32_weight(*p.sinks), q, kv_new, ring, comp, sel, T, p0, out, scr, stream_);
+}
+
+// Ring slot (p0 + t) mod W = kv[t] for the last n = min(T, W) tokens: their slots are consecutive modulo W, so at
+// most two contiguous device copies.
+void CudaBackend::window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) {
+  Scope sc(*prof_, "window_store", T);
+  if (T <= 0 || W <= 0) return;
+  wrote(ring, size_t(W) * dim * sizeof(float));
+  const int n = std::min(T, W);
+  const int t0 = T - n;
+  const int slot0 = int((p0 + t0) % W);
+  const int first = std::min(n, W - slot0);
+  const size_t row = size_t(dim) * sizeof(float);
+  cuda::check(cudaMemcpyAsync(ring + int64_t(slot0) * dim, kv + int64_t(t0) * dim, size_t(first) * row,
+                              cudaMemcpyDeviceToDevice, stream_), "window_store");
+  if (first < n)
+    cuda::check(cudaMemcpyAsync(ring, kv + int64_t(t0 + first) * dim, size_t(n - first) * row, cudaMemcpyDeviceToDevice,
+                                stream_), "window_store (wrap)");
+}
+
+}  // namespace dsv4::cuda_impl

@@ -1,0 +1,334 @@
+// Private to the CUDA backend: the CudaBackend class (the op table on device memory, cuda_backend.h) shared by
+// its method files: cuda_backend.cpp (memory, weights, GEMV helpers, embed), cuda_backend_hc.cpp (HC control),
+// cuda_backend_moe.cpp (router, experts), cuda_backend_attn.cpp (attention ops). One class, several files, so
+// the op groups can change independently.
+#pragma once
+
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/attention_ops.h"
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/device_ops.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/gemv.h"
+#include "backend/cuda/hc.h"
+#include "backend/cuda/moe.h"
+#include "backend/cuda/norm_rope.h"
+#include "backend/cuda/profile.h"
+#include "common/error.h"
+#include "quant/quant.h"
+
+
+namespace dsv4::cuda_impl {
+
+using cuda::DeviceArray;
+using cuda::GemvLayout;
+using Scope = cuda::OpProfiler::Scope;
+
+// Grouped projections run as one MoE-mode launch (the groups as "experts") up to this many tokens: that launch
+// reads the weight once per token, so larger batches use one dense launch per group (weights read once per 8).
+inline constexpr int kGroupedMoeMaxTokens = 2;
+// Slots of one MoE-mode launch: gemv_cuda allows 65535 CTA rows, a paired launch uses two per slot.
+inline constexpr int kMaxSlotsPerLaunch = 32767;
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend() {
+    if (!cuda::device_available()) fail("cuda backend: no CUDA device present");
+    cuda::check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cuda backend: cudaStreamCreate");
+    // Stream-ordered allocations come from the device's default pool; keeping freed blocks in the pool (instead
+    // of returning them to the driver at every synchronization) makes session and scratch churn cheap.
+    int dev = 0;
+    cudaMemPool_t pool;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+      uint64_t keep = UINT64_MAX;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    }
+    cudaGetLastError();
+    prof_ = std::make_unique<cuda::OpProfiler>(stream_);
+  }
+  ~CudaBackend() override {
+    prof_.reset();  // prints the profile (it synchronizes on its events)
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+  const char* name() const override { return "cuda"; }
+
+  // ---- memory: stream-ordered device allocations; every transfer on the backend's stream -------------------
+  void* mem_alloc(size_t bytes) override {
+    void* p = nullptr;
+    if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
+      cudaGetLastError();
+      fail("cuda backend: out of device memory allocating %zu bytes", bytes);
+    }
+    return p;
+  }
+  void mem_free(void* p) noexcept override {
+    if (!p) return;
+    forget_all_activations();  // the block may come back from the pool under a cached activation's address
+    cudaFreeAsync(p, stream_);
+  }
+  // Pageable host memory (std::vector, the mmap) is staged by the driver before cudaMemcpyAsync returns, so the
+  // caller may reuse `src` at once; the copy itself is ordered with the ops.
+  void upload(void* dst, const void* src, size_t bytes) override {
+    wrote(dst, bytes);
+    if (bytes) cuda::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "cuda backend: upload");
+  }
+  void download(void* dst, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    cuda::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cuda backend: download");
+    cuda::check(cudaStreamSynchronize(stream_), "cuda backend: download (a preceding op failed)");
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    wrote(dst, bytes);
+    if (bytes) cuda::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "cuda backend: copy");
+  }
+  void fill(float* dst, float value, size_t n) override {
+    wrote(dst, n * sizeof(float));
+    cuda::fill_f32_cuda(dst, value, n, stream_);
+  }
+  bool host_memory() const override { return false; }
+
+  // ---- general ops -----------------------------------------------------------------------------------------
+  void embed(const WeightView& e, const int32_t* tokens, int T, int n, float* X) override;
+  void rms_norm(const float* x, const WeightView* w, int T, int64_t dim, float eps, float* y) override {
+    Scope sc(*prof_, "rms_norm", T);
+    cuda::RmsNormParams p;
+    p.x = x, p.y = y, p.rows = T, p.n = int(dim), p.eps = eps;
+    p.w = (w && w->present()) ? f32_weight(*w) : nullptr;
+    cuda::rms_norm_cuda(p, stream_);
+    wrote(y, size_t(T) * dim * sizeof(float));
+  }
+  void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
+    Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string(), T);
+    dmatmul(w, expert, x, T, y, nullptr, nullptr, /*cacheable=*/true);
+    wrote(y, size_t(T) * w.ne[1] * sizeof(float));
+  }
+  void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
+              float* comb) override;
+  void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {
+    Scope sc(*prof_, "hc_post", T);
+    check_hc(p);
+    cuda::hc_post_cuda(X, y, post, comb, T, p.d, stream_);
+    wrote(X, size_t(T) * 4 * p.d * sizeof(float));
+  }
+  void hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) override;
+  void moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
+                 int32_t* ids, float* weights) override;
+  void moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
+               int T, float* y) override;
+
+  // ---- attention ops ---------------------------------------------------------------------------------------
+  void matmul_grouped(const WeightView& w, int groups, const float* x, int T, float* y) override;
+  void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) override;
+  void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
+                       int64_t p0) override;
+  void indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T, int64_t p0,
+                    int32_t* sel) override;
+  void sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
+                      const float* comp, const int32_t* sel, int T, int64_t p0, float* out) override;
+  void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) override;
+
+ private:
+  // ---- internal scratch ------------------------------------------------------------------------------------
+  // Slot i: a grow-only device buffer (ops use fixed slot numbers; nothing is live across ops), so a steady
+  // decode step allocates nothing.
+  float* buffer(int slot, size_t n_floats) {
+    if (scratch_.size() <= size_t(slot)) scratch_.resize(size_t(slot) + 1);
+    auto& b = scratch_[size_t(slot)];
+    if (b.size() < n_floats) {
+      // Free before allocating: the peak is the new size, not old + new (GiBs at long contexts and big passes);
+      // the contents are not carried over either way.
+      const size_t n = std::max(n_floats, b.size() * 3 / 2);
+      b.reset();
+      b = DeviceArray<float>(n);
+    }
+    return b.get();
+  }
+  template <typename T>
+  std::vector<T> to_host(const T* dev, size_t n) {
+    std::vector<T> h(n);
+    download(h.data(), dev, n * sizeof(T));
+    return h;
+  }
+
+  // ---- weights ---------------------------------------------------------------------------------------------
+  // Device layout per weight: the policy lives in gemv.h (preferred_layout / repack_weight_cuda).
+  static GemvLayout layout_for(const WeightView& w) { return cuda::preferred_layout(w.type, w.ne[0], w.n_dims >= 3); }
+  static int64_t device_row_bytes(const WeightView& w) {
+    return cuda::layout_row_bytes(w.type, layout_for(w), w.ne[0]);
+  }
+  // Device copy of a weight in `layout`, mirrored on first use and cached by host address (+ size, type and
+  // layout as a guard): WeightView data must stay valid and unchanged for the backend's lifetime (the mmap).
+  const uint8_t* mirror(const WeightView& w, GemvLayout layout) {
+    if (!w.present()) fail("cuda backend: tensor '%s' is not bound", w.name);
+    const WeightKey key{w.data, w.n_bytes, uint32_t(w.type), uint32_t(layout)};
+    auto it = weights_.find(key);
+    if (it != weights_.end()) return it->second.get();
+    prof_->discard_open();  // this call times the upload, not the op
+    DeviceArray<uint8_t> d(w.n_bytes);
+    cuda::check(cudaMemcpyAsync(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice, stream_), w.name);
+    if (layout != GemvLayout::Ggml) {
+      const int64_t n_rows = w.ne[1] * (w.n_dims >= 3 ? w.ne[2] : 1);
+      DeviceArray<uint8_t> packed(size_t(n_rows * cuda::layout_row_bytes(w.type, layout, w.ne[0])));
+      cuda::repack_weight_cuda(w.type, layout, d.get(), n_rows, w.ne[0], packed.get(), stream_);
+      d = std::move(packed);  // cudaFree of the file-layout copy waits for the repack
+    }
+    return weights_.emplace(key, std::move(d)).first->second.get();
+  }
+  const uint8_t* weight(const WeightView& w) { return mirror(w, layout_for(w)); }
+  const float* f32_weight(const WeightView& w) {
+    if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());
+    // Mirror ne-product floats, not w.n_bytes: the binding's F32 copies of F16 vectors (e.g. compressor ape in
+    // the q8_0/q2/q4 mixes) keep the file tensor's byte count, half the floats, and the rest would be garbage.
+    WeightView full = w;
+    full.n_bytes = size_t(w.ne[0] * w.ne[1] * w.ne[2] * w.ne[3]) * sizeof(float);
+    return reinterpret_cast<const float*>(mirror(full, GemvLayout::Ggml));
+  }
+  const int32_t* hash_table(const WeightView& t, int n_experts, int k);
+  const int32_t* group_ids(int groups, int64_t n);
+  // The fused HC control (hc.h hc_mix_cuda) for one-token passes with an F16 fn of the expected shape. Only T == 1:
+  // its workspace holds per-token tickets that every launch leaves at zero, but the ticket region's size depends
+  // on T, so launches of different T must not share one buffer; decode is where the launches count.
+  static bool hc_mix_applies(const WeightView& fn, int n_mix, int64_t K, int T) {
+    return T == 1 && fn.type == QType::F16 && fn.ne[0] == K && fn.ne[1] == n_mix && K % 2 == 0;
+  }
+  void* hc_mix_workspace(int64_t K) {
+    const size_t bytes = cuda::hc_mix_workspace_bytes(1, K);
+    if (hc_ws_.size() < bytes) {
+      hc_ws_ = DeviceArray<uint8_t>(bytes);
+      cuda::check(cudaMemsetAsync(hc_ws_.get(), 0, bytes, stream_), "cuda backend: hc_mix workspace");
+    }
+    return hc_ws_.get();
+  }
+  static void check_hc(const HcParams& p) {
+    if (p.n != cuda::kHcStreams) fail("cuda backend: HC kernels are built for %d streams, model has %d", cuda::kHcStreams, p.n);
+  }
+
+  // ---- activations -----------------------------------------------------------------------------------------
+  // Quantized activations of `x` ([n_rows, cols]) for weights of type wtype in `layout`. F16/F32 weights read
+  // the floats themselves (no copy). A cacheable input (an op argument, i.e. forward memory) is quantized once
+  // for consecutive matmuls reading it in the same format (q_a, kv, compressor kv/gate and indexer proj all
+  // read the attention input): the entry stays valid until anything writes memory overlapping x (wrote()), or
+  // any block is freed. Internal scratch inputs are never cached (they are rewritten inside ops).
+  const void* activations(QType wtype, GemvLayout layout, const float* x, int64_t n_rows, int64_t cols, bool cacheable) {
+    if (activation_type(wtype) == QType::F32 && layout == GemvLayout::Ggml) return x;
+    ActEntry& e = act_[act_kind(wtype, layout)];
+    if (cacheable && e.x == x && e.rows == n_rows && e.cols == cols) return e.buf.get();
+    const size_t bytes = size_t(n_rows) * size_t(cuda::gpu_activation_bytes(wtype, cols, layout));
+    if (e.buf.size() < bytes) {
+      const size_t n = std::max(bytes, e.buf.size() * 3 / 2);
+      e.buf.reset();  // free first (see buffer())
+      e.buf = DeviceArray<uint8_t>(n);
+    }
+    cuda::quantize_activations_cuda(wtype, x, n_rows, cols, e.buf.get(), stream_, layout);
+    e.x = cacheable ? x : nullptr, e.rows = n_rows, e.cols = cols;
+    return e.buf.get();
+  }
+  static int act_kind(QType wtype, GemvLayout layout) {
+    if (layout == GemvLayout::Q8Split) return 1;
+    return activation_type(wtype) == QType::Q8_0 ? 0 : 2;
+  }
+  // Invalidates cached activations whose input overlaps [p, p + bytes).
+  void wrote(const void* p, size_t bytes) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    for (ActEntry& e : act_) {
+      if (!e.x) continue;
+      const auto* xb = reinterpret_cast<const uint8_t*>(e.x);
+      if (b < xb + size_t(e.rows * e.cols) * sizeof(float) && xb < b + bytes) e.x = nullptr;
+    }
+  }
+  void forget_all_activations() noexcept {
+    for (ActEntry& e : act_) e.x = nullptr;
+  }
+
+  // Prefill GEMMs (gemm.h) for T >= gemm_min_tokens on the types/layouts they take; DSV4_CUDA_GEMM=0 keeps every
+  // product on the GEMV kernels (A/B checks: the GEMMs round activations to FP16, the GEMVs to Q8 like the CPU).
+  bool use_gemm(QType wtype, GemvLayout layout, int T, int64_t cols) const {
+    return gemm_enabled_ && T >= cuda::gemm_min_tokens(wtype) && cuda::gemm_supports(wtype, layout) && cols % 64 == 0;
+  }
+  void* workspace(size_t bytes) {
+    if (bytes == 0) return nullptr;
+    if (gemm_ws_.size() < bytes) {
+      const size_t n = std::max(bytes, gemm_ws_.size() * 3 / 2);
+      gemm_ws_.reset();  // free first (see buffer())
+      gemm_ws_ = DeviceArray<uint8_t>(n);
+    }
+    return gemm_ws_.get();
+  }
+  // Types the fused MoE launches (moe_gate_up_swiglu_cuda, moe_down_sum_cuda) take: the routed-expert types of
+  // the ds4 mixes; other stacks (F16/F32 test models, Q8_0) use the unfused launches.
+  static bool fused_moe_type(QType t) { return t == QType::Q2_K || t == QType::Q4_K || t == QType::IQ2_XXS; }
+  // Routed experts of T tokens on the grouped GEMM (gemm.h): every stack of a type and layout it takes (not F32).
+  bool moe_gemm(const MoeWeights& w, int T) const {
+    // Below the measured crossover (~80 tokens on the H200, gemm.h) the expert GEMVs are faster.
+    if (T < cuda::moe_gemm_min_tokens(w.gate_exps.type)) return false;
+    for (const WeightView* st : {&w.gate_exps, &w.up_exps, &w.down_exps})
+      if (st->type == QType::F32 || !use_gemm(st->type, layout_for(*st), T, st->ne[0])) return false;
+    return true;
+  }
+  void moe_routed(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids, const float* weights,
+                  int T, bool fused_down);
+  cuda::GemvParams expert_launch(const WeightView& w, const WeightView* w2, const int32_t* ids, int n_slots,
+                                 int act_div, const void* xq, float* y) {
+    cuda::GemvParams g;
+    g.wtype = w.type, g.layout = layout_for(w), g.w = weight(w), g.rows = w.ne[1], g.cols = w.ne[0];
+    g.expert_stride = w.ne[1] * device_row_bytes(w);
+    g.expert_ids = ids, g.n_slots = n_slots, g.act_slot_div = act_div, g.xq = xq, g.y = y;
+    if (w2) g.w2 = weight(*w2);
+    return g;
+  }
+
+  // ---- GEMV helpers (device pointers) ----------------------------------------------------------------------
+  // gemm: prefill sizes may use the FP16 tensor-core GEMM; the small control projections (HC mix, router) pass
+  // false and stay on the GEMVs so their fp32/Q8 inputs, and the decisions taken from them (Sinkhorn weights,
+  // expert choice), are the same in prefill and decode.
+  void dmatmul(const WeightView& w, int expert, const float* x, int T, float* y, const WeightView* w2 = nullptr,
+               float* y2 = nullptr, bool cacheable = false, bool gemm = true);
+  void dmatmul_experts(const WeightView& w, const int32_t* ids, int n_slots, int act_div, const float* x, float* y,
+                       const WeightView* w2 = nullptr, float* y2 = nullptr);
+  void matmul_on_host(const WeightView& w, int expert, const float* x, int T, float* y);
+  std::string matmul_name(const char* op, const WeightView& w) const {
+    return strfmt("%s %s %s", op, qtype_name(w.type).c_str(), cuda::tensor_class(w.name).c_str());
+  }
+
+  struct ActEntry {
+    const float* x = nullptr;  // cached input (null: nothing cached)
+    int64_t rows = 0, cols = 0;
+    DeviceArray<uint8_t> buf;
+  };
+  using WeightKey = std::tuple<const void*, size_t, uint32_t, uint32_t>;
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::OpProfiler> prof_;
+  std::map<WeightKey, DeviceArray<uint8_t>> weights_;
+  std::map<const void*, DeviceArray<int32_t>> hash_tables_;
+  std::map<int, DeviceArray<int32_t>> group_ids_;
+  std::vector<DeviceArray<float>> scratch_;
+  std::array<ActEntry, 3> act_;
+  DeviceArray<uint8_t> gemm_ws_;
+  DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
+  DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
+  std::unique_ptr<Backend> host_ = make_cpu_backend();  // BF16 matmuls and DSV4_CUDA_ATTENTION=cpu
+  // DSV4_CUDA_ATTENTION=cpu: the attention ops run the CPU implementation on staged copies (A/B checks of the
+  // attention kernels; slow, synchronous).
+  const bool cpu_attention_ = [] {
+    const char* e = std::getenv("DSV4_CUDA_ATTENTION");
+    return e && std::strcmp(e, "cpu") == 0;
+  }();
+  const bool gemm_enabled_ = [] {
+    const char* e = std::getenv("DSV4_CUDA_GEMM");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+};
+
+}  // namespace dsv4::cuda_impl

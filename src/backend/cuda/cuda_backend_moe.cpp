@@ -1,0 +1,93 @@
+// CudaBackend: MoE router and experts (moe_route, moe_ffn).
+#include "backend/cuda/cuda_backend_impl.h"
+
+namespace dsv4::cuda_impl {
+
+void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
+                            int32_t* ids, float* weights) {
+  Scope sc(*prof_, p.hash ? "moe_route (hash)" : "moe_route", T);
+  const int E = p.n_experts, k = p.n_used;
+  float* z = buffer(0, size_t(T) * E);
+  dmatmul(w.gate_inp, -1, x, T, z, nullptr, nullptr, false, /*gemm=*/false);
+  if (p.hash) cuda::gather_hash_ids_cuda(hash_table(w.tid2eid, E, k), w.tid2eid.ne[1], k, tokens, T, ids, stream_);
+  const float* bias = w.exp_probs_b.present() ? f32_weight(w.exp_probs_b) : nullptr;
+  cuda::moe_route_cuda(z, bias, T, E, k, p.weights_scale, p.hash, ids, weights, stream_);
+  wrote(ids, size_t(T) * k * sizeof(int32_t));
+  wrote(weights, size_t(T) * k * sizeof(float));
+}
+
+// Routed experts for T tokens (slots s = t*k + j). Writes g = SwiGLU(gate, up) * route weight [n_slots, F] (scratch
+// 0) and, unless fused_down, the per-slot down outputs ye [n_slots, D] (scratch 2) for moe_sum. Prefill: the
+// grouped-by-expert tensor-core GEMM (gemm.h). Decode: fused gate+up+SwiGLU in one staged launch where it applies
+// (gemv.h), else paired gate/up GEMV + swiglu, then down as one MoE-mode launch.
+void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
+                             const float* weights, int T, bool fused_down) {
+  const int k = p.n_used, n_slots = T * k;
+  const int64_t D = p.d, F = p.ff;
+  float* ye = fused_down ? nullptr : buffer(2, size_t(n_slots) * D);
+  const GemvLayout lg = layout_for(w.gate_exps);
+  if (!fused_down && moe_gemm(w, T)) {
+    cuda::MoeGemmParams mp;
+    const WeightView* st[3] = {&w.gate_exps, &w.up_exps, &w.down_exps};
+    cuda::ExpertStack* es[3] = {&mp.gate, &mp.up, &mp.down};
+    for (int i = 0; i < 3; ++i)
+      es[i]->type = st[i]->type, es[i]->layout = layout_for(*st[i]), es[i]->base = weight(*st[i]),
+      es[i]->expert_stride = st[i]->ne[1] * device_row_bytes(*st[i]);
+    mp.d = D, mp.ff = F, mp.n_experts = p.n_experts, mp.k = k, mp.ids = ids, mp.weights = weights, mp.x = x;
+    mp.n_tokens = T, mp.swiglu_clamp = p.swiglu_clamp, mp.y_slots = ye;
+    cuda::moe_gemm_cuda(mp, workspace(cuda::moe_gemm_workspace_bytes(mp)), stream_);
+    return;
+  }
+  // The GEMV path's SwiGLU output (the GEMM above keeps its own in the workspace: allocating g before it cost
+  // n_slots x F floats for nothing, 400 MB at a pass of 8192 tokens).
+  float* g = buffer(0, size_t(n_slots) * F);
+  const bool pair = w.up_exps.type == w.gate_exps.type && w.up_exps.ne[0] == D && w.up_exps.ne[1] == F;
+  cuda::GemvParams gu = expert_launch(w.gate_exps, pair ? &w.up_exps : nullptr, ids, n_slots, k, nullptr, g);
+  if (pair && n_slots <= kMaxSlotsPerLaunch && fused_moe_type(w.gate_exps.type)) {
+    gu.xq = activations(w.gate_exps.type, lg, x, T, D, false);
+    gu.y2 = g;  // unused by the fused launch (h goes to y), but a paired launch must name one
+    cuda::moe_gate_up_swiglu_cuda(gu, weights, p.swiglu_clamp, stream_);
+  } else {
+    float* u = buffer(1, size_t(n_slots) * F);
+    dmatmul_experts(w.gate_exps, ids, n_slots, k, x, g, &w.up_exps, u);  // gate + up: one launch when pairable
+    cuda::swiglu_cuda(g, u, weights, n_slots, F, p.swiglu_clamp, g, stream_);
+  }
+  if (!fused_down) dmatmul_experts(w.down_exps, ids, n_slots, 1, g, ye);
+}
+
+// Expert ids come from moe_route on the device and are not checked here (the CPU oracle validates them).
+// y = shared expert, then += the routed outputs summed in selection order (the CPU's order): either the fused
+// down-projection + slot sum launch (GEMV sizes, routed-expert types), or per-slot outputs and moe_sum.
+void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
+                          const float* weights, int T, float* y) {
+  Scope sc(*prof_, "moe_ffn", T);
+  const int k = p.n_used, n_slots = T * k;
+  const int64_t D = p.d, F = p.ff;
+  cuda::GemvParams down = expert_launch(w.down_exps, nullptr, ids, n_slots, 1, nullptr, y);
+  const bool fused_down = n_slots <= kMaxSlotsPerLaunch && k <= 8 && fused_moe_type(w.down_exps.type) &&
+                          !moe_gemm(w, T) &&
+                          cuda::gemv_staged_supported(down);
+  {
+    Scope part(*prof_, "moe_ffn.routed", T);
+    moe_routed(w, p, x, ids, weights, T, fused_down);
+  }
+  {
+    Scope part(*prof_, "moe_ffn.shared", T);
+    // Unfused: the fused gate+up+SwiGLU launch takes only the routed-expert types (not the shared Q8_0).
+    float* gs = buffer(3, size_t(T) * F);
+    float* us = buffer(4, size_t(T) * F);
+    dmatmul(w.gate_shexp, -1, x, T, gs, &w.up_shexp, us);
+    cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
+    dmatmul(w.down_shexp, -1, gs, T, y);
+  }
+  if (fused_down) {
+    Scope part(*prof_, "moe_ffn.routed_down", T);
+    down.xq = activations(w.down_exps.type, layout_for(w.down_exps), buffer(0, size_t(n_slots) * F), n_slots, F, false);
+    cuda::moe_down_sum_cuda(down, k, stream_);
+  } else {
+    cuda::moe_sum_cuda(buffer(2, size_t(n_slots) * D), T, k, D, y, stream_);
+  }
+  wrote(y, size_t(T) * D * sizeof(float));
+}
+
+}  // namespace dsv4::cuda_impl
