@@ -15,7 +15,9 @@
 # GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits),
 # GPU_CHECK_TESTS='Suite*:Other*' restricts the parity tests (gtest filter, default all), GPU_CHECK_WB="gemv attention"
 # names the workbenches to build and run (dev/cuda/<name>.cu, default gemv attention; "none": none). GPU_CHECK_BENCH_ONLY=1 builds only
-# dsv4 and runs scripts/gpu-flash-bench.sh (its FLASH_MIX / BENCH_ARGS / DSV4_CUDA_PROFILE apply).
+# dsv4 and runs scripts/gpu-flash-bench.sh (its FLASH_MIX / BENCH_ARGS / DSV4_CUDA_PROFILE apply); GPU_CHECK_BENCH=1
+# runs it after the tests (one call: build, check and time). The device tool brings back only a few files from
+# $OUT, so on exit everything in $OUT except env.txt is packed into $OUT/gpu-check.tgz (GPU_CHECK_TAR=0: don't).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEPS="$ROOT/build/gpudeps"
@@ -62,6 +64,12 @@ fi
 
 OUT="${OUT:-$ROOT/build/gpu-check-out}"
 mkdir -p "$OUT"
+pack_out() {  # on exit: one archive instead of many files (the device tool returns ~8 files at most)
+  [ "${GPU_CHECK_TAR:-1}" = 1 ] || return 0
+  (cd "$OUT" && files=$(ls -A | grep -v -e '^env.txt$' -e '^gpu-check.tgz$') && [ -n "$files" ] &&
+     tar -czf gpu-check.tgz $files && rm -rf $files) || true
+}
+trap pack_out EXIT
 SRC="$ROOT"
 [ -d "$ROOT/build/$GPUSRC" ] && SRC="$ROOT/build/$GPUSRC"
 BUILD="/tmp/dsv4-gpu-build-$GPUSRC"  # one build tree per packed source: CMake refuses a cache made from another source dir
@@ -89,6 +97,7 @@ WBS=(${GPU_CHECK_WB:-gemv attention})
 targets=(dsv4_test_ops)
 for wb in "${WBS[@]}"; do targets+=("wb_$wb"); done
 [ "${GPU_CHECK_E2E:-0}" = 1 ] && targets+=(dsv4 dsv4_test_convert)
+[ "${GPU_CHECK_BENCH:-0}" = 1 ] && targets+=(dsv4)
 [ "${GPU_CHECK_BENCH_ONLY:-0}" = 1 ] && targets=(dsv4)   # build dsv4 only, then scripts/gpu-flash-bench.sh
 if ! (cmake "${cmake_args[@]}" && cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}") \
      > "$OUT/build.log" 2>&1; then
@@ -164,4 +173,7 @@ for wb in "${WBS[@]}"; do
   [ "${GPU_CHECK_QUICK:-0}" = 1 ] && wb_args+=(--quick)
   "$BUILD/wb_$wb" "${wb_args[@]}" 2>&1 | tee "$OUT/wb_$wb.log" || status=1
 done
+if [ "${GPU_CHECK_BENCH:-0}" = 1 ]; then
+  BUILD="$BUILD" OUT="$OUT" "$SRC/scripts/gpu-flash-bench.sh" || status=1
+fi
 exit $status
