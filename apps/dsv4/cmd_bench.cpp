@@ -194,7 +194,9 @@ int run_bench(const BenchArgs& a) {
   for (const std::string* out : {&a.csv, &a.svg})
     if (!out->empty() && std::filesystem::is_directory(*out))
       dsv4::fail("bench: output '%s' is a directory", out->c_str());
+  const auto t_load = std::chrono::steady_clock::now();
   auto engine = dsv4::Engine::load(eo);
+  const double load_s = seconds_since(t_load);
   const dsv4::ModelInfo& info = engine->info();
   if (uint64_t(fr.back() + a.gen_tokens) > info.context_length)
     dsv4::fail("bench: last frontier %lld + --gen-tokens %d exceeds the model's context length %llu",
@@ -205,15 +207,15 @@ int run_bench(const BenchArgs& a) {
               info.name.c_str(), info.backend.c_str(), fr.size(), (long long)fr.front(), (long long)fr.back(),
               a.gen_tokens);
   {
-    // Warm-up, not timed: a device backend mirrors each weight on first use, so the first pass would otherwise
-    // include the whole model's upload (tens of GB). A short prefill plus one decode step touches every tensor
-    // and grows the scratch of both shapes.
+    // Warm-up, not timed: the engine moved the weights to a device backend at load; a short prefill plus one
+    // decode step grows the scratch of both shapes and loads the kernels.
     const auto t0 = std::chrono::steady_clock::now();
     auto warm = engine->new_session(16);
     warm->eval(std::span<const dsv4::Token>(toks.data(), std::min<size_t>(8, toks.size())));
     const dsv4::Token next = greedy(warm->logits());
     warm->eval(std::span<const dsv4::Token>(&next, 1));
-    std::printf("warm-up (weights to the backend, first passes): %.2f s\n", seconds_since(t0));
+    std::printf("load: %.2f s (includes the weights' copy to a device backend), warm-up (first passes): %.2f s\n",
+                load_s, seconds_since(t0));
   }
   std::printf("%8s %9s %12s %10s %12s %14s\n", "ctx", "prefill", "prefill t/s", "gen", "decode t/s", "kv bytes");
   std::vector<Row> rows;

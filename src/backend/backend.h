@@ -32,6 +32,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <utility>
 
 #include "model/rope.h"     // RopeFreqs: plain data (the functions are in the CPU backend library)
@@ -179,6 +180,10 @@ class Backend {
   // True when backend memory is ordinary host memory (the host may read and write it directly, and two such
   // backends may share buffers). The forward uses it only to skip copies, never for correctness.
   virtual bool host_memory() const { return false; }
+  // Device backends copy each weight into their memory on first use; the observer (when set) hears every such
+  // copy (file bytes, tensor name) so a load can report progress. Host-memory backends never call it.
+  using UploadObserver = std::function<void(size_t bytes, const char* tensor)>;
+  virtual void set_upload_observer(UploadObserver) {}
 
   // ---- ops ---------------------------------------------------------------------------------------------
 

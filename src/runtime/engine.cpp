@@ -97,7 +97,32 @@ class EngineImpl final : public Engine {
     info_.weight_bytes = model_->weight_bytes();
     digest_ = weights_digest(model_->file());
     info_.backend = backend_->name();
+    if (!backend_->host_memory()) upload_weights();
     if (o.progress) o.progress(1.0, "loaded");
+  }
+  // A device backend copies each weight on first use: one untimed single-token pass at load moves the whole model
+  // (every layer's tensors, each routed-expert stack as a whole) so the first prompt is not the one that waits,
+  // a model that does not fit fails here naming the tensor, and the load can report progress.
+  void upload_weights() {
+    const double total = double(std::max<uint64_t>(info_.weight_bytes, 1));
+    double done = 0;
+    if (opt_.progress)
+      backend_->set_upload_observer([&](size_t bytes, const char*) {
+        done += double(bytes);
+        opt_.progress(std::min(0.99, done / total),
+                      strfmt("weights to %s: %.1f / %.1f GB", backend_->name(), done / 1e9, total / 1e9));
+      });
+    SequenceState st;
+    st.init(model_->config(), 1, backend_.get());
+    const Token first = 0;
+    std::vector<float> logits(size_t(model_->config().n_vocab));
+    try {
+      model_forward(*model_, *backend_, st, &first, 1, logits.data(), false, forward_options());
+    } catch (...) {
+      backend_->set_upload_observer(nullptr);
+      throw;
+    }
+    backend_->set_upload_observer(nullptr);
   }
   const ModelInfo& info() const override { return info_; }
   std::unique_ptr<Session> new_session(int64_t max_context) override {

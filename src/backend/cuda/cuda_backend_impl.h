@@ -175,7 +175,13 @@ class CudaBackend final : public Backend {
     auto it = weights_.find(key);
     if (it != weights_.end()) return it->second.get();
     prof_->discard_open();  // this call times the upload, not the op
-    DeviceArray<uint8_t> d(w.n_bytes);
+    DeviceArray<uint8_t> d;
+    try {
+      d = DeviceArray<uint8_t>(w.n_bytes);
+    } catch (const Error& e) {  // name the tensor and how far the upload got (e.g. a q2 file on an 80 GB card)
+      fail("cuda backend: tensor '%s' (%.2f GB) does not fit in device memory after %.2f GB of weights: %s", w.name,
+           double(w.n_bytes) / 1e9, double(uploaded_bytes_) / 1e9, e.what());
+    }
     cuda::check(cudaMemcpyAsync(d.get(), w.data, w.n_bytes, cudaMemcpyHostToDevice, stream_), w.name);
     if (layout != GemvLayout::Ggml) {
       const int64_t n_rows = w.ne[1] * (w.n_dims >= 3 ? w.ne[2] : 1);
@@ -183,8 +189,11 @@ class CudaBackend final : public Backend {
       cuda::repack_weight_cuda(w.type, layout, d.get(), n_rows, w.ne[0], packed.get(), stream_);
       d = std::move(packed);  // cudaFree of the file-layout copy waits for the repack
     }
+    uploaded_bytes_ += w.n_bytes;
+    if (upload_observer_) upload_observer_(w.n_bytes, w.name);
     return weights_.emplace(key, std::move(d)).first->second.get();
   }
+  void set_upload_observer(UploadObserver f) override { upload_observer_ = std::move(f); }
   const uint8_t* weight(const WeightView& w) { return mirror(w, layout_for(w)); }
   const float* f32_weight(const WeightView& w) {
     if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());
@@ -311,6 +320,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::OpProfiler> prof_;
   std::map<WeightKey, DeviceArray<uint8_t>> weights_;
+  size_t uploaded_bytes_ = 0;         // file bytes of the weights mirrored so far
+  UploadObserver upload_observer_;
   std::map<const void*, DeviceArray<int32_t>> hash_tables_;
   std::map<int, DeviceArray<int32_t>> group_ids_;
   std::vector<DeviceArray<float>> scratch_;
