@@ -156,13 +156,16 @@ print('tiny q2 logits cpu vs cuda: rel-L2 %.3g, max abs %.3g (max |logit| %.3g),
     "$BUILD/dsv4" logits -m $f16 --tokens "$toks200" --backend cuda --out /tmp/ab.cuda.f32 > /dev/null &&
     DSV4_CUDA_ATTENTION=cpu "$BUILD/dsv4" logits -m $f16 --tokens "$toks200" --backend cuda --out /tmp/ab.cudacpu.f32 \
       > /dev/null &&
+    DSV4_CUDA_GEMM=0 "$BUILD/dsv4" logits -m $f16 --tokens "$toks200" --backend cuda --out /tmp/ab.cudagemv.f32 \
+      > /dev/null &&
     python3 -c "
 import numpy as np
 L = lambda n: np.fromfile('/tmp/ab.%s.f32' % n, np.float32).reshape(200, -1)
-c, g, h = L('cpu'), L('cuda'), L('cudacpu')
+c, g, h, v = L('cpu'), L('cuda'), L('cudacpu'), L('cudagemv')
 f = lambda a, b: 'rel-L2 %.3g, max abs %.3g, argmax agree %d/200' % (
     np.linalg.norm(a - b) / np.linalg.norm(b), np.abs(a - b).max(), (a.argmax(1) == b.argmax(1)).sum())
-print('tiny f16 attention A/B: cuda vs cpu', f(g, c), '| cuda[cpu attention] vs cpu', f(h, c))
+print('tiny f16 attention A/B: cuda vs cpu', f(g, c), '| cuda[cpu attention] vs cpu', f(h, c),
+      '| cuda[GEMVs only, DSV4_CUDA_GEMM=0] vs cpu', f(v, c), '(the prefill GEMMs round activations to FP16)')
 " || status=1
   } > "$OUT/e2e.log" 2>&1
   grep -E "tiny q2|tiny f16|PASSED|FAILED|OK \]" "$OUT/e2e.log" | tail -16
