@@ -1,6 +1,6 @@
 // Workbench: prefill GEMM timings (src/backend/cuda/gemm.h) at DeepSeek-V4-Flash shapes.
 //
-//   wb_gemm [--csv FILE] [--quick]
+//   wb_gemm [--csv FILE] [--quick] [--only control]
 //
 // 1. Dense Q8_0 (split layout, as the backend stores attention/shared-expert matrices) and F16 matrices for
 //    T tokens: the batched GEMV (activation quantization + gemv_cuda, 8 tokens per weight read), our MMA kernel
@@ -9,7 +9,11 @@
 //    random top-k routing: moe_gemm_cuda vs the GEMV path the backend runs today (paired gate/up MoE GEMV over
 //    T*k slots, SwiGLU, down), for the MoE crossover.
 // 3. The matmuls of one forward pass of Flash q2 (43 layers; every layer modelled with the ratio-4 tensor set,
-//    the larger one) for T = 256/1024/2048 tokens: the prefill t/s the matmuls alone allow.
+//    the larger one) for T = 256/1024/2048 tokens: the prefill t/s the matmuls alone allow (the HC mixes and the
+//    router on the exact FP32 path, as the backend runs them).
+// 4. The control projections (HC mix 16384 -> 24, router 4096 -> 256; F16): the F16 GEMV (ceil(T/8) launches, the
+//    backend's path before the exact GEMM) vs the exact FP32 GEMM (gemm.h GemmParams::exact). --only control runs
+//    just this section.
 // Weights are random bytes with sane scale fields; dense weights rotate over copies totalling >= 256 MiB so L2
 // never serves a weight from the previous repetition. Times: mean over repetitions after one warm-up.
 #include <cuda_fp16.h>
@@ -108,6 +112,26 @@ float time_dense(const DenseW& w, int T, Path path, Scratch& s, int reps) {
   }, reps);
 }
 
+// Control projection y = W x (F16 W, f32 x): the F16 GEMV (gemv_cuda splits T into launches of 8 tokens; the
+// activations are the floats themselves) or the exact FP32 GEMM (F16 widened + SGEMM).
+float time_control(const DenseW& w, int T, bool exact, Scratch& s, int reps) {
+  int rep = 0;
+  if (!exact) {
+    return time_ms([&] {
+      GemvParams g;
+      g.wtype = w.t, g.w = w.copy(rep++), g.rows = w.rows, g.cols = w.cols, g.xq = s.x.get(), g.n_tokens = T;
+      g.y = s.y.get();
+      gemv_cuda(g, nullptr);
+    }, reps);
+  }
+  GemmParams p;
+  p.wtype = w.t, p.rows = w.rows, p.cols = w.cols, p.x = s.x.get(), p.n_tokens = T, p.y = s.y.get(), p.exact = true;
+  return time_ms([&] {
+    p.w = w.copy(rep++);
+    gemm_cuda(p, s.ws.get(), nullptr);
+  }, reps);
+}
+
 // One layer of routed experts, q2 mix.
 struct MoeLayer {
   DeviceArray<uint8_t> gate, up, down;
@@ -191,10 +215,15 @@ float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps) {
 
 int main(int argc, char** argv) {
   std::string csv_path;
-  bool quick = false;
+  bool quick = false, only_control = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc && !std::strcmp(argv[i + 1], "control")) only_control = true, ++i;
+    else {
+      std::fprintf(stderr, "wb_gemm: unknown argument '%s' (wb_gemm [--csv FILE] [--quick] [--only control])\n", argv[i]);
+      return 2;
+    }
   }
   try {
     if (!device_available()) {
@@ -212,6 +241,28 @@ int main(int argc, char** argv) {
     s.xq = DeviceArray<uint8_t>(size_t(max_T) * 6 * 4096 * 2);
     s.ws = DeviceArray<uint8_t>(size_t(256) << 20);
     const int reps = quick ? 5 : 20;
+
+    // ---- 4. control projections (first: --only control stops after it) ----
+    std::printf("\n== control projections (F16): GEMV (8 tokens per launch) vs exact FP32 GEMM, us per matmul ==\n");
+    struct Ctl {
+      const char* name;
+      int64_t rows, cols;
+    };
+    for (const Ctl& c : {Ctl{"hc mix 16384->24", 24, 16384}, Ctl{"router 4096->256", 256, 4096}}) {
+      const DenseW w = make_dense(QType::F16, c.rows, c.cols);
+      for (int T : {16, 64, 256, 1024, 2048}) {
+        const float gemv_ms = time_control(w, T, false, s, reps), exact_ms = time_control(w, T, true, s, reps);
+        std::printf("%-20s T=%5d | gemv %9.1fus | exact %8.1fus (%.1fx)\n", c.name, T, gemv_ms * 1e3, exact_ms * 1e3,
+                    gemv_ms / exact_ms);
+        if (csv)
+          std::fprintf(csv, "control,%s,F16,%d,gemv,%.2f,,\ncontrol,%s,F16,%d,exact,%.2f,,\n", c.name, T, gemv_ms * 1e3,
+                       c.name, T, exact_ms * 1e3);
+      }
+    }
+    if (only_control) {
+      if (csv) std::fclose(csv);
+      return 0;
+    }
 
     // ---- 1. dense crossover ----
     struct Shape {
@@ -277,6 +328,7 @@ int main(int argc, char** argv) {
       QType t;
       int64_t rows, cols;
       int count;  // per layer
+      bool exact = false;  // control projection: the exact FP32 path
     };
     const std::vector<PassMat> mats = {
         {"attn_q_a", QType::Q8_0, 1024, 4096, 1},     {"attn_q_b", QType::Q8_0, 32768, 1024, 1},
@@ -284,15 +336,17 @@ int main(int argc, char** argv) {
         {"attn_out_b", QType::Q8_0, 4096, 8192, 1},   {"shexp gate/up", QType::Q8_0, 2048, 4096, 2},
         {"shexp down", QType::Q8_0, 4096, 2048, 1},   {"compressor kv+gate", QType::F16, 2048, 4096, 1},
         {"indexer q_b", QType::F16, 8192, 1024, 1},   {"indexer proj", QType::F16, 64, 4096, 1},
-        {"indexer comp kv+gate", QType::F16, 512, 4096, 1}, {"router", QType::F16, 256, 4096, 1},
-        {"hc mixers", QType::F16, 24, 16384, 2},
+        {"indexer comp kv+gate", QType::F16, 512, 4096, 1}, {"router", QType::F16, 256, 4096, 1, true},
+        {"hc mixers", QType::F16, 24, 16384, 2, true},
     };
     for (int T : {256, 1024, 2048}) {
       double layer_ms = 0;
       for (const auto& m : mats) {
         const DenseW w = make_dense(m.t, m.rows, m.cols);
         float best = 1e30f;
-        for (Path path : {Path::Mma, Path::Cublas}) best = std::min(best, time_dense(w, T, path, s, reps));
+        if (m.exact) best = time_control(w, T, true, s, reps);
+        else
+          for (Path path : {Path::Mma, Path::Cublas}) best = std::min(best, time_dense(w, T, path, s, reps));
         layer_ms += double(best) * m.count;
       }
       const double moe_ms = time_moe(moe, T, false, s, quick ? 3 : 10);

@@ -10,7 +10,8 @@
 // The CPU oracle (dsv4::matmul: activations quantized to 8 bits, Q8_0 / Q8_K) is measured against the same
 // reference, and for quantized weights the GPU error must not exceed it: "FP16 is no worse than the CPU path".
 // F32 weights take cuBLAS SGEMM without TF32: rel-L2 <= 1e-5 (fp32 summation of <= 4096 terms), so the HF-fixture
-// tests (F32 weights, 1e-4) keep passing on CUDA.
+// tests (F32 weights, 1e-4) keep passing on CUDA. The exact path for F16 control projections (GemmParams::exact)
+// has its own tolerances, stated at its tests below.
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -167,6 +168,110 @@ TEST(CudaGemm, DenseF32IsFp32) {
   EXPECT_LE(test::rel_l2(y, ref), 1e-5);
 }
 
+// ---- exact FP32 path (GemmParams::exact): the control projections ----------------------------------------------
+// The HC mixes [16384 -> 24] and the router [4096 -> 256] are F16 weights; the CPU and the F16 GEMV multiply them
+// with the f32 activations as they are and sum in fp32. The exact path (FP32-widened weight, cuBLAS SGEMM with TF32
+// off) must give the same products, so only the summation order differs. Tolerances, with u = 2^-24 and random
+// inputs (|partial sums| ~ sqrt(i) rms(w x)): rounding errors of a sequential fp32 sum have an RMS of about
+// u sqrt(K / 6) relative to |y|, i.e. 3.1e-6 at K = 16384 (the worst order; blocked/split sums are smaller), and
+// about 0.7 u = 4e-8 of sum_c |w_c x_c| per element. Bounds: rel-L2 <= 2e-5 against the double reference and
+// against the GEMV, and every element within 4e-6 * sum_c |w_c x_c| of the reference (>= 6x and ~20x margin).
+// Rounding the activations to TF32 or FP16 (11-bit significands: RMS relative error 2.8e-4 per product) would give
+// rel-L2 ~2.8e-4 and per-element errors of ~3.6e-6 sigma at K = 16384: both bounds fail. ExactPathKeepsFp32Bits
+// checks the same directly.
+
+// Double reference y and a[t][r] = sum_c |W[r][c] x[t][c]| (the per-element error scale).
+void ref_matmul_abs(const std::vector<float>& W, int64_t rows, int64_t cols, const float* x, int T,
+                    std::vector<double>& y, std::vector<double>& a) {
+  y.assign(size_t(T) * size_t(rows), 0.0);
+  a.assign(y.size(), 0.0);
+  parallel_for(rows, [&](int64_t r) {
+    const float* wr = &W[size_t(r * cols)];
+    for (int t = 0; t < T; ++t) {
+      double s = 0, m = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double v = double(wr[c]) * double(x[t * cols + c]);
+        s += v, m += std::fabs(v);
+      }
+      y[size_t(t * rows + r)] = s, a[size_t(t * rows + r)] = m;
+    }
+  });
+}
+
+std::vector<float> run_exact(const DeviceArray<uint8_t>& d_w, int64_t rows, int64_t cols, const DeviceArray<float>& d_x,
+                             int T) {
+  DeviceArray<float> d_y(size_t(T) * size_t(rows));
+  d_y.fill_bytes(0xFF);  // NaN poison: every output must be written
+  cuda::GemmParams p;
+  p.wtype = QType::F16, p.w = d_w.get(), p.rows = rows, p.cols = cols, p.x = d_x.get(), p.n_tokens = T;
+  p.y = d_y.get(), p.exact = true;
+  DeviceArray<uint8_t> ws(cuda::gemm_workspace_bytes(p));
+  cuda::gemm_cuda(p, ws.get(), nullptr);
+  cuda::check(cudaDeviceSynchronize(), "gemm_cuda (exact)");
+  return d_y.download();
+}
+
+// The F16 GEMV the backend ran before (activations passed as f32: the F16 partner format is plain f32).
+std::vector<float> run_f16_gemv(const DeviceArray<uint8_t>& d_w, int64_t rows, int64_t cols,
+                                const DeviceArray<float>& d_x, int T) {
+  DeviceArray<float> d_y(size_t(T) * size_t(rows));
+  d_y.fill_bytes(0xFF);
+  cuda::GemvParams g;
+  g.wtype = QType::F16, g.w = d_w.get(), g.rows = rows, g.cols = cols, g.xq = d_x.get(), g.n_tokens = T;
+  g.y = d_y.get();
+  cuda::gemv_cuda(g, nullptr);
+  cuda::check(cudaDeviceSynchronize(), "gemv_cuda (f16)");
+  return d_y.download();
+}
+
+void run_exact_case(const char* name, int64_t rows, int64_t cols, const std::vector<int>& token_counts, uint64_t seed) {
+  const auto w = test::random_weights(QType::F16, rows, cols, seed);
+  const auto W = dequantize_matrix(QType::F16, w.data(), rows, cols);
+  const auto d_w = upload_weight(QType::F16, GemvLayout::Ggml, w, rows, cols);
+  for (int T : token_counts) {
+    const std::string what = std::string(name) + " T=" + std::to_string(T);
+    const auto x = test::random_normal(size_t(T) * size_t(cols), seed + uint64_t(T));
+    std::vector<double> ref, abs_sum;
+    ref_matmul_abs(W, rows, cols, x.data(), T, ref, abs_sum);
+    DeviceArray<float> d_x{std::span<const float>(x)};
+    const auto y = run_exact(d_w, rows, cols, d_x, T), yv = run_f16_gemv(d_w, rows, cols, d_x, T);
+    double worst = 0, worst_gemv = 0;  // max |y - ref| / sum |w x|
+    for (size_t i = 0; i < y.size(); ++i) {
+      worst = std::max(worst, std::fabs(double(y[i]) - ref[i]) / abs_sum[i]);
+      worst_gemv = std::max(worst_gemv, std::fabs(double(yv[i]) - ref[i]) / abs_sum[i]);
+    }
+    const double e = test::rel_l2(y, ref), e_gemv = test::rel_l2(yv, ref), e_vs = test::rel_l2(y, yv);
+    EXPECT_LE(e, 2e-5) << what;
+    EXPECT_LE(e_vs, 2e-5) << what << ": exact GEMM vs the F16 GEMV";
+    EXPECT_LE(worst, 4e-6) << what;  // also false for NaN (an unwritten output)
+    std::printf("[gemm exact] %-28s rel-L2 %.2e (gemv %.2e, gemm vs gemv %.2e) max/sum|wx| %.2e (gemv %.2e)\n",
+                what.c_str(), e, e_gemv, e_vs, worst, worst_gemv);
+  }
+}
+
+// Flash widths: HC mix [4 x 4096 -> 24] and router [4096 -> 256], from the smallest GEMM batch to a full pass.
+TEST(CudaGemm, ExactControlProjections) {
+  DSV4_REQUIRE_CUDA();
+  run_exact_case("hc mix 16384->24", 24, 16384, {16, 37, 256, 2048}, 61);
+  run_exact_case("router 4096->256", 256, 4096, {16, 100, 2048}, 62);
+}
+
+// Bits the FP32 path keeps and TF32/FP16 drop: x = 1 + 2^-13 (14 significant bits) times w = 1 over 64 columns.
+// Every partial sum k (1 + 2^-13), k <= 64, is exact in fp32 (21 bits), so any fp32 order gives exactly
+// 64 + 2^-7; 11-bit operands round x to 1 and give 64.
+TEST(CudaGemm, ExactPathKeepsFp32Bits) {
+  DSV4_REQUIRE_CUDA();
+  const int64_t rows = 24, cols = 64;
+  const int T = 16;
+  std::vector<uint8_t> w(size_t(rows * cols) * 2);
+  for (size_t i = 0; i < w.size(); i += 2) test::put_f16(&w[i], 1.0f);
+  const std::vector<float> x(size_t(T * cols), 1.0f + 0x1p-13f);
+  const auto d_w = upload_weight(QType::F16, GemvLayout::Ggml, w, rows, cols);
+  DeviceArray<float> d_x{std::span<const float>(x)};
+  const auto y = run_exact(d_w, rows, cols, d_x, T);
+  for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], 64.0f + 0x1p-7f) << "output " << i;
+}
+
 // Bad arguments are dsv4::Error naming the problem, before any device work.
 TEST(CudaGemm, RejectsBadArguments) {
   cuda::GemmParams p;
@@ -178,6 +283,16 @@ TEST(CudaGemm, RejectsBadArguments) {
   EXPECT_THROW(cuda::gemm_workspace_bytes(p), Error);  // split layout is Q8_0 only
   EXPECT_FALSE(cuda::gemm_supports(QType::BF16, GemvLayout::Ggml));
   EXPECT_TRUE(cuda::gemm_supports(QType::IQ2_XXS, GemvLayout::Ggml));
+  p.layout = GemvLayout::Ggml, p.wtype = QType::Q8_0, p.exact = true;
+  EXPECT_THROW(cuda::gemm_workspace_bytes(p), Error);  // the exact path is F16/F32 only
+  p.wtype = QType::F16, p.impl = GemmImpl::Mma;
+  EXPECT_THROW(cuda::gemm_workspace_bytes(p), Error);  // ... and cuBLAS only
+  p.impl = GemmImpl::Auto;
+  float dummy = 0;  // never dereferenced: the size query only checks that the pointers are set
+  p.w = &dummy, p.x = &dummy, p.y = &dummy;
+  EXPECT_EQ(cuda::gemm_workspace_bytes(p), size_t(128 * 256 * 4));  // the widened weight
+  EXPECT_TRUE(cuda::gemm_exact_supports(QType::F16));
+  EXPECT_FALSE(cuda::gemm_exact_supports(QType::Q8_0));
   cuda::MoeGemmParams m;
   m.gate.type = m.up.type = m.down.type = QType::Q8_0;
   m.d = 4096, m.ff = 2048, m.n_experts = 2000, m.k = 6, m.n_tokens = 4;

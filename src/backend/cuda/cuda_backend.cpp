@@ -53,7 +53,10 @@ void CudaBackend::matmul_on_host(const WeightView& w, int expert, const float* x
 }
 
 // y[t] = W x[t] for T tokens. w2/y2 (optional): a second matrix of the same type and shape over the same input,
-// in the same launch.
+// in the same launch. Prefill sizes (use_gemm) go to the GEMMs: with gemm, the FP16 tensor-core ones; without
+// (the HC mixes and the router, whose outputs choose Sinkhorn weights and experts), the exact FP32 GEMM for
+// F16/F32 weights, equal to the GEMV's f32 product up to summation order, so prefill decides as decode does.
+// DSV4_CUDA_GEMM=0 keeps both kinds on the GEMVs.
 void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T, float* y, const WeightView* w2,
                           float* y2, bool cacheable, bool gemm) {
   if (w2 && (w2->type != w.type || w2->ne[0] != w.ne[0] || w2->ne[1] != w.ne[1] || !cuda::gemv_supports(w.type))) {
@@ -67,10 +70,11 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   if (!cuda::gemv_supports(w.type)) return matmul_on_host(w, expert, x, T, y);
   const GemvLayout layout = layout_for(w);
   const size_t off = expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w));
-  if (gemm && use_gemm(w.type, layout, T, cols)) {  // prefill: tensor cores, weights read once per tile of tokens
+  const bool exact = !gemm && cuda::gemm_exact_supports(w.type) && layout == GemvLayout::Ggml;
+  if ((gemm || exact) && use_gemm(w.type, layout, T, cols)) {  // prefill: weights read once per tile of tokens
     cuda::GemmParams gp;
     gp.wtype = w.type, gp.layout = layout, gp.w = weight(w) + off, gp.rows = rows, gp.cols = cols, gp.x = x;
-    gp.n_tokens = T, gp.y = y;
+    gp.n_tokens = T, gp.y = y, gp.exact = exact;
     cuda::gemm_cuda(gp, workspace(cuda::gemm_workspace_bytes(gp)), stream_);
     if (w2) {
       gp.w = weight(*w2) + off, gp.y = y2;

@@ -389,6 +389,18 @@ __global__ void to_half_kernel(const float* x, int64_t n, __half* y) {
   }
 }
 
+// F16 -> F32 (exact: every FP16 value is an FP32 value), four per thread; the exact path's weight copy.
+__global__ void widen_f16_kernel(const __half* w, int64_t n, float* y) {
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (i + 3 < n) {
+    const float2 a = __half22float2(reinterpret_cast<const __half2*>(w + i)[0]);
+    const float2 b = __half22float2(reinterpret_cast<const __half2*>(w + i)[1]);
+    *reinterpret_cast<float4*>(y + i) = make_float4(a.x, a.y, b.x, b.y);
+  } else {
+    for (int64_t j = i; j < n; ++j) y[j] = __half2float(w[j]);
+  }
+}
+
 // n_rows rows from `w` (row_bytes each) -> FP16 rows of cols, one thread per 32-value chunk.
 template <class D>
 __global__ void dequant_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t cols, __half* out) {
@@ -539,7 +551,7 @@ int64_t cublas_chunk_rows(const GemmParams& p) {
 }
 
 GemmImpl choose_impl(const GemmParams& p) {
-  if (p.wtype == QType::F32) return GemmImpl::Cublas;
+  if (p.wtype == QType::F32 || p.exact) return GemmImpl::Cublas;
   if (p.impl != GemmImpl::Auto) return p.impl;
   // H200 measurements (wb_gemm, docs/cuda.md "Prefill GEMM"): F16 needs no dequantization, so cuBLAS. For
   // quantized weights dequantize + cuBLAS wins except where the MMA kernel has enough CTAs (>= 128 N tiles of
@@ -559,9 +571,18 @@ void check_dense(const GemmParams& p) {
   if ((p.rows + kBN - 1) / kBN > 65535) fail("gemm_cuda: %lld rows exceed one launch", (long long)p.rows);
   if (p.n_tokens > 0 && (!p.w || !p.x || !p.y)) fail("gemm_cuda: null w, x or y");
   if (p.impl == GemmImpl::Mma && p.wtype == QType::F32) fail("gemm_cuda: F32 weights have no MMA kernel");
+  if (p.exact && (!gemm_exact_supports(p.wtype) || p.layout != GemvLayout::Ggml || p.impl == GemmImpl::Mma))
+    fail("gemm_cuda: the exact FP32 path takes F16/F32 weights in the file layout on cuBLAS, not %s (layout %d%s)",
+         qtype_name(p.wtype).c_str(), int(p.layout), p.impl == GemmImpl::Mma ? ", MMA asked" : "");
 }
 
+// Y^T (rows x T, column-major) = W (cols x rows column-major, transposed) * X^T (cols x T), all FP32. cuBLAS
+// runs it on the CUDA cores in IEEE FP32: the handle's math mode is CUBLAS_DEFAULT_MATH (no TF32 tensor ops).
+void sgemm(const float* w, const GemmParams& p, cudaStream_t stream);
+
 }  // namespace
+
+bool gemm_exact_supports(QType wtype) { return wtype == QType::F16 || wtype == QType::F32; }
 
 bool gemm_supports(QType wtype, GemvLayout layout) {
   if (layout == GemvLayout::Q8Split) return wtype == QType::Q8_0;
@@ -589,6 +610,7 @@ size_t gemm_workspace_bytes(const GemmParams& p) {
   if (p.n_tokens == 0) return 0;
   const GemmImpl impl = choose_impl(p);
   if (p.wtype == QType::F32) return 0;
+  if (p.exact) return size_t(align_up(p.rows * p.cols * 4));  // the F16 weight widened to FP32
   int64_t bytes = align_up(int64_t(p.n_tokens) * p.cols * 2);  // FP16 activations
   if (impl == GemmImpl::Cublas && p.wtype != QType::F16) bytes += align_up(cublas_chunk_rows(p) * p.cols * 2);
   return size_t(bytes);
@@ -600,15 +622,15 @@ void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream) {
   const GemmImpl impl = choose_impl(p);
   if (gemm_workspace_bytes(p) > 0 && !workspace) fail("gemm_cuda: workspace is null");
   const float one = 1.0f, zero = 0.0f;
-  if (p.wtype == QType::F32) {
-    // Y^T (rows x T, column-major) = W (cols x rows column-major, transposed) * X^T (cols x T).
-    cublasHandle_t h = cublas_handle();
-    cublas_check(cublasSetStream(h, stream), "cublasSetStream");
-    cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(p.rows), p.n_tokens, int(p.cols), &one, p.w,
-                              CUDA_R_32F, int(p.cols), p.x, CUDA_R_32F, int(p.cols), &zero, p.y, CUDA_R_32F,
-                              int(p.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                 "cublasGemmEx (f32)");
-    return;
+  if (p.wtype == QType::F32) return sgemm(static_cast<const float*>(p.w), p, stream);
+  if (p.exact) {
+    // Widened per call rather than kept: the control matrices are small (HC mix 16384 x 24, router 4096 x 256:
+    // 1.5 / 4 MiB as FP32), so the copy costs microseconds against the product's tens.
+    float* w32 = static_cast<float*>(workspace);
+    const int64_t n = p.rows * p.cols;
+    widen_f16_kernel<<<unsigned((n / 4 + 256) / 256), 256, 0, stream>>>(static_cast<const __half*>(p.w), n, w32);
+    check_launch("gemm widen_f16_kernel");
+    return sgemm(w32, p, stream);
   }
   uint8_t* ws = static_cast<uint8_t*>(workspace);
   __half* x16 = reinterpret_cast<__half*>(ws);
@@ -644,6 +666,18 @@ void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream) {
                  "cublasGemmEx (dequantized f16)");
   }
 }
+
+namespace {
+void sgemm(const float* w, const GemmParams& p, cudaStream_t stream) {
+  const float one = 1.0f, zero = 0.0f;
+  cublasHandle_t h = cublas_handle();
+  cublas_check(cublasSetStream(h, stream), "cublasSetStream");
+  cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(p.rows), p.n_tokens, int(p.cols), &one, w, CUDA_R_32F,
+                            int(p.cols), p.x, CUDA_R_32F, int(p.cols), &zero, p.y, CUDA_R_32F, int(p.rows),
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx (f32)");
+}
+}  // namespace
 
 // ---- routed experts -----------------------------------------------------------------------------------------------
 namespace {

@@ -5,8 +5,10 @@
 // f32) and multiplied on the tensor cores with FP32 accumulation. The CPU path instead quantizes activations to
 // 8 bits (Q8_0 / Q8_K), so FP16 (11-bit significand) is closer to the exact product than the CPU oracle is;
 // docs/cuda.md ("Prefill GEMM") gives the measured errors. F32 weights stay exact FP32 (cuBLAS SGEMM, TF32 off)
-// so the HF-fixture tests (F32 weights, 1e-4) hold on CUDA too. FP16 range: |weights| and |activations| must stay
-// below 65504 (true after RMSNorm and for every quant type's scale range); larger values would become inf.
+// so the HF-fixture tests (F32 weights, 1e-4) hold on CUDA too; GemmParams::exact asks the same of F16 weights
+// (widened to FP32 exactly, times the unrounded f32 activations, as the F16 GEMV and the CPU do).
+// FP16 range: |weights| and |activations| must stay below 65504 (true after RMSNorm and for every quant type's
+// scale range); larger values would become inf.
 //
 // Two kernels, chosen per call (GemmParams::impl):
 //   mma   our own kernel: weight tiles dequantized on the fly into shared memory (every supported block layout),
@@ -47,7 +49,14 @@ struct GemmParams {
   int n_tokens = 0;
   float* y = nullptr;  // [n_tokens][rows]: y[t][r] = sum_c W[r][c] x[t][c]
   GemmImpl impl = GemmImpl::Auto;  // workbench/test knob; Auto picks per type and size
+  // Exact FP32 product (F16 or F32 weights, Ggml layout): an F16 weight is widened to FP32 in the workspace and
+  // cuBLAS SGEMM (TF32 off) multiplies it with the f32 activations as they are, so the result differs from the
+  // F16 GEMV and the CPU (f32 activations, fp32 sums) only in summation order. For the control projections (HC
+  // mixes, router) whose outputs choose Sinkhorn weights and experts: prefill must decide as decode does.
+  bool exact = false;
 };
+// Weight types the exact path takes (GemmParams::exact).
+bool gemm_exact_supports(QType wtype);
 size_t gemm_workspace_bytes(const GemmParams& p);
 // workspace: gemm_workspace_bytes(p) bytes of device memory (256-byte aligned), or null when that is 0.
 void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream);
