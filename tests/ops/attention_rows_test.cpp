@@ -6,10 +6,12 @@
 #include <cstring>
 #include <limits>
 #include <set>
+#include <tuple>
 
 #include "backend/cpu/attention_cpu.h"
 #include "backend/cuda/attention_rows.h"
 #include "backend/cuda/compressor.h"
+#include "backend/cuda/gemv.h"
 #include "backend/cuda/indexer.h"
 #include "model/attention_qat.h"
 #include "model/compressor.h"
@@ -252,6 +254,36 @@ void compressor_case(int m, int d, cuda::RowQat qat, const std::vector<int>& chu
     EXPECT_EQ(d_pv.download(), ref.prev_v) << what;
     EXPECT_EQ(d_pz.download(), ref.prev_z) << what;
   }
+}
+
+// The optional Q8 output (the q_a norm: weighted norm of 1024-wide rows, no RoPE; and a rotated 512-wide case)
+// must equal the split-layout quantization of the finished rows byte for byte: the backend hands it to the q_b
+// projection in place of a quantize launch. Rows must be whole 32-value blocks (else dsv4::Error).
+TEST(CudaAttentionRows, Q8OutputEqualsQuantizer) {
+  DSV4_REQUIRE_CUDA();
+  const RopeFreqs rf = rope_freqs_yarn(160000.0, 64, RopeYarn{16.0, 65536.0, 32.0, 1.0});
+  for (const auto [rows, d, rope] : {std::tuple{1, 1024, false}, std::tuple{5, 1024, false}, std::tuple{3, 512, true}}) {
+    auto x = test::random_normal(size_t(rows) * d, 31 + d, 2.0f);
+    const auto w = test::random_normal(size_t(d), 32 + d);
+    auto d_x = upload(x), d_w = upload(w);
+    const size_t qbytes = size_t(rows) * size_t(cuda::gpu_activation_bytes(QType::Q8_0, d, cuda::GemvLayout::Q8Split));
+    DeviceArray<uint8_t> d_q(qbytes), d_ref(qbytes);
+    d_q.fill_bytes(0xAB);
+    cuda::RowFinishParams p;
+    p.x = d_x.get(), p.n_rows = rows, p.d = d, p.norm = cuda::RowNorm::Weighted, p.norm_w = d_w.get(), p.q8 = d_q.get();
+    if (rope) {
+      p.n_rot = 64, p.pos0 = 4242;
+      std::copy(rf.omega.begin(), rf.omega.end(), p.omega);
+    }
+    cuda::row_finish_cuda(p, nullptr);
+    cuda::quantize_activations_cuda(QType::Q8_0, d_x.get(), rows, d, d_ref.get(), nullptr, cuda::GemvLayout::Q8Split);
+    EXPECT_EQ(d_q.download(), d_ref.download()) << "rows=" << rows << " d=" << d << " rope=" << rope;
+  }
+  DeviceArray<float> d(64);
+  DeviceArray<uint8_t> q(128);
+  cuda::RowFinishParams bad;
+  bad.x = d.get(), bad.n_rows = 1, bad.d = 48, bad.q8 = q.get();
+  EXPECT_THROW(cuda::row_finish_cuda(bad, nullptr), Error);
 }
 
 TEST(CudaAttentionRows, CompressorStreamsLikeTheCpu) {

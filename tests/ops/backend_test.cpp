@@ -150,6 +150,58 @@ TEST(CudaBackend, ActivationCacheSeesEveryWrite) {
   expect_close(y(again, w), ref(x2, w), 1e-5, "after free + alloc");
 }
 
+// Producers of split-layout activations (rms_norm; head_prep's q_a norm: one normed, unrotated head) write the
+// Q8 rows the next Q8_0 projections read instead of a quantize launch. Those rows equal the quantizer's bit for
+// bit, so a projection of the produced input must equal, bit for bit, the same projection of a copy (a buffer
+// nothing produced for: quantized by the quantize kernel). The decode order q_a(a), q_b(qr), kv(a) keeps both
+// inputs cached (two entries per format); every result must also match the CPU (rel-L2 1e-5, as above).
+TEST(CudaBackend, ProducedActivationsEqualQuantizedOnes) {
+  DSV4_REQUIRE_CUDA();
+  Backends b;
+  Backend& g = *b.gpu;
+  const int64_t R = 1024;  // q_rank
+  const Tensor wqa = make_tensor(QType::Q8_0, D, R, 1, 61, 0.05f, "attn_q_a");
+  const Tensor wkv = make_tensor(QType::Q8_0, D, 512, 1, 62, 0.05f, "attn_kv");
+  const Tensor wqb = make_tensor(QType::Q8_0, R, 2048, 1, 63, 0.05f, "attn_q_b");
+  const Tensor nw = make_tensor(QType::F32, D, 1, 1, 64, 1.0f, "attn_norm");
+  const Tensor qn = make_tensor(QType::F32, R, 1, 1, 65, 1.0f, "q_a_norm");
+  for (const int T : {1, 3}) {
+    const auto x = test::random_normal(size_t(T * D), 66 + T, 2.0f);
+    auto mm = [&](const Tensor& t, const DeviceBuffer& bx) {
+      DeviceBuffer by = g.alloc(size_t(T) * t.view.ne[1] * 4);
+      g.matmul(t.view, -1, bx.f32(), T, by.f32());
+      return get<float>(g, by, size_t(T) * t.view.ne[1]);
+    };
+    auto copy_of = [&](const DeviceBuffer& src, size_t n) {
+      DeviceBuffer c = g.alloc(n * 4);
+      g.copy(c.data(), src.data(), n * 4);
+      return c;
+    };
+    DeviceBuffer a = put(g, x);
+    g.rms_norm(a.f32(), &nw.view, T, D, 1e-6f, a.f32());
+    const auto an = get<float>(g, a, size_t(T * D));
+    const auto qa = mm(wqa, a);
+    DeviceBuffer qr = put(g, qa);
+    HeadPrep hp;
+    hp.norm = true, hp.norm_w = &qn.view, hp.eps = 1e-6f;
+    g.head_prep(qr.f32(), T, 1, int(R), hp);
+    const auto qrn = get<float>(g, qr, size_t(T * R));
+    const auto qb = mm(wqb, qr);
+    const auto kv = mm(wkv, a);
+    const std::string what = "T=" + std::to_string(T);
+    EXPECT_EQ(qa, mm(wqa, copy_of(a, size_t(T * D)))) << what << ": q_a of the rms_norm output";
+    EXPECT_EQ(kv, mm(wkv, copy_of(a, size_t(T * D)))) << what << ": kv of the rms_norm output";
+    EXPECT_EQ(qb, mm(wqb, copy_of(qr, size_t(T * R)))) << what << ": q_b of the q_a norm output";
+    expect_close(qa, run_matmul(*b.cpu, wqa.view, -1, an, T), 1e-5, "q_a vs cpu");
+    expect_close(kv, run_matmul(*b.cpu, wkv.view, -1, an, T), 1e-5, "kv vs cpu");
+    expect_close(qb, run_matmul(*b.cpu, wqb.view, -1, qrn, T), 1e-5, "q_b vs cpu");
+    // A rewrite of the produced input is seen (the entry is dropped, not reused).
+    g.fill(a.f32(), 0.5f, size_t(T * D));
+    expect_close(mm(wkv, a), run_matmul(*b.cpu, wkv.view, -1, std::vector<float>(size_t(T * D), 0.5f), T), 1e-5,
+                 "kv after fill");
+  }
+}
+
 // T = 2: F16 GEMV of fn, rms_scale, Sinkhorn / head weights, collapse. T = 1 (decode): the fused HC control
 // (hc_mix_cuda: K-split projection + RMS + Sinkhorn / head weights in one launch), whose chunked sum order differs
 // more from the CPU's sequential one: its own test bounds the control outputs at 1e-4 absolute against a double

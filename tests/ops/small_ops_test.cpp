@@ -1,5 +1,6 @@
 // Parity of the small CUDA ops (rms_norm, RoPE, HC Sinkhorn/collapse/post, top-k, softmax) with their CPU twins
 // (ops_reference.h) on random inputs at Flash widths. Each test states its tolerance and why.
+#include "backend/cuda/gemv.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/norm_rope.h"
 #include "backend/cuda/select.h"
@@ -35,11 +36,53 @@ TEST(CudaSmallOps, RmsNormWeightedAndUnweighted) {
     const auto y = d_y.download();
     std::vector<double> refd(ref.begin(), ref.end());
     EXPECT_LE(test::max_rel_err(y, refd, 1.0), 2e-5) << "rows=" << c.rows << " n=" << c.n;
+    // Every launch shape (threads per row, register or strided kernel) stays within the bound: they differ only
+    // in the fp32 summation order of the sum of squares.
+    for (const auto [threads, strided] : {std::pair{256, true}, std::pair{256, false}, std::pair{1024, false},
+                                          std::pair{32, true}}) {
+      cuda::RmsNormParams q = p;
+      q.threads = threads, q.strided = strided;
+      d_y.fill_bytes(0xFF);
+      cuda::rms_norm_cuda(q, nullptr);
+      EXPECT_LE(test::max_rel_err(d_y.download(), refd, 1.0), 2e-5)
+          << "rows=" << c.rows << " n=" << c.n << " threads=" << threads << " strided=" << strided;
+    }
     // In place (x aliases y) gives the same values.
     p.y = d_x.get();
     cuda::rms_norm_cuda(p, nullptr);
     EXPECT_EQ(d_x.download(), y);
   }
+}
+
+// rms_norm's optional Q8 output must equal the split-layout quantization of its own float output byte for byte
+// (the backend hands it to the projections in place of a quantize launch), for both kernels and in place.
+TEST(CudaSmallOps, RmsNormQ8OutputEqualsQuantizer) {
+  DSV4_REQUIRE_CUDA();
+  struct Case { int64_t rows; int n; bool weighted; bool strided; };
+  for (const Case c : {Case{1, 4096, true, false}, Case{3, 4096, true, true}, Case{2, 1024, false, false},
+                       Case{1, 16384, true, false}, Case{8, 512, true, false}}) {
+    auto x = test::random_normal(size_t(c.rows * c.n), 21 + c.n, 2.0f);
+    for (int i = 0; i < 32; ++i) x[size_t(i)] = 0.0f;  // an all-zero block: scale 0, quants 0
+    const auto w = test::random_normal(size_t(c.n), 22 + c.n);
+    auto d_x = upload(x), d_w = upload(w);
+    const size_t qbytes = size_t(c.rows) * size_t(cuda::gpu_activation_bytes(QType::Q8_0, c.n, cuda::GemvLayout::Q8Split));
+    DeviceArray<uint8_t> d_q(qbytes), d_ref(qbytes);
+    d_q.fill_bytes(0xAB);
+    cuda::RmsNormParams p;
+    p.x = d_x.get(), p.w = c.weighted ? d_w.get() : nullptr, p.y = d_x.get(), p.rows = c.rows, p.n = c.n;
+    p.q8 = d_q.get(), p.strided = c.strided;
+    cuda::rms_norm_cuda(p, nullptr);  // in place, as the backend calls it
+    cuda::quantize_activations_cuda(QType::Q8_0, d_x.get(), c.rows, c.n, d_ref.get(), nullptr,
+                                    cuda::GemvLayout::Q8Split);
+    EXPECT_EQ(d_q.download(), d_ref.download()) << "rows=" << c.rows << " n=" << c.n << " strided=" << c.strided;
+  }
+  cuda::RmsNormParams bad;
+  DeviceArray<float> d(64);
+  DeviceArray<uint8_t> q(128);
+  bad.x = d.get(), bad.y = d.get(), bad.rows = 1, bad.n = 48, bad.q8 = q.get();
+  EXPECT_THROW(cuda::rms_norm_cuda(bad, nullptr), Error);  // n % 32 != 0 with a Q8 output
+  bad.q8 = nullptr, bad.threads = 48;
+  EXPECT_THROW(cuda::rms_norm_cuda(bad, nullptr), Error);  // threads not a multiple of 32
 }
 
 // The YaRN table against the spec's published reference values (model-spec §1.3 and §3.2: correction range
@@ -266,10 +309,17 @@ void hc_mix_case(int n_mix, int64_t T, int64_t K, uint64_t seed) {
   cuda::check(cudaDeviceSynchronize(), what.c_str());
   const auto mix1 = d_mix.download(), rs1 = d_rs.download();
   const auto out1 = n_mix == 24 ? d_comb.download() : d_w.download();
+  // Second launch with the fused collapse: the control outputs are unchanged, and `a` equals hc_collapse_cuda on
+  // this launch's weights bit for bit (the same expression in stream order).
+  DeviceArray<float> d_a(size_t(T * K / 4)), d_a_ref(size_t(T * K / 4));
+  d_a.fill_bytes(0xFF);
+  p.a = d_a.get();
   cuda::hc_mix_cuda(p, nullptr);
   cuda::check(cudaDeviceSynchronize(), what.c_str());
   EXPECT_EQ(mix1, d_mix.download()) << what << ": second launch differs";
   EXPECT_EQ(out1, n_mix == 24 ? d_comb.download() : d_w.download()) << what << ": second launch differs";
+  cuda::hc_collapse_cuda(d_X.get(), n_mix == 24 ? d_pre.get() : d_w.get(), T, K / 4, d_a_ref.get(), nullptr);
+  EXPECT_EQ(d_a.download(), d_a_ref.download()) << what << ": fused collapse differs from hc_collapse_cuda";
   const auto wsb = ws.download();
   for (int64_t i = 0; i < T * 4; ++i) EXPECT_EQ(wsb[size_t(i)], 0) << what << ": ticket byte " << i << " not reset";
 
@@ -301,6 +351,12 @@ TEST(CudaSmallOps, HcMixRejectsBadArguments) {
   p.n_mix = 24, p.K = 15;
   EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
   p.K = 16;  // null pointers
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+  DeviceArray<float> d(64);
+  DeviceArray<uint8_t> ws(4096);
+  float* f = d.get();
+  p.fn = d.get(), p.X = f, p.base = f, p.scale = f, p.pre = f, p.post = f, p.comb = f, p.workspace = ws.get();
+  p.K = 18, p.a = f;  // a fused collapse needs K = 4 x d
   EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
 }
 

@@ -47,7 +47,8 @@ IndexerLaunch indexer_launch(const IndexerParams& p, int T, int64_t p0) {
 
 }  // namespace
 
-void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w, cudaStream_t stream) {
+void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w, cudaStream_t stream,
+                      void* q8) {
   RowFinishParams f;
   f.x = x, f.n_rows = int64_t(T) * H, f.d = dim;
   f.norm = !p.norm ? RowNorm::None : (norm_w ? RowNorm::Weighted : RowNorm::Unweighted);
@@ -55,6 +56,7 @@ void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const 
   f.n_rot = copy_omega(p.rope, f.omega);
   f.pos0 = p.pos0, f.pos_step = 1, f.rows_per_pos = H, f.inverse = p.inverse;
   f.qat = row_qat(p.qat);
+  f.q8 = q8;
   row_finish_cuda(f, stream);
 }
 

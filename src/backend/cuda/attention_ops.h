@@ -13,7 +13,9 @@
 
 namespace dsv4::cuda {
 
-void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w, cudaStream_t stream);
+// q8 (optional): the finished rows also as split-layout Q8_0 activations (row_finish_cuda, attention_rows.h).
+void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w, cudaStream_t stream,
+                      void* q8 = nullptr);
 
 // s: the compressor buffers in device memory; rows of windows closing in this call are written to s.rows[w].
 void compressor_step_device(const CompressorParams& p, const CompressorBuffers& s, const float* ape,

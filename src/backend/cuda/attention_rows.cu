@@ -4,6 +4,7 @@
 #include "backend/cuda/attention_qat.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/q8_split_act.cuh"
 #include "common/error.h"
 
 namespace dsv4::cuda {
@@ -73,6 +74,8 @@ __global__ void row_finish_kernel(RowFinishParams p) {
     if (i < d) v = qat_fp4_elem(v, qat_pow2_ceil(__fdiv_rn(amax, 6.0f)));
   }
   if (i < d) x[i] = v;
+  if (p.q8)  // d % 32 == 0 (checked): every warp is whole and inside the row
+    q8_split_store_warp(v, static_cast<uint8_t*>(p.q8) + r * (int64_t(d) + d / 8), d, i);
 }
 
 }  // namespace
@@ -86,6 +89,7 @@ void row_finish_cuda(const RowFinishParams& p_in, cudaStream_t stream) {
     fail("row_finish_cuda: Hadamard needs a power-of-two width, got %d", p.d);
   if (p.norm == RowNorm::Weighted && !p.norm_w) fail("row_finish_cuda: weighted norm without weights");
   if (p.rows_per_pos <= 0) fail("row_finish_cuda: rows_per_pos %d must be positive", p.rows_per_pos);
+  if (p.q8 && p.d % 32 != 0) fail("row_finish_cuda: Q8 output needs a width multiple of 32, got %d", p.d);
   if (p.stride == 0) p.stride = p.d;
   if (p.n_rows <= 0) return;
   const int threads = (p.d + 31) / 32 * 32;

@@ -37,6 +37,10 @@ struct RowFinishParams {
   bool inverse = false;
   double omega[kRowMaxPairs] = {};
   RowQat qat = RowQat::None;     // Fp8: blocks of 64 over the first d - n_rot dims; Fp4Hadamard: all d dims
+  // Optional (d % 32 == 0): the finished rows also as Q8_0 activations in the split layout, [n_rows][d + d/8]
+  // bytes, bit-identical to quantize_activations_cuda(Q8_0, x, n_rows, d, q8, Q8Split) on the output (the q_a
+  // norm's output is the q_b projection's input: its quantize launch is skipped).
+  void* q8 = nullptr;
 };
 void row_finish_cuda(const RowFinishParams& p, cudaStream_t stream);
 

@@ -66,7 +66,11 @@ void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) 
     return upload(x, h.data(), n * sizeof(float));
   }
   const float* nw = (p.norm && p.norm_w && p.norm_w->present()) ? f32_weight(*p.norm_w) : nullptr;
-  cuda::head_prep_device(x, T, H, dim, p, nw, stream_);
+  // A normed, unrotated single-head row (the q_a norm) is the q_b projection's input: quantized in the same launch.
+  const bool feeds_matmul = H == 1 && p.norm && !p.rope && p.qat == AttnQat::None;
+  void* q8 = feeds_matmul ? split_out(T, dim) : nullptr;
+  cuda::head_prep_device(x, T, H, dim, p, nw, stream_, q8);
+  if (q8) publish_split(x, T, dim);
 }
 
 void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,

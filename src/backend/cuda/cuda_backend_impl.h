@@ -105,8 +105,11 @@ class CudaBackend final : public Backend {
     cuda::RmsNormParams p;
     p.x = x, p.y = y, p.rows = T, p.n = int(dim), p.eps = eps;
     p.w = (w && w->present()) ? f32_weight(*w) : nullptr;
-    cuda::rms_norm_cuda(p, stream_);
     wrote(y, size_t(T) * dim * sizeof(float));
+    // The norm's output feeds the Q8_0 projections (q_a, kv, shared expert): quantized in the same launch.
+    p.q8 = split_out(T, dim);
+    cuda::rms_norm_cuda(p, stream_);
+    if (p.q8) publish_split(y, T, dim);
   }
   void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
     Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string(), T);
@@ -224,24 +227,64 @@ class CudaBackend final : public Backend {
   }
 
   // ---- activations -----------------------------------------------------------------------------------------
+  struct ActEntry {
+    const float* x = nullptr;  // cached input (null: nothing cached)
+    int64_t rows = 0, cols = 0;
+    uint64_t used = 0;         // act_clock_ at the last fill or hit
+    DeviceArray<uint8_t> buf;
+  };
+  static constexpr int kActSlots = 2;             // entries per activation format
+  static constexpr int kSplitProduceMaxRows = 8;  // producers quantize up to this many rows (GEMV sizes)
   // Quantized activations of `x` ([n_rows, cols]) for weights of type wtype in `layout`. F16/F32 weights read
-  // the floats themselves (no copy). A cacheable input (an op argument, i.e. forward memory) is quantized once
-  // for consecutive matmuls reading it in the same format (q_a, kv, compressor kv/gate and indexer proj all
-  // read the attention input): the entry stays valid until anything writes memory overlapping x (wrote()), or
-  // any block is freed. Internal scratch inputs are never cached (they are rewritten inside ops).
+  // the floats themselves (no copy). Each format keeps kActSlots recent entries (least recently used replaced):
+  // a decode layer alternates inputs (attention input a -> q_a, then qr -> q_b, then a again -> kv), and one entry
+  // per format re-quantized a for kv. A cacheable input (an op argument, i.e. forward memory) is recorded after
+  // quantization; an entry stays valid until anything writes memory overlapping its x (wrote()) or any block is
+  // freed. Internal scratch inputs are never recorded (they are rewritten inside ops without wrote()); a lookup
+  // may still hit for any caller: entries only name live forward memory, which no scratch buffer can alias.
+  // Producers (rms_norm, the q_a norm) write split-layout entries themselves (split_out / publish_split).
   const void* activations(QType wtype, GemvLayout layout, const float* x, int64_t n_rows, int64_t cols, bool cacheable) {
     if (activation_type(wtype) == QType::F32 && layout == GemvLayout::Ggml) return x;
-    ActEntry& e = act_[act_kind(wtype, layout)];
-    if (cacheable && e.x == x && e.rows == n_rows && e.cols == cols) return e.buf.get();
-    const size_t bytes = size_t(n_rows) * size_t(cuda::gpu_activation_bytes(wtype, cols, layout));
-    if (e.buf.size() < bytes) {
-      const size_t n = std::max(bytes, e.buf.size() * 3 / 2);
-      e.buf.reset();  // free first (see buffer())
-      e.buf = DeviceArray<uint8_t>(n);
+    const int kind = act_kind(wtype, layout);
+    for (int j = 0; j < kActSlots; ++j) {
+      ActEntry& h = act_[size_t(kind * kActSlots + j)];
+      if (h.x && h.x == x && h.rows == n_rows && h.cols == cols) {
+        h.used = ++act_clock_;
+        return h.buf.get();
+      }
     }
+    ActEntry& e = act_slot(kind, size_t(n_rows) * size_t(cuda::gpu_activation_bytes(wtype, cols, layout)));
     cuda::quantize_activations_cuda(wtype, x, n_rows, cols, e.buf.get(), stream_, layout);
     e.x = cacheable ? x : nullptr, e.rows = n_rows, e.cols = cols;
     return e.buf.get();
+  }
+  // The least recently used entry of `kind`, emptied, with room for `bytes`.
+  ActEntry& act_slot(int kind, size_t bytes) {
+    ActEntry* e = &act_[size_t(kind * kActSlots)];
+    for (int j = 1; j < kActSlots; ++j)
+      if (act_[size_t(kind * kActSlots + j)].used < e->used) e = &act_[size_t(kind * kActSlots + j)];
+    e->x = nullptr, e->used = ++act_clock_;
+    if (e->buf.size() < bytes) {
+      const size_t n = std::max(bytes, e->buf.size() * 3 / 2);
+      e->buf.reset();  // free first (see buffer())
+      e->buf = DeviceArray<uint8_t>(n);
+    }
+    return *e;
+  }
+  // Producer side: an op about to write y ([rows, cols] floats of forward memory) that is likely a Q8_0
+  // projection's input gets a split-layout buffer to quantize into in the same launch (null: not worth it: prefill
+  // sizes, where the projections run on the FP16 GEMMs, or widths the split layout does not take). After the
+  // launch, publish_split records the entry (the op has already called wrote(y)).
+  void* split_out(int64_t rows, int64_t cols) {
+    if (rows > kSplitProduceMaxRows || !cuda::q8_split_supported(cols)) return nullptr;
+    split_pending_ = &act_slot(act_kind(QType::Q8_0, GemvLayout::Q8Split),
+                               size_t(rows) * size_t(cuda::gpu_activation_bytes(QType::Q8_0, cols, GemvLayout::Q8Split)));
+    return split_pending_->buf.get();
+  }
+  void publish_split(const float* y, int64_t rows, int64_t cols) {
+    if (!split_pending_) return;
+    split_pending_->x = y, split_pending_->rows = rows, split_pending_->cols = cols;
+    split_pending_ = nullptr;
   }
   static int act_kind(QType wtype, GemvLayout layout) {
     if (layout == GemvLayout::Q8Split) return 1;
@@ -256,8 +299,9 @@ class CudaBackend final : public Backend {
       if (b < xb + size_t(e.rows * e.cols) * sizeof(float) && xb < b + bytes) e.x = nullptr;
     }
   }
+  // Also resets the replacement order, so the buffers a recorded segment uses do not depend on what ran before.
   void forget_all_activations() noexcept {
-    for (ActEntry& e : act_) e.x = nullptr;
+    for (ActEntry& e : act_) e.x = nullptr, e.used = 0;
   }
 
   // Prefill GEMMs (gemm.h) for T >= gemm_min_tokens on the types/layouts they take; DSV4_CUDA_GEMM=0 keeps every
@@ -310,11 +354,6 @@ class CudaBackend final : public Backend {
     return strfmt("%s %s %s", op, qtype_name(w.type).c_str(), cuda::tensor_class(w.name).c_str());
   }
 
-  struct ActEntry {
-    const float* x = nullptr;  // cached input (null: nothing cached)
-    int64_t rows = 0, cols = 0;
-    DeviceArray<uint8_t> buf;
-  };
   using WeightKey = std::tuple<const void*, size_t, uint32_t, uint32_t>;
 
   cudaStream_t stream_ = nullptr;
@@ -325,7 +364,9 @@ class CudaBackend final : public Backend {
   std::map<const void*, DeviceArray<int32_t>> hash_tables_;
   std::map<int, DeviceArray<int32_t>> group_ids_;
   std::vector<DeviceArray<float>> scratch_;
-  std::array<ActEntry, 3> act_;
+  std::array<ActEntry, 3 * kActSlots> act_;  // [format][slot], format = act_kind()
+  uint64_t act_clock_ = 0;
+  ActEntry* split_pending_ = nullptr;  // split_out's entry until publish_split
   DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets

@@ -65,6 +65,38 @@ __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
                       p.comb + t * N * N);
 }
 
+// sum_i w[i] * v[i] in stream order: the one expression of the collapse (hc_collapse_kernel and the fused tail of
+// hc_mix_kernel both use it, so their results agree bit for bit).
+__device__ __forceinline__ float collapse_value(const float (&v)[N], const float* w) {
+  float acc = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc += w[i] * v[i];
+  return acc;
+}
+
+// a[k] = collapse of X[i][k] (one token: X [4, d]) by the whole block; kU dims per thread have their loads in
+// flight together (a single CTA walks 64 KiB of X, so round trips, not bandwidth, bound it).
+__device__ __forceinline__ void collapse_token(const float* X, const float* w, int64_t d, float* a) {
+  constexpr int kU = 8;
+  float wl[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) wl[i] = w[i];
+  for (int64_t k0 = threadIdx.x; k0 < d; k0 += int64_t(kU) * blockDim.x) {
+    float v[kU][N];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t k = k0 + int64_t(u) * blockDim.x;
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[u][i] = k < d ? X[int64_t(i) * d + k] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t k = k0 + int64_t(u) * blockDim.x;
+      if (k < d) a[k] = collapse_value(v[u], wl);
+    }
+  }
+}
+
 // ---- fused HC control (hc_mix_cuda) -------------------------------------------------------------------------------
 constexpr int kMixChunk = 256;   // columns per CTA: 64 CTAs per token for K = 16384
 constexpr int kMixThreads = 128; // 2 columns per thread (one half2 per fn row)
@@ -134,20 +166,28 @@ __global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int6
     total[threadIdx.x] = v;
   }
   __syncthreads();
-  if (threadIdx.x >= 32) return;  // warp 0 finishes (lane == threadIdx.x)
-  const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
-  if (lane == 0) {
-    tickets[t] = 0;  // ready for the next launch
-    if (p.rs_out) p.rs_out[t] = rs;
+  float* wts = M == kHcMix ? p.pre + t * N : p.w + t * N;  // the collapse weights of this token
+  if (threadIdx.x < 32) {  // warp 0 finishes (lane == threadIdx.x)
+    const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
+    if (lane == 0) {
+      tickets[t] = 0;  // ready for the next launch
+      if (p.rs_out) p.rs_out[t] = rs;
+    }
+    if (p.mix_out && lane < M) p.mix_out[t * M + lane] = total[lane];
+    if constexpr (M == kHcMix) {
+      const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
+      sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, p.base, p.scale, p.iters, p.eps, wts,
+                          p.post + t * N, p.comb + t * N * N);
+    } else {
+      if (lane < N) wts[lane] = sigmoidf_(total[lane] * rs * p.scale[0] + p.base[lane]) + p.eps;
+    }
   }
-  if (p.mix_out && lane < M) p.mix_out[t * M + lane] = total[lane];
-  if constexpr (M == kHcMix) {
-    const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
-    sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, p.base, p.scale, p.iters, p.eps, p.pre + t * N,
-                        p.post + t * N, p.comb + t * N * N);
-  } else {
-    if (lane < N) p.w[t * N + lane] = sigmoidf_(total[lane] * rs * p.scale[0] + p.base[lane]) + p.eps;
-  }
+  if (!p.a) return;
+  // The collapse of this token by the whole CTA (X is L2-resident: every chunk CTA just read it). After the
+  // barrier the weights warp 0 wrote to global memory are visible to the block; they are read back from there,
+  // as hc_collapse_kernel reads them, and combined by the same function, so `a` equals its output bit for bit.
+  __syncthreads();
+  collapse_token(p.X + t * p.K, wts, p.K / N, p.a + t * (p.K / N));
 }
 
 // One thread per (token, dim): reads the 4 stream values of that dim.
@@ -156,10 +196,10 @@ __global__ void hc_collapse_kernel(const float* X, const float* pre, int64_t n_t
   if (idx >= n_tokens * d) return;
   const int64_t t = idx / d, k = idx % d;
   const float* x = X + t * N * d + k;
-  float acc = 0.0f;
+  float v[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) acc += pre[t * N + i] * x[int64_t(i) * d];
-  a[idx] = acc;
+  for (int i = 0; i < N; ++i) v[i] = x[int64_t(i) * d];
+  a[idx] = collapse_value(v, pre + t * N);
 }
 
 __global__ void hc_post_kernel(float* X, const float* y, const float* post, const float* comb, int64_t n_tokens,
@@ -215,6 +255,7 @@ void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (p.n_mix == kHcMix && (!p.pre || !p.post || !p.comb || p.iters < 1))
     fail("hc_mix_cuda: hc_pre needs pre, post, comb and iters >= 1 (got %d)", p.iters);
   if (p.n_mix == N && !p.w) fail("hc_mix_cuda: hc_head needs w");
+  if (p.a && p.K % N != 0) fail("hc_mix_cuda: the fused collapse needs K = %d x d, got K=%lld", N, (long long)p.K);
   if (p.n_tokens <= 0) return;
   if (p.n_tokens > 65535) fail("hc_mix_cuda: %lld tokens in one launch (max 65535)", (long long)p.n_tokens);
   const int64_t chunks = mix_chunks(p.K);

@@ -67,6 +67,10 @@ struct HcMixParams {
   float* post = nullptr;
   float* comb = nullptr;
   float* w = nullptr;    // hc_head output: [T, 4]
+  // Optional: the collapse in the same launch (one launch fewer per hc_pre / hc_head): the finishing CTA of each
+  // token writes a[t] = sum_i wts[t][i] X[t][i], wts = pre (n_mix 24) or w (n_mix 4), X viewed as [T, 4, K/4];
+  // equal to hc_collapse_cuda(X, wts, T, K/4, a) bit for bit. a: [T, K/4] (K % 4 == 0).
+  float* a = nullptr;
   float* mix_out = nullptr;  // optional: raw mix [T, n_mix] (tests, diagnostics)
   float* rs_out = nullptr;   // optional: rs [T]
   void* workspace = nullptr;

@@ -1,21 +1,26 @@
 // RMSNorm and partial interleaved RoPE kernels (see norm_rope.h for layouts and numerics).
 #include "backend/cuda/norm_rope.h"
 
+#include <algorithm>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/q8_split_act.cuh"
 #include "common/error.h"
 
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kNormThreads = 256;
+constexpr int kNormThreads = 256;   // rms_scale_kernel
+constexpr int kNormMaxPer = 16;     // values per thread of the register kernel
 
-// One block per row; float4 loads when the row is 16-byte aligned and n % 4 == 0.
+// One block per row, strided loop (the earlier default; rows longer than 16 values per thread).
 __global__ void rms_norm_kernel(RmsNormParams p) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const float* x = p.x + r * p.x_stride;
   float* y = p.y + r * p.y_stride;
+  uint8_t* q8 = p.q8 ? static_cast<uint8_t*>(p.q8) + r * (int64_t(p.n) + p.n / 8) : nullptr;
   float ss = 0.0f;
   // Unrolled so a thread's loads are issued together: the plain loop waits one memory round trip per element
   // (16-64 per thread at Flash widths). A thread still adds its elements in the same order: results unchanged.
@@ -26,7 +31,44 @@ __global__ void rms_norm_kernel(RmsNormParams p) {
 #pragma unroll 8
   for (int i = threadIdx.x; i < p.n; i += blockDim.x) {
     float v = x[i] * scale;
-    y[i] = p.w ? v * p.w[i] : v;
+    v = p.w ? v * p.w[i] : v;
+    y[i] = v;
+    if (q8) q8_split_store_warp(v, q8, p.n, i);  // n % 32 == 0: whole warps take this branch together
+  }
+}
+
+// One block per row, PER values per thread kept in registers: x and w are loaded once, before the reduction.
+// Thread i sums its values i, i + T, ... in that order, then the block tree (as rms_norm_kernel).
+template <int PER>
+__global__ void rms_norm_reg_kernel(RmsNormParams p) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const float* x = p.x + r * p.x_stride;
+  float* y = p.y + r * p.y_stride;
+  uint8_t* q8 = p.q8 ? static_cast<uint8_t*>(p.q8) + r * (int64_t(p.n) + p.n / 8) : nullptr;
+  const int nt = blockDim.x;
+  float xv[PER], wv[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * nt;
+    xv[k] = i < p.n ? x[i] : 0.0f;
+    wv[k] = p.w && i < p.n ? p.w[i] : 1.0f;
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < PER; ++k)
+    if (threadIdx.x + k * nt < p.n) ss += xv[k] * xv[k];
+  ss = block_sum(ss, scratch);  // synchronizes: every read of x is done before y (which may alias x) is written
+  const float scale = rsqrtf(ss / float(p.n) + p.eps);
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * nt;
+    if (i < p.n) {
+      float v = xv[k] * scale;
+      v = p.w ? v * wv[k] : v;
+      y[i] = v;
+      if (q8) q8_split_store_warp(v, q8, p.n, i);
+    }
   }
 }
 
@@ -67,10 +109,19 @@ __global__ void rope_kernel(RopeParams p) {
 void rms_norm_cuda(const RmsNormParams& p_in, cudaStream_t stream) {
   RmsNormParams p = p_in;
   if (p.n <= 0 || p.rows < 0) fail("rms_norm_cuda: bad shape rows=%lld n=%d", (long long)p.rows, p.n);
+  if (p.q8 && p.n % 32 != 0) fail("rms_norm_cuda: Q8 output needs n %% 32 == 0, got n=%d", p.n);
+  if (p.threads != 0 && (p.threads % 32 != 0 || p.threads > 1024))
+    fail("rms_norm_cuda: threads=%d must be a multiple of 32, at most 1024", p.threads);
   if (p.x_stride == 0) p.x_stride = p.n;
   if (p.y_stride == 0) p.y_stride = p.n;
   if (p.rows == 0) return;
-  rms_norm_kernel<<<unsigned(p.rows), kNormThreads, 0, stream>>>(p);
+  const int threads = p.threads ? p.threads : int(std::min<int64_t>(1024, (int64_t(p.n) + 127) / 128 * 32));
+  const int64_t per = (int64_t(p.n) + threads - 1) / threads;
+  const unsigned grid = unsigned(p.rows);
+  if (p.strided || per > kNormMaxPer) rms_norm_kernel<<<grid, threads, 0, stream>>>(p);
+  else if (per <= 4) rms_norm_reg_kernel<4><<<grid, threads, 0, stream>>>(p);
+  else if (per <= 8) rms_norm_reg_kernel<8><<<grid, threads, 0, stream>>>(p);
+  else rms_norm_reg_kernel<16><<<grid, threads, 0, stream>>>(p);
   check_launch("rms_norm_kernel");
 }
 

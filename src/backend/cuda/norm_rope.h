@@ -10,7 +10,14 @@ namespace dsv4::cuda {
 // y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (w null: unweighted, e.g. the per-head query norm).
 //   x, y: [rows, n] with row strides (in floats) x_stride / y_stride; x and y may alias. w: [n] or null.
 // The sum of squares is accumulated in fp32 (each thread strided, then a tree): the CPU sums in order, so the
-// two agree to a few ulp of the scale, not bitwise.
+// two agree to a few ulp of the scale, not bitwise. The thread count per row depends on n only (never on rows),
+// so a decode step and a prefill pass normalize the same row to the same bits.
+//   q8 (optional, n % 32 == 0): y also quantized to Q8_0 activations in the split layout (q8_split_act.cuh),
+//   rows of n + n / 8 bytes, bit-identical to quantize_activations_cuda(Q8_0, y, rows, n, q8, Q8Split): the
+//   projections that read y then skip their quantize launch.
+// Why the register kernel: a 4096-wide decode row is one CTA; the earlier 256-thread strided loop spent two
+// dependent memory round trips per pass over the row, the register kernel (<= 16 values per thread, all loads
+// issued before the reduction, the weight included) one.
 struct RmsNormParams {
   const float* x = nullptr;
   const float* w = nullptr;
@@ -20,6 +27,11 @@ struct RmsNormParams {
   int64_t x_stride = 0;  // 0 = n
   int64_t y_stride = 0;  // 0 = n
   float eps = 1e-6f;
+  void* q8 = nullptr;
+  // Knobs (workbench A/B): threads per row (multiple of 32, <= 1024; 0 = n/4 rounded up to 32, at most 1024),
+  // strided = the strided-loop kernel (the earlier default; also used when n > 16 x threads).
+  int threads = 0;
+  bool strided = false;
 };
 void rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
 

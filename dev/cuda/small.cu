@@ -1,0 +1,276 @@
+// Workbench: the small decode ops around the projections, before and after the session-8 fusions, one token.
+//
+//   wb_small [--csv FILE] [--quick]
+//
+// Each row times a launch sequence two ways: a CUDA graph of 64 repetitions (the decode-graph target: GPU time per
+// sequence, launch gaps inside a graph included) and the same 64 sequences launched eagerly (what a decode without
+// graphs pays: host launch cost included). "before" is the launch sequence the backend issued at 7e0e2fe, "after"
+// the one it issues now, on the same kernels' current code:
+//   hc_pre control     hc_mix (24) + hc_collapse               -> hc_mix with the collapse fused (one launch)
+//   hc_head control    hc_mix (4) + hc_collapse                -> hc_mix with the collapse fused
+//   attn/ffn norm      rms_norm (256-thread strided kernel) + quantize of its output for the Q8_0 projections
+//                      -> rms_norm (register kernel) writing the split-layout Q8 rows itself
+//   q_a norm           row_finish (1024 wide) + quantize       -> row_finish writing the Q8 rows itself
+//   q_a / kv / q_b     quantize + split-layout Q8_0 GEMV       -> GEMV on the produced rows (also kv: its input was
+//                      re-quantized after q_b evicted the single cache entry; two entries per format now)
+// HC weights (fn) rotate over 64 copies and GEMV weights over >= 256 MiB of copies, so L2 never serves a weight
+// twice in a row; activations stay L2-resident, as in a decode step where the producer just wrote them.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/attention_rows.h"
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/gemv.h"
+#include "backend/cuda/hc.h"
+#include "backend/cuda/norm_rope.h"
+#include "common/error.h"
+#include "quant/quant.h"
+#include "wb_weights.cuh"
+
+using namespace dsv4;
+using namespace dsv4::cuda;
+
+namespace {
+
+constexpr int kReps = 64;  // sequences per timed graph / eager batch
+
+float median_ms(cudaStream_t s, const std::function<void()>& body, int reps) {
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "event");
+  check(cudaEventCreate(&e1), "event");
+  body();  // warm-up
+  check(cudaStreamSynchronize(s), "sync");
+  std::vector<float> t;
+  for (int r = 0; r < reps; ++r) {
+    check(cudaEventRecord(e0, s), "record");
+    body();
+    check(cudaEventRecord(e1, s), "record");
+    check(cudaEventSynchronize(e1), "sync");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+    t.push_back(ms);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+struct Timing {
+  double graph_us = 0, eager_us = 0;  // per sequence
+};
+
+// seq(i): the i-th repetition's launches on stream s.
+Timing time_seq(cudaStream_t s, const std::function<void(int)>& seq) {
+  auto body = [&] {
+    for (int i = 0; i < kReps; ++i) seq(i);
+  };
+  Timing t;
+  t.eager_us = median_ms(s, body, 20) * 1e3 / kReps;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
+  body();
+  check(cudaStreamEndCapture(s, &graph), "capture end");
+  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  t.graph_us = median_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20) * 1e3 / kReps;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return t;
+}
+
+DeviceArray<float> random_floats(size_t n, uint32_t seed) {
+  std::vector<float> h(n);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  for (auto& v : h) v = nd(rng);
+  return DeviceArray<float>{std::span<const float>(h)};
+}
+
+struct Row {
+  std::string name;
+  int launches_before, launches_after;
+  Timing before, after;
+  double bytes = 0;  // weight bytes per sequence (GEMV rows: GB/s of the after graph time)
+};
+
+void print_row(const Row& r, const std::string& card, FILE* csv) {
+  std::printf("%-34s %3d -> %d   %9.2f %9.2f   %9.2f %9.2f", r.name.c_str(), r.launches_before, r.launches_after,
+              r.before.graph_us, r.after.graph_us, r.before.eager_us, r.after.eager_us);
+  if (r.bytes > 0) std::printf("   %6.0f GB/s", r.bytes / (r.after.graph_us * 1e-6) / 1e9);
+  std::printf("\n");
+  std::fflush(stdout);
+  if (csv)
+    std::fprintf(csv, "%s,%s,%d,%d,%.3f,%.3f,%.3f,%.3f,%.1f\n", card.c_str(), r.name.c_str(), r.launches_before,
+                 r.launches_after, r.before.graph_us, r.after.graph_us, r.before.eager_us, r.after.eager_us,
+                 r.bytes > 0 ? r.bytes / (r.after.graph_us * 1e-6) / 1e9 : 0.0);
+}
+
+// hc_pre (n_mix 24) or hc_head (4) control for one token of Flash width (K = 4 x 4096).
+Row hc_row(int n_mix, cudaStream_t s) {
+  const int64_t K = 16384, d = K / 4;
+  const int64_t fn_bytes = int64_t(n_mix) * K * 2;
+  DeviceArray<uint8_t> fn(size_t(fn_bytes * kReps));
+  random_device_weights(QType::F16, fn.get(), fn.size(), 99u);
+  check(cudaDeviceSynchronize(), "weights");
+  std::vector<float> hbase(24, 0.1f), hscale = {0.5f, 0.5f, 0.5f};
+  DeviceArray<float> X = random_floats(size_t(K), 3), base{std::span<const float>(hbase)},
+                     scale{std::span<const float>(hscale)}, out(64), a{size_t(d)};
+  DeviceArray<uint8_t> ws(hc_mix_workspace_bytes(1, K));
+  ws.fill_bytes(0);
+  auto seq = [&](bool fused) {
+    return [&, fused](int i) {
+      HcMixParams p;
+      p.fn = fn.get() + i * fn_bytes, p.n_mix = n_mix, p.X = X.get(), p.K = K, p.n_tokens = 1, p.base = base.get();
+      p.scale = scale.get(), p.pre = out.get(), p.post = out.get() + 4, p.comb = out.get() + 8, p.w = out.get();
+      p.workspace = ws.get();
+      if (fused) p.a = a.get();
+      hc_mix_cuda(p, s);
+      if (!fused) hc_collapse_cuda(X.get(), out.get(), 1, d, a.get(), s);
+    };
+  };
+  Row r{n_mix == 24 ? "hc_pre control (mix+sinkhorn+collapse)" : "hc_head control (mix+weights+collapse)", 2, 1, {}, {}};
+  r.before = time_seq(s, seq(false));
+  r.after = time_seq(s, seq(true));
+  return r;
+}
+
+// The attention / FFN input norm: 4096 wide, weighted, in place; its output feeds the Q8_0 projections.
+Row norm_row(cudaStream_t s) {
+  const int n = 4096;
+  DeviceArray<float> x = random_floats(size_t(n), 5), w = random_floats(size_t(n), 6);
+  DeviceArray<uint8_t> q(size_t(gpu_activation_bytes(QType::Q8_0, n, GemvLayout::Q8Split)));
+  auto seq = [&](bool after) {
+    return [&, after](int) {
+      RmsNormParams p;
+      p.x = x.get(), p.y = x.get(), p.w = w.get(), p.rows = 1, p.n = n;
+      if (after) {
+        p.q8 = q.get();
+      } else {
+        p.threads = 256, p.strided = true;
+      }
+      rms_norm_cuda(p, s);
+      if (!after) quantize_activations_cuda(QType::Q8_0, x.get(), 1, n, q.get(), s, GemvLayout::Q8Split);
+    };
+  };
+  Row r{"rms_norm 4096 + Q8 rows", 2, 1, {}, {}};
+  r.before = time_seq(s, seq(false));
+  r.after = time_seq(s, seq(true));
+  return r;
+}
+
+// rms_norm alone: the earlier strided 256-thread kernel vs the register kernel (no Q8 output).
+Row norm_only_row(cudaStream_t s) {
+  const int n = 4096;
+  DeviceArray<float> x = random_floats(size_t(n), 7), w = random_floats(size_t(n), 8);
+  auto seq = [&](bool after) {
+    return [&, after](int) {
+      RmsNormParams p;
+      p.x = x.get(), p.y = x.get(), p.w = w.get(), p.rows = 1, p.n = n;
+      if (!after) p.threads = 256, p.strided = true;
+      rms_norm_cuda(p, s);
+    };
+  };
+  Row r{"rms_norm 4096 kernel alone", 1, 1, {}, {}};
+  r.before = time_seq(s, seq(false));
+  r.after = time_seq(s, seq(true));
+  return r;
+}
+
+// The q_a norm (head_prep: weighted norm of the 1024-wide q_a output, no RoPE) and q_b's activations.
+Row qa_norm_row(cudaStream_t s) {
+  const int d = 1024;
+  DeviceArray<float> x = random_floats(size_t(d), 9), w = random_floats(size_t(d), 10);
+  DeviceArray<uint8_t> q(size_t(gpu_activation_bytes(QType::Q8_0, d, GemvLayout::Q8Split)));
+  auto seq = [&](bool after) {
+    return [&, after](int) {
+      RowFinishParams f;
+      f.x = x.get(), f.n_rows = 1, f.d = d, f.norm = RowNorm::Weighted, f.norm_w = w.get();
+      if (after) f.q8 = q.get();
+      row_finish_cuda(f, s);
+      if (!after) quantize_activations_cuda(QType::Q8_0, x.get(), 1, d, q.get(), s, GemvLayout::Q8Split);
+    };
+  };
+  Row r{"q_a norm 1024 + Q8 rows", 2, 1, {}, {}};
+  r.before = time_seq(s, seq(false));
+  r.after = time_seq(s, seq(true));
+  return r;
+}
+
+// A split-layout Q8_0 projection of one token: quantize + GEMV (before) vs GEMV on produced rows (after).
+Row gemv_row(const char* name, int64_t rows, int64_t cols, cudaStream_t s) {
+  const int64_t mat = rows * q8_split_row_bytes(cols), file_mat = rows * row_bytes(QType::Q8_0, cols);
+  const int copies = int(std::clamp<int64_t>((256ll << 20) / mat + 1, 1, kReps));
+  DeviceArray<uint8_t> wf(size_t(file_mat * copies)), w(size_t(mat * copies));
+  random_device_weights(QType::Q8_0, wf.get(), wf.size(), 77u);
+  q8_0_split_cuda(wf.get(), rows * copies, cols, w.get(), nullptr);
+  check(cudaDeviceSynchronize(), "weights");
+  wf.reset();
+  DeviceArray<float> x = random_floats(size_t(cols), 11), y{size_t(rows)};
+  DeviceArray<uint8_t> q(size_t(gpu_activation_bytes(QType::Q8_0, cols, GemvLayout::Q8Split)));
+  quantize_activations_cuda(QType::Q8_0, x.get(), 1, cols, q.get(), nullptr, GemvLayout::Q8Split);
+  auto seq = [&](bool after) {
+    return [&, after](int i) {
+      if (!after) quantize_activations_cuda(QType::Q8_0, x.get(), 1, cols, q.get(), s, GemvLayout::Q8Split);
+      GemvParams g;
+      g.wtype = QType::Q8_0, g.layout = GemvLayout::Q8Split, g.w = w.get() + (i % copies) * mat, g.rows = rows;
+      g.cols = cols, g.xq = q.get(), g.y = y.get();
+      gemv_cuda(g, s);
+    };
+  };
+  Row r{name, 2, 1, {}, {}};
+  r.before = time_seq(s, seq(false));
+  r.after = time_seq(s, seq(true));
+  r.bytes = double(mat);
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string csv_path;
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
+  // --quick is accepted (scripts/gpu-check.sh passes it); every case here is already small.
+  try {
+    if (!device_available()) {
+      std::fprintf(stderr, "wb_small: no CUDA device\n");
+      return 0;
+    }
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, 0), "props");
+    const std::string card = prop.name;
+    std::printf("device: %s\n", device_description().c_str());
+    cudaStream_t s;
+    check(cudaStreamCreate(&s), "stream");
+    FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
+    if (csv) std::fprintf(csv, "card,case,launches_before,launches_after,graph_us_before,graph_us_after,"
+                               "eager_us_before,eager_us_after,gbs_after\n");
+    std::printf("one token; us per sequence (graph of %d sequences / eager launches), median of 20\n", kReps);
+    std::printf("%-34s %-9s %9s %9s   %9s %9s\n", "sequence", "launches", "graph bef", "graph aft", "eager bef",
+                "eager aft");
+    print_row(hc_row(24, s), card, csv);
+    print_row(hc_row(4, s), card, csv);
+    print_row(norm_only_row(s), card, csv);
+    print_row(norm_row(s), card, csv);
+    print_row(qa_norm_row(s), card, csv);
+    print_row(gemv_row("q_a 4096->1024 (quant + GEMV)", 1024, 4096, s), card, csv);
+    print_row(gemv_row("kv 4096->512 (quant + GEMV)", 512, 4096, s), card, csv);
+    print_row(gemv_row("q_b 1024->32768 (quant + GEMV)", 32768, 1024, s), card, csv);
+    print_row(gemv_row("shexp 4096->2048 (quant + GEMV)", 2048, 4096, s), card, csv);
+    if (csv) std::fclose(csv);
+    cudaStreamDestroy(s);
+  } catch (const dsv4::Error& e) {
+    std::fprintf(stderr, "wb_small: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
