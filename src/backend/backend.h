@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <functional>
 #include <utility>
+#include <vector>
 
 #include "model/rope.h"     // RopeFreqs: plain data (the functions are in the CPU backend library)
 #include "model/weights.h"  // WeightView & weight structs: header-only plain data, no link dependency
@@ -184,6 +185,15 @@ class Backend {
   // copy (file bytes, tensor name) so a load can report progress. Host-memory backends never call it.
   using UploadObserver = std::function<void(size_t bytes, const char* tensor)>;
   virtual void set_upload_observer(UploadObserver) {}
+
+  // ---- recorded segments ---------------------------------------------------------------------------------
+  // Runs `ops` (a run of op calls on this backend). A device backend may record them the first times and from
+  // then on replay the recording in one submission (CUDA graphs: the decode step's position-free runs, see
+  // forward.cpp). So the caller promises: what the ops launch depends only on `key` (it names the run and
+  // every backend address and size the ops use; equal keys = identical op calls); no op reads backend memory on
+  // the host, allocates or frees it; the ops need not run on the host at all (no host-side effects). Host-memory
+  // backends just call ops().
+  virtual void run_segment(const std::vector<uint64_t>& key, const std::function<void()>& ops) { ops(); }
 
   // ---- ops ---------------------------------------------------------------------------------------------
 

@@ -1,13 +1,16 @@
 // The attention sublayer forward (model-spec §6, §6.7-6.8) as backend ops; see attention.h for the contract.
 //
 // One pass handles up to opt.max_tokens_per_pass consecutive tokens in this order:
-//   1. projections for all tokens (matmul: one fixed summation order per output value, per token)
-//   2. Q/KV post-processing per token (head_prep: norms, RoPE, FP8 QAT)
+//   1. projections for all tokens (matmul: one fixed summation order per output value, per token), including
+//      the compressors' and the indexer's                                              [attention_project]
+//   2. Q/KV post-processing per token (head_prep: norms, RoPE, FP8 QAT)                 [attention_core]
 //   3. compressors fed token by token (compressor_step; rows become visible per the availability rule)
 //   4. indexer top-k per token (CSA: indexer_topk)
 //   5. sink attention per (token, head) over [window rows | compressed rows] (sink_attention)
-//   6. inverse RoPE, grouped output projection (head_prep, matmul_grouped, matmul)
 //   7. window ring update (window_store)
+//   6. inverse RoPE (head_prep), then grouped output projection (matmul_grouped, matmul) [attention_output]
+// Project and output read and write only the scratch, the input and the output, never the positions or the
+// session state: a device backend can record them once and replay them every decode step (forward.cpp).
 // Nothing in a token's result depends on which other tokens share its pass, hence the chunking invariance.
 // The host only computes sizes and positions from st.n_past and T; all data stays in backend memory.
 #include "model/attention.h"
@@ -67,31 +70,67 @@ void check_weights(const AttentionWeights& w, const AttentionShape& s) {
   }
 }
 
-using Scratch = AttentionScratch;
+void check_layer_shape(const ModelConfig& cfg, int layer, const AttentionState& st) {
+  if (st.shape.ratio != cfg.ratio(layer) || st.shape.head_dim != cfg.head_dim || st.shape.d_model != cfg.d_model)
+    fail("attention: layer %d state was initialized for another shape (ratio %d, expected %d)", layer,
+         st.shape.ratio, cfg.ratio(layer));
+}
 
-// Step 3: feed T tokens at p0.. to one compressor; rows closed by them are written at their window index.
-void run_compressor(Backend& be, const CompressorWeights& cw, CompressorState& st, const AttentionShape& s,
-                    const float* x, int T, int64_t p0, AttnQat qat, Scratch& S) {
+// Step 3 (position-free half): a compressor's value and gate projections of T tokens into v, z.
+void project_compressor(Backend& be, const CompressorWeights& cw, const float* x, int T, float* v, float* z) {
+  be.matmul(cw.kv, -1, x, T, v);
+  be.matmul(cw.gate, -1, x, T, z);
+}
+
+// Step 3 (positional half): feed T tokens at p0.. to one compressor; rows closed by them are written at their
+// window index.
+void step_compressor(Backend& be, const CompressorWeights& cw, CompressorState& st, const AttentionShape& s,
+                     const float* v, const float* z, int T, int64_t p0, AttnQat qat) {
   st.reserve((p0 + T) / st.ratio);
-  be.matmul(cw.kv, -1, x, T, S.v.f32());
-  be.matmul(cw.gate, -1, x, T, S.z.f32());
   CompressorParams cp;
   cp.ape = &cw.ape;
   cp.norm = &cw.norm;
   cp.eps = s.eps;
   cp.rope = &s.rope;
   cp.qat = qat;
-  be.compressor_step(cp, st.buffers(), S.v.f32(), S.z.f32(), T, p0);
+  be.compressor_step(cp, st.buffers(), v, z, T, p0);
   st.n_rows = (p0 + T) / st.ratio;
 }
 
-void forward_pass(Backend& be, const AttentionWeights& w, AttentionState& st, const float* x, int T, float* out,
-                  bool qat, Scratch& S) {
-  const AttentionShape& s = st.shape;
-  const int H = s.n_heads, dh = s.head_dim;
-  const int64_t p0 = st.n_past;
+}  // namespace
 
-  // 1-2. Q and KV paths.
+void AttentionScratch::ensure(Backend& be, const AttentionShape& s, int T) {
+  if (owner != &be) *this = AttentionScratch();  // buffers of another backend: start over
+  owner = &be;
+  const size_t n = size_t(T), f = sizeof(float);
+  const size_t qd = size_t(s.n_heads) * size_t(s.head_dim);
+  // Grows a buffer to at least `bytes`; never shrinks, so layers of different kinds share one set.
+  auto grow = [&](DeviceBuffer& b, size_t bytes) { grow_discarding(be, b, bytes); };
+  grow(qr, f * n * size_t(s.q_rank));
+  grow(q, f * n * qd);
+  grow(kv, f * n * size_t(s.head_dim));
+  grow(o, f * n * qd);
+  grow(low, f * n * size_t(s.o_groups) * size_t(s.o_rank));
+  // The main and the indexer compressor projections have their own buffers: both are computed before either
+  // compressor steps (attention_project runs ahead of attention_core).
+  if (s.has_compressor()) {
+    const size_t cw = size_t(s.has_indexer() ? 2 : 1) * size_t(s.head_dim);
+    grow(v, f * n * cw);
+    grow(z, f * n * cw);
+  }
+  if (s.has_indexer()) {
+    grow(iv, f * n * 2 * size_t(s.idx_dim));
+    grow(iz, f * n * 2 * size_t(s.idx_dim));
+    grow(qI, f * n * size_t(s.idx_heads) * size_t(s.idx_dim));
+    grow(wI, f * n * size_t(s.idx_heads));
+    grow(sel, sizeof(int32_t) * n * size_t(s.idx_topk));
+  }
+}
+
+// 1. Projections of the layer input, position-free: the Q path up to q (before its per-head norm and RoPE), kv
+// (before its norm), the compressors' value/gate projections and the indexer's query and head weights.
+void attention_project(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int T,
+                       AttentionScratch& S) {
   float *qr = S.qr.f32(), *q = S.q.f32(), *kv = S.kv.f32();
   be.matmul(w.q_a, -1, x, T, qr);
   HeadPrep qa_norm;
@@ -99,6 +138,22 @@ void forward_pass(Backend& be, const AttentionWeights& w, AttentionState& st, co
   be.head_prep(qr, T, 1, s.q_rank, qa_norm);
   be.matmul(w.q_b, -1, qr, T, q);
   be.matmul(w.kv, -1, x, T, kv);
+  if (s.has_compressor()) project_compressor(be, w.compressor, x, T, S.v.f32(), S.z.f32());
+  if (s.has_indexer()) {
+    project_compressor(be, w.indexer.compressor, x, T, S.iv.f32(), S.iz.f32());
+    be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
+    be.matmul(w.indexer.proj, -1, x, T, S.wI.f32());
+  }
+}
+
+// 2-5 and 7, everything that depends on the positions or the session state: q/kv norms with RoPE and QAT, the
+// compressors and the indexer, sink attention, the window ring, the output de-rotation into S.o.
+void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, int T, bool qat,
+                    AttentionScratch& S) {
+  const AttentionShape& s = st.shape;
+  const int H = s.n_heads, dh = s.head_dim;
+  const int64_t p0 = st.n_past;
+  float *q = S.q.f32(), *kv = S.kv.f32();
   HeadPrep qp;
   qp.norm = true, qp.eps = s.eps, qp.rope = &s.rope, qp.pos0 = p0;
   be.head_prep(q, T, H, dh, qp);
@@ -109,12 +164,10 @@ void forward_pass(Backend& be, const AttentionWeights& w, AttentionState& st, co
 
   // 3-4. Compressors and the indexer.
   if (s.has_compressor())
-    run_compressor(be, w.compressor, st.comp, s, x, T, p0, qat ? AttnQat::Fp8 : AttnQat::None, S);
+    step_compressor(be, w.compressor, st.comp, s, S.v.f32(), S.z.f32(), T, p0, qat ? AttnQat::Fp8 : AttnQat::None);
   if (s.has_indexer()) {
-    run_compressor(be, w.indexer.compressor, st.idx_comp, s, x, T, p0, qat ? AttnQat::Fp4Indexer : AttnQat::None,
-                   S);
-    be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
-    be.matmul(w.indexer.proj, -1, x, T, S.wI.f32());
+    step_compressor(be, w.indexer.compressor, st.idx_comp, s, S.iv.f32(), S.iz.f32(), T, p0,
+                    qat ? AttnQat::Fp4Indexer : AttnQat::None);
     HeadPrep ip;
     ip.rope = &s.rope, ip.pos0 = p0, ip.qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
     be.head_prep(S.qI.f32(), T, s.idx_heads, s.idx_dim, ip);
@@ -133,48 +186,26 @@ void forward_pass(Backend& be, const AttentionWeights& w, AttentionState& st, co
   be.sink_attention(ap, q, kv, st.window.f32(), s.has_compressor() ? st.comp.rows.f32() : nullptr,
                     s.has_indexer() ? S.sel.i32() : nullptr, T, p0, S.o.f32());
 
-  // 6. Output: de-rotate each head, grouped wo_a, wo_b.
+  // 7. Window ring (kv is not read after this; the output projections below do not touch the ring).
+  be.window_store(st.window.f32(), s.window, dh, kv, T, p0);
+
+  // 6a. De-rotate each head's output.
   HeadPrep op;
   op.rope = &s.rope, op.pos0 = p0, op.inverse = true;
   be.head_prep(S.o.f32(), T, H, dh, op);
-  be.matmul_grouped(w.output_a, s.o_groups, S.o.f32(), T, S.low.f32());
-  be.matmul(w.output_b, -1, S.low.f32(), T, out);
-
-  // 7. Window ring.
-  be.window_store(st.window.f32(), s.window, dh, kv, T, p0);
   st.n_past += T;
 }
 
-}  // namespace
-
-void AttentionScratch::ensure(Backend& be, const AttentionShape& s, int T) {
-  if (owner != &be) *this = AttentionScratch();  // buffers of another backend: start over
-  owner = &be;
-  const size_t n = size_t(T), f = sizeof(float);
-  const size_t qd = size_t(s.n_heads) * size_t(s.head_dim);
-  // Grows a buffer to at least `bytes`; never shrinks, so layers of different kinds share one set.
-  auto grow = [&](DeviceBuffer& b, size_t bytes) { grow_discarding(be, b, bytes); };
-  grow(qr, f * n * size_t(s.q_rank));
-  grow(q, f * n * qd);
-  grow(kv, f * n * size_t(s.head_dim));
-  grow(o, f * n * qd);
-  grow(low, f * n * size_t(s.o_groups) * size_t(s.o_rank));
-  size_t cw = 0;  // widest compressor projection
-  if (s.has_compressor()) cw = size_t(s.has_indexer() ? 2 : 1) * size_t(s.head_dim);
-  if (s.has_indexer()) {
-    cw = std::max(cw, 2 * size_t(s.idx_dim));
-    grow(qI, f * n * size_t(s.idx_heads) * size_t(s.idx_dim));
-    grow(wI, f * n * size_t(s.idx_heads));
-    grow(sel, sizeof(int32_t) * n * size_t(s.idx_topk));
-  }
-  grow(v, f * n * cw);
-  grow(z, f * n * cw);
+// 6b. Output projections, position-free: grouped wo_a, then wo_b into out.
+void attention_output(Backend& be, const AttentionWeights& w, const AttentionShape& s, int T, AttentionScratch& S,
+                      float* out) {
+  be.matmul_grouped(w.output_a, s.o_groups, S.o.f32(), T, S.low.f32());
+  be.matmul(w.output_b, -1, S.low.f32(), T, out);
 }
 
-void attention_forward(const AttentionWeights& w, AttentionState& st, const float* x, const int64_t* positions,
-                       int T, float* out, const AttentionOptions& opt) {
+Backend& attention_check(const AttentionWeights& w, const AttentionState& st, const int64_t* positions, int T,
+                         const AttentionOptions& opt) {
   const AttentionShape& s = st.shape;
-  if (T <= 0) return;
   for (int t = 0; t < T; ++t)
     if (positions[t] != st.n_past + t)
       fail("attention: token %d has position %lld, expected %lld (positions must continue the session)", t,
@@ -187,21 +218,35 @@ void attention_forward(const AttentionWeights& w, AttentionState& st, const floa
   Backend& be = opt.backend ? *opt.backend : *st.be;
   if (&be != st.be && !(be.host_memory() && st.be->host_memory()))
     fail("attention: state lives in %s backend memory, ops were asked to run on %s", st.be->name(), be.name());
+  return be;
+}
+
+Backend& attention_check(const ModelConfig& cfg, int layer, const AttentionWeights& w, const AttentionState& st,
+                         const int64_t* positions, int T, const AttentionOptions& opt) {
+  check_layer_shape(cfg, layer, st);
+  return attention_check(w, st, positions, T, opt);
+}
+
+void attention_forward(const AttentionWeights& w, AttentionState& st, const float* x, const int64_t* positions,
+                       int T, float* out, const AttentionOptions& opt) {
+  if (T <= 0) return;
+  Backend& be = attention_check(w, st, positions, T, opt);
+  const AttentionShape& s = st.shape;
   const int step = std::max(1, opt.max_tokens_per_pass);
   AttentionScratch local;
-  Scratch& S = opt.scratch ? *opt.scratch : local;
+  AttentionScratch& S = opt.scratch ? *opt.scratch : local;
   S.ensure(be, s, std::min(step, T));
   for (int t0 = 0; t0 < T; t0 += step) {
-    int n = std::min(step, T - t0);
-    forward_pass(be, w, st, x + size_t(t0) * s.d_model, n, out + size_t(t0) * s.d_model, opt.qat_sim, S);
+    const int n = std::min(step, T - t0);
+    attention_project(be, w, s, x + size_t(t0) * s.d_model, n, S);
+    attention_core(be, w, st, n, opt.qat_sim, S);
+    attention_output(be, w, s, n, S, out + size_t(t0) * s.d_model);
   }
 }
 
 void attention_forward(const ModelConfig& cfg, int layer, const AttentionWeights& w, AttentionState& st,
                        const float* x, const int64_t* positions, int T, float* out, const AttentionOptions& opt) {
-  if (st.shape.ratio != cfg.ratio(layer) || st.shape.head_dim != cfg.head_dim || st.shape.d_model != cfg.d_model)
-    fail("attention: layer %d state was initialized for another shape (ratio %d, expected %d)", layer,
-         st.shape.ratio, cfg.ratio(layer));
+  check_layer_shape(cfg, layer, st);
   attention_forward(w, st, x, positions, T, out, opt);
 }
 

@@ -76,7 +76,7 @@ AttentionShape attention_shape(const ModelConfig& c, int layer, int64_t max_cont
 // them), so a steady decode step allocates nothing (a requirement for capturing it as a device graph).
 struct AttentionScratch {
   Backend* owner = nullptr;
-  DeviceBuffer qr, q, kv, o, low, v, z, qI, wI, sel;
+  DeviceBuffer qr, q, kv, o, low, v, z, iv, iz, qI, wI, sel;  // v, z: main compressor; iv, iz: indexer's
   void ensure(Backend& be, const AttentionShape& s, int T);  // room for T tokens of shape s on be
 };
 
@@ -126,5 +126,23 @@ void attention_forward(const ModelConfig& cfg, int layer, const AttentionWeights
 // The same on an explicit shape (the state's), for tests and callers without a ModelConfig.
 void attention_forward(const AttentionWeights& w, AttentionState& st, const float* x, const int64_t* positions,
                        int T, float* out, const AttentionOptions& opt);
+
+// ---- the sublayer in three parts (the forward's decode graphs) ---------------------------------------------
+// attention_forward = attention_check, then for each sub-chunk of T tokens: attention_project (position-free:
+// reads x, writes scratch), attention_core (everything that depends on the positions or the session state;
+// advances st.n_past), attention_output (position-free: reads scratch, writes out). A caller that runs the
+// parts itself (so it can put the position-free parts into Backend::run_segment) checks first, sizes the
+// scratch with S.ensure(be, st.shape, T) before any part runs, and passes the same T to all three.
+// attention_check validates as attention_forward does and returns the backend that runs the ops.
+Backend& attention_check(const ModelConfig& cfg, int layer, const AttentionWeights& w, const AttentionState& st,
+                         const int64_t* positions, int T, const AttentionOptions& opt);
+Backend& attention_check(const AttentionWeights& w, const AttentionState& st, const int64_t* positions, int T,
+                         const AttentionOptions& opt);
+void attention_project(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int T,
+                       AttentionScratch& S);
+void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, int T, bool qat,
+                    AttentionScratch& S);
+void attention_output(Backend& be, const AttentionWeights& w, const AttentionShape& s, int T, AttentionScratch& S,
+                      float* out);
 
 }  // namespace dsv4

@@ -92,12 +92,22 @@ struct Segment {
 // One pass over T tokens (T <= max_tokens_per_pass) made of segments of different sequences. Every op except
 // attention runs over the whole batch; attention runs per segment on that sequence's state. Writes logits for
 // every row (all_rows) or for the last row of each segment that ends its slice, in segment order, to `logits`.
+//
+// Recorded segments (decode graphs). The pass is cut at each layer's attention core (attention_core: the only
+// ops that depend on the positions or on session state) into n_layers + 1 position-free runs:
+//   run 0: embedding, layer 0's HC-pre, attn_norm, attention input projections;
+//   run k: layer k-1's attention output projections, HC-post, the MoE sublayer, then layer k's HC-pre, attn_norm
+//          and attention input projections (the last run: the final head instead);
+// For one-token passes of one sequence without a debug tap, each run goes through Backend::run_segment under a
+// key naming the run and every buffer it touches, so a device backend records it once and replays it every
+// token (docs/backend.md). Every other pass calls the same ops in the same order directly.
 void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& segs, const int32_t* tokens, int T,
                   float* logits, bool all_rows, const ForwardOptions& opt, Scratch& s) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
   const HcParams hp = hc_params(c);
   const int64_t D = c.d_model;
+  const int L = c.n_layers;
   s.ensure(be, c, T);
   for (const Segment& g : segs)
     for (int t = 0; t < g.n; ++t) s.pos[size_t(g.begin + t)] = g.st->n_past + t;
@@ -107,36 +117,67 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   ao.backend = &be;
   ao.scratch = &s.attn;
   ao.max_tokens_per_pass = std::max(1, opt.max_tokens_per_pass);  // attention sub-chunks no finer than the pass
+  // Every layer's attention inputs are checked and the attention scratch is sized for every layer kind before
+  // any op runs: no buffer may move between (or inside) recorded runs, and bad input throws before state changes.
+  int max_seg = 0;
+  for (const Segment& g : segs) max_seg = std::max(max_seg, g.n);
+  for (const Segment& g : segs)
+    for (int il = 0; il < L; ++il) {
+      const AttentionState& st = g.st->layers[size_t(il)];
+      attention_check(c, il, w.layers[size_t(il)].attn, st, s.pos.data() + g.begin, g.n, ao);
+      s.attn.ensure(be, st.shape, max_seg);
+    }
   float *X = s.X.f32(), *a = s.a.f32(), *y = s.y.f32(), *post = s.post.f32(), *comb = s.comb.f32();
   float* wts = s.wts.f32();
   int32_t *ids = s.ids.i32(), *tok = s.tok.i32();
+  const int64_t nD = int64_t(c.hc_mult) * D;
+  const size_t row = size_t(nD);
+  // Rows of the final head: all of them, or the last row of each segment that ends its slice.
+  int rows = all_rows ? T : 0;
+  if (!all_rows)
+    for (const Segment& g : segs) rows += g.ends_slice ? 1 : 0;
+  if (!logits) rows = 0;
+  float* logits_dst = logits;
+  if (rows > 0 && !be.host_memory()) {
+    grow_discarding(be, s.logits, sizeof(float) * size_t(rows) * size_t(c.n_vocab));
+    logits_dst = s.logits.f32();
+  }
 
   be.upload(tok, tokens, sizeof(int32_t) * size_t(T));                                 // validated by the caller
-  be.embed(w.token_embd, tok, T, c.hc_mult, X);                                        // X {T, n, D}
-  const int64_t nD = int64_t(c.hc_mult) * D;
   // The debug tap sees host copies (a device backend downloads; only when a tap is installed).
   std::vector<float> tap_host;
-  auto tap = [&](const char* name, int layer, const float* p, int rows, int64_t width) {
+  auto tap = [&](const char* name, int layer, const float* p, int n_rows, int64_t width) {
     if (!opt.tap) return;
     if (!be.host_memory()) {
-      tap_host.resize(size_t(rows) * size_t(width));
+      tap_host.resize(size_t(n_rows) * size_t(width));
       be.download(tap_host.data(), p, tap_host.size() * sizeof(float));
       p = tap_host.data();
     }
-    opt.tap(name, layer, p, rows, width);
+    opt.tap(name, layer, p, n_rows, width);
   };
-  tap("embed", -1, X, T, nD);
-  for (int il = 0; il < c.n_layers; ++il) {
+  // One sequence: its attention projections join the run before the core and its output projections the run
+  // after it. Several: the attention scratch is shared, so each sequence's three parts run back to back.
+  const bool one = segs.size() == 1;
+  auto attn_in = [&](int il) {  // layer il up to its attention core
     const LayerWeights& lw = w.layers[size_t(il)];
-    // attention sublayer
     be.hc_pre(lw.hc_attn, hp, X, T, a, post, comb);                                    // a {T, D}
     be.rms_norm(a, &lw.attn_norm, T, D, c.rms_eps, a);
     tap("attn_in", il, a, T, D);
+    if (one) attention_project(be, lw.attn, segs[0].st->layers[size_t(il)].shape, a, T, s.attn);
+  };
+  auto attn_core = [&](int il) {
+    const LayerWeights& lw = w.layers[size_t(il)];
     for (const Segment& g : segs) {
+      AttentionState& st = g.st->layers[size_t(il)];
       const size_t off = size_t(g.begin) * size_t(D);
-      attention_forward(c, il, lw.attn, g.st->layers[size_t(il)], a + off, s.pos.data() + g.begin, g.n, y + off,
-                        ao);                                                           // y {T, D}
+      if (!one) attention_project(be, lw.attn, st.shape, a + off, g.n, s.attn);
+      attention_core(be, lw.attn, st, g.n, opt.qat_sim, s.attn);
+      if (!one) attention_output(be, lw.attn, st.shape, g.n, s.attn, y + off);       // y {T, D}
     }
+  };
+  auto layer_out = [&](int il) {  // layer il after its attention core
+    const LayerWeights& lw = w.layers[size_t(il)];
+    if (one) attention_output(be, lw.attn, segs[0].st->layers[size_t(il)].shape, T, s.attn, y);
     tap("attn_out", il, y, T, D);
     be.hc_post(hp, y, post, comb, T, X);
     // MoE sublayer
@@ -149,33 +190,59 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     tap("ffn_out", il, y, T, D);
     be.hc_post(hp, y, post, comb, T, X);
     tap("residual", il, X, T, nD);
+  };
+  // Final head (model-spec §8) only for the rows asked for, gathered contiguously (backend-side copies).
+  auto final_head = [&] {
+    if (rows == 0) return;
+    const float* Xr = X;
+    if (!all_rows) {
+      int r = 0;
+      for (const Segment& g : segs)
+        if (g.ends_slice) {
+          be.copy(s.h.f32() + size_t(r) * row, X + size_t(g.begin + g.n - 1) * row, row * sizeof(float));
+          ++r;
+        }
+      Xr = s.h.f32();
+    }
+    be.hc_head(w.hc_head, hp, Xr, rows, a);                                            // h {rows, D}
+    be.rms_norm(a, &w.output_norm, rows, D, c.rms_eps, a);
+    tap("head_in", -1, a, rows, D);
+    be.matmul(w.output, -1, a, rows, logits_dst);                                      // {rows, V}
+  };
+  auto run_k = [&](int k) {
+    if (k == 0) {
+      be.embed(w.token_embd, tok, T, c.hc_mult, X);                                    // X {T, n, D}
+      tap("embed", -1, X, T, nD);
+    } else {
+      layer_out(k - 1);
+    }
+    if (k < L) attn_in(k);
+    else final_head();
+  };
+  const bool record = T == 1 && one && !opt.tap;
+  std::vector<uint64_t> key;
+  if (record) {  // what a run's launches depend on besides its index: shapes, weights, every buffer address
+    const AttentionScratch& A = s.attn;
+    const std::initializer_list<const void*> addrs = {
+        &w, X, a, y, post, comb, ids, wts, tok, s.h.data(), logits_dst, A.qr.data(), A.q.data(), A.kv.data(),
+        A.o.data(), A.low.data(), A.v.data(), A.z.data(), A.iv.data(), A.iz.data(), A.qI.data(), A.wI.data(),
+        A.sel.data()};
+    for (const void* p : addrs)
+      key.push_back(uint64_t(reinterpret_cast<uintptr_t>(p)));
+    key.insert(key.begin(), {0, uint64_t(T), uint64_t(rows), uint64_t(all_rows)});
+  }
+  for (int k = 0; k <= L; ++k) {
+    if (record) {
+      key[0] = uint64_t(k);
+      be.run_segment(key, [&] { run_k(k); });
+    } else {
+      run_k(k);
+    }
+    if (k < L) attn_core(k);
   }
   for (const Segment& g : segs) g.st->n_past += g.n;
-  if (!logits) return;
-  // Final head (model-spec §8) only for the rows asked for, gathered contiguously (backend-side copies).
-  const size_t row = size_t(c.hc_mult) * size_t(D);
-  int rows = T;
-  const float* Xr = X;
-  if (!all_rows) {
-    rows = 0;
-    for (const Segment& g : segs)
-      if (g.ends_slice) {
-        be.copy(s.h.f32() + size_t(rows) * row, X + size_t(g.begin + g.n - 1) * row, row * sizeof(float));
-        ++rows;
-      }
-    if (rows == 0) return;
-    Xr = s.h.f32();
-  }
-  be.hc_head(w.hc_head, hp, Xr, rows, a);                                              // h {rows, D}
-  be.rms_norm(a, &w.output_norm, rows, D, c.rms_eps, a);
-  tap("head_in", -1, a, rows, D);
-  if (be.host_memory()) {
-    be.matmul(w.output, -1, a, rows, logits);                                          // {rows, V}
-  } else {
-    grow_discarding(be, s.logits, sizeof(float) * size_t(rows) * size_t(c.n_vocab));
-    be.matmul(w.output, -1, a, rows, s.logits.f32());
+  if (rows > 0 && !be.host_memory())
     be.download(logits, s.logits.f32(), sizeof(float) * size_t(rows) * size_t(c.n_vocab));
-  }
 }
 
 void check_slice(const ModelConfig& c, Backend& be, const SequenceState& st, const int32_t* tokens, int T, size_t index) {

@@ -20,6 +20,7 @@
 #include "backend/cuda/device_ops.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/gemv.h"
+#include "backend/cuda/graph.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/moe.h"
 #include "backend/cuda/norm_rope.h"
@@ -58,6 +59,7 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     prof_.reset();  // prints the profile (it synchronizes on its events)
+    graphs_.reset();
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
@@ -140,6 +142,10 @@ class CudaBackend final : public Backend {
   void sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
                       const float* comp, const int32_t* sel, int T, int64_t p0, float* out) override;
   void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) override;
+
+  // ---- recorded segments (graph.cpp) -----------------------------------------------------------------------
+  void run_segment(const std::vector<uint64_t>& key, const std::function<void()>& ops) override;
+  cuda::SegmentGraphStats graph_stats() const { return graphs_ ? graphs_->stats() : cuda::SegmentGraphStats{}; }
 
  private:
   // ---- internal scratch ------------------------------------------------------------------------------------
@@ -370,6 +376,13 @@ class CudaBackend final : public Backend {
   DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
+  // Decode graphs (graph.h). They bake in the addresses of the buffers above: every such buffer must be a
+  // DeviceArray (device_malloc), whose allocation count invalidates the recordings when anything grows.
+  std::unique_ptr<cuda::SegmentGraphs> graphs_;
+  const bool graphs_enabled_ = [] {  // DSV4_CUDA_GRAPH=0: every op launched one by one
+    const char* e = std::getenv("DSV4_CUDA_GRAPH");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
   std::unique_ptr<Backend> host_ = make_cpu_backend();  // BF16 matmuls and DSV4_CUDA_ATTENTION=cpu
   // DSV4_CUDA_ATTENTION=cpu: the attention ops run the CPU implementation on staged copies (A/B checks of the
   // attention kernels; slow, synchronous).

@@ -1,6 +1,8 @@
 // Host-side CUDA helpers (see cuda_util.h).
 #include "backend/cuda/cuda_util.h"
 
+#include <atomic>
+
 #include "common/error.h"
 
 namespace dsv4::cuda {
@@ -19,6 +21,12 @@ void check_launch(const char* kernel) {
   if (err != cudaSuccess)
     fail("launch of %s failed: %s: %s", kernel, cudaGetErrorName(err), cudaGetErrorString(err));
 }
+
+namespace {
+std::atomic<uint64_t> g_malloc_count{0};
+}  // namespace
+
+uint64_t device_malloc_count() { return g_malloc_count.load(std::memory_order_relaxed); }
 
 void* device_malloc(size_t bytes) {
   void* p = nullptr;
@@ -39,6 +47,7 @@ void* device_malloc(size_t bytes) {
     cudaGetLastError();
     fail("cudaMalloc of %zu bytes: %s: %s", bytes, cudaGetErrorName(err), cudaGetErrorString(err));
   }
+  g_malloc_count.fetch_add(1, std::memory_order_relaxed);
   return p;
 }
 

@@ -26,6 +26,10 @@ void check_launch(const char* kernel);
 // keeps freed cudaMallocAsync blocks in that pool (release threshold UINT64_MAX), which plain cudaMalloc cannot
 // use.
 void* device_malloc(size_t bytes);
+// How many device_malloc calls have succeeded in this process. The CUDA backend's decode graphs (graph.h) bake
+// the addresses of its internal buffers (DeviceArrays) into recorded launches; a changed count means some
+// buffer may have moved, so every recorded graph is dropped before it could read freed memory.
+uint64_t device_malloc_count();
 
 // True when a CUDA device is present and usable (driver + runtime agree). Never throws.
 bool device_available();
