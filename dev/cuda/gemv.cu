@@ -20,6 +20,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <cuda_fp16.h>
@@ -306,6 +307,172 @@ double run_hc_mix(int n_mix, int64_t K, cudaStream_t s, bool unfused = false) {
   return ms * 1e3 / kCopies;
 }
 
+// ---- one decode layer's MoE (router, routed experts, shared expert, down + sum) ---------------------------------
+// The launches CudaBackend::moe_route + moe_ffn issue for one token (cuda_backend_moe.cpp), made here from the
+// same cuda:: calls, at Flash shapes: F16 router 256 x 4096, 6 of 256 IQ2_XXS gate/up + Q2_K down experts
+// (4096 -> 2048 -> 4096), Q8_0 shared expert in the split layout. kLayers layers of router and shared weights are
+// rotated (one routed stack, but each layer's random router picks its own experts), so L2 serves nothing twice.
+// Modes: 0 = the unfused sequence (router GEMV + moe_route_cuda; shared expert as paired GEMV + swiglu_cuda),
+// 1 = fused launches on one stream (moe_route_fused_cuda; shared gate+up+SwiGLU in one launch), 2 = fused with the
+// shared expert on a side stream (the backend's decode path). parts: which pieces run (timing them apart).
+enum : unsigned { kPartRoute = 1, kPartRouted = 2, kPartShared = 4, kPartDown = 8, kPartAll = 15 };
+
+struct MoeLayerBench {
+  static constexpr int kLayers = 16, kE = 256, kK = 6;
+  static constexpr int64_t kD = 4096, kF = 2048;
+  int64_t router_bytes = kE * kD * 2, sh_gu_bytes = kF * q8_split_row_bytes(kD), sh_d_bytes = kD * q8_split_row_bytes(kF);
+  int64_t gu_rb = row_bytes(QType::IQ2_XXS, kD), dn_rb = row_bytes(QType::Q2_K, kF);
+  DeviceArray<uint8_t> router, gate, up, down, sh_gate, sh_up, sh_down, route_ws, xq8k, xqs, hq, hsq;
+  DeviceArray<float> x, bias, z, wts, h, hs, gs, us, y;
+  DeviceArray<int32_t> ids;
+  SideStream side;
+
+  explicit MoeLayerBench(cudaStream_t s)
+      : router(size_t(router_bytes * kLayers)), gate(size_t(kE * kF * gu_rb)), up(gate.size()),
+        down(size_t(kE * kD * dn_rb)), sh_gate(size_t(sh_gu_bytes * kLayers)), sh_up(sh_gate.size()),
+        sh_down(size_t(sh_d_bytes * kLayers)), route_ws(moe_route_fused_workspace_bytes(kE)),
+        xq8k(size_t(gpu_activation_bytes(QType::IQ2_XXS, kD))),
+        xqs(size_t(gpu_activation_bytes(QType::Q8_0, kD, GemvLayout::Q8Split))),
+        hq(size_t(kK * gpu_activation_bytes(QType::Q2_K, kF))),
+        hsq(size_t(gpu_activation_bytes(QType::Q8_0, kF, GemvLayout::Q8Split))), z(kE), wts(kK), h(kK * kF), hs(kF),
+        gs(kF), us(kF), y(kD), ids(kK) {
+    random_device_weights(QType::F16, router.get(), router.size(), 11u);
+    random_device_weights(QType::IQ2_XXS, gate.get(), gate.size(), 12u);
+    random_device_weights(QType::IQ2_XXS, up.get(), up.size(), 13u);
+    random_device_weights(QType::Q2_K, down.get(), down.size(), 14u);
+    // Shared expert: valid Q8_0 blocks repacked to the split layout, as the backend does at upload.
+    for (auto [dst, rows, cols, seed] : {std::tuple{&sh_gate, kF, kD, 15u}, {&sh_up, kF, kD, 16u}, {&sh_down, kD, kF, 17u}}) {
+      DeviceArray<uint8_t> blocks(size_t(rows * kLayers * row_bytes(QType::Q8_0, cols)));
+      random_device_weights(QType::Q8_0, blocks.get(), blocks.size(), seed);
+      q8_0_split_cuda(blocks.get(), rows * kLayers, cols, dst->get(), s);
+      check(cudaStreamSynchronize(s), "split");
+    }
+    std::vector<float> hx(static_cast<size_t>(kD)), hb(static_cast<size_t>(kE));
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    for (auto& v : hx) v = nd(rng);
+    for (auto& v : hb) v = 0.01f * nd(rng);
+    x.upload(hx);
+    bias.upload(hb);
+    ids.upload(std::vector<int32_t>{1, 50, 99, 140, 200, 255});
+    route_ws.fill_bytes(0);
+    side.side();  // create the stream before any capture
+  }
+
+  void layer(int l, int mode, unsigned parts, cudaStream_t s) {
+    if (parts & kPartRoute) {
+      const uint8_t* rw = router.get() + l * router_bytes;
+      if (mode == 0) {
+        GemvParams g;
+        g.wtype = QType::F16, g.w = rw, g.rows = kE, g.cols = kD, g.xq = x.get(), g.y = z.get();
+        gemv_cuda(g, s);
+        moe_route_cuda(z.get(), bias.get(), 1, kE, kK, 1.5f, false, ids.get(), wts.get(), s);
+      } else {
+        MoeRouteFusedParams rp;
+        rp.wtype = QType::F16, rp.w = rw, rp.d = kD, rp.n_experts = kE, rp.k = kK, rp.x = x.get(), rp.bias = bias.get();
+        rp.scale = 1.5f, rp.ids = ids.get(), rp.weights = wts.get(), rp.workspace = route_ws.get();
+        moe_route_fused_cuda(rp, s);
+      }
+    }
+    GemvParams rgu, sgu, sdn, rdn;
+    rgu.wtype = QType::IQ2_XXS, rgu.w = gate.get(), rgu.w2 = up.get(), rgu.rows = kF, rgu.cols = kD;
+    rgu.expert_stride = kF * gu_rb, rgu.expert_ids = ids.get(), rgu.n_slots = kK, rgu.act_slot_div = kK;
+    rgu.xq = xq8k.get(), rgu.y = h.get();
+    sgu.wtype = QType::Q8_0, sgu.layout = GemvLayout::Q8Split, sgu.w = sh_gate.get() + l * sh_gu_bytes;
+    sgu.w2 = sh_up.get() + l * sh_gu_bytes, sgu.rows = kF, sgu.cols = kD, sgu.xq = xqs.get();
+    sdn.wtype = QType::Q8_0, sdn.layout = GemvLayout::Q8Split, sdn.w = sh_down.get() + l * sh_d_bytes;
+    sdn.rows = kD, sdn.cols = kF, sdn.xq = hsq.get(), sdn.y = y.get();
+    rdn.wtype = QType::Q2_K, rdn.w = down.get(), rdn.rows = kD, rdn.cols = kF, rdn.expert_stride = kD * dn_rb;
+    rdn.expert_ids = ids.get(), rdn.n_slots = kK, rdn.act_slot_div = 1, rdn.xq = hq.get(), rdn.y = y.get();
+    const auto routed = [&](cudaStream_t st) {
+      if (!(parts & kPartRouted)) return;
+      quantize_activations_cuda(QType::IQ2_XXS, x.get(), 1, kD, xq8k.get(), st);
+      moe_gate_up_swiglu_cuda(rgu, wts.get(), 10.0f, st);
+      quantize_activations_cuda(QType::Q2_K, h.get(), kK, kF, hq.get(), st);
+    };
+    const auto shared = [&](cudaStream_t st) {
+      if (!(parts & kPartShared)) return;
+      quantize_activations_cuda(QType::Q8_0, x.get(), 1, kD, xqs.get(), st, GemvLayout::Q8Split);
+      if (mode == 0) {
+        sgu.y = gs.get(), sgu.y2 = us.get();
+        gemv_cuda(sgu, st);
+        swiglu_cuda(gs.get(), us.get(), nullptr, 1, kF, 10.0f, gs.get(), st);
+        quantize_activations_cuda(QType::Q8_0, gs.get(), 1, kF, hsq.get(), st, GemvLayout::Q8Split);
+      } else {
+        sgu.y = hs.get();
+        moe_gate_up_swiglu_cuda(sgu, nullptr, 10.0f, st);
+        quantize_activations_cuda(QType::Q8_0, hs.get(), 1, kF, hsq.get(), st, GemvLayout::Q8Split);
+      }
+      gemv_cuda(sdn, st);
+    };
+    if (mode == 2) {
+      side.fork(s);
+      shared(side.side());
+      routed(s);
+      side.join(s);
+    } else {
+      routed(s);
+      shared(s);
+    }
+    if (parts & kPartDown) moe_down_sum_cuda(rdn, kK, s);
+  }
+
+  // Graph-timed and eager us per layer (median of reps over kLayers layers).
+  std::pair<double, double> time(int mode, unsigned parts, cudaStream_t s) {
+    auto body = [&] {
+      for (int l = 0; l < kLayers; ++l) layer(l, mode, parts, s);
+    };
+    const float eager_ms = time_ms(s, body, 20);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
+    body();
+    check(cudaStreamEndCapture(s, &graph), "capture end");
+    check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    const float graph_ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    return {graph_ms * 1e3 / kLayers, eager_ms * 1e3 / kLayers};
+  }
+  // Weight bytes one layer must read: router, 6 experts' gate/up/down rows, the shared expert.
+  double bytes() const {
+    return double(router_bytes) + kK * double(2 * kF * gu_rb + kD * dn_rb) + double(2 * sh_gu_bytes + sh_d_bytes);
+  }
+};
+
+void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string& card) {
+  MoeLayerBench m(s);
+  std::printf("\nMoE decode layer, 1 token (F16 router 256x4096; 6/256 IQ2_XXS gate+up, Q2_K down; Q8_0 split shared "
+              "expert; %d layers rotated; %.1f MB of weights per layer), us per layer, graph (eager):\n",
+              MoeLayerBench::kLayers, m.bytes() / 1e6);
+  struct Row {
+    const char* name;
+    int mode;
+    unsigned parts;
+  };
+  const Row rows[] = {
+      {"OLD  whole layer (11 launches)", 0, kPartAll},
+      {"NEW  whole layer, one stream (9 launches)", 1, kPartAll},
+      {"NEW  whole layer, shared on side stream (9)", 2, kPartAll},
+      {"  route: OLD router GEMV + moe_route (2)", 0, kPartRoute},
+      {"  route: NEW moe_route_fused (1)", 1, kPartRoute},
+      {"  shared: OLD quant, pair GEMV, swiglu, quant, down (5)", 0, kPartShared},
+      {"  shared: NEW quant, gate+up+SwiGLU, quant, down (4)", 1, kPartShared},
+      {"  routed gate+up: quant, fused, quant (3)", 1, kPartRouted},
+      {"  routed down+sum (1)", 1, kPartDown},
+  };
+  for (const Row& r : rows) {
+    const auto [g, e] = m.time(r.mode, r.parts, s);
+    const double pct = r.parts == kPartAll ? 100.0 * m.bytes() / (g * 1e-6) / 1e9 / read_bw : -1.0;
+    std::printf("  %-56s %8.2f (%8.2f)", r.name, g, e);
+    if (pct >= 0) std::printf("   %5.1f%% of read bandwidth", pct);
+    std::printf("\n");
+    if (csv) std::fprintf(csv, "%s,moe_layer %s,mixed,0,0,6,1,%d,-1,-1,%.3f,%.3f,-1,%.2f,0,0,0,0,%.3f,%.2f\n",
+                          card.c_str(), r.name, r.mode, g, e, pct, g, pct);
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -348,6 +515,8 @@ int main(int argc, char** argv) {
     std::printf("streaming read 2 GiB: %.0f GB/s   d2d copy 1 GiB (r+w): %.0f GB/s   datasheet: %.0f GB/s\n\n",
                 read_bw, copy_bw, spec_bw);
 
+    // WB_MOE_ONLY=1: only the MoE cases and the per-layer MoE sequence (a short device call).
+    const bool moe_only = std::getenv("WB_MOE_ONLY") && std::strcmp(std::getenv("WB_MOE_ONLY"), "1") == 0;
     std::vector<Case> cases = {
         {"attn_q_a 4096->1024", QType::Q8_0, 1024, 4096},
         {"attn_q_b 1024->32768", QType::Q8_0, 32768, 1024},
@@ -402,6 +571,7 @@ int main(int argc, char** argv) {
         return false;
       }
     };
+    if (moe_only) std::erase_if(cases, [](const Case& c) { return c.n_experts == 0 && c.name.find("shexp") == std::string::npos; });
     for (const Case& c : cases) {
       Result r1{}, r2{};
       const bool fused_only = c.fused == 3;  // down+sum: staged only (gate+up+swiglu has both kernels)
@@ -440,7 +610,9 @@ int main(int argc, char** argv) {
                      ok2 ? r2.pct_read : -1.0, bk.tile_rows, bk.row_group, bk.cta_warps, bk.iq2_rep,
                      ok2 ? best.us_graph : -1.0, ok2 ? best.pct_read : -1.0);
     }
+    run_moe_layer(s, read_bw, csv, card);
     for (int n_mix : {24, 4}) {
+      if (moe_only) break;
       const double us = run_hc_mix(n_mix, 16384, s);
       const double gbs = double(n_mix * 16384 * 2 + 16384 * 4) / (us * 1e-6) / 1e9;
       const double us_unfused = run_hc_mix(n_mix, 16384, s, true);

@@ -375,6 +375,8 @@ class CudaBackend final : public Backend {
   ActEntry* split_pending_ = nullptr;  // split_out's entry until publish_split
   DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
+  DeviceArray<uint8_t> route_ws_;  // moe_route_fused_cuda workspace (z + ticket; zeroed at allocation)
+  cuda::SideStream moe_side_;      // moe_ffn: the shared expert overlaps the routed experts (decode)
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
   // Decode graphs (graph.h). They bake in the addresses of the buffers above: every such buffer must be a
   // DeviceArray (device_malloc), whose allocation count invalidates the recordings when anything grows.

@@ -1,17 +1,50 @@
 // CudaBackend: MoE router and experts (moe_route, moe_ffn).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
 #include "backend/cuda/cuda_backend_impl.h"
 
 namespace dsv4::cuda_impl {
+
+namespace {
+
+// DSV4_CUDA_MOE_FUSED=0: the decode MoE runs its unfused launches (router GEMV + route kernel; shared expert as
+// paired GEMV + swiglu + down on the main stream), for A/B checks. Read per call so a test can switch it.
+bool moe_fused_decode() {
+  const char* e = std::getenv("DSV4_CUDA_MOE_FUSED");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
 
 void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
                             int32_t* ids, float* weights) {
   Scope sc(*prof_, p.hash ? "moe_route (hash)" : "moe_route", T);
   const int E = p.n_experts, k = p.n_used;
-  float* z = buffer(0, size_t(T) * E);
-  dmatmul(w.gate_inp, -1, x, T, z, nullptr, nullptr, false, /*gemm=*/false);
-  if (p.hash) cuda::gather_hash_ids_cuda(hash_table(w.tid2eid, E, k), w.tid2eid.ne[1], k, tokens, T, ids, stream_);
   const float* bias = w.exp_probs_b.present() ? f32_weight(w.exp_probs_b) : nullptr;
-  cuda::moe_route_cuda(z, bias, T, E, k, p.weights_scale, p.hash, ids, weights, stream_);
+  if (p.hash) cuda::gather_hash_ids_cuda(hash_table(w.tid2eid, E, k), w.tid2eid.ne[1], k, tokens, T, ids, stream_);
+  const WeightView& r = w.gate_inp;
+  if (T == 1 && moe_fused_decode() && r.ne[1] == E && r.n_dims == 2 && aligned16(x) &&
+      cuda::moe_route_fused_supported(r.type, r.ne[0], E, k)) {
+    // Decode: router projection + routing in one launch (moe.h).
+    const size_t ws = cuda::moe_route_fused_workspace_bytes(E);
+    if (route_ws_.size() < ws) {
+      route_ws_.reset();
+      route_ws_ = DeviceArray<uint8_t>(ws);
+      cuda::check(cudaMemsetAsync(route_ws_.get(), 0, ws, stream_), "cuda backend: moe_route workspace");
+    }
+    cuda::MoeRouteFusedParams rp;
+    rp.wtype = r.type, rp.w = weight(r), rp.d = r.ne[0], rp.n_experts = E, rp.k = k, rp.x = x, rp.bias = bias;
+    rp.scale = p.weights_scale, rp.hash = p.hash, rp.ids = ids, rp.weights = weights, rp.workspace = route_ws_.get();
+    cuda::moe_route_fused_cuda(rp, stream_);
+  } else {
+    float* z = buffer(0, size_t(T) * E);
+    dmatmul(r, -1, x, T, z, nullptr, nullptr, false, /*gemm=*/false);
+    cuda::moe_route_cuda(z, bias, T, E, k, p.weights_scale, p.hash, ids, weights, stream_);
+  }
   wrote(ids, size_t(T) * k * sizeof(int32_t));
   wrote(weights, size_t(T) * k * sizeof(float));
 }
@@ -58,6 +91,9 @@ void CudaBackend::moe_routed(const MoeWeights& w, const MoeParams& p, const floa
 // Expert ids come from moe_route on the device and are not checked here (the CPU oracle validates them).
 // y = shared expert, then += the routed outputs summed in selection order (the CPU's order): either the fused
 // down-projection + slot sum launch (GEMV sizes, routed-expert types), or per-slot outputs and moe_sum.
+// Decode (one token, fused routed launches, a Q8_0 shared expert): the shared expert runs on a side stream while
+// the routed gate/up run on the main one (both are latency-bound reads of 18-33 MB that leave the memory pipe
+// half idle alone), as gate+up+SwiGLU in one launch, quantize, down; the routed down+sum joins after it.
 void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* ids,
                           const float* weights, int T, float* y) {
   Scope sc(*prof_, "moe_ffn", T);
@@ -67,18 +103,43 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
   const bool fused_down = n_slots <= kMaxSlotsPerLaunch && k <= 8 && fused_moe_type(w.down_exps.type) &&
                           !moe_gemm(w, T) &&
                           cuda::gemv_staged_supported(down);
-  {
-    Scope part(*prof_, "moe_ffn.routed", T);
-    moe_routed(w, p, x, ids, weights, T, fused_down);
-  }
-  {
+  const WeightView &sg = w.gate_shexp, &su = w.up_shexp, &sd = w.down_shexp;
+  const bool side = T == 1 && fused_down && moe_fused_decode() && sg.type == QType::Q8_0 && su.type == sg.type &&
+                    layout_for(su) == layout_for(sg) && sg.ne[0] == D && sg.ne[1] == F && su.ne[0] == D &&
+                    su.ne[1] == F && cuda::gemv_supports(sd.type) && sd.ne[0] == F && sd.ne[1] == D;
+  if (side) {
+    // Everything that allocates or looks up (weights, scratch, the input's activations: usually the ffn norm's
+    // own split-layout output) happens before the fork; the side stream only launches.
+    cuda::GemvParams gu;
+    gu.wtype = sg.type, gu.layout = layout_for(sg), gu.w = weight(sg), gu.w2 = weight(su), gu.rows = F, gu.cols = D;
+    gu.xq = activations(sg.type, gu.layout, x, 1, D, /*cacheable=*/true);
+    gu.y = buffer(3, size_t(F));
+    cuda::GemvParams dn;
+    dn.wtype = sd.type, dn.layout = layout_for(sd), dn.w = weight(sd), dn.rows = D, dn.cols = F, dn.y = y;
+    const int64_t hq_bytes = cuda::gpu_activation_bytes(sd.type, F, dn.layout);
+    dn.xq = buffer(4, size_t(hq_bytes + 3) / 4);
+    moe_side_.fork(stream_);
+    cudaStream_t s2 = moe_side_.side();
+    cuda::moe_gate_up_swiglu_cuda(gu, nullptr, p.swiglu_clamp, s2);
+    cuda::quantize_activations_cuda(sd.type, gu.y, 1, F, const_cast<void*>(dn.xq), s2, dn.layout);
+    cuda::gemv_cuda(dn, s2);
+    {
+      Scope part(*prof_, "moe_ffn.routed", T);
+      moe_routed(w, p, x, ids, weights, T, /*fused_down=*/true);
+    }
+    moe_side_.join(stream_);
+  } else {
+    {
+      Scope part(*prof_, "moe_ffn.routed", T);
+      moe_routed(w, p, x, ids, weights, T, fused_down);
+    }
     Scope part(*prof_, "moe_ffn.shared", T);
-    // Unfused: the fused gate+up+SwiGLU launch takes only the routed-expert types (not the shared Q8_0).
+    // Unfused: paired gate/up GEMV, swiglu, down.
     float* gs = buffer(3, size_t(T) * F);
     float* us = buffer(4, size_t(T) * F);
-    dmatmul(w.gate_shexp, -1, x, T, gs, &w.up_shexp, us);
+    dmatmul(sg, -1, x, T, gs, &su, us);
     cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
-    dmatmul(w.down_shexp, -1, gs, T, y);
+    dmatmul(sd, -1, gs, T, y);
   }
   if (fused_down) {
     Scope part(*prof_, "moe_ffn.routed_down", T);

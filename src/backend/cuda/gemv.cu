@@ -953,8 +953,15 @@ void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float cl
     case QType::IQ2_XXS:
       if (p.iq2_rep >= 2) return launch<TraitsIQ2Sel, 1, 1, 2, true>(p, stream, sw);
       return u == 2 ? launch<TraitsIQ2_XXS, 1, 2, 2, true>(p, stream, sw) : launch<TraitsIQ2_XXS, 1, 1, 2, true>(p, stream, sw);
+    // The shared expert (Q8_0, a single "slot" without ids): same rows-of-gate-and-up pairing. The split layout
+    // keeps its streaming default of 2 blocks in flight per lane (TraitsQ8Split::kUnroll).
+    case QType::Q8_0:
+      if (p.layout == GemvLayout::Q8Split)
+        return p.unroll == 1 ? launch<TraitsQ8Split, 1, 1, 2, true>(p, stream, sw)
+                             : launch<TraitsQ8Split, 1, 2, 2, true>(p, stream, sw);
+      return u == 2 ? launch<TraitsQ8_0, 1, 2, 2, true>(p, stream, sw) : launch<TraitsQ8_0, 1, 1, 2, true>(p, stream, sw);
     default:
-      fail("moe_gate_up_swiglu_cuda: %s routed experts are not supported (Q2_K, Q4_K, IQ2_XXS)",
+      fail("moe_gate_up_swiglu_cuda: %s experts are not supported (Q2_K, Q4_K, IQ2_XXS, Q8_0)",
            qtype_name(p.wtype).c_str());
   }
 }

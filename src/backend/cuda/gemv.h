@@ -91,7 +91,8 @@ bool gemv_staged_supported(const GemvParams& p);
 // Fused MoE decode pieces (one token per slot).
 //
 // gate + up + clamped SwiGLU * route weight in one launch: p.w = gate stack, p.w2 = up stack (same type, shape,
-// layout; Q2_K, Q4_K or IQ2_XXS), expert_ids / n_slots / act_slot_div / xq as for gemv_cuda, p.y = h
+// layout; Q2_K, Q4_K or IQ2_XXS routed experts, or Q8_0 in either layout: the shared expert as one slot with
+// expert_ids null), expert_ids / n_slots / act_slot_div / xq as for gemv_cuda, p.y = h
 // [n_slots][rows] with
 //   h[s][r] = silu(min(g, clamp)) * clamp(u, -clamp, clamp) * route_w[s]   (route_w may be null: weight 1),
 // g = gate_{ids[s]} row r . x, u = up_{ids[s]} row r . x, rounded as swiglu_cuda (moe.h). p.y2 is unused.

@@ -5,7 +5,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
+
+#include "quant/quant.h"
 
 namespace dsv4::cuda {
 
@@ -16,6 +19,50 @@ namespace dsv4::cuda {
 // E <= 1024, k <= 32.
 void moe_route_cuda(const float* z, const float* bias, int64_t n_tokens, int n_experts, int k, float scale,
                     bool hash, int32_t* ids, float* weights, cudaStream_t stream);
+
+// Decode routing in one launch: the router projection z[e] = W[e] . x of one token (W: [E, D] F16 or F32 rows
+// in file layout, x: [D] floats) followed by moe_route_cuda's scoring, selection and weights (same operations,
+// so equal z give equal ids and weights bit for bit). Each CTA dots one router row (its warps take contiguous
+// column ranges, partial sums added in warp order), and the last CTA to finish (a ticket in `workspace`) routes
+// the token: one launch instead of the GEMV and moe_route_cuda. z is kept in the workspace.
+//   workspace: moe_route_fused_workspace_bytes(E) bytes, zeroed once before the first launch; every launch
+//   leaves the ticket at zero again, so launches on one stream (or replayed graphs) may share it.
+// Needs E <= 1024, k <= 32, D % 8 == 0 (F16) or % 4 == 0 (F32), 16-byte aligned W and x.
+struct MoeRouteFusedParams {
+  QType wtype = QType::F16;
+  const void* w = nullptr;
+  int64_t d = 0;
+  int n_experts = 0, k = 0;
+  const float* x = nullptr;
+  const float* bias = nullptr;  // [E] or null
+  float scale = 1.0f;
+  bool hash = false;            // ids are an input (the token's table row)
+  int32_t* ids = nullptr;       // [k]
+  float* weights = nullptr;     // [k]
+  void* workspace = nullptr;
+};
+size_t moe_route_fused_workspace_bytes(int n_experts);
+bool moe_route_fused_supported(QType wtype, int64_t d, int n_experts, int k);
+void moe_route_fused_cuda(const MoeRouteFusedParams& p, cudaStream_t stream);
+
+// A second stream for work that may overlap the main stream's (the shared expert next to the routed experts),
+// created on first use. fork(main): later work on side() runs after everything enqueued on main so far;
+// join(main): later work on main runs after everything enqueued on side() so far. Both are event record + wait,
+// so a CUDA graph capture of main follows the fork into side() and back (the capture sees two branches).
+class SideStream {
+ public:
+  SideStream() = default;
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  ~SideStream();
+  cudaStream_t side();
+  void fork(cudaStream_t main);
+  void join(cudaStream_t main);
+
+ private:
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+};
 
 // out[r][f] = silu(min(g, clamp)) * clamp(u, -clamp, clamp) * (row_weight ? row_weight[r] : 1).
 //   g, u, out: [rows, F] (out may alias g), row_weight: [rows] or null.
