@@ -15,7 +15,8 @@ constexpr int kNormThreads = 256;   // rms_scale_kernel
 constexpr int kNormMaxPer = 16;     // values per thread of the register kernel
 
 // One block per row, strided loop (the earlier default; rows longer than 16 values per thread).
-__global__ void rms_norm_kernel(RmsNormParams p) {
+// Launched with up to 1024 threads per row: the bound keeps the register count launchable (<= 64).
+__global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const float* x = p.x + r * p.x_stride;
@@ -40,7 +41,7 @@ __global__ void rms_norm_kernel(RmsNormParams p) {
 // One block per row, PER values per thread kept in registers: x and w are loaded once, before the reduction.
 // Thread i sums its values i, i + T, ... in that order, then the block tree (as rms_norm_kernel).
 template <int PER>
-__global__ void rms_norm_reg_kernel(RmsNormParams p) {
+__global__ void __launch_bounds__(1024) rms_norm_reg_kernel(RmsNormParams p) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const float* x = p.x + r * p.x_stride;
