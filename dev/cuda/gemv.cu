@@ -312,9 +312,10 @@ double run_hc_mix(int n_mix, int64_t K, cudaStream_t s, bool unfused = false) {
 // same cuda:: calls, at Flash shapes: F16 router 256 x 4096, 6 of 256 IQ2_XXS gate/up + Q2_K down experts
 // (4096 -> 2048 -> 4096), Q8_0 shared expert in the split layout. kLayers layers of router and shared weights are
 // rotated (one routed stack, but each layer's random router picks its own experts), so L2 serves nothing twice.
-// Modes: 0 = the unfused sequence (router GEMV + moe_route_cuda; shared expert as paired GEMV + swiglu_cuda),
-// 1 = fused launches on one stream (moe_route_fused_cuda; shared gate+up+SwiGLU in one launch), 2 = fused with the
-// shared expert on a side stream (the backend's decode path). parts: which pieces run (timing them apart).
+// Modes: 0 = the unfused sequence (router GEMV + moe_route_cuda; quantize x; shared expert as paired GEMV +
+// swiglu_cuda; quantize h; down+sum), 1 = fused launches on one stream (moe_route_fused_cuda also writes the routed
+// experts' Q8_K x; shared gate+up+SwiGLU in one launch; down+sum quantizes h in-kernel, GemvParams::xf), 2 = 1
+// with the shared expert on a side stream (the backend's decode path). parts: which pieces run (timing them apart).
 enum : unsigned { kPartRoute = 1, kPartRouted = 2, kPartShared = 4, kPartDown = 8, kPartAll = 15 };
 
 struct MoeLayerBench {
@@ -326,6 +327,7 @@ struct MoeLayerBench {
   DeviceArray<float> x, bias, z, wts, h, hs, gs, us, y;
   DeviceArray<int32_t> ids;
   SideStream side;
+  int rgu_unroll = 0, rgu_warps = 0;  // routed gate+up knobs (0: the defaults)
 
   explicit MoeLayerBench(cudaStream_t s)
       : router(size_t(router_bytes * kLayers)), gate(size_t(kE * kF * gu_rb)), up(gate.size()),
@@ -371,13 +373,14 @@ struct MoeLayerBench {
         MoeRouteFusedParams rp;
         rp.wtype = QType::F16, rp.w = rw, rp.d = kD, rp.n_experts = kE, rp.k = kK, rp.x = x.get(), rp.bias = bias.get();
         rp.scale = 1.5f, rp.ids = ids.get(), rp.weights = wts.get(), rp.workspace = route_ws.get();
+        rp.xq8k = xq8k.get();
         moe_route_fused_cuda(rp, s);
       }
     }
     GemvParams rgu, sgu, sdn, rdn;
     rgu.wtype = QType::IQ2_XXS, rgu.w = gate.get(), rgu.w2 = up.get(), rgu.rows = kF, rgu.cols = kD;
     rgu.expert_stride = kF * gu_rb, rgu.expert_ids = ids.get(), rgu.n_slots = kK, rgu.act_slot_div = kK;
-    rgu.xq = xq8k.get(), rgu.y = h.get();
+    rgu.xq = xq8k.get(), rgu.y = h.get(), rgu.unroll = rgu_unroll, rgu.cta_warps = rgu_warps;
     sgu.wtype = QType::Q8_0, sgu.layout = GemvLayout::Q8Split, sgu.w = sh_gate.get() + l * sh_gu_bytes;
     sgu.w2 = sh_up.get() + l * sh_gu_bytes, sgu.rows = kF, sgu.cols = kD, sgu.xq = xqs.get();
     sdn.wtype = QType::Q8_0, sdn.layout = GemvLayout::Q8Split, sdn.w = sh_down.get() + l * sh_d_bytes;
@@ -386,9 +389,9 @@ struct MoeLayerBench {
     rdn.expert_ids = ids.get(), rdn.n_slots = kK, rdn.act_slot_div = 1, rdn.xq = hq.get(), rdn.y = y.get();
     const auto routed = [&](cudaStream_t st) {
       if (!(parts & kPartRouted)) return;
-      quantize_activations_cuda(QType::IQ2_XXS, x.get(), 1, kD, xq8k.get(), st);
+      // The fused router writes x's Q8_K rows (modes 1, 2); timed without it, the routed part quantizes x itself.
+      if (mode == 0 || !(parts & kPartRoute)) quantize_activations_cuda(QType::IQ2_XXS, x.get(), 1, kD, xq8k.get(), st);
       moe_gate_up_swiglu_cuda(rgu, wts.get(), 10.0f, st);
-      quantize_activations_cuda(QType::Q2_K, h.get(), kK, kF, hq.get(), st);
     };
     const auto shared = [&](cudaStream_t st) {
       if (!(parts & kPartShared)) return;
@@ -414,7 +417,11 @@ struct MoeLayerBench {
       routed(s);
       shared(s);
     }
-    if (parts & kPartDown) moe_down_sum_cuda(rdn, kK, s);
+    if (parts & kPartDown) {
+      if (mode == 0) quantize_activations_cuda(QType::Q2_K, h.get(), kK, kF, hq.get(), s);
+      else rdn.xf = h.get();  // quantized in the launch
+      moe_down_sum_cuda(rdn, kK, s);
+    }
   }
 
   // Graph-timed and eager us per layer (median of reps over kLayers layers).
@@ -449,19 +456,26 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
     const char* name;
     int mode;
     unsigned parts;
+    int unroll = 0, warps = 0;
   };
   const Row rows[] = {
       {"OLD  whole layer (11 launches)", 0, kPartAll},
-      {"NEW  whole layer, one stream (9 launches)", 1, kPartAll},
-      {"NEW  whole layer, shared on side stream (9)", 2, kPartAll},
+      {"NEW  whole layer, one stream (7 launches)", 1, kPartAll},
+      {"NEW  whole layer, shared on side stream (7): engine", 2, kPartAll},
+      {"NEW  side stream, routed gate+up unroll 2", 2, kPartAll, 2, 0},
+      {"NEW  side stream, routed gate+up 8-warp CTAs", 2, kPartAll, 0, 8},
       {"  route: OLD router GEMV + moe_route (2)", 0, kPartRoute},
-      {"  route: NEW moe_route_fused (1)", 1, kPartRoute},
+      {"  route: NEW moe_route_fused, + Q8_K x (1)", 1, kPartRoute},
       {"  shared: OLD quant, pair GEMV, swiglu, quant, down (5)", 0, kPartShared},
       {"  shared: NEW quant, gate+up+SwiGLU, quant, down (4)", 1, kPartShared},
-      {"  routed gate+up: quant, fused, quant (3)", 1, kPartRouted},
-      {"  routed down+sum (1)", 1, kPartDown},
+      {"  routed gate+up: quant x, fused (2)", 1, kPartRouted},
+      {"  routed gate+up: quant x, fused unroll 2 (2)", 1, kPartRouted, 2, 0},
+      {"  routed gate+up: quant x, fused 8-warp CTAs (2)", 1, kPartRouted, 0, 8},
+      {"  routed down+sum: OLD quant h, fused (2)", 0, kPartDown},
+      {"  routed down+sum: NEW h quantized in-kernel (1)", 1, kPartDown},
   };
   for (const Row& r : rows) {
+    m.rgu_unroll = r.unroll, m.rgu_warps = r.warps;
     const auto [g, e] = m.time(r.mode, r.parts, s);
     const double pct = r.parts == kPartAll ? 100.0 * m.bytes() / (g * 1e-6) / 1e9 / read_bw : -1.0;
     std::printf("  %-56s %8.2f (%8.2f)", r.name, g, e);

@@ -5,11 +5,13 @@
 //     and, bit for bit, vs moe_route_cuda run on the fused launch's own logits (the shared selection code).
 //   - moe_gate_up_swiglu_cuda for the Q8_0 shared expert (one slot, no ids; block and split layouts) vs double
 //     dots of the dequantized operands.
+//   - moe_down_sum_cuda with float input rows (GemvParams::xf, quantized in the launch) vs the same launch on
+//     quantize_activations_cuda rows (bit for bit) and vs double dots (rel-L2 1e-5, as gemv_test).
 //   - the CUDA backend's one-token moe_route + moe_ffn (fused router, shared expert on the side stream) vs the CPU
 //     backend, and vs its own unfused path (DSV4_CUDA_MOE_FUSED=0).
 // Tolerances: router logits are fp32 sums of 4096 products (|z| ~ 2): rel-L2 1e-5 vs double covers the fp32
-// summation order with margin. Expert ids must be identical: the test data is checked to have no near-ties
-// (every gap among the top k+1 biased scores > 1e-4, while the logit error is ~1e-6). Routing weights ~0.3: 1e-6
+// summation order with margin. Expert ids must be identical: the test inputs are chosen without near-ties
+// (pick_x: every gap among the top k+1 biased scores > 1e-4, while the logit error is ~1e-6). Routing weights ~0.3: 1e-6
 // absolute. SwiGLU outputs: as CudaMoeFused.GateUpSwiglu (rel-L2 2e-5, max 2e-4 of rms). moe_ffn: as
 // CudaBackend.MoeRouteAndFfn (rel-L2 2e-5 vs the CPU backend).
 #include <algorithm>
@@ -114,11 +116,12 @@ RouteOut ref_route(const RouterCase& c, const std::vector<double>& z, const std:
 }
 
 struct DeviceRouter {
-  DeviceArray<uint8_t> w, ws;
+  DeviceArray<uint8_t> w, ws, xq8k;
   DeviceArray<float> x, bias, weights;
   DeviceArray<int32_t> ids;
   explicit DeviceRouter(const RouterCase& c)
-      : w(std::span<const uint8_t>(c.w)), ws(cuda::moe_route_fused_workspace_bytes(c.e)), x(size_t(c.d)),
+      : w(std::span<const uint8_t>(c.w)), ws(cuda::moe_route_fused_workspace_bytes(c.e)),
+        xq8k(size_t(cuda::gpu_activation_bytes(QType::Q2_K, c.d))), x(size_t(c.d)),
         weights(size_t(c.k)), ids(size_t(c.k)) {
     if (!c.bias.empty()) bias = DeviceArray<float>(std::span<const float>(c.bias));
     ws.fill_bytes(0);
@@ -127,7 +130,7 @@ struct DeviceRouter {
     cuda::MoeRouteFusedParams p;
     p.wtype = c.type, p.w = w.get(), p.d = c.d, p.n_experts = c.e, p.k = c.k, p.x = x.get();
     p.bias = c.bias.empty() ? nullptr : bias.get(), p.scale = c.scale, p.hash = hash, p.ids = ids.get();
-    p.weights = weights.get(), p.workspace = ws.get();
+    p.weights = weights.get(), p.workspace = ws.get(), p.xq8k = xq8k.get();
     return p;
   }
 };
@@ -151,6 +154,10 @@ void check_route(const RouterCase& c, DeviceRouter& dr, const std::vector<float>
   const auto w_u = w2.download();
   EXPECT_EQ(ids_u, ids) << what << " vs moe_route_cuda";
   EXPECT_EQ(0, std::memcmp(w_u.data(), w.data(), w.size() * 4)) << what << " vs moe_route_cuda";
+  // The routed experts' Q8_K input written along the way: the quantizer's bytes exactly.
+  DeviceArray<uint8_t> ref_q(dr.xq8k.size());
+  cuda::quantize_activations_cuda(QType::Q2_K, dr.x.get(), 1, c.d, ref_q.get(), nullptr);
+  EXPECT_EQ(dr.xq8k.download(), ref_q.download()) << what << " Q8_K x";
 }
 
 TEST(CudaMoeRoute, FusedDecodeRouter) {
@@ -232,6 +239,69 @@ TEST(CudaMoeRoute, FusedDecodeRouterRejectsBadLaunches) {
   p = dr.params(c, false);
   p.workspace = nullptr;
   EXPECT_THROW(cuda::moe_route_fused_cuda(p, nullptr), Error);
+  const RouterCase c2 = router_case(QType::F16, 128, 16, 2, false, 851);  // Q8_K x needs D % 256 == 0
+  DeviceRouter dr2(c2);
+  dr2.xq8k = DeviceArray<uint8_t>(304);
+  EXPECT_THROW(cuda::moe_route_fused_cuda(dr2.params(c2, false), nullptr), Error);
+}
+
+// ---- routed down + sum with the input quantized inside the launch (GemvParams::xf) --------------------------------
+void run_down_sum_xf(QType t, int64_t rows, int64_t cols, int n_experts, const std::vector<int32_t>& ids, int k,
+                     uint64_t seed) {
+  const int n_slots = int(ids.size()), n_tok = n_slots / k;
+  const std::string what = "down+sum xf " + qtype_name(t) + " slots=" + std::to_string(n_slots);
+  const auto w = test::random_weights(t, rows, cols, seed, n_experts);
+  const auto x = test::random_normal(size_t(n_slots) * size_t(cols), seed + 1);
+  const auto y0 = test::random_normal(size_t(n_tok) * size_t(rows), seed + 2);  // the shared expert's output
+  const int64_t rb = row_bytes(t, cols);
+  DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
+  DeviceArray<float> d_x{std::span<const float>(x)}, d_y{std::span<const float>(y0)}, d_y2{std::span<const float>(y0)};
+  DeviceArray<uint8_t> d_xq(size_t(n_slots * cuda::gpu_activation_bytes(t, cols)));
+  DeviceArray<int32_t> d_ids{std::span<const int32_t>(ids)};
+  cuda::GemvParams p;
+  p.wtype = t, p.w = d_w.get(), p.rows = rows, p.cols = cols, p.expert_stride = rows * rb;
+  p.expert_ids = d_ids.get(), p.n_slots = n_slots, p.act_slot_div = 1, p.xf = d_x.get(), p.y = d_y.get();
+  cuda::moe_down_sum_cuda(p, k, nullptr);
+  cuda::GemvParams q = p;  // the same launch on separately quantized rows
+  q.xf = nullptr, q.xq = d_xq.get(), q.y = d_y2.get();
+  cuda::quantize_activations_cuda(t, d_x.get(), n_slots, cols, d_xq.get(), nullptr);
+  cuda::moe_down_sum_cuda(q, k, nullptr);
+  cuda::check(cudaDeviceSynchronize(), what.c_str());
+  const auto y = d_y.download(), y2 = d_y2.download();
+  EXPECT_EQ(0, std::memcmp(y.data(), y2.data(), y.size() * 4)) << what << " vs quantized input";
+  // CPU twin: the CPU's activation quantization, dequantized operands, double dots, summed per token.
+  const int64_t ab = activation_bytes(t, cols);
+  std::vector<uint8_t> aq(static_cast<size_t>(ab));
+  std::vector<float> xd(static_cast<size_t>(cols)), row(static_cast<size_t>(cols));
+  std::vector<double> ref(y0.begin(), y0.end());
+  for (int s = 0; s < n_slots; ++s) {
+    quantize_activation(t, &x[size_t(s) * size_t(cols)], aq.data(), cols);
+    dequantize_row(activation_type(t), aq.data(), xd.data(), cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      dequantize_row(t, &w[size_t((int64_t(ids[size_t(s)]) * rows + r) * rb)], row.data(), cols);
+      double d = 0;
+      for (int64_t i = 0; i < cols; ++i) d += double(row[size_t(i)]) * double(xd[size_t(i)]);
+      ref[size_t((s / k) * rows + r)] += d;
+    }
+  }
+  EXPECT_LE(test::rel_l2(y, ref), 1e-5) << what;
+}
+
+TEST(CudaMoeFused, DownSumFloatInput) {
+  DSV4_REQUIRE_CUDA();
+  run_down_sum_xf(QType::Q2_K, kD, kF, kE, {255, 1, 100, 42, 0, 199}, kK, 951);  // Flash decode
+  run_down_sum_xf(QType::Q2_K, kD, kF, 16, {3, 1, 10, 4, 0, 15, 2, 2, 9, 8, 7, 6}, kK, 952);  // two tokens
+  run_down_sum_xf(QType::Q4_K, kD, kF, 32, {31, 1, 7, 9, 0, 16}, kK, 953);
+  run_down_sum_xf(QType::IQ2_XXS, 1024, 4096, 8, {7, 0, 3}, 3, 954);
+  // xf is taken by moe_down_sum_cuda only, and for Q8_K-activation types only.
+  DeviceArray<float> xf(4096);
+  cuda::GemvParams p;
+  p.wtype = QType::Q2_K, p.rows = 16, p.cols = 256, p.n_slots = 1, p.xf = xf.get();
+  EXPECT_THROW(cuda::gemv_cuda(p, nullptr), Error);
+  p.w2 = xf.get(), p.y = xf.get();
+  EXPECT_THROW(cuda::moe_gate_up_swiglu_cuda(p, nullptr, 1.0f, nullptr), Error);
+  p.wtype = QType::Q8_0, p.w2 = nullptr;
+  EXPECT_THROW(cuda::moe_down_sum_cuda(p, 1, nullptr), Error);
 }
 
 // ---- shared expert: Q8_0 gate + up + SwiGLU in one launch --------------------------------------------------------

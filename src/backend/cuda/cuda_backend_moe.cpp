@@ -39,7 +39,17 @@ void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float
     cuda::MoeRouteFusedParams rp;
     rp.wtype = r.type, rp.w = weight(r), rp.d = r.ne[0], rp.n_experts = E, rp.k = k, rp.x = x, rp.bias = bias;
     rp.scale = p.weights_scale, rp.hash = p.hash, rp.ids = ids, rp.weights = weights, rp.workspace = route_ws_.get();
+    // The routed experts' Q8_K input comes out of the same launch, recorded in the activation cache for
+    // moe_ffn's gate/up launch (same x): one quantize launch fewer.
+    const QType gt = w.gate_exps.type;
+    ActEntry* pending = nullptr;
+    if (w.gate_exps.present() && activation_type(gt) == QType::Q8_K && layout_for(w.gate_exps) == GemvLayout::Ggml &&
+        r.ne[0] == p.d && p.d % 256 == 0) {
+      pending = &act_slot(act_kind(gt, GemvLayout::Ggml), size_t(cuda::gpu_activation_bytes(gt, p.d)));
+      rp.xq8k = pending->buf.get();
+    }
     cuda::moe_route_fused_cuda(rp, stream_);
+    if (pending) pending->x = x, pending->rows = 1, pending->cols = p.d;
   } else {
     float* z = buffer(0, size_t(T) * E);
     dmatmul(r, -1, x, T, z, nullptr, nullptr, false, /*gemm=*/false);
@@ -143,7 +153,9 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
   }
   if (fused_down) {
     Scope part(*prof_, "moe_ffn.routed_down", T);
-    down.xq = activations(w.down_exps.type, layout_for(w.down_exps), buffer(0, size_t(n_slots) * F), n_slots, F, false);
+    float* h = buffer(0, size_t(n_slots) * F);
+    if (moe_fused_decode()) down.xf = h;  // quantized inside the launch (gemv.h GemvParams::xf)
+    else down.xq = activations(w.down_exps.type, layout_for(w.down_exps), h, n_slots, F, false);
     cuda::moe_down_sum_cuda(down, k, stream_);
   } else {
     cuda::moe_sum_cuda(buffer(2, size_t(n_slots) * D), T, k, D, y, stream_);

@@ -21,6 +21,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
 #include "quant/iq2xxs_tables.h"
@@ -30,17 +31,6 @@ namespace {
 
 constexpr int kWarpsPerCta = 4;      // CTA size when every warp owns a whole row
 constexpr int kMaxWarpsPerCta = 16;  // and the most warps one row is split across
-
-// The GPU's Q8_K activation block: the same d, qs and bsums values as block_q8_K (quant/blocks.h), padded to
-// 304 bytes so qs starts 16-byte aligned and a lane reads its 32 activations with two 16-byte loads (the 292-byte
-// CPU block only allows 4-byte loads, 8 per 32 values).
-struct ActQ8K {
-  float d;
-  float pad[3];
-  int8_t qs[kQK_K];
-  int16_t bsums[kQK_K / 16];
-};
-static_assert(sizeof(ActQ8K) == 304 && offsetof(ActQ8K, qs) == 16, "ActQ8K layout");
 
 // Shared-memory table for IQ2_XXS: the 256-entry magnitude grid (divergent indices, so not __constant__). Signs
 // are expanded in registers (sign_bytes): a sign flip is (g ^ m) - m per byte with m = 0xFF where negative.
@@ -327,6 +317,13 @@ struct TraitsQ8Split {
 template <class T>
 constexpr bool kIsSplit = std::is_same_v<T, TraitsQ8Split>;
 
+// Whether T's activations are Q8_K blocks (ActQ8K): Q2_K, Q4_K, IQ2_XXS.
+template <class T>
+constexpr bool act_is_q8k() {
+  if constexpr (kIsSplit<T>) return false;
+  else return T::kActBlockBytes == int(sizeof(ActQ8K));
+}
+
 template <class T>
 int64_t weight_row_bytes(int64_t cols) {
   if constexpr (kIsSplit<T>) return cols + cols / 16;
@@ -557,6 +554,7 @@ struct StagedArgs {
   int64_t row_bytes = 0, act_row_bytes = 0;
   int tile_rows = 0, segs = 1, iq2_rep = 1, parts = 1;
   int table_bytes = 0;  // shared-memory bytes of the IQ2_XXS table (0 for other types)
+  int64_t act_offset = 0;  // p.xf: byte offset of the segments' quantized activation rows in shared memory
   const float* route_w = nullptr;
   float clamp = 0.0f;
 };
@@ -611,6 +609,7 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ const uint8_t* seg_w[kStagedMaxSegs];
   __shared__ const uint8_t* seg_act[kStagedMaxSegs];
+  __shared__ const float* seg_xf[kStagedMaxSegs];
   const GemvParams& p = a.p;
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
   uint8_t* tile = smem + a.table_bytes;
@@ -634,7 +633,12 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
     }
     const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
     seg_w[s] = static_cast<const uint8_t*>(mat) + expert * p.expert_stride + r0 * a.row_bytes;
-    seg_act[s] = static_cast<const uint8_t*>(p.xq) + int64_t(slot / p.act_slot_div) * a.act_row_bytes;
+    if (p.xf) {  // quantized below into this CTA's shared memory
+      seg_act[s] = smem + a.act_offset + int64_t(s) * a.act_row_bytes;
+      seg_xf[s] = p.xf + int64_t(slot / p.act_slot_div) * p.cols;
+    } else {
+      seg_act[s] = static_cast<const uint8_t*>(p.xq) + int64_t(slot / p.act_slot_div) * a.act_row_bytes;
+    }
   }
   __syncthreads();
 
@@ -657,6 +661,18 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
   if constexpr (std::is_same_v<T, TraitsIQ2Staged>) {
     rep_shift = __ffs(a.iq2_rep) - 1;
     fill_iq2_selectors(tab, reinterpret_cast<uint32_t*>(res), rep_shift);  // res is free until the first dot
+  }
+  // Float activations (p.xf, Q8_K partner types): each CTA quantizes its segments' rows while the copies fly;
+  // the first stage's barrier below publishes them.
+  if constexpr (act_is_q8k<T>()) {
+    if (p.xf) {
+      const int nb = int(p.cols / kQK_K), n_warps_q = int(blockDim.x >> 5);
+      for (int i = int(threadIdx.x >> 5); i < a.segs * nb; i += n_warps_q) {
+        const int s = i / nb, j = i % nb;
+        quantize_q8_K_block_warp(seg_xf[s] + int64_t(j) * kQK_K,
+                                 reinterpret_cast<ActQ8K*>(const_cast<uint8_t*>(seg_act[s])) + j);
+      }
+    }
   }
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
@@ -771,7 +787,11 @@ void launch_staged(const GemvParams& p, int segs, const float* route_w, float cl
   }
   // res: segs x tile_rows results; IQ2_XXS also borrows it as the 256-word selector scratch before the dots.
   const size_t res_floats = std::max<size_t>(size_t(segs) * a.tile_rows * a.parts, a.table_bytes ? 256 : 0);
-  const size_t smem = size_t(a.table_bytes) + size_t(segs) * a.tile_rows * a.row_bytes + res_floats * sizeof(float);
+  size_t smem = size_t(a.table_bytes) + size_t(segs) * a.tile_rows * a.row_bytes + res_floats * sizeof(float);
+  if (p.xf) {  // the segments' quantized activation rows (16-byte aligned: ActQ8K loads)
+    a.act_offset = int64_t((smem + 15) / 16 * 16);
+    smem = size_t(a.act_offset) + size_t(segs) * size_t(a.act_row_bytes);
+  }
   if (smem > (200u << 10))
     fail("gemv_cuda: staged tile of %d rows x %d segments needs %zu bytes of shared memory", a.tile_rows, segs, smem);
   const int threads = 32 * (p.cta_warps ? p.cta_warps : 8);
@@ -841,39 +861,11 @@ __global__ void q8_0_split_kernel(const block_q8_0* src, int64_t n_blocks, int64
   reinterpret_cast<uint16_t*>(dr + cols)[j] = src[b].d;
 }
 
-// Q8_K: one warp per 256-value block, 8 consecutive values per lane. Same rule as quant_q8_K: symmetric
-// [-127, 127], q = rint(x * 127/amax), d = amax/127, bsums over 16-value groups.
+// Q8_K: one warp per 256-value block (quantize_q8_K_block_warp).
 __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, ActQ8K* y) {
   const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (b >= n_blocks) return;
-  const float4* src = reinterpret_cast<const float4*>(x + b * kQK_K + 8 * lane);
-  const float4 u = src[0], w = src[1];
-  const float v[8] = {u.x, u.y, u.z, u.w, w.x, w.y, w.z, w.w};
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-  amax = warp_max(amax);
-  const float iscale = amax != 0.0f ? 127.0f / amax : 0.0f;
-  int q[8], sum = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    q[i] = min(max(__float2int_rn(iscale * v[i]), -127), 127);
-    sum += q[i];
-  }
-  uint32_t lo = 0, hi = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    lo |= uint32_t(q[i] & 0xFF) << (8 * i);
-    hi |= uint32_t(q[i + 4] & 0xFF) << (8 * i);
-  }
-  *reinterpret_cast<uint2*>(y[b].qs + 8 * lane) = make_uint2(lo, hi);
-  sum += __shfl_xor_sync(kFullMask, sum, 1);
-  if ((lane & 1) == 0) y[b].bsums[lane >> 1] = int16_t(sum);
-  if (lane == 0) {
-    y[b].d = amax != 0.0f ? amax / 127.0f : 0.0f;
-    y[b].pad[0] = y[b].pad[1] = y[b].pad[2] = 0.0f;
-  }
+  if (b >= n_blocks) return;  // whole warps exit together
+  quantize_q8_K_block_warp(x + b * kQK_K, y + b);
 }
 
 }  // namespace
@@ -896,8 +888,12 @@ int64_t device_row_bytes_of(const GemvParams& p) {
   return p.layout == GemvLayout::Q8Split ? q8_split_row_bytes(p.cols) : row_bytes(p.wtype, p.cols);
 }
 
-void check_common(const GemvParams& p, const char* who) {
+void check_common(const GemvParams& p, const char* who, bool xf_ok = false) {
   if (!gemv_supports(p.wtype)) fail("%s: weight type %s not supported", who, qtype_name(p.wtype).c_str());
+  if (p.xf && !xf_ok) fail("%s: float activations (xf) are taken by moe_down_sum_cuda only", who);
+  if (p.xf && activation_type(p.wtype) != QType::Q8_K)
+    fail("%s: float activations (xf) need a Q8_K-activation type (Q2_K, Q4_K, IQ2_XXS), got %s", who,
+         qtype_name(p.wtype).c_str());
   if (p.rows <= 0 || p.cols <= 0 || p.cols % block_elems(p.wtype) != 0 ||
       (p.wtype == QType::F16 && p.cols % 8 != 0) || (p.wtype == QType::F32 && p.cols % 4 != 0))
     fail("%s: bad shape %lld x %lld for %s", who, (long long)p.rows, (long long)p.cols, qtype_name(p.wtype).c_str());
@@ -967,7 +963,7 @@ void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float cl
 }
 
 void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
-  check_common(p, "moe_down_sum_cuda");
+  check_common(p, "moe_down_sum_cuda", /*xf_ok=*/true);
   if (p.w2) fail("moe_down_sum_cuda: no paired launch");
   if (k < 1 || k > kStagedMaxSegs || p.n_slots % k != 0)
     fail("moe_down_sum_cuda: k=%d must be in [1, %d] and divide n_slots=%d", k, kStagedMaxSegs, p.n_slots);

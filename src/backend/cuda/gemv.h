@@ -58,6 +58,10 @@ struct GemvParams {
   int act_slot_div = 1;
   const void* xq = nullptr;           // [n_slots / act_slot_div * n_tokens] activation rows of
                                       // gpu_activation_bytes(wtype, cols) from quantize_activations_cuda
+  // moe_down_sum_cuda only: float activation rows ([n_slots / act_slot_div][cols]) instead of xq, quantized to
+  // Q8_K inside the launch (each CTA its own rows in shared memory, while its weight copies are in flight), with
+  // the same bytes quantize_activations_cuda writes: saves the quantize launch. Q8_K-activation types only.
+  const float* xf = nullptr;
   int n_tokens = 1;                   // dense: tokens; MoE: must be 1
   float* y = nullptr;                 // [n_slots][n_tokens][rows]
   // Paired launch: a second matrix (stack) of the same type, shape and layout over the same activations and
@@ -102,7 +106,8 @@ bool gemv_staged_supported(const GemvParams& p);
 void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float clamp, cudaStream_t stream);
 // down projection + in-order sum over each token's k slots in one launch (staged kernel: needs
 // gemv_staged_supported; equals gemv_cuda(kernel 2) + moe_sum_cuda bit for bit): slots s = t*k + j (n_slots = T*k,
-// act_slot_div = 1: each slot has its own input row of xq), p.y = [T][rows] accumulated:
+// act_slot_div = 1: each slot has its own input row of xq, or of xf: see GemvParams::xf), p.y = [T][rows]
+// accumulated:
 //   y[t][r] += sum_{j<k} down_{ids[t*k+j]} row r . xq[t*k+j]   (summed in j order first, then added: moe_sum_cuda)
 void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream);
 

@@ -8,6 +8,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 
 namespace dsv4::cuda {
@@ -107,6 +108,9 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_fused_kernel(MoeRoute
   constexpr int kPer = F16 ? 8 : 4;  // values per 16-byte chunk
   const int64_t n_chunks = p.d / kPer;
   const uint4* row = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.w) + int64_t(e) * p.d * (F16 ? 2 : 4));
+  if (p.xq8k && warp == 0)  // the routed experts' Q8_K input, one block per CTA (warp 0) while the rows load
+    for (int64_t b = e; b < p.d / kQK_K; b += gridDim.x)
+      quantize_q8_K_block_warp(p.x + b * kQK_K, static_cast<ActQ8K*>(p.xq8k) + b);
   float acc = 0.0f;
 #pragma unroll 4
   for (int64_t c = tid; c < n_chunks; c += kRouteThreads) acc += chunk_dot<F16>(row[c], p.x + c * kPer);
@@ -173,8 +177,10 @@ void moe_route_fused_cuda(const MoeRouteFusedParams& p, cudaStream_t stream) {
     fail("moe_route_fused_cuda: unsupported router %s [%d x %lld] with k=%d (F16/F32, E <= %d, k <= %d, D %% 8 == 0)",
          qtype_name(p.wtype).c_str(), p.n_experts, (long long)p.d, p.k, kMaxExperts, kMaxUsed);
   const auto misaligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) != 0; };
-  if (!p.w || !p.x || !p.ids || !p.weights || !p.workspace || misaligned(p.w) || misaligned(p.x))
-    fail("moe_route_fused_cuda: null or misaligned pointer (router and x must be 16-byte aligned)");
+  if (!p.w || !p.x || !p.ids || !p.weights || !p.workspace || misaligned(p.w) || misaligned(p.x) ||
+      misaligned(p.xq8k))
+    fail("moe_route_fused_cuda: null or misaligned pointer (router, x and xq8k must be 16-byte aligned)");
+  if (p.xq8k && p.d % kQK_K != 0) fail("moe_route_fused_cuda: xq8k needs D %% 256 == 0, D = %lld", (long long)p.d);
   if (p.wtype == QType::F16) moe_route_fused_kernel<true><<<unsigned(p.n_experts), kRouteThreads, 0, stream>>>(p);
   else moe_route_fused_kernel<false><<<unsigned(p.n_experts), kRouteThreads, 0, stream>>>(p);
   check_launch("moe_route_fused_kernel");

@@ -40,6 +40,10 @@ struct MoeRouteFusedParams {
   int32_t* ids = nullptr;       // [k]
   float* weights = nullptr;     // [k]
   void* workspace = nullptr;
+  // Optional: x quantized to Q8_K as well (the routed experts' input: the bytes quantize_activations_cuda writes
+  // for Q2_K / Q4_K / IQ2_XXS weights, D / 256 blocks; needs D % 256 == 0), written by the CTAs along the way so
+  // the expert launch needs no quantize launch of its own.
+  void* xq8k = nullptr;
 };
 size_t moe_route_fused_workspace_bytes(int n_experts);
 bool moe_route_fused_supported(QType wtype, int64_t d, int n_experts, int k);
