@@ -70,7 +70,8 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   if (!cuda::gemv_supports(w.type)) return matmul_on_host(w, expert, x, T, y);
   const GemvLayout layout = layout_for(w);
   const size_t off = expert < 0 ? 0 : size_t(expert) * size_t(rows) * size_t(device_row_bytes(w));
-  const bool exact = !gemm && cuda::gemm_exact_supports(w.type) && layout == GemvLayout::Ggml;
+  const bool exact = !gemm && cuda::gemm_exact_supports(w.type) && layout == GemvLayout::Ggml &&
+                     T >= cuda::gemm_exact_min_tokens();
   if ((gemm || exact) && use_gemm(w.type, layout, T, cols)) {  // prefill: weights read once per tile of tokens
     cuda::GemmParams gp;
     gp.wtype = w.type, gp.layout = layout, gp.w = weight(w) + off, gp.rows = rows, gp.cols = cols, gp.x = x;

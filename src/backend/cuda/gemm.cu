@@ -42,6 +42,22 @@ __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
 }
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 
+// Byte I of w (0..255) as a float without an integer -> float conversion instruction: conversions issue at 16 per
+// clock per SM on sm_80/sm_90 against 128 FP32 adds, and the decoders below convert every weight value, so I2F
+// bounded the dequantizing GEMMs. The byte goes into the low mantissa bits of 2^23 (0x4B0000bb = 2^23 + b, one
+// byte permute), and subtracting 2^23 is exact: the same float as float(b), so results are bit-identical.
+template <int I>
+__device__ __forceinline__ float byte_to_float(uint32_t w) {
+  static_assert(I >= 0 && I < 4, "byte index");
+  return __int_as_float(int(__byte_perm(w, 0x4B000000u, 0x7650u + I))) - 8388608.0f;
+}
+// Signed byte I of w: x + 128 = (x ^ 0x80) as an unsigned byte, so float(x) = (2^23 + (x ^ 0x80)) - (2^23 + 128),
+// exact again. `w_biased` is w ^ 0x80808080.
+template <int I>
+__device__ __forceinline__ float sbyte_to_float(uint32_t w_biased) {
+  return __int_as_float(int(__byte_perm(w_biased, 0x4B000000u, 0x7650u + I))) - 8388736.0f;
+}
+
 // ---- dequantization of one 32-value chunk of a weight row --------------------------------------------------------
 // fetch() issues the global loads (kept in registers across the MMAs of the previous steps); decode() turns them
 // into 32 FP16 values (16 packed pairs, column order). c0 % 32 == 0. kDepth: K steps the MMA kernel keeps in
@@ -64,10 +80,10 @@ struct DqF16 {
 __device__ __forceinline__ void decode_i8x32(const uint32_t q[8], float d, uint32_t out[16]) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int v = int(q[i]);
+    const uint32_t v = q[i] ^ 0x80808080u;
     // d * q is exact in fp32 (11 x 8 significant bits); one rounding to FP16 follows.
-    out[2 * i] = pack_half2(d * float(int8_t(v)), d * float(int8_t(v >> 8)));
-    out[2 * i + 1] = pack_half2(d * float(int8_t(v >> 16)), d * float(v >> 24));
+    out[2 * i] = pack_half2(d * sbyte_to_float<0>(v), d * sbyte_to_float<1>(v));
+    out[2 * i + 1] = pack_half2(d * sbyte_to_float<2>(v), d * sbyte_to_float<3>(v));
   }
 }
 
@@ -138,8 +154,8 @@ struct DqQ2_K {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const uint32_t v = (r.q[4 * half + i] >> r.shift) & 0x03030303u;
-        out[8 * half + 2 * i] = pack_half2(dl * float(v & 3u) - ml, dl * float((v >> 8) & 3u) - ml);
-        out[8 * half + 2 * i + 1] = pack_half2(dl * float((v >> 16) & 3u) - ml, dl * float(v >> 24) - ml);
+        out[8 * half + 2 * i] = pack_half2(dl * byte_to_float<0>(v) - ml, dl * byte_to_float<1>(v) - ml);
+        out[8 * half + 2 * i + 1] = pack_half2(dl * byte_to_float<2>(v) - ml, dl * byte_to_float<3>(v) - ml);
       }
     }
   }
@@ -173,8 +189,8 @@ struct DqQ4_K {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const uint32_t v = (w[i] >> r.shift) & 0x0F0F0F0Fu;
-      out[2 * i] = pack_half2(d * float(v & 15u) - m, d * float((v >> 8) & 15u) - m);
-      out[2 * i + 1] = pack_half2(d * float((v >> 16) & 15u) - m, d * float(v >> 24) - m);
+      out[2 * i] = pack_half2(d * byte_to_float<0>(v) - m, d * byte_to_float<1>(v) - m);
+      out[2 * i + 1] = pack_half2(d * byte_to_float<2>(v) - m, d * byte_to_float<3>(v) - m);
     }
   }
 };
@@ -198,10 +214,12 @@ struct DqIQ2_XXS {
       const uint2 g = grid[(r.a0 >> (8 * t)) & 255u];
       const uint32_t code = (r.a1 >> (7 * t)) & 127u;
       const uint32_t signs = code | ((__popc(code) & 1u) << 7);  // ksigns_iq2xs: even parity in bit 7
+      const float q[8] = {byte_to_float<0>(g.x), byte_to_float<1>(g.x), byte_to_float<2>(g.x), byte_to_float<3>(g.x),
+                          byte_to_float<0>(g.y), byte_to_float<1>(g.y), byte_to_float<2>(g.y), byte_to_float<3>(g.y)};
       float v[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        const float mag = db * float(((k < 4 ? g.x : g.y) >> (8 * (k & 3))) & 255u);
+        const float mag = db * q[k];
         v[k] = (signs >> k) & 1u ? -mag : mag;
       }
 #pragma unroll
@@ -583,6 +601,13 @@ void sgemm(const float* w, const GemmParams& p, cudaStream_t stream);
 }  // namespace
 
 bool gemm_exact_supports(QType wtype) { return wtype == QType::F16 || wtype == QType::F32; }
+
+int gemm_exact_min_tokens() {
+  // H200, wb_gemm --only control (dev/cuda/results/h200_prefill_2eba04e.txt): at T = 16 the two GEMV launches
+  // still win (hc mix 24.4 vs 29.3 us, router 16.6 vs 21.2 us); the GEMV grows ~1-1.5 us per token while the
+  // SGEMM stays ~20-30 us up to T = 256, so from the third launch (T = 17) the exact GEMM is as fast or faster.
+  return 2 * kGemvMaxTokens + 1;
+}
 
 bool gemm_supports(QType wtype, GemvLayout layout) {
   if (layout == GemvLayout::Q8Split) return wtype == QType::Q8_0;

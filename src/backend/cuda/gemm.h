@@ -57,6 +57,8 @@ struct GemmParams {
 };
 // Weight types the exact path takes (GemmParams::exact).
 bool gemm_exact_supports(QType wtype);
+// Fewest tokens for which the exact path beats the F16 GEMV (8 tokens per launch) on the control projections.
+int gemm_exact_min_tokens();
 size_t gemm_workspace_bytes(const GemmParams& p);
 // workspace: gemm_workspace_bytes(p) bytes of device memory (256-byte aligned), or null when that is 0.
 void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream);
