@@ -2,14 +2,18 @@
 # On the GPU box, after scripts/gpu-check.sh has built dsv4 (GPU_CHECK_E2E=1 builds the binary): writes the
 # full-shape synthetic Flash file (ds4's names, metadata and quant mix; routed experts as file holes) and runs
 # `dsv4 bench` on it with the CUDA backend. Logs and CSV go to $OUT.
-#   BUILD (default /tmp/dsv4-gpu-build), FLASH_MIX (q2 default; iq2 for 80 GB cards), FLASH_GGUF (default
+#   BUILD (default /tmp/dsv4-gpu-build), FLASH_MIX (default: q2 on cards with >= 100 GB, iq2 on the 80 GB ones,
+#   where q2's 86.7 GB of weights do not fit), FLASH_GGUF (default
 #   /tmp/flash-$FLASH_MIX.gguf), BENCH_ARGS, BENCH_TIMEOUT (s), BENCH_TAG (suffix of the output files).
 #   DSV4_CUDA_PROFILE=1 in the environment adds the CUDA backend's per-op time table (stderr, in the log).
 #   BENCH_PLAN=issue5 runs the set issue 5 reports (decode 2k/8k, 8k prefill at -b 256/1024/2048, decode profile).
 set -euo pipefail
 BUILD=${BUILD:-/tmp/dsv4-gpu-build}
 OUT=${OUT:-/tmp/gpu-flash-bench-out}
-MIX=${FLASH_MIX:-q2}
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ') || true
+default_mix=q2
+[ "${mem_mib:-0}" -gt 0 ] && [ "${mem_mib:-0}" -lt 100000 ] && default_mix=iq2
+MIX=${FLASH_MIX:-$default_mix}
 GGUF=${FLASH_GGUF:-/tmp/flash-$MIX.gguf}
 TAG=${BENCH_TAG:-$MIX}
 mkdir -p "$OUT"
