@@ -5,7 +5,9 @@
 // Each row times a launch sequence two ways: a CUDA graph of 64 repetitions (the decode-graph target: GPU time per
 // sequence, launch gaps inside a graph included) and the same 64 sequences launched eagerly (what a decode without
 // graphs pays: host launch cost included). "before" is the launch sequence the backend issued at 7e0e2fe, "after"
-// the one it issues now, on the same kernels' current code:
+// the fused variant, on the same kernels' current code. The backend takes an "after" only where it measured faster
+// in a graph (H200, dc6bea6): the rms_norm register kernel, the q_a norm's Q8 rows, the kv cache hit; the fused
+// HC collapse and rms_norm's own Q8 rows measured slower and stay unused (hc.h, norm_rope.h).
 //   hc_pre control     hc_mix (24) + hc_collapse               -> hc_mix with the collapse fused (one launch)
 //   hc_head control    hc_mix (4) + hc_collapse                -> hc_mix with the collapse fused
 //   attn/ffn norm      rms_norm (256-thread strided kernel) + quantize of its output for the Q8_0 projections

@@ -262,7 +262,7 @@ void compressor_case(int m, int d, cuda::RowQat qat, const std::vector<int>& chu
 TEST(CudaAttentionRows, Q8OutputEqualsQuantizer) {
   DSV4_REQUIRE_CUDA();
   const RopeFreqs rf = rope_freqs_yarn(160000.0, 64, RopeYarn{16.0, 65536.0, 32.0, 1.0});
-  for (const auto [rows, d, rope] : {std::tuple{1, 1024, false}, std::tuple{5, 1024, false}, std::tuple{3, 512, true}}) {
+  for (const auto& [rows, d, rope] : {std::tuple{1, 1024, false}, std::tuple{5, 1024, false}, std::tuple{3, 512, true}}) {
     auto x = test::random_normal(size_t(rows) * d, 31 + d, 2.0f);
     const auto w = test::random_normal(size_t(d), 32 + d);
     auto d_x = upload(x), d_w = upload(w);

@@ -150,11 +150,11 @@ TEST(CudaBackend, ActivationCacheSeesEveryWrite) {
   expect_close(y(again, w), ref(x2, w), 1e-5, "after free + alloc");
 }
 
-// Producers of split-layout activations (rms_norm; head_prep's q_a norm: one normed, unrotated head) write the
-// Q8 rows the next Q8_0 projections read instead of a quantize launch. Those rows equal the quantizer's bit for
-// bit, so a projection of the produced input must equal, bit for bit, the same projection of a copy (a buffer
-// nothing produced for: quantized by the quantize kernel). The decode order q_a(a), q_b(qr), kv(a) keeps both
-// inputs cached (two entries per format); every result must also match the CPU (rel-L2 1e-5, as above).
+// head_prep's q_a norm (one normed, unrotated head) writes the split-layout Q8 rows q_b reads instead of a
+// quantize launch. Those rows equal the quantizer's bit for bit, so a projection of the produced input must equal,
+// bit for bit, the same projection of a copy (a buffer nothing produced for: quantized by the quantize kernel).
+// The decode order q_a(a), q_b(qr), kv(a) keeps both inputs cached (two entries per format), and cached rows are
+// the quantizer's too, so kv is compared the same way; every result must also match the CPU (rel-L2 1e-5).
 TEST(CudaBackend, ProducedActivationsEqualQuantizedOnes) {
   DSV4_REQUIRE_CUDA();
   Backends b;

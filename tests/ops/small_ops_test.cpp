@@ -38,7 +38,7 @@ TEST(CudaSmallOps, RmsNormWeightedAndUnweighted) {
     EXPECT_LE(test::max_rel_err(y, refd, 1.0), 2e-5) << "rows=" << c.rows << " n=" << c.n;
     // Every launch shape (threads per row, register or strided kernel) stays within the bound: they differ only
     // in the fp32 summation order of the sum of squares.
-    for (const auto [threads, strided] : {std::pair{256, true}, std::pair{256, false}, std::pair{1024, false},
+    for (const auto& [threads, strided] : {std::pair{256, true}, std::pair{256, false}, std::pair{1024, false},
                                           std::pair{32, true}}) {
       cuda::RmsNormParams q = p;
       q.threads = threads, q.strided = strided;

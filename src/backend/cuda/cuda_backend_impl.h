@@ -107,11 +107,11 @@ class CudaBackend final : public Backend {
     cuda::RmsNormParams p;
     p.x = x, p.y = y, p.rows = T, p.n = int(dim), p.eps = eps;
     p.w = (w && w->present()) ? f32_weight(*w) : nullptr;
-    wrote(y, size_t(T) * dim * sizeof(float));
-    // The norm's output feeds the Q8_0 projections (q_a, kv, shared expert): quantized in the same launch.
-    p.q8 = split_out(T, dim);
+    // No Q8 output here (rms_norm_cuda can write one): one CTA quantizing a 4096-wide row cost 3.0 us more than
+    // the norm (H200 graph, wb_small at dc6bea6: 5.06 vs 2.03 us), a quantize launch 1.7 us. Its consumers (q_a,
+    // kv, shared expert) share one quantization through the activation cache instead.
     cuda::rms_norm_cuda(p, stream_);
-    if (p.q8) publish_split(y, T, dim);
+    wrote(y, size_t(T) * dim * sizeof(float));
   }
   void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
     Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string(), T);
@@ -248,7 +248,7 @@ class CudaBackend final : public Backend {
   // quantization; an entry stays valid until anything writes memory overlapping its x (wrote()) or any block is
   // freed. Internal scratch inputs are never recorded (they are rewritten inside ops without wrote()); a lookup
   // may still hit for any caller: entries only name live forward memory, which no scratch buffer can alias.
-  // Producers (rms_norm, the q_a norm) write split-layout entries themselves (split_out / publish_split).
+  // Producers (the q_a norm, head_prep) write split-layout entries themselves (split_out / publish_split).
   const void* activations(QType wtype, GemvLayout layout, const float* x, int64_t n_rows, int64_t cols, bool cacheable) {
     if (activation_type(wtype) == QType::F32 && layout == GemvLayout::Ggml) return x;
     const int kind = act_kind(wtype, layout);

@@ -69,7 +69,9 @@ struct HcMixParams {
   float* w = nullptr;    // hc_head output: [T, 4]
   // Optional: the collapse in the same launch (one launch fewer per hc_pre / hc_head): the finishing CTA of each
   // token writes a[t] = sum_i wts[t][i] X[t][i], wts = pre (n_mix 24) or w (n_mix 4), X viewed as [T, 4, K/4];
-  // equal to hc_collapse_cuda(X, wts, T, K/4, a) bit for bit. a: [T, K/4] (K % 4 == 0).
+  // equal to hc_collapse_cuda(X, wts, T, K/4, a) bit for bit. a: [T, K/4] (K % 4 == 0). Measured slower than the
+  // two launches in a CUDA graph at Flash width (H200, dev/cuda/small.cu at dc6bea6: hc_pre 10.97 vs 8.98 us,
+  // hc_head 6.82 vs 4.98 us: one CTA walks 64 KiB of X after the Sinkhorn), so the backend does not use it.
   float* a = nullptr;
   float* mix_out = nullptr;  // optional: raw mix [T, n_mix] (tests, diagnostics)
   float* rs_out = nullptr;   // optional: rs [T]

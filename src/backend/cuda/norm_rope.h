@@ -13,8 +13,10 @@ namespace dsv4::cuda {
 // two agree to a few ulp of the scale, not bitwise. The thread count per row depends on n only (never on rows),
 // so a decode step and a prefill pass normalize the same row to the same bits.
 //   q8 (optional, n % 32 == 0): y also quantized to Q8_0 activations in the split layout (q8_split_act.cuh),
-//   rows of n + n / 8 bytes, bit-identical to quantize_activations_cuda(Q8_0, y, rows, n, q8, Q8Split): the
-//   projections that read y then skip their quantize launch.
+//   rows of n + n / 8 bytes, bit-identical to quantize_activations_cuda(Q8_0, y, rows, n, q8, Q8Split). Not used
+//   by the backend: for a 4096-wide decode row it costs 3.0 us on top of the norm (one CTA quantizes the whole
+//   row; H200 graph, dev/cuda/small.cu at dc6bea6), a separate quantize launch 1.7 us. Spreading a row's norm
+//   over several CTAs (each re-summing the squares, quantizing its slice) would be the way to make it pay.
 // Why the register kernel: a 4096-wide decode row is one CTA; the earlier 256-thread strided loop spent two
 // dependent memory round trips per pass over the row, the register kernel (<= 16 values per thread, all loads
 // issued before the reduction, the weight included) one.
