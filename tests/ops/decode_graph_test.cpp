@@ -167,8 +167,8 @@ class CudaDecodeGraph : public ::testing::TestWithParam<Mix> {
     const auto s = cuda_segment_graph_stats(*on), z = cuda_segment_graph_stats(*off);
     const long long segs = m.config().n_layers + 1;
     std::printf("[%s] segments: eager %lld captured %lld replayed %lld failed %lld discarded %lld invalidated %lld "
-                "(%lld per token)\n", mix_name(GetParam()), s.eager, s.captured, s.replayed, s.failed, s.discarded,
-                s.invalidated, segs);
+                "(%lld per token, %lld graph nodes held)\n", mix_name(GetParam()), s.eager, s.captured, s.replayed,
+                s.failed, s.discarded, s.invalidated, segs, s.nodes);
     EXPECT_EQ(s.failed, 0);
     EXPECT_EQ(z.eager + z.captured + z.replayed, 0);  // DSV4_CUDA_GRAPH=0 records nothing
     // Each segment converges within a few tokens (eager after every allocation, then one capture); a buffer

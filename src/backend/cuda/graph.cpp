@@ -2,6 +2,8 @@
 #include "backend/cuda/graph.h"
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <string>
 
@@ -11,7 +13,20 @@
 namespace dsv4::cuda {
 
 SegmentGraphs::~SegmentGraphs() {
+  const char* env = std::getenv("DSV4_CUDA_GRAPH_STATS");
+  if (env && std::strcmp(env, "0") != 0) {
+    const SegmentGraphStats s = stats();
+    std::fprintf(stderr, "cuda graphs: %zu held (%lld nodes); runs: eager %lld, captured %lld, replayed %lld; failed %lld, "
+                 "discarded %lld, invalidated %lld\n", n_graphs(), s.nodes, s.eager, s.captured, s.replayed, s.failed,
+                 s.discarded, s.invalidated);
+  }
   for (auto& [id, e] : entries_) drop(e);
+}
+
+SegmentGraphStats SegmentGraphs::stats() const {
+  SegmentGraphStats s = stats_;
+  for (const auto& [id, e] : entries_) s.nodes += e.exec ? (long long)e.nodes : 0;
+  return s;
 }
 
 void SegmentGraphs::drop(Entry& e) {
@@ -63,6 +78,9 @@ bool SegmentGraphs::capture(Entry& e, const std::function<void()>& ops, uint64_t
     }
     return give_up(!thrown.empty() ? thrown : std::string("cudaStreamEndCapture: ") + cudaGetErrorName(err));
   }
+  size_t nodes = 0;
+  if (cudaGraphGetNodes(graph, nullptr, &nodes) != cudaSuccess) nodes = 0;  // only reported, never relied on
+  cudaGetLastError();
   cudaGraphExec_t exec = nullptr;
   err = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
@@ -71,6 +89,7 @@ bool SegmentGraphs::capture(Entry& e, const std::function<void()>& ops, uint64_t
     return give_up(std::string("cudaGraphInstantiate: ") + cudaGetErrorName(err));
   }
   e.exec = exec;
+  e.nodes = nodes;
   e.exec_allocs = allocs;
   return true;
 }

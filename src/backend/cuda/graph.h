@@ -13,6 +13,7 @@
 // A capture that fails (an op that synchronizes, reads memory on the host, or throws; cudaStreamEndCapture or
 // instantiation errors) is discarded, the ops run eagerly instead, and that segment id stays eager from then on
 // (logged once per backend). A capture during which a buffer was allocated is discarded too, and retried later.
+// DSV4_CUDA_GRAPH_STATS=1 prints the counters (SegmentGraphStats) to stderr when the backend is destroyed.
 //
 // Host state of the backend (the activation-quantization cache) is reset through `reset_host` before every
 // segment (eager, capture and replay alike: a recording must not depend on what ran before it) and after a
@@ -35,6 +36,7 @@ struct SegmentGraphStats {
   long long failed = 0;     // captures that failed (their ids stay eager)
   long long discarded = 0;  // captures dropped because a buffer was allocated during them (retried later)
   long long invalidated = 0;// recorded graphs dropped because their key or the allocation count changed
+  long long nodes = 0;      // nodes (kernels, copies, memsets) of the graphs held now: what their launches replace
 };
 
 class SegmentGraphs {
@@ -46,13 +48,14 @@ class SegmentGraphs {
 
   // Runs the segment named by key (key[0] is its id; the whole key must match for a replay).
   void run(const std::vector<uint64_t>& key, const std::function<void()>& ops, const std::function<void()>& reset_host);
-  const SegmentGraphStats& stats() const { return stats_; }
+  SegmentGraphStats stats() const;
   size_t n_graphs() const;  // graphs currently held
 
  private:
   struct Entry {
     std::vector<uint64_t> key;
     cudaGraphExec_t exec = nullptr;
+    size_t nodes = 0;           // node count of the recorded graph
     uint64_t exec_allocs = 0;   // device_malloc_count() when exec was recorded
     uint64_t eager_allocs = 0;  // device_malloc_count() after the last eager run of this key
     bool eager_done = false;
