@@ -894,6 +894,8 @@ void check_common(const GemvParams& p, const char* who, bool xf_ok = false) {
   if (p.xf && activation_type(p.wtype) != QType::Q8_K)
     fail("%s: float activations (xf) need a Q8_K-activation type (Q2_K, Q4_K, IQ2_XXS), got %s", who,
          qtype_name(p.wtype).c_str());
+  if (p.xf && (reinterpret_cast<uintptr_t>(p.xf) & 15u) != 0)
+    fail("%s: float activations (xf) must be 16-byte aligned", who);
   if (p.rows <= 0 || p.cols <= 0 || p.cols % block_elems(p.wtype) != 0 ||
       (p.wtype == QType::F16 && p.cols % 8 != 0) || (p.wtype == QType::F32 && p.cols % 4 != 0))
     fail("%s: bad shape %lld x %lld for %s", who, (long long)p.rows, (long long)p.cols, qtype_name(p.wtype).c_str());
