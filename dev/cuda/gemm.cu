@@ -1,6 +1,6 @@
 // Workbench: prefill GEMM timings (src/backend/cuda/gemm.h) at DeepSeek-V4-Flash shapes.
 //
-//   wb_gemm [--csv FILE] [--quick] [--only control]
+//   wb_gemm [--csv FILE] [--quick] [--only control|moe]
 //
 // 1. Dense Q8_0 (split layout, as the backend stores attention/shared-expert matrices) and F16 matrices for
 //    T tokens: the batched GEMV (activation quantization + gemv_cuda, 8 tokens per weight read), our MMA kernel
@@ -13,7 +13,7 @@
 //    router on the exact FP32 path, as the backend runs them).
 // 4. The control projections (HC mix 16384 -> 24, router 4096 -> 256; F16): the F16 GEMV (ceil(T/8) launches, the
 //    backend's path before the exact GEMM) vs the exact FP32 GEMM (gemm.h GemmParams::exact). --only control runs
-//    just this section.
+//    just this section; --only moe just section 2 at prefill sizes (T = 256, 1024, 2048: an A/B of the MMA kernel).
 // Weights are random bytes with sane scale fields; dense weights rotate over copies totalling >= 256 MiB so L2
 // never serves a weight from the previous repetition. Times: mean over repetitions after one warm-up.
 #include <cuda_fp16.h>
@@ -211,17 +211,41 @@ float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps) {
   }, reps);
 }
 
+// Section 4: the control projections, GEMV vs exact GEMM.
+void control_section(Scratch& s, int reps, FILE* csv) {
+  std::printf("\n== control projections (F16): GEMV (8 tokens per launch) vs exact FP32 GEMM, us per matmul ==\n");
+  struct Ctl {
+    const char* name;
+    int64_t rows, cols;
+  };
+  for (const Ctl& c : {Ctl{"hc mix 16384->24", 24, 16384}, Ctl{"router 4096->256", 256, 4096}}) {
+    const DenseW w = make_dense(QType::F16, c.rows, c.cols);
+    for (int T : {16, 64, 256, 1024, 2048}) {
+      const float gemv_ms = time_control(w, T, false, s, reps), exact_ms = time_control(w, T, true, s, reps);
+      std::printf("%-20s T=%5d | gemv %9.1fus | exact %8.1fus (%.1fx)\n", c.name, T, gemv_ms * 1e3, exact_ms * 1e3,
+                  gemv_ms / exact_ms);
+      if (csv)
+        std::fprintf(csv, "control,%s,F16,%d,gemv,%.2f,,\ncontrol,%s,F16,%d,exact,%.2f,,\n", c.name, T, gemv_ms * 1e3,
+                     c.name, T, exact_ms * 1e3);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string csv_path;
-  bool quick = false, only_control = false;
+  bool quick = false;
+  std::string only;  // "", "control" or "moe"
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
-    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc && !std::strcmp(argv[i + 1], "control")) only_control = true, ++i;
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc &&
+             (!std::strcmp(argv[i + 1], "control") || !std::strcmp(argv[i + 1], "moe")))
+      only = argv[++i];
     else {
-      std::fprintf(stderr, "wb_gemm: unknown argument '%s' (wb_gemm [--csv FILE] [--quick] [--only control])\n", argv[i]);
+      std::fprintf(stderr, "wb_gemm: unknown argument '%s' (wb_gemm [--csv FILE] [--quick] [--only control|moe])\n",
+                   argv[i]);
       return 2;
     }
   }
@@ -243,23 +267,8 @@ int main(int argc, char** argv) {
     const int reps = quick ? 5 : 20;
 
     // ---- 4. control projections (first: --only control stops after it) ----
-    std::printf("\n== control projections (F16): GEMV (8 tokens per launch) vs exact FP32 GEMM, us per matmul ==\n");
-    struct Ctl {
-      const char* name;
-      int64_t rows, cols;
-    };
-    for (const Ctl& c : {Ctl{"hc mix 16384->24", 24, 16384}, Ctl{"router 4096->256", 256, 4096}}) {
-      const DenseW w = make_dense(QType::F16, c.rows, c.cols);
-      for (int T : {16, 64, 256, 1024, 2048}) {
-        const float gemv_ms = time_control(w, T, false, s, reps), exact_ms = time_control(w, T, true, s, reps);
-        std::printf("%-20s T=%5d | gemv %9.1fus | exact %8.1fus (%.1fx)\n", c.name, T, gemv_ms * 1e3, exact_ms * 1e3,
-                    gemv_ms / exact_ms);
-        if (csv)
-          std::fprintf(csv, "control,%s,F16,%d,gemv,%.2f,,\ncontrol,%s,F16,%d,exact,%.2f,,\n", c.name, T, gemv_ms * 1e3,
-                       c.name, T, exact_ms * 1e3);
-      }
-    }
-    if (only_control) {
+    if (only != "moe") control_section(s, reps, csv);
+    if (only == "control") {
       if (csv) std::fclose(csv);
       return 0;
     }
@@ -277,8 +286,8 @@ int main(int argc, char** argv) {
     };
     const std::vector<int> Ts = quick ? std::vector<int>{8, 16, 32, 64, 256, 1024, 2048}
                                       : std::vector<int>{8, 16, 24, 32, 48, 64, 128, 256, 512, 1024, 2048};
-    std::printf("\n== dense: us per matmul (TFLOP/s, weight GB/s) ==\n");
-    for (const auto& sh : dense) {
+    if (only.empty()) std::printf("\n== dense: us per matmul (TFLOP/s, weight GB/s) ==\n");
+    for (const auto& sh : only.empty() ? dense : std::vector<Shape>{}) {
       const DenseW w = make_dense(sh.t, sh.rows, sh.cols);
       for (int T : Ts) {
         std::printf("%-24s %-5s T=%5d", sh.name, qtype_name(sh.t).c_str(), T);
@@ -302,8 +311,9 @@ int main(int argc, char** argv) {
     std::printf("\n== routed experts, one layer, q2 mix (IQ2_XXS gate/up, Q2_K down), 256 experts, k=6 ==\n");
     const MoeLayer moe = make_moe();
     const double moe_bytes = double(moe.gate.bytes() + moe.up.bytes() + moe.down.bytes());
-    const std::vector<int> moe_Ts = quick ? std::vector<int>{1, 8, 16, 32, 64, 256, 1024, 2048}
-                                          : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048};
+    const std::vector<int> moe_Ts = only == "moe" ? std::vector<int>{256, 1024, 2048}
+                                    : quick       ? std::vector<int>{1, 8, 16, 32, 64, 256, 1024, 2048}
+                                                  : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048};
     for (int T : moe_Ts) {
       std::printf("moe T=%5d", T);
       for (bool gemv : {true, false}) {
@@ -319,6 +329,11 @@ int main(int argc, char** argv) {
                               ms * 1e3, tf, moe_bytes / (ms * 1e-3) / 1e9);
       }
       std::printf("\n");
+    }
+
+    if (only == "moe") {
+      if (csv) std::fclose(csv);
+      return 0;
     }
 
     // ---- 3. one forward pass of Flash q2: all matmuls ----

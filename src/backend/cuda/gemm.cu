@@ -218,9 +218,9 @@ struct DqIQ2_XXS {
                           byte_to_float<0>(g.y), byte_to_float<1>(g.y), byte_to_float<2>(g.y), byte_to_float<3>(g.y)};
       float v[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float mag = db * q[k];
-        v[k] = (signs >> k) & 1u ? -mag : mag;
+      for (int k = 0; k < 8; ++k) {  // sign bit k of `signs` into bit 31: the same bits as -mag, without a select
+        const uint32_t sign = (signs << (31 - k)) & 0x80000000u;
+        v[k] = __uint_as_float(__float_as_uint(db * q[k]) ^ sign);
       }
 #pragma unroll
       for (int k = 0; k < 4; ++k) out[4 * t + k] = pack_half2(v[2 * k], v[2 * k + 1]);
