@@ -349,8 +349,8 @@ class CudaBackend final : public Backend {
 
   // ---- GEMV helpers (device pointers) ----------------------------------------------------------------------
   // gemm: prefill sizes may use the FP16 tensor-core GEMM; the small control projections (HC mix, router) pass
-  // false and stay on the GEMVs so their fp32/Q8 inputs, and the decisions taken from them (Sinkhorn weights,
-  // expert choice), are the same in prefill and decode.
+  // false so their products stay fp32 like the GEMV's (the exact FP32 GEMM at prefill sizes, gemm.h), and the
+  // decisions taken from them (Sinkhorn weights, expert choice) are the same in prefill and decode.
   void dmatmul(const WeightView& w, int expert, const float* x, int T, float* y, const WeightView* w2 = nullptr,
                float* y2 = nullptr, bool cacheable = false, bool gemm = true);
   void dmatmul_experts(const WeightView& w, const int32_t* ids, int n_slots, int act_div, const float* x, float* y,
