@@ -336,7 +336,7 @@ struct MoeLayerBench {
         xq8k(size_t(gpu_activation_bytes(QType::IQ2_XXS, kD))),
         xqs(size_t(gpu_activation_bytes(QType::Q8_0, kD, GemvLayout::Q8Split))),
         hq(size_t(kK * gpu_activation_bytes(QType::Q2_K, kF))),
-        hsq(size_t(gpu_activation_bytes(QType::Q8_0, kF, GemvLayout::Q8Split))), z(kE), wts(kK), h(kK * kF), hs(kF),
+        hsq(size_t(gpu_activation_bytes(QType::Q8_0, kF, GemvLayout::Q8Split))), x(kD), bias(kE), z(kE), wts(kK), h(kK * kF), hs(kF),
         gs(kF), us(kF), y(kD), ids(kK) {
     random_device_weights(QType::F16, router.get(), router.size(), 11u);
     random_device_weights(QType::IQ2_XXS, gate.get(), gate.size(), 12u);
