@@ -51,9 +51,11 @@ void ChatSession::prefill(const std::vector<Token>& toks, const TurnOutput& out,
     fail("context full: %lld tokens used + %zu to add >= --ctx %lld (start over, or raise it with /ctx N)",
          (long long)session_->position(), toks.size(), (long long)cfg_.ctx);
   auto t0 = Clock::now();
-  bool show = toks.size() > kPrefillChunk && out.prefill_progress;
-  for (size_t i = 0; i < toks.size(); i += kPrefillChunk) {
-    size_t n = std::min(kPrefillChunk, toks.size() - i);
+  // Chunks no smaller than the engine's pass size: a smaller chunk would cap the pass (and the GPU's prefill speed).
+  const size_t chunk = std::max(kPrefillChunk, size_t(std::max(1, engine_.info().pass_tokens)));
+  bool show = toks.size() > chunk && out.prefill_progress;
+  for (size_t i = 0; i < toks.size(); i += chunk) {
+    size_t n = std::min(chunk, toks.size() - i);
     session_->eval(std::span<const Token>(toks.data() + i, n));
     if (show) out.prefill_progress(double(i + n) / double(toks.size()));
   }

@@ -259,7 +259,7 @@ DSV4_COMMAND("bench", "Prefill and greedy-decode speed at growing context fronti
   sub.add_option("-m,--model", a->model, "GGUF model file")->required();
   sub.add_option("--backend", a->backend, "auto, cpu or cuda (default auto)");
   sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
-  sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default 256; results do not depend on it)");
+  sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default: 256 on the CPU, 2048 on CUDA; results do not depend on it)");
   sub.add_option("--ctx-start", a->ctx_start, "first context frontier (default 512)");
   sub.add_option("--ctx-max", a->ctx_max, "last context frontier (default 8192)");
   auto* incr = sub.add_option("--step-incr", a->step_incr, "frontier step: add this many tokens");

@@ -105,7 +105,7 @@ DSV4_COMMAND("logits", "Write f32 logits (one row of n_vocab per input position)
                sub.add_option("--backend", a->backend, "cpu or cuda (default cpu)");
                sub.add_option("--chunks", a->chunks, "prefill chunk sizes, e.g. 7,13 (the rest follows)");
                sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
-               sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default 256; results do not depend on it)");
+               sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default: 256 on the CPU, 2048 on CUDA; results do not depend on it)");
                return [a]() { return run_logits(*a); };
              });
 

@@ -152,7 +152,7 @@ DSV4_COMMAND(
           ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
           ->capture_default_str();
       sub.add_option("-t,--threads", a->threads, "CPU threads (0 = all cores)");
-      sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default 256; results do not depend on it)");
+      sub.add_option("-b,--batch-size", a->batch, "tokens per forward pass of a prompt (default: 256 on the CPU, 2048 on CUDA; results do not depend on it)");
       sub.add_flag("--no-color", a->no_color, "no ANSI styling");
       return [a, p]() {
         a->have_prompt = p->count() > 0;

@@ -35,7 +35,8 @@ struct EngineOptions {
   bool qat_sim = true;                 // FP8/FP4 QAT simulations as in the official code (--no-qat-sim)
   // Tokens per forward pass when a long prompt is evaluated (prefill chunk, llama.cpp's ubatch). Results do not
   // depend on it; memory and speed do: bigger passes amortize weight reads (the CUDA prefill GEMMs were measured
-  // to prefer 1024-2048, docs/cuda.md) at the cost of scratch memory. 0: 256. At most kMaxPassTokens.
+  // to prefer 1024-2048, docs/cuda.md) at the cost of scratch memory. 0: the backend's default (CPU 256,
+  // CUDA 2048). At most kMaxPassTokens.
   int pass_tokens = 0;
   static constexpr int kMaxPassTokens = 8192;
   // Load progress in [0, 1] (model upload can take a while on the real 81 GB file).
@@ -51,6 +52,7 @@ struct ModelInfo {
   uint64_t context_length = 0;
   uint64_t weight_bytes = 0;
   std::string backend;                 // "cpu" or "cuda"
+  int pass_tokens = 0;                 // tokens per forward pass in effect (EngineOptions::pass_tokens or default)
 };
 
 class Session;

@@ -62,7 +62,7 @@ class EngineImpl final : public Engine {
  public:
   explicit EngineImpl(const EngineOptions& o) : opt_(o) {
     if (o.pass_tokens < 0 || o.pass_tokens > EngineOptions::kMaxPassTokens)
-      fail("engine option pass_tokens (CLI -b/--batch-size): %d outside [0, %d] (0 = default 256)", o.pass_tokens,
+      fail("engine option pass_tokens (CLI -b/--batch-size): %d outside [0, %d] (0 = the backend's default)", o.pass_tokens,
            EngineOptions::kMaxPassTokens);
     if (o.progress) o.progress(0.0, "opening " + o.model_path);
     model_ = Model::load(o.model_path);
@@ -97,6 +97,9 @@ class EngineImpl final : public Engine {
     info_.weight_bytes = model_->weight_bytes();
     digest_ = weights_digest(model_->file());
     info_.backend = backend_->name();
+    // Default pass size: the CPU's matmuls gain little past 256 tokens; the GPU's tensor-core GEMMs read each
+    // weight once per pass, so an 8k prompt ran 958 / 1656 / 2008 t/s at 256 / 1024 / 2048 (H200, 7e0e2fe).
+    info_.pass_tokens = o.pass_tokens > 0 ? o.pass_tokens : backend_->host_memory() ? 256 : 2048;
     if (!backend_->host_memory()) upload_weights();
     if (o.progress) o.progress(1.0, "loaded");
   }
@@ -139,7 +142,7 @@ class EngineImpl final : public Engine {
     ForwardOptions fo;
     fo.qat_sim = opt_.qat_sim;
     fo.scratch = &scratch_;
-    if (opt_.pass_tokens > 0) fo.max_tokens_per_pass = opt_.pass_tokens;
+    fo.max_tokens_per_pass = info_.pass_tokens;
     return fo;
   }
   const ModelConfig& config() const { return model_->config(); }
