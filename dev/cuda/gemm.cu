@@ -13,7 +13,8 @@
 //    router on the exact FP32 path, as the backend runs them).
 // 4. The control projections (HC mix 16384 -> 24, router 4096 -> 256; F16): the F16 GEMV (ceil(T/8) launches, the
 //    backend's path before the exact GEMM) vs the exact FP32 GEMM (gemm.h GemmParams::exact). --only control runs
-//    just this section; --only moe just section 2 at prefill sizes (T = 256, 1024, 2048: an A/B of the MMA kernel).
+//    just this section; --only moe just section 2 at prefill sizes (T = 256, 1024, 2048), with the double-buffered
+//    MMA kernel (mma-db) beside the default one.
 // Weights are random bytes with sane scale fields; dense weights rotate over copies totalling >= 256 MiB so L2
 // never serves a weight from the previous repetition. Times: mean over repetitions after one warm-up.
 #include <cuda_fp16.h>
@@ -165,7 +166,8 @@ std::vector<int32_t> random_ids(int T, int k, int E, uint64_t seed) {
   return ids;
 }
 
-float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps) {
+// db: the double-buffered MMA kernel (MoeGemmParams::mma_double_buffer).
+float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps, bool db = false) {
   constexpr int kSets = 8;
   std::vector<int32_t> all;
   for (int i = 0; i < kSets; ++i) {
@@ -203,7 +205,7 @@ float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps) {
   p.up = {QType::IQ2_XXS, GemvLayout::Ggml, m.up.get(), m.gu_stride};
   p.down = {QType::Q2_K, GemvLayout::Ggml, m.down.get(), m.down_stride};
   p.d = m.d, p.ff = m.ff, p.n_experts = m.E, p.k = m.k, p.weights = d_w.get(), p.x = s.x.get(), p.n_tokens = T;
-  p.swiglu_clamp = 10.0f, p.y_slots = s.y.get(), p.ids = d_ids.get();
+  p.swiglu_clamp = 10.0f, p.y_slots = s.y.get(), p.ids = d_ids.get(), p.mma_double_buffer = db;
   DeviceArray<uint8_t> ws(moe_gemm_workspace_bytes(p));
   return time_ms([&] {
     p.ids = d_ids.get() + size_t(rep++ % kSets) * S;
@@ -327,6 +329,11 @@ int main(int argc, char** argv) {
                     moe_bytes / (ms * 1e-3) / 1e9);
         if (csv) std::fprintf(csv, "moe,q2 layer,IQ2_XXS/Q2_K,%d,%s,%.2f,%.2f,%.0f\n", T, gemv ? "gemv" : "mma",
                               ms * 1e3, tf, moe_bytes / (ms * 1e-3) / 1e9);
+      }
+      if (only == "moe") {  // A/B: the double-buffered MMA kernel (bit-identical results)
+        const float ms = time_moe(moe, T, false, s, quick ? 3 : 10, true);
+        std::printf(" | %6s %8.1fus", "mma-db", ms * 1e3);
+        if (csv) std::fprintf(csv, "moe,q2 layer,IQ2_XXS/Q2_K,%d,mma-db,%.2f,,\n", T, ms * 1e3);
       }
       std::printf("\n");
     }

@@ -80,12 +80,12 @@ DeviceArray<uint8_t> upload_weight(QType t, GemvLayout layout, const std::vector
 }
 
 std::vector<float> run_gemm(QType t, GemvLayout layout, const DeviceArray<uint8_t>& d_w, int64_t rows, int64_t cols,
-                            const DeviceArray<float>& d_x, int T, GemmImpl impl) {
+                            const DeviceArray<float>& d_x, int T, GemmImpl impl, bool db = false) {
   DeviceArray<float> d_y(size_t(T) * size_t(rows));
   d_y.fill_bytes(0xFF);  // NaN poison: every output must be written
   cuda::GemmParams p;
   p.wtype = t, p.layout = layout, p.w = d_w.get(), p.rows = rows, p.cols = cols, p.x = d_x.get(), p.n_tokens = T;
-  p.y = d_y.get(), p.impl = impl;
+  p.y = d_y.get(), p.impl = impl, p.mma_double_buffer = db;
   DeviceArray<uint8_t> ws(cuda::gemm_workspace_bytes(p));
   cuda::gemm_cuda(p, ws.get(), nullptr);
   cuda::check(cudaDeviceSynchronize(), "gemm_cuda");
@@ -424,6 +424,77 @@ TEST(CudaGemm, MoeQ4AndQ8Mixes) {
   run_moe({QType::Q8_0, QType::Q8_0, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 64, 6, 33, false, 53});
   // Few experts, many rows each: 64-row tiles (T*k/E = 75), several tiles per expert.
   run_moe({QType::Q4_K, QType::Q2_K, GemvLayout::Ggml, GemvLayout::Ggml, 1024, 512, 8, 6, 100, false, 54});
+}
+
+// The double-buffered MMA kernel (mma_double_buffer) accumulates the same products in the same order as the
+// default one, so every output must be bit-identical: dense at each tile height (16/32/64 rows, partial M and N
+// tiles) for the quantized layouts, and the routed-expert chain (gate/up, SwiGLU, down) of the q2 mix, uniform and
+// skewed (many M tiles per expert).
+TEST(CudaGemm, DoubleBufferedMmaIsBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  struct Dense {
+    QType t;
+    GemvLayout layout;
+    int64_t rows, cols;
+    int T;
+  };
+  for (const Dense& c : {Dense{QType::IQ2_XXS, GemvLayout::Ggml, 320, 1024, 9},
+                         Dense{QType::Q2_K, GemvLayout::Ggml, 320, 1024, 32},
+                         Dense{QType::Q8_0, GemvLayout::Q8Split, 1024, 4096, 64},
+                         Dense{QType::Q4_K, GemvLayout::Ggml, 320, 1024, 200},
+                         Dense{QType::F16, GemvLayout::Ggml, 320, 1024, 100}}) {
+    const auto w = test::random_weights(c.t, c.rows, c.cols, 81);
+    const auto d_w = upload_weight(c.t, c.layout, w, c.rows, c.cols);
+    const auto x = test::random_normal(size_t(c.T) * size_t(c.cols), 82);
+    DeviceArray<float> d_x{std::span<const float>(x)};
+    const auto y0 = run_gemm(c.t, c.layout, d_w, c.rows, c.cols, d_x, c.T, GemmImpl::Mma, false);
+    const auto y1 = run_gemm(c.t, c.layout, d_w, c.rows, c.cols, d_x, c.T, GemmImpl::Mma, true);
+    ASSERT_EQ(y0.size(), y1.size());
+    EXPECT_EQ(std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)), 0)
+        << qtype_name(c.t) << " " << c.rows << "x" << c.cols << " T=" << c.T;
+  }
+  // Routed experts, q2 mix: 256 experts, k = 6.
+  const int64_t D = 1024, F = 512;
+  const int E = 256, k = 6;
+  const auto wg = test::random_weights(QType::IQ2_XXS, F, D, 83, E), wu = test::random_weights(QType::IQ2_XXS, F, D, 84, E);
+  const auto wd = test::random_weights(QType::Q2_K, D, F, 85, E);
+  const auto d_wg = upload_weight(QType::IQ2_XXS, GemvLayout::Ggml, wg, int64_t(E) * F, D);
+  const auto d_wu = upload_weight(QType::IQ2_XXS, GemvLayout::Ggml, wu, int64_t(E) * F, D);
+  const auto d_wd = upload_weight(QType::Q2_K, GemvLayout::Ggml, wd, int64_t(E) * D, F);
+  for (const auto& [T, skewed] : {std::pair{300, false}, std::pair{64, true}}) {
+    const int S = T * k;
+    std::vector<int32_t> ids(static_cast<size_t>(S));
+    std::vector<float> rw(static_cast<size_t>(S), 1.0f / float(k));
+    std::mt19937_64 rng(86);
+    for (int t = 0; t < T; ++t) {
+      std::vector<int32_t> perm(static_cast<size_t>(E));
+      std::iota(perm.begin(), perm.end(), 0);
+      if (!skewed) std::shuffle(perm.begin(), perm.end(), rng);
+      for (int j = 0; j < k; ++j) ids[size_t(t * k + j)] = perm[size_t(j)];
+    }
+    const auto x = test::random_normal(size_t(T) * size_t(D), 87);
+    DeviceArray<float> d_x{std::span<const float>(x)};
+    DeviceArray<int32_t> d_ids{std::span<const int32_t>(ids)};
+    DeviceArray<float> d_rw{std::span<const float>(rw)};
+    std::vector<float> out[2];
+    for (int db = 0; db < 2; ++db) {
+      DeviceArray<float> d_y(size_t(S) * size_t(D));
+      d_y.fill_bytes(0xFF);
+      cuda::MoeGemmParams p;
+      p.gate = {QType::IQ2_XXS, GemvLayout::Ggml, d_wg.get(), F * row_bytes(QType::IQ2_XXS, D)};
+      p.up = {QType::IQ2_XXS, GemvLayout::Ggml, d_wu.get(), F * row_bytes(QType::IQ2_XXS, D)};
+      p.down = {QType::Q2_K, GemvLayout::Ggml, d_wd.get(), D * row_bytes(QType::Q2_K, F)};
+      p.d = D, p.ff = F, p.n_experts = E, p.k = k, p.ids = d_ids.get(), p.weights = d_rw.get(), p.x = d_x.get();
+      p.n_tokens = T, p.swiglu_clamp = 10.0f, p.y_slots = d_y.get(), p.mma_double_buffer = db == 1;
+      DeviceArray<uint8_t> ws(cuda::moe_gemm_workspace_bytes(p));
+      cuda::moe_gemm_cuda(p, ws.get(), nullptr);
+      cuda::check(cudaDeviceSynchronize(), "moe_gemm_cuda");
+      out[db] = d_y.download();
+    }
+    EXPECT_TRUE(std::all_of(out[0].begin(), out[0].end(), [](float v) { return std::isfinite(v); })) << "T=" << T;
+    EXPECT_EQ(std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)), 0)
+        << "MoE q2 T=" << T << (skewed ? " skewed" : "");
+  }
 }
 
 }  // namespace

@@ -19,6 +19,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "backend/cuda/common.cuh"
@@ -46,16 +48,14 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2
 // clock per SM on sm_80/sm_90 against 128 FP32 adds, and the decoders below convert every weight value, so I2F
 // bounded the dequantizing GEMMs. The byte goes into the low mantissa bits of 2^23 (0x4B0000bb = 2^23 + b, one
 // byte permute), and subtracting 2^23 is exact: the same float as float(b), so results are bit-identical.
-template <int I>
-__device__ __forceinline__ float byte_to_float(uint32_t w) {
-  static_assert(I >= 0 && I < 4, "byte index");
-  return __int_as_float(int(__byte_perm(w, 0x4B000000u, 0x7650u + I))) - 8388608.0f;
+// i in 0..3 (a constant once the callers' loops are unrolled).
+__device__ __forceinline__ float byte_to_float(uint32_t w, int i) {
+  return __int_as_float(int(__byte_perm(w, 0x4B000000u, 0x7650u + unsigned(i)))) - 8388608.0f;
 }
 // Signed byte I of w: x + 128 = (x ^ 0x80) as an unsigned byte, so float(x) = (2^23 + (x ^ 0x80)) - (2^23 + 128),
 // exact again. `w_biased` is w ^ 0x80808080.
-template <int I>
-__device__ __forceinline__ float sbyte_to_float(uint32_t w_biased) {
-  return __int_as_float(int(__byte_perm(w_biased, 0x4B000000u, 0x7650u + I))) - 8388736.0f;
+__device__ __forceinline__ float sbyte_to_float(uint32_t w_biased, int i) {
+  return __int_as_float(int(__byte_perm(w_biased, 0x4B000000u, 0x7650u + unsigned(i)))) - 8388736.0f;
 }
 
 // ---- dequantization of one 32-value chunk of a weight row --------------------------------------------------------
@@ -82,8 +82,8 @@ __device__ __forceinline__ void decode_i8x32(const uint32_t q[8], float d, uint3
   for (int i = 0; i < 8; ++i) {
     const uint32_t v = q[i] ^ 0x80808080u;
     // d * q is exact in fp32 (11 x 8 significant bits); one rounding to FP16 follows.
-    out[2 * i] = pack_half2(d * sbyte_to_float<0>(v), d * sbyte_to_float<1>(v));
-    out[2 * i + 1] = pack_half2(d * sbyte_to_float<2>(v), d * sbyte_to_float<3>(v));
+    out[2 * i] = pack_half2(d * sbyte_to_float(v, 0), d * sbyte_to_float(v, 1));
+    out[2 * i + 1] = pack_half2(d * sbyte_to_float(v, 2), d * sbyte_to_float(v, 3));
   }
 }
 
@@ -154,8 +154,8 @@ struct DqQ2_K {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const uint32_t v = (r.q[4 * half + i] >> r.shift) & 0x03030303u;
-        out[8 * half + 2 * i] = pack_half2(dl * byte_to_float<0>(v) - ml, dl * byte_to_float<1>(v) - ml);
-        out[8 * half + 2 * i + 1] = pack_half2(dl * byte_to_float<2>(v) - ml, dl * byte_to_float<3>(v) - ml);
+        out[8 * half + 2 * i] = pack_half2(dl * byte_to_float(v, 0) - ml, dl * byte_to_float(v, 1) - ml);
+        out[8 * half + 2 * i + 1] = pack_half2(dl * byte_to_float(v, 2) - ml, dl * byte_to_float(v, 3) - ml);
       }
     }
   }
@@ -189,8 +189,8 @@ struct DqQ4_K {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const uint32_t v = (w[i] >> r.shift) & 0x0F0F0F0Fu;
-      out[2 * i] = pack_half2(d * byte_to_float<0>(v) - m, d * byte_to_float<1>(v) - m);
-      out[2 * i + 1] = pack_half2(d * byte_to_float<2>(v) - m, d * byte_to_float<3>(v) - m);
+      out[2 * i] = pack_half2(d * byte_to_float(v, 0) - m, d * byte_to_float(v, 1) - m);
+      out[2 * i + 1] = pack_half2(d * byte_to_float(v, 2) - m, d * byte_to_float(v, 3) - m);
     }
   }
 };
@@ -214,13 +214,11 @@ struct DqIQ2_XXS {
       const uint2 g = grid[(r.a0 >> (8 * t)) & 255u];
       const uint32_t code = (r.a1 >> (7 * t)) & 127u;
       const uint32_t signs = code | ((__popc(code) & 1u) << 7);  // ksigns_iq2xs: even parity in bit 7
-      const float q[8] = {byte_to_float<0>(g.x), byte_to_float<1>(g.x), byte_to_float<2>(g.x), byte_to_float<3>(g.x),
-                          byte_to_float<0>(g.y), byte_to_float<1>(g.y), byte_to_float<2>(g.y), byte_to_float<3>(g.y)};
       float v[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) {  // sign bit k of `signs` into bit 31: the same bits as -mag, without a select
         const uint32_t sign = (signs << (31 - k)) & 0x80000000u;
-        v[k] = __uint_as_float(__float_as_uint(db * q[k]) ^ sign);
+        v[k] = __uint_as_float(__float_as_uint(db * byte_to_float(k < 4 ? g.x : g.y, k & 3)) ^ sign);
       }
 #pragma unroll
       for (int k = 0; k < 4; ++k) out[4 * t + k] = pack_half2(v[2 * k], v[2 * k + 1]);
@@ -395,6 +393,153 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(MmaArgs p) {
     }
 }
 
+// Double-buffered variant (GemmParams / MoeGemmParams::mma_double_buffer, or DSV4_CUDA_MMA_DB=1 for every call):
+// two shared-memory stages, so one barrier per K step instead of two, and each warp issues step kt's MMAs before it
+// decodes step kt + 1 into the other stage, so one warp's tensor and ALU work overlap (mma_kernel alternates
+// whole-CTA phases: all warps decode, barrier, all warps multiply, barrier). The same products are accumulated in
+// the same order: results are bit-identical to mma_kernel. Stages in dynamic shared memory: 2 x (BM + 128) rows of
+// 144 bytes (54 KiB at BM = 64, above the 48 KiB static limit; launch_mma opts in).
+template <class D, int P, int BM>
+__global__ void __launch_bounds__(kThreads, 2) mma_kernel_db(MmaArgs p) {
+  constexpr int kWarpsM = BM == 16 ? 1 : 2, kWarpsN = 8 / kWarpsM;
+  constexpr int kMI = BM / kWarpsM / 16, kNI = kBN / kWarpsN / 8;
+  constexpr int kAPieces = BM * kBK / 8, kAIters = (kAPieces + kThreads - 1) / kThreads;
+  using Row = __half[kLds];
+  extern __shared__ __align__(16) unsigned char mma_db_smem[];
+  // Stage st: A rows at stage0 + st * BM ([BM][kLds]), B rows at stage0 + 2 * BM + st * kBN ([kBN][kLds]);
+  // addressed by arithmetic, not a pointer array (a runtime index into a local array would live in local memory).
+  Row* const stage0 = reinterpret_cast<Row*>(mma_db_smem);
+  __shared__ int s_act[BM], s_out[BM];
+  __shared__ uint2 s_grid[kNeedsGrid<D> ? 256 : 1];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int mt = blockIdx.x, z = blockIdx.z;
+  const int64_t n0 = int64_t(blockIdx.y) * kBN;
+  int64_t expert = 0;
+  if (p.sorted) {
+    expert = p.tile_expert[mt];
+    if (expert < 0) return;
+  }
+  if constexpr (kNeedsGrid<D>) {
+    for (int i = tid; i < 256; i += kThreads) {
+      const uint64_t g = iq2xxs_grid[i];
+      s_grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
+    }
+  }
+  if (tid < BM) {
+    int idx;
+    if (p.sorted) idx = p.sorted[int64_t(mt) * BM + tid];
+    else idx = mt * BM + tid < p.n_tokens ? mt * BM + tid : -1;
+    s_out[tid] = idx;
+    s_act[tid] = idx < 0 ? -1 : idx / p.act_div;
+  }
+  __syncthreads();
+
+  const int brow = tid >> 1, bcol = (tid & 1) * 32;
+  const uint8_t* wrow =
+      (z ? p.w[1] : p.w[0]) + expert * p.expert_stride + std::min<int64_t>(n0 + brow, p.rows - 1) * p.row_bytes;
+  const int acol = (tid & 7) * 8;
+  const __half* arow[kAIters];
+  int ar[kAIters];
+#pragma unroll
+  for (int i = 0; i < kAIters; ++i) {
+    const int piece = tid + kThreads * i;
+    ar[i] = piece < kAPieces ? piece >> 3 : -1;
+    const int act = ar[i] < 0 ? -1 : s_act[ar[i]];
+    arow[i] = act < 0 ? nullptr : p.a + int64_t(act) * p.cols + acol;
+  }
+
+  float acc[kMI][kNI][4];
+#pragma unroll
+  for (int i = 0; i < kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < kNI; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  // Register ring of P steps as in mma_kernel: slot j holds the next unconsumed step = j (mod P).
+  const int64_t nk = p.cols / kBK;
+  typename D::Raw raw[P];
+  uint4 av[P][kAIters];
+#pragma unroll
+  for (int s = 0; s < P; ++s)
+    if (s < nk) {
+      raw[s] = D::fetch(wrow, int64_t(s) * kBK + bcol, p.cols);
+#pragma unroll
+      for (int i = 0; i < kAIters; ++i)
+        av[s][i] = arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + s * kBK) : make_uint4(0, 0, 0, 0);
+    }
+  // Decodes ring slot `slot` into stage `st` and refills the slot with step `next` (if there is one).
+#define DSV4_MMA_DB_STAGE(slot, st, next)                                                                    \
+  do {                                                                                                       \
+    uint32_t dec[16];                                                                                        \
+    D::decode(raw[slot], dec, s_grid);                                                                       \
+    uint4* dst = reinterpret_cast<uint4*>(&stage0[2 * BM + (st) * kBN + brow][bcol]);                        \
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) dst[i] =                                                   \
+        make_uint4(dec[4 * i], dec[4 * i + 1], dec[4 * i + 2], dec[4 * i + 3]);                              \
+    _Pragma("unroll") for (int i = 0; i < kAIters; ++i) if (ar[i] >= 0) *reinterpret_cast<uint4*>(          \
+        &stage0[(st) * BM + ar[i]][acol]) = av[slot][i];                                                     \
+    if ((next) < nk) {                                                                                       \
+      const int64_t k1 = (next) * kBK;                                                                       \
+      raw[slot] = D::fetch(wrow, k1 + bcol, p.cols);                                                         \
+      _Pragma("unroll") for (int i = 0; i < kAIters; ++i) av[slot][i] =                                      \
+          arow[i] ? *reinterpret_cast<const uint4*>(arow[i] + k1) : make_uint4(0, 0, 0, 0);                  \
+    }                                                                                                        \
+  } while (0)
+
+  DSV4_MMA_DB_STAGE(0, 0, int64_t(P));  // step 0 -> stage 0; slot 0 now holds step P
+  __syncthreads();
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+  for (int64_t k0 = 0; k0 < nk; k0 += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      const int64_t kt = k0 + s;
+      if (kt >= nk) break;  // uniform across the CTA
+      const int cur = int(kt & 1);
+      const Row* const a_cur = stage0 + cur * BM;
+      const Row* const b_cur = stage0 + 2 * BM + cur * kBN;
+      // Step kt's MMAs on stage cur (written before the last barrier)...
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t af[kMI][4], bf[kNI / 2][4];
+#pragma unroll
+        for (int mi = 0; mi < kMI; ++mi)
+          ldmatrix_x4(af[mi], &a_cur[wm * (BM / kWarpsM) + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+#pragma unroll
+        for (int nj = 0; nj < kNI / 2; ++nj)
+          ldmatrix_x4(bf[nj], &b_cur[wn * (kNI * 8) + nj * 16 + ((lane >> 4) << 3) + (lane & 7)]
+                                    [kk + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+        for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kNI; ++ni)
+            mma_16816(acc[mi][ni], af[mi], bf[ni >> 1][2 * (ni & 1)], bf[ni >> 1][2 * (ni & 1) + 1]);
+      }
+      // ...then step kt + 1 (ring slot (s + 1) % P) into the other stage, last read by step kt - 1's MMAs, which
+      // every warp finished before the previous barrier.
+      if (kt + 1 < nk) DSV4_MMA_DB_STAGE((s + 1) % P, cur ^ 1, kt + 1 + P);
+      __syncthreads();
+    }
+  }
+#undef DSV4_MMA_DB_STAGE
+
+  float* y = z ? p.y[1] : p.y[0];
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int out = s_out[wm * (BM / kWarpsM) + mi * 16 + h * 8 + (lane >> 2)];
+      if (out < 0) continue;
+      float* yr = y + int64_t(out) * p.rows;
+#pragma unroll
+      for (int ni = 0; ni < kNI; ++ni) {
+        const int64_t n = n0 + wn * (kNI * 8) + ni * 8 + (lane & 3) * 2;
+        if (n < p.rows) yr[n] = acc[mi][ni][2 * h];
+        if (n + 1 < p.rows) yr[n + 1] = acc[mi][ni][2 * h + 1];
+      }
+    }
+}
+
 // ---- helpers: conversion, dequantization to a buffer, routing groups -------------------------------------------
 __global__ void to_half_kernel(const float* x, int64_t n, __half* y) {
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
@@ -484,31 +629,55 @@ __global__ void swiglu_half_kernel(const float* g, const float* u, const float* 
 }
 
 // ---- dispatch ---------------------------------------------------------------------------------------------------
+// mma_kernel_db<D, P, BM> with its two dynamic shared-memory stages (opted in once per instantiation).
+template <class D, int BM>
+void launch_mma_db(const dim3& grid, const MmaArgs& a, cudaStream_t stream) {
+  constexpr int kBytes = 2 * (BM + kBN) * kLds * int(sizeof(__half));
+  // Per call (a host-side attribute write, microseconds): the setting is per device.
+  check(cudaFuncSetAttribute(mma_kernel_db<D, D::kDepth, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
+        "gemm: cudaFuncSetAttribute (mma_kernel_db shared memory)");
+  mma_kernel_db<D, D::kDepth, BM><<<grid, kThreads, kBytes, stream>>>(a);
+}
+
 template <class D>
-void launch_mma(const MmaArgs& a, int bm, int m_tiles, int n_mats, cudaStream_t stream) {
+void launch_mma(const MmaArgs& a, int bm, int m_tiles, int n_mats, bool db, cudaStream_t stream) {
   const dim3 grid(unsigned(m_tiles), unsigned((a.rows + kBN - 1) / kBN), unsigned(n_mats));
-  switch (bm) {
-    case 16: mma_kernel<D, D::kDepth, 16><<<grid, kThreads, 0, stream>>>(a); break;
-    case 32: mma_kernel<D, D::kDepth, 32><<<grid, kThreads, 0, stream>>>(a); break;
-    case 64: mma_kernel<D, D::kDepth, 64><<<grid, kThreads, 0, stream>>>(a); break;
+  switch (bm * 2 + int(db)) {
+    case 32: mma_kernel<D, D::kDepth, 16><<<grid, kThreads, 0, stream>>>(a); break;
+    case 64: mma_kernel<D, D::kDepth, 32><<<grid, kThreads, 0, stream>>>(a); break;
+    case 128: mma_kernel<D, D::kDepth, 64><<<grid, kThreads, 0, stream>>>(a); break;
+    case 33: launch_mma_db<D, 16>(grid, a, stream); break;
+    case 65: launch_mma_db<D, 32>(grid, a, stream); break;
+    case 129: launch_mma_db<D, 64>(grid, a, stream); break;
     default: fail("gemm: tile height %d (16, 32 or 64)", bm);
   }
-  check_launch("gemm mma_kernel");
+  check_launch(db ? "gemm mma_kernel_db" : "gemm mma_kernel");
 }
 
 // Tokens per tile from the rows a weight sees per launch (dense: T; MoE: ~T*k/E per expert): the smallest tile
 // that holds them, so padding costs at most what the rows themselves cost.
 int tile_rows_for(double rows_per_weight) { return rows_per_weight <= 16 ? 16 : rows_per_weight <= 32 ? 32 : 64; }
 
-void mma_dispatch(QType t, GemvLayout layout, const MmaArgs& a, int bm, int m_tiles, int n_mats, cudaStream_t stream) {
+// DSV4_CUDA_MMA_DB=1: every MMA launch takes the double-buffered kernel (whole-model A/B; read once).
+bool mma_db_env() {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV4_CUDA_MMA_DB");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  return on;
+}
+
+void mma_dispatch(QType t, GemvLayout layout, const MmaArgs& a, int bm, int m_tiles, int n_mats, bool db,
+                  cudaStream_t stream) {
+  db = db || mma_db_env();
   switch (t) {
-    case QType::F16: return launch_mma<DqF16>(a, bm, m_tiles, n_mats, stream);
+    case QType::F16: return launch_mma<DqF16>(a, bm, m_tiles, n_mats, db, stream);
     case QType::Q8_0:
-      if (layout == GemvLayout::Q8Split) return launch_mma<DqQ8Split>(a, bm, m_tiles, n_mats, stream);
-      return launch_mma<DqQ8_0>(a, bm, m_tiles, n_mats, stream);
-    case QType::Q2_K: return launch_mma<DqQ2_K>(a, bm, m_tiles, n_mats, stream);
-    case QType::Q4_K: return launch_mma<DqQ4_K>(a, bm, m_tiles, n_mats, stream);
-    case QType::IQ2_XXS: return launch_mma<DqIQ2_XXS>(a, bm, m_tiles, n_mats, stream);
+      if (layout == GemvLayout::Q8Split) return launch_mma<DqQ8Split>(a, bm, m_tiles, n_mats, db, stream);
+      return launch_mma<DqQ8_0>(a, bm, m_tiles, n_mats, db, stream);
+    case QType::Q2_K: return launch_mma<DqQ2_K>(a, bm, m_tiles, n_mats, db, stream);
+    case QType::Q4_K: return launch_mma<DqQ4_K>(a, bm, m_tiles, n_mats, db, stream);
+    case QType::IQ2_XXS: return launch_mma<DqIQ2_XXS>(a, bm, m_tiles, n_mats, db, stream);
     default: fail("gemm: no MMA kernel for %s", qtype_name(t).c_str());
   }
 }
@@ -668,7 +837,7 @@ void gemm_cuda(const GemmParams& p, void* workspace, cudaStream_t stream) {
     a.rows = p.rows, a.cols = p.cols, a.row_bytes = rb;
     a.a = x16, a.act_div = 1, a.n_tokens = p.n_tokens;
     const int bm = tile_rows_for(p.n_tokens);
-    mma_dispatch(p.wtype, p.layout, a, bm, (p.n_tokens + bm - 1) / bm, 1, stream);
+    mma_dispatch(p.wtype, p.layout, a, bm, (p.n_tokens + bm - 1) / bm, 1, p.mma_double_buffer, stream);
     return;
   }
   cublasHandle_t h = cublas_handle();
@@ -789,14 +958,14 @@ void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream)
   if (p.gate.type == p.up.type && p.gate.layout == p.up.layout && p.gate.expert_stride == p.up.expert_stride) {
     a.w[0] = static_cast<const uint8_t*>(p.gate.base), a.w[1] = static_cast<const uint8_t*>(p.up.base);
     a.y[0] = w.g, a.y[1] = w.u, a.expert_stride = p.gate.expert_stride;
-    mma_dispatch(p.gate.type, p.gate.layout, a, w.bm, w.max_tiles, 2, stream);  // gate and up in one launch
+    mma_dispatch(p.gate.type, p.gate.layout, a, w.bm, w.max_tiles, 2, p.mma_double_buffer, stream);  // gate + up
   } else {
     const ExpertStack* st[2] = {&p.gate, &p.up};
     float* out[2] = {w.g, w.u};
     for (int i = 0; i < 2; ++i) {
       a.w[0] = static_cast<const uint8_t*>(st[i]->base), a.y[0] = out[i], a.expert_stride = st[i]->expert_stride;
       a.row_bytes = layout_row_bytes(st[i]->type, st[i]->layout, p.d);
-      mma_dispatch(st[i]->type, st[i]->layout, a, w.bm, w.max_tiles, 1, stream);
+      mma_dispatch(st[i]->type, st[i]->layout, a, w.bm, w.max_tiles, 1, p.mma_double_buffer, stream);
     }
   }
   const int64_t n = int64_t(slots) * p.ff;
@@ -807,7 +976,7 @@ void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream)
   b.a = w.h16, b.act_div = 1, b.cols = p.ff, b.rows = p.d;
   b.w[0] = static_cast<const uint8_t*>(p.down.base), b.y[0] = p.y_slots, b.expert_stride = p.down.expert_stride;
   b.row_bytes = layout_row_bytes(p.down.type, p.down.layout, p.ff);
-  mma_dispatch(p.down.type, p.down.layout, b, w.bm, w.max_tiles, 1, stream);
+  mma_dispatch(p.down.type, p.down.layout, b, w.bm, w.max_tiles, 1, p.mma_double_buffer, stream);
 }
 
 }  // namespace dsv4::cuda

@@ -54,6 +54,9 @@ struct GemmParams {
   // F16 GEMV and the CPU (f32 activations, fp32 sums) only in summation order. For the control projections (HC
   // mixes, router) whose outputs choose Sinkhorn weights and experts: prefill must decide as decode does.
   bool exact = false;
+  // Workbench/test knob: the double-buffered MMA kernel (bit-identical results; gemm.cu mma_kernel_db), not yet
+  // timed on a GPU, hence off by default. DSV4_CUDA_MMA_DB=1 turns it on for every MMA launch.
+  bool mma_double_buffer = false;
 };
 // Weight types the exact path takes (GemmParams::exact).
 bool gemm_exact_supports(QType wtype);
@@ -84,6 +87,7 @@ struct MoeGemmParams {
   int n_tokens = 0;
   float swiglu_clamp = 0.0f;
   float* y_slots = nullptr;  // [n_tokens][k][d]
+  bool mma_double_buffer = false;  // as GemmParams::mma_double_buffer
 };
 size_t moe_gemm_workspace_bytes(const MoeGemmParams& p);
 void moe_gemm_cuda(const MoeGemmParams& p, void* workspace, cudaStream_t stream);
