@@ -18,6 +18,14 @@ bool moe_fused_decode() {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// DSV4_CUDA_MOE_DOWN_XF=1: the routed down+sum launch quantizes its float input itself (GemvParams::xf) instead of
+// reading a separately quantized copy. Opt-in: one decode MoE layer measured 15.16 us with the separate quantize
+// launch vs 19.65 us quantizing in the launch (H200, wb_gemv WB_MOE_ONLY=1, tree fad8a06).
+bool moe_down_in_launch_quant() {
+  const char* e = std::getenv("DSV4_CUDA_MOE_DOWN_XF");
+  return e && std::strcmp(e, "1") == 0;
+}
+
 }  // namespace
 
 void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
@@ -154,7 +162,7 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
   if (fused_down) {
     Scope part(*prof_, "moe_ffn.routed_down", T);
     float* h = buffer(0, size_t(n_slots) * F);
-    if (moe_fused_decode()) down.xf = h;  // quantized inside the launch (gemv.h GemvParams::xf)
+    if (moe_fused_decode() && moe_down_in_launch_quant()) down.xf = h;  // quantized inside the launch (GemvParams::xf)
     else down.xq = activations(w.down_exps.type, layout_for(w.down_exps), h, n_slots, F, false);
     cuda::moe_down_sum_cuda(down, k, stream_);
   } else {
