@@ -10,6 +10,12 @@
 // HC collapse and rms_norm's own Q8 rows measured slower and stay unused (hc.h, norm_rope.h).
 //   hc_pre control     hc_mix (24) + hc_collapse               -> hc_mix with the collapse fused (one launch)
 //   hc_head control    hc_mix (4) + hc_collapse                -> hc_mix with the collapse fused
+//   hc_pre / hc_head   the same "before" -> the cluster kernel (hc.h kHcMixCluster, session 8 round 2, compiled
+//                      but not run when written): with hc_collapse, and with the collapse spread over the cluster
+//                      (DSV4_CUDA_HC_KERNEL=cluster in the backend). Outputs equal the default's bit for bit
+//                      (tests/ops/hc_cluster_test.cpp), so the rows decide on time alone.
+//   hc_post + hc_pre   hc_post + hc_mix + hc_collapse          -> the cluster kernel with hc_post fused as well
+//                      (HcMixParams::post_y; not wired into the backend: the model calls them as two ops)
 //   attn/ffn norm      rms_norm (256-thread strided kernel) + quantize of its output for the Q8_0 projections
 //                      -> rms_norm (register kernel) writing the split-layout Q8 rows itself
 //   q_a norm           row_finish (1024 wide) + quantize       -> row_finish writing the Q8 rows itself
@@ -105,7 +111,7 @@ struct Row {
 };
 
 void print_row(const Row& r, const std::string& card, FILE* csv) {
-  std::printf("%-34s %3d -> %d   %9.2f %9.2f   %9.2f %9.2f", r.name.c_str(), r.launches_before, r.launches_after,
+  std::printf("%-40s %3d -> %d   %9.2f %9.2f   %9.2f %9.2f", r.name.c_str(), r.launches_before, r.launches_after,
               r.before.graph_us, r.after.graph_us, r.before.eager_us, r.after.eager_us);
   if (r.bytes > 0) std::printf("   %6.0f GB/s", r.bytes / (r.after.graph_us * 1e-6) / 1e9);
   std::printf("\n");
@@ -116,8 +122,14 @@ void print_row(const Row& r, const std::string& card, FILE* csv) {
                  r.bytes > 0 ? r.bytes / (r.after.graph_us * 1e-6) / 1e9 : 0.0);
 }
 
-// hc_pre (n_mix 24) or hc_head (4) control for one token of Flash width (K = 4 x 4096).
-Row hc_row(int n_mix, cudaStream_t s) {
+// hc_pre (n_mix 24) or hc_head (4) control for one token of Flash width (K = 4 x 4096). "before" is always the
+// backend's default (ticket kernel + hc_collapse_cuda); "after" is one of
+enum class HcAfter {
+  TicketFused,    // the ticket kernel with the collapse fused (one CTA walks X after the Sinkhorn; unused)
+  Cluster,        // the cluster kernel (kHcMixCluster), the collapse a launch of its own
+  ClusterFused,   // the cluster kernel with the collapse spread over its CTAs: DSV4_CUDA_HC_KERNEL=cluster
+};
+Row hc_row(int n_mix, HcAfter after, cudaStream_t s) {
   const int64_t K = 16384, d = K / 4;
   const int64_t fn_bytes = int64_t(n_mix) * K * 2;
   DeviceArray<uint8_t> fn(size_t(fn_bytes * kReps));
@@ -128,18 +140,65 @@ Row hc_row(int n_mix, cudaStream_t s) {
                      scale{std::span<const float>(hscale)}, out(64), a{size_t(d)};
   DeviceArray<uint8_t> ws(hc_mix_workspace_bytes(1, K));
   ws.fill_bytes(0);
+  auto seq = [&](bool fused, int kernel) {
+    return [&, fused, kernel](int i) {
+      HcMixParams p;
+      p.fn = fn.get() + i * fn_bytes, p.n_mix = n_mix, p.X = X.get(), p.K = K, p.n_tokens = 1, p.base = base.get();
+      p.scale = scale.get(), p.pre = out.get(), p.post = out.get() + 4, p.comb = out.get() + 8, p.w = out.get();
+      p.workspace = ws.get(), p.kernel = kernel;
+      if (fused) p.a = a.get();
+      hc_mix_cuda(p, s);
+      if (!fused) hc_collapse_cuda(X.get(), out.get(), 1, d, a.get(), s);
+    };
+  };
+  const bool fused = after != HcAfter::Cluster;
+  const int kernel = after == HcAfter::TicketFused ? kHcMixTicket : kHcMixCluster;
+  std::string name = n_mix == 24 ? "hc_pre control" : "hc_head control";
+  name += after == HcAfter::TicketFused ? " (ticket, fused coll.)"
+          : after == HcAfter::Cluster   ? " (cluster + collapse)"
+                                        : " (cluster, fused coll.)";
+  // The cluster kernel falls back to the ticket kernel where it cannot be placed: say so instead of timing that.
+  if (kernel == kHcMixCluster && !hc_mix_cluster_fits(n_mix, K)) name += " FELL BACK";
+  Row r{name, 2, fused ? 1 : 2, {}, {}};
+  r.before = time_seq(s, seq(false, kHcMixTicket));
+  r.after = time_seq(s, seq(fused, kernel));
+  return r;
+}
+
+// The model's hc_post -> hc_pre pair (sublayer boundary): hc_post_cuda + hc_mix (ticket) + hc_collapse (3 launches)
+// -> the cluster kernel with hc_post and the collapse fused (HcMixParams::post_y; 1 launch). X is updated in place
+// every repetition in both sequences (post 0.5, comb 0.25: X stays bounded).
+Row hc_post_row(int n_mix, cudaStream_t s) {
+  const int64_t K = 16384, d = K / 4;
+  const int64_t fn_bytes = int64_t(n_mix) * K * 2;
+  DeviceArray<uint8_t> fn(size_t(fn_bytes * kReps));
+  random_device_weights(QType::F16, fn.get(), fn.size(), 98u);
+  check(cudaDeviceSynchronize(), "weights");
+  std::vector<float> hbase(24, 0.1f), hscale = {0.5f, 0.5f, 0.5f}, hpost(4, 0.5f), hcomb(16, 0.25f);
+  DeviceArray<float> X = random_floats(size_t(K), 4), y = random_floats(size_t(d), 5);
+  DeviceArray<float> base{std::span<const float>(hbase)}, scale{std::span<const float>(hscale)};
+  DeviceArray<float> pw{std::span<const float>(hpost)}, pc{std::span<const float>(hcomb)}, out(64), a{size_t(d)};
+  DeviceArray<uint8_t> ws(hc_mix_workspace_bytes(1, K));
+  ws.fill_bytes(0);
   auto seq = [&](bool fused) {
     return [&, fused](int i) {
       HcMixParams p;
       p.fn = fn.get() + i * fn_bytes, p.n_mix = n_mix, p.X = X.get(), p.K = K, p.n_tokens = 1, p.base = base.get();
       p.scale = scale.get(), p.pre = out.get(), p.post = out.get() + 4, p.comb = out.get() + 8, p.w = out.get();
       p.workspace = ws.get();
-      if (fused) p.a = a.get();
+      if (fused) {
+        p.kernel = kHcMixCluster, p.a = a.get(), p.post_y = y.get(), p.post_w = pw.get(), p.post_comb = pc.get();
+        hc_mix_cuda(p, s);
+        return;
+      }
+      hc_post_cuda(X.get(), y.get(), pw.get(), pc.get(), 1, d, s);
       hc_mix_cuda(p, s);
-      if (!fused) hc_collapse_cuda(X.get(), out.get(), 1, d, a.get(), s);
+      hc_collapse_cuda(X.get(), out.get(), 1, d, a.get(), s);
     };
   };
-  Row r{n_mix == 24 ? "hc_pre control (mix+sinkhorn+collapse)" : "hc_head control (mix+weights+collapse)", 2, 1, {}, {}};
+  std::string name = n_mix == 24 ? "hc_post+hc_pre (cluster, all fused)" : "hc_post+hc_head (cluster, all fused)";
+  if (!hc_mix_cluster_post_fits(n_mix, K)) name += " FELL BACK";
+  Row r{name, 3, 1, {}, {}};
   r.before = time_seq(s, seq(false));
   r.after = time_seq(s, seq(true));
   return r;
@@ -257,10 +316,14 @@ int main(int argc, char** argv) {
     if (csv) std::fprintf(csv, "card,case,launches_before,launches_after,graph_us_before,graph_us_after,"
                                "eager_us_before,eager_us_after,gbs_after\n");
     std::printf("one token; us per sequence (graph of %d sequences / eager launches), median of 20\n", kReps);
-    std::printf("%-34s %-9s %9s %9s   %9s %9s\n", "sequence", "launches", "graph bef", "graph aft", "eager bef",
+    std::printf("%-40s %-9s %9s %9s   %9s %9s\n", "sequence", "launches", "graph bef", "graph aft", "eager bef",
                 "eager aft");
-    print_row(hc_row(24, s), card, csv);
-    print_row(hc_row(4, s), card, csv);
+    for (const HcAfter after : {HcAfter::TicketFused, HcAfter::Cluster, HcAfter::ClusterFused}) {
+      print_row(hc_row(24, after, s), card, csv);
+      print_row(hc_row(4, after, s), card, csv);
+    }
+    print_row(hc_post_row(24, s), card, csv);
+    print_row(hc_post_row(4, s), card, csv);
     print_row(norm_only_row(s), card, csv);
     print_row(norm_row(s), card, csv);
     print_row(qa_norm_row(s), card, csv);

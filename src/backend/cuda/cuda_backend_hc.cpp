@@ -1,7 +1,23 @@
 // CudaBackend: hyper-connection control (hc_pre, hc_head).
+#include <cstdlib>
+#include <cstring>
+
 #include "backend/cuda/cuda_backend_impl.h"
 
 namespace dsv4::cuda_impl {
+
+namespace {
+
+// DSV4_CUDA_HC_KERNEL=cluster: the decode HC control runs the cluster kernel of hc_mix_cuda with the collapse
+// fused in (hc.h, kHcMixCluster; one launch instead of two, the partials meeting in distributed shared memory).
+// Opt-in until timed: compiled, not yet run on a GPU. Its outputs equal the default launches' bit for bit
+// (tests/ops/hc_cluster_test.cpp), so switching it changes timing only. Read per call so a test can switch it.
+bool hc_cluster_decode(int n_mix, int64_t K) {
+  const char* e = std::getenv("DSV4_CUDA_HC_KERNEL");
+  return e && std::strcmp(e, "cluster") == 0 && cuda::hc_mix_cluster_fits(n_mix, K);
+}
+
+}  // namespace
 
 void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
                          float* comb) {
@@ -19,8 +35,10 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
     hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
     hp.base = base, hp.scale = scale, hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
     hp.pre = pre, hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+    const bool cluster = hc_cluster_decode(cuda::kHcMix, nd);
+    if (cluster) hp.kernel = cuda::kHcMixCluster, hp.a = a;  // the collapse spread over the cluster's CTAs
     cuda::hc_mix_cuda(hp, stream_);
-    cuda::hc_collapse_cuda(X, pre, T, p.d, a, stream_);
+    if (!cluster) cuda::hc_collapse_cuda(X, pre, T, p.d, a, stream_);
     wrote(a, size_t(T) * p.d * sizeof(float));
     wrote(post, size_t(T) * 4 * sizeof(float));
     wrote(comb, size_t(T) * 16 * sizeof(float));
@@ -51,6 +69,12 @@ void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float
     hp.fn = weight(w.fn), hp.n_mix = 4, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
     hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.eps = p.hc_eps, hp.w = hw;
     hp.workspace = hc_mix_workspace(nd);
+    if (hc_cluster_decode(4, nd)) {  // projection + head weights + collapse in one cluster launch
+      hp.kernel = cuda::kHcMixCluster, hp.a = h;
+      cuda::hc_mix_cuda(hp, stream_);
+      wrote(h, size_t(T) * p.d * sizeof(float));
+      return;
+    }
     cuda::hc_mix_cuda(hp, stream_);
   } else {
     dmatmul(w.fn, -1, X, T, mix, nullptr, nullptr, false, /*gemm=*/false);

@@ -2,7 +2,10 @@
 // the summation order of the CPU loop (sum over o in order, then over i in order).
 #include "backend/cuda/hc.h"
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
+
+#include <atomic>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
@@ -71,6 +74,16 @@ __device__ __forceinline__ float collapse_value(const float (&v)[N], const float
   float acc = 0.0f;
 #pragma unroll
   for (int i = 0; i < N; ++i) acc += w[i] * v[i];
+  return acc;
+}
+
+// The new stream o of hc_post from the 4 old stream values of one dim: the one expression of hc_post_kernel and
+// of the cluster kernel's fused hc_post, so the two agree bit for bit.
+__device__ __forceinline__ float post_value(const float (&in)[N], float yv, const float* post, const float* comb,
+                                            int o) {
+  float acc = post[o] * yv;
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc += comb[i * N + o] * in[i];
   return acc;
 }
 
@@ -190,6 +203,193 @@ __global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int6
   collapse_token(p.X + t * p.K, wts, p.K / N, p.a + t * (p.K / N));
 }
 
+// ---- cluster variant (kHcMixCluster, see hc.h) -------------------------------------------------------------------
+// Why it should be faster at Flash width (one token, K = 16384; compiled, not yet timed): the ticket kernel's
+// critical path after the loads is warp sums -> partials to global -> __threadfence -> atomic ticket (an L2 round
+// trip) -> the last CTA's __threadfence + loads of 64 partials (another L2 round trip) -> Sinkhorn -> kernel end ->
+// the collapse launch (a graph node gap plus an L2 round trip for X). Here: warp sums -> one cluster barrier ->
+// 64 DSMEM loads (SM-to-SM, a fraction of an L2 round trip) -> Sinkhorn -> the collapse from registers loaded at
+// kernel start. The weight bytes in flight are unchanged (786 KB, every load issued before the first use), spread
+// over 16 SMs instead of 64: 48 KiB of fn + 4 KiB of X per SM, within what one SM keeps in flight (Little's law:
+// ~25 KB per SM covers the DRAM latency at full rate; 16 SMs reach ~1/8 of the chip's bandwidth, i.e. ~0.2 us of
+// transfer for 786 KB, below the ~1.5 us of round trips removed).
+constexpr int kClusterMax = 16;     // non-portable cluster size (sm_90 allows 16 with the opt-in attribute)
+constexpr int kClusterChunks = 4;   // chunks per CTA at most: 4 x 128 threads
+constexpr int kClusterThreads = kClusterChunks * kMixThreads;
+
+struct ClusterShape {
+  int cs = 0, cpc = 0;  // CTAs per cluster (one cluster per token), chunks per CTA
+};
+ClusterShape cluster_shape(int64_t K, bool fuse_post) {
+  const int64_t chunks = mix_chunks(K);
+  ClusterShape s;
+  if (fuse_post) {  // each CTA: 256 dims of all 4 streams (the caller checked d % 256 == 0, d <= 4096)
+    s.cs = int(K / N / kMixChunk), s.cpc = N;
+    return s;
+  }
+  s.cs = int(chunks < kClusterMax ? chunks : kClusterMax);
+  s.cpc = int((chunks + s.cs - 1) / s.cs);
+  return s;
+}
+
+// Sums each of the NV values v[] (NV a power of two, <= 32) over the warp on the tree of warp_sum (first lane l with
+// l ^ 16, then l ^ 8, ...; float addition is commutative, so each partial sum is the same whichever lane forms it),
+// but with 31 shuffles for NV = 32 instead of 5 x NV: at each level a lane keeps half of its values and receives
+// its partner's partials of them. Afterwards v[0] of lane l holds the full sum of value l >> log2(32 / NV).
+template <int NV, int n, int o>
+__device__ __forceinline__ void transposed_warp_sum(float (&v)[NV], int lane) {
+  if constexpr (o > 0) {
+    if constexpr (n > 1) {
+      constexpr int h = n / 2;
+      const bool upper = (lane & o) != 0;
+#pragma unroll
+      for (int i = 0; i < h; ++i) {
+        const float send = upper ? v[i] : v[i + h];
+        const float keep = upper ? v[i + h] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFullMask, send, o);
+      }
+      transposed_warp_sum<NV, h, o / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], o);
+      transposed_warp_sum<NV, 1, o / 2>(v, lane);
+    }
+  }
+}
+
+// Grid (cs, T), cluster (cs, 1, 1), cpc x 128 threads. Warp w of CTA `rank` does what warp w % 4 of the ticket
+// kernel's CTA for chunk rank * cpc + w / 4 does, on the same columns.
+template <int M>
+__global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMixParams p, int chunks, int cpc) {
+  namespace cg = cooperative_groups;
+  constexpr int kV = M + 1 <= 8 ? 8 : 32;  // values per warp sum, padded to a power of two
+  constexpr int kPerValue = 32 / kV;       // lanes holding each finished value
+  static_assert(M + 1 <= kV, "hc_mix_cluster_kernel: too many values");
+  __shared__ float red[kClusterThreads / 32][M + 1];
+  __shared__ float part[kClusterChunks][M + 1];
+  __shared__ float gathered[kClusterMax * kClusterChunks][M + 1];
+  __shared__ float total[M + 1];
+  __shared__ float ctl[2 * N + N * N];  // pre (or w), post, comb of this token
+  __shared__ float xn[kClusterChunks][kMixChunk];  // fused hc_post: the new X of this CTA's dims, stream-major
+  cg::cluster_group cluster = cg::this_cluster();
+  const int64_t t = blockIdx.y;
+  const int rank = int(cluster.block_rank()), cs = int(cluster.num_blocks());
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float* Xt = p.X + t * p.K;
+  // With the fused hc_post (cs = d / 256, cpc = 4) warp group q takes chunk q * cs + rank: stream q, dims
+  // rank * 256 + [0, 256), so the CTA holds all 4 streams of its dims; otherwise chunk rank * cpc + q.
+  const bool fuse_post = p.post_y != nullptr;
+  const int q = warp / 4, tq = threadIdx.x % kMixThreads;
+  const int64_t chunk = fuse_post ? int64_t(q) * cs + rank : int64_t(rank) * cpc + q;
+  const int64_t c = chunk * kMixChunk + 2 * tq;
+  // The collapse slice of this CTA: one dim per thread (dims per CTA = ceil(K / 4 / cs) <= 64 cpc < blockDim.x),
+  // its 4 stream values loaded now, beside the weights, so they are in registers when the weights are known
+  // (with the fused hc_post they are the new values, kept in xn).
+  const int64_t d = p.K / N, dpc = (d + cs - 1) / cs, k = int64_t(rank) * dpc + threadIdx.x;
+  const bool collapse = p.a && threadIdx.x < dpc && k < d;
+  float cv[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) cv[i] = collapse && !fuse_post ? Xt[int64_t(i) * d + k] : 0.0f;
+  // The ticket kernel's per-thread products on the same columns (all weight loads issued first).
+  const bool active = c < p.K;
+  const __half2* fn = static_cast<const __half2*>(p.fn);
+  __half2 h[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) h[j] = active ? fn[(j * p.K + c) / 2] : __half2{};
+  float2 x = active && !fuse_post ? *reinterpret_cast<const float2*>(Xt + c) : make_float2(0.0f, 0.0f);
+  if (fuse_post) {  // hc_post_kernel's values for (stream q, dims c - q d, +1), written back to X in place
+    __shared__ float2 xo[kClusterChunks][kMixThreads];
+    xo[q][tq] = *reinterpret_cast<const float2*>(Xt + c);
+    const float2 yv = *reinterpret_cast<const float2*>(p.post_y + t * d + (c - int64_t(q) * d));
+    __syncthreads();
+    float in0[N], in1[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) in0[i] = xo[i][tq].x, in1[i] = xo[i][tq].y;
+    x.x = post_value(in0, yv.x, p.post_w + t * N, p.post_comb + t * N * N, q);
+    x.y = post_value(in1, yv.y, p.post_w + t * N, p.post_comb + t * N * N, q);
+    *reinterpret_cast<float2*>(const_cast<float*>(Xt) + c) = x;
+    xn[q][2 * tq] = x.x, xn[q][2 * tq + 1] = x.y;  // read by the collapse after the barriers below
+  }
+  float acc[kV];
+#pragma unroll
+  for (int j = 0; j < kV; ++j) acc[j] = 0.0f;
+  if (active) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float2 f = __half22float2(h[j]);
+      acc[j] = f.x * x.x + f.y * x.y;
+    }
+    acc[M] = x.x * x.x + x.y * x.y;
+  }
+  transposed_warp_sum<kV, kV, 16>(acc, lane);
+  if (lane % kPerValue == 0 && lane / kPerValue <= M) red[warp][lane / kPerValue] = acc[0];
+  __syncthreads();
+  if (threadIdx.x < cpc * (M + 1)) {  // chunk partials: the 4 warp sums in warp order, as the ticket kernel
+    const int q = threadIdx.x / (M + 1), j = threadIdx.x % (M + 1);
+    float v = 0.0f;
+    for (int w = 0; w < kMixThreads / 32; ++w) v += red[q * (kMixThreads / 32) + w][j];
+    part[q][j] = v;
+  }
+  cluster.sync();  // every CTA's partials written (release / acquire at cluster scope)
+  // Every CTA gathers all chunk partials of the token into its own shared memory: chunks x (M + 1) <= 16 x cpc x
+  // 25 values, at most 4 per thread (blockDim = 128 cpc), all loads issued before the stores (one DSMEM round trip).
+  constexpr int kGather = (kClusterMax * (M + 1) + kMixThreads - 1) / kMixThreads;
+  {
+    const int n = chunks * (M + 1);
+    float g[kGather];
+#pragma unroll
+    for (int u = 0; u < kGather; ++u) {
+      const int idx = threadIdx.x + u * blockDim.x, ch = idx / (M + 1), j = idx % (M + 1);
+      const int r = fuse_post ? ch % cs : ch / cpc, lq = fuse_post ? ch / cs : ch % cpc;
+      g[u] = idx < n ? cluster.map_shared_rank(&part[0][0], r)[lq * (M + 1) + j] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kGather; ++u) {
+      const int idx = threadIdx.x + u * blockDim.x;
+      if (idx < n) (&gathered[0][0])[idx] = g[u];
+    }
+  }
+  // No CTA may exit while another still reads its `part`: arrive once the reads are done, wait before leaving.
+  cluster.barrier_arrive();
+  __syncthreads();
+  if (threadIdx.x <= M) {  // the chunk-ordered sum of the ticket kernel
+    float v = 0.0f;
+    for (int ch = 0; ch < chunks; ++ch) v += gathered[ch][threadIdx.x];
+    total[threadIdx.x] = v;
+  }
+  __syncthreads();
+  const bool out = rank == 0;  // the CTA writing the control outputs
+  if (warp == 0 && (out || p.a)) {  // the ticket kernel's finish, into shared memory
+    const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
+    if (out && lane == 0 && p.rs_out) p.rs_out[t] = rs;
+    if (out && p.mix_out && lane < M) p.mix_out[t * M + lane] = total[lane];
+    if constexpr (M == kHcMix) {
+      const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
+      sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, p.base, p.scale, p.iters, p.eps, ctl, ctl + N,
+                          ctl + 2 * N);
+    } else {
+      if (lane < N) ctl[lane] = sigmoidf_(total[lane] * rs * p.scale[0] + p.base[lane]) + p.eps;
+    }
+  }
+  __syncthreads();
+  if (out) {
+    if constexpr (M == kHcMix) {
+      if (threadIdx.x < N) p.pre[t * N + threadIdx.x] = ctl[threadIdx.x];
+      else if (threadIdx.x < 2 * N) p.post[t * N + threadIdx.x - N] = ctl[threadIdx.x];
+      else if (threadIdx.x < 2 * N + N * N) p.comb[t * N * N + threadIdx.x - 2 * N] = ctl[threadIdx.x];
+    } else {
+      if (threadIdx.x < N) p.w[t * N + threadIdx.x] = ctl[threadIdx.x];
+    }
+  }
+  if (collapse) {
+    if (fuse_post) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) cv[i] = xn[i][threadIdx.x];  // dpc = 256: this CTA's dims
+    }
+    p.a[t * d + k] = collapse_value(cv, ctl);  // ctl[0..3]: pre (hc_pre) or w (hc_head)
+  }
+  cluster.barrier_wait();
+}
+
 // One thread per (token, dim): reads the 4 stream values of that dim.
 __global__ void hc_collapse_kernel(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -212,14 +412,8 @@ __global__ void hc_post_kernel(float* X, const float* y, const float* post, cons
 #pragma unroll
   for (int i = 0; i < N; ++i) in[i] = x[int64_t(i) * d];
   const float yv = y[idx];
-  const float* c = comb + t * N * N;
 #pragma unroll
-  for (int o = 0; o < N; ++o) {
-    float acc = post[t * N + o] * yv;
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc += c[i * N + o] * in[i];
-    x[int64_t(o) * d] = acc;
-  }
+  for (int o = 0; o < N; ++o) x[int64_t(o) * d] = post_value(in, yv, post + t * N, comb + t * N * N, o);
 }
 
 // w[t][i] = sigmoid(mix[t][i] * mix_scale[t] * scale[0] + base[i]) + eps, one thread per (token, stream).
@@ -244,6 +438,79 @@ void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream) {
   check_launch("hc_split_sinkhorn_kernel");
 }
 
+namespace {
+
+cudaLaunchConfig_t cluster_config(const ClusterShape& s, int64_t n_tokens, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(s.cs), unsigned(n_tokens));
+  cfg.blockDim = dim3(unsigned(s.cpc * kMixThreads));
+  cfg.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = unsigned(s.cs), attr->val.clusterDim.y = 1, attr->val.clusterDim.z = 1;
+  cfg.attrs = attr, cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Clusters above 8 CTAs need the opt-in attribute (set once per kernel; not a stream operation, so it is also
+// safe while a graph is being captured).
+template <int M>
+void allow_large_clusters() {
+  static const bool done = [] {
+    check(cudaFuncSetAttribute(hc_mix_cluster_kernel<M>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+          "hc_mix_cluster_kernel: cluster size attribute");
+    return true;
+  }();
+  (void)done;
+}
+
+// Whether one cluster of this shape can be resident on the device (a GPC must hold cs CTAs of cpc x 128 threads).
+// Cached per (n_mix, shape): the query is a driver call, and hc_pre runs 86 times per decoded token.
+template <int M>
+bool cluster_placeable(const ClusterShape& s) {
+  static std::atomic<int8_t> known[kClusterMax + 1][kClusterChunks + 1] = {};  // 0 unknown, 1 yes, -1 no
+  std::atomic<int8_t>& k = known[s.cs][s.cpc];
+  int8_t v = k.load(std::memory_order_relaxed);
+  if (v == 0) {
+    allow_large_clusters<M>();
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(s, 1, nullptr, &attr);
+    int n = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, hc_mix_cluster_kernel<M>, &cfg);
+    if (err != cudaSuccess) (void)cudaGetLastError();  // an unplaceable shape: answer no, leave no sticky error
+    v = err == cudaSuccess && n > 0 ? 1 : -1;
+    k.store(v, std::memory_order_relaxed);
+  }
+  return v > 0;
+}
+
+template <int M>
+void launch_mix_cluster(const HcMixParams& p, cudaStream_t stream) {
+  const ClusterShape s = cluster_shape(p.K, p.post_y != nullptr);
+  allow_large_clusters<M>();
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(s, p.n_tokens, stream, &attr);
+  check(cudaLaunchKernelEx(&cfg, hc_mix_cluster_kernel<M>, p, int(mix_chunks(p.K)), s.cpc),
+        "hc_mix_cluster_kernel launch");
+  check_launch("hc_mix_cluster_kernel");
+}
+
+}  // namespace
+
+bool hc_mix_cluster_fits(int n_mix, int64_t K) {
+  if ((n_mix != kHcMix && n_mix != N) || K <= 0 || K % 2 != 0) return false;
+  if (mix_chunks(K) > int64_t(kClusterMax) * kClusterChunks) return false;
+  const ClusterShape s = cluster_shape(K, false);
+  return n_mix == kHcMix ? cluster_placeable<kHcMix>(s) : cluster_placeable<N>(s);
+}
+
+bool hc_mix_cluster_post_fits(int n_mix, int64_t K) {
+  if ((n_mix != kHcMix && n_mix != N) || K <= 0 || K % (N * kMixChunk) != 0) return false;
+  if (K / N > int64_t(kClusterMax) * kMixChunk) return false;
+  const ClusterShape s = cluster_shape(K, true);
+  return n_mix == kHcMix ? cluster_placeable<kHcMix>(s) : cluster_placeable<N>(s);
+}
+
 size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
   return size_t((n_tokens * 4 + 15) / 16 * 16) + size_t(n_tokens * mix_chunks(K) * (kHcMix + 1)) * sizeof(float);
 }
@@ -251,7 +518,14 @@ size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (p.n_mix != kHcMix && p.n_mix != N) fail("hc_mix_cuda: n_mix=%d (24 for hc_pre, 4 for hc_head)", p.n_mix);
   if (p.K <= 0 || p.K % 2 != 0) fail("hc_mix_cuda: K=%lld must be positive and even", (long long)p.K);
-  if (!p.fn || !p.X || !p.base || !p.scale || !p.workspace) fail("hc_mix_cuda: fn, X, base, scale, workspace needed");
+  if (p.kernel != kHcMixTicket && p.kernel != kHcMixCluster) fail("hc_mix_cuda: unknown kernel %d", p.kernel);
+  const bool fuse_post = p.post_y || p.post_w || p.post_comb;
+  if (fuse_post && (!p.post_y || !p.post_w || !p.post_comb || p.kernel != kHcMixCluster || p.K % N != 0))
+    fail("hc_mix_cuda: a fused hc_post needs post_y, post_w, post_comb, the cluster kernel and K = %d x d", N);
+  const bool cluster = p.kernel == kHcMixCluster &&
+                       (fuse_post ? hc_mix_cluster_post_fits(p.n_mix, p.K) : hc_mix_cluster_fits(p.n_mix, p.K));
+  if (!p.fn || !p.X || !p.base || !p.scale || (!cluster && !p.workspace))
+    fail("hc_mix_cuda: fn, X, base, scale and (ticket kernel) workspace needed");
   if (p.n_mix == kHcMix && (!p.pre || !p.post || !p.comb || p.iters < 1))
     fail("hc_mix_cuda: hc_pre needs pre, post, comb and iters >= 1 (got %d)", p.iters);
   if (p.n_mix == N && !p.w) fail("hc_mix_cuda: hc_head needs w");
@@ -259,6 +533,13 @@ void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (p.n_tokens <= 0) return;
   if (p.n_tokens > 65535) fail("hc_mix_cuda: %lld tokens in one launch (max 65535)", (long long)p.n_tokens);
   const int64_t chunks = mix_chunks(p.K);
+  if (cluster) {
+    if (p.n_mix == kHcMix) launch_mix_cluster<kHcMix>(p, stream);
+    else launch_mix_cluster<N>(p, stream);
+    return;
+  }
+  // The ticket kernel (default, or the cluster kernel's fallback: the same results), after the separate hc_post.
+  if (fuse_post) hc_post_cuda(const_cast<float*>(p.X), p.post_y, p.post_w, p.post_comb, p.n_tokens, p.K / N, stream);
   const dim3 grid(unsigned(chunks), unsigned(p.n_tokens));
   if (p.n_mix == kHcMix) hc_mix_kernel<kHcMix><<<grid, kMixThreads, 0, stream>>>(p, chunks);
   else hc_mix_kernel<N><<<grid, kMixThreads, 0, stream>>>(p, chunks);

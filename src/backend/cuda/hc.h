@@ -75,8 +75,35 @@ struct HcMixParams {
   float* a = nullptr;
   float* mix_out = nullptr;  // optional: raw mix [T, n_mix] (tests, diagnostics)
   float* rs_out = nullptr;   // optional: rs [T]
-  void* workspace = nullptr;
+  void* workspace = nullptr;  // the ticket kernel's (kernel == kHcMixTicket); unused by the cluster kernel
+  int kernel = 0;             // kHcMixTicket (default) or kHcMixCluster
+  // Optional, with kernel == kHcMixCluster: the previous sublayer's hc_post applied to X IN PLACE first (X is
+  // written through), X[t][o] = post_w[t][o] * post_y[t] + sum_i post_comb[t][i][o] * X[t][i] (equal to
+  // hc_post_cuda bit for bit), and the control computed on the new X: the model's hc_post -> hc_pre pair in one
+  // launch (not wired into the backend: that needs an op-table change; tests and wb_small only). Each CTA then
+  // owns 256 dims of all 4 streams (chunk q * cs + rank), so it needs d = K / 4 a multiple of 256 and <= 4096
+  // (hc_mix_cluster_post_fits); otherwise hc_mix_cuda runs hc_post_cuda and then the ticket kernel (same bits).
+  // post_w / post_comb may alias post / comb (every CTA reads them before rank 0 writes the new ones).
+  const float* post_y = nullptr;     // [T, d]
+  const float* post_w = nullptr;     // [T, 4]
+  const float* post_comb = nullptr;  // [T, 4, 4]
 };
+// kHcMixCluster (opt-in: DSV4_CUDA_HC_KERNEL=cluster in the backend; compiled, not yet run on a GPU): the K-split
+// partials of a token meet in distributed shared memory of one thread-block cluster instead of global memory,
+// so the __threadfence + atomic ticket + L2 round trip of the partials leave the critical path, and with `a` set
+// the collapse is spread over the cluster's CTAs (each one 1/cs of the dims, its X values loaded at kernel start)
+// instead of one CTA walking 64 KiB after the Sinkhorn. Every CTA of the cluster reduces the partials and runs
+// the 4x4 Sinkhorn itself (the same operations on the same values, so the same bits), which spares a second
+// cluster barrier between the Sinkhorn and the collapse; rank 0 alone writes the control outputs. Same chunk
+// partials (256 columns, 4 warp sums each, the warp sums on the tree of warp_sum) and the same chunk-ordered sum
+// as the ticket kernel, so every output equals the ticket kernel's (and `a` equals hc_collapse_cuda) bit for bit.
+// Shape: one cluster of cs = min(16, chunks) CTAs per token, ceil(chunks / cs) <= 4 chunks per CTA (128 threads
+// per chunk), so K <= 16384 (Flash: 4 x 4096 = 16 CTAs of 512 threads). When the shape does not apply or cannot
+// be placed on this device (hc_mix_cluster_fits false), hc_mix_cuda runs the ticket kernel (same results).
+inline constexpr int kHcMixTicket = 0;
+inline constexpr int kHcMixCluster = 1;
+bool hc_mix_cluster_fits(int n_mix, int64_t K);
+bool hc_mix_cluster_post_fits(int n_mix, int64_t K);
 size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K);
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream);
 

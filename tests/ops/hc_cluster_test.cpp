@@ -1,0 +1,330 @@
+// The cluster variant of the fused HC control (hc_mix_cuda with kernel = kHcMixCluster, hc.h) against the default
+// ticket kernel and the CPU twin, at Flash width (4 streams x 4096, Sinkhorn 20 iterations) and at odd shapes.
+//
+// Tolerance: none against the ticket kernel. The cluster kernel forms the same per-thread products, the same warp
+// sums (the tree of warp_sum, reached with fewer shuffles), the same 4-warp chunk partials and the same
+// chunk-ordered total, then runs the same Sinkhorn function, so mix, rs, pre/post/comb (or w) must be equal BIT FOR
+// BIT, and the fused collapse `a` must equal hc_collapse_cuda on those weights bit for bit (memcmp, so -0 vs +0 or
+// a NaN would also fail). Against the CPU twin (double projection and RMS, test::hc_sinkhorn_ref) the bounds of
+// small_ops_test.cpp hc_mix_case apply: 1e-4 absolute on pre/post/comb/w (values in (0, 2]; see there), and `a`
+// vs a double collapse of the kernel's own weights 4e-6 relative to max(|ref|, 1) (four fp32 FMAs whose partial
+// sums reach |8| at most for N(0,1) streams: <= 4 x 0.5 ulp(8) = 1.9e-6 absolute, doubled for margin).
+// The fused hc_post is held to hc_post_cuda bit for bit (hc_post_cuda itself is checked against its CPU twin in
+// small_ops_test.cpp HcCollapseAndPost).
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/hc.h"
+#include "ops_common.h"
+#include "ops_reference.h"
+
+namespace dsv4 {
+namespace {
+
+using cuda::DeviceArray;
+template <typename T>
+DeviceArray<T> upload(const std::vector<T>& v) {
+  return DeviceArray<T>(std::span<const T>(v));
+}
+
+// Bitwise equality of two float vectors; reports the first differing index.
+::testing::AssertionResult same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return ::testing::AssertionFailure() << "sizes " << a.size() << " vs " << b.size();
+  for (size_t i = 0; i < a.size(); ++i) {
+    uint32_t x, y;
+    std::memcpy(&x, &a[i], 4);
+    std::memcpy(&y, &b[i], 4);
+    if (x != y) return ::testing::AssertionFailure() << "index " << i << ": " << a[i] << " vs " << b[i];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+struct Outputs {
+  std::vector<float> mix, rs, pre, post, comb, w, a;
+};
+
+struct Case {
+  int n_mix;
+  int64_t T, K;
+  uint64_t seed;
+};
+
+// One launch of hc_mix_cuda with the given kernel (and the fused collapse when `fused`); the ticket kernel's
+// collapse is hc_collapse_cuda, the separate launch the backend issues.
+Outputs run_mix(const Case& c, int kernel, bool fused, const DeviceArray<uint8_t>& fn, const DeviceArray<float>& X,
+                const DeviceArray<float>& base, const DeviceArray<float>& scale) {
+  const int64_t T = c.T, d = c.K / 4;
+  DeviceArray<float> pre(size_t(T * 4)), post(size_t(T * 4)), comb(size_t(T * 16)), w(size_t(T * 4));
+  DeviceArray<float> mix(size_t(T * c.n_mix)), rs{size_t(T)}, a(size_t(T * d));
+  for (auto* b : {&pre, &post, &comb, &w, &mix, &rs, &a}) b->fill_bytes(0xFF);  // NaN: unwritten values fail
+  DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(T, c.K));
+  ws.fill_bytes(0);
+  cuda::HcMixParams p;
+  p.fn = fn.get(), p.n_mix = c.n_mix, p.X = X.get(), p.K = c.K, p.n_tokens = T, p.base = base.get();
+  p.scale = scale.get(), p.pre = pre.get(), p.post = post.get(), p.comb = comb.get(), p.w = w.get();
+  p.mix_out = mix.get(), p.rs_out = rs.get(), p.kernel = kernel;
+  p.workspace = kernel == cuda::kHcMixTicket ? ws.get() : nullptr;  // the cluster kernel needs none
+  if (fused) p.a = a.get();
+  cuda::hc_mix_cuda(p, nullptr);
+  if (!fused) cuda::hc_collapse_cuda(X.get(), c.n_mix == 24 ? pre.get() : w.get(), T, d, a.get(), nullptr);
+  cuda::check(cudaDeviceSynchronize(), "hc_cluster_test: run_mix");
+  Outputs o{mix.download(), rs.download(), {}, {}, {}, {}, a.download()};
+  if (c.n_mix == 24) o.pre = pre.download(), o.post = post.download(), o.comb = comb.download();
+  else o.w = w.download();
+  return o;
+}
+
+void cluster_case(const Case& c) {
+  const std::string what = "n_mix=" + std::to_string(c.n_mix) + " T=" + std::to_string(c.T) +
+                           " K=" + std::to_string(c.K);
+  ASSERT_TRUE(cuda::hc_mix_cluster_fits(c.n_mix, c.K)) << what << ": the cluster shape is not placeable here, "
+                                                       << "so the comparison would test the ticket kernel twice";
+  const auto fn = test::random_weights(QType::F16, c.n_mix, c.K, c.seed);
+  const auto X = test::random_normal(size_t(c.T * c.K), c.seed + 1);
+  const auto base = test::random_normal(size_t(c.n_mix), c.seed + 2, 0.5f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
+  const Outputs ref = run_mix(c, cuda::kHcMixTicket, false, d_fn, d_X, d_base, d_scale);
+  for (const bool fused : {true, false}) {
+    const Outputs got = run_mix(c, cuda::kHcMixCluster, fused, d_fn, d_X, d_base, d_scale);
+    const std::string w2 = what + (fused ? " fused collapse" : " separate collapse");
+    EXPECT_TRUE(same_bits(got.mix, ref.mix)) << w2 << ": mix";
+    EXPECT_TRUE(same_bits(got.rs, ref.rs)) << w2 << ": rs";
+    EXPECT_TRUE(same_bits(got.pre, ref.pre)) << w2 << ": pre";
+    EXPECT_TRUE(same_bits(got.post, ref.post)) << w2 << ": post";
+    EXPECT_TRUE(same_bits(got.comb, ref.comb)) << w2 << ": comb";
+    EXPECT_TRUE(same_bits(got.w, ref.w)) << w2 << ": w";
+    EXPECT_TRUE(same_bits(got.a, ref.a)) << w2 << ": a";
+  }
+  // A second cluster launch (no workspace state to reset) repeats itself.
+  const Outputs again = run_mix(c, cuda::kHcMixCluster, true, d_fn, d_X, d_base, d_scale);
+  EXPECT_TRUE(same_bits(again.comb, ref.comb)) << what << ": second launch";
+  EXPECT_TRUE(same_bits(again.a, ref.a)) << what << ": second launch";
+
+  // The CPU twin, independently of the ticket kernel.
+  std::vector<float> fnf(size_t(c.n_mix * c.K));
+  dequantize_row(QType::F16, fn.data(), fnf.data(), c.n_mix * c.K);
+  const int64_t d = c.K / 4;
+  std::vector<float> wts(4);
+  for (int64_t t = 0; t < c.T; ++t) {
+    const float* x = &X[size_t(t * c.K)];
+    double ss = 0;
+    for (int64_t k = 0; k < c.K; ++k) ss += double(x[k]) * x[k];
+    const double rs = 1.0 / std::sqrt(ss / double(c.K) + 1e-6);
+    std::vector<float> m(static_cast<size_t>(c.n_mix));
+    for (int j = 0; j < c.n_mix; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < c.K; ++k) s += double(fnf[size_t(j * c.K + k)]) * x[k];
+      m[size_t(j)] = float(s * rs);
+    }
+    if (c.n_mix == 24) {
+      std::vector<float> pre(4), post(4), comb(16);
+      test::hc_sinkhorn_ref(m.data(), base.data(), scale.data(), 20, 1e-6f, pre.data(), post.data(), comb.data());
+      const std::vector<float> gp(ref.pre.begin() + t * 4, ref.pre.begin() + t * 4 + 4);
+      const std::vector<float> go(ref.post.begin() + t * 4, ref.post.begin() + t * 4 + 4);
+      const std::vector<float> gc(ref.comb.begin() + t * 16, ref.comb.begin() + t * 16 + 16);
+      EXPECT_LE(test::max_abs_err(gp, pre), 1e-4) << what << " t=" << t << ": pre vs CPU twin";
+      EXPECT_LE(test::max_abs_err(go, post), 1e-4) << what << " t=" << t << ": post vs CPU twin";
+      EXPECT_LE(test::max_abs_err(gc, comb), 1e-4) << what << " t=" << t << ": comb vs CPU twin";
+      wts = gp;
+    } else {
+      std::vector<float> w(4);
+      for (int i = 0; i < 4; ++i)
+        w[size_t(i)] = 1.0f / (1.0f + std::exp(-(m[size_t(i)] * scale[0] + base[size_t(i)]))) + 1e-6f;
+      wts.assign(ref.w.begin() + t * 4, ref.w.begin() + t * 4 + 4);
+      EXPECT_LE(test::max_abs_err(wts, w), 1e-4) << what << " t=" << t << ": w vs CPU twin";
+    }
+    std::vector<double> a_ref(static_cast<size_t>(d));
+    for (int64_t k = 0; k < d; ++k)
+      for (int i = 0; i < 4; ++i) a_ref[size_t(k)] += double(wts[size_t(i)]) * x[i * d + k];
+    const std::vector<float> ga(ref.a.begin() + t * d, ref.a.begin() + (t + 1) * d);
+    EXPECT_LE(test::max_rel_err(ga, a_ref, 1.0), 4e-6) << what << " t=" << t << ": collapse vs double";
+  }
+}
+
+TEST(CudaHcCluster, BitIdenticalToTicketKernelAtFlashWidth) {
+  DSV4_REQUIRE_CUDA();
+  cluster_case({24, 1, 16384, 51});  // decode hc_pre: 16 CTAs x 4 chunks
+  cluster_case({4, 1, 16384, 52});   // decode hc_head
+  cluster_case({24, 3, 16384, 53});  // several tokens: one cluster each
+  cluster_case({4, 2, 16384, 54});
+}
+
+TEST(CudaHcCluster, BitIdenticalToTicketKernelAtOddShapes) {
+  DSV4_REQUIRE_CUDA();
+  cluster_case({24, 2, 1000, 55});   // 4 chunks, the last partial: a cluster of 4 CTAs of one chunk
+  cluster_case({24, 1, 4352, 56});   // 17 chunks: 16 CTAs x 2 chunks, 15 of the 32 chunk slots empty
+  cluster_case({4, 1, 12288, 57});   // 48 chunks: 16 x 3 (384 threads per CTA)
+  cluster_case({24, 1, 8, 58});      // one chunk, mostly idle lanes
+}
+
+// The fused hc_post (HcMixParams::post_y/post_w/post_comb): X updated in place must equal hc_post_cuda's X bit for
+// bit, and every control output the ticket kernel's on that X, bit for bit. `alias` hands the kernel the same
+// post/comb buffers for input and output, as the model's hc_post -> hc_pre pair would.
+void post_case(int n_mix, int64_t T, int64_t K, bool alias, uint64_t seed) {
+  const std::string what = "fused hc_post n_mix=" + std::to_string(n_mix) + " T=" + std::to_string(T) +
+                           " K=" + std::to_string(K) + (alias ? " aliased" : "");
+  const int64_t d = K / 4;
+  const bool fits = K % 1024 == 0 && d <= 4096;
+  EXPECT_EQ(cuda::hc_mix_cluster_post_fits(n_mix, K), fits) << what;
+  const auto fn = test::random_weights(QType::F16, n_mix, K, seed);
+  const auto X = test::random_normal(size_t(T * K), seed + 1), y = test::random_normal(size_t(T * d), seed + 2);
+  const auto base = test::random_normal(size_t(n_mix), seed + 3, 0.5f);
+  const auto pw = test::random_normal(size_t(T * 4), seed + 4, 0.5f);
+  auto pc = test::random_normal(size_t(T * 16), seed + 5, 0.2f);
+  for (auto& v : pc) v = std::fabs(v);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_base = upload(base), d_scale = upload(scale), d_y = upload(y);
+  auto run = [&](bool fused) {
+    auto d_X = upload(X), d_pw = upload(pw), d_pc = upload(pc);
+    DeviceArray<float> pre(size_t(T * 4)), post(size_t(T * 4)), comb(size_t(T * 16)), w(size_t(T * 4));
+    DeviceArray<float> mix(size_t(T * n_mix)), rs{size_t(T)}, a(size_t(T * d));
+    for (auto* b : {&pre, &post, &comb, &w, &mix, &rs, &a}) b->fill_bytes(0xFF);
+    DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(T, K));
+    ws.fill_bytes(0);
+    cuda::HcMixParams p;
+    p.fn = d_fn.get(), p.n_mix = n_mix, p.X = d_X.get(), p.K = K, p.n_tokens = T, p.base = d_base.get();
+    p.scale = d_scale.get(), p.pre = pre.get(), p.post = alias ? d_pw.get() : post.get();
+    p.comb = alias ? d_pc.get() : comb.get(), p.w = w.get(), p.mix_out = mix.get(), p.rs_out = rs.get();
+    p.workspace = ws.get(), p.a = a.get();
+    if (fused) {
+      p.kernel = cuda::kHcMixCluster, p.post_y = d_y.get(), p.post_w = d_pw.get(), p.post_comb = d_pc.get();
+    } else {
+      cuda::hc_post_cuda(d_X.get(), d_y.get(), d_pw.get(), d_pc.get(), T, d, nullptr);
+    }
+    cuda::hc_mix_cuda(p, nullptr);
+    cuda::check(cudaDeviceSynchronize(), what.c_str());
+    std::vector<std::vector<float>> o = {d_X.download(), mix.download(), rs.download(), a.download()};
+    if (n_mix == 24) {
+      o.push_back(pre.download());
+      o.push_back(alias ? d_pw.download() : post.download());
+      o.push_back(alias ? d_pc.download() : comb.download());
+    } else {
+      o.push_back(w.download());
+    }
+    return o;
+  };
+  const auto ref = run(false), got = run(true);
+  const char* names[] = {"X", "mix", "rs", "a", "pre / w", "post", "comb"};
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(got[i], ref[i])) << what << ": " << names[i];
+}
+
+TEST(CudaHcCluster, FusedHcPostBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  post_case(24, 1, 16384, false, 81);  // Flash decode: 16 CTAs, each 256 dims of all 4 streams
+  post_case(24, 1, 16384, true, 82);   // post/comb in and out the same buffers
+  post_case(4, 2, 16384, false, 83);
+  post_case(24, 3, 4096, true, 84);    // d = 1024: a cluster of 4
+  post_case(24, 1, 1536, false, 85);   // d = 384: not a multiple of 256, hc_post_cuda + ticket kernel instead
+  post_case(4, 1, 32768, false, 86);   // d = 8192: wider than one cluster, the same fallback
+}
+
+// Through the op table: DSV4_CUDA_HC_KERNEL=cluster must not change a decode hc_pre / hc_head output bit.
+TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
+  DSV4_REQUIRE_CUDA();
+  const int n = 4;
+  const int64_t D = 4096;
+  HcParams p;
+  p.n = n, p.d = D;
+  auto f16 = [](int64_t cols, int64_t rows, uint64_t seed, std::vector<uint8_t>& bytes, const char* name) {
+    const auto f = test::random_normal(size_t(cols * rows), seed, 0.02f);
+    bytes.resize(f.size() * 2);
+    for (size_t i = 0; i < f.size(); ++i) test::put_f16(&bytes[2 * i], f[i]);
+    WeightView v;
+    v.type = QType::F16, v.data = bytes.data(), v.n_bytes = bytes.size(), v.name = name;
+    v.ne[0] = cols, v.ne[1] = rows, v.n_dims = 2;
+    return v;
+  };
+  auto f32 = [](const std::vector<float>& f, const char* name) {
+    WeightView v;
+    v.type = QType::F32, v.data = f.data(), v.n_bytes = f.size() * 4, v.name = name;
+    v.ne[0] = int64_t(f.size()), v.ne[1] = 1, v.n_dims = 2;
+    return v;
+  };
+  std::vector<uint8_t> fn_bytes, hfn_bytes;
+  const auto base = test::random_normal(24, 62, 0.5f), scale = test::random_normal(3, 63, 1.0f);
+  const auto hbase = test::random_normal(4, 64, 0.5f), hscale = test::random_normal(1, 65, 1.0f);
+  HcWeights w;
+  w.fn = f16(n * D, 24, 61, fn_bytes, "blk.0.hc_attn_fn.weight"), w.base = f32(base, "hc_base");
+  w.scale = f32(scale, "hc_scale");
+  HcHeadWeights hw;
+  hw.fn = f16(n * D, 4, 66, hfn_bytes, "output_hc_fn.weight"), hw.base = f32(hbase, "head_base");
+  hw.scale = f32(hscale, "head_scale");
+  const auto X = test::random_normal(size_t(n * D), 67);
+  auto run = [&](bool cluster) {
+    if (cluster) setenv("DSV4_CUDA_HC_KERNEL", "cluster", 1);
+    auto be = make_cuda_backend();
+    DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
+    DeviceBuffer co = be->alloc(size_t(n * n) * 4), h = be->alloc(size_t(D) * 4);
+    be->upload(bX.data(), X.data(), X.size() * 4);
+    be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
+    be->hc_head(hw, p, bX.f32(), 1, h.f32());
+    std::vector<std::vector<float>> out = {std::vector<float>(size_t(D)), std::vector<float>(size_t(n)),
+                                           std::vector<float>(size_t(n * n)), std::vector<float>(size_t(D))};
+    be->download(out[0].data(), a.data(), size_t(D) * 4);
+    be->download(out[1].data(), po.data(), size_t(n) * 4);
+    be->download(out[2].data(), co.data(), size_t(n * n) * 4);
+    be->download(out[3].data(), h.data(), size_t(D) * 4);
+    unsetenv("DSV4_CUDA_HC_KERNEL");
+    return out;
+  };
+  ASSERT_TRUE(cuda::hc_mix_cluster_fits(24, n * D) && cuda::hc_mix_cluster_fits(4, n * D));
+  const auto ref = run(false), got = run(true);
+  const char* names[] = {"hc_pre a", "hc_pre post", "hc_pre comb", "hc_head h"};
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(got[i], ref[i])) << names[i];
+}
+
+// Shapes outside the cluster kernel: no GPU needed for the shape checks (they answer before any device query).
+TEST(CudaHcCluster, FitsRejectsShapesOutsideTheKernel) {
+  EXPECT_FALSE(cuda::hc_mix_cluster_fits(7, 16384));       // neither hc_pre nor hc_head
+  EXPECT_FALSE(cuda::hc_mix_cluster_fits(24, 15));         // odd K
+  EXPECT_FALSE(cuda::hc_mix_cluster_fits(24, 0));
+  EXPECT_FALSE(cuda::hc_mix_cluster_fits(24, 16384 + 2));  // 65 chunks > 16 CTAs x 4
+  EXPECT_FALSE(cuda::hc_mix_cluster_fits(4, 28672));       // a wider model: the ticket kernel's case
+  EXPECT_FALSE(cuda::hc_mix_cluster_post_fits(24, 1536));   // d = 384: not whole 256-dim slices
+  EXPECT_FALSE(cuda::hc_mix_cluster_post_fits(24, 32768));  // d = 8192: more than 16 CTAs
+  EXPECT_FALSE(cuda::hc_mix_cluster_post_fits(5, 16384));
+}
+
+TEST(CudaHcCluster, RejectsBadArgumentsAndFallsBack) {
+  DSV4_REQUIRE_CUDA();
+  const int64_t K = 16384 + 256;  // 65 chunks: too wide for the cluster kernel
+  const auto fn = test::random_weights(QType::F16, 24, K, 71);
+  const auto X = test::random_normal(size_t(K), 72);
+  const auto base = test::random_normal(24, 73, 0.5f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
+  DeviceArray<float> out(64), a(size_t(K / 4));
+  cuda::HcMixParams p;
+  p.fn = d_fn.get(), p.n_mix = 24, p.X = d_X.get(), p.K = K, p.n_tokens = 1, p.base = d_base.get();
+  p.scale = d_scale.get(), p.pre = out.get(), p.post = out.get() + 4, p.comb = out.get() + 8;
+  out.fill_bytes(0xFF), a.fill_bytes(0xFF);  // both launches below start from the same bytes
+  p.kernel = 7;
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);  // unknown kernel
+  p.kernel = cuda::kHcMixCluster;
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);  // falls back to the ticket kernel, which needs a workspace
+  // With a workspace the fallback runs and equals the ticket kernel's launch bit for bit.
+  DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(1, K));
+  ws.fill_bytes(0);
+  p.workspace = ws.get(), p.a = a.get();
+  cuda::hc_mix_cuda(p, nullptr);
+  const auto got = out.download(), got_a = a.download();
+  p.kernel = cuda::kHcMixTicket;
+  out.fill_bytes(0xFF), a.fill_bytes(0xFF);
+  cuda::hc_mix_cuda(p, nullptr);
+  EXPECT_TRUE(same_bits(got, out.download()));
+  EXPECT_TRUE(same_bits(got_a, a.download()));
+  p.K = 18, p.kernel = cuda::kHcMixCluster;  // a fused collapse needs K = 4 x d
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+  p.K = 16384, p.a = nullptr, p.post_y = d_X.get();  // a fused hc_post needs all three inputs
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+  p.post_w = out.get(), p.post_comb = out.get(), p.kernel = cuda::kHcMixTicket;  // ... and the cluster kernel
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace dsv4
