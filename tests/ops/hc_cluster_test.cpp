@@ -222,6 +222,45 @@ TEST(CudaHcCluster, FusedHcPostBitIdentical) {
   post_case(4, 1, 32768, false, 86);   // d = 8192: wider than one cluster, the same fallback
 }
 
+// The decode graphs capture the backend's launches (relaxed capture mode): a cluster launch (with the occupancy
+// query already cached by an eager launch, as the backend's first, uncaptured run of a step does) must capture and
+// replay to the same bits as the eager ticket sequence.
+TEST(CudaHcCluster, CapturedInGraphReplaysBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  const Case c{24, 1, 16384, 91};
+  ASSERT_TRUE(cuda::hc_mix_cluster_fits(c.n_mix, c.K));
+  const auto fn = test::random_weights(QType::F16, c.n_mix, c.K, c.seed);
+  const auto X = test::random_normal(size_t(c.K), c.seed + 1);
+  const auto base = test::random_normal(24, c.seed + 2, 0.5f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
+  const Outputs ref = run_mix(c, cuda::kHcMixTicket, false, d_fn, d_X, d_base, d_scale);
+  DeviceArray<float> pre(4), post(4), comb(16), a(size_t(c.K / 4));
+  for (auto* b : {&pre, &post, &comb, &a}) b->fill_bytes(0xFF);
+  cuda::HcMixParams p;
+  p.fn = d_fn.get(), p.n_mix = 24, p.X = d_X.get(), p.K = c.K, p.n_tokens = 1, p.base = d_base.get();
+  p.scale = d_scale.get(), p.pre = pre.get(), p.post = post.get(), p.comb = comb.get(), p.a = a.get();
+  p.kernel = cuda::kHcMixCluster;
+  cudaStream_t s;
+  cuda::check(cudaStreamCreate(&s), "stream");
+  cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
+  cuda::hc_mix_cuda(p, s);
+  cudaGraph_t graph;
+  cuda::check(cudaStreamEndCapture(s, &graph), "capture end");
+  cudaGraphExec_t exec;
+  cuda::check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  for (int r = 0; r < 3; ++r) cuda::check(cudaGraphLaunch(exec, s), "graph launch");
+  cuda::check(cudaStreamSynchronize(s), "sync");
+  EXPECT_TRUE(same_bits(pre.download(), ref.pre)) << "graph replay: pre";
+  EXPECT_TRUE(same_bits(post.download(), ref.post)) << "graph replay: post";
+  EXPECT_TRUE(same_bits(comb.download(), ref.comb)) << "graph replay: comb";
+  EXPECT_TRUE(same_bits(a.download(), ref.a)) << "graph replay: a";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
 // Through the op table: DSV4_CUDA_HC_KERNEL=cluster must not change a decode hc_pre / hc_head output bit.
 TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   DSV4_REQUIRE_CUDA();
