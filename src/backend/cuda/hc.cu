@@ -352,8 +352,18 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
   cluster.barrier_arrive();
   __syncthreads();
   if (threadIdx.x <= M) {  // the chunk-ordered sum of the ticket kernel
+    // Shared-memory loads in batches ahead of the adds: the 64-long FADD chain (~256 cycles) is the floor; one
+    // load-use round trip (~30 cycles) per chunk would add ~2000 cycles.
+    constexpr int kBatch = 32;
     float v = 0.0f;
-    for (int ch = 0; ch < chunks; ++ch) v += gathered[ch][threadIdx.x];
+    for (int k0 = 0; k0 < chunks; k0 += kBatch) {
+      float buf[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) buf[u] = k0 + u < chunks ? gathered[k0 + u][threadIdx.x] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (k0 + u < chunks) v += buf[u];
+    }
     total[threadIdx.x] = v;
   }
   __syncthreads();
