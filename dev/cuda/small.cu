@@ -154,9 +154,9 @@ Row hc_row(int n_mix, HcAfter after, cudaStream_t s) {
   const bool fused = after != HcAfter::Cluster;
   const int kernel = after == HcAfter::TicketFused ? kHcMixTicket : kHcMixCluster;
   std::string name = n_mix == 24 ? "hc_pre control" : "hc_head control";
-  name += after == HcAfter::TicketFused ? " (ticket, fused coll.)"
+  name += after == HcAfter::TicketFused ? " (ticket+fused coll.)"
           : after == HcAfter::Cluster   ? " (cluster + collapse)"
-                                        : " (cluster, fused coll.)";
+                                        : " (cluster+fused coll.)";
   // The cluster kernel falls back to the ticket kernel where it cannot be placed: say so instead of timing that.
   if (kernel == kHcMixCluster && !hc_mix_cluster_fits(n_mix, K)) name += " FELL BACK";
   Row r{name, 2, fused ? 1 : 2, {}, {}};
@@ -196,7 +196,7 @@ Row hc_post_row(int n_mix, cudaStream_t s) {
       hc_collapse_cuda(X.get(), out.get(), 1, d, a.get(), s);
     };
   };
-  std::string name = n_mix == 24 ? "hc_post+hc_pre (cluster, all fused)" : "hc_post+hc_head (cluster, all fused)";
+  std::string name = n_mix == 24 ? "hc_post+hc_pre (cluster all fused)" : "hc_post+hc_head (cluster all fused)";
   if (!hc_mix_cluster_post_fits(n_mix, K)) name += " FELL BACK";
   Row r{name, 3, 1, {}, {}};
   r.before = time_seq(s, seq(false));
