@@ -2,6 +2,7 @@
 // embed and the factory. The class is in cuda_backend_impl.h; op groups live in cuda_backend_{hc,moe,attn}.cpp.
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_backend_impl.h"
+#include "backend/cuda/gemv_dense_v2.h"
 
 namespace dsv4 {
 namespace cuda_impl {
@@ -88,6 +89,11 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   g.xq = activations(w.type, layout, x, T, cols, cacheable);
   g.w = weight(w) + off;
   if (w2) g.w2 = weight(*w2) + off, g.y2 = y2;
+  // DSV4_CUDA_GEMV_KERNEL=3|4: the opt-in dense variant 2 (gemv_dense_v2.h) where it applies (one token, unpaired).
+  if (const int k = cuda::gemv_dense_kernel_env(); k != 0 && T == 1 && !w2) {
+    g.kernel = k;
+    if (!cuda::gemv_v2_supported(g)) g.kernel = 0;
+  }
   cuda::gemv_cuda(g, stream_);
 }
 

@@ -21,6 +21,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
@@ -976,6 +977,8 @@ void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
 }
 
 void gemv_cuda(const GemvParams& p_in, cudaStream_t stream) {
+  // Opt-in dense variant 2 (gemv_dense_v2.h: one wave, loads up front, optional PDL): its own checks.
+  if (p_in.kernel == kGemvKernelV2 || p_in.kernel == kGemvKernelV2Pdl) return gemv_v2_cuda(p_in, stream);
   check_common(p_in, "gemv_cuda");
   // Single-token launches: the staged kernel where the policy (or the caller) picks it. Policy from the H200
   // workbench runs (docs/cuda.md, dev/cuda/results/h200_wb_gemv_*): only the Q2_K routed-expert stacks (down

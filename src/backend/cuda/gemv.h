@@ -82,6 +82,7 @@ struct GemvParams {
   // row_group (2 or 4) as rows per warp sharing one activation load and cta_warps as warps per CTA.
   // Streaming kernel and IQ2_XXS: iq2_rep 0/1 = the plain 2 KiB uint2 grid table (default: measured faster there),
   // >= 2 = 8 copies of the byte-permute selector table (same values).
+  // 3, 4 (gemv_cuda only): dense single-token variant 2 of gemv_dense_v2.h (4 = with programmatic dependent launch).
   int kernel = 0;
   int tile_rows = 0;
   int iq2_rep = 0;

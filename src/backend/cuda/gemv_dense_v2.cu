@@ -1,0 +1,364 @@
+// Dense single-token GEMV, variant 2 (contract in gemv_dense_v2.h). Compiled, not yet run on a GPU.
+//
+// Why the default kernel stops at ~62% of the read bandwidth on the 35.6 MB attention matrices: on the H200
+// workbench (docs/cuda.md, 99dd030) q_b / o_b take 13.1 us and the 563 MB output head 137 us with the same kernel.
+// Fitting t = t0 + bytes / B through both gives B = 4.26 TB/s (96% of the 4.41 TB/s streaming read) and a fixed
+// t0 = 4.8 us per launch; the 4.5 MB q_a (5.3 us) and the 4-9 MB matrices (~5-6 us) sit on the same line. So the
+// steady state already streams at the card's rate (the streaming kernel keeps ~2 KiB per warp and up to 64 warps
+// per SM in flight: ~128 KiB per SM against the ~25 KiB Little's law asks for) and the loss is the fixed part: the
+// gap between the producer kernel's end and the first weight bytes arriving (launch, CTA rasterization, one DRAM
+// round trip of ~0.7 us before any warp has data), plus the last wave's tail (q_b: 4096 CTAs of 128 threads over
+// 132 SMs x 16 resident CTAs = 1.9 waves, each CTA one dependent load->reduce step). A kernel alone (rms_norm
+// register kernel) costs ~2 us in a graph, so ~2.5-3 us of t0 is the GEMV's own ramp and tail.
+//
+// What this kernel does about it:
+//   1. One wave: grid = the CTAs that are resident at once (occupancy API x SMs), each looping over tiles of rows,
+//      so there is no second wave and no rasterization of new CTAs mid-stream; tiles are interleaved over CTAs so
+//      every CTA's share differs by at most one tile.
+//   2. Every load up front: a warp's item (R rows x one of P parts of a row, at most 8 units of 16 bytes per lane:
+//      4 KiB per warp) is requested with all its loads before any arithmetic. At 24 resident warps per SM that is
+//      96 KiB per SM in flight from the first instruction, i.e. the whole 4.5 MB q_a (34 KB per SM) and a third of
+//      a 35 MB matrix are requested in the first round trip. P (parts per row, reduced in shared memory in a fixed
+//      order) and R (rows per warp sharing one activation load) are picked on the host so that there are at least
+//      as many items as resident warps (kv 4096->512: 4 parts; q_b 1024-wide rows: 4 rows per warp).
+//   3. (kernel 4) Programmatic dependent launch: the weights do not depend on the previous kernel, so the kernel
+//      is launched with programmatic stream serialization, issues its first item's weight loads, and only then
+//      executes griddepcontrol.wait (which returns once the producer grid has completed and its writes are
+//      visible) before touching activations or y. Launch latency and the first DRAM round trip overlap the
+//      producer's tail instead of following it. Each CTA also executes griddepcontrol.launch_dependents at its
+//      start, so a following PDL kernel (the next variant-2 GEMV) may start as soon as all of this grid is resident.
+// ptxas (sm_90a): 8 units per lane of the split layout = 32 registers of int4 quants + 8 of scales; see kCtasPerSm.
+//
+// Products are the streaming kernel's (per unit: the exact dp4a integer dot, times the f16 weight scale and the
+// activation scale in the same order; F16: the same 8-term fp32 expression), so results differ from gemv_cuda's
+// other kernels only by the fp32 order in which the units of a row are added.
+#include "backend/cuda/gemv_dense_v2.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_util.h"
+#include "common/error.h"
+#include "quant/blocks.h"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kWarps = 8;      // warps per CTA
+constexpr int kLaneUnits = 8;  // weight units a lane holds per item (all rows of the item together)
+constexpr int kMaxParts = 8;   // parts a row is split into (<= kWarps: the parts of a row meet in one CTA)
+// CTAs per SM the registers are budgeted for (__launch_bounds__): 3 x 8 warps at <= 85 registers. At 4 CTAs (64
+// registers) ptxas spilled 36-48 bytes in the split-layout instances (40 registers of loaded weights per lane plus
+// the activation operands); 24 warps x 4 KiB = 96 KiB per SM in flight is still ~4x what Little's law asks.
+constexpr int kCtasPerSm = 3;
+
+// ---- units: what one lane loads per step -----------------------------------------------------------------------
+// Weight loads use ld.global.cs (streaming: each weight byte is read once per token), activations plain loads
+// (every warp of the grid reads the same row: L1/L2 hits).
+
+// A lane's units are u0 + 32k (k < K); load / dot take (u0, k) so that, with u0 fixed per lane, every address is a
+// per-lane base plus a compile-time offset (the first version indexed by a 64-bit unit number and spilled: ptxas
+// held a 64-bit address per load).
+
+// Q8Split row: [cols int8][cols/32 f16 scales]; unit u = quants 16u..16u+15 (one 16-byte load) + scale u/2
+// ((u0 + 32k) / 2 = u0 / 2 + 16k).
+struct UnitSplit {
+  static constexpr int kElems = 16;
+  struct W {
+    int4 q;
+    unsigned short d;
+  };
+  __device__ static W load(const uint8_t* wrow, int64_t cols, int u0, int k) {
+    return {__ldcs(reinterpret_cast<const int4*>(wrow) + u0 + 32 * k),
+            __ldcs(reinterpret_cast<const unsigned short*>(wrow + cols) + (u0 >> 1) + 16 * k)};
+  }
+  // = TraitsQ8Split::dot_split (gemv.cu): same operands, same order.
+  __device__ static float dot(const W& w, const uint8_t* act, int64_t cols, int u0, int k) {
+    const int4 a = reinterpret_cast<const int4*>(act)[u0 + 32 * k];
+    const float da = reinterpret_cast<const float*>(act + cols)[(u0 >> 1) + 16 * k];
+    int s = __dp4a(w.q.x, a.x, 0);
+    s = __dp4a(w.q.y, a.y, s);
+    s = __dp4a(w.q.z, a.z, s);
+    s = __dp4a(w.q.w, a.w, s);
+    return __half2float(__ushort_as_half(w.d)) * da * float(s);
+  }
+};
+
+// Q8_0 blocks (34 bytes, payload 2-byte aligned): unit u = values 8(u%4).. of block u/4, assembled from u16 loads
+// (unit u0 + 32k: block u0/4 + 8k, same quarter u0 % 4).
+__device__ __forceinline__ int ldcs_i32_a2(const uint8_t* p) {
+  const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+  return int(uint32_t(__ldcs(h)) | (uint32_t(__ldcs(h + 1)) << 16));
+}
+struct UnitQ8_0 {
+  static constexpr int kElems = 8;
+  static constexpr int kB = int(sizeof(block_q8_0));
+  struct W {
+    int q0, q1;
+    unsigned short d;
+  };
+  __device__ static W load(const uint8_t* wrow, int64_t, int u0, int k) {
+    const uint8_t* blk = wrow + kB * ((u0 >> 2) + 8 * k);
+    const uint8_t* qs = blk + 2 + 8 * (u0 & 3);
+    return {ldcs_i32_a2(qs), ldcs_i32_a2(qs + 4), __ldcs(reinterpret_cast<const unsigned short*>(blk))};
+  }
+  // = TraitsQ8_0::dot (gemv.cu).
+  __device__ static float dot(const W& w, const uint8_t* act, int64_t, int u0, int k) {
+    const uint8_t* blk = act + kB * ((u0 >> 2) + 8 * k);
+    const uint8_t* qs = blk + 2 + 8 * (u0 & 3);
+    const int s = __dp4a(w.q0, load_i32_a2(qs), __dp4a(w.q1, load_i32_a2(qs + 4), 0));
+    const float da = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
+    return __half2float(__ushort_as_half(w.d)) * da * float(s);
+  }
+};
+
+// F16 row: unit u = halves 8u..8u+7 (one 16-byte load); activations are 8 floats (two 16-byte loads).
+struct UnitF16 {
+  static constexpr int kElems = 8;
+  struct W {
+    uint4 raw;
+  };
+  __device__ static W load(const uint8_t* wrow, int64_t, int u0, int k) {
+    return {__ldcs(reinterpret_cast<const uint4*>(wrow) + u0 + 32 * k)};
+  }
+  // = TraitsF16::dot (gemv.cu): the same left-to-right expression.
+  __device__ static float dot(const W& w, const uint8_t* act, int64_t, int u0, int k) {
+    const __half2* h = reinterpret_cast<const __half2*>(&w.raw);
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+    const float4* ap = reinterpret_cast<const float4*>(act) + 2 * (u0 + 32 * k);
+    const float4 a = ap[0], b = ap[1];
+    return v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
+  }
+};
+
+struct V2Args {
+  const uint8_t* w = nullptr;
+  const uint8_t* xq = nullptr;
+  float* y = nullptr;
+  int64_t expert_stride = 0, rows = 0, cols = 0, row_bytes = 0, act_row_bytes = 0;
+  int n_slots = 1, act_slot_div = 1;
+  int64_t units = 0;     // units per row
+  int parts = 1;         // P: warps per row (a power of two <= kMaxParts)
+  int64_t per_part = 0;  // units per part (the last part may be shorter)
+  int64_t n_tiles = 0;   // tiles of kWarps / P row groups of R rows
+};
+
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+// Warp w of a tile owns row group w / P (R consecutive rows of one slot: R divides rows) and part w % P of those
+// rows' units; lane l takes units part_begin + l + 32k. Both griddepcontrol instructions are no-ops when the
+// kernel was launched without programmatic serialization (kernel 3).
+template <class U, int R>
+__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args a) {
+  constexpr int K = kLaneUnits / R;  // units per lane per row
+  __shared__ float partial[2][kWarps][R];
+  pdl_launch_dependents();
+  const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
+  const int P = a.parts;
+  const int rows_per_tile = kWarps / P * R;
+  const int part = warp % P;
+  const int64_t total_rows = int64_t(a.n_slots) * a.rows;
+  // This lane's units: u0 + 32k for k < nk (a part holds <= 32 * K units: plan_for).
+  const int u0 = int(int64_t(part) * a.per_part) + lane;
+  const int u_end = int(std::min<int64_t>(a.units, int64_t(part + 1) * a.per_part));
+  const int nk = u_end > u0 ? (u_end - u0 + 31) / 32 : 0;
+  bool waited = false;
+  int buf = 0;
+  for (int64_t tile = blockIdx.x; tile < a.n_tiles; tile += gridDim.x, buf ^= 1) {
+    const int64_t gr0 = tile * rows_per_tile + int64_t(warp / P) * R;  // first row (over all slots) of the group
+    const bool valid = gr0 < total_rows;
+    const int64_t slot = valid ? gr0 / a.rows : 0, r0 = valid ? gr0 % a.rows : 0;
+    const uint8_t* wrow = a.w + slot * a.expert_stride + r0 * a.row_bytes;
+    const int n = valid ? nk : 0;
+    // All of the item's weight loads before any use (the first tile's before the dependency wait).
+    typename U::W w[R][K];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (k < n) w[r][k] = U::load(wrow + r * a.row_bytes, a.cols, u0, k);
+    if (!waited) pdl_wait(), waited = true;
+    const uint8_t* act = a.xq + (slot / a.act_slot_div) * a.act_row_bytes;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < n)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += U::dot(w[r][k], act, a.cols, u0, k);
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+    if (P == 1) {
+      if (lane == 0 && valid)
+#pragma unroll
+        for (int r = 0; r < R; ++r) a.y[gr0 + r] = acc[r];
+      continue;
+    }
+    // Parts meet in shared memory, added in part order (deterministic). Two buffers alternate by tile, so one
+    // barrier per tile suffices: buffer b is rewritten two tiles later, after every warp passed the next barrier.
+    if (lane == 0)
+#pragma unroll
+      for (int r = 0; r < R; ++r) partial[buf][warp][r] = acc[r];
+    __syncthreads();
+    if (part == 0 && lane == 0 && valid)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float s = partial[buf][warp][r];
+        for (int j = 1; j < P; ++j) s += partial[buf][warp + j][r];
+        a.y[gr0 + r] = s;
+      }
+  }
+}
+
+// Resident CTAs per SM of one kernel instance, times the SM count (asked once per instance and device).
+template <class U, int R>
+int resident_ctas() {
+  static int cached[16] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "gemv_v2: cudaGetDevice");
+  int& c = cached[dev & 15];
+  if (c == 0) {
+    int sms = 0, per_sm = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "gemv_v2: SM count");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_v2_kernel<U, R>, 32 * kWarps, 0),
+          "gemv_v2: occupancy");
+    c = std::max(1, sms * std::max(1, per_sm));
+  }
+  return c;
+}
+
+int64_t units_per_row(const GemvParams& p) {
+  if (p.layout == GemvLayout::Q8Split) return p.cols / UnitSplit::kElems;
+  return p.wtype == QType::F16 ? p.cols / UnitF16::kElems : p.cols / UnitQ8_0::kElems;
+}
+
+int64_t act_row_bytes_v2(const GemvParams& p) {
+  if (p.layout == GemvLayout::Q8Split) return p.cols + p.cols / 8;
+  if (p.wtype == QType::F16) return p.cols * 4;
+  return p.cols / kQK8_0 * int64_t(sizeof(block_q8_0));
+}
+
+int64_t weight_row_bytes_v2(const GemvParams& p) {
+  if (p.layout == GemvLayout::Q8Split) return q8_split_row_bytes(p.cols);
+  return p.wtype == QType::F16 ? p.cols * 2 : p.cols / kQK8_0 * int64_t(sizeof(block_q8_0));
+}
+
+// Why p cannot run, or nullptr.
+const char* unsupported_reason(const GemvParams& p) {
+  if (p.wtype != QType::Q8_0 && p.wtype != QType::F16) return "weight type (Q8_0 or F16 only)";
+  if (p.layout == GemvLayout::Q8Split && (p.wtype != QType::Q8_0 || !q8_split_supported(p.cols)))
+    return "split layout (Q8_0 and cols % 256 == 0)";
+  if (p.rows <= 0 || p.cols <= 0) return "shape";
+  if (p.wtype == QType::Q8_0 && p.cols % kQK8_0 != 0) return "shape (Q8_0: cols % 32 == 0)";
+  if (p.wtype == QType::F16 && p.cols % 8 != 0) return "shape (F16: cols % 8 == 0)";
+  if (units_per_row(p) > int64_t(kMaxParts) * 32 * kLaneUnits) return "row length (at most 2048 units of a lane)";
+  if (p.n_tokens != 1) return "n_tokens (one token)";
+  if (p.expert_ids) return "device expert ids (grouped launches use expert_stride)";
+  if (p.w2 || p.y2) return "paired launch";
+  if (p.xf) return "float activations";
+  if (p.n_slots < 1 || p.n_slots > 65535 || p.act_slot_div < 1) return "slots";
+  if (!p.w || !p.xq || !p.y) return "null pointer";
+  // 16-byte loads (split quants and F16 rows; split and f32 activations) need 16-byte aligned rows; block Q8_0
+  // needs 2-byte alignment (u16 loads).
+  const uintptr_t wa = p.wtype == QType::Q8_0 && p.layout == GemvLayout::Ggml ? 2 : 16;
+  const uintptr_t xa = p.wtype == QType::Q8_0 && p.layout == GemvLayout::Ggml ? 2 : 16;
+  if ((reinterpret_cast<uintptr_t>(p.w) | uintptr_t(p.expert_stride) | uintptr_t(weight_row_bytes_v2(p))) % wa)
+    return "weight alignment";
+  if ((reinterpret_cast<uintptr_t>(p.xq) | uintptr_t(act_row_bytes_v2(p))) % xa) return "activation alignment";
+  return nullptr;
+}
+
+// Rows per warp (R) and parts per row (P): the fewest parts that keep a lane at <= kLaneUnits units, R rows of short
+// rows sharing one activation load, then more parallelism (smaller R, then more parts, while a lane keeps >= 2
+// units per part) until the items cover every resident warp.
+struct Plan {
+  int r = 1, parts = 1;
+};
+Plan plan_for(const GemvParams& p, int64_t resident_warps) {
+  const int64_t units = units_per_row(p), total_rows = int64_t(p.n_slots) * p.rows;
+  Plan pl;
+  if (units < 32 * kLaneUnits)
+    while (pl.r < 4 && units * pl.r * 2 <= 32 * kLaneUnits && p.rows % (pl.r * 2) == 0) pl.r *= 2;
+  while ((units + pl.parts - 1) / pl.parts > 32 * (kLaneUnits / pl.r)) pl.parts *= 2;
+  while (total_rows / pl.r * pl.parts < resident_warps) {
+    if (pl.r > 1) pl.r /= 2;
+    else if (pl.parts < kMaxParts && units / (pl.parts * 2) >= 64) pl.parts *= 2;
+    else break;
+  }
+  return pl;
+}
+
+template <class U, int R>
+void launch_v2(const GemvParams& p, int parts, cudaStream_t stream) {
+  V2Args a;
+  a.w = static_cast<const uint8_t*>(p.w), a.xq = static_cast<const uint8_t*>(p.xq), a.y = p.y;
+  a.expert_stride = p.expert_stride, a.rows = p.rows, a.cols = p.cols;
+  a.row_bytes = weight_row_bytes_v2(p), a.act_row_bytes = act_row_bytes_v2(p);
+  a.n_slots = p.n_slots, a.act_slot_div = p.act_slot_div;
+  a.units = units_per_row(p), a.parts = parts, a.per_part = (a.units + parts - 1) / parts;
+  const int64_t rows_per_tile = kWarps / parts * R;
+  a.n_tiles = (int64_t(p.n_slots) * p.rows + rows_per_tile - 1) / rows_per_tile;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(std::min<int64_t>(a.n_tiles, resident_ctas<U, R>())));
+  cfg.blockDim = dim3(32 * kWarps);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.kernel == kGemvKernelV2Pdl ? 1 : 0;
+  check(cudaLaunchKernelEx(&cfg, gemv_v2_kernel<U, R>, a), "gemv_v2_kernel launch");
+}
+
+template <class U>
+void dispatch_r(const GemvParams& p, const Plan& pl, cudaStream_t stream) {
+  switch (pl.r) {
+    case 1: return launch_v2<U, 1>(p, pl.parts, stream);
+    case 2: return launch_v2<U, 2>(p, pl.parts, stream);
+    case 4: return launch_v2<U, 4>(p, pl.parts, stream);
+    default: fail("gemv_v2: rows per warp %d", pl.r);
+  }
+}
+
+}  // namespace
+
+bool gemv_v2_supported(const GemvParams& p) { return unsupported_reason(p) == nullptr; }
+
+void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream) {
+  if (const char* why = unsupported_reason(p))
+    fail("gemv_v2_cuda: unsupported launch: %s (%s, layout %d, %lld x %lld, T=%d, slots=%d)", why,
+         qtype_name(p.wtype).c_str(), int(p.layout), (long long)p.rows, (long long)p.cols, p.n_tokens, p.n_slots);
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "gemv_v2: cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "gemv_v2: SM count");
+  const Plan pl = plan_for(p, int64_t(sms) * kCtasPerSm * kWarps);  // the warps one wave holds
+  if (p.layout == GemvLayout::Q8Split) return dispatch_r<UnitSplit>(p, pl, stream);
+  if (p.wtype == QType::F16) return dispatch_r<UnitF16>(p, pl, stream);
+  return dispatch_r<UnitQ8_0>(p, pl, stream);
+}
+
+int gemv_dense_kernel_env() {
+  static const int k = [] {
+    const char* e = std::getenv("DSV4_CUDA_GEMV_KERNEL");
+    if (!e || !*e || std::strcmp(e, "0") == 0) return 0;
+    if (std::strcmp(e, "3") == 0) return kGemvKernelV2;
+    if (std::strcmp(e, "4") == 0) return kGemvKernelV2Pdl;
+    fail("DSV4_CUDA_GEMV_KERNEL=%s: expected 0 (default kernels), 3 (variant 2) or 4 (variant 2 with PDL)", e);
+  }();
+  return k;
+}
+
+}  // namespace dsv4::cuda

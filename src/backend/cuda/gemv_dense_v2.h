@@ -1,0 +1,35 @@
+// Dense single-token GEMV, variant 2 (opt-in: GemvParams::kernel 3 or 4, DSV4_CUDA_GEMV_KERNEL=3|4).
+//
+// Same products as gemv_cuda's streaming kernel (each weight unit's integer dot formed exactly with dp4a, scaled in
+// fp32; F16 in fp32 FMAs); only the fp32 summation order differs. What changes is the schedule (see the .cu):
+//   * one wave of CTAs (as many as are resident at once) loops over tiles of rows: no second wave, no tail of
+//     late CTAs, and each warp holds all of its item's weight loads (up to 4 KiB) in flight before any arithmetic;
+//   * kernel 4 adds programmatic dependent launch: the kernel may start while the producer of its activations is
+//     still finishing, issues its first tile's weight loads (weights are constant), then waits on the producer
+//     (griddepcontrol.wait) before it reads activations or writes y. It also lets its own dependents launch early.
+// Shapes: n_tokens 1, no device expert ids, no paired matrix. n_slots >= 1 is the grouped form (attn_output_a):
+// slot s reads weights at w + s * expert_stride (expert_stride 0: the same matrix) and activation row
+// s / act_slot_div, and writes y[s * rows + r]. NOTE: the streaming kernel ignores expert_stride without ids; here
+// it places the groups, so a grouped launch needs no id table (ids would have to be read after the wait).
+// Types: Q8_0 (Ggml or Q8Split layout) and F16.
+// Kernel 4 reads the weights before its dependency wait: they must not be written by a kernel that may still be
+// running when it launches (decode weights are written once, at upload; tests synchronize after repacking).
+#pragma once
+
+#include "backend/cuda/gemv.h"
+
+namespace dsv4::cuda {
+
+inline constexpr int kGemvKernelV2 = 3;     // one wave, all loads up front
+inline constexpr int kGemvKernelV2Pdl = 4;  // the same + programmatic dependent launch
+
+// Whether gemv_v2_cuda accepts p (shape, type, layout, alignment; p.kernel is not looked at).
+bool gemv_v2_supported(const GemvParams& p);
+// Runs p with variant 2 (p.kernel 4: with PDL, else without); fails with a reason if !gemv_v2_supported(p).
+void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream);
+
+// DSV4_CUDA_GEMV_KERNEL for the backend's dense single-token GEMVs: unset or "0" -> 0 (the default kernels), "3" or
+// "4" -> that variant; anything else fails. Read once.
+int gemv_dense_kernel_env();
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,190 @@
+// Dense GEMV variant 2 (src/backend/cuda/gemv_dense_v2.h, GemvParams::kernel 3 and 4) against the current kernels
+// at Flash's dense decode widths, and its argument checks.
+//
+// Variant 2 forms the same per-unit products as the streaming kernel (exact dp4a integer dots times the same two
+// scales in the same order; F16: the same 8-term fp32 expression), so against the current kernel on the SAME device
+// activations only the fp32 order in which a row's units are added differs: rel-L2 <= 1e-6 over the output. Both
+// kernels sum a row as short per-lane chains (<= 8 units) joined by a warp tree and a few parts, so the reordering
+// moves an output by a few ulps of its partial sums (~1e-7 relative); a wrong unit, row, part or group moves it by
+// ~1e-2 or more. Each launch is also checked against an independent reference (operands
+// dequantized on the CPU, dot in double; rel-L2 <= 1e-5 as in gemv_test.cpp), so the two kernels cannot agree on a
+// shared mistake. Outputs are NaN-poisoned first: every output must be written.
+// The argument tests need no device (the checks run before any CUDA call), so they also run in CPU-only CI.
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "backend/cuda/gemv.h"
+#include "backend/cuda/gemv_dense_v2.h"
+#include "ops_common.h"
+#include "quant/quant.h"
+
+namespace dsv4 {
+namespace {
+
+using cuda::DeviceArray;
+using cuda::GemvLayout;
+
+// One case: G groups (G == 1: a plain dense matrix) of rows x cols; group g's rows follow group g-1's, and group g
+// takes activation row g (attn_output_a's grouped form). The current path is what the backend runs today: the
+// streaming kernel (kernel 1) for G == 1, the MoE-mode launch over ids 0..G-1 for G > 1.
+void run_case(QType t, GemvLayout layout, int64_t rows, int64_t cols, int groups, uint64_t seed) {
+  const bool split = layout == GemvLayout::Q8Split;
+  const std::string what = qtype_name(t) + (split ? " split " : " ") + std::to_string(groups) + " x " +
+                           std::to_string(rows) + "x" + std::to_string(cols);
+  const auto w = test::random_weights(t, rows * groups, cols, seed);
+  const auto x = test::random_normal(size_t(groups * cols), seed + 1);
+  const int64_t drb = split ? cuda::q8_split_row_bytes(cols) : row_bytes(t, cols);
+
+  DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
+  if (split) {
+    DeviceArray<uint8_t> d_split(size_t(rows * groups * drb));
+    cuda::q8_0_split_cuda(d_w.get(), rows * groups, cols, d_split.get(), nullptr);
+    d_w = std::move(d_split);
+  }
+  DeviceArray<float> d_x{std::span<const float>(x)};
+  DeviceArray<uint8_t> d_xq(size_t(groups * cuda::gpu_activation_bytes(t, cols, layout)));
+  cuda::quantize_activations_cuda(t, d_x.get(), groups, cols, d_xq.get(), nullptr, layout);
+  std::vector<int32_t> ids(static_cast<size_t>(groups), 0);
+  for (int g = 0; g < groups; ++g) ids[size_t(g)] = g;
+  DeviceArray<int32_t> d_ids{std::span<const int32_t>(ids)};
+
+  cuda::GemvParams p;
+  p.wtype = t, p.layout = layout, p.w = d_w.get(), p.rows = rows, p.cols = cols, p.xq = d_xq.get();
+  p.n_slots = groups, p.expert_stride = rows * drb;
+  DeviceArray<float> d_cur(size_t(groups * rows));
+  d_cur.fill_bytes(0xFF);
+  cuda::GemvParams cur = p;
+  cur.y = d_cur.get();
+  if (groups > 1) cur.expert_ids = d_ids.get();
+  else cur.kernel = 1;
+  cuda::gemv_cuda(cur, nullptr);
+  cuda::check(cudaDeviceSynchronize(), (what + " current").c_str());
+  const auto y_cur = d_cur.download();
+
+  // Independent reference: dequantized operands, double dot.
+  std::vector<double> ref(size_t(groups * rows));
+  std::vector<float> wrow(static_cast<size_t>(cols)), xdeq(static_cast<size_t>(cols));
+  std::vector<uint8_t> xq(static_cast<size_t>(activation_bytes(t, cols)));
+  const int64_t rb = row_bytes(t, cols);
+  for (int g = 0; g < groups; ++g) {
+    quantize_activation(t, &x[size_t(g * cols)], xq.data(), cols);
+    dequantize_row(activation_type(t), xq.data(), xdeq.data(), cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      dequantize_row(t, &w[size_t((g * rows + r) * rb)], wrow.data(), cols);
+      double s = 0;
+      for (int64_t i = 0; i < cols; ++i) s += double(wrow[size_t(i)]) * double(xdeq[size_t(i)]);
+      ref[size_t(g * rows + r)] = s;
+    }
+  }
+  EXPECT_LE(test::rel_l2(y_cur, ref), 1e-5) << what << " current kernel vs double reference";
+
+  for (const int kernel : {cuda::kGemvKernelV2, cuda::kGemvKernelV2Pdl}) {
+    const std::string name = what + " kernel=" + std::to_string(kernel);
+    ASSERT_TRUE(cuda::gemv_v2_supported(p)) << name;
+    DeviceArray<float> d_y(size_t(groups * rows));
+    d_y.fill_bytes(0xFF);
+    cuda::GemvParams v = p;
+    v.y = d_y.get(), v.kernel = kernel;
+    cuda::gemv_cuda(v, nullptr);
+    cuda::check(cudaDeviceSynchronize(), name.c_str());
+    const auto y = d_y.download();
+    bool finite = true;
+    for (float f : y) finite = finite && std::isfinite(f);
+    EXPECT_TRUE(finite) << name << ": an output was not written";
+    EXPECT_LE(test::rel_l2(y, y_cur), 1e-6) << name << " vs the current kernel";
+    EXPECT_LE(test::rel_l2(y, ref), 1e-5) << name << " vs double reference";
+  }
+}
+
+// Flash's dense decode GEMVs, split layout (what the backend uploads): q_a, kv, q_b (4 rows per warp), o_b (2 parts
+// per row, several tiles per CTA), output_a grouped 8 x (4096 -> 1024), plus rows that leave the last tile partial.
+TEST(CudaGemvV2, SplitFlashWidths) {
+  DSV4_REQUIRE_CUDA();
+  const auto s = GemvLayout::Q8Split;
+  run_case(QType::Q8_0, s, 1024, 4096, 1, 11);   // attn_q_a
+  run_case(QType::Q8_0, s, 512, 4096, 1, 12);    // attn_kv
+  run_case(QType::Q8_0, s, 32768, 1024, 1, 13);  // attn_q_b
+  run_case(QType::Q8_0, s, 4096, 8192, 1, 14);   // attn_output_b
+  run_case(QType::Q8_0, s, 1024, 4096, 8, 15);   // attn_output_a, grouped
+  run_case(QType::Q8_0, s, 32764, 1024, 1, 16);  // partial last tile at 4 rows per warp
+  run_case(QType::Q8_0, s, 1002, 4096, 1, 17);   // partial last tile with parts
+}
+
+// The 34-byte block layout (Q8_0 with cols % 256 != 0 stays in it) and F16 (compressor, indexer, HC widths).
+TEST(CudaGemvV2, BlockLayoutAndF16) {
+  DSV4_REQUIRE_CUDA();
+  const auto g = GemvLayout::Ggml;
+  run_case(QType::Q8_0, g, 1024, 4096, 1, 21);
+  run_case(QType::Q8_0, g, 4096, 8192, 1, 22);
+  run_case(QType::Q8_0, g, 1000, 4128, 1, 23);  // cols % 256 != 0, partial tiles
+  run_case(QType::Q8_0, g, 1024, 4096, 8, 24);  // grouped
+  run_case(QType::F16, g, 1024, 4096, 1, 25);   // compressor kv + gate
+  run_case(QType::F16, g, 256, 4096, 1, 26);
+  run_case(QType::F16, g, 24, 16384, 1, 27);    // HC control: 8 parts per row
+}
+
+// Argument checks: host-only (fake, aligned device addresses that are never dereferenced).
+cuda::GemvParams valid_split() {
+  cuda::GemvParams p;
+  p.wtype = QType::Q8_0, p.layout = GemvLayout::Q8Split, p.rows = 1024, p.cols = 4096;
+  p.w = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+  p.xq = reinterpret_cast<const void*>(uintptr_t(2) << 20);
+  p.y = reinterpret_cast<float*>(uintptr_t(3) << 20);
+  p.kernel = cuda::kGemvKernelV2;
+  return p;
+}
+
+void expect_rejected(const cuda::GemvParams& p, const char* why) {
+  EXPECT_FALSE(cuda::gemv_v2_supported(p)) << why;
+  try {
+    cuda::gemv_cuda(p, nullptr);  // kernel 3/4 routes to gemv_v2_cuda, which must refuse before any CUDA call
+    ADD_FAILURE() << why << ": accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gemv_v2_cuda"), std::string::npos) << why << ": " << e.what();
+  }
+}
+
+TEST(CudaGemvV2, RejectsBadArguments) {
+  EXPECT_TRUE(cuda::gemv_v2_supported(valid_split()));
+  cuda::GemvParams p = valid_split();
+  p.n_tokens = 2;
+  expect_rejected(p, "two tokens");
+  p = valid_split();
+  p.expert_ids = reinterpret_cast<const int32_t*>(uintptr_t(4) << 20), p.n_slots = 8;
+  expect_rejected(p, "device expert ids");
+  p = valid_split();
+  p.w2 = p.w, p.y2 = p.y;
+  expect_rejected(p, "paired launch");
+  p = valid_split();
+  p.wtype = QType::Q2_K, p.layout = GemvLayout::Ggml;
+  expect_rejected(p, "Q2_K");
+  p = valid_split();
+  p.cols = 4128;  // the split layout needs cols % 256 == 0
+  expect_rejected(p, "split cols");
+  p = valid_split();
+  p.cols = 65536;  // 4096 units per row > 8 parts x 32 lanes x 8
+  expect_rejected(p, "row too long");
+  p = valid_split();
+  p.xq = reinterpret_cast<const void*>((uintptr_t(2) << 20) + 4);
+  expect_rejected(p, "misaligned activations");
+  p = valid_split();
+  p.expert_stride = 8, p.n_slots = 2;
+  expect_rejected(p, "misaligned group stride");
+  p = valid_split();
+  p.rows = 0;
+  expect_rejected(p, "no rows");
+  p = valid_split();
+  p.y = nullptr;
+  expect_rejected(p, "no output");
+  p = valid_split();
+  p.wtype = QType::F16, p.layout = GemvLayout::Ggml, p.cols = 4100;
+  expect_rejected(p, "F16 cols % 8");
+  p.cols = 4096;
+  EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "F16 4096";
+  p.wtype = QType::Q8_0, p.cols = 4128, p.w = reinterpret_cast<const void*>((uintptr_t(1) << 20) + 2);
+  EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "block Q8_0 needs only 2-byte alignment";
+}
+
+}  // namespace
+}  // namespace dsv4
