@@ -3,7 +3,9 @@
 //   wb_gemv [--csv FILE] [--quick]          (environment WB_NO_SWEEP=1: no staged-knob sweep)
 //
 // Single-token cases run on both GEMV kernels (kernel=1 register streaming, kernel=2 staged cp.async tiles), with a
-// sweep of the staged knobs on the MoE cases; the fused MoE decode pieces are timed against their unfused sequences.
+// sweep of the staged knobs on the MoE cases; the fused MoE decode pieces are timed against their unfused sequences,
+// and the fused routed ones also on variant 2 (gemv_moe_v2.h: "[v2: ...]" on the case line, "V2" / "variant 2" rows
+// in the MoE layer table; WB_MOE_ONLY=1 keeps all of them).
 //
 // Measures the card first (a plain 16-byte streaming-read kernel over 2 GiB, and a 1 GiB device-to-device copy
 // counting read + write bytes), then times every case two ways: eager launches (what a non-graph decode pays,
@@ -28,6 +30,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
+#include "backend/cuda/gemv_moe_v2.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/moe.h"
 #include "backend/cuda/norm_rope.h"
@@ -328,6 +331,10 @@ struct MoeLayerBench {
   DeviceArray<int32_t> ids;
   SideStream side;
   int rgu_unroll = 0, rgu_warps = 0;  // routed gate+up knobs (0: the defaults)
+  // Routed gate+up and down+sum kernel (GemvParams::kernel; kMoeKernelV2 = variant 2, gemv_moe_v2.h), and whether
+  // down+sum reads a separately quantized h (the engine's default since 23d8426; variant 2 always does).
+  int moe_kernel = 0;
+  bool down_quant_h = false;
 
   explicit MoeLayerBench(cudaStream_t s)
       : router(size_t(router_bytes * kLayers)), gate(size_t(kE * kF * gu_rb)), up(gate.size()),
@@ -380,13 +387,14 @@ struct MoeLayerBench {
     GemvParams rgu, sgu, sdn, rdn;
     rgu.wtype = QType::IQ2_XXS, rgu.w = gate.get(), rgu.w2 = up.get(), rgu.rows = kF, rgu.cols = kD;
     rgu.expert_stride = kF * gu_rb, rgu.expert_ids = ids.get(), rgu.n_slots = kK, rgu.act_slot_div = kK;
-    rgu.xq = xq8k.get(), rgu.y = h.get(), rgu.unroll = rgu_unroll, rgu.cta_warps = rgu_warps;
+    rgu.xq = xq8k.get(), rgu.y = h.get(), rgu.unroll = rgu_unroll, rgu.cta_warps = rgu_warps, rgu.kernel = moe_kernel;
     sgu.wtype = QType::Q8_0, sgu.layout = GemvLayout::Q8Split, sgu.w = sh_gate.get() + l * sh_gu_bytes;
     sgu.w2 = sh_up.get() + l * sh_gu_bytes, sgu.rows = kF, sgu.cols = kD, sgu.xq = xqs.get();
     sdn.wtype = QType::Q8_0, sdn.layout = GemvLayout::Q8Split, sdn.w = sh_down.get() + l * sh_d_bytes;
     sdn.rows = kD, sdn.cols = kF, sdn.xq = hsq.get(), sdn.y = y.get();
     rdn.wtype = QType::Q2_K, rdn.w = down.get(), rdn.rows = kD, rdn.cols = kF, rdn.expert_stride = kD * dn_rb;
     rdn.expert_ids = ids.get(), rdn.n_slots = kK, rdn.act_slot_div = 1, rdn.xq = hq.get(), rdn.y = y.get();
+    rdn.kernel = moe_kernel;
     const auto routed = [&](cudaStream_t st) {
       if (!(parts & kPartRouted)) return;
       // The fused router writes x's Q8_K rows (modes 1, 2); timed without it, the routed part quantizes x itself.
@@ -418,7 +426,8 @@ struct MoeLayerBench {
       shared(s);
     }
     if (parts & kPartDown) {
-      if (mode == 0) quantize_activations_cuda(QType::Q2_K, h.get(), kK, kF, hq.get(), s);
+      if (mode == 0 || down_quant_h || moe_kernel != 0)
+        quantize_activations_cuda(QType::Q2_K, h.get(), kK, kF, hq.get(), s);
       else rdn.xf = h.get();  // quantized in the launch
       moe_down_sum_cuda(rdn, kK, s);
     }
@@ -457,6 +466,8 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
     int mode;
     unsigned parts;
     int unroll = 0, warps = 0;
+    int kernel = 0;  // routed gate+up and down+sum: 0 default, kMoeKernelV2 variant 2 (h quantized apart)
+    bool quant_h = false;  // down+sum on a separately quantized h (mode 1, 2)
   };
   const Row rows[] = {
       {"OLD  whole layer (11 launches)", 0, kPartAll},
@@ -464,6 +475,8 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
       {"NEW  whole layer; shared on side stream (7): engine", 2, kPartAll},
       {"NEW  side stream; routed gate+up unroll 2", 2, kPartAll, 2, 0},
       {"NEW  side stream; routed gate+up 8-warp CTAs", 2, kPartAll, 0, 8},
+      {"NEW  side stream; down on quantized h (engine default)", 2, kPartAll, 0, 0, 0, true},
+      {"V2   side stream; routed gate+up, down+sum variant 2", 2, kPartAll, 0, 0, kMoeKernelV2},
       {"  route: OLD router GEMV + moe_route (2)", 0, kPartRoute},
       {"  route: NEW moe_route_fused + Q8_K x (1)", 1, kPartRoute},
       {"  shared: OLD quant; pair GEMV; swiglu; quant; down (5)", 0, kPartShared},
@@ -471,11 +484,13 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
       {"  routed gate+up: quant x + fused (2)", 1, kPartRouted},
       {"  routed gate+up: quant x + fused unroll 2 (2)", 1, kPartRouted, 2, 0},
       {"  routed gate+up: quant x + fused 8-warp CTAs (2)", 1, kPartRouted, 0, 8},
+      {"  routed gate+up: quant x + variant 2 (2)", 1, kPartRouted, 0, 0, kMoeKernelV2},
       {"  routed down+sum: OLD quant h + fused (2)", 0, kPartDown},
       {"  routed down+sum: NEW h quantized in-kernel (1)", 1, kPartDown},
+      {"  routed down+sum: quant h + variant 2 (2)", 1, kPartDown, 0, 0, kMoeKernelV2},
   };
   for (const Row& r : rows) {
-    m.rgu_unroll = r.unroll, m.rgu_warps = r.warps;
+    m.rgu_unroll = r.unroll, m.rgu_warps = r.warps, m.moe_kernel = r.kernel, m.down_quant_h = r.quant_h;
     const auto [g, e] = m.time(r.mode, r.parts, s);
     const double pct = r.parts == kPartAll ? 100.0 * m.bytes() / (g * 1e-6) / 1e9 / read_bw : -1.0;
     std::printf("  %-56s %8.2f (%8.2f)", r.name, g, e);
@@ -611,6 +626,16 @@ int main(int argc, char** argv) {
       Result rg{};
       if (c.type == QType::IQ2_XXS && !fused_only && try_case(c, Knobs{1, 0, 0, 0, 0, 1}, &rg))
         std::printf("   [stream, uint2 grid table: %.2f us]", rg.us_graph);
+      // Fused routed launches: variant 2 (gemv_moe_v2.h) beside the default (stream column for gate+up+SwiGLU,
+      // staged column for down+sum).
+      Result rv{};
+      const bool okv = (c.fused == 1 || c.fused == 3) && c.n_experts > 0 && try_case(c, Knobs{kMoeKernelV2}, &rv);
+      if (okv) std::printf("   [v2: %.2f us %.1f%%]", rv.us_graph, rv.pct_read);
+      if (okv && csv)  // its own row, timings in the staged columns
+        std::fprintf(csv, "%s,%s [v2],%s,%lld,%lld,%d,%d,%d,-1,-1,%.3f,%.3f,%.1f,%.2f,0,0,0,0,%.3f,%.2f\n",
+                     card.c_str(), c.name.c_str(), qtype_name(c.type).c_str(), (long long)c.rows, (long long)c.cols,
+                     c.n_slots, c.n_tokens, c.fused, rv.us_graph, rv.us_eager, rv.gbs, rv.pct_read, rv.us_graph,
+                     rv.pct_read);
       if (ok2 && best.us_graph < r2.us_graph)
         std::printf("   %.2f us %.1f%% (%d %d %d %d)", best.us_graph, best.pct_read, bk.tile_rows, bk.row_group,
                     bk.cta_warps, bk.iq2_rep);

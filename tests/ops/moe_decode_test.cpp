@@ -8,7 +8,7 @@
 //   - moe_down_sum_cuda with float input rows (GemvParams::xf, quantized in the launch) vs the same launch on
 //     quantize_activations_cuda rows (bit for bit) and vs double dots (rel-L2 1e-5, as gemv_test).
 //   - the CUDA backend's one-token moe_route + moe_ffn (fused router, shared expert on the side stream) vs the CPU
-//     backend, and vs its own unfused path (DSV4_CUDA_MOE_FUSED=0).
+//     backend, and vs its own unfused path (DSV4_CUDA_MOE_FUSED=0) and routed variant 2 (DSV4_CUDA_MOE_KERNEL=5).
 // Tolerances: router logits are fp32 sums of 4096 products (|z| ~ 2): rel-L2 1e-5 vs double covers the fp32
 // summation order with margin. Expert ids must be identical: the test inputs are chosen without near-ties
 // (pick_x: every gap among the top k+1 biased scores > 1e-4, while the logit error is ~1e-6). Routing weights ~0.3: 1e-6
@@ -440,17 +440,28 @@ TEST(CudaBackend, MoeDecodeFlashWidths) {
     return get<float>(be, y, size_t(kD));
   };
   // Several tokens in a row on one backend (the side stream and the router's ticket carry over between calls),
-  // on the fused path and on the unfused one (DSV4_CUDA_MOE_FUSED=0, read per call).
-  for (int fused = 1; fused >= 0; --fused) {
-    if (!fused) setenv("DSV4_CUDA_MOE_FUSED", "0", 1);
+  // on the fused path, on the fused path with the routed launches on variant 2 (DSV4_CUDA_MOE_KERNEL=5,
+  // gemv_moe_v2.h: same products and summation order as the default kernels, so its output must also equal the
+  // default fused path's within 1e-6 rel-L2), and on the unfused one (DSV4_CUDA_MOE_FUSED=0). Both read per call.
+  std::vector<std::vector<float>> fused_y;
+  for (const char* mode : {"fused", "fused, routed variant 2", "unfused"}) {
+    const bool v2 = std::strcmp(mode, "fused, routed variant 2") == 0, unfused = std::strcmp(mode, "unfused") == 0;
+    if (v2) setenv("DSV4_CUDA_MOE_KERNEL", "5", 1);
+    if (unfused) setenv("DSV4_CUDA_MOE_FUSED", "0", 1);
     for (int tok = 0; tok < 3; ++tok) {
-      const std::string what = std::string(fused ? "fused" : "unfused") + " token " + std::to_string(tok);
+      const std::string what = std::string(mode) + " token " + std::to_string(tok);
       const auto x = pick_x(rc, 910 + 10 * tok);
       const RouteOut c = route(*cpu, x), g = route(*gpu, x);
       EXPECT_EQ(g.ids, c.ids) << what;
       EXPECT_LE(test::max_abs_err(g.w, c.w), 1e-6) << what;
-      EXPECT_LE(test::rel_l2(ffn(*gpu, x, c), ffn(*cpu, x, c)), 2e-5) << what;
+      const auto yg = ffn(*gpu, x, c);
+      EXPECT_LE(test::rel_l2(yg, ffn(*cpu, x, c)), 2e-5) << what;
+      if (!v2 && !unfused) fused_y.push_back(yg);
+      if (v2) {
+        EXPECT_LE(test::rel_l2(yg, fused_y[size_t(tok)]), 1e-6) << what << " vs the default fused kernels";
+      }
     }
+    unsetenv("DSV4_CUDA_MOE_KERNEL");
     unsetenv("DSV4_CUDA_MOE_FUSED");
   }
 }

@@ -22,6 +22,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv_dense_v2.h"
+#include "backend/cuda/gemv_moe_v2.h"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
@@ -929,6 +930,8 @@ bool gemv_staged_supported(const GemvParams& p) {
 }
 
 void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float clamp, cudaStream_t stream) {
+  // Opt-in variant 2 (gemv_moe_v2.h): its own checks.
+  if (p.kernel == kMoeKernelV2) return moe_v2_gate_up_swiglu_cuda(p, route_w, clamp, stream);
   GemvParams checked = p;
   checked.y2 = p.y;  // y2 is unused here; the common check wants one for a paired launch
   check_common(checked, "moe_gate_up_swiglu_cuda");
@@ -966,6 +969,7 @@ void moe_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float cl
 }
 
 void moe_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
+  if (p.kernel == kMoeKernelV2) return moe_v2_down_sum_cuda(p, k, stream);  // opt-in variant 2 (gemv_moe_v2.h)
   check_common(p, "moe_down_sum_cuda", /*xf_ok=*/true);
   if (p.w2) fail("moe_down_sum_cuda: no paired launch");
   if (k < 1 || k > kStagedMaxSegs || p.n_slots % k != 0)
