@@ -11,9 +11,13 @@
 // shared mistake. Outputs are NaN-poisoned first: every output must be written.
 // The argument tests need no device (the checks run before any CUDA call), so they also run in CPU-only CI.
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/gemv.h"
 #include "backend/cuda/gemv_dense_v2.h"
 #include "ops_common.h"
@@ -184,6 +188,91 @@ TEST(CudaGemvV2, RejectsBadArguments) {
   EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "F16 4096";
   p.wtype = QType::Q8_0, p.cols = 4128, p.w = reinterpret_cast<const void*>((uintptr_t(1) << 20) + 2);
   EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "block Q8_0 needs only 2-byte alignment";
+}
+
+// Restores DSV4_CUDA_GEMV_KERNEL on scope exit.
+struct EnvGuard {
+  const char* name = "DSV4_CUDA_GEMV_KERNEL";
+  bool had = false;
+  std::string saved;
+  EnvGuard() {
+    const char* v = std::getenv(name);
+    had = v != nullptr, saved = v ? v : "";
+  }
+  ~EnvGuard() {
+    if (had) setenv(name, saved.c_str(), 1);
+    else unsetenv(name);
+  }
+  void set(const char* v) {
+    if (v) setenv(name, v, 1);
+    else unsetenv(name);
+  }
+};
+
+TEST(CudaGemvV2, EnvKnobParsing) {
+  EnvGuard env;
+  env.set(nullptr);
+  EXPECT_EQ(cuda::gemv_dense_kernel_env(), 0);
+  env.set("0");
+  EXPECT_EQ(cuda::gemv_dense_kernel_env(), 0);
+  env.set("3");
+  EXPECT_EQ(cuda::gemv_dense_kernel_env(), cuda::kGemvKernelV2);
+  env.set("4");
+  EXPECT_EQ(cuda::gemv_dense_kernel_env(), cuda::kGemvKernelV2Pdl);
+  env.set("2");
+  EXPECT_THROW(cuda::gemv_dense_kernel_env(), Error);
+}
+
+// The backend plumbing: matmul (dmatmul's GEMV path) and matmul_grouped at T = 1 with DSV4_CUDA_GEMV_KERNEL unset,
+// 3 and 4 on one CUDA backend (same cached device activations), against each other (1e-6: summation order) and
+// the CPU backend (1e-5, as backend_test.cpp). Q8_0 at 4096 and 512 columns is uploaded in the split layout.
+struct HostTensor {
+  std::vector<uint8_t> bytes;
+  WeightView view;
+};
+HostTensor host_tensor(QType t, int64_t cols, int64_t rows, uint64_t seed, const char* name) {
+  HostTensor h;
+  h.bytes = test::random_weights(t, rows, cols, seed);
+  h.view.type = t, h.view.data = h.bytes.data(), h.view.n_bytes = h.bytes.size(), h.view.name = name;
+  h.view.ne[0] = cols, h.view.ne[1] = rows, h.view.ne[2] = 1, h.view.n_dims = 2;
+  return h;
+}
+std::vector<float> backend_run(Backend& be, const WeightView& w, int groups, const std::vector<float>& x) {
+  DeviceBuffer bx = be.alloc(x.size() * sizeof(float));
+  be.upload(bx.data(), x.data(), x.size() * sizeof(float));
+  const size_t n = size_t(w.ne[1]);
+  DeviceBuffer by = be.alloc(n * sizeof(float));
+  if (groups > 1) be.matmul_grouped(w, groups, bx.f32(), 1, by.f32());
+  else be.matmul(w, -1, bx.f32(), 1, by.f32());
+  std::vector<float> y(n);
+  be.download(y.data(), by.data(), n * sizeof(float));
+  return y;
+}
+
+TEST(CudaGemvV2, BackendKnob) {
+  DSV4_REQUIRE_CUDA();
+  EnvGuard env;
+  std::vector<HostTensor> keep;  // outlive the backends (device copies are cached by host address)
+  keep.push_back(host_tensor(QType::Q8_0, 4096, 1024, 31, "attn_q_a"));
+  keep.push_back(host_tensor(QType::F16, 4096, 256, 32, "compressor"));
+  keep.push_back(host_tensor(QType::Q8_0, 512, 4 * 256, 33, "attn_output_a"));  // 4 groups of 512 -> 256
+  const int groups[] = {1, 1, 4};
+  std::unique_ptr<Backend> cpu = make_cpu_backend(), gpu = make_cuda_backend();
+  for (size_t i = 0; i < keep.size(); ++i) {
+    const WeightView& w = keep[i].view;
+    const auto x = test::random_normal(size_t(w.ne[0] * groups[i]), 40 + i);
+    const std::string what = std::string(w.name) + " " + qtype_name(w.type);
+    env.set(nullptr);
+    const auto y_default = backend_run(*gpu, w, groups[i], x);
+    const auto y_cpu = backend_run(*cpu, w, groups[i], x);
+    EXPECT_LE(test::rel_l2(y_default, y_cpu), 1e-5) << what << " default vs CPU";
+    for (const char* k : {"3", "4"}) {
+      env.set(k);
+      const auto y = backend_run(*gpu, w, groups[i], x);
+      EXPECT_LE(test::rel_l2(y, y_default), 1e-6) << what << " DSV4_CUDA_GEMV_KERNEL=" << k << " vs default";
+      EXPECT_LE(test::rel_l2(y, y_cpu), 1e-5) << what << " DSV4_CUDA_GEMV_KERNEL=" << k << " vs CPU";
+    }
+  }
 }
 
 }  // namespace

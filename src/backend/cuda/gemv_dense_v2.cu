@@ -351,14 +351,12 @@ void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream) {
 }
 
 int gemv_dense_kernel_env() {
-  static const int k = [] {
-    const char* e = std::getenv("DSV4_CUDA_GEMV_KERNEL");
-    if (!e || !*e || std::strcmp(e, "0") == 0) return 0;
-    if (std::strcmp(e, "3") == 0) return kGemvKernelV2;
-    if (std::strcmp(e, "4") == 0) return kGemvKernelV2Pdl;
-    fail("DSV4_CUDA_GEMV_KERNEL=%s: expected 0 (default kernels), 3 (variant 2) or 4 (variant 2 with PDL)", e);
-  }();
-  return k;
+  // Read at every call (one getenv per dense launch recorded; graph replays do not call it), so a test can switch it.
+  const char* e = std::getenv("DSV4_CUDA_GEMV_KERNEL");
+  if (!e || !*e || std::strcmp(e, "0") == 0) return 0;
+  if (std::strcmp(e, "3") == 0) return kGemvKernelV2;
+  if (std::strcmp(e, "4") == 0) return kGemvKernelV2Pdl;
+  fail("DSV4_CUDA_GEMV_KERNEL=%s: expected 0 (default kernels), 3 (variant 2) or 4 (variant 2 with PDL)", e);
 }
 
 }  // namespace dsv4::cuda

@@ -29,7 +29,7 @@ bool gemv_v2_supported(const GemvParams& p);
 void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream);
 
 // DSV4_CUDA_GEMV_KERNEL for the backend's dense single-token GEMVs: unset or "0" -> 0 (the default kernels), "3" or
-// "4" -> that variant; anything else fails. Read once.
+// "4" -> that variant; anything else fails. Read at every call.
 int gemv_dense_kernel_env();
 
 }  // namespace dsv4::cuda
