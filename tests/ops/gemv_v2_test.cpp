@@ -101,8 +101,9 @@ void run_case(QType t, GemvLayout layout, int64_t rows, int64_t cols, int groups
   }
 }
 
-// Flash's dense decode GEMVs, split layout (what the backend uploads): q_a, kv, q_b (4 rows per warp), o_b (2 parts
-// per row, several tiles per CTA), output_a grouped 8 x (4096 -> 1024), plus rows that leave the last tile partial.
+// Flash's dense decode GEMVs, split layout (what the backend uploads): q_a (2 parts per row), kv (4 parts), q_b (4
+// rows per warp), o_b (2 parts, several tiles per CTA), output_a grouped 8 x (4096 -> 1024), plus rows that leave the
+// last tile partial. (Rows per warp and parts follow the SM count: the comments are for 132 SMs.)
 TEST(CudaGemvV2, SplitFlashWidths) {
   DSV4_REQUIRE_CUDA();
   const auto s = GemvLayout::Q8Split;
@@ -113,6 +114,7 @@ TEST(CudaGemvV2, SplitFlashWidths) {
   run_case(QType::Q8_0, s, 1024, 4096, 8, 15);   // attn_output_a, grouped
   run_case(QType::Q8_0, s, 32764, 1024, 1, 16);  // partial last tile at 4 rows per warp
   run_case(QType::Q8_0, s, 1002, 4096, 1, 17);   // partial last tile with parts
+  run_case(QType::Q8_0, s, 4000, 1024, 1, 18);   // 2 rows per warp (on a 132-SM card)
 }
 
 // The 34-byte block layout (Q8_0 with cols % 256 != 0 stays in it) and F16 (compressor, indexer, HC widths).
@@ -123,9 +125,10 @@ TEST(CudaGemvV2, BlockLayoutAndF16) {
   run_case(QType::Q8_0, g, 4096, 8192, 1, 22);
   run_case(QType::Q8_0, g, 1000, 4128, 1, 23);  // cols % 256 != 0, partial tiles
   run_case(QType::Q8_0, g, 1024, 4096, 8, 24);  // grouped
+  run_case(QType::Q8_0, g, 32768, 1024, 1, 28); // 2 rows per warp (128 units per row)
   run_case(QType::F16, g, 1024, 4096, 1, 25);   // compressor kv + gate
-  run_case(QType::F16, g, 256, 4096, 1, 26);
-  run_case(QType::F16, g, 24, 16384, 1, 27);    // HC control: 8 parts per row
+  run_case(QType::F16, g, 256, 4096, 1, 26);    // 8 parts per row
+  run_case(QType::F16, g, 24, 16384, 1, 27);    // HC control: 8 parts per row, one tile per CTA
 }
 
 // Argument checks: host-only (fake, aligned device addresses that are never dereferenced).

@@ -4,12 +4,15 @@
 // workbench (docs/cuda.md, 99dd030) q_b / o_b take 13.1 us and the 563 MB output head 137 us with the same kernel.
 // Fitting t = t0 + bytes / B through both gives B = 4.26 TB/s (96% of the 4.41 TB/s streaming read) and a fixed
 // t0 = 4.8 us per launch; the 4.5 MB q_a (5.3 us) and the 4-9 MB matrices (~5-6 us) sit on the same line. So the
-// steady state already streams at the card's rate (the streaming kernel keeps ~2 KiB per warp and up to 64 warps
-// per SM in flight: ~128 KiB per SM against the ~25 KiB Little's law asks for) and the loss is the fixed part: the
-// gap between the producer kernel's end and the first weight bytes arriving (launch, CTA rasterization, one DRAM
-// round trip of ~0.7 us before any warp has data), plus the last wave's tail (q_b: 4096 CTAs of 128 threads over
-// 132 SMs x 16 resident CTAs = 1.9 waves, each CTA one dependent load->reduce step). A kernel alone (rms_norm
-// register kernel) costs ~2 us in a graph, so ~2.5-3 us of t0 is the GEMV's own ramp and tail.
+// steady state already streams at the card's rate and the loss is the fixed part. ptxas (sm_90a) for the default
+// split-layout instances: q_b / o_b (2 rows per warp, 2 loads in flight per row and lane) 60 registers -> 8 CTAs of
+// 4 warps per SM, 2 KiB per warp = 64 KiB per SM in flight (Little's law asks ~25 KiB: enough once running), but
+// q_b is 4096 CTAs = 3.9 waves and o_b 2048 = 1.9 waves of CTAs that each do one or two dependent load->reduce
+// steps; q_a (1 row per warp) 44 registers -> 5 CTAs of 8 warps per SM, and each warp takes one 16-byte chunk per
+// lane (its row split 8 ways): 40 x 512 B = 20 KiB per SM in flight, below what Little's law asks, over 1.55 waves.
+// Add the gap between the producer kernel's end and the first weight bytes (launch, CTA rasterization, one DRAM
+// round trip of ~0.7 us before any warp has data): a kernel alone (rms_norm register kernel) costs ~2 us in a
+// graph, so ~2.5-3 us of t0 is the GEMV's own ramp and tail.
 //
 // What this kernel does about it:
 //   1. One wave: grid = the CTAs that are resident at once (occupancy API x SMs), each looping over tiles of rows,
@@ -19,8 +22,10 @@
 //      4 KiB per warp) is requested with all its loads before any arithmetic. At 24 resident warps per SM that is
 //      96 KiB per SM in flight from the first instruction, i.e. the whole 4.5 MB q_a (34 KB per SM) and a third of
 //      a 35 MB matrix are requested in the first round trip. P (parts per row, reduced in shared memory in a fixed
-//      order) and R (rows per warp sharing one activation load) are picked on the host so that there are at least
-//      as many items as resident warps (kv 4096->512: 4 parts; q_b 1024-wide rows: 4 rows per warp).
+//      order) and R (rows per warp sharing one activation load) are picked on the host: the biggest items (fewest
+//      parts, most rows) that still give every SM at least one CTA's worth (8 warps) of items, so the first round
+//      holds min(matrix / SMs, 8 x 4 KiB) per SM (q_a: 2 parts, 2048 items of 2.2 KiB, the whole 34 KB per SM in
+//      one round; kv 4096->512: 4 parts; q_b 1024-wide rows: 4 rows per warp; o_b: 2 parts).
 //   3. (kernel 4) Programmatic dependent launch: the weights do not depend on the previous kernel, so the kernel
 //      is launched with programmatic stream serialization, issues its first item's weight loads, and only then
 //      executes griddepcontrol.wait (which returns once the producer grid has completed and its writes are
@@ -282,17 +287,18 @@ const char* unsupported_reason(const GemvParams& p) {
 
 // Rows per warp (R) and parts per row (P): the fewest parts that keep a lane at <= kLaneUnits units, R rows of short
 // rows sharing one activation load, then more parallelism (smaller R, then more parts, while a lane keeps >= 2
-// units per part) until the items cover every resident warp.
+// units per part) until there are min_items items (one CTA's worth of warps per SM: more, smaller items would only
+// shrink the bytes each warp keeps in flight).
 struct Plan {
   int r = 1, parts = 1;
 };
-Plan plan_for(const GemvParams& p, int64_t resident_warps) {
+Plan plan_for(const GemvParams& p, int64_t min_items) {
   const int64_t units = units_per_row(p), total_rows = int64_t(p.n_slots) * p.rows;
   Plan pl;
   if (units < 32 * kLaneUnits)
     while (pl.r < 4 && units * pl.r * 2 <= 32 * kLaneUnits && p.rows % (pl.r * 2) == 0) pl.r *= 2;
   while ((units + pl.parts - 1) / pl.parts > 32 * (kLaneUnits / pl.r)) pl.parts *= 2;
-  while (total_rows / pl.r * pl.parts < resident_warps) {
+  while (total_rows / pl.r * pl.parts < min_items) {
     if (pl.r > 1) pl.r /= 2;
     else if (pl.parts < kMaxParts && units / (pl.parts * 2) >= 64) pl.parts *= 2;
     else break;
@@ -344,7 +350,7 @@ void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream) {
   int dev = 0, sms = 0;
   check(cudaGetDevice(&dev), "gemv_v2: cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "gemv_v2: SM count");
-  const Plan pl = plan_for(p, int64_t(sms) * kCtasPerSm * kWarps);  // the warps one wave holds
+  const Plan pl = plan_for(p, int64_t(sms) * kWarps);
   if (p.layout == GemvLayout::Q8Split) return dispatch_r<UnitSplit>(p, pl, stream);
   if (p.wtype == QType::F16) return dispatch_r<UnitF16>(p, pl, stream);
   return dispatch_r<UnitQ8_0>(p, pl, stream);
