@@ -16,18 +16,8 @@
 namespace dsv4 {
 namespace {
 
-template <typename T>
-DeviceBuffer put(Backend& be, const std::vector<T>& v) {
-  DeviceBuffer b = be.alloc(v.size() * sizeof(T));
-  be.upload(b.data(), v.data(), v.size() * sizeof(T));
-  return b;
-}
-template <typename T>
-std::vector<T> get(Backend& be, const DeviceBuffer& b, size_t n) {
-  std::vector<T> v(n);
-  be.download(v.data(), b.data(), n * sizeof(T));
-  return v;
-}
+using test::get;
+using test::put;
 
 WeightView f32_view(const std::vector<float>& v, int64_t ne0, int64_t ne1, const char* name) {
   WeightView w;

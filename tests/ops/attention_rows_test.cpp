@@ -23,10 +23,7 @@ namespace dsv4 {
 namespace {
 
 using cuda::DeviceArray;
-template <typename T>
-DeviceArray<T> upload(const std::vector<T>& v) {
-  return DeviceArray<T>(std::span<const T>(v));
-}
+using test::upload;
 
 // Rows with a wide dynamic range (1e-6 .. 1e3) so the FP8 subnormal step, every exponent and the 448 clamp of
 // the block scale all occur, plus exact grid midpoints to exercise ties-to-even.

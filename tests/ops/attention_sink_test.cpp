@@ -14,10 +14,7 @@ namespace dsv4 {
 namespace {
 
 using cuda::DeviceArray;
-template <typename T>
-DeviceArray<T> upload(const std::vector<T>& v) {
-  return DeviceArray<T>(std::span<const T>(v));
-}
+using test::upload;
 
 struct Case {
   const char* name;

@@ -53,18 +53,8 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& ref, 
   EXPECT_LE(test::rel_l2(got, ref), tol) << what;
 }
 
-template <typename T>
-DeviceBuffer put(Backend& be, const std::vector<T>& v) {
-  DeviceBuffer b = be.alloc(v.size() * sizeof(T));
-  be.upload(b.data(), v.data(), v.size() * sizeof(T));
-  return b;
-}
-template <typename T>
-std::vector<T> get(Backend& be, const DeviceBuffer& b, size_t n) {
-  std::vector<T> v(n);
-  be.download(v.data(), b.data(), n * sizeof(T));
-  return v;
-}
+using test::get;
+using test::put;
 
 struct Backends {
   std::unique_ptr<Backend> cpu = make_cpu_backend();

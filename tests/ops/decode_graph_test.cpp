@@ -38,12 +38,6 @@ std::unique_ptr<Backend> cuda_backend(bool graphs) {
   return be;
 }
 
-std::vector<float> download(Backend& be, const DeviceBuffer& b, size_t n) {
-  std::vector<float> h(n);
-  be.download(h.data(), b.data(), n * sizeof(float));
-  return h;
-}
-
 TEST(CudaDecodeGraphSegments, ReplayRunsTheRecordedOpsAndAllocationInvalidates) {
   DSV4_REQUIRE_CUDA();
   auto be = cuda_backend(true);
@@ -58,7 +52,7 @@ TEST(CudaDecodeGraphSegments, ReplayRunsTheRecordedOpsAndAllocationInvalidates) 
       be->fill(src.f32(), 2.5f, n);
       be->copy(dst.data(), src.data(), n * sizeof(float));
     });
-    const auto h = download(*be, dst, n);
+    const auto h = test::get<float>(*be, dst, n);
     for (size_t i = 0; i < n; ++i) ASSERT_EQ(h[i], 2.5f) << "element " << i;
   };
   for (int i = 0; i < 5; ++i) run();
@@ -97,7 +91,7 @@ TEST(CudaDecodeGraphSegments, FailedCaptureRunsEagerly) {
   EXPECT_EQ(s.eager, 3);
   // The backend is still usable (the failed capture left no error behind).
   be->fill(b.f32(), 7.f, n);
-  EXPECT_EQ(download(*be, b, n)[n - 1], 7.f);
+  EXPECT_EQ(test::get<float>(*be, b, n)[n - 1], 7.f);
 }
 
 std::string saved(const SequenceState& st) {

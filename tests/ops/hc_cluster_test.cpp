@@ -23,10 +23,7 @@ namespace dsv4 {
 namespace {
 
 using cuda::DeviceArray;
-template <typename T>
-DeviceArray<T> upload(const std::vector<T>& v) {
-  return DeviceArray<T>(std::span<const T>(v));
-}
+using test::upload;
 
 // Bitwise equality of two float vectors; reports the first differing index.
 ::testing::AssertionResult same_bits(const std::vector<float>& a, const std::vector<float>& b) {

@@ -393,18 +393,8 @@ Tensor make_tensor(QType t, int64_t cols, int64_t rows, int64_t experts, uint64_
   return x;
 }
 
-template <typename T>
-DeviceBuffer put(Backend& be, const std::vector<T>& v) {
-  DeviceBuffer b = be.alloc(v.size() * sizeof(T));
-  be.upload(b.data(), v.data(), v.size() * sizeof(T));
-  return b;
-}
-template <typename T>
-std::vector<T> get(Backend& be, const DeviceBuffer& b, size_t n) {
-  std::vector<T> v(n);
-  be.download(v.data(), b.data(), n * sizeof(T));
-  return v;
-}
+using test::get;
+using test::put;
 
 TEST(CudaBackend, MoeDecodeFlashWidths) {
   DSV4_REQUIRE_CUDA();

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "backend/cuda/cuda_util.h"
 #include "common/error.h"
 #include "quant/quant.h"
@@ -73,6 +74,25 @@ size_t argmax(std::span<const T> v) {
   for (size_t i = 1; i < v.size(); ++i)
     if (v[i] > v[best]) best = i;
   return best;
+}
+
+// Host vector <-> device memory, through a Backend (DeviceBuffer) or directly (cuda::DeviceArray): the one copy of
+// what used to be repeated in every test file.
+template <typename T>
+DeviceBuffer put(Backend& be, const std::vector<T>& v) {
+  DeviceBuffer b = be.alloc(v.size() * sizeof(T));
+  be.upload(b.data(), v.data(), v.size() * sizeof(T));
+  return b;
+}
+template <typename T>
+std::vector<T> get(Backend& be, const DeviceBuffer& b, size_t n) {
+  std::vector<T> v(n);
+  be.download(v.data(), b.data(), n * sizeof(T));
+  return v;
+}
+template <typename T>
+cuda::DeviceArray<T> upload(const std::vector<T>& v) {
+  return cuda::DeviceArray<T>(std::span<const T>(v));
 }
 
 // Random valid quantized weights: random bytes with sane f16 scale fields (every grid index, sign code and scale

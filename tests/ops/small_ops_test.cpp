@@ -11,10 +11,7 @@ namespace dsv4 {
 namespace {
 
 using cuda::DeviceArray;
-template <typename T>
-DeviceArray<T> upload(const std::vector<T>& v) {
-  return DeviceArray<T>(std::span<const T>(v));
-}
+using test::upload;
 
 // fp32 tree sum vs double sum of 512-16384 squares: relative error of the scale ~ sqrt(n) * 2^-24 < 1e-5;
 // outputs are O(1), so 2e-5 absolute (per element, relative to max(|ref|, 1)) bounds it with margin.
