@@ -28,6 +28,7 @@
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/indexer.h"
 #include "common/error.h"
+#include "wb_common.cuh"
 
 using namespace dsv4;
 using namespace dsv4::cuda;
@@ -63,37 +64,12 @@ void fp8_grid(float* p, size_t n, int dh) {
   check_launch("fp8_grid_kernel");
 }
 
-__global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) *sink = acc;
-}
-
-// Events are recorded on the stream the work goes to (a non-blocking stream does not order with stream 0).
-float time_ms(const std::function<void()>& f, int reps, cudaStream_t s = nullptr) {
-  cudaEvent_t a, b;
-  check(cudaEventCreate(&a), "event"), check(cudaEventCreate(&b), "event");
-  f();
-  check(cudaDeviceSynchronize(), "warmup");
-  check(cudaEventRecord(a, s), "record");
-  for (int i = 0; i < reps; ++i) f();
-  check(cudaEventRecord(b, s), "record");
-  check(cudaEventSynchronize(b), "sync");
-  float ms = 0;
-  check(cudaEventElapsedTime(&ms, a, b), "elapsed");
-  cudaEventDestroy(a), cudaEventDestroy(b);
-  return ms / reps;
-}
-
 double read_bandwidth_gbs() {
   const size_t bytes = size_t(1) << 30;
   DeviceArray<uint4> buf(bytes / 16);
   DeviceArray<unsigned> sink(1);
   buf.fill_bytes(1);
-  const float ms = time_ms([&] { read_kernel<<<132 * 8, 512>>>(buf.get(), bytes / 16, sink.get()); }, 10);
+  const float ms = mean_ms([&] { read_kernel<<<132 * 8, 512>>>(buf.get(), bytes / 16, sink.get()); }, 10);
   return double(bytes) / (ms * 1e-3) / 1e9;
 }
 
@@ -105,14 +81,14 @@ Timing time_case(int n_copies, const std::function<void(int, cudaStream_t)>& lau
   cudaStream_t s;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
   int next = 0;
-  const float eager = time_ms([&] { launch(next++ % n_copies, s); }, 64, s);
+  const float eager = mean_ms([&] { launch(next++ % n_copies, s); }, 64, s);
   cudaGraph_t g;
   cudaGraphExec_t ge;
   check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "begin capture");
   for (int i = 0; i < 32; ++i) launch(i % n_copies, s);
   check(cudaStreamEndCapture(s, &g), "end capture");
   check(cudaGraphInstantiate(&ge, g, 0), "instantiate");
-  const float graph = time_ms([&] { check(cudaGraphLaunch(ge, s), "graph launch"); }, 20, s);
+  const float graph = mean_ms([&] { check(cudaGraphLaunch(ge, s), "graph launch"); }, 20, s);
   check(cudaStreamSynchronize(s), "sync");
   cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
   return {graph * 1e3 / 32, eager * 1e3};
@@ -211,7 +187,7 @@ double time_prefill_us(const std::function<void()>& f) {
   f();
   check(cudaDeviceSynchronize(), "warmup");
   std::vector<float> ms;
-  for (int i = 0; i < 5; ++i) ms.push_back(time_ms(f, 1));
+  for (int i = 0; i < 5; ++i) ms.push_back(mean_ms(f, 1));
   std::sort(ms.begin(), ms.end());
   return ms[2] * 1e3;
 }

@@ -34,6 +34,7 @@
 #include "backend/cuda/moe.h"
 #include "common/error.h"
 #include "quant/quant.h"
+#include "wb_common.cuh"
 #include "wb_weights.cuh"
 
 using namespace dsv4;
@@ -47,23 +48,6 @@ __global__ void normal_fill_kernel(float* x, size_t n, uint32_t seed) {
     v ^= v >> 15, v *= 0x2c1b3c6du, v ^= v >> 12;
     x[i] = (float(v & 0xFFFF) / 65536.0f - 0.5f) * 3.4f;  // uniform, variance ~1
   }
-}
-
-float time_ms(const std::function<void()>& body, int reps) {
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "event");
-  check(cudaEventCreate(&e1), "event");
-  body();
-  check(cudaDeviceSynchronize(), "warm-up");
-  check(cudaEventRecord(e0, nullptr), "record");
-  for (int r = 0; r < reps; ++r) body();
-  check(cudaEventRecord(e1, nullptr), "record");
-  check(cudaEventSynchronize(e1), "sync");
-  float ms = 0;
-  check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  return ms / float(reps);
 }
 
 // A dense matrix rotated over copies (>= 256 MiB in all).
@@ -96,7 +80,7 @@ const char* path_name(Path p) { return p == Path::Gemv ? "gemv" : p == Path::Mma
 float time_dense(const DenseW& w, int T, Path path, Scratch& s, int reps) {
   int rep = 0;
   if (path == Path::Gemv) {
-    return time_ms([&] {
+    return mean_ms([&] {
       quantize_activations_cuda(w.t, s.x.get(), T, w.cols, s.xq.get(), nullptr, w.layout);
       GemvParams g;
       g.wtype = w.t, g.layout = w.layout, g.w = w.copy(rep++), g.rows = w.rows, g.cols = w.cols;
@@ -107,7 +91,7 @@ float time_dense(const DenseW& w, int T, Path path, Scratch& s, int reps) {
   GemmParams p;
   p.wtype = w.t, p.layout = w.layout, p.rows = w.rows, p.cols = w.cols, p.x = s.x.get(), p.n_tokens = T;
   p.y = s.y.get(), p.impl = path == Path::Mma ? GemmImpl::Mma : GemmImpl::Cublas;
-  return time_ms([&] {
+  return mean_ms([&] {
     p.w = w.copy(rep++);
     gemm_cuda(p, s.ws.get(), nullptr);
   }, reps);
@@ -118,7 +102,7 @@ float time_dense(const DenseW& w, int T, Path path, Scratch& s, int reps) {
 float time_control(const DenseW& w, int T, bool exact, Scratch& s, int reps) {
   int rep = 0;
   if (!exact) {
-    return time_ms([&] {
+    return mean_ms([&] {
       GemvParams g;
       g.wtype = w.t, g.w = w.copy(rep++), g.rows = w.rows, g.cols = w.cols, g.xq = s.x.get(), g.n_tokens = T;
       g.y = s.y.get();
@@ -127,7 +111,7 @@ float time_control(const DenseW& w, int T, bool exact, Scratch& s, int reps) {
   }
   GemmParams p;
   p.wtype = w.t, p.rows = w.rows, p.cols = w.cols, p.x = s.x.get(), p.n_tokens = T, p.y = s.y.get(), p.exact = true;
-  return time_ms([&] {
+  return mean_ms([&] {
     p.w = w.copy(rep++);
     gemm_cuda(p, s.ws.get(), nullptr);
   }, reps);
@@ -184,7 +168,7 @@ float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps, bool d
     DeviceArray<float> g(size_t(S) * m.ff), u(size_t(S) * m.ff);
     const int64_t act_gu = gpu_activation_bytes(QType::IQ2_XXS, m.d), act_dn = gpu_activation_bytes(QType::Q2_K, m.ff);
     DeviceArray<uint8_t> xq(size_t(std::max<int64_t>(int64_t(T) * act_gu, int64_t(S) * act_dn)));
-    return time_ms([&] {
+    return mean_ms([&] {
       const int32_t* ids = d_ids.get() + size_t(rep++ % kSets) * S;
       quantize_activations_cuda(QType::IQ2_XXS, s.x.get(), T, m.d, xq.get(), nullptr);
       GemvParams p;
@@ -207,7 +191,7 @@ float time_moe(const MoeLayer& m, int T, bool gemv, Scratch& s, int reps, bool d
   p.d = m.d, p.ff = m.ff, p.n_experts = m.E, p.k = m.k, p.weights = d_w.get(), p.x = s.x.get(), p.n_tokens = T;
   p.swiglu_clamp = 10.0f, p.y_slots = s.y.get(), p.ids = d_ids.get(), p.mma_double_buffer = db;
   DeviceArray<uint8_t> ws(moe_gemm_workspace_bytes(p));
-  return time_ms([&] {
+  return mean_ms([&] {
     p.ids = d_ids.get() + size_t(rep++ % kSets) * S;
     moe_gemm_cuda(p, ws.get(), nullptr);
   }, reps);
@@ -252,11 +236,8 @@ int main(int argc, char** argv) {
     }
   }
   try {
-    if (!device_available()) {
-      std::fprintf(stderr, "wb_gemm: no CUDA device\n");
-      return 0;
-    }
-    std::printf("device: %s\n", device_description().c_str());
+    cudaDeviceProp prop{};
+    if (!wb_open_device("wb_gemm", prop)) return 0;
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
     if (csv) std::fprintf(csv, "section,case,type,T,path,us,tflops,gbps\n");
     const int max_T = 2048;

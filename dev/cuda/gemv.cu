@@ -36,22 +36,13 @@
 #include "backend/cuda/norm_rope.h"
 #include "common/error.h"
 #include "quant/quant.h"
+#include "wb_common.cuh"
 #include "wb_weights.cuh"
 
 using namespace dsv4;
 using namespace dsv4::cuda;
 
 namespace {
-
-__global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) *sink = acc;  // keeps the loads alive
-}
-
 
 // ---- prototype: Q8_0 repacked at upload into contiguous int8 quants + separate f16 scales ("Q8R") ----------------
 // Not used by the engine yet: it measures what the 34-byte block layout costs (2-byte-aligned payload forces u16
@@ -91,28 +82,6 @@ __global__ void __launch_bounds__(128) q8r_gemv_kernel(const int8_t* q, const __
   }
   acc = warp_sum(acc);
   if (lane == 0) y[row] = acc;
-}
-
-float time_ms(cudaStream_t s, const std::function<void()>& body, int reps) {
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "event");
-  check(cudaEventCreate(&e1), "event");
-  body();  // warm-up
-  check(cudaStreamSynchronize(s), "sync");
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    check(cudaEventRecord(e0, s), "record");
-    body();
-    check(cudaEventRecord(e1, s), "record");
-    check(cudaEventSynchronize(e1), "sync");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
-    t.push_back(ms);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];  // median
 }
 
 struct Case {
@@ -205,16 +174,8 @@ Result run_case(const Case& c, cudaStream_t s, double read_bw, double spec_bw, c
       }
     }
   };
-  const float eager_ms = time_ms(s, body, 20);
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
-  body();
-  check(cudaStreamEndCapture(s, &graph), "capture end");
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  const float graph_ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  const float eager_ms = median_ms(s, body, 20);
+  const float graph_ms = graph_median_ms(s, body);
 
   // Bytes a perfect kernel must move: weights, activations, outputs (fused kernels write less; counted the same
   // so GB/s compares sequences doing the same work).
@@ -245,15 +206,7 @@ double run_q8r(int64_t rows, int64_t cols, cudaStream_t s) {
           reinterpret_cast<const int8_t*>(q.get()) + i * qbytes, reinterpret_cast<const __half*>(d.get() + i * dbytes),
           reinterpret_cast<const int8_t*>(aq.get()), ad.get(), rows, cols, y.get());
   };
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
-  body();
-  check(cudaStreamEndCapture(s, &graph), "capture end");
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  const float ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  const float ms = graph_median_ms(s, body);
   return ms * 1e3 / copies;
 }
 
@@ -298,15 +251,7 @@ double run_hc_mix(int n_mix, int64_t K, cudaStream_t s, bool unfused = false) {
       }
     }
   };
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
-  body();
-  check(cudaStreamEndCapture(s, &graph), "capture end");
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  const float ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  const float ms = graph_median_ms(s, body);
   return ms * 1e3 / kCopies;
 }
 
@@ -438,16 +383,8 @@ struct MoeLayerBench {
     auto body = [&] {
       for (int l = 0; l < kLayers; ++l) layer(l, mode, parts, s);
     };
-    const float eager_ms = time_ms(s, body, 20);
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
-    body();
-    check(cudaStreamEndCapture(s, &graph), "capture end");
-    check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-    const float graph_ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
+    const float eager_ms = median_ms(s, body, 20);
+    const float graph_ms = graph_median_ms(s, body, cudaStreamCaptureModeRelaxed);
     return {graph_ms * 1e3 / kLayers, eager_ms * 1e3 / kLayers};
   }
   // Weight bytes one layer must read: router, 6 experts' gate/up/down rows, the shared expert.
@@ -514,16 +451,11 @@ int main(int argc, char** argv) {
   // WB_NO_SWEEP=1 (environment, so scripts/gpu-check.sh needs no new flag): skip the staged-knob sweep.
   const bool no_sweep = std::getenv("WB_NO_SWEEP") && std::strcmp(std::getenv("WB_NO_SWEEP"), "1") == 0;
   try {
-    if (!device_available()) {
-      std::fprintf(stderr, "wb_gemv: no CUDA device\n");
-      return 0;
-    }
     cudaDeviceProp prop{};
-    check(cudaGetDeviceProperties(&prop, 0), "props");
+    if (!wb_open_device("wb_gemv", prop)) return 0;
     const std::string card = prop.name;
     // Datasheet bandwidth by card (SXM parts): H200 4.8 TB/s, H100 3.35 TB/s.
     const double spec_bw = card.find("H200") != std::string::npos ? 4.8e12 / 1e9 : 3.35e12 / 1e9;
-    std::printf("device: %s\n", device_description().c_str());
     cudaStream_t s;
     check(cudaStreamCreate(&s), "stream");
 
@@ -531,11 +463,11 @@ int main(int argc, char** argv) {
     DeviceArray<uint8_t> buf(big), buf2(big / 2);
     fill_random_kernel<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(buf.get()), big / 4, 1u);
     DeviceArray<unsigned> sink(1);
-    const float read_ms = time_ms(s, [&] {
+    const float read_ms = median_ms(s, [&] {
       read_kernel<<<prop.multiProcessorCount * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(buf.get()), big / 16, sink.get());
     }, 10);
     const double read_bw = double(big) / (read_ms * 1e-3) / 1e9;
-    const float copy_ms = time_ms(s, [&] {
+    const float copy_ms = median_ms(s, [&] {
       check(cudaMemcpyAsync(buf2.get(), buf.get(), big / 2, cudaMemcpyDeviceToDevice, s), "copy");
     }, 10);
     const double copy_bw = double(big) / (copy_ms * 1e-3) / 1e9;  // read + write

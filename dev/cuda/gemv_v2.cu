@@ -29,58 +29,13 @@
 #include "backend/cuda/gemv_dense_v2.h"
 #include "common/error.h"
 #include "quant/quant.h"
+#include "wb_common.cuh"
 #include "wb_weights.cuh"
 
 using namespace dsv4;
 using namespace dsv4::cuda;
 
 namespace {
-
-__global__ void read_kernel(const uint4* p, size_t n, unsigned* sink) {
-  uint32_t acc = 0;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) *sink = acc;
-}
-
-// Median ms of `reps` runs of body (after one warm-up).
-float time_ms(cudaStream_t s, const std::function<void()>& body, int reps) {
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "event");
-  check(cudaEventCreate(&e1), "event");
-  body();
-  check(cudaStreamSynchronize(s), "sync");
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    check(cudaEventRecord(e0, s), "record");
-    body();
-    check(cudaEventRecord(e1, s), "record");
-    check(cudaEventSynchronize(e1), "sync");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
-    t.push_back(ms);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-// Median ms of a graph holding body's launches.
-float graph_ms(cudaStream_t s, const std::function<void()>& body) {
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
-  body();
-  check(cudaStreamEndCapture(s, &graph), "capture end");
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  const float ms = time_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  return ms;
-}
 
 // One dense decode matrix: groups x (rows x cols) (groups > 1: attn_output_a's grouped launch), `copies` copies of
 // its device weights, its float input and the quantized input.
@@ -145,7 +100,7 @@ struct Timing {
 Timing time_seq(cudaStream_t s, int n, const std::function<void(int)>& one) {
   Timing t;
   try {
-    t.us = graph_ms(s, [&] {
+    t.us = graph_median_ms(s, [&] {
       for (int i = 0; i < n; ++i) one(i);
     }) * 1e3 / n;
     t.ok = true;
@@ -163,14 +118,9 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i)
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
   try {
-    if (!device_available()) {
-      std::fprintf(stderr, "wb_gemv_v2: no CUDA device\n");
-      return 0;
-    }
     cudaDeviceProp prop{};
-    check(cudaGetDeviceProperties(&prop, 0), "props");
+    if (!wb_open_device("wb_gemv_v2", prop)) return 0;
     const std::string card = prop.name;
-    std::printf("device: %s\n", device_description().c_str());
     cudaStream_t s;
     check(cudaStreamCreate(&s), "stream");
     double read_bw = 0;
@@ -179,7 +129,7 @@ int main(int argc, char** argv) {
       DeviceArray<uint8_t> buf(big);
       random_device_weights(QType::F16, buf.get(), big, 1u);
       DeviceArray<unsigned> sink(1);
-      const float ms = time_ms(s, [&] {
+      const float ms = median_ms(s, [&] {
         read_kernel<<<prop.multiProcessorCount * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(buf.get()), big / 16,
                                                                   sink.get());
       }, 10);

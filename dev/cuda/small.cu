@@ -41,6 +41,7 @@
 #include "backend/cuda/norm_rope.h"
 #include "common/error.h"
 #include "quant/quant.h"
+#include "wb_common.cuh"
 #include "wb_weights.cuh"
 
 using namespace dsv4;
@@ -49,28 +50,6 @@ using namespace dsv4::cuda;
 namespace {
 
 constexpr int kReps = 64;  // sequences per timed graph / eager batch
-
-float median_ms(cudaStream_t s, const std::function<void()>& body, int reps) {
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "event");
-  check(cudaEventCreate(&e1), "event");
-  body();  // warm-up
-  check(cudaStreamSynchronize(s), "sync");
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    check(cudaEventRecord(e0, s), "record");
-    body();
-    check(cudaEventRecord(e1, s), "record");
-    check(cudaEventSynchronize(e1), "sync");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
-    t.push_back(ms);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 struct Timing {
   double graph_us = 0, eager_us = 0;  // per sequence
@@ -83,15 +62,7 @@ Timing time_seq(cudaStream_t s, const std::function<void(int)>& seq) {
   };
   Timing t;
   t.eager_us = median_ms(s, body, 20) * 1e3 / kReps;
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture");
-  body();
-  check(cudaStreamEndCapture(s, &graph), "capture end");
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  t.graph_us = median_ms(s, [&] { check(cudaGraphLaunch(exec, s), "graph launch"); }, 20) * 1e3 / kReps;
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  t.graph_us = graph_median_ms(s, body) * 1e3 / kReps;
   return t;
 }
 
@@ -302,14 +273,9 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
   // --quick is accepted (scripts/gpu-check.sh passes it); every case here is already small.
   try {
-    if (!device_available()) {
-      std::fprintf(stderr, "wb_small: no CUDA device\n");
-      return 0;
-    }
     cudaDeviceProp prop{};
-    check(cudaGetDeviceProperties(&prop, 0), "props");
+    if (!wb_open_device("wb_small", prop)) return 0;
     const std::string card = prop.name;
-    std::printf("device: %s\n", device_description().c_str());
     cudaStream_t s;
     check(cudaStreamCreate(&s), "stream");
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
