@@ -22,6 +22,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv_dense_v2.h"
+#include "backend/cuda/gemv_dots.cuh"
 #include "backend/cuda/gemv_moe_v2.h"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
@@ -68,17 +69,12 @@ struct TraitsQ8_0 {
   }
 };
 
-struct TraitsQ4_K {
+struct TraitsQ4_K : DotQ4_K {
   static constexpr int kTpb = 16;  // lane: 8 low-nibble values of sub-block 2c and 8 high of 2c+1
   static constexpr int kUnroll = 1;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
   static constexpr int kActBlockBytes = sizeof(ActQ8K);
-  struct W {
-    float d, dmin;
-    int lo0, lo1, hi0, hi1;
-    int sc0, sc1, m0, m1;
-  };
   __device__ static W load(const uint8_t* blk, int sub, const Iq2Smem*) {
     const block_q4_K* b = reinterpret_cast<const block_q4_K*>(blk);
     const int c = sub >> 2, part = sub & 3;
@@ -97,33 +93,14 @@ struct TraitsQ4_K {
     w.sc1 = sc, w.m1 = mn;
     return w;
   }
-  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
-    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int c = sub >> 2, part = sub & 3;
-    const int8_t* lo = a->qs + 64 * c + 8 * part;
-    const int2 al = *reinterpret_cast<const int2*>(lo), ah = *reinterpret_cast<const int2*>(lo + 32);
-    const int pl = __dp4a(w.lo0, al.x, __dp4a(w.lo1, al.y, 0));
-    const int ph = __dp4a(w.hi0, ah.x, __dp4a(w.hi1, ah.y, 0));
-    const int isum = w.sc0 * pl + w.sc1 * ph;
-    int imin = 0;
-    if (part == 0)  // one lane per 64-value chunk adds the chunk's min term
-      imin = w.m0 * (a->bsums[4 * c] + a->bsums[4 * c + 1]) + w.m1 * (a->bsums[4 * c + 2] + a->bsums[4 * c + 3]);
-    return a->d * (w.d * float(isum) - w.dmin * float(imin));
-  }
 };
 
-struct TraitsQ2_K {
+struct TraitsQ2_K : DotQ2_K {
   static constexpr int kTpb = 16;  // lane t: qs bytes 4t..4t+3 (16 values: 4 per 2-bit plane)
   static constexpr int kUnroll = 1;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
   static constexpr int kActBlockBytes = sizeof(ActQ8K);
-  struct W {
-    float d, dmin;
-    int q;
-    int sc[4];
-    int m;
-  };
   __device__ static W load(const uint8_t* blk, int sub, const Iq2Smem*) {
     const block_q2_K* b = reinterpret_cast<const block_q2_K*>(blk);
     const int h = sub >> 3, hi = (sub & 7) >= 4;  // l0 = 4 * (sub & 7) >= 16
@@ -136,31 +113,14 @@ struct TraitsQ2_K {
     w.m = b->scales[sub] >> 4;
     return w;
   }
-  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
-    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int h = sub >> 3, l0 = 4 * (sub & 7);
-    int isum = 0;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const int v = (w.q >> (2 * s)) & 0x03030303;
-      isum += w.sc[s] * __dp4a(v, load_i32_a4(a->qs + 128 * h + 32 * s + l0), 0);
-    }
-    const int imin = w.m * a->bsums[sub];
-    return a->d * (w.d * float(isum) - w.dmin * float(imin));
-  }
 };
 
-struct TraitsIQ2_XXS {
+struct TraitsIQ2_XXS : DotIQ2_XXS {
   static constexpr int kTpb = 8;  // lane g: the 32-value group g
   static constexpr int kUnroll = 1;
   static constexpr int kBlockElems = kQK_K;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
   static constexpr int kActBlockBytes = sizeof(ActQ8K);
-  struct W {
-    float d;
-    int v[8];  // 32 signed int8 weights
-    int ls;
-  };
   __device__ static W load(const uint8_t* blk, int g, const Iq2Smem* t) {
     const uint8_t* q = blk + 2 + 8 * g;
     const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
@@ -177,20 +137,6 @@ struct TraitsIQ2_XXS {
     }
     w.ls = int(2 * (a1 >> 28) + 1);
     return w;
-  }
-  __device__ static float dot(const W& w, const uint8_t* act, int g) {
-    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int4 x0 = *reinterpret_cast<const int4*>(a->qs + 32 * g);
-    const int4 x1 = *reinterpret_cast<const int4*>(a->qs + 32 * g + 16);
-    int s = __dp4a(w.v[0], x0.x, 0);
-    s = __dp4a(w.v[1], x0.y, s);
-    s = __dp4a(w.v[2], x0.z, s);
-    s = __dp4a(w.v[3], x0.w, s);
-    s = __dp4a(w.v[4], x1.x, s);
-    s = __dp4a(w.v[5], x1.y, s);
-    s = __dp4a(w.v[6], x1.z, s);
-    s = __dp4a(w.v[7], x1.w, s);
-    return 0.125f * w.d * a->d * float(s * w.ls);
   }
 };
 

@@ -39,6 +39,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/gemv_dots.cuh"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
@@ -58,15 +59,10 @@ __device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__usho
 
 // ---- decoders (blocks in shared memory; products and fp32 expressions = the gemv.cu traits') -----------------
 // IQ2_XXS, lane g of 8 per block: group g (32 values). Same ints as TraitsIQ2_XXS::load; dot = TraitsIQ2_XXS::dot.
-struct DecIQ2 {
+struct DecIQ2 : DotIQ2_XXS {
   static constexpr int kTpb = 8;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
   static constexpr bool kTable = true;
-  struct W {
-    float d;
-    int v[8];
-    int ls;
-  };
   // 4 sign bits -> 0x01 in each byte whose bit is set (shifted copies 7 bits apart never overlap for b < 16).
   __device__ static uint32_t ones(uint32_t b) { return (b * 0x00204081u) & 0x01010101u; }
   // Grid bytes are 8, 25 or 43: ~g + 1 = -g never carries out of its byte, so one 32-bit add negates 4 bytes.
@@ -87,34 +83,14 @@ struct DecIQ2 {
     w.ls = int(2 * (a1 >> 28) + 1);
     return w;
   }
-  __device__ static float dot(const W& w, const uint8_t* act, int g) {
-    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int4 x0 = *reinterpret_cast<const int4*>(a->qs + 32 * g);
-    const int4 x1 = *reinterpret_cast<const int4*>(a->qs + 32 * g + 16);
-    int s = __dp4a(w.v[0], x0.x, 0);
-    s = __dp4a(w.v[1], x0.y, s);
-    s = __dp4a(w.v[2], x0.z, s);
-    s = __dp4a(w.v[3], x0.w, s);
-    s = __dp4a(w.v[4], x1.x, s);
-    s = __dp4a(w.v[5], x1.y, s);
-    s = __dp4a(w.v[6], x1.z, s);
-    s = __dp4a(w.v[7], x1.w, s);
-    return 0.125f * w.d * a->d * float(s * w.ls);
-  }
 };
 
 // Q2_K, lane t of 16: qs bytes 4t..4t+3. Rows are 16-byte aligned and blocks 84 B, so every block is 4-byte aligned:
 // scales 8h..8h+7 as two words, d and dmin as one. Same values as TraitsQ2_K::load; dot = TraitsQ2_K::dot.
-struct DecQ2K {
+struct DecQ2K : DotQ2_K {
   static constexpr int kTpb = 16;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
   static constexpr bool kTable = false;
-  struct W {
-    float d, dmin;
-    int q;
-    int sc[4];
-    int m;
-  };
   __device__ static W load(const uint8_t* blk, int sub, const uint2*) {
     const block_q2_K* b = reinterpret_cast<const block_q2_K*>(blk);
     const int h = sub >> 3, sh = (sub & 7) >= 4 ? 8 : 0;  // byte 2s + hi of the 8 scales of half h
@@ -132,30 +108,13 @@ struct DecQ2K {
     w.m = b->scales[sub] >> 4;
     return w;
   }
-  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
-    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int h = sub >> 3, l0 = 4 * (sub & 7);
-    int isum = 0;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const int v = (w.q >> (2 * s)) & 0x03030303;
-      isum += w.sc[s] * __dp4a(v, load_i32_a4(a->qs + 128 * h + 32 * s + l0), 0);
-    }
-    const int imin = w.m * a->bsums[sub];
-    return a->d * (w.d * float(isum) - w.dmin * float(imin));
-  }
 };
 
 // Q4_K, lane of 16: 8 low-nibble values of sub-block 2c and 8 high of 2c+1 (as TraitsQ4_K, same expressions).
-struct DecQ4K {
+struct DecQ4K : DotQ4_K {
   static constexpr int kTpb = 16;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
   static constexpr bool kTable = false;
-  struct W {
-    float d, dmin;
-    int lo0, lo1, hi0, hi1;
-    int sc0, sc1, m0, m1;
-  };
   __device__ static W load(const uint8_t* blk, int sub, const uint2*) {
     const block_q4_K* b = reinterpret_cast<const block_q4_K*>(blk);
     const int c = sub >> 2, part = sub & 3;
@@ -174,19 +133,6 @@ struct DecQ4K {
     q4k_scale_min(2 * c + 1, b->scales, &sc, &mn);
     w.sc1 = sc, w.m1 = mn;
     return w;
-  }
-  __device__ static float dot(const W& w, const uint8_t* act, int sub) {
-    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int c = sub >> 2, part = sub & 3;
-    const int8_t* lo = a->qs + 64 * c + 8 * part;
-    const int2 al = *reinterpret_cast<const int2*>(lo), ah = *reinterpret_cast<const int2*>(lo + 32);
-    const int pl = __dp4a(w.lo0, al.x, __dp4a(w.lo1, al.y, 0));
-    const int ph = __dp4a(w.hi0, ah.x, __dp4a(w.hi1, ah.y, 0));
-    const int isum = w.sc0 * pl + w.sc1 * ph;
-    int imin = 0;
-    if (part == 0)
-      imin = w.m0 * (a->bsums[4 * c] + a->bsums[4 * c + 1]) + w.m1 * (a->bsums[4 * c + 2] + a->bsums[4 * c + 3]);
-    return a->d * (w.d * float(isum) - w.dmin * float(imin));
   }
 };
 
