@@ -69,4 +69,14 @@ std::string device_description() {
                 double(p.totalGlobalMem) / double(1ull << 30), p.major, p.minor, p.l2CacheSize >> 20);
 }
 
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev), "SM count");
+    return v;
+  }();
+  return n;
+}
+
 }  // namespace dsv4::cuda

@@ -35,6 +35,9 @@ uint64_t device_malloc_count();
 bool device_available();
 // "NVIDIA H100 80GB HBM3, 132 SMs, 79.2 GiB, cc 9.0" of the current device.
 std::string device_description();
+// Streaming multiprocessors of the device current at the first call (cached: one device per process), for
+// launches that size their grid in whole waves.
+int sm_count();
 
 // Owning device allocation of n elements of T (cudaMalloc). Move-only.
 template <typename T>

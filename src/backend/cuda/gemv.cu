@@ -682,16 +682,6 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
   }
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev), "SM count");
-    return v;
-  }();
-  return n;
-}
-
 template <class T, Epi E, int R>
 void launch_staged_r(StagedArgs a, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   static size_t smem_set = 48 << 10;  // the default limit; larger tiles opt in once per instantiation

@@ -278,16 +278,6 @@ __global__ void __launch_bounds__(32 * kDefaultWarps, kSum ? kMinCtasSum : kMinC
   }
 }
 
-int sm_count_v2() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev), "SM count");
-    return v;
-  }();
-  return n;
-}
-
 int64_t dev_row_bytes(const GemvParams& p) { return row_bytes(p.wtype, p.cols); }
 
 size_t smem_bytes(const GemvParams& p, int segs, int warps) {
@@ -334,7 +324,7 @@ void launch_v2(const V2Args& a, cudaStream_t stream) {
   if (per_sm < 1) fail("moe_v2: a CTA of %d warps with %zu bytes of shared memory does not fit an SM", warps, smem);
   // One wave, the same number of CTAs on every SM: as many per SM as fit, but no more than give each warp
   // kStages units (fewer CTAs then hold the whole launch in their rings).
-  const int sms = sm_count_v2();
+  const int sms = sm_count();
   const int64_t want = (a.n_units + int64_t(warps) * kStages * sms - 1) / (int64_t(warps) * kStages * sms);
   const int grid = sms * int(std::clamp<int64_t>(want, 1, per_sm));
   moe_v2_kernel<D, kSum><<<grid, 32 * warps, smem, stream>>>(a);
