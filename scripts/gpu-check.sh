@@ -13,7 +13,8 @@
 # keeps other people's half-edited files out of the build. Environment: JOBS (default nproc), GPU_CHECK_QUICK=1
 # skips the largest workbench case and the knob sweep, GPU_CHECK_SANITIZE=1 adds a compute-sanitizer memcheck pass,
 # GPU_CHECK_E2E=1 runs the engine on the CUDA op table (HF fixtures; tiny model cpu vs cuda logits),
-# GPU_CHECK_TESTS='Suite*:Other*' restricts the parity tests (gtest filter, default all), GPU_CHECK_WB="gemv attention"
+# GPU_CHECK_TESTS='Suite*:Other*' restricts the parity tests (gtest filter, default all), GPU_CHECK_RERUN='VAR=V|filter'
+# reruns the tests matching filter with VAR=V set, GPU_CHECK_WB="gemv attention"
 # names the workbenches to build and run (dev/cuda/<name>.cu, default gemv attention; "none": none). GPU_CHECK_BENCH_ONLY=1 builds only
 # dsv4 and runs scripts/gpu-flash-bench.sh (its FLASH_MIX / BENCH_ARGS / DSV4_CUDA_PROFILE apply); GPU_CHECK_BENCH=1
 # runs it after the tests (one call: build, check and time). The device tool brings back only a few files from
@@ -120,6 +121,20 @@ for t in $tests; do
     echo "FAIL  $t"; status=1
   fi
 done
+
+# Optional second pass with knobs set: GPU_CHECK_RERUN='VAR=VAL VAR2=VAL2|gtest filter' (e.g. the opt-in kernel
+# variants through the backend-level tests).
+if [ -n "${GPU_CHECK_RERUN:-}" ]; then
+  rerun_env=(${GPU_CHECK_RERUN%%|*}); rerun_filter=${GPU_CHECK_RERUN#*|}
+  tests=$("$BUILD/dsv4_test_ops" --gtest_list_tests --gtest_filter="$rerun_filter" | awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}')
+  for t in $tests; do
+    if (cd "$SRC" && env "${rerun_env[@]}" "$BUILD/dsv4_test_ops" --gtest_filter="$t") >> "$OUT/ops_rerun.log" 2>&1; then
+      echo "ok    $t [${rerun_env[*]}]"
+    else
+      echo "FAIL  $t [${rerun_env[*]}]"; status=1
+    fi
+  done
+fi
 
 # Optional memcheck pass over the fast tests (the 256-expert MoE cases are too slow under the sanitizer).
 if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then

@@ -8,6 +8,7 @@
 #   DSV4_CUDA_PROFILE=1 in the environment adds the CUDA backend's per-op time table (stderr, in the log).
 #   BENCH_PLAN=issue5 runs the set issue 5 reports (decode 2k/8k, 8k prefill at -b 256/1024/2048, decode profile);
 #   BENCH_PLAN=final a shorter set for a call that also runs the tests (decode 2k/8k, graphs off, profile).
+#   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k.
 set -euo pipefail
 BUILD=${BUILD:-/tmp/dsv4-gpu-build}
 OUT=${OUT:-/tmp/gpu-flash-bench-out}
@@ -55,6 +56,21 @@ if [ "${BENCH_PLAN:-}" = final ]; then
   DSV4_CUDA_GRAPH=0 run_bench "${TAG}_nograph" --ctx-start 2048 --ctx-max 2048 --gen-tokens 32 || status=1
   DSV4_CUDA_PROFILE=1 run_bench "${TAG}_profile" --ctx-start 2048 --ctx-max 2048 --gen-tokens 16 || status=1
   sed -n '/^cuda op profile/,$p' "$OUT/flash_bench_${TAG}_profile.log" | head -70
+  exit $status
+fi
+if [ "${BENCH_PLAN:-}" = ab ]; then
+  # Knob A/B: one bench process per configuration (decode at 2k after a 2048-token prefill, graphs on). AB_CONFIGS is
+  # a ';'-separated list of configurations, each a space-separated list of VAR=VALUE ('base': none).
+  status=0
+  IFS=';' read -r -a configs <<< "${AB_CONFIGS:-base}"
+  i=0
+  for cfg in "${configs[@]}"; do
+    i=$((i + 1))
+    vars=(); [ "$cfg" = base ] || read -r -a vars <<< "$cfg"
+    echo "ab[$i]: ${cfg}"
+    (for v in "${vars[@]}"; do export "$v"; done
+     run_bench "${TAG}_ab$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-48}") || status=1
+  done
   exit $status
 fi
 args=${BENCH_ARGS:-"--ctx-start 2048 --ctx-max 8192 --step-mul 2 --gen-tokens 32"}
