@@ -8,6 +8,7 @@
 #   DSV4_CUDA_PROFILE=1 in the environment adds the CUDA backend's per-op time table (stderr, in the log).
 #   BENCH_PLAN=issue5 runs the set issue 5 reports (decode 2k/8k, 8k prefill at -b 256/1024/2048, decode profile);
 #   BENCH_PLAN=final a shorter set for a call that also runs the tests (decode 2k/8k, graphs off, profile).
+#   BENCH_PLAN=nsys: Nsight Systems kernel trace of a short decode (CSV in $OUT).
 #   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k.
 set -euo pipefail
 BUILD=${BUILD:-/tmp/dsv4-gpu-build}
@@ -72,6 +73,22 @@ if [ "${BENCH_PLAN:-}" = ab ]; then
      run_bench "${TAG}_ab$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-48}") || status=1
   done
   exit $status
+fi
+if [ "${BENCH_PLAN:-}" = nsys ]; then
+  # Kernel timeline of decode (graph nodes traced one by one): Nsight Systems around a short bench, then its GPU
+  # trace and kernel summary as CSV (per-kernel durations and the gaps between them, graphs on).
+  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)
+  [ -n "$NSYS" ] || { echo "nsys: not found"; exit 1; }
+  "$NSYS" --version
+  timeout "${BENCH_TIMEOUT:-300}" "$NSYS" profile -o "$OUT/decode" --force-overwrite true --trace cuda \
+    --cuda-graph-trace node "$BUILD/dsv4" bench -m "$GGUF" --backend cuda ${NSYS_BENCH_ARGS:---ctx-start 2048 --ctx-max 2048 --gen-tokens 24} \
+    > "$OUT/nsys_profile.log" 2>&1 || { tail -20 "$OUT/nsys_profile.log"; exit 1; }
+  tail -5 "$OUT/nsys_profile.log"
+  "$NSYS" stats --report cuda_gpu_kern_sum --report cuda_gpu_trace --format csv --output "$OUT/decode" \
+    "$OUT/decode.nsys-rep" > "$OUT/nsys_stats.log" 2>&1 || tail -20 "$OUT/nsys_stats.log"
+  rm -f "$OUT/decode.sqlite"
+  ls -la "$OUT"
+  exit 0
 fi
 args=${BENCH_ARGS:-"--ctx-start 2048 --ctx-max 8192 --step-mul 2 --gen-tokens 32"}
 # shellcheck disable=SC2086
