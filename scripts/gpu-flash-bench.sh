@@ -86,7 +86,7 @@ if [ "${BENCH_PLAN:-}" = nsys ]; then
   tail -5 "$OUT/nsys_profile.log"
   "$NSYS" stats --report cuda_gpu_kern_sum --report cuda_gpu_trace --format csv --output "$OUT/decode" \
     "$OUT/decode.nsys-rep" > "$OUT/nsys_stats.log" 2>&1 || tail -20 "$OUT/nsys_stats.log"
-  rm -f "$OUT/decode.sqlite"
+  rm -f "$OUT/decode.sqlite" "$OUT/decode.nsys-rep"   # the CSVs are what comes back
   ls -la "$OUT"
   exit 0
 fi
