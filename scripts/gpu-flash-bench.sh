@@ -8,6 +8,7 @@
 #   DSV4_CUDA_PROFILE=1 in the environment adds the CUDA backend's per-op time table (stderr, in the log).
 #   BENCH_PLAN=issue5 runs the set issue 5 reports (decode 2k/8k, 8k prefill at -b 256/1024/2048, decode profile);
 #   BENCH_PLAN=final a shorter set for a call that also runs the tests (decode 2k/8k, graphs off, profile).
+#   BENCH_PLAN=ncu: Nsight Compute per-kernel duration / DRAM bytes of a short run (CSV in $OUT).
 #   BENCH_PLAN=nsys: Nsight Systems kernel trace of a short decode (CSV in $OUT).
 #   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k.
 set -euo pipefail
@@ -73,6 +74,20 @@ if [ "${BENCH_PLAN:-}" = ab ]; then
      run_bench "${TAG}_ab$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-48}") || status=1
   done
   exit $status
+fi
+if [ "${BENCH_PLAN:-}" = ncu ]; then
+  # Per-kernel duration and DRAM bytes of a short run (prefill of 16 tokens + NCU_GEN decode tokens), every kernel
+  # replayed alone by Nsight Compute (graph nodes profiled one by one): the sum of kernel times of a decode token
+  # against its wall time says how much goes to gaps between kernels. NCU_FILTER: extra ncu arguments.
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1 || true)
+  [ -n "$NCU" ] || { echo "ncu: not found"; exit 1; }
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-400}" "$NCU" --graph-profiling node --metrics \
+    gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size,launch__block_size \
+    --csv --print-units base ${NCU_FILTER:-} "$BUILD/dsv4" bench -m "$GGUF" --backend cuda --ctx-start 16 --ctx-max 16 \
+    --gen-tokens "${NCU_GEN:-3}" > "$OUT/ncu_${TAG}.csv" 2> "$OUT/ncu_${TAG}.log" || { tail -20 "$OUT/ncu_${TAG}.log"; tail -5 "$OUT/ncu_${TAG}.csv"; exit 1; }
+  wc -l "$OUT/ncu_${TAG}.csv"; grep -v '^"' "$OUT/ncu_${TAG}.csv" | tail -5
+  exit 0
 fi
 if [ "${BENCH_PLAN:-}" = nsys ]; then
   # Kernel timeline of decode (graph nodes traced one by one): Nsight Systems around a short bench, then its GPU
