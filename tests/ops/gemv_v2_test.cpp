@@ -215,7 +215,7 @@ struct EnvGuard {
 TEST(CudaGemvV2, EnvKnobParsing) {
   EnvGuard env;
   env.set(nullptr);
-  EXPECT_EQ(cuda::gemv_dense_kernel_env(), 0);
+  EXPECT_EQ(cuda::gemv_dense_kernel_env(), cuda::kGemvKernelV2Pdl);  // the default
   env.set("0");
   EXPECT_EQ(cuda::gemv_dense_kernel_env(), 0);
   env.set("3");
@@ -265,15 +265,15 @@ TEST(CudaGemvV2, BackendKnob) {
     const WeightView& w = keep[i].view;
     const auto x = test::random_normal(size_t(w.ne[0] * groups[i]), 40 + i);
     const std::string what = std::string(w.name) + " " + qtype_name(w.type);
-    env.set(nullptr);
+    env.set("0");  // the streaming kernels (the default before variant 2 with PDL)
     const auto y_default = backend_run(*gpu, w, groups[i], x);
     const auto y_cpu = backend_run(*cpu, w, groups[i], x);
-    EXPECT_LE(test::rel_l2(y_default, y_cpu), 1e-5) << what << " default vs CPU";
-    for (const char* k : {"3", "4"}) {
+    EXPECT_LE(test::rel_l2(y_default, y_cpu), 1e-5) << what << " streaming kernels vs CPU";
+    for (const char* k : {"3", "4", static_cast<const char*>(nullptr)}) {
       env.set(k);
       const auto y = backend_run(*gpu, w, groups[i], x);
-      EXPECT_LE(test::rel_l2(y, y_default), 1e-6) << what << " DSV4_CUDA_GEMV_KERNEL=" << k << " vs default";
-      EXPECT_LE(test::rel_l2(y, y_cpu), 1e-5) << what << " DSV4_CUDA_GEMV_KERNEL=" << k << " vs CPU";
+      EXPECT_LE(test::rel_l2(y, y_default), 1e-6) << what << " DSV4_CUDA_GEMV_KERNEL=" << (k ? k : "unset") << " vs streaming";
+      EXPECT_LE(test::rel_l2(y, y_cpu), 1e-5) << what << " DSV4_CUDA_GEMV_KERNEL=" << (k ? k : "unset") << " vs CPU";
     }
   }
 }

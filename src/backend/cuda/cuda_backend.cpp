@@ -89,7 +89,8 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   g.xq = activations(w.type, layout, x, T, cols, cacheable);
   g.w = weight(w) + off;
   if (w2) g.w2 = weight(*w2) + off, g.y2 = y2;
-  // DSV4_CUDA_GEMV_KERNEL=3|4: the opt-in dense variant 2 (gemv_dense_v2.h) where it applies (one token, unpaired).
+  // Dense variant 2 where it applies (one token, unpaired; gemv_dense_v2.h): the default, with PDL
+  // (DSV4_CUDA_GEMV_KERNEL=0: the streaming kernels).
   if (const int k = cuda::gemv_dense_kernel_env(); k != 0 && T == 1 && !w2) {
     g.kernel = k;
     if (!cuda::gemv_v2_supported(g)) g.kernel = 0;

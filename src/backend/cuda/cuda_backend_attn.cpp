@@ -32,8 +32,8 @@ void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int
     g.wtype = w.type, g.layout = layout, g.w = dw, g.rows = ro, g.cols = gin, g.expert_stride = ro * drb;
     g.expert_ids = group_ids(G, int64_t(T) * G), g.n_slots = T * G, g.act_slot_div = 1, g.y = y;
     g.xq = activations(w.type, layout, x, int64_t(T) * G, gin, true);
-    // DSV4_CUDA_GEMV_KERNEL=3|4, one token: dense variant 2 in its grouped form (group s at w + s * expert_stride:
-    // the same rows the id table 0..G-1 selects, without reading ids on the device).
+    // One token: dense variant 2 (the default; DSV4_CUDA_GEMV_KERNEL=0: off) in its grouped form (group s at
+    // w + s * expert_stride: the same rows the id table 0..G-1 selects, without reading ids on the device).
     if (const int k = cuda::gemv_dense_kernel_env(); k != 0 && T == 1) {
       cuda::GemvParams v = g;
       v.expert_ids = nullptr, v.kernel = k;

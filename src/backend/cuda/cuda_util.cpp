@@ -2,6 +2,8 @@
 #include "backend/cuda/cuda_util.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/error.h"
 
@@ -77,6 +79,14 @@ int sm_count() {
     return v;
   }();
   return n;
+}
+
+bool pdl_enabled() {  // pdl.cuh
+  static const bool on = [] {
+    const char* e = std::getenv("DSV4_CUDA_PDL");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
 }
 
 }  // namespace dsv4::cuda

@@ -38,6 +38,8 @@ std::string device_description();
 // Streaming multiprocessors of the device current at the first call (cached: one device per process), for
 // launches that size their grid in whole waves.
 int sm_count();
+// Programmatic dependent launches on (pdl.cuh; DSV4_CUDA_PDL=0: off). Read once per process.
+bool pdl_enabled();
 
 // Owning device allocation of n elements of T (cudaMalloc). Move-only.
 template <typename T>

@@ -1,4 +1,5 @@
-// Dense single-token GEMV, variant 2 (opt-in: GemvParams::kernel 3 or 4, DSV4_CUDA_GEMV_KERNEL=3|4).
+// Dense single-token GEMV, variant 2 (GemvParams::kernel 3 or 4; the backend's default is 4 since session 9,
+// DSV4_CUDA_GEMV_KERNEL=0 gives the streaming kernels back, =3 variant 2 without PDL).
 //
 // Same products as gemv_cuda's streaming kernel (each weight unit's integer dot formed exactly with dp4a, scaled in
 // fp32; F16 in fp32 FMAs); only the fp32 summation order differs. What changes is the schedule (see the .cu):
@@ -28,8 +29,8 @@ bool gemv_v2_supported(const GemvParams& p);
 // Runs p with variant 2 (p.kernel 4: with PDL, else without); fails with a reason if !gemv_v2_supported(p).
 void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream);
 
-// DSV4_CUDA_GEMV_KERNEL for the backend's dense single-token GEMVs: unset or "0" -> 0 (the default kernels), "3" or
-// "4" -> that variant; anything else fails. Read at every call.
+// DSV4_CUDA_GEMV_KERNEL for the backend's dense single-token GEMVs: unset or "4" -> kGemvKernelV2Pdl (default),
+// "3" -> kGemvKernelV2, "0" -> 0 (gemv_cuda's streaming kernels); anything else fails. Read at every call.
 int gemv_dense_kernel_env();
 
 }  // namespace dsv4::cuda
