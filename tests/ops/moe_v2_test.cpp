@@ -130,6 +130,10 @@ TEST(CudaMoeV2, GateUpSwigluMatchesDefault) {
   }
   // Two tokens (12 slots, two activation rows), repeated experts.
   run_gate_up(QType::IQ2_XXS, 8, {1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 0}, kK, 10.0f, 1003);
+  // The most slots a launch takes (64: the per-CTA expert offset table), 8 tokens of 8 experts.
+  std::vector<int32_t> many(64);
+  for (int i = 0; i < 64; ++i) many[size_t(i)] = (i * 7 + i / 8) % 16;
+  run_gate_up(QType::IQ2_XXS, 16, many, 8, 10.0f, 1004);
 }
 
 TEST(CudaMoeV2, DownSumMatchesDefault) {
@@ -177,6 +181,7 @@ TEST(CudaMoeV2, RejectsBadLaunches) {
   bad_gu([](cuda::GemvParams& p) { p.xq = nullptr; }, "no activations");
   bad_gu([](cuda::GemvParams& p) { p.cta_warps = 16; }, "cta_warps 16");
   bad_gu([](cuda::GemvParams& p) { p.n_slots = 0; }, "no slots");
+  bad_gu([](cuda::GemvParams& p) { p.n_slots = 66; }, "66 slots (more than the 64 of the offset table)");
   {
     cuda::GemvParams p = gu;
     p.w2 = nullptr;

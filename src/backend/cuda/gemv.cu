@@ -24,6 +24,7 @@
 #include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/gemv_dots.cuh"
 #include "backend/cuda/gemv_moe_v2.h"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
@@ -329,7 +330,9 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_kernel(GemvParams p
   extern __shared__ uint2 dyn_smem[];  // sizeof(Iq2Smem) for IQ2_XXS, empty otherwise
   Iq2Smem* tables = reinterpret_cast<Iq2Smem*>(dyn_smem);
   __shared__ float partial[kMaxWarpsPerCta][R * NT];
-  load_iq2_tables<T>(tables);
+  pdl_trigger();  // PDL (pdl.cuh): the next kernel may become resident; it waits for this one itself
+  load_iq2_tables<T>(tables);  // constant data: before the wait, overlapping the previous kernel's tail
+  pdl_wait();  // activations, expert ids (and y) come from earlier kernels
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups_per_cta = int(blockDim.x >> 5) / wpr;
@@ -441,8 +444,8 @@ void launch(const GemvParams& p, cudaStream_t stream, SwigluArgs sw = {}) {
   const dim3 grid(unsigned((p.rows + rows_per_cta - 1) / rows_per_cta),
                   unsigned(p.n_slots * (p.w2 && !SW ? 2 : 1)));
   const size_t smem = iq2_table_bytes<T>();
-  gemv_kernel<T, NT, U, R, SW><<<grid, 32 * warps, smem, stream>>>(p, row_bytes, act_row_bytes, wpr, sw);
-  check_launch("gemv_kernel");
+  launch_pdl("gemv_kernel", gemv_kernel<T, NT, U, R, SW>, grid, dim3(unsigned(32 * warps)), smem, stream, p, row_bytes,
+             act_row_bytes, wpr, sw);
 }
 
 // Single-token launches take the (unroll, row_group) knobs; batched ones use the type's defaults.
@@ -559,6 +562,8 @@ __global__ void __launch_bounds__(32 * kMaxWarpsPerCta) gemv_staged_kernel(Stage
   __shared__ const uint8_t* seg_act[kStagedMaxSegs];
   __shared__ const float* seg_xf[kStagedMaxSegs];
   const GemvParams& p = a.p;
+  pdl_trigger();  // PDL (pdl.cuh)
+  pdl_wait();     // expert ids, activations and y (Sum accumulates) come from earlier kernels
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
   uint8_t* tile = smem + a.table_bytes;
   float* res = reinterpret_cast<float*>(tile + int64_t(a.segs) * a.tile_rows * a.row_bytes);
@@ -690,8 +695,7 @@ void launch_staged_r(StagedArgs a, dim3 grid, int threads, size_t smem, cudaStre
           "gemv_staged_kernel smem");
     smem_set = smem;
   }
-  gemv_staged_kernel<T, E, R><<<grid, threads, smem, stream>>>(a);
-  check_launch("gemv_staged_kernel");
+  launch_pdl("gemv_staged_kernel", gemv_staged_kernel<T, E, R>, grid, dim3(unsigned(threads)), smem, stream, a);
 }
 
 template <class T, Epi E>
@@ -757,6 +761,8 @@ void dispatch_staged(const GemvParams& p, int segs, const float* route_w, float 
 // Q8_0: one warp per 32-value block (one value per lane). Same rule as quant_q8_0 on the CPU: d = amax/127 in
 // f32, q = roundf(x / d) computed as x * (1/d), d stored as f16.
 __global__ void quantize_q8_0_kernel(const float* x, int64_t n_blocks, block_q8_0* y) {
+  pdl_trigger();  // PDL (pdl.cuh): x comes from the previous kernel
+  pdl_wait();
   const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (b >= n_blocks) return;  // whole warps exit together (n_blocks is per warp)
@@ -771,6 +777,8 @@ __global__ void quantize_q8_0_kernel(const float* x, int64_t n_blocks, block_q8_
 // Q8_0 activations in the split layout of TraitsQ8Split: same rule as quantize_q8_0_kernel; the scale is stored
 // as the f32 value of its f16 rounding (what the CPU dot kernel multiplies by).
 __global__ void quantize_q8_0_split_kernel(const float* x, int64_t n_blocks, int64_t cols, uint8_t* y) {
+  pdl_trigger();  // PDL (pdl.cuh): x comes from the previous kernel
+  pdl_wait();
   const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (b >= n_blocks) return;
@@ -801,6 +809,8 @@ __global__ void q8_0_split_kernel(const block_q8_0* src, int64_t n_blocks, int64
 
 // Q8_K: one warp per 256-value block (quantize_q8_K_block_warp).
 __global__ void quantize_q8_K_kernel(const float* x, int64_t n_blocks, ActQ8K* y) {
+  pdl_trigger();  // PDL (pdl.cuh): x comes from the previous kernel
+  pdl_wait();
   const int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (b >= n_blocks) return;  // whole warps exit together
   quantize_q8_K_block_warp(x + b * kQK_K, y + b);
@@ -1005,9 +1015,9 @@ void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int6
     if (wtype != QType::Q8_0 || !q8_split_supported(cols))
       fail("quantize_activations_cuda: split layout needs Q8_0 and cols %% 256 == 0, got %lld", (long long)cols);
     const int64_t n_blocks = n_rows * cols / kQK8_0;
-    quantize_q8_0_split_kernel<<<unsigned((n_blocks * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        x, n_blocks, cols, static_cast<uint8_t*>(xq));
-    check_launch("quantize_q8_0_split_kernel");
+    launch_pdl("quantize_q8_0_split_kernel", quantize_q8_0_split_kernel,
+               dim3(unsigned((n_blocks * 32 + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, x, n_blocks, cols,
+               static_cast<uint8_t*>(xq));
     return;
   }
   if (at == QType::F32) {
@@ -1020,11 +1030,11 @@ void quantize_activations_cuda(QType wtype, const float* x, int64_t n_rows, int6
   const int64_t n_blocks = n_rows * cols / qk;  // rows are whole blocks, so blocks are contiguous across rows
   const unsigned grid = unsigned((n_blocks * 32 + kThreads - 1) / kThreads);
   if (at == QType::Q8_0) {
-    quantize_q8_0_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<block_q8_0*>(xq));
-    check_launch("quantize_q8_0_kernel");
+    launch_pdl("quantize_q8_0_kernel", quantize_q8_0_kernel, dim3(grid), dim3(kThreads), 0, stream, x, n_blocks,
+               static_cast<block_q8_0*>(xq));
   } else if (at == QType::Q8_K) {
-    quantize_q8_K_kernel<<<grid, kThreads, 0, stream>>>(x, n_blocks, static_cast<ActQ8K*>(xq));
-    check_launch("quantize_q8_K_kernel");
+    launch_pdl("quantize_q8_K_kernel", quantize_q8_K_kernel, dim3(grid), dim3(kThreads), 0, stream, x, n_blocks,
+               static_cast<ActQ8K*>(xq));
   } else {
     fail("quantize_activations_cuda: no GPU quantizer for %s", qtype_name(at).c_str());
   }

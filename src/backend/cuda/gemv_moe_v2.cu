@@ -1,4 +1,4 @@
-// Routed-expert decode launches, variant 2 (contract: gemv_moe_v2.h). Compiled, not yet run on a GPU.
+// Routed-expert decode launches, variant 2 (contract: gemv_moe_v2.h).
 //
 // Why the default kernels stall (Flash decode, H200 wb_gemv at fad8a06; ptxas -v and PTX of this tree, sm_90a):
 //   gate+up+SwiGLU (IQ2_XXS, 6 x 2 x 2048 rows of 1056 B = 26 MB, 25-27.5 us = 21% of read bandwidth), streaming
@@ -21,12 +21,17 @@
 // 32 warps that never wait on DRAM inside a row; down 2 CTAs x 8 warps x 2 x 4032 B = 129 KB, i.e. the whole launch
 // requested in the first microsecond, decoded by 16 warps per SM (2x the staged kernel's) with the 6 segments'
 // independent dots interleaved in one loop. The grid is a multiple of the SM count (no partial second wave).
-// Decode: IQ2_XXS signs by (g ^ m) + m1 (m1 = 0x01 per negative byte from one multiply, m = m1 * 255) instead of
-// __vsub4; the IQ2_XXS gate+up loop body is 250 PTX instructions per lane per (block, gate+up) step vs 324 in the
-// streaming kernel (PTX of this tree). ptxas (sm_90a): gate+up 54-59 registers (4 CTAs of 8 warps fit), down+sum
-// 80-91 registers (3 fit; 2 are used), no spills. Expected (not measured): gate+up ~12-14 us vs 25-27.5, down+sum
-// ~5-7 us vs 15.2, both then bounded by decode issue and L1/shared-memory wavefronts (weights, grid lookups and
-// activations all pass through the 128 B/clk per SM path) rather than DRAM. wb_gemv rows "v2" time it.
+// Session 9 (ncu of one decode token, H200: gate+up 32.4 us = 0.80 TB/s, down+sum 28.1 us = 0.59 TB/s):
+//   * the expert ids were read from global memory inside issue_unit, one dependent round trip per segment before
+//     that segment's copies could go out (down+sum: 12 in a row per warp before its 2 units were requested); now
+//     each CTA reads the slots' expert offsets once into shared memory;
+//   * IQ2_XXS decode: the 2 KiB uint2 grid's random 8-byte lookups took ~6-8 bank-conflicted wavefronts each; now a
+//     32-copy selector table and a 32-copy sign table (48 KiB, conflict-free) and one byte permute per 4 signed
+//     weights (DecIQ2). Loop body 159 PTX instructions per lane per (block, gate+up) step, was 250; gate and up
+//     share one activation load (the dots' loads were issued twice);
+//   * PDL (pdl.cuh): tables are built before griddepcontrol.wait, i.e. under the previous kernel's tail.
+// ptxas (sm_90a): IQ2_XXS gate+up 68 registers (2 CTAs of 8 warps per SM: 82 KiB of shared memory each), Q2_K / Q4_K
+// gate+up 53-56, down+sum 78-91; no spills. wb_gemv rows "v2" time it.
 #include "backend/cuda/gemv_moe_v2.h"
 
 #include <cuda_fp16.h>
@@ -40,6 +45,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv_dots.cuh"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
@@ -53,35 +59,104 @@ constexpr int kDefaultWarps = 8;      // warps per CTA
 // Launch bounds, CTAs of 8 warps per SM: gate+up 4 (<= 64 registers; 93 units per SM want many warps), down+sum 2
 // (its 8 segment accumulators spilled at 64 registers; Flash down+sum runs 2 CTAs per SM anyway: 4096 units).
 constexpr int kMinCtasSwiglu = 4, kMinCtasSum = 2;
-constexpr int kIq2TableBytes = 2048;  // 256 x uint2 grid
+constexpr int kMoeV2MaxSlots = 64;  // slots per launch (their expert offsets live in shared memory)
 
 __device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__ushort_as_half(uint16_t(bits))); }
 
 // ---- decoders (blocks in shared memory; products and fp32 expressions = the gemv.cu traits') -----------------
 // IQ2_XXS, lane g of 8 per block: group g (32 values). Same ints as TraitsIQ2_XXS::load; dot = TraitsIQ2_XXS::dot.
+//
+// Why not the streaming kernel's uint2 grid (2 KiB, 8-byte entries): a warp's 32 random 8-byte lookups into 16 bank
+// pairs take ~6-8 shared-memory wavefronts per instruction, 4 instructions per 32 weights, ~10 us of the launch's
+// 26 MB on the H200 from bank conflicts alone (plus 5 integer ops per 4 weights for the signs). Here:
+//   * grid entry -> 32-bit byte-permute selector (nibble k = 0, 1, 2 for grid byte k = 8, 25, 43), 32 interleaved
+//     copies (entry i of copy c at word 32 i + c, lane l reads copy l): every lane owns its bank, one wavefront;
+//   * 7-bit sign code -> the 8 sign bits (even-parity eighth, ksigns_iq2xs) spread to bit 2 of each nibble, also 32
+//     copies; OR-ed into the selector, it makes __byte_perm pick from the negated magnitudes:
+//     __byte_perm(0x002B1908, 0x00D5E7F8, sel | sgn) = 4 signed weights in one instruction (vs xor/add/mul masks).
+// Per 8 weights: 2 conflict-free 4-byte lookups, 1 or, 2 permutes (+ index extraction). Tables: 32 + 16 KiB.
 struct DecIQ2 : DotIQ2_XXS {
   static constexpr int kTpb = 8;
   static constexpr int kBlockBytes = sizeof(block_iq2_xxs);
-  static constexpr bool kTable = true;
-  // 4 sign bits -> 0x01 in each byte whose bit is set (shifted copies 7 bits apart never overlap for b < 16).
-  __device__ static uint32_t ones(uint32_t b) { return (b * 0x00204081u) & 0x01010101u; }
-  // Grid bytes are 8, 25 or 43: ~g + 1 = -g never carries out of its byte, so one 32-bit add negates 4 bytes.
-  __device__ static int apply(uint32_t g, uint32_t m1) { return int((g ^ (m1 * 0xFFu)) + m1); }
-  __device__ static W load(const uint8_t* blk, int g, const uint2* grid) {
+  static constexpr int kSelWords = 256 * 32, kSgnWords = 128 * 32;
+  static constexpr int kTableBytes = (kSelWords + kSgnWords) * 4;
+  static constexpr int kMinCtasSwiglu = 2;  // 48 KiB of tables + 8 warps' rings: 2 CTAs (16 warps) per SM
+  // Builds both tables (all threads of the CTA; reads only the constant grid). Ends with a barrier.
+  __device__ static void fill_table(uint8_t* smem) {
+    uint32_t* sel = reinterpret_cast<uint32_t*>(smem);
+    uint32_t* sgn = sel + kSelWords;
+    // 256 selectors derived once into scratch (the sign table's first 256 words), then replicated 32 times:
+    // consecutive threads write consecutive words (no bank conflicts).
+    for (int i = int(threadIdx.x); i < 256; i += int(blockDim.x)) {
+      const uint64_t g = iq2xxs_grid[i];
+      uint32_t v = 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t b = uint32_t(g >> (8 * k)) & 0xFFu;
+        v |= (b == 0x08u ? 0u : (b == 0x19u ? 1u : 2u)) << (4 * k);
+      }
+      sgn[i] = v;
+    }
+    __syncthreads();
+    for (int i = int(threadIdx.x); i < kSelWords; i += int(blockDim.x)) sel[i] = sgn[i >> 5];
+    __syncthreads();
+    for (int i = int(threadIdx.x); i < kSgnWords; i += int(blockDim.x)) {
+      const uint32_t sg = ksigns_iq2xs(uint32_t(i >> 5));
+      uint32_t v = 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v |= ((sg >> k) & 1u) << (4 * k + 2);
+      sgn[i] = v;
+    }
+    __syncthreads();
+  }
+  // This lane's copy of the tables (word offset lane).
+  __device__ static const uint32_t* lane_table(const uint8_t* smem, int lane) {
+    return reinterpret_cast<const uint32_t*>(smem) + lane;
+  }
+  // Word at byte offset off of the lane's table (off = entry * 128: one entry of 32 copies is 128 bytes), so the
+  // address is one add of a masked shift of the packed index (not index * 32 + lane, then * 4).
+  __device__ static uint32_t at(const uint32_t* tab, uint32_t off) {
+    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(tab) + off);
+  }
+  // prmt without the 0x7777 mask __byte_perm adds: selector nibbles never have bit 3 set, and prmt reads only the
+  // low 4 nibbles.
+  __device__ static int perm(uint32_t sel) {
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(0x002B1908u), "r"(0x00D5E7F8u), "r"(sel));
+    return int(r);
+  }
+  __device__ static W load(const uint8_t* blk, int g, const uint32_t* tab) {
     const uint8_t* q = blk + 2 + 8 * g;
     const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
+    constexpr uint32_t kSgn = uint32_t(kSelWords) * 4;  // byte offset of the sign table
     W w;
     w.d = h2f(*reinterpret_cast<const uint16_t*>(blk));
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint2 gv = grid[(a0 >> (8 * k)) & 255u];
-      const uint32_t code = (a1 >> (7 * k)) & 127u;
-      const uint32_t sg = code | ((__popc(code) & 1u) << 7);  // ksigns_iq2xs: even-parity eighth bit
-      w.v[2 * k] = apply(gv.x, ones(sg & 15u));
-      w.v[2 * k + 1] = apply(gv.y, ones(sg >> 4));
-    }
+    // Grid index k = byte k of a0, sign code k = bits 7k..7k+6 of a1; table byte offsets = value * 128.
+    const uint32_t s0 = at(tab, (a0 << 7) & 0x7F80u) | at(tab, kSgn + ((a1 << 7) & 0x3F80u));
+    const uint32_t s1 = at(tab, (a0 >> 1) & 0x7F80u) | at(tab, kSgn + (a1 & 0x3F80u));
+    const uint32_t s2 = at(tab, (a0 >> 9) & 0x7F80u) | at(tab, kSgn + ((a1 >> 7) & 0x3F80u));
+    const uint32_t s3 = at(tab, (a0 >> 17) & 0x7F80u) | at(tab, kSgn + ((a1 >> 14) & 0x3F80u));
+    w.v[0] = perm(s0), w.v[1] = perm(s0 >> 16);
+    w.v[2] = perm(s1), w.v[3] = perm(s1 >> 16);
+    w.v[4] = perm(s2), w.v[5] = perm(s2 >> 16);
+    w.v[6] = perm(s3), w.v[7] = perm(s3 >> 16);
     w.ls = int(2 * (a1 >> 28) + 1);
     return w;
+  }
+  // Gate and up dots of one block with one activation load (DotIQ2_XXS::dot's expression for each; the compiler did
+  // not merge the two dots' identical loads across the dp4a asm).
+  static constexpr bool kDot2 = true;
+  __device__ static void dot2(const W& w0, const W& w1, const uint8_t* act, int g, float& acc0, float& acc1) {
+    const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
+    const int4 x0 = *reinterpret_cast<const int4*>(a->qs + 32 * g);
+    const int4 x1 = *reinterpret_cast<const int4*>(a->qs + 32 * g + 16);
+    const float ad = a->d;
+    const int x[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+    int s0 = 0, s1 = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s0 = __dp4a(w0.v[i], x[i], s0), s1 = __dp4a(w1.v[i], x[i], s1);
+    acc0 += 0.125f * w0.d * ad * float(s0 * w0.ls);
+    acc1 += 0.125f * w1.d * ad * float(s1 * w1.ls);
   }
 };
 
@@ -90,8 +165,12 @@ struct DecIQ2 : DotIQ2_XXS {
 struct DecQ2K : DotQ2_K {
   static constexpr int kTpb = 16;
   static constexpr int kBlockBytes = sizeof(block_q2_K);
-  static constexpr bool kTable = false;
-  __device__ static W load(const uint8_t* blk, int sub, const uint2*) {
+  static constexpr int kTableBytes = 0;
+  static constexpr int kMinCtasSwiglu = dsv4::cuda::kMinCtasSwiglu;
+  static constexpr bool kDot2 = false;
+  __device__ static void fill_table(uint8_t*) {}
+  __device__ static const uint32_t* lane_table(const uint8_t*, int) { return nullptr; }
+  __device__ static W load(const uint8_t* blk, int sub, const uint32_t*) {
     const block_q2_K* b = reinterpret_cast<const block_q2_K*>(blk);
     const int h = sub >> 3, sh = (sub & 7) >= 4 ? 8 : 0;  // byte 2s + hi of the 8 scales of half h
     const uint32_t s0 = *reinterpret_cast<const uint32_t*>(b->scales + 8 * h);
@@ -114,8 +193,12 @@ struct DecQ2K : DotQ2_K {
 struct DecQ4K : DotQ4_K {
   static constexpr int kTpb = 16;
   static constexpr int kBlockBytes = sizeof(block_q4_K);
-  static constexpr bool kTable = false;
-  __device__ static W load(const uint8_t* blk, int sub, const uint2*) {
+  static constexpr int kTableBytes = 0;
+  static constexpr int kMinCtasSwiglu = dsv4::cuda::kMinCtasSwiglu;
+  static constexpr bool kDot2 = false;
+  __device__ static void fill_table(uint8_t*) {}
+  __device__ static const uint32_t* lane_table(const uint8_t*, int) { return nullptr; }
+  __device__ static W load(const uint8_t* blk, int sub, const uint32_t*) {
     const block_q4_K* b = reinterpret_cast<const block_q4_K*>(blk);
     const int c = sub >> 2, part = sub & 3;
     const uint2 q = *reinterpret_cast<const uint2*>(b->qs + 32 * c + 8 * part);
@@ -149,28 +232,28 @@ struct V2Args {
 };
 
 // Source row of segment s of unit u (slots: gate+up unit u = (slot u / rows, row u % rows) with segments gate, up;
-// down+sum unit u = (token u / rows, row u % rows) with segments slots t*k .. t*k + k-1).
+// down+sum unit u = (token u / rows, row u % rows) with segments slots t*k .. t*k + k-1). off[slot] = the slot's
+// expert byte offset, read once per CTA into shared memory: reading expert_ids here cost one dependent global round
+// trip per segment before the segment's copies could be issued (12 in a row per warp for down+sum's first 2 units).
 template <bool kSum>
 __device__ __forceinline__ int seg_slot(const V2Args& a, int u, int s) {
   return kSum ? u / int(a.p.rows) * a.segs + s : u / int(a.p.rows);
 }
 template <bool kSum>
-__device__ __forceinline__ const uint8_t* seg_row(const V2Args& a, int u, int s) {
+__device__ __forceinline__ const uint8_t* seg_row(const V2Args& a, const int64_t* off, int u, int s) {
   const GemvParams& p = a.p;
-  const int slot = seg_slot<kSum>(a, u, s);
   const void* mat = kSum || s == 0 ? p.w : p.w2;
-  const int64_t expert = p.expert_ids ? p.expert_ids[slot] : 0;
-  return static_cast<const uint8_t*>(mat) + expert * p.expert_stride + int64_t(u % int(p.rows)) * a.row_bytes;
+  return static_cast<const uint8_t*>(mat) + off[seg_slot<kSum>(a, u, s)] + int64_t(u % int(p.rows)) * a.row_bytes;
 }
 
 // Copies unit u (all its segments) into buf with 16-byte cp.async pieces, lane-strided; commits one group even when
 // u is past the end, so group counting stays uniform.
 template <bool kSum>
-__device__ __forceinline__ void issue_unit(const V2Args& a, int u, uint8_t* buf, int lane) {
+__device__ __forceinline__ void issue_unit(const V2Args& a, const int64_t* off, int u, uint8_t* buf, int lane) {
   if (u < a.n_units) {
     const int n16 = int(a.row_bytes / 16);
     for (int s = 0; s < a.segs; ++s) {
-      const uint8_t* src = seg_row<kSum>(a, u, s);
+      const uint8_t* src = seg_row<kSum>(a, off, u, s);
       uint8_t* dst = buf + int64_t(s) * a.row_bytes;
       for (int i = lane; i < n16; i += 32) __pipeline_memcpy_async(dst + 16 * i, src + 16 * i, 16);
     }
@@ -181,7 +264,7 @@ __device__ __forceinline__ void issue_unit(const V2Args& a, int u, uint8_t* buf,
 // Gate+up unit: lane mapping and per-lane order of the streaming kernel (gemv_kernel, SW mode, U = 1, one warp per
 // row: lane l takes blocks l / Tpb, + 32 / Tpb, ...; gate then up per block), then warp_sum and the same SwiGLU.
 template <class D>
-__device__ __forceinline__ void unit_swiglu(const V2Args& a, int u, const uint8_t* buf, const uint2* grid, int lane) {
+__device__ __forceinline__ void unit_swiglu(const V2Args& a, int u, const uint8_t* buf, const uint32_t* grid, int lane) {
   const GemvParams& p = a.p;
   const int slot = seg_slot<false>(a, u, 0), row = u % int(p.rows);
   const uint8_t* act = static_cast<const uint8_t*>(p.xq) + int64_t(slot / p.act_slot_div) * a.act_row_bytes;
@@ -190,8 +273,12 @@ __device__ __forceinline__ void unit_swiglu(const V2Args& a, int u, const uint8_
   for (int b = lane / D::kTpb; b < nb; b += 32 / D::kTpb) {
     const typename D::W w0 = D::load(buf + b * D::kBlockBytes, sub, grid);
     const typename D::W w1 = D::load(buf + a.row_bytes + b * D::kBlockBytes, sub, grid);
-    acc0 += D::dot(w0, act + int64_t(b) * int64_t(sizeof(ActQ8K)), sub);
-    acc1 += D::dot(w1, act + int64_t(b) * int64_t(sizeof(ActQ8K)), sub);
+    if constexpr (D::kDot2) {
+      D::dot2(w0, w1, act + int64_t(b) * int64_t(sizeof(ActQ8K)), sub, acc0, acc1);
+    } else {
+      acc0 += D::dot(w0, act + int64_t(b) * int64_t(sizeof(ActQ8K)), sub);
+      acc1 += D::dot(w1, act + int64_t(b) * int64_t(sizeof(ActQ8K)), sub);
+    }
   }
   acc0 = warp_sum(acc0);
   acc1 = warp_sum(acc1);
@@ -209,7 +296,7 @@ __device__ __forceinline__ void unit_swiglu(const V2Args& a, int u, const uint8_
 // 0 and added to y, as gemv_staged_kernel's Sum epilogue. The segments' accumulators are independent, so the loop
 // over segments inside the block loop only adds load-level parallelism.
 template <class D>
-__device__ __forceinline__ void unit_sum(const V2Args& a, int u, const uint8_t* buf, const uint2* grid, int lane) {
+__device__ __forceinline__ void unit_sum(const V2Args& a, int u, const uint8_t* buf, const uint32_t* grid, int lane) {
   const GemvParams& p = a.p;
   // Activation rows as 32-bit offsets (8 pointers would cost 16 registers and spill).
   const uint8_t* xq = static_cast<const uint8_t*>(p.xq);
@@ -248,32 +335,31 @@ __device__ __forceinline__ void unit_sum(const V2Args& a, int u, const uint8_t* 
 }
 
 template <class D, bool kSum>
-__global__ void __launch_bounds__(32 * kDefaultWarps, kSum ? kMinCtasSum : kMinCtasSwiglu) moe_v2_kernel(V2Args a) {
+__global__ void __launch_bounds__(32 * kDefaultWarps, kSum ? kMinCtasSum : D::kMinCtasSwiglu) moe_v2_kernel(V2Args a) {
   extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int64_t off[kMoeV2MaxSlots];  // expert byte offset per slot
+  pdl_trigger();  // PDL (pdl.cuh): the next kernel may become resident; it waits for this one itself
   const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), n_warps = int(blockDim.x >> 5);
-  const int table_bytes = D::kTable ? kIq2TableBytes : 0;
-  uint2* grid = reinterpret_cast<uint2*>(smem);
-  uint8_t* ring = smem + table_bytes + int64_t(warp) * kStages * a.unit_bytes;
+  // Lookup tables first: constant data only, so this overlaps the previous kernel's tail under PDL.
+  D::fill_table(smem);
+  pdl_wait();  // expert ids, activations and y (down+sum accumulates) come from earlier kernels
+  for (int i = int(threadIdx.x); i < a.p.n_slots; i += int(blockDim.x))
+    off[i] = a.p.expert_ids ? int64_t(a.p.expert_ids[i]) * a.p.expert_stride : 0;
+  __syncthreads();
+  const uint32_t* tab = D::lane_table(smem, lane);
+  uint8_t* ring = smem + D::kTableBytes + int64_t(warp) * kStages * a.unit_bytes;
   const int gw = int(blockIdx.x) * n_warps + warp, nw = int(gridDim.x) * n_warps;
-  // The first units' copies go out before anything else, so DRAM is busy from the first cycles.
 #pragma unroll
-  for (int st = 0; st < kStages; ++st) issue_unit<kSum>(a, gw + st * nw, ring + st * a.unit_bytes, lane);
-  if constexpr (D::kTable) {
-    for (int i = int(threadIdx.x); i < 256; i += int(blockDim.x)) {
-      const uint64_t g = iq2xxs_grid[i];
-      grid[i] = make_uint2(uint32_t(g), uint32_t(g >> 32));
-    }
-    __syncthreads();
-  }
+  for (int st = 0; st < kStages; ++st) issue_unit<kSum>(a, off, gw + st * nw, ring + st * a.unit_bytes, lane);
   int st = 0;
   for (int u = gw; u < a.n_units; u += nw) {
     uint8_t* buf = ring + st * a.unit_bytes;
     __pipeline_wait_prior(kStages - 1);  // this lane's copies of unit u have landed
     __syncwarp();                        // ... and every lane's (with memory ordering among the warp)
-    if constexpr (kSum) unit_sum<D>(a, u, buf, grid, lane);
-    else unit_swiglu<D>(a, u, buf, grid, lane);
+    if constexpr (kSum) unit_sum<D>(a, u, buf, tab, lane);
+    else unit_swiglu<D>(a, u, buf, tab, lane);
     __syncwarp();  // all lanes are done reading buf before it is refilled
-    issue_unit<kSum>(a, u + kStages * nw, buf, lane);
+    issue_unit<kSum>(a, off, u + kStages * nw, buf, lane);
     st = (st + 1) % kStages;
   }
 }
@@ -281,7 +367,7 @@ __global__ void __launch_bounds__(32 * kDefaultWarps, kSum ? kMinCtasSum : kMinC
 int64_t dev_row_bytes(const GemvParams& p) { return row_bytes(p.wtype, p.cols); }
 
 size_t smem_bytes(const GemvParams& p, int segs, int warps) {
-  const size_t table = p.wtype == QType::IQ2_XXS ? kIq2TableBytes : 0;
+  const size_t table = p.wtype == QType::IQ2_XXS ? DecIQ2::kTableBytes : 0;
   return table + size_t(warps) * kStages * size_t(segs) * size_t(dev_row_bytes(p));
 }
 
@@ -294,7 +380,7 @@ const char* unsupported_reason(const GemvParams& p, int segs) {
   if (dev_row_bytes(p) % 16 != 0) return "row length (a multiple of 16 bytes needed)";
   if (p.n_tokens != 1) return "n_tokens (one token per slot)";
   if (p.xf || !p.xq || !p.y) return "activations (quantized xq needed, xf not taken) or y";
-  if (p.n_slots < 1 || p.act_slot_div < 1 || segs < 1 || p.n_slots % (segs == 2 && p.w2 ? 1 : segs) != 0)
+  if (p.n_slots < 1 || p.n_slots > kMoeV2MaxSlots || p.act_slot_div < 1 || segs < 1 || p.n_slots % (segs == 2 && p.w2 ? 1 : segs) != 0)
     return "slots";
   if (p.cta_warps != 0 && p.cta_warps != 4 && p.cta_warps != kDefaultWarps) return "cta_warps (0, 4 or 8)";
   const auto misaligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) != 0; };
@@ -327,8 +413,7 @@ void launch_v2(const V2Args& a, cudaStream_t stream) {
   const int sms = sm_count();
   const int64_t want = (a.n_units + int64_t(warps) * kStages * sms - 1) / (int64_t(warps) * kStages * sms);
   const int grid = sms * int(std::clamp<int64_t>(want, 1, per_sm));
-  moe_v2_kernel<D, kSum><<<grid, 32 * warps, smem, stream>>>(a);
-  check_launch("moe_v2_kernel");
+  launch_pdl("moe_v2_kernel", moe_v2_kernel<D, kSum>, dim3(unsigned(grid)), dim3(unsigned(32 * warps)), smem, stream, a);
 }
 
 template <bool kSum>

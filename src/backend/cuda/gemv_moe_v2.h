@@ -10,10 +10,11 @@
 //     CTA's table setup), decoded from shared memory: no dependent DRAM steps inside a row, no registers held by
 //     loads in flight, no CTA-wide barrier after the start;
 //   * a single wave of CTAs (a multiple of the SM count) loops over the units, so there is no second wave / tail;
-//   * IQ2_XXS signs are applied with plain 32-bit integer ops ((g ^ m) + m1, byte-safe for the grid's magnitudes)
-//     instead of the emulated __vsub4; Q2_K loads its 4 scales with two 32-bit loads instead of four byte loads.
+//   * IQ2_XXS weights are decoded through conflict-free 32-copy selector and sign tables in shared memory, one byte
+//     permute per 4 signed weights; Q2_K loads its 4 scales with two 32-bit loads instead of four byte loads;
+//   * the slots' expert offsets are read once per CTA; programmatic dependent launch (pdl.cuh).
 // Types: Q2_K, Q4_K, IQ2_XXS routed stacks in the Ggml layout whose row length is a multiple of 16 bytes; one token
-// per slot; quantized activations (p.xq; p.xf is not taken); down+sum with k <= kMoeV2MaxSegs. Knobs: cta_warps 4
+// per slot, at most 64 slots per launch; quantized activations (p.xq; p.xf is not taken); down+sum with k <= kMoeV2MaxSegs. Knobs: cta_warps 4
 // or 8 (0 = 8). Everything else as in gemv.h.
 #pragma once
 
