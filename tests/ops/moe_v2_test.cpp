@@ -212,11 +212,13 @@ TEST(CudaMoeV2, RejectsBadLaunches) {
     EXPECT_THROW(cuda::gemv_cuda(p, nullptr), Error);
   }
 
-  // The backend's switch: unset / "0" -> defaults, "5" -> variant 2, anything else fails.
+  // The backend's switch: unset -> auto, "0" -> session-8 kernels, "5" -> variant 2, anything else fails.
   const char* old = std::getenv("DSV4_CUDA_MOE_KERNEL");
   const std::string saved = old ? old : "";
   unsetenv("DSV4_CUDA_MOE_KERNEL");
-  EXPECT_EQ(cuda::moe_kernel_env(), 0);
+  EXPECT_EQ(cuda::moe_kernel_env(), cuda::kMoeKernelAuto);
+  setenv("DSV4_CUDA_MOE_KERNEL", "", 1);
+  EXPECT_EQ(cuda::moe_kernel_env(), cuda::kMoeKernelAuto);
   setenv("DSV4_CUDA_MOE_KERNEL", "0", 1);
   EXPECT_EQ(cuda::moe_kernel_env(), 0);
   setenv("DSV4_CUDA_MOE_KERNEL", "5", 1);

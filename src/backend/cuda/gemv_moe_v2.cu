@@ -30,7 +30,13 @@
 //     weights (DecIQ2). Loop body 159 PTX instructions per lane per (block, gate+up) step, was 250; gate and up
 //     share one activation load (the dots' loads were issued twice);
 //   * PDL (pdl.cuh): tables are built before griddepcontrol.wait, i.e. under the previous kernel's tail.
-// ptxas (sm_90a): IQ2_XXS gate+up 68 registers (2 CTAs of 8 warps per SM: 82 KiB of shared memory each), Q2_K / Q4_K
+//   * IQ2_XXS gate+up (cols <= 4096): each warp walks a contiguous range of units (one slot's rows but at the range
+//     ends) and keeps the slot's activations in registers (32 bytes per lane per block step, loaded once per slot,
+//     not once per unit); the group's 2-byte-aligned weight words come from three aligned loads + funnel shifts.
+// Measured (H200 wb_gemv, dev/cuda/results/h200_s9_routed_wb_gemv_413c375.log, before the register/contiguous
+// change): Flash IQ2_XXS gate+up+SwiGLU 19.58 us (streaming default 26.85), Q2_K down+sum 22.96 us (staged default
+// 14.50: the staged kernel stays the backend's down+sum default), Q4_K gate+up 38.2 vs 39.3 us.
+// ptxas (sm_90a): IQ2_XXS gate+up 96 registers (2 CTAs of 8 warps per SM: 82 KiB of shared memory each), Q2_K / Q4_K
 // gate+up 53-56, down+sum 78-91; no spills. wb_gemv rows "v2" time it.
 #include "backend/cuda/gemv_moe_v2.h"
 
@@ -126,8 +132,13 @@ struct DecIQ2 : DotIQ2_XXS {
     return int(r);
   }
   __device__ static W load(const uint8_t* blk, int g, const uint32_t* tab) {
-    const uint8_t* q = blk + 2 + 8 * g;
-    const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
+    // The group's 8 bytes are only 2-byte aligned (66-byte blocks): three aligned words and two funnel shifts
+    // (3 loads) instead of four 16-bit loads. The third word stays inside the block (q + 8 <= block end).
+    const uintptr_t qa = reinterpret_cast<uintptr_t>(blk + 2 + 8 * g);
+    const uint32_t* qw = reinterpret_cast<const uint32_t*>(qa & ~uintptr_t(3));
+    const uint32_t sh = uint32_t(qa & 3u) * 8u;  // 0 or 16
+    const uint32_t w0 = qw[0], w1 = qw[1], w2 = qw[2];
+    const uint32_t a0 = __funnelshift_r(w0, w1, sh), a1 = __funnelshift_r(w1, w2, sh);
     constexpr uint32_t kSgn = uint32_t(kSelWords) * 4;  // byte offset of the sign table
     W w;
     w.d = h2f(*reinterpret_cast<const uint16_t*>(blk));
@@ -148,9 +159,12 @@ struct DecIQ2 : DotIQ2_XXS {
   static constexpr bool kDot2 = true;
   __device__ static void dot2(const W& w0, const W& w1, const uint8_t* act, int g, float& acc0, float& acc1) {
     const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act);
-    const int4 x0 = *reinterpret_cast<const int4*>(a->qs + 32 * g);
-    const int4 x1 = *reinterpret_cast<const int4*>(a->qs + 32 * g + 16);
-    const float ad = a->d;
+    dot2x(w0, w1, *reinterpret_cast<const int4*>(a->qs + 32 * g), *reinterpret_cast<const int4*>(a->qs + 32 * g + 16),
+          a->d, acc0, acc1);
+  }
+  // The same with the group's 32 activations (x0, x1) and the block scale (ad) already in registers.
+  __device__ static void dot2x(const W& w0, const W& w1, const int4& x0, const int4& x1, float ad, float& acc0,
+                               float& acc1) {
     const int x[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
     int s0 = 0, s1 = 0;
 #pragma unroll
@@ -291,6 +305,60 @@ __device__ __forceinline__ void unit_swiglu(const V2Args& a, int u, const uint8_
   }
 }
 
+// IQ2_XXS gate+up with the slot's activations in registers (kActSteps block steps of 4 blocks: rows of up to
+// 4 * kActSteps blocks, i.e. cols <= 4096 for 4): a warp walks a contiguous range of units, which share a slot
+// (2048 rows of one expert) except at range ends, so the 32 activation bytes per lane per step are loaded once
+// per slot instead of once per unit (8 of the ~46 shared/L1 wavefronts of a block step). Same lane -> block map,
+// summation order and epilogue as unit_swiglu.
+constexpr int kActSteps = 4;
+struct ActRegs {
+  int4 x[kActSteps][2];
+  float d[kActSteps];
+  int slot = -1;
+};
+__device__ __forceinline__ void load_act_regs(const V2Args& a, int slot, ActRegs& r, int lane) {
+  const GemvParams& p = a.p;
+  const uint8_t* act = static_cast<const uint8_t*>(p.xq) + int64_t(slot / p.act_slot_div) * a.act_row_bytes;
+  const int nb = int(p.cols / kQK_K), g = lane % DecIQ2::kTpb;
+#pragma unroll
+  for (int i = 0; i < kActSteps; ++i) {
+    const int b = lane / DecIQ2::kTpb + i * (32 / DecIQ2::kTpb);
+    if (b < nb) {
+      const ActQ8K* ab = reinterpret_cast<const ActQ8K*>(act + int64_t(b) * int64_t(sizeof(ActQ8K)));
+      r.x[i][0] = *reinterpret_cast<const int4*>(ab->qs + 32 * g);
+      r.x[i][1] = *reinterpret_cast<const int4*>(ab->qs + 32 * g + 16);
+      r.d[i] = ab->d;
+    }
+  }
+  r.slot = slot;
+}
+__device__ __forceinline__ void unit_swiglu_regs(const V2Args& a, int u, const uint8_t* buf, const uint32_t* tab,
+                                                 ActRegs& r, int lane) {
+  const GemvParams& p = a.p;
+  const int slot = seg_slot<false>(a, u, 0), row = u % int(p.rows);
+  if (slot != r.slot) load_act_regs(a, slot, r, lane);  // warp-uniform
+  const int nb = int(p.cols / kQK_K), g = lane % DecIQ2::kTpb;
+  float acc0 = 0.0f, acc1 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kActSteps; ++i) {
+    const int b = lane / DecIQ2::kTpb + i * (32 / DecIQ2::kTpb);
+    if (b < nb) {
+      const DecIQ2::W w0 = DecIQ2::load(buf + b * DecIQ2::kBlockBytes, g, tab);
+      const DecIQ2::W w1 = DecIQ2::load(buf + a.row_bytes + b * DecIQ2::kBlockBytes, g, tab);
+      DecIQ2::dot2x(w0, w1, r.x[i][0], r.x[i][1], r.d[i], acc0, acc1);
+    }
+  }
+  acc0 = warp_sum(acc0);
+  acc1 = warp_sum(acc1);
+  if (lane == 0) {
+    // Same operations and roundings as unit_swiglu.
+    const float gc = fminf(acc0, a.clamp);
+    const float uc = fmaxf(fminf(acc1, a.clamp), -a.clamp);
+    const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
+    p.y[int64_t(slot) * p.rows + row] = a.route_w ? __fmul_rn(h, a.route_w[slot]) : h;
+  }
+}
+
 // Down+sum unit: per segment the staged kernel's order (staged_dots: lane l takes blocks begin + l / Tpb, + 32 / Tpb
 // within each of `parts` ranges; warp_sum per range; ranges added in order), then segments summed in slot order from
 // 0 and added to y, as gemv_staged_kernel's Sum epilogue. The segments' accumulators are independent, so the loop
@@ -349,17 +417,31 @@ __global__ void __launch_bounds__(32 * kDefaultWarps, kSum ? kMinCtasSum : D::kM
   const uint32_t* tab = D::lane_table(smem, lane);
   uint8_t* ring = smem + D::kTableBytes + int64_t(warp) * kStages * a.unit_bytes;
   const int gw = int(blockIdx.x) * n_warps + warp, nw = int(gridDim.x) * n_warps;
+  // Units of this warp: u0, u0 + du, ... below u_end. Register-cached IQ2_XXS gate+up walks a contiguous range
+  // (units of one slot in a row); the others interleave warps (u0 = gw, du = nw).
+  constexpr bool kRegs = !kSum && D::kDot2;
+  const bool regs = kRegs && a.p.cols <= int64_t(kActSteps) * 4 * kQK_K;
+  const int per = (a.n_units + nw - 1) / nw;
+  const int u0 = regs ? gw * per : gw, du = regs ? 1 : nw, u_end = regs ? min(a.n_units, u0 + per) : a.n_units;
+  ActRegs act_regs;
 #pragma unroll
-  for (int st = 0; st < kStages; ++st) issue_unit<kSum>(a, off, gw + st * nw, ring + st * a.unit_bytes, lane);
+  for (int st = 0; st < kStages; ++st) {
+    const int u = u0 + st * du;
+    issue_unit<kSum>(a, off, u < u_end ? u : a.n_units, ring + st * a.unit_bytes, lane);
+  }
   int st = 0;
-  for (int u = gw; u < a.n_units; u += nw) {
+  for (int u = u0; u < u_end; u += du) {
     uint8_t* buf = ring + st * a.unit_bytes;
     __pipeline_wait_prior(kStages - 1);  // this lane's copies of unit u have landed
     __syncwarp();                        // ... and every lane's (with memory ordering among the warp)
     if constexpr (kSum) unit_sum<D>(a, u, buf, tab, lane);
-    else unit_swiglu<D>(a, u, buf, tab, lane);
+    else if constexpr (kRegs) {
+      if (regs) unit_swiglu_regs(a, u, buf, tab, act_regs, lane);
+      else unit_swiglu<D>(a, u, buf, tab, lane);
+    } else unit_swiglu<D>(a, u, buf, tab, lane);
     __syncwarp();  // all lanes are done reading buf before it is refilled
-    issue_unit<kSum>(a, off, u + kStages * nw, buf, lane);
+    const int next = u + kStages * du;
+    issue_unit<kSum>(a, off, next < u_end ? next : a.n_units, buf, lane);
     st = (st + 1) % kStages;
   }
 }
@@ -466,9 +548,10 @@ void moe_v2_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
 
 int moe_kernel_env() {
   const char* e = std::getenv("DSV4_CUDA_MOE_KERNEL");
-  if (!e || !*e || std::strcmp(e, "0") == 0) return 0;
+  if (!e || !*e) return kMoeKernelAuto;
+  if (std::strcmp(e, "0") == 0) return 0;
   if (std::strcmp(e, "5") == 0) return kMoeKernelV2;
-  fail("DSV4_CUDA_MOE_KERNEL=%s: expected 0 (default kernels) or 5 (variant 2, gemv_moe_v2.h)", e);
+  fail("DSV4_CUDA_MOE_KERNEL=%s: expected unset (auto), 0 (session-8 kernels) or 5 (variant 2, gemv_moe_v2.h)", e);
 }
 
 }  // namespace dsv4::cuda
