@@ -33,6 +33,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -207,6 +208,15 @@ class Backend {
   // y[t][r] = sum_c W[r][c] * x[t][c] with W 2-D, or expert `expert` of a 3-D stack (expert = -1 for 2-D).
   // x: [T, W.cols()], y: [T, W.rows()]. The weight's quant type decides the activation format.
   virtual void matmul(const WeightView& w, int expert, const float* x, int T, float* y) = 0;
+  // Several 2-D weights over the same input (every W_i has x's width): y_i = W_i x[t], the products matmul()
+  // computes for each, which is what this default does; a device backend may run the set in one launch.
+  struct MatmulOut {
+    const WeightView* w = nullptr;
+    float* y = nullptr;
+  };
+  virtual void matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) {
+    for (const MatmulOut& o : outs) matmul(*o.w, -1, x, T, o.y);
+  }
 
   // HC control + Sinkhorn + stream mix (model-spec §4 steps 1-8).
   //   X: [T, n, D] residual streams; a: [T, D] sublayer input sum_i pre[i] X[i];

@@ -78,8 +78,7 @@ void check_layer_shape(const ModelConfig& cfg, int layer, const AttentionState& 
 
 // Step 3 (position-free half): a compressor's value and gate projections of T tokens into v, z.
 void project_compressor(Backend& be, const CompressorWeights& cw, const float* x, int T, float* v, float* z) {
-  be.matmul(cw.kv, -1, x, T, v);
-  be.matmul(cw.gate, -1, x, T, z);
+  be.matmul_multi({{&cw.kv, v}, {&cw.gate, z}}, x, T);
 }
 
 // Step 3 (positional half): feed T tokens at p0.. to one compressor; rows closed by them are written at their
@@ -132,17 +131,18 @@ void AttentionScratch::ensure(Backend& be, const AttentionShape& s, int T) {
 void attention_project(Backend& be, const AttentionWeights& w, const AttentionShape& s, const float* x, int T,
                        AttentionScratch& S) {
   float *qr = S.qr.f32(), *q = S.q.f32(), *kv = S.kv.f32();
-  be.matmul(w.q_a, -1, x, T, qr);
+  // The products of x go out in as few calls as the backend can fuse (matmul_multi: one launch per weight type on
+  // the GPU); the order of independent products does not change any value.
+  be.matmul_multi({{&w.q_a, qr}, {&w.kv, kv}}, x, T);
   HeadPrep qa_norm;
   qa_norm.norm = true, qa_norm.norm_w = &w.q_a_norm, qa_norm.eps = s.eps;
   be.head_prep(qr, T, 1, s.q_rank, qa_norm);
   be.matmul(w.q_b, -1, qr, T, q);
-  be.matmul(w.kv, -1, x, T, kv);
   if (s.has_compressor()) project_compressor(be, w.compressor, x, T, S.v.f32(), S.z.f32());
   if (s.has_indexer()) {
-    project_compressor(be, w.indexer.compressor, x, T, S.iv.f32(), S.iz.f32());
+    const CompressorWeights& ic = w.indexer.compressor;
+    be.matmul_multi({{&ic.kv, S.iv.f32()}, {&ic.gate, S.iz.f32()}, {&w.indexer.proj, S.wI.f32()}}, x, T);
     be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
-    be.matmul(w.indexer.proj, -1, x, T, S.wI.f32());
   }
 }
 

@@ -278,5 +278,65 @@ TEST(CudaGemvV2, BackendKnob) {
   }
 }
 
+// matmul_multi at T = 1: one launch for attn_q_a + attn_kv (split Q8_0, 1024 + 512 rows: 3 slots of 512), a
+// compressor's kv + gate (F16), the indexer's kv + gate + proj (F16, 256 + 256 + 64 rows: 9 slots of 64), and a set
+// that cannot share a launch (different widths: one matmul each). Each output against the same backend's single
+// matmul (1e-6 rel-L2: only the fp32 order of a row's parts may differ) and the CPU backend (1e-5, as above).
+// The CPU backend's matmul_multi is the default (one matmul each), so it is also the twin.
+TEST(CudaGemvV2, MatmulMulti) {
+  DSV4_REQUIRE_CUDA();
+  EnvGuard env;
+  env.set(nullptr);
+  struct Set {
+    std::vector<HostTensor> t;
+    int64_t cols;
+  };
+  std::vector<Set> sets;
+  sets.push_back({{}, 4096});
+  sets.back().t.push_back(host_tensor(QType::Q8_0, 4096, 1024, 51, "attn_q_a"));
+  sets.back().t.push_back(host_tensor(QType::Q8_0, 4096, 512, 52, "attn_kv"));
+  sets.push_back({{}, 4096});
+  sets.back().t.push_back(host_tensor(QType::F16, 4096, 1024, 53, "attn_compressor_kv"));
+  sets.back().t.push_back(host_tensor(QType::F16, 4096, 1024, 54, "attn_compressor_gate"));
+  sets.push_back({{}, 4096});
+  sets.back().t.push_back(host_tensor(QType::F16, 4096, 256, 55, "indexer_compressor_kv"));
+  sets.back().t.push_back(host_tensor(QType::F16, 4096, 256, 56, "indexer_compressor_gate"));
+  sets.back().t.push_back(host_tensor(QType::F16, 4096, 64, 57, "indexer.proj"));
+  sets.push_back({{}, 512});  // q8 512 wide + F16 512 wide: different types, two matmuls
+  sets.back().t.push_back(host_tensor(QType::Q8_0, 512, 256, 58, "q8_512"));
+  sets.back().t.push_back(host_tensor(QType::F16, 512, 128, 59, "f16_512"));
+  std::unique_ptr<Backend> cpu = make_cpu_backend(), gpu = make_cuda_backend();
+  for (size_t si = 0; si < sets.size(); ++si) {
+    const Set& set = sets[si];
+    const auto x = test::random_normal(size_t(set.cols), 60 + si);
+    auto run_multi = [&](Backend& be) {
+      DeviceBuffer bx = be.alloc(x.size() * sizeof(float));
+      be.upload(bx.data(), x.data(), x.size() * sizeof(float));
+      std::vector<DeviceBuffer> ys;
+      for (const HostTensor& h : set.t) ys.push_back(be.alloc(size_t(h.view.ne[1]) * sizeof(float)));
+      const size_t n = set.t.size();
+      auto out = [&](size_t i) { return Backend::MatmulOut{&set.t[i].view, ys[i].f32()}; };
+      if (n == 2) be.matmul_multi({out(0), out(1)}, bx.f32(), 1);
+      else be.matmul_multi({out(0), out(1), out(2)}, bx.f32(), 1);
+      std::vector<std::vector<float>> r;
+      for (size_t i = 0; i < n; ++i) {
+        r.emplace_back(size_t(set.t[i].view.ne[1]));
+        be.download(r.back().data(), ys[i].data(), r.back().size() * sizeof(float));
+      }
+      return r;
+    };
+    const auto multi = run_multi(*gpu);
+    const auto multi_cpu = run_multi(*cpu);
+    for (size_t i = 0; i < set.t.size(); ++i) {
+      const WeightView& w = set.t[i].view;
+      const auto single = backend_run(*gpu, w, 1, x);
+      const auto ref = backend_run(*cpu, w, 1, x);
+      EXPECT_LE(test::rel_l2(multi[i], single), 1e-6) << w.name << ": one launch vs its own matmul";
+      EXPECT_LE(test::rel_l2(multi[i], ref), 1e-5) << w.name << ": one launch vs CPU";
+      EXPECT_EQ(multi_cpu[i], ref) << w.name << ": the CPU default is one matmul each";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dsv4

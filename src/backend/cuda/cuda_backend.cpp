@@ -98,6 +98,33 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   cuda::gemv_cuda(g, stream_);
 }
 
+// One token: the matrices in one variant-2 launch when they share type, layout and width (gemv_v2_multi_cuda;
+// e.g. attn_q_a + attn_kv, a compressor's kv + gate), else one matmul each. Same products as matmul up to the
+// fp32 order of a row's parts (tests/ops/gemv_v2_test.cpp: MatmulMulti).
+void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) {
+  const WeightView& w0 = *outs.begin()->w;
+  bool one_launch = T == 1 && outs.size() >= 2 && cuda::gemv_dense_kernel_env() != 0 && cuda::gemv_supports(w0.type);
+  std::vector<cuda::GemvV2Part> parts;
+  for (const MatmulOut& o : outs) {
+    const WeightView& w = *o.w;
+    one_launch = one_launch && w.type == w0.type && w.ne[0] == w0.ne[0] && (w.n_dims < 3 || w.ne[2] == 1) &&
+                 layout_for(w) == layout_for(w0);
+    if (one_launch) parts.push_back({weight(w), o.y, w.ne[1]});
+  }
+  if (one_launch) {
+    Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul_multi", w0) : std::string(), T);
+    cuda::GemvParams g;
+    g.wtype = w0.type, g.layout = layout_for(w0), g.cols = w0.ne[0], g.n_tokens = 1;
+    g.kernel = cuda::gemv_dense_kernel_env();
+    g.xq = activations(w0.type, g.layout, x, 1, w0.ne[0], /*cacheable=*/true);
+    if (cuda::gemv_v2_multi_cuda(g, parts, stream_)) {
+      for (const MatmulOut& o : outs) wrote(o.y, size_t(o.w->ne[1]) * sizeof(float));
+      return;
+    }
+  }
+  for (const MatmulOut& o : outs) matmul(*o.w, -1, x, T, o.y);
+}
+
 // Expert GEMV over slots: slot s uses expert ids[s] and activation row s / act_div; launches of at most
 // kMaxSlotsPerLaunch slots (a multiple of act_div, so a token's slots never straddle two launches).
 void CudaBackend::dmatmul_experts(const WeightView& w, const int32_t* ids, int n_slots, int act_div, const float* x,

@@ -118,6 +118,7 @@ class CudaBackend final : public Backend {
     dmatmul(w, expert, x, T, y, nullptr, nullptr, /*cacheable=*/true);
     wrote(y, size_t(T) * w.ne[1] * sizeof(float));
   }
+  void matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) override;
   void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
               float* comb) override;
   void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {

@@ -43,6 +43,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cstdlib>
 #include <cstring>
 
@@ -157,6 +158,11 @@ struct V2Args {
   int parts = 1;         // P: warps per row (a power of two <= kMaxParts)
   int64_t per_part = 0;  // units per part (the last part may be shorter)
   int64_t n_tiles = 0;   // tiles of kWarps / P row groups of R rows
+  // > 0 (gemv_v2_multi_cuda): slot s reads the matrix at multi_w[s] and writes multi_y[s] (rows each), instead of
+  // w + s * expert_stride and y + s * rows.
+  int n_multi = 0;
+  const uint8_t* multi_w[kGemvV2MaxSlots] = {};
+  float* multi_y[kGemvV2MaxSlots] = {};
 };
 
 
@@ -183,7 +189,8 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args
     const int64_t gr0 = tile * rows_per_tile + int64_t(warp / P) * R;  // first row (over all slots) of the group
     const bool valid = gr0 < total_rows;
     const int64_t slot = valid ? gr0 / a.rows : 0, r0 = valid ? gr0 % a.rows : 0;
-    const uint8_t* wrow = a.w + slot * a.expert_stride + r0 * a.row_bytes;
+    const uint8_t* wrow = (a.n_multi ? a.multi_w[slot] : a.w + slot * a.expert_stride) + r0 * a.row_bytes;
+    float* yrow = a.n_multi ? a.multi_y[slot] + r0 : a.y + gr0;
     const int n = valid ? nk : 0;
     // All of the item's weight loads before any use (the first tile's before the dependency wait).
     typename U::W w[R][K];
@@ -207,7 +214,7 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args
     if (P == 1) {
       if (lane == 0 && valid)
 #pragma unroll
-        for (int r = 0; r < R; ++r) a.y[gr0 + r] = acc[r];
+        for (int r = 0; r < R; ++r) yrow[r] = acc[r];
       continue;
     }
     // Parts meet in shared memory, added in part order (deterministic). Two buffers alternate by tile, so one
@@ -221,7 +228,7 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args
       for (int r = 0; r < R; ++r) {
         float s = partial[buf][warp][r];
         for (int j = 1; j < P; ++j) s += partial[buf][warp + j][r];
-        a.y[gr0 + r] = s;
+        yrow[r] = s;
       }
   }
 }
@@ -305,9 +312,20 @@ Plan plan_for(const GemvParams& p, int64_t min_items) {
   return pl;
 }
 
+// One launch's slot table (gemv_v2_multi_cuda), or none.
+struct MultiTable {
+  int n = 0;
+  const uint8_t* w[kGemvV2MaxSlots] = {};
+  float* y[kGemvV2MaxSlots] = {};
+};
+
 template <class U, int R>
-void launch_v2(const GemvParams& p, int parts, cudaStream_t stream) {
+void launch_v2(const GemvParams& p, int parts, cudaStream_t stream, const MultiTable* m) {
   V2Args a;
+  if (m) {
+    a.n_multi = m->n;
+    for (int i = 0; i < m->n; ++i) a.multi_w[i] = m->w[i], a.multi_y[i] = m->y[i];
+  }
   a.w = static_cast<const uint8_t*>(p.w), a.xq = static_cast<const uint8_t*>(p.xq), a.y = p.y;
   a.expert_stride = p.expert_stride, a.rows = p.rows, a.cols = p.cols;
   a.row_bytes = weight_row_bytes_v2(p), a.act_row_bytes = act_row_bytes_v2(p);
@@ -329,11 +347,11 @@ void launch_v2(const GemvParams& p, int parts, cudaStream_t stream) {
 }
 
 template <class U>
-void dispatch_r(const GemvParams& p, const Plan& pl, cudaStream_t stream) {
+void dispatch_r(const GemvParams& p, const Plan& pl, cudaStream_t stream, const MultiTable* m = nullptr) {
   switch (pl.r) {
-    case 1: return launch_v2<U, 1>(p, pl.parts, stream);
-    case 2: return launch_v2<U, 2>(p, pl.parts, stream);
-    case 4: return launch_v2<U, 4>(p, pl.parts, stream);
+    case 1: return launch_v2<U, 1>(p, pl.parts, stream, m);
+    case 2: return launch_v2<U, 2>(p, pl.parts, stream, m);
+    case 4: return launch_v2<U, 4>(p, pl.parts, stream, m);
     default: fail("gemv_v2: rows per warp %d", pl.r);
   }
 }
@@ -353,6 +371,39 @@ void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream) {
   if (p.layout == GemvLayout::Q8Split) return dispatch_r<UnitSplit>(p, pl, stream);
   if (p.wtype == QType::F16) return dispatch_r<UnitF16>(p, pl, stream);
   return dispatch_r<UnitQ8_0>(p, pl, stream);
+}
+
+bool gemv_v2_multi_cuda(const GemvParams& p, std::span<const GemvV2Part> parts, cudaStream_t stream) {
+  if (parts.empty()) return false;
+  // Slots of the largest row count that divides every matrix's rows.
+  int64_t slot_rows = 0;
+  for (const GemvV2Part& q : parts) {
+    if (!q.w || !q.y || q.rows <= 0) return false;
+    slot_rows = std::gcd(slot_rows, q.rows);
+  }
+  MultiTable m;
+  GemvParams g = p;
+  g.rows = slot_rows, g.expert_stride = 0, g.n_slots = 0;
+  const int64_t row_bytes = weight_row_bytes_v2(g);
+  for (const GemvV2Part& q : parts)
+    for (int64_t r0 = 0; r0 < q.rows; r0 += slot_rows) {
+      if (m.n == kGemvV2MaxSlots) return false;
+      m.w[m.n] = static_cast<const uint8_t*>(q.w) + r0 * row_bytes;
+      m.y[m.n] = q.y + r0;
+      ++m.n;
+    }
+  g.n_slots = m.n, g.act_slot_div = m.n;  // every slot reads activation row 0
+  g.w = m.w[0], g.y = m.y[0];
+  if (unsupported_reason(g)) return false;
+  const uintptr_t wa = p.wtype == QType::Q8_0 && p.layout == GemvLayout::Ggml ? 2 : 16;
+  for (int i = 0; i < m.n; ++i)
+    if (reinterpret_cast<uintptr_t>(m.w[i]) % wa) return false;
+  const Plan pl = plan_for(g, int64_t(sm_count()) * kWarps);
+  if (slot_rows % pl.r) return false;  // plan_for keeps R | rows; checked, not assumed
+  if (p.layout == GemvLayout::Q8Split) dispatch_r<UnitSplit>(g, pl, stream, &m);
+  else if (p.wtype == QType::F16) dispatch_r<UnitF16>(g, pl, stream, &m);
+  else dispatch_r<UnitQ8_0>(g, pl, stream, &m);
+  return true;
 }
 
 int gemv_dense_kernel_env() {

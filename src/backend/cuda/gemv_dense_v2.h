@@ -17,12 +17,29 @@
 // running when it launches (decode weights are written once, at upload; tests synchronize after repacking).
 #pragma once
 
+#include <span>
+
 #include "backend/cuda/gemv.h"
 
 namespace dsv4::cuda {
 
 inline constexpr int kGemvKernelV2 = 3;     // one wave, all loads up front
 inline constexpr int kGemvKernelV2Pdl = 4;  // the same + programmatic dependent launch
+
+// One launch for several matrices of one type, layout and width over the same single activation row (T = 1),
+// e.g. attn_q_a + attn_kv, or a compressor's kv + gate: matrix i (w, rows rows) writes y[0 .. rows). The rows are
+// cut into slots of the largest row count dividing every matrix's rows, at most kGemvV2MaxSlots slots in all.
+inline constexpr int kGemvV2MaxSlots = 16;
+struct GemvV2Part {
+  const void* w = nullptr;
+  float* y = nullptr;
+  int64_t rows = 0;
+};
+// p gives wtype, layout, cols, xq and kernel (3 or 4); its w, y, rows, n_slots, expert_stride are ignored. Returns
+// false, launching nothing, when the set does not fit (then run the matrices one by one). Each output value is the
+// product gemv_v2_cuda computes for that row, up to the fp32 order in which a row's parts are added (the split of
+// a row into parts depends on the total row count).
+bool gemv_v2_multi_cuda(const GemvParams& p, std::span<const GemvV2Part> parts, cudaStream_t stream);
 
 // Whether gemv_v2_cuda accepts p (shape, type, layout, alignment; p.kernel is not looked at).
 bool gemv_v2_supported(const GemvParams& p);
