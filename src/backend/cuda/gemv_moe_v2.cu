@@ -32,7 +32,7 @@
 //   * PDL (pdl.cuh): tables are built before griddepcontrol.wait, i.e. under the previous kernel's tail.
 //   * IQ2_XXS gate+up (cols <= 4096): each warp walks a contiguous range of units (one slot's rows but at the range
 //     ends) and keeps the slot's activations in registers (32 bytes per lane per block step, loaded once per slot,
-//     not once per unit); the group's 2-byte-aligned weight words come from three aligned loads + funnel shifts.
+//     not once per unit).
 // Measured (H200 wb_gemv, dev/cuda/results/h200_s9_routed_wb_gemv_413c375.log, before the register/contiguous
 // change): Flash IQ2_XXS gate+up+SwiGLU 19.58 us (streaming default 26.85), Q2_K down+sum 22.96 us (staged default
 // 14.50: the staged kernel stays the backend's down+sum default), Q4_K gate+up 38.2 vs 39.3 us.
@@ -132,13 +132,11 @@ struct DecIQ2 : DotIQ2_XXS {
     return int(r);
   }
   __device__ static W load(const uint8_t* blk, int g, const uint32_t* tab) {
-    // The group's 8 bytes are only 2-byte aligned (66-byte blocks): three aligned words and two funnel shifts
-    // (3 loads) instead of four 16-bit loads. The third word stays inside the block (q + 8 <= block end).
-    const uintptr_t qa = reinterpret_cast<uintptr_t>(blk + 2 + 8 * g);
-    const uint32_t* qw = reinterpret_cast<const uint32_t*>(qa & ~uintptr_t(3));
-    const uint32_t sh = uint32_t(qa & 3u) * 8u;  // 0 or 16
-    const uint32_t w0 = qw[0], w1 = qw[1], w2 = qw[2];
-    const uint32_t a0 = __funnelshift_r(w0, w1, sh), a1 = __funnelshift_r(w1, w2, sh);
+    // The group's 8 bytes are only 2-byte aligned (66-byte blocks): 16-bit loads. (Three aligned words + funnel
+    // shifts read up to 4 bytes past the group, i.e. past the end of the ring for the last block: illegal address
+    // on the H200, s9 run 2.)
+    const uint8_t* q = blk + 2 + 8 * g;
+    const uint32_t a0 = uint32_t(load_i32_a2(q)), a1 = uint32_t(load_i32_a2(q + 4));
     constexpr uint32_t kSgn = uint32_t(kSelWords) * 4;  // byte offset of the sign table
     W w;
     w.d = h2f(*reinterpret_cast<const uint16_t*>(blk));
