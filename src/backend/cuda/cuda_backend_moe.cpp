@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "backend/cuda/cuda_backend_impl.h"
+#include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/gemv_moe_v2.h"
 
 namespace dsv4::cuda_impl {
@@ -140,6 +141,14 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     dn.wtype = sd.type, dn.layout = layout_for(sd), dn.w = weight(sd), dn.rows = D, dn.cols = F, dn.y = y;
     const int64_t hq_bytes = cuda::gpu_activation_bytes(sd.type, F, dn.layout);
     dn.xq = buffer(4, size_t(hq_bytes + 3) / 4);
+    // The shared down projection as matmul's one-token default: dense variant 2 with PDL where it applies
+    // (gemv_dense_v2.h; DSV4_CUDA_GEMV_KERNEL=0: the streaming kernel). With the routed gate+up now faster, this
+    // side-stream chain (gate+up+SwiGLU, quantize, down: ~21 us of ncu time at a813325) is the longer branch
+    // before the join; the streaming kernel read this 8.9 MB matrix at 1.1 TB/s (ncu, H200).
+    if (const int kd = cuda::gemv_dense_kernel_env(); kd != 0) {
+      dn.kernel = kd;
+      if (!cuda::gemv_v2_supported(dn)) dn.kernel = 0;
+    }
     moe_side_.fork(stream_);
     cudaStream_t s2 = moe_side_.side();
     cuda::moe_gate_up_swiglu_cuda(gu, nullptr, p.swiglu_clamp, s2);
