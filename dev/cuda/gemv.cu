@@ -30,6 +30,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
+#include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/gemv_moe_v2.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/moe.h"
@@ -279,6 +280,8 @@ struct MoeLayerBench {
   // Routed gate+up and down+sum kernel (GemvParams::kernel; kMoeKernelV2 = variant 2, gemv_moe_v2.h), and whether
   // down+sum reads a separately quantized h (the engine's default since 23d8426; variant 2 always does).
   int moe_kernel = 0;
+  int moe_kernel_down = -1;    // down+sum kernel when it differs from gate+up's (-1: moe_kernel)
+  int shared_down_kernel = 0;  // shared down projection: 0 streaming, kGemvKernelV2Pdl dense variant 2 (gemv_dense_v2.h)
   bool down_quant_h = false;
 
   explicit MoeLayerBench(cudaStream_t s)
@@ -339,7 +342,8 @@ struct MoeLayerBench {
     sdn.rows = kD, sdn.cols = kF, sdn.xq = hsq.get(), sdn.y = y.get();
     rdn.wtype = QType::Q2_K, rdn.w = down.get(), rdn.rows = kD, rdn.cols = kF, rdn.expert_stride = kD * dn_rb;
     rdn.expert_ids = ids.get(), rdn.n_slots = kK, rdn.act_slot_div = 1, rdn.xq = hq.get(), rdn.y = y.get();
-    rdn.kernel = moe_kernel;
+    rdn.kernel = moe_kernel_down >= 0 ? moe_kernel_down : moe_kernel;
+    sdn.kernel = shared_down_kernel;
     const auto routed = [&](cudaStream_t st) {
       if (!(parts & kPartRouted)) return;
       // The fused router writes x's Q8_K rows (modes 1, 2); timed without it, the routed part quantizes x itself.
@@ -371,7 +375,7 @@ struct MoeLayerBench {
       shared(s);
     }
     if (parts & kPartDown) {
-      if (mode == 0 || down_quant_h || moe_kernel != 0)
+      if (mode == 0 || down_quant_h || rdn.kernel != 0)
         quantize_activations_cuda(QType::Q2_K, h.get(), kK, kF, hq.get(), s);
       else rdn.xf = h.get();  // quantized in the launch
       moe_down_sum_cuda(rdn, kK, s);
@@ -405,6 +409,8 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
     int unroll = 0, warps = 0;
     int kernel = 0;  // routed gate+up and down+sum: 0 default, kMoeKernelV2 variant 2 (h quantized apart)
     bool quant_h = false;  // down+sum on a separately quantized h (mode 1, 2)
+    int kernel_down = -1;  // down+sum kernel if not `kernel`
+    int sh_down = 0;       // shared down projection kernel (0 streaming, kGemvKernelV2Pdl)
   };
   const Row rows[] = {
       {"OLD  whole layer (11 launches)", 0, kPartAll},
@@ -414,10 +420,15 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
       {"NEW  side stream; routed gate+up 8-warp CTAs", 2, kPartAll, 0, 8},
       {"NEW  side stream; down on quantized h (engine default)", 2, kPartAll, 0, 0, 0, true},
       {"V2   side stream; routed gate+up, down+sum variant 2", 2, kPartAll, 0, 0, kMoeKernelV2},
+      // The engine's decode MoE as of session 9 (cuda_backend_moe.cpp): variant 2 gate+up, staged down+sum on a
+      // quantized h, the shared down projection on dense variant 2 with PDL.
+      {"S9   engine: v2 gate+up, staged down, shared down dense v2", 2, kPartAll, 0, 0, kMoeKernelV2, true, 0,
+       kGemvKernelV2Pdl},
       {"  route: OLD router GEMV + moe_route (2)", 0, kPartRoute},
       {"  route: NEW moe_route_fused + Q8_K x (1)", 1, kPartRoute},
       {"  shared: OLD quant; pair GEMV; swiglu; quant; down (5)", 0, kPartShared},
       {"  shared: NEW quant; gate+up+SwiGLU; quant; down (4)", 1, kPartShared},
+      {"  shared: NEW, down on dense variant 2 + PDL (4)", 1, kPartShared, 0, 0, 0, false, -1, kGemvKernelV2Pdl},
       {"  routed gate+up: quant x + fused (2)", 1, kPartRouted},
       {"  routed gate+up: quant x + fused unroll 2 (2)", 1, kPartRouted, 2, 0},
       {"  routed gate+up: quant x + fused 8-warp CTAs (2)", 1, kPartRouted, 0, 8},
@@ -428,6 +439,7 @@ void run_moe_layer(cudaStream_t s, double read_bw, FILE* csv, const std::string&
   };
   for (const Row& r : rows) {
     m.rgu_unroll = r.unroll, m.rgu_warps = r.warps, m.moe_kernel = r.kernel, m.down_quant_h = r.quant_h;
+    m.moe_kernel_down = r.kernel_down, m.shared_down_kernel = r.sh_down;
     const auto [g, e] = m.time(r.mode, r.parts, s);
     const double pct = r.parts == kPartAll ? 100.0 * m.bytes() / (g * 1e-6) / 1e9 / read_bw : -1.0;
     std::printf("  %-56s %8.2f (%8.2f)", r.name, g, e);
