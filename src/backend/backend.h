@@ -123,6 +123,20 @@ struct SinkAttnParams {
   int top_k = 0;                // K (Selected): sel row t holds min(K, (p + 1) / m) ascending row indices
   const WeightView* sinks = nullptr;  // F32 [H] sink logits
   float scale = 1.f;            // logit scale 1/sqrt(dh)
+  // Decode fusions (one launch instead of three on a device backend; results as the separate ops give them):
+  //   out_rope      then de-rotate every output row as head_prep with {rope = out_rope, pos0 = p0,
+  //                 inverse = true} would (the output de-rotation of model-spec §6.6)
+  //   store_window  then window_store(ring, W, dim, kv_new, T, p0): the ring argument is written, so it must be
+  //                 the session's writable ring buffer (non-null)
+  const RopeFreqs* out_rope = nullptr;
+  bool store_window = false;
+};
+
+// One job of Backend::head_prep_batch: head_prep(x, T, H, dim, p).
+struct HeadPrepJob {
+  float* x = nullptr;
+  int H = 0, dim = 0;
+  HeadPrep p;
 };
 
 class Backend;
@@ -251,6 +265,11 @@ class Backend {
   // selected in p (see HeadPrep). Used for q (norm + rope), kv (weighted norm + rope + Fp8), indexer q (rope +
   // Fp4Indexer) and the output de-rotation (inverse rope).
   virtual void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) = 0;
+  // The jobs' head_preps (disjoint buffers) on the same T tokens, with the results of separate calls, which is
+  // what this default does; a device backend runs them in one launch (decode: q, kv and the indexer query).
+  virtual void head_prep_batch(const HeadPrepJob* jobs, int n, int T) {
+    for (int i = 0; i < n; ++i) head_prep(jobs[i].x, T, jobs[i].H, jobs[i].dim, jobs[i].p);
+  }
 
   // Streaming compressor (model-spec §6.3): feeds tokens p0 .. p0+T-1 with projections v, z: [T, width] (z
   // without ape) into the state buffers s. Token p writes slot p mod m of cur_v / cur_z (z + ape[p mod m]);

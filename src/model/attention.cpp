@@ -3,12 +3,12 @@
 // One pass handles up to opt.max_tokens_per_pass consecutive tokens in this order:
 //   1. projections for all tokens (matmul: one fixed summation order per output value, per token), including
 //      the compressors' and the indexer's                                              [attention_project]
-//   2. Q/KV post-processing per token (head_prep: norms, RoPE, FP8 QAT)                 [attention_core]
+//   2. Q/KV/indexer-query post-processing per token (head_prep_batch: norms, RoPE, QAT)  [attention_core]
 //   3. compressors fed token by token (compressor_step; rows become visible per the availability rule)
 //   4. indexer top-k per token (CSA: indexer_topk)
-//   5. sink attention per (token, head) over [window rows | compressed rows] (sink_attention)
-//   7. window ring update (window_store)
-//   6. inverse RoPE (head_prep), then grouped output projection (matmul_grouped, matmul) [attention_output]
+//   5. sink attention per (token, head) over [window rows | compressed rows] (sink_attention), which also
+//   6a. inverse-rotates the outputs (out_rope) and 7. updates the window ring (store_window)
+//   6b. grouped output projection (matmul_grouped, matmul)                             [attention_output]
 // Project and output read and write only the scratch, the input and the output, never the positions or the
 // session state: a device backend can record them once and replay them every decode step (forward.cpp).
 // Nothing in a token's result depends on which other tokens share its pass, hence the chunking invariance.
@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "backend/backend.h"
 #include "common/error.h"
@@ -74,6 +75,17 @@ void check_layer_shape(const ModelConfig& cfg, int layer, const AttentionState& 
   if (st.shape.ratio != cfg.ratio(layer) || st.shape.head_dim != cfg.head_dim || st.shape.d_model != cfg.d_model)
     fail("attention: layer %d state was initialized for another shape (ratio %d, expected %d)", layer,
          st.shape.ratio, cfg.ratio(layer));
+}
+
+// DSV4_ATTN_FUSED=0: the core as separate ops (q, kv and indexer-query head_preps; sink attention; window_store;
+// the output de-rotation head_prep) instead of head_prep_batch and sink attention's fused de-rotation and ring
+// store. Same results either way; the knob is for A/B timing. Read once.
+bool fused_core() {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV4_ATTN_FUSED");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  return on;
 }
 
 // Step 3 (position-free half): a compressor's value and gate projections of T tokens into v, z.
@@ -153,14 +165,31 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
   const AttentionShape& s = st.shape;
   const int H = s.n_heads, dh = s.head_dim;
   const int64_t p0 = st.n_past;
+  const bool fused = fused_core();
   float *q = S.q.f32(), *kv = S.kv.f32();
-  HeadPrep qp;
+  // 2. q (per-head norm + RoPE), kv (weighted norm + RoPE + QAT) and the indexer query (RoPE + QAT): one
+  // batched op (the indexer query depends on the projections only, so it is prepared ahead of the compressors).
+  HeadPrepJob jobs[3];
+  HeadPrep& qp = jobs[0].p;
+  jobs[0].x = q, jobs[0].H = H, jobs[0].dim = dh;
   qp.norm = true, qp.eps = s.eps, qp.rope = &s.rope, qp.pos0 = p0;
-  be.head_prep(q, T, H, dh, qp);
-  HeadPrep kp = qp;
+  HeadPrep& kp = jobs[1].p;
+  jobs[1].x = kv, jobs[1].H = 1, jobs[1].dim = dh;
+  kp = qp;
   kp.norm_w = &w.kv_norm;
   kp.qat = qat ? AttnQat::Fp8 : AttnQat::None;
-  be.head_prep(kv, T, 1, dh, kp);
+  int n_jobs = 2;
+  if (s.has_indexer()) {
+    HeadPrep& ip = jobs[2].p;
+    jobs[2].x = S.qI.f32(), jobs[2].H = s.idx_heads, jobs[2].dim = s.idx_dim;
+    ip.rope = &s.rope, ip.pos0 = p0, ip.qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
+    n_jobs = 3;
+  }
+  if (fused) {
+    be.head_prep_batch(jobs, n_jobs, T);
+  } else {
+    for (int j = 0; j < n_jobs; ++j) be.head_prep(jobs[j].x, T, jobs[j].H, jobs[j].dim, jobs[j].p);
+  }
 
   // 3-4. Compressors and the indexer.
   if (s.has_compressor())
@@ -168,9 +197,6 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
   if (s.has_indexer()) {
     step_compressor(be, w.indexer.compressor, st.idx_comp, s, S.iv.f32(), S.iz.f32(), T, p0,
                     qat ? AttnQat::Fp4Indexer : AttnQat::None);
-    HeadPrep ip;
-    ip.rope = &s.rope, ip.pos0 = p0, ip.qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
-    be.head_prep(S.qI.f32(), T, s.idx_heads, s.idx_dim, ip);
     IndexerParams xp;
     xp.heads = s.idx_heads, xp.dim = s.idx_dim, xp.ratio = s.ratio, xp.top_k = s.idx_topk;
     xp.weight_scale = float(1.0 / std::sqrt(double(s.idx_dim) * double(s.idx_heads)));
@@ -183,16 +209,17 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
   ap.comp = s.has_indexer() ? CompRows::Selected : s.has_compressor() ? CompRows::All : CompRows::None;
   ap.sinks = &w.sinks;
   ap.scale = float(1.0 / std::sqrt(double(dh)));
+  // 7. (store_window) the window ring takes this pass's rows after the attention (kv is not read after this;
+  // the output projections below do not touch the ring). 6a. (out_rope) each head's output is de-rotated.
+  if (fused) ap.out_rope = &s.rope, ap.store_window = true;
   be.sink_attention(ap, q, kv, st.window.f32(), s.has_compressor() ? st.comp.rows.f32() : nullptr,
                     s.has_indexer() ? S.sel.i32() : nullptr, T, p0, S.o.f32());
-
-  // 7. Window ring (kv is not read after this; the output projections below do not touch the ring).
-  be.window_store(st.window.f32(), s.window, dh, kv, T, p0);
-
-  // 6a. De-rotate each head's output.
-  HeadPrep op;
-  op.rope = &s.rope, op.pos0 = p0, op.inverse = true;
-  be.head_prep(S.o.f32(), T, H, dh, op);
+  if (!fused) {
+    be.window_store(st.window.f32(), s.window, dh, kv, T, p0);
+    HeadPrep op;
+    op.rope = &s.rope, op.pos0 = p0, op.inverse = true;
+    be.head_prep(S.o.f32(), T, H, dh, op);
+  }
   st.n_past += T;
 }
 

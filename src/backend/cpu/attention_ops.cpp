@@ -162,8 +162,9 @@ void sink_attention(ThreadPool& pool, const SinkAttnParams& p, const float* q, c
                            : p.comp == CompRows::All    ? (p0 + T) / p.ratio
                                                         : 0;
   const float* sinks = p.sinks->f32();
+  const int n_rot = p.out_rope ? p.out_rope->n_rot : 0;
   pool.parallel_for(int64_t(T) * H, [&](int64_t b, int64_t e) {
-    std::vector<float> scratch(size_t(W + max_comp));
+    std::vector<float> scratch(size_t(W + max_comp)), cs(static_cast<size_t>(n_rot));
     for (int64_t i = b; i < e; ++i) {
       const int t = int(i / H), h = int(i % H);
       const int64_t pos = p0 + t, lo = window_first(pos, W);
@@ -179,8 +180,14 @@ void sink_attention(ThreadPool& pool, const SinkAttnParams& p, const float* q, c
         rows.n_comp = compressed_visible(pos, p.ratio);
       }
       sink_attention_head(q + size_t(i) * dh, dh, rows, sinks[h], p.scale, scratch.data(), out + size_t(i) * dh);
+      if (p.out_rope) {  // the de-rotation head_prep would apply: same cos/sin, same rotation
+        rope_cos_sin(*p.out_rope, pos, cs.data());
+        rope_rotate(out + size_t(i) * dh, dh, n_rot, cs.data(), true);
+      }
     }
   });
+  // The ring was copied into win above, so the store cannot disturb the attention.
+  if (p.store_window) window_store(const_cast<float*>(ring), W, dh, kv_new, T, p0);
 }
 
 void window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) {

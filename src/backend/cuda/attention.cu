@@ -7,6 +7,7 @@
 #include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/pdl.cuh"
 #include "common/error.h"
 
 namespace dsv4::cuda {
@@ -47,6 +48,33 @@ __device__ __forceinline__ const float4* row_ptr(const SinkAttnLaunch& p, int t,
   const int j = i - r.n_win;
   const int64_t k = p.comp_idx ? int64_t(p.comp_idx[int64_t(t) * p.top_k + j]) : int64_t(j);
   return reinterpret_cast<const float4*>(p.comp + k * p.dh);
+}
+
+// Output de-rotation of the dim pair (d, d + 1), d even (SinkAttnLaunch::n_rot): row_finish_kernel's inverse
+// RoPE expression, so the fused epilogue writes the bits the separate head_prep launch used to.
+__device__ __forceinline__ float2 derotate2(const SinkAttnLaunch& p, int64_t pos, int d, float a, float b) {
+  const int k = d - (p.dh - p.n_rot);
+  if (p.n_rot == 0 || k < 0) return make_float2(a, b);
+  double sd, cd;
+  sincos(double(pos) * p.omega[k >> 1], &sd, &cd);
+  const float c = float(cd), s = -float(sd);
+  return make_float2(__fadd_rn(__fmul_rn(a, c), -__fmul_rn(b, s)), __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c)));
+}
+
+// The float4 of dims d .. d + 3 (d % 4 == 0): two pairs.
+__device__ __forceinline__ float4 derotate4(const SinkAttnLaunch& p, int64_t pos, int d, float4 v) {
+  if (p.n_rot == 0) return v;
+  const float2 lo = derotate2(p, pos, d, v.x, v.y), hi = derotate2(p, pos, d + 2, v.z, v.w);
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// Fused window_store of a one-token call (SinkAttnLaunch::ring_out): one CTA copies kv_new[0] into slot
+// pos0 mod window. No CTA of the call reads that slot (it holds position pos0 - window, outside the window).
+__device__ __forceinline__ void store_ring_row(const SinkAttnLaunch& p) {
+  if (!p.ring_out || blockIdx.x != 0 || blockIdx.y != 0 || blockIdx.z != 0) return;
+  const float4* src = reinterpret_cast<const float4*>(p.kv_new);
+  float4* dst = reinterpret_cast<float4*>(p.ring_out + (p.pos0 % p.window) * p.dh);
+  for (int i = threadIdx.x; i < p.dh / 4; i += blockDim.x) dst[i] = src[i];
 }
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
@@ -91,6 +119,8 @@ __device__ __forceinline__ void butterfly_step(float (&d)[kHeadsPerCta * 4], int
 // with the 8 heads' queries; the 32 (head, row) partial sums of a lane are reduced across the warp by a
 // transposing butterfly (31 shuffles, lane l ends with pair l) instead of 32 separate warp sums.
 __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ float4 smem4[];
   const int dh4 = p.dh / 4;
   float4* qs = smem4;
@@ -174,6 +204,7 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
     }
   }
 
+  store_ring_row(p);  // here, not at the start: there the tile loads' 64 registers are live (ptxas spilled)
   if (warp >= nh) return;
   const int h = h0 + warp;
   if (gridDim.z == 1) {  // the only split: add the sink and normalize here
@@ -185,7 +216,9 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
 #pragma unroll
     for (int k = 0; k < kMaxF4; ++k) {
       const int j = lane + 32 * k;
-      if (j < dh4) o[j] = make_float4(acc[k].x * f, acc[k].y * f, acc[k].z * f, acc[k].w * f);
+      if (j < dh4)
+        o[j] = derotate4(p, p.pos0 + t, 4 * j,
+                         make_float4(acc[k].x * f, acc[k].y * f, acc[k].z * f, acc[k].w * f));
     }
     return;
   }
@@ -208,6 +241,8 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
 // out = sum_c e^(m_c - M) acc_c / (e^(sink - M) + sum_c e^(m_c - M) s_c). The splits' (max, sum) are staged in
 // shared memory first (one parallel load), so the partial loads that follow are independent of each other.
 __global__ void sink_attn_combine_kernel(SinkAttnLaunch p, int n_split, const float* part) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ float wsum[];  // [n_split] weights e^(m_c - M), then [n_split] sums s_c
   __shared__ float s_den;
   const int64_t th = blockIdx.x;  // t * H + h
@@ -244,7 +279,9 @@ __global__ void sink_attn_combine_kernel(SinkAttnLaunch p, int n_split, const fl
   }
   __syncthreads();
   const float f = 1.0f / s_den;
-  if (j < dh4) reinterpret_cast<float4*>(p.out)[th * dh4 + j] = make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
+  if (j < dh4)
+    reinterpret_cast<float4*>(p.out)[th * dh4 + j] =
+        derotate4(p, p.pos0 + th / p.H, 4 * j, make_float4(o.x * f, o.y * f, o.z * f, o.w * f));
 }
 
 // ---- tensor-core path (SinkAttnImpl::TensorCore; numerics in attention.h) ---------------------------------
@@ -272,6 +309,8 @@ constexpr size_t kSmemBytes = sizeof(__half) * (2 * kHeads * kQStride + 2 * kRow
 //   values  warp w: heads 16(w%4).., dims 256(w/4)..: O = alpha O + P V (V = the same tile: K = V)
 // and the sink joins at the end as in the CUDA-core kernel.
 __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunch p) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* qh = reinterpret_cast<__half*>(smem_raw);
   __half* ql = qh + kHeads * kQStride;
@@ -409,10 +448,12 @@ __global__ void __launch_bounds__(kThreads, 1) sink_attn_tc_kernel(SinkAttnLaunc
     const float M = fmaxf(m, sink);
     const float a = m == -INFINITY ? 0.0f : expf(m - M);
     const float f = a / (l * a + expf(sink - M));
-    float* o = p.out + (int64_t(t) * p.H + h) * kDh + 256 * wq + 2 * c4;
+    float* o = p.out + (int64_t(t) * p.H + h) * kDh;
+    const int d0 = 256 * wq + 2 * c4;
 #pragma unroll
     for (int n = 0; n < 32; ++n)
-      *reinterpret_cast<float2*>(o + 8 * n) = make_float2(acc[n][2 * e2] * f, acc[n][2 * e2 + 1] * f);
+      *reinterpret_cast<float2*>(o + d0 + 8 * n) =
+          derotate2(p, p.pos0 + t, d0 + 8 * n, acc[n][2 * e2] * f, acc[n][2 * e2 + 1] * f);
   }
 }
 
@@ -451,6 +492,9 @@ void validate(const SinkAttnLaunch& p) {
     fail("sink_attention_cuda: rows_per_split %d must be a multiple of %d", p.rows_per_split, kTile);
   if (p.impl != SinkAttnImpl::Auto && p.impl != SinkAttnImpl::CudaCore && p.impl != SinkAttnImpl::TensorCore)
     fail("sink_attention_cuda: unknown impl %d", int(p.impl));
+  if (p.n_rot < 0 || p.n_rot % 2 != 0 || p.n_rot / 2 > kAttnMaxRotPairs || p.n_rot > p.dh)
+    fail("sink_attention_cuda: de-rotation of %d dims (even, <= %d and <= dh %d)", p.n_rot, 2 * kAttnMaxRotPairs,
+         p.dh);
   if (p.impl == SinkAttnImpl::TensorCore && p.dh != tc::kDh)
     fail("sink_attention_cuda: the tensor-core kernel needs dh == %d (got %d)", tc::kDh, p.dh);
 }
@@ -459,6 +503,8 @@ bool use_tensor_cores(const SinkAttnLaunch& p) {
   if (p.impl == SinkAttnImpl::TensorCore) return true;
   return p.impl == SinkAttnImpl::Auto && p.dh == tc::kDh && p.T >= kAttnTcMinTokens;
 }
+
+void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream);
 
 int n_splits(const SinkAttnLaunch& p) {
   const int64_t rps = rows_per_split(p);
@@ -475,11 +521,35 @@ int64_t sink_attention_scratch_floats(const SinkAttnLaunch& p) {
   return int64_t(ns) * p.T * p.H * (p.dh + 2);
 }
 
+void window_store_cuda(float* ring, int W, int dim, const float* kv, int T, int64_t p0, cudaStream_t stream) {
+  if (T <= 0 || W <= 0) return;
+  const int n = std::min(T, W);
+  const int t0 = T - n;
+  const int slot0 = int((p0 + t0) % W);
+  const int first = std::min(n, W - slot0);  // the last n tokens' slots are consecutive modulo W
+  const size_t row = size_t(dim) * sizeof(float);
+  check(cudaMemcpyAsync(ring + int64_t(slot0) * dim, kv + int64_t(t0) * dim, size_t(first) * row,
+                        cudaMemcpyDeviceToDevice, stream), "window_store");
+  if (first < n)
+    check(cudaMemcpyAsync(ring, kv + int64_t(t0 + first) * dim, size_t(n - first) * row, cudaMemcpyDeviceToDevice,
+                          stream), "window_store (wrap)");
+}
+
 void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_t stream) {
   SinkAttnLaunch p = p_in;
   validate(p);
   if (p.T == 0) return;
   if (p.scale == 0.0f) p.scale = float(1.0 / std::sqrt(double(p.dh)));
+  // The ring store rides in the attention kernel only for one token on the CUDA-core path (see attention.h).
+  float* const ring_after = p.ring_out && (p.T != 1 || use_tensor_cores(p)) ? p.ring_out : nullptr;
+  if (ring_after) p.ring_out = nullptr;
+  launch_kernels(p, scratch, stream);
+  if (ring_after) window_store_cuda(ring_after, p.window, p.dh, p.kv_new, p.T, p.pos0, stream);
+}
+
+namespace {
+
+void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream) {
   if (use_tensor_cores(p)) {
     static const bool tc_attr_set = [] {
       check(cudaFuncSetAttribute(tc::sink_attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -489,8 +559,7 @@ void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_
     }();
     (void)tc_attr_set;
     const dim3 grid(unsigned(p.T), unsigned((p.H + tc::kHeads - 1) / tc::kHeads));
-    tc::sink_attn_tc_kernel<<<grid, tc::kThreads, tc::kSmemBytes, stream>>>(p);
-    check_launch("sink_attn_tc_kernel");
+    launch_pdl("sink_attn_tc_kernel", tc::sink_attn_tc_kernel, grid, dim3(tc::kThreads), tc::kSmemBytes, stream, p);
     return;
   }
   const int rps = rows_per_split(p), ns = n_splits(p);
@@ -507,15 +576,15 @@ void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_
   }();
   (void)attr_set;
   dim3 grid(unsigned(p.T), unsigned((p.H + kHeadsPerCta - 1) / kHeadsPerCta), unsigned(ns));
-  sink_attn_kernel<<<grid, kThreads, smem, stream>>>(p, rps, scratch);
-  check_launch("sink_attn_kernel");
+  launch_pdl("sink_attn_kernel", sink_attn_kernel, grid, dim3(kThreads), smem, stream, p, rps, scratch);
   if (ns > 1) {
     // One block per (token, head): dh/4 threads (at least a warp), the splits' weights in shared memory.
     const unsigned threads = unsigned(std::max(32, (p.dh / 4 + 31) / 32 * 32));
-    sink_attn_combine_kernel<<<unsigned(int64_t(p.T) * p.H), threads, sizeof(float) * 2 * size_t(ns), stream>>>(
-        p, ns, scratch);
-    check_launch("sink_attn_combine_kernel");
+    launch_pdl("sink_attn_combine_kernel", sink_attn_combine_kernel, dim3(unsigned(int64_t(p.T) * p.H)), dim3(threads),
+               sizeof(float) * 2 * size_t(ns), stream, p, ns, static_cast<const float*>(scratch));
   }
 }
+
+}  // namespace
 
 }  // namespace dsv4::cuda

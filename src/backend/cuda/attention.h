@@ -22,6 +22,7 @@ namespace dsv4::cuda {
 
 inline constexpr int kAttnMaxHeadDim = 512;  // registers hold dh/128 float4 accumulators per lane
 inline constexpr int kAttnTileRows = 32;
+inline constexpr int kAttnMaxRotPairs = 32;  // RoPE pairs of the fused output de-rotation (as kRowMaxPairs)
 
 // Two kernels compute the same function:
 //   CudaCore   fp32 FMAs, split over rows (flash-decoding) for decode; any dh <= 512.
@@ -63,7 +64,22 @@ struct SinkAttnLaunch {
   int rows_per_split = 0;
   // Kernel: Auto picks TensorCore when dh == 512 and T >= kAttnTcMinTokens (prefill), else CudaCore.
   SinkAttnImpl impl = SinkAttnImpl::Auto;
+  // Fusions (decode: two launches fewer per layer), results as the separate ops give them:
+  //   n_rot > 0  every output row is de-rotated in the kernel that writes it: its last n_rot dims, pairs
+  //              (2j, 2j+1), by the angle -(pos0 + t) * omega[j] with row_finish_kernel's float operations
+  //              (double angle and sincos, one rounding to float, no FMA contraction), so out is bitwise what
+  //              row_finish_cuda(inverse RoPE) would make of the un-rotated output
+  //   ring_out   window_store of this call's rows into ring_out (the ring's buffer) after the attention:
+  //              slot (pos0 + t) mod window = kv_new[t] for the last min(T, window) tokens. With T == 1 on the
+  //              CUDA-core path one CTA copies the row inside the attention kernel (the slot holds position
+  //              pos0 - window, which token pos0 does not read); otherwise device copies after the kernels.
+  int n_rot = 0;
+  double omega[kAttnMaxRotPairs] = {};
+  float* ring_out = nullptr;
 };
+
+// ring slot (p0 + t) mod W = kv[t] for the last min(T, W) tokens (rows of dim floats): at most two device copies.
+void window_store_cuda(float* ring, int W, int dim, const float* kv, int T, int64_t p0, cudaStream_t stream);
 
 // Scratch for the split path: partial outputs and log-sum-exps. Owned by the caller so a decode loop (or a
 // CUDA graph) allocates once; sink_attention_scratch_floats() says how many floats a call needs (0: none).

@@ -21,6 +21,8 @@ RowQat row_qat(AttnQat q) {
   return RowQat::None;
 }
 
+static_assert(kAttnMaxRotPairs == kRowMaxPairs, "copy_omega fills both tables");
+
 // Copies a RoPE table into a kernel parameter block; returns n_rot (0 without a table).
 int copy_omega(const RopeFreqs* rope, double* omega) {
   if (!rope) return 0;
@@ -38,6 +40,17 @@ SinkAttnLaunch sink_launch(const SinkAttnParams& p, int T, int64_t p0) {
   return L;
 }
 
+RowFinishParams row_finish_params(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w) {
+  RowFinishParams f;
+  f.x = x, f.n_rows = int64_t(T) * H, f.d = dim;
+  f.norm = !p.norm ? RowNorm::None : (norm_w ? RowNorm::Weighted : RowNorm::Unweighted);
+  f.norm_w = norm_w, f.eps = p.eps;
+  f.n_rot = copy_omega(p.rope, f.omega);
+  f.pos0 = p.pos0, f.pos_step = 1, f.rows_per_pos = H, f.inverse = p.inverse;
+  f.qat = row_qat(p.qat);
+  return f;
+}
+
 IndexerLaunch indexer_launch(const IndexerParams& p, int T, int64_t p0) {
   IndexerLaunch L;
   L.T = T, L.HI = p.heads, L.dI = p.dim, L.pos0 = p0, L.ratio = p.ratio, L.k = p.top_k;
@@ -49,15 +62,18 @@ IndexerLaunch indexer_launch(const IndexerParams& p, int T, int64_t p0) {
 
 void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w, cudaStream_t stream,
                       void* q8) {
-  RowFinishParams f;
-  f.x = x, f.n_rows = int64_t(T) * H, f.d = dim;
-  f.norm = !p.norm ? RowNorm::None : (norm_w ? RowNorm::Weighted : RowNorm::Unweighted);
-  f.norm_w = norm_w, f.eps = p.eps;
-  f.n_rot = copy_omega(p.rope, f.omega);
-  f.pos0 = p.pos0, f.pos_step = 1, f.rows_per_pos = H, f.inverse = p.inverse;
-  f.qat = row_qat(p.qat);
+  RowFinishParams f = row_finish_params(x, T, H, dim, p, norm_w);
   f.q8 = q8;
   row_finish_cuda(f, stream);
+}
+
+void head_prep_batch_device(const HeadPrepJob* jobs, const float* const* norm_w, int n, int T, cudaStream_t stream) {
+  if (n <= 0) return;
+  if (n > kRowMaxJobs) fail("head_prep_batch_device: %d jobs (at most %d)", n, kRowMaxJobs);
+  RowFinishBatch b;
+  b.n_jobs = n;
+  for (int j = 0; j < n; ++j) b.job[j] = row_finish_params(jobs[j].x, T, jobs[j].H, jobs[j].dim, jobs[j].p, norm_w[j]);
+  row_finish_batch_cuda(b, stream);
 }
 
 void compressor_step_device(const CompressorParams& p, const CompressorBuffers& s, const float* ape,
@@ -99,6 +115,9 @@ void sink_attention_device(const SinkAttnParams& p, const float* sinks, const fl
   L.q = q, L.out = out, L.sinks = sinks, L.kv_new = kv_new, L.ring = ring;
   if (p.comp != CompRows::None) L.comp = comp;
   if (p.comp == CompRows::Selected) L.comp_idx = sel;
+  L.n_rot = copy_omega(p.out_rope, L.omega);
+  // The op's contract: with store_window, ring is the session's writable ring buffer.
+  if (p.store_window) L.ring_out = const_cast<float*>(ring);
   sink_attention_cuda(L, scratch, stream);
 }
 

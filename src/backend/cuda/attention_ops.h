@@ -17,6 +17,9 @@ namespace dsv4::cuda {
 void head_prep_device(float* x, int T, int H, int dim, const HeadPrep& p, const float* norm_w, cudaStream_t stream,
                       void* q8 = nullptr);
 
+// The jobs' head_preps in one launch (row_finish_batch_cuda); norm_w[j]: job j's norm weight on the device or null.
+void head_prep_batch_device(const HeadPrepJob* jobs, const float* const* norm_w, int n, int T, cudaStream_t stream);
+
 // s: the compressor buffers in device memory; rows of windows closing in this call are written to s.rows[w].
 void compressor_step_device(const CompressorParams& p, const CompressorBuffers& s, const float* ape,
                             const float* norm_w, const float* v, const float* z, int T, int64_t p0,

@@ -44,4 +44,13 @@ struct RowFinishParams {
 };
 void row_finish_cuda(const RowFinishParams& p, cudaStream_t stream);
 
+// Up to kRowMaxJobs independent row sets (disjoint buffers) in ONE launch, each row finished exactly as
+// row_finish_cuda finishes it (same bits): the decode q, kv and indexer-query rows of a layer. No q8 output.
+inline constexpr int kRowMaxJobs = 3;
+struct RowFinishBatch {
+  RowFinishParams job[kRowMaxJobs];
+  int n_jobs = 0;
+};
+void row_finish_batch_cuda(const RowFinishBatch& b, cudaStream_t stream);
+
 }  // namespace dsv4::cuda

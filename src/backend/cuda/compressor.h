@@ -40,6 +40,9 @@ struct CompressorStepParams {
   int n_rot = 0;
   double omega[kRowMaxPairs] = {};
   RowQat qat = RowQat::None;
+  // T == 1: the one-launch decode kernel (same bits as the general path's pool + row_finish + update launches);
+  // false, or DSV4_CUDA_COMPRESSOR_KERNEL=0 in the environment (read once), selects the general path (A/B).
+  bool decode_kernel = true;
 };
 
 // Rows a call emits: floor((pos0 + T) / m) - floor(pos0 / m), starting at row floor(pos0 / m).

@@ -1,5 +1,7 @@
 // CudaBackend: attention ops (grouped projection, head prep, compressor, indexer, sink attention, window).
 #include "backend/cuda/cuda_backend_impl.h"
+#include "backend/cuda/attention.h"
+#include "backend/cuda/attention_rows.h"
 #include "backend/cuda/gemv_dense_v2.h"
 
 namespace dsv4::cuda_impl {
@@ -81,6 +83,20 @@ void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) 
   if (q8) publish_split(x, T, dim);
 }
 
+// One launch for all jobs (decode: q, kv and the indexer query of a layer); each row as head_prep makes it.
+void CudaBackend::head_prep_batch(const HeadPrepJob* jobs, int n, int T) {
+  if (n <= 0 || T <= 0) return;
+  if (cpu_attention_ || n > cuda::kRowMaxJobs) return Backend::head_prep_batch(jobs, n, T);
+  Scope sc(*prof_, "head_prep_batch", T);
+  const float* nw[cuda::kRowMaxJobs] = {};
+  for (int j = 0; j < n; ++j) {
+    const HeadPrep& p = jobs[j].p;
+    wrote(jobs[j].x, size_t(T) * jobs[j].H * jobs[j].dim * sizeof(float));
+    nw[j] = (p.norm && p.norm_w && p.norm_w->present()) ? f32_weight(*p.norm_w) : nullptr;
+  }
+  cuda::head_prep_batch_device(jobs, nw, n, T, stream_);
+}
+
 void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
                                   const float* z, int T, int64_t p0) {
   Scope sc(*prof_, "compressor_step", T);
@@ -131,7 +147,13 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
   if (T <= 0) return;
   const size_t nq = size_t(T) * p.heads * p.dim;
   wrote(out, nq * sizeof(float));
+  if (p.store_window) {
+    if (!ring) fail("sink_attention: store_window needs the ring buffer");
+    wrote(ring, size_t(p.window) * p.dim * sizeof(float));
+  }
   if (cpu_attention_) {
+    SinkAttnParams hp = p;
+    hp.store_window = false;  // the host op sees a staged copy of the ring: the store is done here, after it
     const size_t n_comp = p.comp != CompRows::None ? size_t((p0 + T) / p.ratio) : 0;
     const std::vector<float> hq = to_host(q, nq), hn = to_host(kv_new, size_t(T) * p.dim);
     const std::vector<float> hr = p0 > 0 ? to_host(ring, size_t(p.window) * p.dim) : std::vector<float>(1);
@@ -139,8 +161,10 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
     const std::vector<int32_t> hs =
         p.comp == CompRows::Selected ? to_host(sel, size_t(T) * p.top_k) : std::vector<int32_t>(1);
     std::vector<float> ho(nq);
-    host_->sink_attention(p, hq.data(), hn.data(), hr.data(), hc.data(), hs.data(), T, p0, ho.data());
-    return upload(out, ho.data(), nq * sizeof(float));
+    host_->sink_attention(hp, hq.data(), hn.data(), hr.data(), hc.data(), hs.data(), T, p0, ho.data());
+    upload(out, ho.data(), nq * sizeof(float));
+    if (p.store_window) cuda::window_store_cuda(const_cast<float*>(ring), p.window, p.dim, kv_new, T, p0, stream_);
+    return;
   }
   // The kernels validate row pointers of the row sets they may visit; a state with no compressed rows yet may
   // pass null (its rows buffer is still empty): any valid address stands in, no row of it is read.
@@ -151,22 +175,12 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
   cuda::sink_attention_device(p, f32_weight(*p.sinks), q, kv_new, ring, comp, sel, T, p0, out, scr, stream_);
 }
 
-// Ring slot (p0 + t) mod W = kv[t] for the last n = min(T, W) tokens: their slots are consecutive modulo W, so at
-// most two contiguous device copies.
+// Ring slot (p0 + t) mod W = kv[t] for the last min(T, W) tokens (window_store_cuda: at most two device copies).
 void CudaBackend::window_store(float* ring, int W, int dim, const float* kv, int T, int64_t p0) {
   Scope sc(*prof_, "window_store", T);
   if (T <= 0 || W <= 0) return;
   wrote(ring, size_t(W) * dim * sizeof(float));
-  const int n = std::min(T, W);
-  const int t0 = T - n;
-  const int slot0 = int((p0 + t0) % W);
-  const int first = std::min(n, W - slot0);
-  const size_t row = size_t(dim) * sizeof(float);
-  cuda::check(cudaMemcpyAsync(ring + int64_t(slot0) * dim, kv + int64_t(t0) * dim, size_t(first) * row,
-                              cudaMemcpyDeviceToDevice, stream_), "window_store");
-  if (first < n)
-    cuda::check(cudaMemcpyAsync(ring, kv + int64_t(t0 + first) * dim, size_t(n - first) * row, cudaMemcpyDeviceToDevice,
-                                stream_), "window_store (wrap)");
+  cuda::window_store_cuda(ring, W, dim, kv, T, p0, stream_);
 }
 
 }  // namespace dsv4::cuda_impl

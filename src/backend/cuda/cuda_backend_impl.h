@@ -136,6 +136,7 @@ class CudaBackend final : public Backend {
   // ---- attention ops ---------------------------------------------------------------------------------------
   void matmul_grouped(const WeightView& w, int groups, const float* x, int T, float* y) override;
   void head_prep(float* x, int T, int H, int dim, const HeadPrep& p) override;
+  void head_prep_batch(const HeadPrepJob* jobs, int n, int T) override;
   void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
                        int64_t p0) override;
   void indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T, int64_t p0,

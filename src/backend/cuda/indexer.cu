@@ -6,6 +6,7 @@
 #include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/select.h"
 #include "common/error.h"
 
@@ -20,6 +21,8 @@ constexpr int kMaxQFloats = 64 * 128;  // HI * dI held in shared memory
 
 // grid (tile CTAs, T); each CTA loops over key tiles with stride gridDim.x.
 __global__ void __launch_bounds__(kThreads) indexer_score_kernel(IndexerLaunch p, float* scores, int64_t n_cols) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ float smem[];  // q [HI*dI] | keys transposed [dI][33] | part [8][32] | w [HI]
   float* qs = smem;
   float* kT = qs + p.HI * p.dI;
@@ -66,6 +69,8 @@ constexpr size_t kSmemBytes = sizeof(__half) * 4 * kHeads * kStride + sizeof(flo
 
 // grid (CTAs per token, T). Warp w: heads 16(w%4)..+15 x keys 32(w/4)..+31 of each 64-key tile.
 __global__ void __launch_bounds__(kThreads) indexer_score_tc_kernel(IndexerLaunch p, float* scores, int64_t n_cols) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* qh = reinterpret_cast<__half*>(smem_raw);
   __half* ql = qh + kHeads * kStride;
@@ -166,6 +171,8 @@ __device__ __forceinline__ uint32_t order_key(float f) {  // order-preserving: l
 // visible rows, the first pass keeps the order keys in dynamic shared memory and the later passes read them there.
 __global__ void __launch_bounds__(kSelThreads) indexer_topk_kernel(IndexerLaunch p, const float* scores,
                                                                     int64_t n_cols, int cache_keys) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ uint32_t key_cache[];
   __shared__ unsigned hist[256];
   __shared__ int warp_gt[32], warp_eq[32];
@@ -328,8 +335,8 @@ void indexer_scores_cuda(const IndexerLaunch& p, float* scores, int64_t n_cols, 
     const int64_t n_tiles = (n_cols + itc::kKeys - 1) / itc::kKeys;
     const int64_t per_token = std::max<int64_t>(1, std::min<int64_t>(n_tiles, 1056 / std::max(1, p.T)));
     const dim3 grid(unsigned(per_token), unsigned(p.T));
-    itc::indexer_score_tc_kernel<<<grid, itc::kThreads, itc::kSmemBytes, stream>>>(p, scores, n_cols);
-    check_launch("indexer_score_tc_kernel");
+    launch_pdl("indexer_score_tc_kernel", itc::indexer_score_tc_kernel, grid, dim3(itc::kThreads), itc::kSmemBytes,
+               stream, p, scores, n_cols);
     return;
   }
   const int64_t n_tiles = (n_cols + kKeys - 1) / kKeys;
@@ -343,8 +350,8 @@ void indexer_scores_cuda(const IndexerLaunch& p, float* scores, int64_t n_cols, 
     return true;
   }();
   (void)attr_set;
-  indexer_score_kernel<<<grid, kThreads, smem_bytes(p.HI, p.dI), stream>>>(p, scores, n_cols);
-  check_launch("indexer_score_kernel");
+  launch_pdl("indexer_score_kernel", indexer_score_kernel, grid, dim3(kThreads), smem_bytes(p.HI, p.dI), stream, p,
+             scores, n_cols);
 }
 
 int64_t indexer_scratch_floats(const IndexerLaunch& p) {
@@ -387,8 +394,8 @@ void select_launch(const IndexerLaunch& p, float* scratch, cudaStream_t stream) 
   }();
   (void)attr_set;
   const int cache = n > p.k && n <= kSelCacheKeys ? int(n) : 0;
-  indexer_topk_kernel<<<unsigned(p.T), kSelThreads, sizeof(uint32_t) * size_t(cache), stream>>>(p, scratch, n, cache);
-  check_launch("indexer_topk_kernel");
+  launch_pdl("indexer_topk_kernel", indexer_topk_kernel, dim3(unsigned(p.T)), dim3(kSelThreads),
+             sizeof(uint32_t) * size_t(cache), stream, p, static_cast<const float*>(scratch), n, cache);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/q8_split_act.cuh"
 #include "common/error.h"
 
@@ -17,6 +18,8 @@ constexpr int kNormMaxPer = 16;     // values per thread of the register kernel
 // One block per row, strided loop (the earlier default; rows longer than 16 values per thread).
 // Launched with up to 1024 threads per row: the bound keeps the register count launchable (<= 64).
 __global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const float* x = p.x + r * p.x_stride;
@@ -42,6 +45,8 @@ __global__ void __launch_bounds__(1024) rms_norm_kernel(RmsNormParams p) {
 // Thread i sums its values i, i + T, ... in that order, then the block tree (as rms_norm_kernel).
 template <int PER>
 __global__ void __launch_bounds__(1024) rms_norm_reg_kernel(RmsNormParams p) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const float* x = p.x + r * p.x_stride;
@@ -74,6 +79,8 @@ __global__ void __launch_bounds__(1024) rms_norm_reg_kernel(RmsNormParams p) {
 }
 
 __global__ void rms_scale_kernel(const float* x, int64_t n, float eps, float* scale) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   __shared__ float scratch[32];
   const float* xr = x + int64_t(blockIdx.x) * n;
   float ss = 0.0f;
@@ -87,6 +94,8 @@ __global__ void rms_scale_kernel(const float* x, int64_t n, float eps, float* sc
 
 // One thread per (token, head, pair): cheap enough (the rotated part is 64 of 512 dims).
 __global__ void rope_kernel(RopeParams p) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   const int n_pairs = p.n_rot / 2;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t total = p.n_tokens * p.n_heads * n_pairs;
@@ -119,17 +128,17 @@ void rms_norm_cuda(const RmsNormParams& p_in, cudaStream_t stream) {
   const int threads = p.threads ? p.threads : int(std::min<int64_t>(1024, (int64_t(p.n) + 127) / 128 * 32));
   const int64_t per = (int64_t(p.n) + threads - 1) / threads;
   const unsigned grid = unsigned(p.rows);
-  if (p.strided || per > kNormMaxPer) rms_norm_kernel<<<grid, threads, 0, stream>>>(p);
-  else if (per <= 4) rms_norm_reg_kernel<4><<<grid, threads, 0, stream>>>(p);
-  else if (per <= 8) rms_norm_reg_kernel<8><<<grid, threads, 0, stream>>>(p);
-  else rms_norm_reg_kernel<16><<<grid, threads, 0, stream>>>(p);
-  check_launch("rms_norm_kernel");
+  void (*kernel)(RmsNormParams) = p.strided || per > kNormMaxPer ? rms_norm_kernel
+                                  : per <= 4                     ? rms_norm_reg_kernel<4>
+                                  : per <= 8                     ? rms_norm_reg_kernel<8>
+                                                                 : rms_norm_reg_kernel<16>;
+  launch_pdl("rms_norm_kernel", kernel, dim3(grid), dim3(unsigned(threads)), 0, stream, p);
 }
 
 void rms_scale_cuda(const float* x, int64_t rows, int64_t n, float eps, float* scale, cudaStream_t stream) {
   if (rows <= 0) return;
-  rms_scale_kernel<<<unsigned(rows), kNormThreads, 0, stream>>>(x, n, eps, scale);
-  check_launch("rms_scale_kernel");
+  launch_pdl("rms_scale_kernel", rms_scale_kernel, dim3(unsigned(rows)), dim3(kNormThreads), 0, stream, x, n, eps,
+             scale);
 }
 
 void rope_cuda(const RopeParams& p_in, cudaStream_t stream) {
@@ -140,8 +149,8 @@ void rope_cuda(const RopeParams& p_in, cudaStream_t stream) {
   const int64_t total = p.n_tokens * p.n_heads * (p.n_rot / 2);
   if (total == 0) return;
   constexpr int kThreads = 256;
-  rope_kernel<<<unsigned((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
-  check_launch("rope_kernel");
+  launch_pdl("rope_kernel", rope_kernel, dim3(unsigned((total + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
+             p);
 }
 
 }  // namespace dsv4::cuda
