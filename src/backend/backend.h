@@ -237,6 +237,13 @@ class Backend {
   //   post: [T, n]; comb: [T, n, n] row = input stream i, column = output stream o.
   virtual void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
                       float* comb) = 0;
+  // hc_pre, then rms_norm(a, norm, T, p.d, norm_eps, a) (the sublayer's attn_norm / ffn_norm): what this default
+  // does; a device backend may do both in one launch, with the same results.
+  virtual void hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
+                           float norm_eps, float* a, float* post, float* comb) {
+    hc_pre(w, p, X, T, a, post, comb);
+    rms_norm(a, norm, T, p.d, norm_eps, a);
+  }
   // X[t][o] = post[t][o] * y[t] + sum_i comb[t][i][o] * X[t][i]  (in place).   y: [T, D]
   virtual void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T,
                        float* X) = 0;

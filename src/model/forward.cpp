@@ -160,8 +160,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   const bool one = segs.size() == 1;
   auto attn_in = [&](int il) {  // layer il up to its attention core
     const LayerWeights& lw = w.layers[size_t(il)];
-    be.hc_pre(lw.hc_attn, hp, X, T, a, post, comb);                                    // a {T, D}
-    be.rms_norm(a, &lw.attn_norm, T, D, c.rms_eps, a);
+    be.hc_pre_norm(lw.hc_attn, hp, X, T, &lw.attn_norm, c.rms_eps, a, post, comb);      // a {T, D}, normed
     tap("attn_in", il, a, T, D);
     if (one) attention_project(be, lw.attn, segs[0].st->layers[size_t(il)].shape, a, T, s.attn);
   };
@@ -181,8 +180,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     tap("attn_out", il, y, T, D);
     be.hc_post(hp, y, post, comb, T, X);
     // MoE sublayer
-    be.hc_pre(lw.hc_ffn, hp, X, T, a, post, comb);
-    be.rms_norm(a, &lw.ffn_norm, T, D, c.rms_eps, a);
+    be.hc_pre_norm(lw.hc_ffn, hp, X, T, &lw.ffn_norm, c.rms_eps, a, post, comb);
     tap("ffn_in", il, a, T, D);
     const MoeParams mp = moe_params(c, il);
     be.moe_route(lw.moe, mp, a, tok, T, ids, wts);                                     // ids, wts {T, k}

@@ -11,11 +11,14 @@
 // sums reach |8| at most for N(0,1) streams: <= 4 x 0.5 ulp(8) = 1.9e-6 absolute, doubled for margin).
 // The fused hc_post is held to hc_post_cuda bit for bit (hc_post_cuda itself is checked against its CPU twin in
 // small_ops_test.cpp HcCollapseAndPost).
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/hc.h"
+#include "backend/cuda/norm_rope.h"
 #include "ops_common.h"
 #include "ops_reference.h"
 
@@ -258,7 +261,8 @@ TEST(CudaHcCluster, CapturedInGraphReplaysBitIdentical) {
   cudaStreamDestroy(s);
 }
 
-// Through the op table: DSV4_CUDA_HC_KERNEL=cluster must not change a decode hc_pre / hc_head output bit.
+// Through the op table: the default (cluster kernel) and DSV4_CUDA_HC_KERNEL=ticket give the same decode hc_pre /
+// hc_head output bits.
 TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   DSV4_REQUIRE_CUDA();
   const int n = 4;
@@ -291,7 +295,7 @@ TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   hw.scale = f32(hscale, "head_scale");
   const auto X = test::random_normal(size_t(n * D), 67);
   auto run = [&](bool cluster) {
-    if (cluster) setenv("DSV4_CUDA_HC_KERNEL", "cluster", 1);
+    if (!cluster) setenv("DSV4_CUDA_HC_KERNEL", "ticket", 1);
     auto be = make_cuda_backend();
     DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
     DeviceBuffer co = be->alloc(size_t(n * n) * 4), h = be->alloc(size_t(D) * 4);
@@ -313,6 +317,142 @@ TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(got[i], ref[i])) << names[i];
 }
 
+// The norm inside the launch (HcMixParams::a_norm): `a` must equal the backend's two-launch sequence (ticket
+// kernel, hc_collapse_cuda, rms_norm_cuda in place with its default thread count) BIT FOR BIT: the kernel repeats
+// rms_norm_reg_kernel<4>'s operations in its order (per-thread sums of squares over dims j + (d/4) m, warp sums,
+// the zero-padded warp sum of the warp sums, rsqrtf, then * scale, * w), so there is no tolerance. The control
+// outputs must stay the ticket kernel's. Independently, `a` vs a double RMS norm of the kernel's own collapsed row:
+// 1e-5 relative to max(|ref|, 1) (an fp32 sum of <= 4096 squares on a tree, ~12 roundings deep, rsqrtf within
+// 2 ulp, two products: ~1e-6, with margin).
+void norm_case(int n_mix, int64_t T, int64_t K, bool weighted, int kernel, uint64_t seed) {
+  const int64_t d = K / 4;
+  const std::string what = "norm n_mix=" + std::to_string(n_mix) + " T=" + std::to_string(T) + " K=" +
+                           std::to_string(K) + (weighted ? " weighted" : "") + " kernel=" + std::to_string(kernel);
+  const auto fn = test::random_weights(QType::F16, n_mix, K, seed);
+  const auto X = test::random_normal(size_t(T * K), seed + 1);
+  const auto base = test::random_normal(size_t(n_mix), seed + 2, 0.5f);
+  const auto nw = test::random_normal(size_t(d), seed + 3, 0.3f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  const float eps = 1e-6f;
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale), d_nw = upload(nw);
+  const Case c{n_mix, T, K, seed};
+  const Outputs ref_raw = run_mix(c, cuda::kHcMixTicket, false, d_fn, d_X, d_base, d_scale);
+  // The two-launch reference: the collapse above, then rms_norm_cuda as the backend's rms_norm calls it.
+  auto d_a = upload(ref_raw.a);
+  cuda::RmsNormParams rp;
+  rp.x = d_a.get(), rp.y = d_a.get(), rp.w = weighted ? d_nw.get() : nullptr, rp.rows = T, rp.n = int(d), rp.eps = eps;
+  cuda::rms_norm_cuda(rp, nullptr);
+  const std::vector<float> ref_a = d_a.download();
+  // The fused launch.
+  DeviceArray<float> pre(size_t(T * 4)), post(size_t(T * 4)), comb(size_t(T * 16)), w(size_t(T * 4));
+  DeviceArray<float> a(size_t(T * d));
+  for (auto* b : {&pre, &post, &comb, &w, &a}) b->fill_bytes(0xFF);
+  DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(T, K));
+  ws.fill_bytes(0);
+  cuda::HcMixParams p;
+  p.fn = d_fn.get(), p.n_mix = n_mix, p.X = d_X.get(), p.K = K, p.n_tokens = T, p.base = d_base.get();
+  p.scale = d_scale.get(), p.pre = pre.get(), p.post = post.get(), p.comb = comb.get(), p.w = w.get();
+  p.kernel = kernel, p.workspace = ws.get(), p.a = a.get();
+  p.a_norm = true, p.a_norm_w = weighted ? d_nw.get() : nullptr, p.a_norm_eps = eps;
+  cuda::hc_mix_cuda(p, nullptr);
+  cuda::check(cudaDeviceSynchronize(), what.c_str());
+  EXPECT_TRUE(same_bits(a.download(), ref_a)) << what << ": normed a vs collapse + rms_norm_cuda";
+  if (n_mix == 24) {
+    EXPECT_TRUE(same_bits(pre.download(), ref_raw.pre)) << what << ": pre";
+    EXPECT_TRUE(same_bits(post.download(), ref_raw.post)) << what << ": post";
+    EXPECT_TRUE(same_bits(comb.download(), ref_raw.comb)) << what << ": comb";
+  } else {
+    EXPECT_TRUE(same_bits(w.download(), ref_raw.w)) << what << ": w";
+  }
+  const std::vector<float> got = a.download();
+  for (int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t k = 0; k < d; ++k) ss += double(ref_raw.a[size_t(t * d + k)]) * ref_raw.a[size_t(t * d + k)];
+    const double r = 1.0 / std::sqrt(ss / double(d) + double(eps));
+    std::vector<double> y(static_cast<size_t>(d));
+    for (int64_t k = 0; k < d; ++k) y[size_t(k)] = ref_raw.a[size_t(t * d + k)] * r * (weighted ? nw[size_t(k)] : 1.0);
+    const std::vector<float> g(got.begin() + t * d, got.begin() + (t + 1) * d);
+    EXPECT_LE(test::max_rel_err(g, y, 1.0), 1e-5) << what << " t=" << t << ": vs double RMS norm";
+  }
+}
+
+TEST(CudaHcCluster, FusedNormBitIdenticalToCollapsePlusRmsNorm) {
+  DSV4_REQUIRE_CUDA();
+  ASSERT_TRUE(cuda::hc_mix_cluster_norm_fits(24, 16384)) << "Flash width must take the in-kernel norm";
+  ASSERT_TRUE(cuda::hc_mix_cluster_norm_fits(4, 16384));
+  ASSERT_TRUE(cuda::hc_mix_cluster_norm_fits(24, 8192));
+  norm_case(24, 1, 16384, true, cuda::kHcMixCluster, 101);   // decode hc_pre + attn_norm: 16 CTAs x 2 rms warps
+  norm_case(24, 1, 16384, false, cuda::kHcMixCluster, 102);  // unweighted
+  norm_case(4, 1, 16384, true, cuda::kHcMixCluster, 103);    // hc_head + output_norm
+  norm_case(24, 3, 16384, true, cuda::kHcMixCluster, 104);   // several tokens: one cluster each
+  norm_case(24, 2, 8192, true, cuda::kHcMixCluster, 105);    // d = 2048: 1 rms warp per CTA
+}
+
+TEST(CudaHcCluster, NormFallbacksBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  EXPECT_FALSE(cuda::hc_mix_cluster_norm_fits(24, 4096));  // d = 1024: 8 rms warps over 16 CTAs
+  norm_case(24, 1, 4096, true, cuda::kHcMixCluster, 111);   // cluster kernel, then rms_norm_cuda
+  norm_case(24, 1, 16384, true, cuda::kHcMixTicket, 112);   // ticket kernel (fused collapse), then rms_norm_cuda
+  norm_case(4, 2, 1000, true, cuda::kHcMixCluster, 113);    // d = 250 (not a multiple of 128)
+}
+
+// Through the op table: hc_pre_norm (default: the in-launch norm) equals hc_pre + rms_norm bit for bit, and so do
+// DSV4_CUDA_HC_NORM=0 (two launches) and DSV4_CUDA_HC_KERNEL=ticket.
+TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
+  DSV4_REQUIRE_CUDA();
+  const int n = 4;
+  const int64_t D = 4096;
+  HcParams p;
+  p.n = n, p.d = D;
+  const auto f = test::random_normal(size_t(n * D * 24), 121, 0.02f);
+  std::vector<uint8_t> fn_bytes(f.size() * 2);
+  for (size_t i = 0; i < f.size(); ++i) test::put_f16(&fn_bytes[2 * i], f[i]);
+  auto f32 = [](const std::vector<float>& v, const char* name) {
+    WeightView wv;
+    wv.type = QType::F32, wv.data = v.data(), wv.n_bytes = v.size() * 4, wv.name = name;
+    wv.ne[0] = int64_t(v.size()), wv.ne[1] = 1, wv.n_dims = 2;
+    return wv;
+  };
+  const auto base = test::random_normal(24, 122, 0.5f), scale = test::random_normal(3, 123, 1.0f);
+  const auto norm = test::random_normal(size_t(D), 124, 0.3f);
+  HcWeights w;
+  w.fn.type = QType::F16, w.fn.data = fn_bytes.data(), w.fn.n_bytes = fn_bytes.size(), w.fn.name = "hc_attn_fn";
+  w.fn.ne[0] = n * D, w.fn.ne[1] = 24, w.fn.n_dims = 2;
+  w.base = f32(base, "hc_base"), w.scale = f32(scale, "hc_scale");
+  const WeightView nw = f32(norm, "attn_norm.weight");
+  const auto X = test::random_normal(size_t(n * D), 125);
+  auto run = [&](bool fused_op, const char* env, const char* value) {
+    if (env) setenv(env, value, 1);
+    auto be = make_cuda_backend();
+    DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
+    DeviceBuffer co = be->alloc(size_t(n * n) * 4);
+    be->upload(bX.data(), X.data(), X.size() * 4);
+    if (fused_op) {
+      be->hc_pre_norm(w, p, bX.f32(), 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
+    } else {
+      be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
+      be->rms_norm(a.f32(), &nw, 1, D, 1e-6f, a.f32());
+    }
+    std::vector<std::vector<float>> out = {std::vector<float>(size_t(D)), std::vector<float>(size_t(n)),
+                                           std::vector<float>(size_t(n * n))};
+    be->download(out[0].data(), a.data(), size_t(D) * 4);
+    be->download(out[1].data(), po.data(), size_t(n) * 4);
+    be->download(out[2].data(), co.data(), size_t(n * n) * 4);
+    if (env) unsetenv(env);
+    return out;
+  };
+  const auto ref = run(false, nullptr, nullptr);
+  const char* names[] = {"a (normed)", "post", "comb"};
+  const std::vector<std::pair<const char*, const char*>> variants = {
+      {nullptr, nullptr}, {"DSV4_CUDA_HC_NORM", "0"}, {"DSV4_CUDA_HC_KERNEL", "ticket"}};
+  for (const auto& [env, value] : variants) {
+    const auto got = run(true, env, value);
+    for (size_t i = 0; i < ref.size(); ++i)
+      EXPECT_TRUE(same_bits(got[i], ref[i])) << names[i] << " with " << (env ? env : "defaults");
+  }
+}
+
 // Shapes outside the cluster kernel: no GPU needed for the shape checks (they answer before any device query).
 TEST(CudaHcCluster, FitsRejectsShapesOutsideTheKernel) {
   EXPECT_FALSE(cuda::hc_mix_cluster_fits(7, 16384));       // neither hc_pre nor hc_head
@@ -323,6 +463,9 @@ TEST(CudaHcCluster, FitsRejectsShapesOutsideTheKernel) {
   EXPECT_FALSE(cuda::hc_mix_cluster_post_fits(24, 1536));   // d = 384: not whole 256-dim slices
   EXPECT_FALSE(cuda::hc_mix_cluster_post_fits(24, 32768));  // d = 8192: more than 16 CTAs
   EXPECT_FALSE(cuda::hc_mix_cluster_post_fits(5, 16384));
+  EXPECT_FALSE(cuda::hc_mix_cluster_norm_fits(24, 16384 + 4));  // d = 4097: not rms_norm's 4-per-thread layout
+  EXPECT_FALSE(cuda::hc_mix_cluster_norm_fits(24, 32768));      // d = 8192: rms_norm would use 8 per thread
+  EXPECT_FALSE(cuda::hc_mix_cluster_norm_fits(24, 6));          // K % 4 != 0
 }
 
 TEST(CudaHcCluster, RejectsBadArgumentsAndFallsBack) {
@@ -359,6 +502,8 @@ TEST(CudaHcCluster, RejectsBadArgumentsAndFallsBack) {
   p.K = 16384, p.a = nullptr, p.post_y = d_X.get();  // a fused hc_post needs all three inputs
   EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
   p.post_w = out.get(), p.post_comb = out.get(), p.kernel = cuda::kHcMixTicket;  // ... and the cluster kernel
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+  p.post_y = p.post_w = p.post_comb = nullptr, p.kernel = cuda::kHcMixCluster, p.a_norm = true;  // needs `a`
   EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
 }
 

@@ -8,13 +8,21 @@ namespace dsv4::cuda_impl {
 
 namespace {
 
-// DSV4_CUDA_HC_KERNEL=cluster: the decode HC control runs the cluster kernel of hc_mix_cuda with the collapse
-// fused in (hc.h, kHcMixCluster; one launch instead of two, the partials meeting in distributed shared memory).
-// Opt-in until timed: compiled, not yet run on a GPU. Its outputs equal the default launches' bit for bit
-// (tests/ops/hc_cluster_test.cpp), so switching it changes timing only. Read per call so a test can switch it.
+// The decode HC control runs the cluster kernel of hc_mix_cuda with the collapse fused in (hc.h, kHcMixCluster:
+// one launch instead of two, the partials meeting in distributed shared memory; measured +3.3% Flash q2 decode,
+// H200, session 9). DSV4_CUDA_HC_KERNEL=ticket gives the ticket kernel + separate collapse back for A/B. Both
+// produce the same bits (tests/ops/hc_cluster_test.cpp), so the knob changes timing only. Read per call so a test
+// can switch it.
 bool hc_cluster_decode(int n_mix, int64_t K) {
   const char* e = std::getenv("DSV4_CUDA_HC_KERNEL");
-  return e && std::strcmp(e, "cluster") == 0 && cuda::hc_mix_cluster_fits(n_mix, K);
+  return !(e && std::strcmp(e, "ticket") == 0) && cuda::hc_mix_cluster_fits(n_mix, K);
+}
+
+// DSV4_CUDA_HC_NORM=0: hc_pre_norm as two launches (hc_pre, then rms_norm) instead of the norm inside the cluster
+// launch, for A/B; the bits are the same either way (tests/ops/hc_cluster_test.cpp). Read per call.
+bool hc_norm_fused() {
+  const char* e = std::getenv("DSV4_CUDA_HC_NORM");
+  return !(e && std::strcmp(e, "0") == 0);
 }
 
 }  // namespace
@@ -29,8 +37,8 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
   float* pre = buffer(2, size_t(T) * 4);
   const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
   if (hc_mix_applies(w.fn, cuda::kHcMix, nd, T)) {  // decode: projection + RMS + Sinkhorn in one launch
-    // The collapse stays a launch of its own: hc_mix_cuda can fuse it (HcMixParams::a), but one CTA walking the
-    // 64 KiB of X after the Sinkhorn was slower in a graph (H200, wb_small at dc6bea6: 10.97 vs 8.98 us).
+    // With the ticket kernel the collapse stays a launch of its own: its fused collapse (one CTA walking the 64 KiB
+    // of X after the Sinkhorn) was slower in a graph (H200, wb_small at dc6bea6: 10.97 vs 8.98 us).
     cuda::HcMixParams hp;
     hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
     hp.base = base, hp.scale = scale, hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
@@ -56,6 +64,31 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
   wrote(comb, size_t(T) * 16 * sizeof(float));
 }
 
+// Decode: the norm of the collapsed row inside the cluster launch (HcMixParams::a_norm), bit-identical to
+// hc_pre + rms_norm: one launch and one round trip of `a` fewer per sublayer (86 per decoded Flash token).
+void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
+                              float norm_eps, float* a, float* post, float* comb) {
+  check_hc(p);
+  const int64_t nd = int64_t(p.n) * p.d;
+  if (!(hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) && hc_cluster_decode(cuda::kHcMix, nd) &&
+        cuda::hc_mix_cluster_norm_fits(cuda::kHcMix, nd))) {
+    hc_pre(w, p, X, T, a, post, comb);
+    rms_norm(a, norm, T, p.d, norm_eps, a);
+    return;
+  }
+  Scope sc(*prof_, "hc_pre_norm", T);
+  cuda::HcMixParams hp;
+  hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
+  hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
+  hp.pre = buffer(2, 4), hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+  hp.kernel = cuda::kHcMixCluster, hp.a = a;
+  hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
+  cuda::hc_mix_cuda(hp, stream_);
+  wrote(a, size_t(T) * p.d * sizeof(float));
+  wrote(post, size_t(T) * 4 * sizeof(float));
+  wrote(comb, size_t(T) * 16 * sizeof(float));
+}
+
 void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) {
   Scope sc(*prof_, "hc_head", T);
   check_hc(p);
@@ -63,7 +96,8 @@ void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float
   float* mix = buffer(0, size_t(T) * 4);
   float* rs = buffer(1, size_t(T));
   float* hw = buffer(2, size_t(T) * 4);
-  // Decode: projection + RMS + head weights in one launch; the collapse apart (fused: 6.82 vs 4.98 us, see hc_pre).
+  // Decode: projection + RMS + head weights (+ the collapse with the cluster kernel) in one launch; the ticket
+  // kernel leaves the collapse apart (its fused collapse: 6.82 vs 4.98 us, see hc_pre).
   if (hc_mix_applies(w.fn, 4, nd, T)) {
     cuda::HcMixParams hp;
     hp.fn = weight(w.fn), hp.n_mix = 4, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;

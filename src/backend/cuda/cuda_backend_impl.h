@@ -121,6 +121,8 @@ class CudaBackend final : public Backend {
   void matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) override;
   void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
               float* comb) override;
+  void hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
+                   float norm_eps, float* a, float* post, float* comb) override;
   void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {
     Scope sc(*prof_, "hc_post", T);
     check_hc(p);

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/pdl.cuh"
 #include "common/error.h"
 #include "quant/blocks.h"
 
@@ -15,6 +16,8 @@ constexpr int kThreads = 256;
 unsigned blocks_for(int64_t n) { return unsigned(std::max<int64_t>(1, (n + kThreads - 1) / kThreads)); }
 
 __global__ void fill_kernel(float* dst, float value, size_t n) {
+  pdl_trigger();
+  pdl_wait();  // PDL contract (pdl.cuh): nothing read or written before the previous kernel is done
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     dst[i] = value;
 }
@@ -23,6 +26,8 @@ __global__ void fill_kernel(float* dst, float value, size_t n) {
 template <QType kType>
 __global__ void embed_kernel(const uint8_t* table, int64_t vocab, int64_t dim, const int32_t* tokens,
                              int n_streams, float* X) {
+  pdl_trigger();
+  pdl_wait();  // PDL contract (pdl.cuh): nothing read or written before the previous kernel is done
   const int t = blockIdx.y;
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= dim) return;
@@ -45,6 +50,8 @@ __global__ void embed_kernel(const uint8_t* table, int64_t vocab, int64_t dim, c
 
 __global__ void hash_ids_kernel(const int32_t* table, int64_t vocab, int k, const int32_t* tokens, int T,
                                 int32_t* ids) {
+  pdl_trigger();
+  pdl_wait();  // PDL contract (pdl.cuh): nothing read or written before the previous kernel is done
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= T * k) return;
   const int32_t tok = tokens[i / k];
@@ -52,6 +59,8 @@ __global__ void hash_ids_kernel(const int32_t* table, int64_t vocab, int k, cons
 }
 
 __global__ void ramp_kernel(int32_t* ids, int64_t n, int period) {
+  pdl_trigger();
+  pdl_wait();  // PDL contract (pdl.cuh): nothing read or written before the previous kernel is done
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) ids[i] = int32_t(i % period);
 }
@@ -61,8 +70,7 @@ __global__ void ramp_kernel(int32_t* ids, int64_t n, int period) {
 void fill_f32_cuda(float* dst, float value, size_t n, cudaStream_t stream) {
   if (n == 0) return;
   const unsigned grid = unsigned(std::min<size_t>((n + kThreads - 1) / kThreads, 4096));
-  fill_kernel<<<grid, kThreads, 0, stream>>>(dst, value, n);
-  check_launch("fill_kernel");
+  launch_pdl("fill_kernel", fill_kernel, grid, kThreads, 0, stream, dst, value, n);
 }
 
 bool embed_supports(QType type) { return type == QType::F32 || type == QType::F16 || type == QType::Q8_0; }
@@ -74,29 +82,27 @@ void embed_rows_cuda(QType type, const void* table, int64_t vocab, int64_t dim, 
     fail("embed_rows_cuda: bad shape dim=%lld T=%d for %s", (long long)dim, T, qtype_name(type).c_str());
   const dim3 grid(blocks_for(dim), unsigned(T));
   const auto* tb = static_cast<const uint8_t*>(table);
+  void (*kernel)(const uint8_t*, int64_t, int64_t, const int32_t*, int, float*) = nullptr;
   switch (type) {
-    case QType::F32: embed_kernel<QType::F32><<<grid, kThreads, 0, stream>>>(tb, vocab, dim, tokens, n_streams, X); break;
-    case QType::F16: embed_kernel<QType::F16><<<grid, kThreads, 0, stream>>>(tb, vocab, dim, tokens, n_streams, X); break;
-    case QType::Q8_0:
-      embed_kernel<QType::Q8_0><<<grid, kThreads, 0, stream>>>(tb, vocab, dim, tokens, n_streams, X);
-      break;
+    case QType::F32: kernel = embed_kernel<QType::F32>; break;
+    case QType::F16: kernel = embed_kernel<QType::F16>; break;
+    case QType::Q8_0: kernel = embed_kernel<QType::Q8_0>; break;
     default: fail("embed_rows_cuda: no device decoder for %s", qtype_name(type).c_str());
   }
-  check_launch("embed_kernel");
+  launch_pdl("embed_kernel", kernel, grid, kThreads, 0, stream, tb, vocab, dim, tokens, n_streams, X);
 }
 
 void gather_hash_ids_cuda(const int32_t* table, int64_t vocab, int k, const int32_t* tokens, int T, int32_t* ids,
                           cudaStream_t stream) {
   if (T <= 0) return;
-  hash_ids_kernel<<<blocks_for(int64_t(T) * k), kThreads, 0, stream>>>(table, vocab, k, tokens, T, ids);
-  check_launch("hash_ids_kernel");
+  launch_pdl("hash_ids_kernel", hash_ids_kernel, blocks_for(int64_t(T) * k), kThreads, 0, stream, table, vocab, k,
+             tokens, T, ids);
 }
 
 void ramp_mod_cuda(int32_t* ids, int64_t n, int period, cudaStream_t stream) {
   if (n <= 0) return;
   if (period <= 0) fail("ramp_mod_cuda: period %d", period);
-  ramp_kernel<<<blocks_for(n), kThreads, 0, stream>>>(ids, n, period);
-  check_launch("ramp_kernel");
+  launch_pdl("ramp_kernel", ramp_kernel, blocks_for(n), kThreads, 0, stream, ids, n, period);
 }
 
 }  // namespace dsv4::cuda

@@ -9,6 +9,8 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/norm_rope.h"
+#include "backend/cuda/pdl.cuh"
 #include "common/error.h"
 
 namespace dsv4::cuda {
@@ -57,6 +59,8 @@ __device__ void sinkhorn_token_warp(float mix_pp, float mix_c, const float* base
 
 // One warp per token.
 __global__ void hc_split_sinkhorn_kernel(HcSinkhornParams p) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (t >= p.n_tokens) return;  // whole warps leave together
   const int lane = threadIdx.x & 31;
@@ -129,12 +133,17 @@ __global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int6
   float acc[M + 1];
 #pragma unroll
   for (int j = 0; j <= M; ++j) acc[j] = 0.0f;
-  if (c < p.K) {  // K is even, so both columns exist
-    const float2 x = *reinterpret_cast<const float2*>(p.X + t * p.K + c);
+  pdl_trigger();
+  // PDL: the weight loads (fn: no kernel writes it) go out before the wait, X and the workspace after it.
+  __half2 h[M];
+  if (c < p.K) {
     const __half2* fn = static_cast<const __half2*>(p.fn);
-    __half2 h[M];
 #pragma unroll
     for (int j = 0; j < M; ++j) h[j] = fn[(j * p.K + c) / 2];  // all M loads issued before any use
+  }
+  pdl_wait();
+  if (c < p.K) {  // K is even, so both columns exist
+    const float2 x = *reinterpret_cast<const float2*>(p.X + t * p.K + c);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       const float2 f = __half22float2(h[j]);
@@ -216,6 +225,8 @@ __global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int6
 constexpr int kClusterMax = 16;     // non-portable cluster size (sm_90 allows 16 with the opt-in attribute)
 constexpr int kClusterChunks = 4;   // chunks per CTA at most: 4 x 128 threads
 constexpr int kClusterThreads = kClusterChunks * kMixThreads;
+constexpr int kNormMaxDpc = 256;  // fused norm: dims per CTA at most (d <= 4096 over 16 CTAs)
+constexpr int kNormMaxWpc = 2;    // fused norm: rms_norm warps per CTA at most (kNormMaxDpc / 4 / 32)
 
 struct ClusterShape {
   int cs = 0, cpc = 0;  // CTAs per cluster (one cluster per token), chunks per CTA
@@ -270,6 +281,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
   __shared__ float total[M + 1];
   __shared__ float ctl[2 * N + N * N];  // pre (or w), post, comb of this token
   __shared__ float xn[kClusterChunks][kMixChunk];  // fused hc_post: the new X of this CTA's dims, stream-major
+  __shared__ float an[kNormMaxDpc];                // fused norm: this CTA's collapsed values, thread order
+  __shared__ float wsum[kNormMaxWpc];              // fused norm: the warp sums of squares of this CTA's rms warps
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t t = blockIdx.y;
   const int rank = int(cluster.block_rank()), cs = int(cluster.num_blocks());
@@ -284,17 +297,26 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
   // The collapse slice of this CTA: one dim per thread (dims per CTA = ceil(K / 4 / cs) <= 64 cpc < blockDim.x),
   // its 4 stream values loaded now, beside the weights, so they are in registers when the weights are known
   // (with the fused hc_post they are the new values, kept in xn).
-  const int64_t d = p.K / N, dpc = (d + cs - 1) / cs, k = int64_t(rank) * dpc + threadIdx.x;
+  const int64_t d = p.K / N, dpc = (d + cs - 1) / cs;
+  int64_t k = int64_t(rank) * dpc + threadIdx.x;
+  // Fused norm (hc_mix_cluster_norm_fits: d % 128 == 0, d <= 4096, rms_norm's d / 128 warps split evenly over
+  // the cs CTAs): rms_norm_reg_kernel<4> runs d / 4 threads, thread j holding dims j + (d / 4) m, m < 4. This CTA takes its threads j = rank * rt + l, l < rt
+  // (rt = dpc / 4, whole warps), so thread m * rt + l collapses dim rank * rt + l + (d / 4) m.
+  const int rt = int(dpc / 4);
+  if (p.a_norm) k = int64_t(rank) * rt + threadIdx.x % rt + (d / 4) * (threadIdx.x / rt);
   const bool collapse = p.a && threadIdx.x < dpc && k < d;
-  float cv[N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) cv[i] = collapse && !fuse_post ? Xt[int64_t(i) * d + k] : 0.0f;
-  // The ticket kernel's per-thread products on the same columns (all weight loads issued first).
+  pdl_trigger();
+  // The ticket kernel's per-thread products on the same columns (all weight loads issued first; under PDL they
+  // overlap the previous kernel's tail, X is read only after the wait).
   const bool active = c < p.K;
   const __half2* fn = static_cast<const __half2*>(p.fn);
   __half2 h[M];
 #pragma unroll
   for (int j = 0; j < M; ++j) h[j] = active ? fn[(j * p.K + c) / 2] : __half2{};
+  pdl_wait();
+  float cv[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) cv[i] = collapse && !fuse_post ? Xt[int64_t(i) * d + k] : 0.0f;
   float2 x = active && !fuse_post ? *reinterpret_cast<const float2*>(Xt + c) : make_float2(0.0f, 0.0f);
   if (fuse_post) {  // hc_post_kernel's values for (stream q, dims c - q d, +1), written back to X in place
     __shared__ float2 xo[kClusterChunks][kMixThreads];
@@ -349,7 +371,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
     }
   }
   // No CTA may exit while another still reads its `part`: arrive once the reads are done, wait before leaving.
-  cluster.barrier_arrive();
+  // (With the fused norm the arrive comes later, when it also publishes wsum.)
+  if (!p.a_norm) cluster.barrier_arrive();
   __syncthreads();
   if (threadIdx.x <= M) {  // the chunk-ordered sum of the ticket kernel
     // Shared-memory loads in batches ahead of the adds: the 64-long FADD chain (~256 cycles) is the floor; one
@@ -390,18 +413,54 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
       if (threadIdx.x < N) p.w[t * N + threadIdx.x] = ctl[threadIdx.x];
     }
   }
+  float av = 0.0f;
   if (collapse) {
     if (fuse_post) {
 #pragma unroll
       for (int i = 0; i < N; ++i) cv[i] = xn[i][threadIdx.x];  // dpc = 256: this CTA's dims
     }
-    p.a[t * d + k] = collapse_value(cv, ctl);  // ctl[0..3]: pre (hc_pre) or w (hc_head)
+    av = collapse_value(cv, ctl);  // ctl[0..3]: pre (hc_pre) or w (hc_head)
+    if (!p.a_norm) p.a[t * d + k] = av;
+  }
+  if (p.a_norm) {
+    // rms_norm_reg_kernel<4> on the row av, operation for operation: each of its threads' sum of squares in m
+    // order, the warp sums, then (block_sum's second stage) the warp sum of the d / 128 warp sums in warp order,
+    // zero-padded to 32 lanes; every CTA forms that last sum itself from the others' wsum (DSMEM).
+    if (collapse) an[threadIdx.x] = av;
+    __syncthreads();
+    if (threadIdx.x < rt) {
+      float xv[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) xv[m] = an[threadIdx.x + m * rt];
+      float ss = 0.0f;
+#pragma unroll
+      for (int m = 0; m < 4; ++m) ss += xv[m] * xv[m];
+      ss = warp_sum(ss);
+      if (lane == 0) wsum[warp] = ss;
+    }
+    // The norm weight is loaded here, not at kernel start (a register live through the whole kernel spilled);
+    // its latency hides behind the cluster barrier.
+    const float wn = collapse && p.a_norm_w ? p.a_norm_w[k] : 1.0f;
+    cluster.barrier_arrive();  // release: wsum written (and this CTA's reads of the others' `part` done)
+    cluster.barrier_wait();
+    const int wpc = rt / 32, n_warps = int(d / 128);
+    float v = lane < n_warps ? cluster.map_shared_rank(wsum, lane / wpc)[lane % wpc] : 0.0f;
+    v = warp_sum(v);
+    cluster.barrier_arrive();  // the reads of the others' wsum are done (waited for before leaving)
+    const float scale = rsqrtf(v / float(d) + p.a_norm_eps);
+    if (collapse) {
+      float y = av * scale;
+      y = p.a_norm_w ? y * wn : y;
+      p.a[t * d + k] = y;
+    }
   }
   cluster.barrier_wait();
 }
 
 // One thread per (token, dim): reads the 4 stream values of that dim.
 __global__ void hc_collapse_kernel(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n_tokens * d) return;
   const int64_t t = idx / d, k = idx % d;
@@ -414,6 +473,8 @@ __global__ void hc_collapse_kernel(const float* X, const float* pre, int64_t n_t
 
 __global__ void hc_post_kernel(float* X, const float* y, const float* post, const float* comb, int64_t n_tokens,
                                int64_t d) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n_tokens * d) return;
   const int64_t t = idx / d, k = idx % d;
@@ -429,6 +490,8 @@ __global__ void hc_post_kernel(float* X, const float* y, const float* post, cons
 // w[t][i] = sigmoid(mix[t][i] * mix_scale[t] * scale[0] + base[i]) + eps, one thread per (token, stream).
 __global__ void hc_head_weights_kernel(const float* mix, const float* mix_scale, const float* base,
                                        const float* scale, int64_t n_tokens, float eps, float* w) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n_tokens * N) return;
   const int64_t t = idx / N;
@@ -444,8 +507,8 @@ unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads);
 void hc_split_sinkhorn_cuda(const HcSinkhornParams& p, cudaStream_t stream) {
   if (p.iters < 1) fail("hc_split_sinkhorn_cuda: iters must be >= 1, got %d", p.iters);
   if (p.n_tokens <= 0) return;
-  hc_split_sinkhorn_kernel<<<blocks_for(p.n_tokens * 32), kThreads, 0, stream>>>(p);
-  check_launch("hc_split_sinkhorn_kernel");
+  launch_pdl("hc_split_sinkhorn_kernel", hc_split_sinkhorn_kernel, blocks_for(p.n_tokens * 32), kThreads, 0, stream,
+             p);
 }
 
 namespace {
@@ -498,11 +561,14 @@ template <int M>
 void launch_mix_cluster(const HcMixParams& p, cudaStream_t stream) {
   const ClusterShape s = cluster_shape(p.K, p.post_y != nullptr);
   allow_large_clusters<M>();
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config(s, p.n_tokens, stream, &attr);
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg = cluster_config(s, p.n_tokens, stream, &attr[0]);
+  // Programmatic stream serialization beside the cluster shape (pdl.cuh): the kernel keeps the PDL contract.
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.numAttrs = pdl_enabled() ? 2 : 1;
   check(cudaLaunchKernelEx(&cfg, hc_mix_cluster_kernel<M>, p, int(mix_chunks(p.K)), s.cpc),
         "hc_mix_cluster_kernel launch");
-  check_launch("hc_mix_cluster_kernel");
 }
 
 }  // namespace
@@ -521,9 +587,31 @@ bool hc_mix_cluster_post_fits(int n_mix, int64_t K) {
   return n_mix == kHcMix ? cluster_placeable<kHcMix>(s) : cluster_placeable<N>(s);
 }
 
+bool hc_mix_cluster_norm_fits(int n_mix, int64_t K) {
+  if (K <= 0 || K % N != 0) return false;
+  const int64_t d = K / N;
+  // rms_norm_cuda's thread count for this row must be d / 4 with 4 values each (d % 128 == 0, d <= 4096), and its
+  // d / 128 warps must split evenly over the cluster's CTAs.
+  if (d % 128 != 0 || d > 4096) return false;
+  const ClusterShape s = cluster_shape(K, false);
+  if ((d / 128) % s.cs != 0 || d / s.cs > kNormMaxDpc) return false;
+  return hc_mix_cluster_fits(n_mix, K);
+}
+
 size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
   return size_t((n_tokens * 4 + 15) / 16 * 16) + size_t(n_tokens * mix_chunks(K) * (kHcMix + 1)) * sizeof(float);
 }
+
+namespace {
+
+// a = rms_norm(a) as the backend's rms_norm launches it (the fallback of HcMixParams::a_norm).
+void norm_rows(const HcMixParams& p, cudaStream_t stream) {
+  RmsNormParams r;
+  r.x = p.a, r.y = p.a, r.w = p.a_norm_w, r.rows = p.n_tokens, r.n = int(p.K / N), r.eps = p.a_norm_eps;
+  rms_norm_cuda(r, stream);
+}
+
+}  // namespace
 
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (p.n_mix != kHcMix && p.n_mix != N) fail("hc_mix_cuda: n_mix=%d (24 for hc_pre, 4 for hc_head)", p.n_mix);
@@ -540,42 +628,47 @@ void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
     fail("hc_mix_cuda: hc_pre needs pre, post, comb and iters >= 1 (got %d)", p.iters);
   if (p.n_mix == N && !p.w) fail("hc_mix_cuda: hc_head needs w");
   if (p.a && p.K % N != 0) fail("hc_mix_cuda: the fused collapse needs K = %d x d, got K=%lld", N, (long long)p.K);
+  if (p.a_norm && !p.a) fail("hc_mix_cuda: a_norm needs the fused collapse (a)");
   if (p.n_tokens <= 0) return;
   if (p.n_tokens > 65535) fail("hc_mix_cuda: %lld tokens in one launch (max 65535)", (long long)p.n_tokens);
   const int64_t chunks = mix_chunks(p.K);
   if (cluster) {
-    if (p.n_mix == kHcMix) launch_mix_cluster<kHcMix>(p, stream);
-    else launch_mix_cluster<N>(p, stream);
+    // The norm in the kernel where its shape allows, else rms_norm_cuda after it (the same bits either way).
+    const bool norm_in = p.a_norm && !fuse_post && hc_mix_cluster_norm_fits(p.n_mix, p.K);
+    HcMixParams q = p;
+    q.a_norm = norm_in;
+    if (p.n_mix == kHcMix) launch_mix_cluster<kHcMix>(q, stream);
+    else launch_mix_cluster<N>(q, stream);
+    if (p.a_norm && !norm_in) norm_rows(p, stream);
     return;
   }
   // The ticket kernel (default, or the cluster kernel's fallback: the same results), after the separate hc_post.
   if (fuse_post) hc_post_cuda(const_cast<float*>(p.X), p.post_y, p.post_w, p.post_comb, p.n_tokens, p.K / N, stream);
   const dim3 grid(unsigned(chunks), unsigned(p.n_tokens));
-  if (p.n_mix == kHcMix) hc_mix_kernel<kHcMix><<<grid, kMixThreads, 0, stream>>>(p, chunks);
-  else hc_mix_kernel<N><<<grid, kMixThreads, 0, stream>>>(p, chunks);
-  check_launch("hc_mix_kernel");
+  launch_pdl("hc_mix_kernel", p.n_mix == kHcMix ? hc_mix_kernel<kHcMix> : hc_mix_kernel<N>, grid, kMixThreads, 0,
+             stream, p, chunks);
+  if (p.a_norm) norm_rows(p, stream);
 }
 
 void hc_head_weights_cuda(const float* mix, const float* mix_scale, const float* base, const float* scale,
                           int64_t n_tokens, float eps, float* w, cudaStream_t stream) {
   if (n_tokens <= 0) return;
-  hc_head_weights_kernel<<<blocks_for(n_tokens * N), kThreads, 0, stream>>>(mix, mix_scale, base, scale, n_tokens,
-                                                                             eps, w);
-  check_launch("hc_head_weights_kernel");
+  launch_pdl("hc_head_weights_kernel", hc_head_weights_kernel, blocks_for(n_tokens * N), kThreads, 0, stream, mix,
+             mix_scale, base, scale, n_tokens, eps, w);
 }
 
 void hc_collapse_cuda(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a,
                       cudaStream_t stream) {
   if (n_tokens * d <= 0) return;
-  hc_collapse_kernel<<<blocks_for(n_tokens * d), kThreads, 0, stream>>>(X, pre, n_tokens, d, a);
-  check_launch("hc_collapse_kernel");
+  launch_pdl("hc_collapse_kernel", hc_collapse_kernel, blocks_for(n_tokens * d), kThreads, 0, stream, X, pre,
+             n_tokens, d, a);
 }
 
 void hc_post_cuda(float* X, const float* y, const float* post, const float* comb, int64_t n_tokens, int64_t d,
                   cudaStream_t stream) {
   if (n_tokens * d <= 0) return;
-  hc_post_kernel<<<blocks_for(n_tokens * d), kThreads, 0, stream>>>(X, y, post, comb, n_tokens, d);
-  check_launch("hc_post_kernel");
+  launch_pdl("hc_post_kernel", hc_post_kernel, blocks_for(n_tokens * d), kThreads, 0, stream, X, y, post, comb,
+             n_tokens, d);
 }
 
 }  // namespace dsv4::cuda

@@ -87,8 +87,17 @@ struct HcMixParams {
   const float* post_y = nullptr;     // [T, d]
   const float* post_w = nullptr;     // [T, 4]
   const float* post_comb = nullptr;  // [T, 4, 4]
+  // Optional, with `a`: a[t] RMS-normalized in place after the collapse, a = a * rsqrt(mean(a^2) + a_norm_eps) *
+  // a_norm_w (null: unweighted), equal BIT FOR BIT to rms_norm_cuda on the collapsed rows (default thread count):
+  // the model's hc_pre -> attn_norm / ffn_norm (and hc_head -> output_norm) pair. The cluster kernel does it in the
+  // same launch when hc_mix_cluster_norm_fits (Flash: d = 4096, 16 CTAs x 2 of rms_norm's 32 warps; every CTA
+  // reads the 32 warp sums from distributed shared memory, one more cluster barrier); otherwise hc_mix_cuda runs
+  // rms_norm_cuda after the kernel. Why: one launch (~2 us of a graph node + the a round trip) less per sublayer.
+  bool a_norm = false;
+  const float* a_norm_w = nullptr;  // [d]
+  float a_norm_eps = 1e-6f;
 };
-// kHcMixCluster (opt-in: DSV4_CUDA_HC_KERNEL=cluster in the backend; compiled, not yet run on a GPU): the K-split
+// kHcMixCluster (the backend's decode default; DSV4_CUDA_HC_KERNEL=ticket gives the ticket kernel back): the K-split
 // partials of a token meet in distributed shared memory of one thread-block cluster instead of global memory,
 // so the __threadfence + atomic ticket + L2 round trip of the partials leave the critical path, and with `a` set
 // the collapse is spread over the cluster's CTAs (each one 1/cs of the dims, its X values loaded at kernel start)
@@ -104,6 +113,7 @@ inline constexpr int kHcMixTicket = 0;
 inline constexpr int kHcMixCluster = 1;
 bool hc_mix_cluster_fits(int n_mix, int64_t K);
 bool hc_mix_cluster_post_fits(int n_mix, int64_t K);
+bool hc_mix_cluster_norm_fits(int n_mix, int64_t K);  // a_norm inside the cluster launch (no fused hc_post)
 size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K);
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream);
 
