@@ -35,9 +35,7 @@ __global__ void row_finish_batch_kernel(RowFinishBatch b) {
 
 }  // namespace
 
-namespace {
-
-void validate(RowFinishParams& p) {
+void row_finish_check(RowFinishParams& p) {
   if (p.d <= 0 || p.d > kRowMaxDim) fail("row_finish_cuda: row width %d outside 1..%d", p.d, kRowMaxDim);
   if (p.n_rot < 0 || p.n_rot % 2 || p.n_rot / 2 > kRowMaxPairs || p.n_rot > p.d)
     fail("row_finish_cuda: n_rot %d must be even, <= %d and <= d %d", p.n_rot, 2 * kRowMaxPairs, p.d);
@@ -49,11 +47,9 @@ void validate(RowFinishParams& p) {
   if (p.stride == 0) p.stride = p.d;
 }
 
-}  // namespace
-
 void row_finish_cuda(const RowFinishParams& p_in, cudaStream_t stream) {
   RowFinishParams p = p_in;
-  validate(p);
+  row_finish_check(p);
   if (p.n_rows <= 0) return;
   const int threads = (p.d + 31) / 32 * 32;
   launch_pdl("row_finish_kernel", row_finish_kernel, dim3(unsigned(p.n_rows)), dim3(unsigned(threads)), 0, stream, p);
@@ -70,7 +66,7 @@ void row_finish_batch_cuda(const RowFinishBatch& b_in, cudaStream_t stream) {
       p.n_rows = 0;  // unused slots: no rows
       continue;
     }
-    validate(p);
+    row_finish_check(p);
     if (p.q8) fail("row_finish_batch_cuda: job %d asks for Q8 output (single jobs only)", j);
     if (p.n_rows < 0) fail("row_finish_batch_cuda: job %d has %lld rows", j, (long long)p.n_rows);
     rows += p.n_rows;

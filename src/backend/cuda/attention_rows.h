@@ -43,6 +43,9 @@ struct RowFinishParams {
   void* q8 = nullptr;
 };
 void row_finish_cuda(const RowFinishParams& p, cudaStream_t stream);
+// The argument checks of row_finish_cuda (dsv4::Error on a bad width, RoPE, Hadamard width, missing norm weights,
+// Q8 width); fills stride 0 with d. For kernels that finish rows themselves (compressor.cu).
+void row_finish_check(RowFinishParams& p);
 
 // Up to kRowMaxJobs independent row sets (disjoint buffers) in ONE launch, each row finished exactly as
 // row_finish_cuda finishes it (same bits): the decode q, kv and indexer-query rows of a layer. No q8 output.

@@ -159,6 +159,7 @@ int64_t compressor_step_cuda(const CompressorStepParams& p, cudaStream_t stream)
   std::memcpy(f.omega, p.omega, sizeof f.omega);
   f.qat = p.qat;
   if (p.T == 1 && p.decode_kernel && decode_kernel_enabled()) {
+    if (n_emit > 0) row_finish_check(f);  // as row_finish_cuda would on the general path (stride = d)
     if (p.dim > kRowMaxDim) fail("compressor_step_cuda: row width %d > %d", p.dim, kRowMaxDim);
     launch_pdl("compressor_decode_kernel", compressor_decode_kernel, dim3(1), dim3(unsigned((p.dim + 31) / 32 * 32)), 0,
                stream, p, f, int(n_emit));
