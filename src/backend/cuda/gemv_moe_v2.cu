@@ -444,6 +444,138 @@ __global__ void __launch_bounds__(32 * kDefaultWarps, kSum ? kMinCtasSum : D::kM
   }
 }
 
+// ---- Q2_K down+sum with register activations (variant 2's down+sum for Q2_K rows of <= 2048 columns) ----------
+// Why (H200 wb_gemv at 413c375: the kernel above 22.96 us, the staged default 14.50 us for Flash's 6 x 4096 x 2048):
+// both decode 16 values per lane per block with 5 shared-memory loads for the weights and 6 L1 loads for the
+// activation (4 x 4 bytes, a bsum, the scale): ~11 memory instructions per 16 weights, so the shared/L1 pipe, not
+// DRAM, bounds them. Here a CTA owns kQ2Tile rows of one token, its warps walk contiguous ranges of (segment, row)
+// items, so a warp keeps one slot's activations in registers (loaded once per segment, 20 registers) and a lane
+// decodes 32 values per block (sub-blocks 2g and 2g+1 share their 4 scale bytes): per 32 weights 5 shared-memory
+// loads and no activation load. Rows arrive through the warp's kQ2Stages-deep cp.async ring; the per-row dots meet
+// in shared memory and the epilogue adds them in slot order, as the staged kernel's Sum epilogue. Not bit-identical
+// to the staged kernel (a lane's two sub-blocks form one fp32 expression): within 1e-6 of |ref| + rms (tests).
+constexpr int kQ2Tile = 8;         // rows per CTA: 512 CTAs for Flash (~4 per SM)
+constexpr int kQ2Stages = 4;       // row buffers per warp (4 x 672 B)
+constexpr int kQ2MaxBlocks = 8;    // blocks per row (cols <= 2048): 2 per lane
+constexpr int kQ2Warps = 8;
+
+struct Q2Act {  // one lane's activations of a slot: blocks lane / 8 + 4 i, sub-blocks 2g and 2g + 1 (g = lane % 8)
+  int2 x[2][4];  // [i][s]: the 8 bytes at qs + 128 h + 32 s + 8 (g % 4), h = g / 4
+  int bs[2];     // bsums[2g] (low half), bsums[2g + 1] (high half)
+  float d[2];
+};
+
+__device__ __forceinline__ void q2_load_act(const uint8_t* act_row, int nb, int lane, Q2Act& r) {
+  const int g = lane & 7, h = g >> 2, l0 = 8 * (g & 3);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int b = (lane >> 3) + 4 * i;
+    if (b < nb) {
+      const ActQ8K* a = reinterpret_cast<const ActQ8K*>(act_row + int64_t(b) * int64_t(sizeof(ActQ8K)));
+#pragma unroll
+      for (int s = 0; s < 4; ++s) r.x[i][s] = *reinterpret_cast<const int2*>(a->qs + 128 * h + 32 * s + l0);
+      r.bs[i] = *reinterpret_cast<const int*>(a->bsums + 2 * g);
+      r.d[i] = a->d;
+    }
+  }
+}
+
+// Row (nb Q2_K blocks in shared memory, 16-byte aligned) . activations, summed over the warp (every lane gets it).
+// Integer products as DotQ2_K's for sub-blocks 2g and 2g + 1 (same scale and min nibbles, same dp4a operands).
+__device__ __forceinline__ float q2_row_dot(const uint8_t* row, int nb, const Q2Act& r, int lane) {
+  const int g = lane & 7, h = g >> 2, sh = (g & 3) >= 2 ? 8 : 0;  // scale byte 8h + 2s + (sh / 8)
+  float acc = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int b = (lane >> 3) + 4 * i;
+    if (b < nb) {
+      const uint8_t* blk = row + b * int(sizeof(block_q2_K));  // 4-byte aligned (84-byte blocks)
+      const uint32_t s0 = *reinterpret_cast<const uint32_t*>(blk + 8 * h);
+      const uint32_t s1 = *reinterpret_cast<const uint32_t*>(blk + 8 * h + 4);
+      const uint32_t q0 = *reinterpret_cast<const uint32_t*>(blk + 16 + 8 * g);
+      const uint32_t q1 = *reinterpret_cast<const uint32_t*>(blk + 20 + 8 * g);
+      const uint32_t dd = *reinterpret_cast<const uint32_t*>(blk + 80);
+      const uint32_t mm = *reinterpret_cast<const uint16_t*>(blk + 2 * g);  // scales[2g], scales[2g + 1]
+      const int sc[4] = {int((s0 >> sh) & 15u), int((s0 >> (16 + sh)) & 15u), int((s1 >> sh) & 15u),
+                         int((s1 >> (16 + sh)) & 15u)};
+      int isum = 0;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const int v0 = int((q0 >> (2 * s)) & 0x03030303u), v1 = int((q1 >> (2 * s)) & 0x03030303u);
+        isum += sc[s] * __dp4a(v1, r.x[i][s].y, __dp4a(v0, r.x[i][s].x, 0));
+      }
+      const int imin = int((mm >> 4) & 15u) * int(int16_t(r.bs[i] & 0xFFFF)) + int(mm >> 12) * (r.bs[i] >> 16);
+      acc += r.d[i] * (h2f(dd & 0xFFFFu) * float(isum) - h2f(dd >> 16) * float(imin));
+    }
+  }
+  return warp_sum(acc);
+}
+
+// grid (row tiles, tokens), kQ2Warps warps; V2Args as for the down+sum launch (segs = k).
+__global__ void __launch_bounds__(32 * kQ2Warps) moe_v2_down_q2k_kernel(V2Args a) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int64_t off[kMoeV2MaxSegs];
+  __shared__ float res[kMoeV2MaxSegs][kQ2Tile];
+  pdl_trigger();  // PDL (pdl.cuh)
+  const GemvParams& p = a.p;
+  const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), n_warps = int(blockDim.x >> 5);
+  const int t = int(blockIdx.y);
+  const int64_t r0 = int64_t(blockIdx.x) * kQ2Tile;
+  const int n_rows = int(std::min<int64_t>(kQ2Tile, p.rows - r0));
+  const int nb = int(p.cols / kQK_K);
+  pdl_wait();  // expert ids, activations and y come from earlier kernels
+  if (int(threadIdx.x) < a.segs)
+    off[threadIdx.x] = p.expert_ids ? int64_t(p.expert_ids[t * a.segs + int(threadIdx.x)]) * p.expert_stride : 0;
+  __syncthreads();
+  // Items (segment s, tile row i) = (item / n_rows, item % n_rows): contiguous per warp, so a warp meets few slots.
+  const int n_items = a.segs * n_rows, per = (n_items + n_warps - 1) / n_warps;
+  const int i0 = warp * per, i_end = std::min(n_items, i0 + per);
+  uint8_t* ring = smem + int64_t(warp) * kQ2Stages * a.row_bytes;
+  const int n16 = int(a.row_bytes / 16);
+  const auto issue = [&](int item, uint8_t* buf) {
+    if (item < i_end) {
+      const uint8_t* src = static_cast<const uint8_t*>(p.w) + off[item / n_rows] +
+                           (r0 + item % n_rows) * a.row_bytes;
+      for (int c = lane; c < n16; c += 32) __pipeline_memcpy_async(buf + 16 * c, src + 16 * c, 16);
+    }
+    __pipeline_commit();  // one group per call, so the wait counts stay uniform
+  };
+#pragma unroll
+  for (int st = 0; st < kQ2Stages; ++st) issue(i0 + st, ring + st * a.row_bytes);
+  Q2Act act;
+  int cur = -1, st = 0;
+  for (int item = i0; item < i_end; ++item) {
+    uint8_t* buf = ring + st * a.row_bytes;
+    __pipeline_wait_prior(kQ2Stages - 1);
+    __syncwarp();
+    const int s = item / n_rows, i = item % n_rows;
+    if (s != cur) {  // warp-uniform
+      const int slot = t * a.segs + s;
+      q2_load_act(static_cast<const uint8_t*>(p.xq) + int64_t(slot / p.act_slot_div) * a.act_row_bytes, nb, lane, act);
+      cur = s;
+    }
+    const float v = q2_row_dot(buf, nb, act, lane);
+    if (lane == 0) res[s][i] = v;
+    __syncwarp();  // every lane is done with buf before it is refilled
+    issue(item + kQ2Stages, buf);
+    st = (st + 1) % kQ2Stages;
+  }
+  __syncthreads();
+  for (int i = int(threadIdx.x); i < n_rows; i += int(blockDim.x)) {
+    float sum = 0.0f;  // slot order from 0, as gemv_staged_kernel's Sum epilogue
+    for (int j = 0; j < a.segs; ++j) sum += res[j][i];
+    p.y[int64_t(t) * p.rows + r0 + i] += sum;
+  }
+}
+
+bool q2k_down_applies(const GemvParams& p) { return p.wtype == QType::Q2_K && p.cols <= int64_t(kQ2MaxBlocks) * kQK_K; }
+
+void launch_q2k_down(const V2Args& a, cudaStream_t stream) {
+  const size_t smem = size_t(kQ2Warps) * kQ2Stages * size_t(a.row_bytes);  // <= 8 x 4 x 672 B: no opt-in needed
+  const dim3 grid(unsigned((a.p.rows + kQ2Tile - 1) / kQ2Tile), unsigned(a.p.n_slots / a.segs));
+  launch_pdl("moe_v2_down_q2k_kernel", moe_v2_down_q2k_kernel, grid, dim3(32 * kQ2Warps), smem, stream, a);
+}
+
 int64_t dev_row_bytes(const GemvParams& p) { return row_bytes(p.wtype, p.cols); }
 
 size_t smem_bytes(const GemvParams& p, int segs, int warps) {
@@ -541,6 +673,7 @@ void moe_v2_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
   // The staged kernel's row split (staged_parts in gemv.cu): ranges of blocks with >= 4 steps of 32 / Tpb blocks.
   const int64_t nb = p.cols / kQK_K, step = 32 / (p.wtype == QType::IQ2_XXS ? DecIQ2::kTpb : DecQ2K::kTpb);
   a.parts = int(std::clamp<int64_t>(nb / (4 * step), 1, 8));
+  if (q2k_down_applies(p)) return launch_q2k_down(a, stream);  // Flash's Q2_K down projection
   dispatch_v2<true>(a, stream);
 }
 

@@ -12,7 +12,10 @@
 //   * a single wave of CTAs (a multiple of the SM count) loops over the units, so there is no second wave / tail;
 //   * IQ2_XXS weights are decoded through conflict-free 32-copy selector and sign tables in shared memory, one byte
 //     permute per 4 signed weights; Q2_K loads its 4 scales with two 32-bit loads instead of four byte loads;
-//   * the slots' expert offsets are read once per CTA; programmatic dependent launch (pdl.cuh).
+//   * the slots' expert offsets are read once per CTA; programmatic dependent launch (pdl.cuh);
+//   * Q2_K down+sum with rows of <= 2048 columns (Flash) has its own kernel: CTAs of 8 rows of one token, warps
+//     keeping one slot's activations in registers, 32 values per lane per block (gemv_moe_v2.cu); cta_warps is not
+//     used there, and its sums equal the staged kernel's within fp32 reordering (not bit for bit).
 // Types: Q2_K, Q4_K, IQ2_XXS routed stacks in the Ggml layout whose row length is a multiple of 16 bytes; one token
 // per slot, at most 64 slots per launch; quantized activations (p.xq; p.xf is not taken); down+sum with k <= kMoeV2MaxSegs. Knobs: cta_warps 4
 // or 8 (0 = 8). Everything else as in gemv.h.
