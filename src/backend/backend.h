@@ -244,6 +244,14 @@ class Backend {
     hc_pre(w, p, X, T, a, post, comb);
     rms_norm(a, norm, T, p.d, norm_eps, a);
   }
+  // hc_post(p, y, post, comb, T, X), then hc_pre_norm(w, p, X, T, norm, norm_eps, a, post, comb): the end of one
+  // sublayer and the start of the next in one call (post / comb are read, then overwritten with the new ones).
+  // What this default does; a device backend may do it in one launch, with the same results.
+  virtual void hc_post_pre_norm(const HcParams& p, const float* y, float* X, const HcWeights& w, int T,
+                                const WeightView* norm, float norm_eps, float* a, float* post, float* comb) {
+    hc_post(p, y, post, comb, T, X);
+    hc_pre_norm(w, p, X, T, norm, norm_eps, a, post, comb);
+  }
   // X[t][o] = post[t][o] * y[t] + sum_i comb[t][i][o] * X[t][i]  (in place).   y: [T, D]
   virtual void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T,
                        float* X) = 0;

@@ -178,9 +178,8 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     const LayerWeights& lw = w.layers[size_t(il)];
     if (one) attention_output(be, lw.attn, segs[0].st->layers[size_t(il)].shape, T, s.attn, y);
     tap("attn_out", il, y, T, D);
-    be.hc_post(hp, y, post, comb, T, X);
-    // MoE sublayer
-    be.hc_pre_norm(lw.hc_ffn, hp, X, T, &lw.ffn_norm, c.rms_eps, a, post, comb);
+    // attention sublayer's hc_post + the MoE sublayer's hc_pre and ffn_norm
+    be.hc_post_pre_norm(hp, y, X, lw.hc_ffn, T, &lw.ffn_norm, c.rms_eps, a, post, comb);
     tap("ffn_in", il, a, T, D);
     const MoeParams mp = moe_params(c, il);
     be.moe_route(lw.moe, mp, a, tok, T, ids, wts);                                     // ids, wts {T, k}

@@ -163,9 +163,11 @@ TEST(CudaHcCluster, BitIdenticalToTicketKernelAtOddShapes) {
 // The fused hc_post (HcMixParams::post_y/post_w/post_comb): X updated in place must equal hc_post_cuda's X bit for
 // bit, and every control output the ticket kernel's on that X, bit for bit. `alias` hands the kernel the same
 // post/comb buffers for input and output, as the model's hc_post -> hc_pre pair would.
-void post_case(int n_mix, int64_t T, int64_t K, bool alias, uint64_t seed) {
+// With `norm` both runs also normalize `a` (HcMixParams::a_norm; the reference: rms_norm_cuda after the ticket
+// kernel), which in the fused run happens in the same launch after a DSMEM exchange of the collapsed values.
+void post_case(int n_mix, int64_t T, int64_t K, bool alias, uint64_t seed, bool norm = false) {
   const std::string what = "fused hc_post n_mix=" + std::to_string(n_mix) + " T=" + std::to_string(T) +
-                           " K=" + std::to_string(K) + (alias ? " aliased" : "");
+                           " K=" + std::to_string(K) + (alias ? " aliased" : "") + (norm ? " norm" : "");
   const int64_t d = K / 4;
   const bool fits = K % 1024 == 0 && d <= 4096;
   EXPECT_EQ(cuda::hc_mix_cluster_post_fits(n_mix, K), fits) << what;
@@ -176,8 +178,9 @@ void post_case(int n_mix, int64_t T, int64_t K, bool alias, uint64_t seed) {
   auto pc = test::random_normal(size_t(T * 16), seed + 5, 0.2f);
   for (auto& v : pc) v = std::fabs(v);
   const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  const auto nw = test::random_normal(size_t(d), seed + 6, 0.3f);
   DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
-  auto d_base = upload(base), d_scale = upload(scale), d_y = upload(y);
+  auto d_base = upload(base), d_scale = upload(scale), d_y = upload(y), d_nw = upload(nw);
   auto run = [&](bool fused) {
     auto d_X = upload(X), d_pw = upload(pw), d_pc = upload(pc);
     DeviceArray<float> pre(size_t(T * 4)), post(size_t(T * 4)), comb(size_t(T * 16)), w(size_t(T * 4));
@@ -195,7 +198,13 @@ void post_case(int n_mix, int64_t T, int64_t K, bool alias, uint64_t seed) {
     } else {
       cuda::hc_post_cuda(d_X.get(), d_y.get(), d_pw.get(), d_pc.get(), T, d, nullptr);
     }
+    if (norm && fused) p.a_norm = true, p.a_norm_w = d_nw.get(), p.a_norm_eps = 1e-6f;
     cuda::hc_mix_cuda(p, nullptr);
+    if (norm && !fused) {
+      cuda::RmsNormParams rp;
+      rp.x = a.get(), rp.y = a.get(), rp.w = d_nw.get(), rp.rows = T, rp.n = int(d), rp.eps = 1e-6f;
+      cuda::rms_norm_cuda(rp, nullptr);
+    }
     cuda::check(cudaDeviceSynchronize(), what.c_str());
     std::vector<std::vector<float>> o = {d_X.download(), mix.download(), rs.download(), a.download()};
     if (n_mix == 24) {
@@ -220,6 +229,15 @@ TEST(CudaHcCluster, FusedHcPostBitIdentical) {
   post_case(24, 3, 4096, true, 84);    // d = 1024: a cluster of 4
   post_case(24, 1, 1536, false, 85);   // d = 384: not a multiple of 256, hc_post_cuda + ticket kernel instead
   post_case(4, 1, 32768, false, 86);   // d = 8192: wider than one cluster, the same fallback
+}
+
+TEST(CudaHcCluster, FusedHcPostWithNormBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  ASSERT_TRUE(cuda::hc_mix_cluster_post_fits(24, 16384));
+  post_case(24, 1, 16384, true, 87, true);   // the backend's hc_post_pre_norm at Flash width
+  post_case(24, 2, 8192, false, 88, true);   // d = 2048: 8 CTAs
+  post_case(4, 1, 16384, false, 89, true);
+  post_case(24, 1, 1536, true, 90, true);    // not placeable as one: hc_post_cuda, ticket kernel, rms_norm_cuda
 }
 
 // The decode graphs capture the backend's launches (relaxed capture mode): a cluster launch (with the occupancy
@@ -397,8 +415,9 @@ TEST(CudaHcCluster, NormFallbacksBitIdentical) {
   norm_case(4, 2, 1000, true, cuda::kHcMixCluster, 113);    // d = 250 (not a multiple of 128)
 }
 
-// Through the op table: hc_pre_norm (default: the in-launch norm) equals hc_pre + rms_norm bit for bit, and so do
-// DSV4_CUDA_HC_NORM=0 (two launches) and DSV4_CUDA_HC_KERNEL=ticket.
+// Through the op table: hc_pre_norm (default: the in-launch norm) and hc_post_pre_norm (default: hc_post in the same
+// launch too) equal hc_post, hc_pre, rms_norm bit for bit, and so do DSV4_CUDA_HC_NORM=0, DSV4_CUDA_HC_POST=0 and
+// DSV4_CUDA_HC_KERNEL=ticket (the separate launches).
 TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
   DSV4_REQUIRE_CUDA();
   const int n = 4;
@@ -421,36 +440,53 @@ TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
   w.fn.ne[0] = n * D, w.fn.ne[1] = 24, w.fn.n_dims = 2;
   w.base = f32(base, "hc_base"), w.scale = f32(scale, "hc_scale");
   const WeightView nw = f32(norm, "attn_norm.weight");
-  const auto X = test::random_normal(size_t(n * D), 125);
-  auto run = [&](bool fused_op, const char* env, const char* value) {
+  const auto X = test::random_normal(size_t(n * D), 125), y = test::random_normal(size_t(D), 126);
+  const auto post0 = test::random_normal(size_t(n), 127, 0.5f);
+  auto comb0 = test::random_normal(size_t(n * n), 128, 0.2f);
+  for (auto& v : comb0) v = std::fabs(v);
+  // op 0: hc_post, hc_pre, rms_norm (the reference); 1: hc_post, hc_pre_norm; 2: hc_post_pre_norm.
+  auto run = [&](int op, const char* env, const char* value) {
     if (env) setenv(env, value, 1);
     auto be = make_cuda_backend();
     DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
-    DeviceBuffer co = be->alloc(size_t(n * n) * 4);
+    DeviceBuffer co = be->alloc(size_t(n * n) * 4), by = be->alloc(size_t(D) * 4);
     be->upload(bX.data(), X.data(), X.size() * 4);
-    if (fused_op) {
-      be->hc_pre_norm(w, p, bX.f32(), 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
+    be->upload(by.data(), y.data(), y.size() * 4);
+    be->upload(po.data(), post0.data(), post0.size() * 4);
+    be->upload(co.data(), comb0.data(), comb0.size() * 4);
+    if (op == 2) {
+      be->hc_post_pre_norm(p, by.f32(), bX.f32(), w, 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
     } else {
-      be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
-      be->rms_norm(a.f32(), &nw, 1, D, 1e-6f, a.f32());
+      be->hc_post(p, by.f32(), po.f32(), co.f32(), 1, bX.f32());
+      if (op == 1) {
+        be->hc_pre_norm(w, p, bX.f32(), 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
+      } else {
+        be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
+        be->rms_norm(a.f32(), &nw, 1, D, 1e-6f, a.f32());
+      }
     }
     std::vector<std::vector<float>> out = {std::vector<float>(size_t(D)), std::vector<float>(size_t(n)),
-                                           std::vector<float>(size_t(n * n))};
+                                           std::vector<float>(size_t(n * n)), std::vector<float>(X.size())};
     be->download(out[0].data(), a.data(), size_t(D) * 4);
     be->download(out[1].data(), po.data(), size_t(n) * 4);
     be->download(out[2].data(), co.data(), size_t(n * n) * 4);
+    be->download(out[3].data(), bX.data(), X.size() * 4);
     if (env) unsetenv(env);
     return out;
   };
-  const auto ref = run(false, nullptr, nullptr);
-  const char* names[] = {"a (normed)", "post", "comb"};
-  const std::vector<std::pair<const char*, const char*>> variants = {
-      {nullptr, nullptr}, {"DSV4_CUDA_HC_NORM", "0"}, {"DSV4_CUDA_HC_KERNEL", "ticket"}};
-  for (const auto& [env, value] : variants) {
-    const auto got = run(true, env, value);
-    for (size_t i = 0; i < ref.size(); ++i)
-      EXPECT_TRUE(same_bits(got[i], ref[i])) << names[i] << " with " << (env ? env : "defaults");
-  }
+  const auto ref = run(0, nullptr, nullptr);
+  const char* names[] = {"a (normed)", "post", "comb", "X"};
+  const std::vector<std::pair<const char*, const char*>> variants = {{nullptr, nullptr},
+                                                                     {"DSV4_CUDA_HC_NORM", "0"},
+                                                                     {"DSV4_CUDA_HC_POST", "0"},
+                                                                     {"DSV4_CUDA_HC_KERNEL", "ticket"}};
+  for (int op : {1, 2})
+    for (const auto& [env, value] : variants) {
+      const auto got = run(op, env, value);
+      for (size_t i = 0; i < ref.size(); ++i)
+        EXPECT_TRUE(same_bits(got[i], ref[i])) << "op " << op << ": " << names[i] << " with "
+                                               << (env ? env : "defaults");
+    }
 }
 
 // Shapes outside the cluster kernel: no GPU needed for the shape checks (they answer before any device query).

@@ -25,6 +25,13 @@ bool hc_norm_fused() {
   return !(e && std::strcmp(e, "0") == 0);
 }
 
+// DSV4_CUDA_HC_POST=0: hc_post_pre_norm as hc_post + hc_pre_norm (two launches) instead of the previous sublayer's
+// hc_post inside the cluster launch (HcMixParams::post_y), for A/B; the same bits either way. Read per call.
+bool hc_post_fused() {
+  const char* e = std::getenv("DSV4_CUDA_HC_POST");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 }  // namespace
 
 void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
@@ -84,6 +91,34 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
   hp.kernel = cuda::kHcMixCluster, hp.a = a;
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
   cuda::hc_mix_cuda(hp, stream_);
+  wrote(a, size_t(T) * p.d * sizeof(float));
+  wrote(post, size_t(T) * 4 * sizeof(float));
+  wrote(comb, size_t(T) * 16 * sizeof(float));
+}
+
+// Decode: hc_post of the attention sublayer, hc_pre and ffn_norm of the MoE sublayer in one cluster launch (each
+// CTA updates 256 dims of all 4 streams of X in place, then the control and the normed collapse run on the new X),
+// bit-identical to hc_post + hc_pre_norm: one launch and one pass of X (256 KiB read + written) fewer per layer.
+void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, const HcWeights& w, int T,
+                                   const WeightView* norm, float norm_eps, float* a, float* post, float* comb) {
+  check_hc(p);
+  const int64_t nd = int64_t(p.n) * p.d;
+  if (!(hc_post_fused() && hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&
+        hc_cluster_decode(cuda::kHcMix, nd) && cuda::hc_mix_cluster_post_fits(cuda::kHcMix, nd))) {
+    hc_post(p, y, post, comb, T, X);
+    hc_pre_norm(w, p, X, T, norm, norm_eps, a, post, comb);
+    return;
+  }
+  Scope sc(*prof_, "hc_post_pre_norm", T);
+  cuda::HcMixParams hp;
+  hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
+  hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
+  hp.pre = buffer(2, 4), hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+  hp.kernel = cuda::kHcMixCluster, hp.a = a;
+  hp.post_y = y, hp.post_w = post, hp.post_comb = comb;  // read by every CTA before rank 0 writes the new ones
+  hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
+  cuda::hc_mix_cuda(hp, stream_);
+  wrote(X, size_t(T) * nd * sizeof(float));
   wrote(a, size_t(T) * p.d * sizeof(float));
   wrote(post, size_t(T) * 4 * sizeof(float));
   wrote(comb, size_t(T) * 16 * sizeof(float));

@@ -123,6 +123,8 @@ class CudaBackend final : public Backend {
               float* comb) override;
   void hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
                    float norm_eps, float* a, float* post, float* comb) override;
+  void hc_post_pre_norm(const HcParams& p, const float* y, float* X, const HcWeights& w, int T,
+                        const WeightView* norm, float norm_eps, float* a, float* post, float* comb) override;
   void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {
     Scope sc(*prof_, "hc_post", T);
     check_hc(p);

@@ -303,7 +303,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
   // the cs CTAs): rms_norm_reg_kernel<4> runs d / 4 threads, thread j holding dims j + (d / 4) m, m < 4. This CTA takes its threads j = rank * rt + l, l < rt
   // (rt = dpc / 4, whole warps), so thread m * rt + l collapses dim rank * rt + l + (d / 4) m.
   const int rt = int(dpc / 4);
-  if (p.a_norm) k = int64_t(rank) * rt + threadIdx.x % rt + (d / 4) * (threadIdx.x / rt);
+  // (With the fused hc_post the CTA's dims stay rank * dpc + [0, dpc): its rms threads' values come over DSMEM.)
+  if (p.a_norm && !fuse_post) k = int64_t(rank) * rt + threadIdx.x % rt + (d / 4) * (threadIdx.x / rt);
   const bool collapse = p.a && threadIdx.x < dpc && k < d;
   pdl_trigger();
   // The ticket kernel's per-thread products on the same columns (all weight loads issued first; under PDL they
@@ -427,11 +428,23 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
     // order, the warp sums, then (block_sum's second stage) the warp sum of the d / 128 warp sums in warp order,
     // zero-padded to 32 lanes; every CTA forms that last sum itself from the others' wsum (DSMEM).
     if (collapse) an[threadIdx.x] = av;
-    __syncthreads();
+    if (fuse_post) {  // an holds dims rank * dpc + i; rms thread rank * rt + l needs dims rank * rt + l + (d / 4) m
+      cluster.barrier_arrive();  // release: an written (and this CTA's reads of the others' `part` done)
+      cluster.barrier_wait();
+    } else {
+      __syncthreads();
+    }
     if (threadIdx.x < rt) {
       float xv[4];
 #pragma unroll
-      for (int m = 0; m < 4; ++m) xv[m] = an[threadIdx.x + m * rt];
+      for (int m = 0; m < 4; ++m) {
+        if (fuse_post) {
+          const int64_t dim = int64_t(rank) * rt + threadIdx.x + (d / 4) * m;
+          xv[m] = cluster.map_shared_rank(an, int(dim / dpc))[dim % dpc];
+        } else {
+          xv[m] = an[threadIdx.x + m * rt];
+        }
+      }
       float ss = 0.0f;
 #pragma unroll
       for (int m = 0; m < 4; ++m) ss += xv[m] * xv[m];
@@ -441,7 +454,7 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
     // The norm weight is loaded here, not at kernel start (a register live through the whole kernel spilled);
     // its latency hides behind the cluster barrier.
     const float wn = collapse && p.a_norm_w ? p.a_norm_w[k] : 1.0f;
-    cluster.barrier_arrive();  // release: wsum written (and this CTA's reads of the others' `part` done)
+    cluster.barrier_arrive();  // release: wsum written (and this CTA's reads of the others' `part` / `an` done)
     cluster.barrier_wait();
     const int wpc = rt / 32, n_warps = int(d / 128);
     float v = lane < n_warps ? cluster.map_shared_rank(wsum, lane / wpc)[lane % wpc] : 0.0f;
@@ -634,7 +647,8 @@ void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   const int64_t chunks = mix_chunks(p.K);
   if (cluster) {
     // The norm in the kernel where its shape allows, else rms_norm_cuda after it (the same bits either way).
-    const bool norm_in = p.a_norm && !fuse_post && hc_mix_cluster_norm_fits(p.n_mix, p.K);
+    // (Every shape hc_mix_cluster_post_fits accepts has rms_norm's layout: d % 256 == 0, d <= 4096, cs = d / 256.)
+    const bool norm_in = p.a_norm && (fuse_post || hc_mix_cluster_norm_fits(p.n_mix, p.K));
     HcMixParams q = p;
     q.a_norm = norm_in;
     if (p.n_mix == kHcMix) launch_mix_cluster<kHcMix>(q, stream);

@@ -80,7 +80,7 @@ struct HcMixParams {
   // Optional, with kernel == kHcMixCluster: the previous sublayer's hc_post applied to X IN PLACE first (X is
   // written through), X[t][o] = post_w[t][o] * post_y[t] + sum_i post_comb[t][i][o] * X[t][i] (equal to
   // hc_post_cuda bit for bit), and the control computed on the new X: the model's hc_post -> hc_pre pair in one
-  // launch (not wired into the backend: that needs an op-table change; tests and wb_small only). Each CTA then
+  // launch (the backend's hc_post_pre_norm, with a_norm). Each CTA then
   // owns 256 dims of all 4 streams (chunk q * cs + rank), so it needs d = K / 4 a multiple of 256 and <= 4096
   // (hc_mix_cluster_post_fits); otherwise hc_mix_cuda runs hc_post_cuda and then the ticket kernel (same bits).
   // post_w / post_comb may alias post / comb (every CTA reads them before rank 0 writes the new ones).
@@ -113,7 +113,9 @@ inline constexpr int kHcMixTicket = 0;
 inline constexpr int kHcMixCluster = 1;
 bool hc_mix_cluster_fits(int n_mix, int64_t K);
 bool hc_mix_cluster_post_fits(int n_mix, int64_t K);
-bool hc_mix_cluster_norm_fits(int n_mix, int64_t K);  // a_norm inside the cluster launch (no fused hc_post)
+// a_norm inside the cluster launch without a fused hc_post (with one, every hc_mix_cluster_post_fits shape takes it:
+// the CTAs exchange their collapsed values over DSMEM first, one more cluster barrier).
+bool hc_mix_cluster_norm_fits(int n_mix, int64_t K);
 size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K);
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream);
 
