@@ -104,6 +104,14 @@ struct CompressorParams {
   AttnQat qat = AttnQat::None;       // Fp8 (main compressor) or Fp4Indexer (indexer compressor)
 };
 
+// One job of Backend::compressor_step_pair: compressor_step(*p, s, v, z, T, p0).
+struct CompressorJob {
+  const CompressorParams* p = nullptr;
+  CompressorBuffers s;
+  const float* v = nullptr;
+  const float* z = nullptr;
+};
+
 // Lightning-indexer selection (model-spec §6.4).
 struct IndexerParams {
   int heads = 0;          // HI
@@ -294,6 +302,13 @@ class Backend {
   // overlap the closed window's A halves become prev. Rows are emitted in position order.
   virtual void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
                                const float* z, int T, int64_t p0) = 0;
+  // Two independent compressors (disjoint state: a CSA layer's main and indexer compressors) fed the same tokens,
+  // with the results of two compressor_step calls, which is what this default does; a device backend runs a
+  // decode step of both in one launch.
+  virtual void compressor_step_pair(const CompressorJob& a, const CompressorJob& b, int T, int64_t p0) {
+    compressor_step(*a.p, a.s, a.v, a.z, T, p0);
+    compressor_step(*b.p, b.s, b.v, b.z, T, p0);
+  }
 
   // Top-k compressed rows per query (model-spec §6.4). qI: [T, HI, dI] (roped, QAT-rounded), wI: [T, HI] raw
   // head weights, keys: [n, dI] indexer rows with n >= (p0 + T) / m. For token t at p = p0 + t with

@@ -77,9 +77,10 @@ void check_layer_shape(const ModelConfig& cfg, int layer, const AttentionState& 
          st.shape.ratio, cfg.ratio(layer));
 }
 
-// DSV4_ATTN_FUSED=0: the core as separate ops (q, kv and indexer-query head_preps; sink attention; window_store;
-// the output de-rotation head_prep) instead of head_prep_batch and sink attention's fused de-rotation and ring
-// store. Same results either way; the knob is for A/B timing. Read once.
+// DSV4_ATTN_FUSED=0: the core as separate ops (q, kv and indexer-query head_preps; two compressor_steps; sink
+// attention; window_store; the output de-rotation head_prep) instead of head_prep_batch, compressor_step_pair and
+// sink attention's fused de-rotation and ring store. Same results either way; the knob is for A/B timing. Read
+// once.
 bool fused_core() {
   static const bool on = [] {
     const char* e = std::getenv("DSV4_ATTN_FUSED");
@@ -93,10 +94,10 @@ void project_compressor(Backend& be, const CompressorWeights& cw, const float* x
   be.matmul_multi({{&cw.kv, v}, {&cw.gate, z}}, x, T);
 }
 
-// Step 3 (positional half): feed T tokens at p0.. to one compressor; rows closed by them are written at their
-// window index.
-void step_compressor(Backend& be, const CompressorWeights& cw, CompressorState& st, const AttentionShape& s,
-                     const float* v, const float* z, int T, int64_t p0, AttnQat qat) {
+// Step 3 (positional half): the parameters of feeding T tokens at p0.. to one compressor; rows closed by them are
+// written at their window index (the state grows first: reserve).
+CompressorParams compressor_params(const CompressorWeights& cw, CompressorState& st, const AttentionShape& s, int T,
+                                   int64_t p0, AttnQat qat) {
   st.reserve((p0 + T) / st.ratio);
   CompressorParams cp;
   cp.ape = &cw.ape;
@@ -104,6 +105,12 @@ void step_compressor(Backend& be, const CompressorWeights& cw, CompressorState& 
   cp.eps = s.eps;
   cp.rope = &s.rope;
   cp.qat = qat;
+  return cp;
+}
+
+void step_compressor(Backend& be, const CompressorWeights& cw, CompressorState& st, const AttentionShape& s,
+                     const float* v, const float* z, int T, int64_t p0, AttnQat qat) {
+  const CompressorParams cp = compressor_params(cw, st, s, T, p0, qat);
   be.compressor_step(cp, st.buffers(), v, z, T, p0);
   st.n_rows = (p0 + T) / st.ratio;
 }
@@ -191,12 +198,23 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
     for (int j = 0; j < n_jobs; ++j) be.head_prep(jobs[j].x, T, jobs[j].H, jobs[j].dim, jobs[j].p);
   }
 
-  // 3-4. Compressors and the indexer.
-  if (s.has_compressor())
-    step_compressor(be, w.compressor, st.comp, s, S.v.f32(), S.z.f32(), T, p0, qat ? AttnQat::Fp8 : AttnQat::None);
+  // 3-4. Compressors and the indexer. A CSA layer's two compressors are independent: one paired op when fused.
+  const AttnQat main_qat = qat ? AttnQat::Fp8 : AttnQat::None, idx_qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
+  if (fused && s.has_compressor() && s.has_indexer()) {
+    const CompressorParams cm = compressor_params(w.compressor, st.comp, s, T, p0, main_qat);
+    const CompressorParams ci = compressor_params(w.indexer.compressor, st.idx_comp, s, T, p0, idx_qat);
+    CompressorJob a, b;
+    a.p = &cm, a.s = st.comp.buffers(), a.v = S.v.f32(), a.z = S.z.f32();
+    b.p = &ci, b.s = st.idx_comp.buffers(), b.v = S.iv.f32(), b.z = S.iz.f32();
+    be.compressor_step_pair(a, b, T, p0);
+    st.comp.n_rows = (p0 + T) / st.comp.ratio;
+    st.idx_comp.n_rows = (p0 + T) / st.idx_comp.ratio;
+  } else {
+    if (s.has_compressor()) step_compressor(be, w.compressor, st.comp, s, S.v.f32(), S.z.f32(), T, p0, main_qat);
+    if (s.has_indexer())
+      step_compressor(be, w.indexer.compressor, st.idx_comp, s, S.iv.f32(), S.iz.f32(), T, p0, idx_qat);
+  }
   if (s.has_indexer()) {
-    step_compressor(be, w.indexer.compressor, st.idx_comp, s, S.iv.f32(), S.iz.f32(), T, p0,
-                    qat ? AttnQat::Fp4Indexer : AttnQat::None);
     IndexerParams xp;
     xp.heads = s.idx_heads, xp.dim = s.idx_dim, xp.ratio = s.ratio, xp.top_k = s.idx_topk;
     xp.weight_scale = float(1.0 / std::sqrt(double(s.idx_dim) * double(s.idx_heads)));

@@ -208,6 +208,83 @@ void compressor_decode_case(int m, int d, cuda::RowQat qat, int n_tokens) {
   EXPECT_NE(0, std::memcmp(ra.data(), fill.data(), fill.size() * sizeof(float))) << what << " row 0 was written";
 }
 
+// A CSA layer's two compressors (main m=4 x 512 Fp8, indexer m=4 x 128 Fp4) through compressor_step_pair (one
+// launch per decode step) and through two compressor_step calls on the CUDA backend: every state buffer bitwise
+// equal after 13 single-token steps (3 rows emitted), and a 5-token pass (the general path) after them.
+TEST(CudaAttentionFused, CompressorPairBitwise) {
+  DSV4_REQUIRE_CUDA();
+  auto gpu = make_cuda_backend();
+  struct Comp {
+    int d;
+    AttnQat qat;
+    std::vector<float> ape, norm;
+    WeightView ape_v, norm_v;
+    CompressorParams p;
+  };
+  auto make_comp = [&](int d, AttnQat qat, uint64_t seed) {
+    auto c = std::make_unique<Comp>();
+    c->d = d, c->qat = qat;
+    c->ape = test::random_normal(size_t(4) * 2 * d, seed, 0.5f);
+    c->norm = test::random_normal(size_t(d), seed + 1);
+    c->ape_v = f32_view(c->ape, int64_t(c->ape.size()), "ape");
+    c->norm_v = f32_view(c->norm, d, "norm");
+    c->p.ape = &c->ape_v, c->p.norm = &c->norm_v, c->p.rope = &yarn(), c->p.qat = qat;
+    return c;
+  };
+  const auto main_c = make_comp(512, AttnQat::Fp8, 31), idx_c = make_comp(128, AttnQat::Fp4Indexer, 33);
+  constexpr int kTokens = 18, kRows = kTokens / 4 + 1;
+  struct State {
+    DeviceBuffer cv, cz, pv, pz, rows;
+  };
+  auto make_state = [&](int d) {
+    const int cw = 2 * d;
+    return State{put(*gpu, std::vector<float>(size_t(4) * cw, 0.0f)),
+                 put(*gpu, std::vector<float>(size_t(4) * cw, -INFINITY)),
+                 put(*gpu, std::vector<float>(size_t(4) * d, 0.0f)),
+                 put(*gpu, std::vector<float>(size_t(4) * d, -INFINITY)),
+                 put(*gpu, std::vector<float>(size_t(kRows) * d, 0.0f))};
+  };
+  auto buffers = [](State& st, int d) {
+    CompressorBuffers s;
+    s.ratio = 4, s.dim = d, s.overlap = true;
+    s.cur_v = st.cv.f32(), s.cur_z = st.cz.f32(), s.prev_v = st.pv.f32(), s.prev_z = st.pz.f32();
+    s.rows = st.rows.f32();
+    return s;
+  };
+  const auto vm = test::random_normal(size_t(kTokens) * 1024, 41), zm = test::random_normal(size_t(kTokens) * 1024, 42, 2.0f);
+  const auto vi = test::random_normal(size_t(kTokens) * 256, 43), zi = test::random_normal(size_t(kTokens) * 256, 44, 2.0f);
+  auto bvm = put(*gpu, vm), bzm = put(*gpu, zm), bvi = put(*gpu, vi), bzi = put(*gpu, zi);
+  State pm = make_state(512), pi = make_state(128), sm = make_state(512), si = make_state(128);
+  auto step = [&](bool paired, int64_t pos, int T) {
+    State& m = paired ? pm : sm;
+    State& i = paired ? pi : si;
+    CompressorJob a, b;
+    a.p = &main_c->p, a.s = buffers(m, 512), a.v = bvm.f32() + pos * 1024, a.z = bzm.f32() + pos * 1024;
+    b.p = &idx_c->p, b.s = buffers(i, 128), b.v = bvi.f32() + pos * 256, b.z = bzi.f32() + pos * 256;
+    if (paired) {
+      gpu->compressor_step_pair(a, b, T, pos);
+    } else {
+      gpu->compressor_step(*a.p, a.s, a.v, a.z, T, pos);
+      gpu->compressor_step(*b.p, b.s, b.v, b.z, T, pos);
+    }
+  };
+  auto expect_same = [&](const char* what) {
+    for (auto [x, y, n] : {std::tuple{&pm, &sm, 512}, std::tuple{&pi, &si, 128}}) {
+      EXPECT_EQ(get<float>(*gpu, x->cv, size_t(8) * n), get<float>(*gpu, y->cv, size_t(8) * n)) << what << " d=" << n;
+      EXPECT_EQ(get<float>(*gpu, x->cz, size_t(8) * n), get<float>(*gpu, y->cz, size_t(8) * n)) << what << " d=" << n;
+      EXPECT_EQ(get<float>(*gpu, x->pv, size_t(4) * n), get<float>(*gpu, y->pv, size_t(4) * n)) << what << " d=" << n;
+      EXPECT_EQ(get<float>(*gpu, x->pz, size_t(4) * n), get<float>(*gpu, y->pz, size_t(4) * n)) << what << " d=" << n;
+      const auto rx = get<float>(*gpu, x->rows, size_t(kRows) * n);
+      EXPECT_EQ(rx, get<float>(*gpu, y->rows, size_t(kRows) * n)) << what << " d=" << n;
+      EXPECT_NE(rx, std::vector<float>(rx.size(), 0.0f)) << what << " rows were emitted, d=" << n;
+    }
+  };
+  for (int64_t pos = 0; pos < 13; ++pos) step(true, pos, 1), step(false, pos, 1);
+  expect_same("13 decode steps");
+  step(true, 13, 5), step(false, 13, 5);
+  expect_same("then a 5-token pass");
+}
+
 TEST(CudaAttentionFused, CompressorDecodeKernelBitwise) {
   DSV4_REQUIRE_CUDA();
   compressor_decode_case(4, 512, cuda::RowQat::Fp8, 13);          // CSA main compressor (overlap)

@@ -76,16 +76,32 @@ void head_prep_batch_device(const HeadPrepJob* jobs, const float* const* norm_w,
   row_finish_batch_cuda(b, stream);
 }
 
-void compressor_step_device(const CompressorParams& p, const CompressorBuffers& s, const float* ape,
-                            const float* norm_w, const float* v, const float* z, int T, int64_t p0,
-                            cudaStream_t stream) {
+namespace {
+
+CompressorStepParams step_params(const CompressorParams& p, const CompressorBuffers& s, const float* ape,
+                                 const float* norm_w, const float* v, const float* z, int T, int64_t p0) {
   CompressorStepParams c;
   c.ratio = s.ratio, c.dim = s.dim, c.overlap = s.overlap, c.pos0 = p0, c.T = T;
   c.v = v, c.z = z, c.ape = ape;
   c.cur_v = s.cur_v, c.cur_z = s.cur_z, c.prev_v = s.prev_v, c.prev_z = s.prev_z, c.rows = s.rows;
   c.max_rows = (p0 + T) / s.ratio;  // the op's contract: capacity >= (p0 + T) / m
   c.norm_w = norm_w, c.eps = p.eps, c.n_rot = copy_omega(p.rope, c.omega), c.qat = row_qat(p.qat);
-  compressor_step_cuda(c, stream);
+  return c;
+}
+
+}  // namespace
+
+void compressor_step_device(const CompressorParams& p, const CompressorBuffers& s, const float* ape,
+                            const float* norm_w, const float* v, const float* z, int T, int64_t p0,
+                            cudaStream_t stream) {
+  compressor_step_cuda(step_params(p, s, ape, norm_w, v, z, T, p0), stream);
+}
+
+void compressor_step_pair_device(const CompressorJob& a, const float* ape_a, const float* norm_a,
+                                 const CompressorJob& b, const float* ape_b, const float* norm_b, int T, int64_t p0,
+                                 cudaStream_t stream) {
+  compressor_step_pair_cuda(step_params(*a.p, a.s, ape_a, norm_a, a.v, a.z, T, p0),
+                            step_params(*b.p, b.s, ape_b, norm_b, b.v, b.z, T, p0), stream);
 }
 
 int64_t indexer_topk_scratch_floats(const IndexerParams& p, int T, int64_t p0) {

@@ -25,6 +25,11 @@ void compressor_step_device(const CompressorParams& p, const CompressorBuffers& 
                             const float* norm_w, const float* v, const float* z, int T, int64_t p0,
                             cudaStream_t stream);
 
+// Both steps (compressor_step_pair_cuda: one launch for a decode step); ape_* / norm_*: the jobs' device weights.
+void compressor_step_pair_device(const CompressorJob& a, const float* ape_a, const float* norm_a,
+                                 const CompressorJob& b, const float* ape_b, const float* norm_b, int T, int64_t p0,
+                                 cudaStream_t stream);
+
 // scratch: at least indexer_topk_scratch_floats() floats of device memory (may be null when that is 0).
 int64_t indexer_topk_scratch_floats(const IndexerParams& p, int T, int64_t p0);
 void indexer_topk_device(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,

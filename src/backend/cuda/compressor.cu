@@ -1,6 +1,7 @@
 // Streaming compressor kernels (see compressor.h).
 #include "backend/cuda/compressor.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -101,10 +102,10 @@ __global__ void compressor_update_kernel(CompressorStepParams p, int64_t n_emit)
 // Same expressions as compressor_pool_kernel / row_finish_kernel / compressor_update_kernel. Hazards: pooling
 // reads prev, which the update rewrites (a barrier between them); the prev update reads slot r0 of window w
 // from the pass inputs (slot_value: position pos0), never from cur, so the cur write does not race it.
-__global__ void compressor_decode_kernel(CompressorStepParams p, RowFinishParams f, int emit) {
-  pdl_trigger();
-  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
-  __shared__ RowShared sh;
+// The body by the whole block (blockDim.x >= round32(dC); extra threads only join the row's reductions, which
+// leaves their bits unchanged: attention_rows.cuh).
+__device__ __forceinline__ void decode_step(const CompressorStepParams& p, const RowFinishParams& f, int emit,
+                                            RowShared& sh) {
   const int m = p.ratio, width = p.overlap ? 2 * p.dim : p.dim, tid = threadIdx.x;
   const int64_t w = p.pos0 / m, open_start = w * m;
   const int r0 = int(p.pos0 - open_start);
@@ -127,6 +128,23 @@ __global__ void compressor_decode_kernel(CompressorStepParams p, RowFinishParams
   }
 }
 
+__global__ void compressor_decode_kernel(CompressorStepParams p, RowFinishParams f, int emit) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
+  __shared__ RowShared sh;
+  decode_step(p, f, emit, sh);
+}
+
+// Two independent compressors (a CSA layer's main and indexer compressors), block 0 and block 1.
+__global__ void compressor_decode_pair_kernel(CompressorStepParams a, RowFinishParams fa, int ea,
+                                              CompressorStepParams b, RowFinishParams fb, int eb) {
+  pdl_trigger();
+  pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
+  __shared__ RowShared sh;
+  if (blockIdx.x == 0) decode_step(a, fa, ea, sh);
+  else decode_step(b, fb, eb, sh);
+}
+
 bool decode_kernel_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("DSV4_CUDA_COMPRESSOR_KERNEL");
@@ -135,18 +153,21 @@ bool decode_kernel_enabled() {
   return on;
 }
 
-}  // namespace
+bool uses_decode_kernel(const CompressorStepParams& p) {
+  return p.T == 1 && p.decode_kernel && decode_kernel_enabled();
+}
 
-int64_t compressor_step_cuda(const CompressorStepParams& p, cudaStream_t stream) {
+// Checks p; fills f (the emitted rows' finishing) and returns the number of rows the call emits.
+int64_t prepare(const CompressorStepParams& p, RowFinishParams& f) {
   if (p.ratio <= 0 || p.dim <= 0 || p.T < 0 || p.pos0 < 0)
     fail("compressor_step_cuda: bad ratio %d / dim %d / T %d / pos0 %lld", p.ratio, p.dim, p.T, (long long)p.pos0);
   if (p.overlap != (p.ratio == 4)) fail("compressor_step_cuda: overlap must be set exactly for ratio 4");
-  if (p.T == 0) return 0;
+  f = RowFinishParams();
+  if (p.T == 0) return 0;  // nothing to do (no capacity check, as before)
   const int64_t w_first = p.pos0 / p.ratio, n_emit = compressor_rows_emitted(p.pos0, p.T, p.ratio);
   if (w_first + n_emit > p.max_rows)
     fail("compressor_step_cuda: row %lld exceeds the session capacity of %lld rows (max context too small)",
          (long long)(w_first + n_emit - 1), (long long)p.max_rows);
-  RowFinishParams f;
   f.x = p.rows + w_first * p.dim;
   f.n_rows = n_emit;
   f.d = p.dim;
@@ -158,9 +179,21 @@ int64_t compressor_step_cuda(const CompressorStepParams& p, cudaStream_t stream)
   f.pos_step = p.ratio;
   std::memcpy(f.omega, p.omega, sizeof f.omega);
   f.qat = p.qat;
-  if (p.T == 1 && p.decode_kernel && decode_kernel_enabled()) {
+  if (uses_decode_kernel(p)) {
     if (n_emit > 0) row_finish_check(f);  // as row_finish_cuda would on the general path (stride = d)
     if (p.dim > kRowMaxDim) fail("compressor_step_cuda: row width %d > %d", p.dim, kRowMaxDim);
+  }
+  return n_emit;
+}
+
+}  // namespace
+
+int64_t compressor_step_cuda(const CompressorStepParams& p, cudaStream_t stream) {
+  RowFinishParams f;
+  const int64_t n_emit = prepare(p, f);
+  if (p.T == 0) return 0;
+  const int64_t w_first = p.pos0 / p.ratio;
+  if (uses_decode_kernel(p)) {
     launch_pdl("compressor_decode_kernel", compressor_decode_kernel, dim3(1), dim3(unsigned((p.dim + 31) / 32 * 32)), 0,
                stream, p, f, int(n_emit));
     return n_emit;
@@ -174,6 +207,19 @@ int64_t compressor_step_cuda(const CompressorStepParams& p, cudaStream_t stream)
   launch_pdl("compressor_update_kernel", compressor_update_kernel, dim3(unsigned((n_upd + 255) / 256)), dim3(256), 0,
              stream, p, n_emit);
   return n_emit;
+}
+
+void compressor_step_pair_cuda(const CompressorStepParams& a, const CompressorStepParams& b, cudaStream_t stream) {
+  if (!uses_decode_kernel(a) || !uses_decode_kernel(b)) {
+    compressor_step_cuda(a, stream);
+    compressor_step_cuda(b, stream);
+    return;
+  }
+  RowFinishParams fa, fb;
+  const int64_t ea = prepare(a, fa), eb = prepare(b, fb);
+  const int threads = (std::max(a.dim, b.dim) + 31) / 32 * 32;
+  launch_pdl("compressor_decode_pair_kernel", compressor_decode_pair_kernel, dim3(2), dim3(unsigned(threads)), 0,
+             stream, a, fa, int(ea), b, fb, int(eb));
 }
 
 }  // namespace dsv4::cuda

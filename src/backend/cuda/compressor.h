@@ -51,4 +51,9 @@ inline int64_t compressor_rows_emitted(int64_t pos0, int T, int m) { return (pos
 // Runs the step; returns the number of rows emitted. Throws dsv4::Error when the rows would exceed max_rows.
 int64_t compressor_step_cuda(const CompressorStepParams& p, cudaStream_t stream);
 
+// Two independent steps (disjoint state; a CSA layer's main and indexer compressors): with T == 1 on both and the
+// decode kernel on, ONE launch of two blocks (each step's bits as compressor_step_cuda gives them); otherwise the
+// two calls.
+void compressor_step_pair_cuda(const CompressorStepParams& a, const CompressorStepParams& b, cudaStream_t stream);
+
 }  // namespace dsv4::cuda

@@ -124,6 +124,24 @@ void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuf
   cuda::compressor_step_device(p, s, f32_weight(*p.ape), nw, v, z, T, p0, stream_);
 }
 
+// A decode step of both compressors of a CSA layer in one launch; the state bookkeeping of compressor_step.
+void CudaBackend::compressor_step_pair(const CompressorJob& a, const CompressorJob& b, int T, int64_t p0) {
+  if (cpu_attention_ || T != 1) return Backend::compressor_step_pair(a, b, T, p0);
+  Scope sc(*prof_, "compressor_step_pair", T);
+  for (const CompressorJob* j : {&a, &b}) {
+    const CompressorBuffers& s = j->s;
+    const int cw = s.width();
+    wrote(s.cur_v, size_t(s.ratio) * cw * 4), wrote(s.cur_z, size_t(s.ratio) * cw * 4);
+    wrote(s.rows, size_t((p0 + T) / s.ratio) * s.dim * 4);
+    if (s.overlap) wrote(s.prev_v, size_t(s.ratio) * s.dim * 4), wrote(s.prev_z, size_t(s.ratio) * s.dim * 4);
+  }
+  auto norm = [&](const CompressorParams& p) {
+    return (p.norm && p.norm->present()) ? f32_weight(*p.norm) : static_cast<const float*>(nullptr);
+  };
+  cuda::compressor_step_pair_device(a, f32_weight(*a.p->ape), norm(*a.p), b, f32_weight(*b.p->ape), norm(*b.p), T, p0,
+                                    stream_);
+}
+
 void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,
                                int64_t p0, int32_t* sel) {
   Scope sc(*prof_, "indexer_topk", T);

@@ -143,6 +143,7 @@ class CudaBackend final : public Backend {
   void head_prep_batch(const HeadPrepJob* jobs, int n, int T) override;
   void compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v, const float* z, int T,
                        int64_t p0) override;
+  void compressor_step_pair(const CompressorJob& a, const CompressorJob& b, int T, int64_t p0) override;
   void indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T, int64_t p0,
                     int32_t* sel) override;
   void sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
