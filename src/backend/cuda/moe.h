@@ -13,18 +13,22 @@
 namespace dsv4::cuda {
 
 // Per token t: s[e] = sqrt(softplus(z[t][e])); unless ids are given (hash layers), ids[t] = the k experts of
-// largest s[e] + bias[e] in selection order (ties to the lower expert id, as the CPU's strict '>' scan);
+// largest s[e] + bias[e] in selection order (ties to the lower expert id, as the CPU's strict '>' scan; a NaN
+// score ranks below every number);
 // weights[t][j] = s[ids[j]] / sum_j s[ids[j]] * scale (the sum taken in selection order).
 //   z: [T, E] router logits, bias: [E] or null, ids: [T, k] (input when hash, else output), weights: [T, k].
-// E <= 1024, k <= 32.
+// E <= 1024, k <= 32. One warp per token; PDL-launched (pdl.cuh).
 void moe_route_cuda(const float* z, const float* bias, int64_t n_tokens, int n_experts, int k, float scale,
                     bool hash, int32_t* ids, float* weights, cudaStream_t stream);
 
 // Decode routing in one launch: the router projection z[e] = W[e] . x of one token (W: [E, D] F16 or F32 rows
 // in file layout, x: [D] floats) followed by moe_route_cuda's scoring, selection and weights (same operations,
-// so equal z give equal ids and weights bit for bit). Each CTA dots one router row (its warps take contiguous
-// column ranges, partial sums added in warp order), and the last CTA to finish (a ticket in `workspace`) routes
-// the token: one launch instead of the GEMV and moe_route_cuda. z is kept in the workspace.
+// so equal z give equal ids and weights bit for bit). Each CTA dots two router rows (thread t takes the 16-byte
+// chunks t, t + 256, ...; partial sums added in warp order), and the last CTA to finish (a ticket in `workspace`)
+// routes the token: one launch instead of the GEMV and moe_route_cuda. z is kept in the workspace. PDL-launched:
+// the router rows (weights) are loaded before the dependency wait. DSV4_CUDA_ROUTE_KERNEL=0 (read per call) runs
+// the pre-session-9 kernel instead (one row per CTA, plain launch; same z, ids and weights), for A/B timing.
+int route_kernel_env();
 //   workspace: moe_route_fused_workspace_bytes(E) bytes, zeroed once before the first launch; every launch
 //   leaves the ticket at zero again, so launches on one stream (or replayed graphs) may share it.
 // Needs E <= 1024, k <= 32, D % 8 == 0 (F16) or % 4 == 0 (F32), 16-byte aligned W and x.
