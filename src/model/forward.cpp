@@ -158,9 +158,11 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   // One sequence: its attention projections join the run before the core and its output projections the run
   // after it. Several: the attention scratch is shared, so each sequence's three parts run back to back.
   const bool one = segs.size() == 1;
-  auto attn_in = [&](int il) {  // layer il up to its attention core
+  // post_first: the previous layer's MoE hc_post (deferred by layer_out) goes with this hc_pre into one op.
+  auto attn_in = [&](int il, bool post_first) {  // layer il up to its attention core
     const LayerWeights& lw = w.layers[size_t(il)];
-    be.hc_pre_norm(lw.hc_attn, hp, X, T, &lw.attn_norm, c.rms_eps, a, post, comb);      // a {T, D}, normed
+    if (post_first) be.hc_post_pre_norm(hp, y, X, lw.hc_attn, T, &lw.attn_norm, c.rms_eps, a, post, comb);
+    else be.hc_pre_norm(lw.hc_attn, hp, X, T, &lw.attn_norm, c.rms_eps, a, post, comb);  // a {T, D}, normed
     tap("attn_in", il, a, T, D);
     if (one) attention_project(be, lw.attn, segs[0].st->layers[size_t(il)].shape, a, T, s.attn);
   };
@@ -174,7 +176,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
       if (!one) attention_output(be, lw.attn, st.shape, g.n, s.attn, y + off);       // y {T, D}
     }
   };
-  auto layer_out = [&](int il) {  // layer il after its attention core
+  auto layer_out = [&](int il, bool defer_post) {  // layer il after its attention core (its last hc_post deferred)
     const LayerWeights& lw = w.layers[size_t(il)];
     if (one) attention_output(be, lw.attn, segs[0].st->layers[size_t(il)].shape, T, s.attn, y);
     tap("attn_out", il, y, T, D);
@@ -185,6 +187,7 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     be.moe_route(lw.moe, mp, a, tok, T, ids, wts);                                     // ids, wts {T, k}
     be.moe_ffn(lw.moe, mp, a, ids, wts, T, y);                                         // y {T, D}
     tap("ffn_out", il, y, T, D);
+    if (defer_post) return;  // the next attn_in applies it (y, post, comb stay untouched until then)
     be.hc_post(hp, y, post, comb, T, X);
     tap("residual", il, X, T, nD);
   };
@@ -207,13 +210,16 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     be.matmul(w.output, -1, a, rows, logits_dst);                                      // {rows, V}
   };
   auto run_k = [&](int k) {
+    // Between two layers the MoE hc_post and the next hc_pre are one op (a device backend fuses them), unless a
+    // tap wants the residual in between.
+    const bool join = k > 0 && k < L && !opt.tap;
     if (k == 0) {
       be.embed(w.token_embd, tok, T, c.hc_mult, X);                                    // X {T, n, D}
       tap("embed", -1, X, T, nD);
     } else {
-      layer_out(k - 1);
+      layer_out(k - 1, join);
     }
-    if (k < L) attn_in(k);
+    if (k < L) attn_in(k, join);
     else final_head();
   };
   const bool record = T == 1 && one && !opt.tap;
