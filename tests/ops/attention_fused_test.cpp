@@ -122,7 +122,7 @@ const SinkCase kSinkCases[] = {
     {1, 5, CompRows::Selected, "decode, 7 rows: one split, de-rotation in the attention kernel"},
     {1, 0, CompRows::All, "first token: ring slot 0"},
     {1, 8190, CompRows::Selected, "decode CSA 8k: splits + combine"},
-    {1, 2047, CompRows::All, "decode HCA 2k: splits + combine, ring slot 127"},
+    {1, 2047, CompRows::All, "decode, all 512 compressed rows (the HCA row set): splits + combine, ring slot 127"},
     {3, 254, CompRows::All, "3 tokens across the ring's end: copies after the kernels"},
     {48, 1000, CompRows::Selected, "prefill 48 tokens: tensor-core kernel"},
 };
