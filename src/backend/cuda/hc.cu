@@ -300,8 +300,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
   const int64_t d = p.K / N, dpc = (d + cs - 1) / cs;
   int64_t k = int64_t(rank) * dpc + threadIdx.x;
   // Fused norm (hc_mix_cluster_norm_fits: d % 128 == 0, d <= 4096, rms_norm's d / 128 warps split evenly over
-  // the cs CTAs): rms_norm_reg_kernel<4> runs d / 4 threads, thread j holding dims j + (d / 4) m, m < 4. This CTA takes its threads j = rank * rt + l, l < rt
-  // (rt = dpc / 4, whole warps), so thread m * rt + l collapses dim rank * rt + l + (d / 4) m.
+  // the cs CTAs): rms_norm_reg_kernel<4> runs d / 4 threads, thread j holding dims j + (d / 4) m, m < 4. This CTA
+  // takes its threads j = rank * rt + l, l < rt (rt = dpc / 4, whole warps), so thread m * rt + l collapses dim
+  // rank * rt + l + (d / 4) m.
   const int rt = int(dpc / 4);
   // (With the fused hc_post the CTA's dims stay rank * dpc + [0, dpc): its rms threads' values come over DSMEM.)
   if (p.a_norm && !fuse_post) k = int64_t(rank) * rt + threadIdx.x % rt + (d / 4) * (threadIdx.x / rt);
