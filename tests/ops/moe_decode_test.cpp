@@ -9,7 +9,7 @@
 //     quantize_activations_cuda rows (bit for bit) and vs double dots (rel-L2 1e-5, as gemv_test).
 //   - the CUDA backend's one-token moe_route + moe_ffn (fused router, shared expert on the side stream) vs the CPU
 //     backend, and vs its own unfused path (DSV4_CUDA_MOE_FUSED=0), the session-8 routed kernels
-//     (DSV4_CUDA_MOE_KERNEL=0) and routed variant 2 for both launches (DSV4_CUDA_MOE_KERNEL=5).
+//     (DSV4_CUDA_MOE_KERNEL=0) and variant 2 gate+up with the staged down+sum (DSV4_CUDA_MOE_KERNEL=auto).
 // Tolerances: router logits are fp32 sums of 4096 products (|z| ~ 2): rel-L2 1e-5 vs double covers the fp32
 // summation order with margin. Expert ids must be identical: the test inputs are chosen without near-ties
 // (pick_x: every gap among the top k+1 biased scores > 1e-4, while the logit error is ~1e-6). Routing weights ~0.3: 1e-6
@@ -431,17 +431,17 @@ TEST(CudaBackend, MoeDecodeFlashWidths) {
     return get<float>(be, y, size_t(kD));
   };
   // Several tokens in a row on one backend (the side stream and the router's ticket carry over between calls),
-  // on the fused path (default: variant 2 gate+up, staged down+sum), with the session-8 routed kernels
-  // (DSV4_CUDA_MOE_KERNEL=0) and with both routed launches on variant 2 (DSV4_CUDA_MOE_KERNEL=5) — gemv_moe_v2.h:
+  // on the fused path (default: variant 2 for both routed launches), with the session-8 routed kernels
+  // (DSV4_CUDA_MOE_KERNEL=0) and with variant 2 gate+up + staged down+sum (DSV4_CUDA_MOE_KERNEL=auto) — gemv_moe_v2.h:
   // same products and summation order as the session-8 kernels, so these must equal the default fused path's
   // output within 1e-6 rel-L2 — and on the unfused one (DSV4_CUDA_MOE_FUSED=0). All read per call.
   std::vector<std::vector<float>> fused_y;
-  for (const char* mode : {"fused", "fused, session-8 routed kernels", "fused, routed variant 2", "unfused"}) {
+  for (const char* mode : {"fused", "fused, session-8 routed kernels", "fused, routed auto", "unfused"}) {
     const bool old = std::strcmp(mode, "fused, session-8 routed kernels") == 0;
-    const bool v2 = old || std::strcmp(mode, "fused, routed variant 2") == 0;  // compared with the default
+    const bool v2 = old || std::strcmp(mode, "fused, routed auto") == 0;  // compared with the default
     const bool unfused = std::strcmp(mode, "unfused") == 0;
     if (old) setenv("DSV4_CUDA_MOE_KERNEL", "0", 1);
-    else if (v2) setenv("DSV4_CUDA_MOE_KERNEL", "5", 1);
+    else if (v2) setenv("DSV4_CUDA_MOE_KERNEL", "auto", 1);
     if (unfused) setenv("DSV4_CUDA_MOE_FUSED", "0", 1);
     for (int tok = 0; tok < 3; ++tok) {
       const std::string what = std::string(mode) + " token " + std::to_string(tok);

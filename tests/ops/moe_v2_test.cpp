@@ -214,12 +214,15 @@ TEST(CudaMoeV2, RejectsBadLaunches) {
     EXPECT_THROW(cuda::gemv_cuda(p, nullptr), Error);
   }
 
-  // The backend's switch: unset -> auto, "0" -> session-8 kernels, "5" -> variant 2, anything else fails.
+  // The backend's switch: unset / "" / "5" -> variant 2, "auto" -> variant 2 gate+up with the staged down+sum,
+  // "0" -> session-8 kernels, anything else fails.
   const char* old = std::getenv("DSV4_CUDA_MOE_KERNEL");
   const std::string saved = old ? old : "";
   unsetenv("DSV4_CUDA_MOE_KERNEL");
-  EXPECT_EQ(cuda::moe_kernel_env(), cuda::kMoeKernelAuto);
+  EXPECT_EQ(cuda::moe_kernel_env(), cuda::kMoeKernelV2);
   setenv("DSV4_CUDA_MOE_KERNEL", "", 1);
+  EXPECT_EQ(cuda::moe_kernel_env(), cuda::kMoeKernelV2);
+  setenv("DSV4_CUDA_MOE_KERNEL", "auto", 1);
   EXPECT_EQ(cuda::moe_kernel_env(), cuda::kMoeKernelAuto);
   setenv("DSV4_CUDA_MOE_KERNEL", "0", 1);
   EXPECT_EQ(cuda::moe_kernel_env(), 0);

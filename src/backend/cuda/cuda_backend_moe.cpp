@@ -177,8 +177,8 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     float* h = buffer(0, size_t(n_slots) * F);
     if (moe_fused_decode() && moe_down_in_launch_quant()) down.xf = h;  // quantized inside the launch (GemvParams::xf)
     else down.xq = activations(w.down_exps.type, layout_for(w.down_exps), h, n_slots, F, false);
-    // DSV4_CUDA_MOE_KERNEL=5: variant 2 (gemv_moe_v2.h; quantized input only) where it takes the launch; the staged
-    // kernel otherwise (faster for the Flash Q2_K down+sum on the H200: 14.5 vs 23.0 us).
+    // Variant 2 (gemv_moe_v2.h; quantized input only; its own Q2_K kernel for Flash's down) where it takes the
+    // launch: the default (DSV4_CUDA_MOE_KERNEL unset or 5); the staged kernel otherwise or with =auto / =0.
     if (cuda::moe_kernel_env() == cuda::kMoeKernelV2 && cuda::moe_v2_supported(down, k))
       down.kernel = cuda::kMoeKernelV2;
     cuda::moe_down_sum_cuda(down, k, stream_);

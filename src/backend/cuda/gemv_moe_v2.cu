@@ -679,10 +679,11 @@ void moe_v2_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream) {
 
 int moe_kernel_env() {
   const char* e = std::getenv("DSV4_CUDA_MOE_KERNEL");
-  if (!e || !*e) return kMoeKernelAuto;
+  if (!e || !*e || std::strcmp(e, "5") == 0) return kMoeKernelV2;
   if (std::strcmp(e, "0") == 0) return 0;
-  if (std::strcmp(e, "5") == 0) return kMoeKernelV2;
-  fail("DSV4_CUDA_MOE_KERNEL=%s: expected unset (auto), 0 (session-8 kernels) or 5 (variant 2, gemv_moe_v2.h)", e);
+  if (std::strcmp(e, "auto") == 0) return kMoeKernelAuto;
+  fail("DSV4_CUDA_MOE_KERNEL=%s: expected unset or 5 (variant 2, the default), auto (variant 2 gate+up, staged "
+       "down+sum) or 0 (session-8 kernels)", e);
 }
 
 }  // namespace dsv4::cuda

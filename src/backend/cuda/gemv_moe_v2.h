@@ -38,11 +38,10 @@ void moe_v2_gate_up_swiglu_cuda(const GemvParams& p, const float* route_w, float
 void moe_v2_down_sum_cuda(const GemvParams& p, int k, cudaStream_t stream);
 
 // DSV4_CUDA_MOE_KERNEL for the backend's routed-expert decode launches, read per call (tests switch it):
-//   unset / ""  -> kMoeKernelAuto: variant 2 for gate+up+SwiGLU where it takes the launch (H200 wb_gemv, Flash
-//                  IQ2_XXS: 19.6 us vs 26.9 us for the streaming kernel), the staged kernel for down+sum (14.5 us
-//                  vs 23.0 us for variant 2);
-//   "0"         -> 0: the session-8 defaults for both (streaming gate+up, staged down+sum);
-//   "5"         -> kMoeKernelV2: variant 2 for both; anything else fails.
+//   unset / "" / "5" -> kMoeKernelV2: variant 2 for both launches where it takes them (the default since the
+//                  session-9 H200 A/B, Flash q2 decode at 2k: 130.0 t/s vs 127.5 for "auto" and 126.9 for "0");
+//   "auto"      -> kMoeKernelAuto: variant 2 for gate+up+SwiGLU, the staged kernel for down+sum;
+//   "0"         -> 0: the session-8 kernels for both (streaming gate+up, staged down+sum); anything else fails.
 inline constexpr int kMoeKernelAuto = -1;
 int moe_kernel_env();
 
