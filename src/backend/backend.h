@@ -239,6 +239,13 @@ class Backend {
   virtual void matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) {
     for (const MatmulOut& o : outs) matmul(*o.w, -1, x, T, o.y);
   }
+  // A side line of independent products: ops issued between begin_side(T) and end_side() may run concurrently
+  // with the ops issued after end_side() up to join_side(); after join_side() everything is ordered again. The
+  // caller guarantees the two lines touch disjoint memory and puts only matmul / matmul_multi (of T tokens) on the
+  // side line. Values never change; the default runs everything in order (no-ops).
+  virtual void begin_side(int T) { (void)T; }
+  virtual void end_side() {}
+  virtual void join_side() {}
 
   // HC control + Sinkhorn + stream mix (model-spec §4 steps 1-8).
   //   X: [T, n, D] residual streams; a: [T, D] sublayer input sum_i pre[i] X[i];

@@ -151,18 +151,22 @@ void attention_project(Backend& be, const AttentionWeights& w, const AttentionSh
                        AttentionScratch& S) {
   float *qr = S.qr.f32(), *q = S.q.f32(), *kv = S.kv.f32();
   // The products of x go out in as few calls as the backend can fuse (matmul_multi: one launch per weight type on
-  // the GPU); the order of independent products does not change any value.
+  // the GPU); the order of independent products does not change any value. The compressor and indexer products
+  // read only x and write their own buffers: a side line (Backend::begin_side) beside the q path.
+  be.begin_side(T);
+  if (s.has_compressor()) project_compressor(be, w.compressor, x, T, S.v.f32(), S.z.f32());
+  if (s.has_indexer()) {
+    const CompressorWeights& ic = w.indexer.compressor;
+    be.matmul_multi({{&ic.kv, S.iv.f32()}, {&ic.gate, S.iz.f32()}, {&w.indexer.proj, S.wI.f32()}}, x, T);
+  }
+  be.end_side();
   be.matmul_multi({{&w.q_a, qr}, {&w.kv, kv}}, x, T);
   HeadPrep qa_norm;
   qa_norm.norm = true, qa_norm.norm_w = &w.q_a_norm, qa_norm.eps = s.eps;
   be.head_prep(qr, T, 1, s.q_rank, qa_norm);
   be.matmul(w.q_b, -1, qr, T, q);
-  if (s.has_compressor()) project_compressor(be, w.compressor, x, T, S.v.f32(), S.z.f32());
-  if (s.has_indexer()) {
-    const CompressorWeights& ic = w.indexer.compressor;
-    be.matmul_multi({{&ic.kv, S.iv.f32()}, {&ic.gate, S.iz.f32()}, {&w.indexer.proj, S.wI.f32()}}, x, T);
-    be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
-  }
+  if (s.has_indexer()) be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
+  be.join_side();
 }
 
 // 2-5 and 7, everything that depends on the positions or the session state: q/kv norms with RoPE and QAT, the

@@ -338,5 +338,54 @@ TEST(CudaGemvV2, MatmulMulti) {
   }
 }
 
+// The side line (Backend::begin_side, decode): F16 products on the side stream beside a Q8_0 product and an F16
+// one on the main line, joined, give the same bits as the same calls in order (DSV4_CUDA_SIDE=0 is the in-order
+// path; here the order is the comparison); a Q8_0 product issued on the side line leaves it (it would share the
+// activation cache) and still gives its bits. Repeated 20 times to give a missing dependency a chance to show.
+TEST(CudaGemvV2, SideLineKeepsResults) {
+  DSV4_REQUIRE_CUDA();
+  EnvGuard env;
+  env.set(nullptr);
+  std::vector<HostTensor> t;
+  t.push_back(host_tensor(QType::F16, 4096, 1024, 71, "attn_compressor_kv"));
+  t.push_back(host_tensor(QType::F16, 4096, 1024, 72, "attn_compressor_gate"));
+  t.push_back(host_tensor(QType::Q8_0, 4096, 1024, 73, "attn_q_a"));
+  t.push_back(host_tensor(QType::Q8_0, 4096, 512, 74, "attn_kv"));
+  t.push_back(host_tensor(QType::Q8_0, 4096, 512, 75, "side_q8"));
+  std::unique_ptr<Backend> gpu = make_cuda_backend();
+  const auto x = test::random_normal(4096, 76);
+  DeviceBuffer bx = gpu->alloc(x.size() * sizeof(float));
+  gpu->upload(bx.data(), x.data(), x.size() * sizeof(float));
+  std::vector<DeviceBuffer> ys;
+  for (const HostTensor& h : t) ys.push_back(gpu->alloc(size_t(h.view.ne[1]) * sizeof(float)));
+  auto out = [&](size_t i) { return Backend::MatmulOut{&t[i].view, ys[i].f32()}; };
+  auto get_all = [&] {
+    std::vector<std::vector<float>> r;
+    for (size_t i = 0; i < t.size(); ++i) {
+      r.emplace_back(size_t(t[i].view.ne[1]));
+      gpu->download(r.back().data(), ys[i].data(), r.back().size() * sizeof(float));
+    }
+    return r;
+  };
+  gpu->matmul_multi({out(0), out(1)}, bx.f32(), 1);
+  gpu->matmul_multi({out(2), out(3)}, bx.f32(), 1);
+  gpu->matmul(t[4].view, -1, bx.f32(), 1, ys[4].f32());
+  const auto in_order = get_all();
+  for (int rep = 0; rep < 20; ++rep) {
+    for (DeviceBuffer& y : ys) gpu->fill(y.f32(), std::nanf(""), y.bytes() / sizeof(float));
+    gpu->begin_side(1);
+    gpu->matmul_multi({out(0), out(1)}, bx.f32(), 1);
+    gpu->end_side();
+    gpu->matmul_multi({out(2), out(3)}, bx.f32(), 1);
+    gpu->join_side();
+    gpu->begin_side(1);
+    gpu->matmul(t[4].view, -1, bx.f32(), 1, ys[4].f32());  // Q8_0 on the side line: leaves it first
+    gpu->end_side();
+    gpu->join_side();
+    const auto r = get_all();
+    for (size_t i = 0; i < t.size(); ++i) ASSERT_EQ(r[i], in_order[i]) << t[i].view.name << " rep " << rep;
+  }
+}
+
 }  // namespace
 }  // namespace dsv4

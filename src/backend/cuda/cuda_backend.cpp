@@ -4,6 +4,9 @@
 #include "backend/cuda/cuda_backend_impl.h"
 #include "backend/cuda/gemv_dense_v2.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace dsv4 {
 namespace cuda_impl {
 
@@ -103,6 +106,12 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
 // fp32 order of a row's parts (tests/ops/gemv_v2_test.cpp: MatmulMulti).
 void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) {
   const WeightView& w0 = *outs.begin()->w;
+  if (on_side_)
+    for (const MatmulOut& o : outs)
+      if (!side_safe(o.w->type)) {
+        end_side(), join_side();  // would share the activation cache / scratch with the main line
+        break;
+      }
   bool one_launch = T == 1 && outs.size() >= 2 && cuda::gemv_dense_kernel_env() != 0 && cuda::gemv_supports(w0.type);
   std::vector<cuda::GemvV2Part> parts;
   for (const MatmulOut& o : outs) {
@@ -123,6 +132,34 @@ void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const floa
     }
   }
   for (const MatmulOut& o : outs) matmul(*o.w, -1, x, T, o.y);
+}
+
+// Side line (Backend::begin_side): one token only (prefill products use GEMM workspaces shared by both lines).
+// DSV4_CUDA_SIDE=0: everything in order (A/B).
+void CudaBackend::begin_side(int T) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("DSV4_CUDA_SIDE");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  if (!enabled || T != 1 || on_side_ || cpu_attention_) return;
+  if (side_open_) join_side();
+  attn_side_.fork(stream_);
+  main_stream_ = stream_;
+  stream_ = attn_side_.side();
+  on_side_ = side_open_ = true;
+}
+
+void CudaBackend::end_side() {
+  if (!on_side_) return;
+  stream_ = main_stream_;
+  on_side_ = false;
+}
+
+void CudaBackend::join_side() {
+  end_side();
+  if (!side_open_) return;
+  attn_side_.join(stream_);
+  side_open_ = false;
 }
 
 // Expert GEMV over slots: slot s uses expert ids[s] and activation row s / act_div; launches of at most

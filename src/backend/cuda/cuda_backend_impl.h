@@ -114,11 +114,15 @@ class CudaBackend final : public Backend {
     wrote(y, size_t(T) * dim * sizeof(float));
   }
   void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
+    if (on_side_ && !side_safe(w.type)) end_side(), join_side();  // would share the activation cache / scratch
     Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string(), T);
     dmatmul(w, expert, x, T, y, nullptr, nullptr, /*cacheable=*/true);
     wrote(y, size_t(T) * w.ne[1] * sizeof(float));
   }
   void matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) override;
+  void begin_side(int T) override;
+  void end_side() override;
+  void join_side() override;
   void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
               float* comb) override;
   void hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
@@ -384,6 +388,13 @@ class CudaBackend final : public Backend {
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<uint8_t> route_ws_;  // moe_route_fused_cuda workspace (z + ticket; zeroed at allocation)
   cuda::SideStream moe_side_;      // moe_ffn: the shared expert overlaps the routed experts (decode)
+  // begin_side / end_side / join_side (decode only): while on_side_, stream_ is the side stream and main_stream_
+  // the backend's own; side_open_ until join_side. Only F16/F32 GEMVs (no activation quantization, no scratch)
+  // run there: any other matmul issued on the side line first leaves it (side_safe).
+  cuda::SideStream attn_side_;
+  cudaStream_t main_stream_ = nullptr;
+  bool on_side_ = false, side_open_ = false;
+  bool side_safe(QType t) const { return t == QType::F16 || t == QType::F32; }
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
   // Decode graphs (graph.h). They bake in the addresses of the buffers above: every such buffer must be a
   // DeviceArray (device_malloc), whose allocation count invalidates the recordings when anything grows.
