@@ -164,8 +164,12 @@ void attention_project(Backend& be, const AttentionWeights& w, const AttentionSh
   HeadPrep qa_norm;
   qa_norm.norm = true, qa_norm.norm_w = &w.q_a_norm, qa_norm.eps = s.eps;
   be.head_prep(qr, T, 1, s.q_rank, qa_norm);
+  if (s.has_indexer()) {  // the indexer query (F16) beside q_b, once qr is normalized
+    be.begin_side(T);
+    be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
+    be.end_side();
+  }
   be.matmul(w.q_b, -1, qr, T, q);
-  if (s.has_indexer()) be.matmul(w.indexer.q_b, -1, qr, T, S.qI.f32());
   be.join_side();
 }
 

@@ -338,8 +338,9 @@ TEST(CudaGemvV2, MatmulMulti) {
   }
 }
 
-// The side line (Backend::begin_side, decode): F16 products on the side stream beside a Q8_0 product and an F16
-// one on the main line, joined, give the same bits as the same calls in order (DSV4_CUDA_SIDE=0 is the in-order
+// The side line (Backend::begin_side, decode): F16 products on the side stream beside Q8_0 products on the main
+// line, then one more F16 product appended to the open side line that reads a main-line output, joined, give the
+// same bits as the same calls in order (DSV4_CUDA_SIDE=0 is the in-order
 // path; here the order is the comparison); a Q8_0 product issued on the side line leaves it (it would share the
 // activation cache) and still gives its bits. Repeated 20 times to give a missing dependency a chance to show.
 TEST(CudaGemvV2, SideLineKeepsResults) {
@@ -352,6 +353,7 @@ TEST(CudaGemvV2, SideLineKeepsResults) {
   t.push_back(host_tensor(QType::Q8_0, 4096, 1024, 73, "attn_q_a"));
   t.push_back(host_tensor(QType::Q8_0, 4096, 512, 74, "attn_kv"));
   t.push_back(host_tensor(QType::Q8_0, 4096, 512, 75, "side_q8"));
+  t.push_back(host_tensor(QType::F16, 1024, 2048, 77, "indexer.attn_q_b"));  // reads attn_q_a's output
   std::unique_ptr<Backend> gpu = make_cuda_backend();
   const auto x = test::random_normal(4096, 76);
   DeviceBuffer bx = gpu->alloc(x.size() * sizeof(float));
@@ -369,6 +371,7 @@ TEST(CudaGemvV2, SideLineKeepsResults) {
   };
   gpu->matmul_multi({out(0), out(1)}, bx.f32(), 1);
   gpu->matmul_multi({out(2), out(3)}, bx.f32(), 1);
+  gpu->matmul(t[5].view, -1, ys[2].f32(), 1, ys[5].f32());
   gpu->matmul(t[4].view, -1, bx.f32(), 1, ys[4].f32());
   const auto in_order = get_all();
   for (int rep = 0; rep < 20; ++rep) {
@@ -377,6 +380,9 @@ TEST(CudaGemvV2, SideLineKeepsResults) {
     gpu->matmul_multi({out(0), out(1)}, bx.f32(), 1);
     gpu->end_side();
     gpu->matmul_multi({out(2), out(3)}, bx.f32(), 1);
+    gpu->begin_side(1);  // appended to the open side line, after the main line's q_a + kv
+    gpu->matmul(t[5].view, -1, ys[2].f32(), 1, ys[5].f32());  // reads q_a's output
+    gpu->end_side();
     gpu->join_side();
     gpu->begin_side(1);
     gpu->matmul(t[4].view, -1, bx.f32(), 1, ys[4].f32());  // Q8_0 on the side line: leaves it first

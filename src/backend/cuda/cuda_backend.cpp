@@ -142,8 +142,7 @@ void CudaBackend::begin_side(int T) {
     return !(e && std::strcmp(e, "0") == 0);
   }();
   if (!enabled || T != 1 || on_side_ || cpu_attention_) return;
-  if (side_open_) join_side();
-  attn_side_.fork(stream_);
+  attn_side_.fork(stream_);  // again while open: the side line's new ops also follow the main line's since then
   main_stream_ = stream_;
   stream_ = attn_side_.side();
   on_side_ = side_open_ = true;
