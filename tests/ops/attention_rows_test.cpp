@@ -380,7 +380,8 @@ void indexer_case(int64_t pos0, int T, cuda::IndexerImpl impl = cuda::IndexerImp
 
 TEST(CudaAttentionRows, IndexerDecodeContexts) {
   DSV4_REQUIRE_CUDA();
-  for (int64_t ctx : {1024, 2048, 2052, 8192, 65536}) indexer_case(ctx - 1, 1);
+  // 2052 .. 4096: the fused decode launch (513 .. 1024 visible rows); 4100: just past it (two launches).
+  for (int64_t ctx : {1024, 2048, 2052, 2096, 4096, 4100, 8192, 65536}) indexer_case(ctx - 1, 1);
 }
 
 TEST(CudaAttentionRows, IndexerPrefill) {
@@ -413,6 +414,8 @@ TEST(CudaAttentionRows, IndexerChunkedEqualsOneLaunch) {
   auto run = [&](int64_t bound) {
     cuda::IndexerLaunch c = L;
     c.max_score_floats = bound;
+    c.fused = false;  // the fused launch takes these shapes whole (no chunks): test the two-launch chunking
+    EXPECT_FALSE(cuda::indexer_fused_applies(c));
     DeviceArray<int32_t> d_sel{size_t(T) * K}, d_cnt{size_t(T)};
     d_sel.fill_bytes(0xFF), d_cnt.fill_bytes(0xFF);
     c.sel = d_sel.get(), c.count = d_cnt.get();
@@ -446,6 +449,88 @@ TEST(CudaAttentionRows, IndexerKernelsAndTies) {
   indexer_case(8191, 1, kCore, 64, true);
   indexer_case(8188, 4, kTc, 64, true);
   indexer_case(139999, 1);  // 35000 visible rows: past the selection's shared-memory key cache (32768)
+  indexer_case(4087, 4, cuda::IndexerImpl::Auto, 64, true);  // ties in the fused launch (1022 rows each)
+}
+
+// The fused decode launch against the two launches it replaces (IndexerLaunch::fused = false): its CTAs score with
+// the same tensor-core tile code and CTA 0 selects by the same rule, so selections and counts must be equal
+// entry for entry (the CPU comparison of indexer_case allows swaps at the k-th place; this does not). Decode at
+// 2k (the benchmark's 513 .. 524 rows), the largest fused width (1024 rows: 8 CTAs x 2 tiles), a partial last
+// tile, head padding (HI 24), a prefill pass whose first tokens see <= k rows, and a tie class straddling k.
+TEST(CudaAttentionRows, IndexerFusedEqualsTwoLaunches) {
+  DSV4_REQUIRE_CUDA();
+  constexpr int dI = 128, K = 512;
+  struct Case {
+    int64_t pos0;
+    int T, HI;
+    bool ties;
+  };
+  for (const Case c : {Case{2051, 1, 64, false}, Case{2095, 1, 64, false}, Case{4095, 1, 64, false},
+                       Case{3001, 1, 64, false}, Case{3000, 24, 24, false}, Case{2030, 40, 64, false},
+                       Case{4087, 4, 64, true}, Case{2300, 1, 64, true}}) {
+    const int64_t n_keys = (c.pos0 + c.T) / 4;
+    const auto q = test::random_normal(size_t(c.T) * c.HI * dI, uint64_t(c.pos0 + 11));
+    const auto w = test::random_normal(size_t(c.T) * c.HI, uint64_t(c.pos0 + 12));
+    auto keys = test::random_normal(size_t(n_keys) * dI, uint64_t(c.pos0 + 13));
+    if (c.ties)  // rows i % 3 != 0 copy row 1, as indexer_case
+      for (int64_t i = 2; i < n_keys; ++i)
+        if (i % 3 != 0) std::copy_n(keys.begin() + dI, dI, keys.begin() + i * dI);
+    auto d_q = upload(q), d_w = upload(w), d_k = upload(keys);
+    cuda::IndexerLaunch L;
+    L.q = d_q.get(), L.w = d_w.get(), L.weight_scale = float(1.0 / std::sqrt(double(dI) * c.HI));
+    L.keys = d_k.get(), L.T = c.T, L.HI = c.HI, L.dI = dI, L.pos0 = c.pos0, L.ratio = 4, L.k = K;
+    auto run = [&](bool fused) {
+      cuda::IndexerLaunch r = L;
+      r.fused = fused;
+      EXPECT_EQ(cuda::indexer_fused_applies(r), fused) << "pos0=" << c.pos0;
+      DeviceArray<int32_t> d_sel{size_t(c.T) * K}, d_cnt{size_t(c.T)};
+      d_sel.fill_bytes(0xFF), d_cnt.fill_bytes(0xFF);
+      r.sel = d_sel.get(), r.count = d_cnt.get();
+      DeviceArray<float> scratch(size_t(std::max<int64_t>(1, cuda::indexer_scratch_floats(r))));
+      cuda::indexer_select_cuda(r, scratch.get(), nullptr);
+      return std::make_pair(d_sel.download(), d_cnt.download());
+    };
+    const auto fused = run(true), two = run(false);
+    ASSERT_EQ(fused.second, two.second) << "pos0=" << c.pos0;
+    for (int t = 0; t < c.T; ++t) {
+      const int64_t vis = (c.pos0 + t + 1) / 4;
+      ASSERT_EQ(fused.second[size_t(t)], int32_t(std::min<int64_t>(vis, K))) << "t=" << t;
+      for (int i = 0; i < fused.second[size_t(t)]; ++i)
+        ASSERT_EQ(fused.first[size_t(t) * K + i], two.first[size_t(t) * K + i])
+            << "pos0=" << c.pos0 << " t=" << t << " i=" << i;
+    }
+  }
+}
+
+// Where the fused launch applies: shapes only (no device needed).
+TEST(AttentionRows, IndexerFusedShapes) {
+  cuda::IndexerLaunch L;
+  L.T = 1, L.HI = 64, L.dI = 128, L.ratio = 4, L.k = 512;
+  auto at = [&](int64_t pos0, int T = 1) {
+    cuda::IndexerLaunch c = L;
+    c.pos0 = pos0, c.T = T;
+    return cuda::indexer_fused_applies(c);
+  };
+  // visible rows of the last token: (pos0 + T) / 4
+  EXPECT_FALSE(at(2046));  // 511: all fit in k, one selection launch and no scores
+  EXPECT_FALSE(at(2047));  // 512 = k
+  EXPECT_TRUE(at(2051));   // 513
+  EXPECT_TRUE(at(4098));   // 1024 = kIndexerFusedMaxRows
+  EXPECT_FALSE(at(4099));  // 1025
+  EXPECT_TRUE(at(2030, 40));
+  EXPECT_FALSE(at(4090, 10));  // the last token sees 1025 rows
+  cuda::IndexerLaunch c = L;
+  c.pos0 = 2100;
+  c.impl = cuda::IndexerImpl::CudaCore;
+  EXPECT_FALSE(cuda::indexer_fused_applies(c));
+  c.impl = cuda::IndexerImpl::TensorCore;
+  EXPECT_TRUE(cuda::indexer_fused_applies(c));
+  c.dI = 64;
+  EXPECT_FALSE(cuda::indexer_fused_applies(c));
+  c.dI = 128, c.HI = 24;
+  EXPECT_TRUE(cuda::indexer_fused_applies(c));
+  c.fused = false;
+  EXPECT_FALSE(cuda::indexer_fused_applies(c));
 }
 
 }  // namespace

@@ -16,6 +16,14 @@
 // rows above the threshold and the lowest-index rows equal to it (ties toward the lower row, as the CPU), so
 // the selection comes out ascending with no sort. With every visible row fitting in k, no scoring happens
 // (all rows, as the CPU).
+// Fused decode path (default where it applies: dI == 128, HI <= 64, impl Auto/TensorCore, k < visible rows <=
+// kIndexerFusedMaxRows, i.e. contexts up to 4k at ratio 4): one launch of a cluster of 8 CTAs per token. Each CTA
+// scores its 64-key tiles with the tensor-core tile code (the same score bits as the TensorCore kernel) into its
+// shared memory; CTA 0 gathers the scores over DSMEM and runs the same selection, so the rows equal the two-launch
+// path's exactly. Why: at 2k context (513..524 visible rows for k = 512) the two launches (9 score CTAs, then a
+// 1024-thread select block with 4 radix passes over a global score row) cost 13.85 us per CSA layer (H200, eager
+// event profile incl. ~3 us event overhead) for ~0.3 MB of keys. IndexerLaunch::fused = false or
+// DSV4_CUDA_INDEXER_FUSED=0 (read once) gives the two launches back (A/B, tests).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -43,12 +51,19 @@ struct IndexerLaunch {
   // Bound on the score matrix of one launch, in floats (0: kIndexerMaxScoreFloats). indexer_select_cuda runs the
   // tokens in chunks whose [chunk, visible rows] scores fit under it; tests set it small to force chunks.
   int64_t max_score_floats = 0;
+  bool fused = true;            // false: never the fused decode path (see above)
 };
 
 // Default bound on the scores of one launch: 2^28 floats (1 GiB). Without it a pass of T = 8192 tokens at 1M
 // context would need 8192 x 262144 floats (8 GiB) of scratch; tokens are independent (own score row, own
 // selection), so chunking changes no result.
 inline constexpr int64_t kIndexerMaxScoreFloats = int64_t(1) << 28;
+
+// Most visible rows the fused path takes: 8 CTAs x 2 tiles x 64 keys; past it the two launches spread the scores
+// over more CTAs.
+inline constexpr int64_t kIndexerFusedMaxRows = 1024;
+// Whether indexer_select_cuda takes p in the fused launch.
+bool indexer_fused_applies(const IndexerLaunch& p);
 
 // Visible rows of the last token: the width of the score matrix.
 inline int64_t indexer_max_visible(const IndexerLaunch& p) { return (p.pos0 + p.T) / p.ratio; }
