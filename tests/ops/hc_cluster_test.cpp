@@ -1,5 +1,6 @@
-// The cluster variant of the fused HC control (hc_mix_cuda with kernel = kHcMixCluster, hc.h) against the default
-// ticket kernel and the CPU twin, at Flash width (4 streams x 4096, Sinkhorn 20 iterations) and at odd shapes.
+// The cluster variant of the fused HC control (hc_mix_cuda with kernel = kHcMixCluster, hc.h) against the
+// ticket kernel and the CPU twin, at Flash width (4 streams x 4096, Sinkhorn 20 iterations) and at odd shapes; the
+// wide variant (kHcMixWide, the backend's decode hc_pre default) against the CPU twin at the end of the file.
 //
 // Tolerance: none against the ticket kernel. The cluster kernel forms the same per-thread products, the same warp
 // sums (the tree of warp_sum, reached with fewer shuffles), the same 4-warp chunk partials and the same
@@ -279,8 +280,7 @@ TEST(CudaHcCluster, CapturedInGraphReplaysBitIdentical) {
   cudaStreamDestroy(s);
 }
 
-// Through the op table: the default (cluster kernel) and DSV4_CUDA_HC_KERNEL=ticket give the same decode hc_pre /
-// hc_head output bits.
+// Through the op table: DSV4_CUDA_HC_KERNEL=cluster and =ticket give the same decode hc_pre / hc_head output bits.
 TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   DSV4_REQUIRE_CUDA();
   const int n = 4;
@@ -312,8 +312,8 @@ TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   hw.fn = f16(n * D, 4, 66, hfn_bytes, "output_hc_fn.weight"), hw.base = f32(hbase, "head_base");
   hw.scale = f32(hscale, "head_scale");
   const auto X = test::random_normal(size_t(n * D), 67);
-  auto run = [&](bool cluster) {
-    if (!cluster) setenv("DSV4_CUDA_HC_KERNEL", "ticket", 1);
+  auto run = [&](bool cluster) {  // (the default hc_pre is the wide kernel: other bits; CudaHcWide tests it)
+    setenv("DSV4_CUDA_HC_KERNEL", cluster ? "cluster" : "ticket", 1);
     auto be = make_cuda_backend();
     DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
     DeviceBuffer co = be->alloc(size_t(n * n) * 4), h = be->alloc(size_t(D) * 4);
@@ -415,9 +415,9 @@ TEST(CudaHcCluster, NormFallbacksBitIdentical) {
   norm_case(4, 2, 1000, true, cuda::kHcMixCluster, 113);    // d = 250 (not a multiple of 128)
 }
 
-// Through the op table: hc_pre_norm (default: the in-launch norm) and hc_post_pre_norm (default: hc_post in the same
-// launch too) equal hc_post, hc_pre, rms_norm bit for bit, and so do DSV4_CUDA_HC_NORM=0, DSV4_CUDA_HC_POST=0 and
-// DSV4_CUDA_HC_KERNEL=ticket (the separate launches).
+// Through the op table, with DSV4_CUDA_HC_KERNEL=cluster: hc_pre_norm (default: the in-launch norm) and
+// hc_post_pre_norm (default: hc_post in the same launch too) equal hc_post, hc_pre, rms_norm bit for bit, and so do
+// DSV4_CUDA_HC_NORM=0, DSV4_CUDA_HC_POST=0 and DSV4_CUDA_HC_KERNEL=ticket (the separate launches).
 TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
   DSV4_REQUIRE_CUDA();
   const int n = 4;
@@ -445,7 +445,9 @@ TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
   auto comb0 = test::random_normal(size_t(n * n), 128, 0.2f);
   for (auto& v : comb0) v = std::fabs(v);
   // op 0: hc_post, hc_pre, rms_norm (the reference); 1: hc_post, hc_pre_norm; 2: hc_post_pre_norm.
+  // The cluster kernel's bits throughout (the default wide kernel sums in another order: CudaHcWide.Backend*).
   auto run = [&](int op, const char* env, const char* value) {
+    setenv("DSV4_CUDA_HC_KERNEL", "cluster", 1);
     if (env) setenv(env, value, 1);
     auto be = make_cuda_backend();
     DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
@@ -472,6 +474,7 @@ TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
     be->download(out[2].data(), co.data(), size_t(n * n) * 4);
     be->download(out[3].data(), bX.data(), X.size() * 4);
     if (env) unsetenv(env);
+    unsetenv("DSV4_CUDA_HC_KERNEL");
     return out;
   };
   const auto ref = run(0, nullptr, nullptr);
@@ -541,6 +544,277 @@ TEST(CudaHcCluster, RejectsBadArgumentsAndFallsBack) {
   EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
   p.post_y = p.post_w = p.post_comb = nullptr, p.kernel = cuda::kHcMixCluster, p.a_norm = true;  // needs `a`
   EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
+}
+
+
+// ---- the wide kernel (kHcMixWide, hc.h): the decode default for hc_pre / hc_pre_norm / hc_post_pre_norm ----------
+// It sums mix, the RMS sum of squares and the norm's sum of squares in another fp32 order than the ticket / cluster
+// kernels, so it is held to a double CPU twin with tolerances, and to itself bit for bit (repeat launches reuse
+// the workspace's barrier state; a graph replays the eager bits):
+//   X (fused hc_post): BIT FOR BIT with hc_post_cuda (the same post_value expression per element).
+//   mix: 1e-5 relative to max(|ref|, 1): sums of K products of N(0, 0.05) F16 weights and N(0, 1) values (|mix|
+//     ~ 0.05 sqrt(K) <= 8 for K <= 28672) on a tree of depth ~ 5 (lanes) + 2 (warps) + log2(G) + 2; ~14 levels of
+//     0.5 ulp(8) = 7e-6 absolute at worst, typically far less.
+//   rs: 2e-6 relative (a sum of positive squares: ~14 levels of 2^-24 relative, then rsqrtf's 2 ulp).
+//   pre / post / comb: 1e-4 absolute, the bound of the cluster / ticket tests (small_ops_test.cpp hc_mix_case).
+//   a: vs a double collapse of the kernel's own weights on the kernel's X: 4e-6 relative to max(|ref|, 1) (as
+//     cluster_case); with the norm, vs a double RMS norm of that: 1e-5 (as norm_case).
+struct WideCase {
+  int64_t K;
+  bool post, alias, norm, weighted;
+  uint64_t seed;
+  int launches = 1;  // back-to-back launches before the download (no hc_post: X is unchanged, so is every output)
+};
+
+void wide_case(const WideCase& c) {
+  const int64_t K = c.K, d = K / 4;
+  const std::string what = "wide K=" + std::to_string(K) + (c.post ? " post" : "") + (c.alias ? " aliased" : "") +
+                           (c.norm ? (c.weighted ? " norm(w)" : " norm") : "") + " x" + std::to_string(c.launches);
+  ASSERT_TRUE(cuda::hc_mix_wide_fits(24, K)) << what;
+  const auto fn = test::random_weights(QType::F16, 24, K, c.seed);
+  const auto X = test::random_normal(size_t(K), c.seed + 1), y = test::random_normal(size_t(d), c.seed + 2);
+  const auto base = test::random_normal(24, c.seed + 3, 0.5f);
+  const auto pw = test::random_normal(4, c.seed + 4, 0.5f);
+  auto pc = test::random_normal(16, c.seed + 5, 0.2f);
+  for (auto& v : pc) v = std::fabs(v);
+  const auto nw = test::random_normal(size_t(d), c.seed + 6, 0.3f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  const float eps = 1e-6f;
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_base = upload(base), d_scale = upload(scale), d_y = upload(y), d_nw = upload(nw);
+  DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(1, K));  // shared by every run below, zeroed once
+  ws.fill_bytes(0);
+  auto run = [&] {
+    auto d_X = upload(X), d_pw = upload(pw), d_pc = upload(pc);
+    DeviceArray<float> pre(4), post(4), comb(16), mix(24), rs(1), a{size_t(d)};
+    for (auto* b : {&pre, &post, &comb, &mix, &rs, &a}) b->fill_bytes(0xFF);  // NaN: unwritten values fail
+    cuda::HcMixParams p;
+    p.fn = d_fn.get(), p.n_mix = 24, p.X = d_X.get(), p.K = K, p.n_tokens = 1, p.base = d_base.get();
+    p.scale = d_scale.get(), p.pre = pre.get(), p.post = c.alias ? d_pw.get() : post.get();
+    p.comb = c.alias ? d_pc.get() : comb.get(), p.mix_out = mix.get(), p.rs_out = rs.get();
+    p.kernel = cuda::kHcMixWide, p.workspace = ws.get(), p.a = a.get();
+    if (c.post) p.post_y = d_y.get(), p.post_w = d_pw.get(), p.post_comb = d_pc.get();
+    if (c.norm) p.a_norm = true, p.a_norm_w = c.weighted ? d_nw.get() : nullptr, p.a_norm_eps = eps;
+    for (int l = 0; l < c.launches; ++l) cuda::hc_mix_cuda(p, nullptr);
+    cuda::check(cudaDeviceSynchronize(), what.c_str());
+    return std::vector<std::vector<float>>{d_X.download(), mix.download(), rs.download(), a.download(),
+                                           pre.download(), c.alias ? d_pw.download() : post.download(),
+                                           c.alias ? d_pc.download() : comb.download()};
+  };
+  const auto got = run();
+  const char* names[] = {"X", "mix", "rs", "a", "pre", "post", "comb"};
+  for (int rep = 0; rep < 3; ++rep) {  // deterministic, and the barrier state left by a launch serves the next
+    const auto again = run();
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(same_bits(again[i], got[i])) << what << ": repeat " << names[i];
+  }
+  // X: hc_post_cuda's bits (or untouched).
+  std::vector<float> x_ref = X;
+  if (c.post) {
+    auto d_X = upload(X), d_pw = upload(pw), d_pc = upload(pc);
+    cuda::hc_post_cuda(d_X.get(), d_y.get(), d_pw.get(), d_pc.get(), 1, d, nullptr);
+    x_ref = d_X.download();
+  }
+  EXPECT_TRUE(same_bits(got[0], x_ref)) << what << ": X";
+  // The CPU twin on that X.
+  std::vector<float> fnf(size_t(24 * K));
+  dequantize_row(QType::F16, fn.data(), fnf.data(), 24 * K);
+  const std::vector<float>& x = got[0];
+  double ss = 0;
+  for (int64_t k = 0; k < K; ++k) ss += double(x[size_t(k)]) * x[size_t(k)];
+  const double rs = 1.0 / std::sqrt(ss / double(K) + 1e-6);
+  std::vector<double> mix_ref(24);
+  std::vector<float> m(24);
+  for (int j = 0; j < 24; ++j) {
+    double s = 0;
+    for (int64_t k = 0; k < K; ++k) s += double(fnf[size_t(j * K + k)]) * x[size_t(k)];
+    mix_ref[size_t(j)] = s, m[size_t(j)] = float(s * rs);
+  }
+  EXPECT_LE(test::max_rel_err(got[1], mix_ref, 1.0), 1e-5) << what << ": mix vs double";
+  EXPECT_LE(test::max_rel_err(got[2], std::vector<double>{rs}, 1e-30), 2e-6) << what << ": rs vs double";
+  std::vector<float> pre(4), post(4), comb(16);
+  test::hc_sinkhorn_ref(m.data(), base.data(), scale.data(), 20, eps, pre.data(), post.data(), comb.data());
+  EXPECT_LE(test::max_abs_err(got[4], pre), 1e-4) << what << ": pre vs CPU twin";
+  EXPECT_LE(test::max_abs_err(got[5], post), 1e-4) << what << ": post vs CPU twin";
+  EXPECT_LE(test::max_abs_err(got[6], comb), 1e-4) << what << ": comb vs CPU twin";
+  std::vector<double> a_ref(static_cast<size_t>(d));
+  for (int64_t k = 0; k < d; ++k)
+    for (int i = 0; i < 4; ++i) a_ref[size_t(k)] += double(got[4][size_t(i)]) * x[size_t(i * d + k)];
+  if (c.norm) {
+    double sa = 0;
+    for (const double v : a_ref) sa += v * v;
+    const double r = 1.0 / std::sqrt(sa / double(d) + double(eps));
+    for (int64_t k = 0; k < d; ++k) a_ref[size_t(k)] *= r * (c.weighted ? nw[size_t(k)] : 1.0);
+  }
+  EXPECT_LE(test::max_rel_err(got[3], a_ref, 1.0), c.norm ? 1e-5 : 4e-6) << what << ": a vs double";
+}
+
+TEST(CudaHcWide, MatchesCpuTwinAtFlashWidth) {
+  DSV4_REQUIRE_CUDA();
+  wide_case({16384, false, false, false, false, 201});     // decode hc_pre: 128 CTAs
+  wide_case({16384, false, false, false, false, 202, 8});  // 8 launches back to back on one workspace
+  wide_case({16384, false, false, true, true, 203, 5});    // hc_pre_norm (two barriers per launch)
+  wide_case({16384, true, true, true, true, 204});         // hc_post_pre_norm as the backend runs it (aliased)
+  wide_case({16384, true, false, true, false, 205});       // unaliased, unweighted norm
+  wide_case({16384, true, false, false, false, 206});      // fused hc_post without the norm
+}
+
+TEST(CudaHcWide, MatchesCpuTwinAtOtherWidths) {
+  DSV4_REQUIRE_CUDA();
+  wide_case({128, true, true, true, true, 211});           // d = 32: one CTA (the barrier of one)
+  wide_case({4096, true, false, true, true, 212, 1});      // d = 1024: 32 CTAs
+  wide_case({16384 + 128, false, false, true, true, 213, 3});  // 129 CTAs: one thread sums 2 partial rows
+  wide_case({28672, true, true, true, true, 214});         // d = 7168: 224 CTAs (> 132 SMs: 2 per SM resident)
+}
+
+TEST(CudaHcWide, FitsRejectsShapesOutsideTheKernel) {  // shape checks answer before any device query
+  EXPECT_FALSE(cuda::hc_mix_wide_fits(4, 16384));      // hc_head: the cluster kernel's
+  EXPECT_FALSE(cuda::hc_mix_wide_fits(24, 16384 + 64)); // d % 32 != 0
+  EXPECT_FALSE(cuda::hc_mix_wide_fits(24, 0));
+  EXPECT_FALSE(cuda::hc_mix_wide_fits(24, 4 * 32 * 1025));  // more than 1024 CTAs
+}
+
+// Shapes the wide kernel does not take run the cluster kernel's path: the same bits as kernel = kHcMixCluster.
+TEST(CudaHcWide, OtherShapesTakeTheClusterPath) {
+  DSV4_REQUIRE_CUDA();
+  for (const Case& c : {Case{24, 2, 16384, 221}, Case{4, 1, 16384, 222}}) {  // several tokens; hc_head
+    const auto fn = test::random_weights(QType::F16, c.n_mix, c.K, c.seed);
+    const auto X = test::random_normal(size_t(c.T * c.K), c.seed + 1);
+    const auto base = test::random_normal(size_t(c.n_mix), c.seed + 2, 0.5f);
+    const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+    DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+    auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
+    const Outputs ref = run_mix(c, cuda::kHcMixCluster, true, d_fn, d_X, d_base, d_scale);
+    const Outputs got = run_mix(c, cuda::kHcMixWide, true, d_fn, d_X, d_base, d_scale);
+    for (const auto& [g, r] : {std::pair{&got.pre, &ref.pre}, {&got.post, &ref.post}, {&got.comb, &ref.comb},
+                               {&got.w, &ref.w}, {&got.a, &ref.a}, {&got.mix, &ref.mix}})
+      EXPECT_TRUE(same_bits(*g, *r)) << "n_mix=" << c.n_mix << " T=" << c.T;
+  }
+}
+
+// The decode graphs capture the backend's launches: a captured wide launch (PDL attribute on) replays to the eager
+// launch's bits, several replays in a row on one workspace.
+TEST(CudaHcWide, CapturedInGraphReplaysBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  const int64_t K = 16384, d = K / 4;
+  ASSERT_TRUE(cuda::hc_mix_wide_fits(24, K));
+  const auto fn = test::random_weights(QType::F16, 24, K, 231);
+  const auto X = test::random_normal(size_t(K), 232), nw = test::random_normal(size_t(d), 233, 0.3f);
+  const auto base = test::random_normal(24, 234, 0.5f);
+  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
+  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
+  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale), d_nw = upload(nw);
+  DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(1, K));
+  ws.fill_bytes(0);
+  DeviceArray<float> pre(4), post(4), comb(16), a{size_t(d)};
+  cuda::HcMixParams p;
+  p.fn = d_fn.get(), p.n_mix = 24, p.X = d_X.get(), p.K = K, p.n_tokens = 1, p.base = d_base.get();
+  p.scale = d_scale.get(), p.pre = pre.get(), p.post = post.get(), p.comb = comb.get(), p.a = a.get();
+  p.kernel = cuda::kHcMixWide, p.workspace = ws.get(), p.a_norm = true, p.a_norm_w = d_nw.get();
+  cuda::hc_mix_cuda(p, nullptr);
+  cuda::check(cudaDeviceSynchronize(), "eager");
+  const std::vector<std::vector<float>> ref = {pre.download(), post.download(), comb.download(), a.download()};
+  for (auto* b : {&pre, &post, &comb, &a}) b->fill_bytes(0xFF);
+  cudaStream_t s;
+  cuda::check(cudaStreamCreate(&s), "stream");
+  cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
+  cuda::hc_mix_cuda(p, s);
+  cuda::hc_mix_cuda(p, s);  // two dependent launches in the graph: a programmatic edge between them
+  cudaGraph_t graph;
+  cuda::check(cudaStreamEndCapture(s, &graph), "capture end");
+  cudaGraphExec_t exec;
+  cuda::check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  for (int r = 0; r < 3; ++r) cuda::check(cudaGraphLaunch(exec, s), "graph launch");
+  cuda::check(cudaStreamSynchronize(s), "sync");
+  const std::vector<std::vector<float>> got = {pre.download(), post.download(), comb.download(), a.download()};
+  const char* names[] = {"pre", "post", "comb", "a"};
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(got[i], ref[i])) << "graph replay: " << names[i];
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
+// Through the op table at Flash width: the default hc_pre / hc_pre_norm / hc_post_pre_norm are the wide kernel's
+// launch (bit for bit with hc_mix_cuda(kHcMixWide) on the same inputs), and they agree with the cluster kernel
+// (DSV4_CUDA_HC_KERNEL=cluster) to the wide kernel's tolerances above: X bit for bit, post / comb 1e-4 absolute,
+// `a` 1e-5 relative to max(|a|, 1) (both within ~4e-6 / 1e-5 of the double twin).
+TEST(CudaHcWide, BackendDefaultIsTheWideKernel) {
+  DSV4_REQUIRE_CUDA();
+  const int n = 4;
+  const int64_t D = 4096, K = n * D;
+  ASSERT_TRUE(cuda::hc_mix_wide_fits(24, K));
+  HcParams p;
+  p.n = n, p.d = D;
+  const auto f = test::random_normal(size_t(K * 24), 241, 0.02f);
+  std::vector<uint8_t> fn_bytes(f.size() * 2);
+  for (size_t i = 0; i < f.size(); ++i) test::put_f16(&fn_bytes[2 * i], f[i]);
+  auto f32 = [](const std::vector<float>& v, const char* name) {
+    WeightView wv;
+    wv.type = QType::F32, wv.data = v.data(), wv.n_bytes = v.size() * 4, wv.name = name;
+    wv.ne[0] = int64_t(v.size()), wv.ne[1] = 1, wv.n_dims = 2;
+    return wv;
+  };
+  const auto base = test::random_normal(24, 242, 0.5f), scale = test::random_normal(3, 243, 1.0f);
+  const auto norm = test::random_normal(size_t(D), 244, 0.3f);
+  HcWeights w;
+  w.fn.type = QType::F16, w.fn.data = fn_bytes.data(), w.fn.n_bytes = fn_bytes.size(), w.fn.name = "hc_ffn_fn";
+  w.fn.ne[0] = K, w.fn.ne[1] = 24, w.fn.n_dims = 2;
+  w.base = f32(base, "hc_base"), w.scale = f32(scale, "hc_scale");
+  const WeightView nw = f32(norm, "ffn_norm.weight");
+  const auto X = test::random_normal(size_t(K), 245), y = test::random_normal(size_t(D), 246);
+  const auto post0 = test::random_normal(size_t(n), 247, 0.5f);
+  auto comb0 = test::random_normal(size_t(n * n), 248, 0.2f);
+  for (auto& v : comb0) v = std::fabs(v);
+  // op 0: hc_pre; 1: hc_pre_norm; 2: hc_post_pre_norm. Outputs a, post, comb, X.
+  auto backend_run = [&](int op, const char* kernel) {
+    if (kernel) setenv("DSV4_CUDA_HC_KERNEL", kernel, 1);
+    auto be = make_cuda_backend();
+    DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
+    DeviceBuffer co = be->alloc(size_t(n * n) * 4), by = be->alloc(size_t(D) * 4);
+    be->upload(bX.data(), X.data(), X.size() * 4);
+    be->upload(by.data(), y.data(), y.size() * 4);
+    be->upload(po.data(), post0.data(), post0.size() * 4);
+    be->upload(co.data(), comb0.data(), comb0.size() * 4);
+    if (op == 0) be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
+    if (op == 1) be->hc_pre_norm(w, p, bX.f32(), 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
+    if (op == 2) be->hc_post_pre_norm(p, by.f32(), bX.f32(), w, 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
+    std::vector<std::vector<float>> out = {std::vector<float>(size_t(D)), std::vector<float>(size_t(n)),
+                                           std::vector<float>(size_t(n * n)), std::vector<float>(X.size())};
+    be->download(out[0].data(), a.data(), size_t(D) * 4);
+    be->download(out[1].data(), po.data(), size_t(n) * 4);
+    be->download(out[2].data(), co.data(), size_t(n * n) * 4);
+    be->download(out[3].data(), bX.data(), X.size() * 4);
+    if (kernel) unsetenv("DSV4_CUDA_HC_KERNEL");
+    return out;
+  };
+  auto direct_run = [&](int op) {  // the same launch through hc_mix_cuda
+    DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn_bytes)};
+    auto d_X = upload(X), d_y = upload(y), d_po = upload(post0), d_co = upload(comb0), d_base = upload(base);
+    auto d_scale = upload(scale), d_nw = upload(norm);
+    DeviceArray<float> pre(4), a{size_t(D)};
+    DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(1, K));
+    ws.fill_bytes(0);
+    cuda::HcMixParams hp;
+    hp.fn = d_fn.get(), hp.n_mix = 24, hp.X = d_X.get(), hp.K = K, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
+    hp.base = d_base.get(), hp.scale = d_scale.get(), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
+    hp.pre = pre.get(), hp.post = d_po.get(), hp.comb = d_co.get(), hp.workspace = ws.get();
+    hp.kernel = cuda::kHcMixWide, hp.a = a.get();
+    if (op == 2) hp.post_y = d_y.get(), hp.post_w = d_po.get(), hp.post_comb = d_co.get();
+    if (op >= 1) hp.a_norm = true, hp.a_norm_w = d_nw.get(), hp.a_norm_eps = 1e-6f;
+    cuda::hc_mix_cuda(hp, nullptr);
+    cuda::check(cudaDeviceSynchronize(), "direct wide launch");
+    return std::vector<std::vector<float>>{a.download(), d_po.download(), d_co.download(), d_X.download()};
+  };
+  const char* names[] = {"a", "post", "comb", "X"};
+  for (int op : {0, 1, 2}) {
+    const auto got = backend_run(op, nullptr), direct = direct_run(op), cl = backend_run(op, "cluster");
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_TRUE(same_bits(got[i], direct[i])) << "op " << op << ": default vs hc_mix_cuda(wide): " << names[i];
+    std::vector<double> a_cl(cl[0].begin(), cl[0].end());
+    EXPECT_LE(test::max_rel_err(got[0], a_cl, 1.0), 1e-5) << "op " << op << ": a vs the cluster kernel";
+    EXPECT_LE(test::max_abs_err(got[1], cl[1]), 1e-4) << "op " << op << ": post vs the cluster kernel";
+    EXPECT_LE(test::max_abs_err(got[2], cl[2]), 1e-4) << "op " << op << ": comb vs the cluster kernel";
+    EXPECT_TRUE(same_bits(got[3], cl[3])) << "op " << op << ": X vs the cluster kernel";
+  }
 }
 
 }  // namespace

@@ -8,14 +8,18 @@ namespace dsv4::cuda_impl {
 
 namespace {
 
-// The decode HC control runs the cluster kernel of hc_mix_cuda with the collapse fused in (hc.h, kHcMixCluster:
-// one launch instead of two, the partials meeting in distributed shared memory; measured +3.3% Flash q2 decode,
-// H200, session 9). DSV4_CUDA_HC_KERNEL=ticket gives the ticket kernel + separate collapse back for A/B. Both
-// produce the same bits (tests/ops/hc_cluster_test.cpp), so the knob changes timing only. Read per call so a test
-// can switch it.
-bool hc_cluster_decode(int n_mix, int64_t K) {
+// The decode HC control kernel (hc.h): by default the wide kernel (d / 32 CTAs, 128 at Flash width, meeting at a
+// grid barrier) for hc_pre / hc_pre_norm / hc_post_pre_norm, where it applies; the cluster kernel of one 16-CTA
+// cluster (DSV4_CUDA_HC_KERNEL=cluster; also hc_head's default, the wide kernel being hc_pre only) streamed the 0.8 MB
+// of fn through 16 SMs (16.4 us per hc_post_pre_norm, H200, bc36a53). DSV4_CUDA_HC_KERNEL=ticket: the ticket kernel
+// + separate collapse. Cluster and ticket give the same bits; the wide kernel differs from them in the fp32 summation
+// order only (tests/ops/hc_cluster_test.cpp). Read per call so a test can switch it.
+int hc_decode_kernel(int n_mix, int64_t K) {
   const char* e = std::getenv("DSV4_CUDA_HC_KERNEL");
-  return !(e && std::strcmp(e, "ticket") == 0) && cuda::hc_mix_cluster_fits(n_mix, K);
+  if (e && std::strcmp(e, "ticket") == 0) return cuda::kHcMixTicket;
+  const bool cluster_only = e && std::strcmp(e, "cluster") == 0;
+  if (!cluster_only && cuda::hc_mix_wide_fits(n_mix, K)) return cuda::kHcMixWide;
+  return cuda::hc_mix_cluster_fits(n_mix, K) ? cuda::kHcMixCluster : cuda::kHcMixTicket;
 }
 
 // DSV4_CUDA_HC_NORM=0: hc_pre_norm as two launches (hc_pre, then rms_norm) instead of the norm inside the cluster
@@ -50,8 +54,9 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
     hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
     hp.base = base, hp.scale = scale, hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
     hp.pre = pre, hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
-    const bool cluster = hc_cluster_decode(cuda::kHcMix, nd);
-    if (cluster) hp.kernel = cuda::kHcMixCluster, hp.a = a;  // the collapse spread over the cluster's CTAs
+    const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
+    const bool cluster = kernel != cuda::kHcMixTicket;
+    if (cluster) hp.kernel = kernel, hp.a = a;  // the collapse spread over the CTAs
     cuda::hc_mix_cuda(hp, stream_);
     if (!cluster) cuda::hc_collapse_cuda(X, pre, T, p.d, a, stream_);
     wrote(a, size_t(T) * p.d * sizeof(float));
@@ -77,8 +82,10 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
                               float norm_eps, float* a, float* post, float* comb) {
   check_hc(p);
   const int64_t nd = int64_t(p.n) * p.d;
-  if (!(hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) && hc_cluster_decode(cuda::kHcMix, nd) &&
-        cuda::hc_mix_cluster_norm_fits(cuda::kHcMix, nd))) {
+  const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
+  if (!(hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&
+        (kernel == cuda::kHcMixWide ||
+         (kernel == cuda::kHcMixCluster && cuda::hc_mix_cluster_norm_fits(cuda::kHcMix, nd))))) {
     hc_pre(w, p, X, T, a, post, comb);
     rms_norm(a, norm, T, p.d, norm_eps, a);
     return;
@@ -88,7 +95,7 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
   hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
   hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
   hp.pre = buffer(2, 4), hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
-  hp.kernel = cuda::kHcMixCluster, hp.a = a;
+  hp.kernel = kernel, hp.a = a;
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
   cuda::hc_mix_cuda(hp, stream_);
   wrote(a, size_t(T) * p.d * sizeof(float));
@@ -103,8 +110,10 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
                                    const WeightView* norm, float norm_eps, float* a, float* post, float* comb) {
   check_hc(p);
   const int64_t nd = int64_t(p.n) * p.d;
+  const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
   if (!(hc_post_fused() && hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&
-        hc_cluster_decode(cuda::kHcMix, nd) && cuda::hc_mix_cluster_post_fits(cuda::kHcMix, nd))) {
+        (kernel == cuda::kHcMixWide ||
+         (kernel == cuda::kHcMixCluster && cuda::hc_mix_cluster_post_fits(cuda::kHcMix, nd))))) {
     hc_post(p, y, post, comb, T, X);
     hc_pre_norm(w, p, X, T, norm, norm_eps, a, post, comb);
     return;
@@ -114,7 +123,7 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
   hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
   hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
   hp.pre = buffer(2, 4), hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
-  hp.kernel = cuda::kHcMixCluster, hp.a = a;
+  hp.kernel = kernel, hp.a = a;
   hp.post_y = y, hp.post_w = post, hp.post_comb = comb;  // read by every CTA before rank 0 writes the new ones
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
   cuda::hc_mix_cuda(hp, stream_);
@@ -138,7 +147,8 @@ void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float
     hp.fn = weight(w.fn), hp.n_mix = 4, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
     hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.eps = p.hc_eps, hp.w = hw;
     hp.workspace = hc_mix_workspace(nd);
-    if (hc_cluster_decode(4, nd)) {  // projection + head weights + collapse in one cluster launch
+    // Projection + head weights + collapse in one cluster launch (never the wide kernel: it is hc_pre only).
+    if (hc_decode_kernel(4, nd) != cuda::kHcMixTicket) {
       hp.kernel = cuda::kHcMixCluster, hp.a = h;
       cuda::hc_mix_cuda(hp, stream_);
       wrote(h, size_t(T) * p.d * sizeof(float));

@@ -471,6 +471,166 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
   cluster.barrier_wait();
 }
 
+// ---- wide variant (kHcMixWide, see hc.h) --------------------------------------------------------------------------
+// Why: the cluster kernel streams the 0.8 MB of fn (plus 256 KiB of X read and, with the fused hc_post, written)
+// through 16 SMs: ~64 KiB per SM, several DRAM round trips at one CTA's bytes in flight (measured 16.4 us per
+// hc_post_pre_norm, H200, bc36a53). Here d / 32 CTAs (128 for Flash) each own 32 dims of all 4 streams, i.e. 128
+// columns of fn: 6 KiB of weights + 2 KiB of X per SM, all issued before the first use (one round trip). The
+// hc_post is column-separable (a dim's new stream values need only that dim's old ones), so is the mix product and
+// the sum of squares; the per-CTA partials meet in global memory behind a grid barrier, after which EVERY CTA sums
+// them in the same fixed order (same bits everywhere) and runs the 4x4 Sinkhorn itself (no second round trip for a
+// broadcast), then collapses its 32 dims from shared memory. The norm's sum of squares of `a` takes one more
+// barrier. Latency chain: load round trip, ~1 us barrier, one L2 read of the partials, Sinkhorn (~1 us), collapse,
+// ~1 us barrier, one L2 read, store.
+// The grid barrier spins, so every CTA must be resident at once: hc_mix_wide_fits checks that the grid fits the
+// device at the kernel's occupancy. Under PDL this cannot deadlock: every CTA triggers as its first statement and
+// the dependent grid is launched only after all CTAs triggered, i.e. are resident; the predecessor's CTAs finish
+// without waiting on us.
+constexpr int kWideDims = 32;                 // dims per CTA: one per lane
+constexpr int kWideThreads = N * kWideDims;   // warp i computes stream i
+constexpr int kWideMaxCtas = 1024;
+constexpr size_t kWideSyncBytes = 128;        // barrier words (count, generation), padded to a cache line
+
+__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Sense-reversing grid barrier on sync[0] (arrival count, 0 between barriers) and sync[1] (generation): the last
+// CTA to arrive resets the count and bumps the generation. A CTA reads the generation before arriving; it cannot
+// change before this CTA arrives. The fences make every write of the CTA before the barrier visible to every CTA
+// after it (as cooperative_groups' grid sync does); readers then load with ld.cg (L2), never a stale L1 line.
+__device__ __forceinline__ void wide_grid_barrier(unsigned* sync, unsigned n_ctas) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned gen = ld_acquire_gpu(sync + 1);
+    __threadfence();
+    if (atomicAdd(sync, 1u) == n_ctas - 1) {
+      atomicExch(sync, 0u);
+      __threadfence();
+      atomicAdd(sync + 1, 1u);
+    } else {
+      while (ld_acquire_gpu(sync + 1) == gen) {
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// One token (T == 1). Grid d / 32, 128 threads: thread (warp i, lane l) owns column i d + k, k = 32 blockIdx.x + l.
+template <int M>
+__global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p, int64_t ws_offset) {
+  constexpr int kV = 32;  // values per warp sum (M + 1 padded)
+  static_assert(M + 1 <= kV, "hc_mix_wide_kernel: too many values");
+  __shared__ float red[N][kV];
+  __shared__ float xs[N][kWideDims];  // this CTA's (new) stream values
+  __shared__ float total[kV];
+  __shared__ float ctl[2 * N + N * N];
+  const unsigned G = gridDim.x;
+  const int r = int(blockIdx.x), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t d = p.K / N, k = int64_t(r) * kWideDims + lane, c = int64_t(warp) * d + k;
+  unsigned* sync = reinterpret_cast<unsigned*>(static_cast<uint8_t*>(p.workspace) + ws_offset);
+  float* part = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sync) + kWideSyncBytes);  // [G][M + 1]
+  float* npart = part + size_t(G) * (M + 1);                                                   // [G]
+  pdl_trigger();
+  const __half* fn = static_cast<const __half*>(p.fn);
+  __half h[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) h[j] = fn[j * p.K + c];  // weights: before the wait, all in flight together
+  const float wn = p.a_norm && p.a_norm_w && warp == 0 ? p.a_norm_w[k] : 1.0f;
+  pdl_wait();
+  float x;
+  if (p.post_y) {  // hc_post_kernel's value for (stream warp, dim k), written back to X in place
+    xs[warp][lane] = p.X[c];
+    const float yv = p.post_y[k];
+    __syncthreads();
+    float in[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) in[i] = xs[i][lane];
+    x = post_value(in, yv, p.post_w, p.post_comb, warp);
+    __syncthreads();  // every warp has read the old values before they are replaced
+    const_cast<float*>(p.X)[c] = x;
+  } else {
+    x = p.X[c];
+  }
+  xs[warp][lane] = x;
+  float acc[kV];
+#pragma unroll
+  for (int j = 0; j < kV; ++j) acc[j] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < M; ++j) acc[j] = __half2float(h[j]) * x;
+  acc[M] = x * x;
+  transposed_warp_sum<kV, kV, 16>(acc, lane);  // lane j: the warp's sum of value j
+  red[warp][lane] = acc[0];
+  __syncthreads();
+  if (threadIdx.x <= M) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < N; ++w) v += red[w][threadIdx.x];  // warp order
+    part[size_t(r) * (M + 1) + threadIdx.x] = v;
+  }
+  wide_grid_barrier(sync, G);
+  // Every CTA: the totals in one fixed order (thread l sums the rows l, l + 128, ... in order, then the warp tree,
+  // then the 4 warps in order), so every CTA holds the same bits.
+#pragma unroll
+  for (int j = 0; j < kV; ++j) acc[j] = 0.0f;
+  for (unsigned row = threadIdx.x; row < G; row += kWideThreads) {
+    float v[M + 1];
+#pragma unroll
+    for (int j = 0; j <= M; ++j) v[j] = __ldcg(part + size_t(row) * (M + 1) + j);
+#pragma unroll
+    for (int j = 0; j <= M; ++j) acc[j] += v[j];
+  }
+  transposed_warp_sum<kV, kV, 16>(acc, lane);
+  red[warp][lane] = acc[0];
+  __syncthreads();
+  if (threadIdx.x <= M) total[threadIdx.x] = ((red[0][threadIdx.x] + red[1][threadIdx.x]) + red[2][threadIdx.x]) +
+                                             red[3][threadIdx.x];
+  __syncthreads();
+  if (warp == 0) {
+    const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
+    if (r == 0 && lane == 0 && p.rs_out) p.rs_out[0] = rs;
+    if (r == 0 && p.mix_out && lane < M) p.mix_out[lane] = total[lane];
+    const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
+    sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, p.base, p.scale, p.iters, p.eps, ctl, ctl + N,
+                        ctl + 2 * N);
+  }
+  __syncthreads();
+  if (r == 0) {  // post_w / post_comb may alias post / comb: every CTA read them before the barrier above
+    if (threadIdx.x < N) p.pre[threadIdx.x] = ctl[threadIdx.x];
+    else if (threadIdx.x < 2 * N) p.post[threadIdx.x - N] = ctl[threadIdx.x];
+    else if (threadIdx.x < 2 * N + N * N) p.comb[threadIdx.x - 2 * N] = ctl[threadIdx.x];
+  }
+  float av = 0.0f;
+  if (warp == 0) {
+    float v[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = xs[i][lane];
+    av = collapse_value(v, ctl);
+    if (!p.a_norm) p.a[k] = av;
+  }
+  if (!p.a_norm) return;  // uniform over the grid
+  if (warp == 0) {
+    const float ss = warp_sum(av * av);
+    if (lane == 0) npart[r] = ss;
+  }
+  wide_grid_barrier(sync, G);
+  float v = 0.0f;
+  for (unsigned row = threadIdx.x; row < G; row += kWideThreads) v += __ldcg(npart + row);
+  v = warp_sum(v);
+  if (lane == 0) red[warp][0] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const float ss = ((red[0][0] + red[1][0]) + red[2][0]) + red[3][0];
+    const float scale = rsqrtf(ss / float(d) + p.a_norm_eps);
+    float y = av * scale;
+    if (p.a_norm_w) y *= wn;
+    p.a[k] = y;
+  }
+}
+
 // One thread per (token, dim): reads the 4 stream values of that dim.
 __global__ void hc_collapse_kernel(const float* X, const float* pre, int64_t n_tokens, int64_t d, float* a) {
   pdl_trigger();
@@ -612,8 +772,42 @@ bool hc_mix_cluster_norm_fits(int n_mix, int64_t K) {
   return hc_mix_cluster_fits(n_mix, K);
 }
 
-size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
+namespace {
+
+size_t ticket_bytes(int64_t n_tokens, int64_t K) {
   return size_t((n_tokens * 4 + 15) / 16 * 16) + size_t(n_tokens * mix_chunks(K) * (kHcMix + 1)) * sizeof(float);
+}
+int64_t wide_ctas(int64_t K) { return K / (N * kWideDims); }
+// The wide kernel's region sits after the 1-token ticket layout (the wide kernel is one-token only), so a buffer
+// sized for T == 1 serves both kernels; its barrier count is 0 between launches like the tickets.
+size_t wide_offset(int64_t K) { return (ticket_bytes(1, K) + 127) / 128 * 128; }
+size_t wide_bytes(int64_t K) { return kWideSyncBytes + size_t(wide_ctas(K)) * (kHcMix + 2) * sizeof(float); }
+
+// Whether `ctas` CTAs of the wide kernel can all be resident at once (its grid barrier spins). Cached: a driver
+// query, and hc_pre runs 86 times per decoded token.
+int64_t wide_resident_ctas() {
+  static const int64_t n = [] {
+    int dev = 0, sms = 0, per_sm = 0;
+    check(cudaGetDevice(&dev), "hc_mix_wide: device");
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "hc_mix_wide: SM count");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hc_mix_wide_kernel<kHcMix>, kWideThreads, 0),
+          "hc_mix_wide: occupancy");
+    return int64_t(sms) * per_sm;
+  }();
+  return n;
+}
+
+}  // namespace
+
+bool hc_mix_wide_fits(int n_mix, int64_t K) {
+  if (n_mix != kHcMix || K <= 0 || K % (N * kWideDims) != 0) return false;
+  const int64_t G = wide_ctas(K);
+  return G <= kWideMaxCtas && G <= wide_resident_ctas();
+}
+
+size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
+  const size_t ticket = ticket_bytes(n_tokens, K), wide = wide_offset(K) + wide_bytes(K);
+  return ticket > wide ? ticket : wide;
 }
 
 namespace {
@@ -630,11 +824,21 @@ void norm_rows(const HcMixParams& p, cudaStream_t stream) {
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (p.n_mix != kHcMix && p.n_mix != N) fail("hc_mix_cuda: n_mix=%d (24 for hc_pre, 4 for hc_head)", p.n_mix);
   if (p.K <= 0 || p.K % 2 != 0) fail("hc_mix_cuda: K=%lld must be positive and even", (long long)p.K);
-  if (p.kernel != kHcMixTicket && p.kernel != kHcMixCluster) fail("hc_mix_cuda: unknown kernel %d", p.kernel);
+  if (p.kernel != kHcMixTicket && p.kernel != kHcMixCluster && p.kernel != kHcMixWide)
+    fail("hc_mix_cuda: unknown kernel %d", p.kernel);
   const bool fuse_post = p.post_y || p.post_w || p.post_comb;
-  if (fuse_post && (!p.post_y || !p.post_w || !p.post_comb || p.kernel != kHcMixCluster || p.K % N != 0))
-    fail("hc_mix_cuda: a fused hc_post needs post_y, post_w, post_comb, the cluster kernel and K = %d x d", N);
-  const bool cluster = p.kernel == kHcMixCluster &&
+  if (fuse_post && (!p.post_y || !p.post_w || !p.post_comb || p.kernel == kHcMixTicket || p.K % N != 0))
+    fail("hc_mix_cuda: a fused hc_post needs post_y, post_w, post_comb, the cluster or wide kernel and K = %d x d", N);
+  if (p.kernel == kHcMixWide && p.n_tokens == 1 && p.a && hc_mix_wide_fits(p.n_mix, p.K)) {
+    if (!p.fn || !p.X || !p.base || !p.scale || !p.workspace || !p.pre || !p.post || !p.comb || p.iters < 1)
+      fail("hc_mix_cuda: the wide kernel needs fn, X, base, scale, workspace, pre, post, comb and iters >= 1");
+    launch_pdl("hc_mix_wide_kernel", hc_mix_wide_kernel<kHcMix>, dim3(unsigned(wide_ctas(p.K))), kWideThreads, 0,
+               stream, p, int64_t(wide_offset(p.K)));
+    return;
+  }
+  // The wide kernel's shape does not apply (several tokens, no fused collapse, hc_head, other widths): the cluster
+  // kernel (or its ticket fallback) instead.
+  const bool cluster = p.kernel != kHcMixTicket &&
                        (fuse_post ? hc_mix_cluster_post_fits(p.n_mix, p.K) : hc_mix_cluster_fits(p.n_mix, p.K));
   if (!p.fn || !p.X || !p.base || !p.scale || (!cluster && !p.workspace))
     fail("hc_mix_cuda: fn, X, base, scale and (ticket kernel) workspace needed");

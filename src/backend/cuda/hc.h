@@ -75,8 +75,8 @@ struct HcMixParams {
   float* a = nullptr;
   float* mix_out = nullptr;  // optional: raw mix [T, n_mix] (tests, diagnostics)
   float* rs_out = nullptr;   // optional: rs [T]
-  void* workspace = nullptr;  // the ticket kernel's (kernel == kHcMixTicket); unused by the cluster kernel
-  int kernel = 0;             // kHcMixTicket (default) or kHcMixCluster
+  void* workspace = nullptr;  // the ticket and wide kernels'; unused by the cluster kernel
+  int kernel = 0;             // kHcMixTicket (default), kHcMixCluster or kHcMixWide
   // Optional, with kernel == kHcMixCluster: the previous sublayer's hc_post applied to X IN PLACE first (X is
   // written through), X[t][o] = post_w[t][o] * post_y[t] + sum_i post_comb[t][i][o] * X[t][i] (equal to
   // hc_post_cuda bit for bit), and the control computed on the new X: the model's hc_post -> hc_pre pair in one
@@ -111,6 +111,20 @@ struct HcMixParams {
 // be placed on this device (hc_mix_cluster_fits false), hc_mix_cuda runs the ticket kernel (same results).
 inline constexpr int kHcMixTicket = 0;
 inline constexpr int kHcMixCluster = 1;
+// kHcMixWide (the backend's decode default for hc_pre / hc_pre_norm / hc_post_pre_norm; DSV4_CUDA_HC_KERNEL=cluster
+// or =ticket give the others back): one token, hc_pre (n_mix 24) with the fused collapse `a` (and optionally the
+// fused hc_post and a_norm), K = 4 d with d % 32 == 0. d / 32 CTAs (128 at Flash width instead of the cluster's 16)
+// each own 32 dims of all 4 streams: they read their 128 columns of fn (and X, updated in place by the fused
+// hc_post) with all loads in flight at once, publish 25 partial sums to the workspace, meet at a grid barrier
+// (every CTA resident: hc_mix_wide_fits checks the device can hold the grid), and every CTA then sums all partials
+// in one fixed order, runs the Sinkhorn, and collapses its own dims; a_norm adds a second barrier for the sum of
+// squares of `a`. Deterministic (no float atomics: every launch gives the same bits), but the fp32 summation order
+// of mix, rs and the norm differs from the ticket / cluster kernels, so results agree with them only to rounding
+// (tests/ops/hc_cluster_test.cpp states the bounds). Needs `workspace` (hc_mix_workspace_bytes(1, K) or more,
+// zeroed once; every launch leaves its barrier count at zero). Where the shape does not apply (T > 1, no `a`,
+// n_mix 4, other widths) hc_mix_cuda runs the cluster kernel's path instead.
+inline constexpr int kHcMixWide = 2;
+bool hc_mix_wide_fits(int n_mix, int64_t K);
 bool hc_mix_cluster_fits(int n_mix, int64_t K);
 bool hc_mix_cluster_post_fits(int n_mix, int64_t K);
 // a_norm inside the cluster launch without a fused hc_post (with one, every hc_mix_cluster_post_fits shape takes it:
