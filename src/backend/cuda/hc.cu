@@ -20,6 +20,12 @@ constexpr int N = kHcStreams;
 
 __device__ __forceinline__ float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
+// pre[i] of model-spec §4 from the RMS-scaled mix value: the one expression of sinkhorn_token_warp and of the wide
+// kernel's collapse weights, so both give the same bits.
+__device__ __forceinline__ float pre_value(float mix_pp, const float* scale, const float* base, int i, float eps) {
+  return sigmoidf_(mix_pp * scale[0] + base[i]) + eps;
+}
+
 // Steps 3-7 of model-spec §4 for one token on one warp. A single thread took ~9 us per token on the H200 (the
 // 4x4 Sinkhorn is 20 rounds of dependent sums and IEEE divisions: latency, not work), and hc_pre runs 86 times
 // per decoded token. Lane l < 16 holds c[i][o], i = l / 4, o = l % 4 (lanes 16-31 mirror them and write nothing);
@@ -31,7 +37,7 @@ __device__ void sinkhorn_token_warp(float mix_pp, float mix_c, const float* base
                                     float eps, float* pre, float* post, float* comb) {
   const int lane = threadIdx.x & 31, e = lane & 15, o = e & 3;
   const int row0 = lane & ~3, col0 = (lane & 16) | o;
-  if (lane < N) pre[lane] = sigmoidf_(mix_pp * scale[0] + base[lane]) + eps;
+  if (lane < N) pre[lane] = pre_value(mix_pp, scale, base, lane, eps);
   else if (lane < 2 * N) post[lane - N] = 2.0f * sigmoidf_(mix_pp * scale[1] + base[lane]);
   float c = mix_c * scale[2] + base[2 * N + e];
   float m = -INFINITY;
@@ -478,10 +484,11 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
 // columns of fn: 6 KiB of weights + 2 KiB of X per SM, all issued before the first use (one round trip). The
 // hc_post is column-separable (a dim's new stream values need only that dim's old ones), so is the mix product and
 // the sum of squares; the per-CTA partials meet in global memory behind a grid barrier, after which EVERY CTA sums
-// them in the same fixed order (same bits everywhere) and runs the 4x4 Sinkhorn itself (no second round trip for a
-// broadcast), then collapses its 32 dims from shared memory. The norm's sum of squares of `a` takes one more
-// barrier. Latency chain: load round trip, ~1 us barrier, one L2 read of the partials, Sinkhorn (~1 us), collapse,
-// ~1 us barrier, one L2 read, store.
+// them in the same fixed order (same bits everywhere), forms the collapse weights pre itself (no second round trip
+// for a broadcast) and collapses its 32 dims from shared memory; the 4x4 Sinkhorn (post / comb only) runs on one
+// warp of CTA 0 beside that. The norm's sum of squares of `a` takes one more barrier (warps 0 only). Latency
+// chain: load round trip, ~1 us barrier, one L2 read of the partials, 4 sigmoids, collapse, ~1 us barrier, one L2
+// read, store; the Sinkhorn (~1.5 us) overlaps the second barrier.
 // The grid barrier spins, so every CTA must be resident at once: hc_mix_wide_fits checks that the grid fits the
 // device at the kernel's occupancy. Under PDL this cannot deadlock: every CTA triggers as its first statement and
 // the dependent grid is launched only after all CTAs triggered, i.e. are resident; the predecessor's CTAs finish
@@ -497,25 +504,28 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
   return v;
 }
 
-// Sense-reversing grid barrier on sync[0] (arrival count, 0 between barriers) and sync[1] (generation): the last
-// CTA to arrive resets the count and bumps the generation. A CTA reads the generation before arriving; it cannot
-// change before this CTA arrives. The fences make every write of the CTA before the barrier visible to every CTA
-// after it (as cooperative_groups' grid sync does); readers then load with ld.cg (L2), never a stale L1 line.
+// Sense-reversing grid barrier on sync[0] (arrival count, 0 between barriers) and sync[1] (generation), run by ONE
+// thread per CTA: the last CTA to arrive resets the count and bumps the generation. A CTA reads the generation
+// before arriving; it cannot change before this CTA arrives. The fences make every write the CTA ordered before
+// the call (its own, or its block's behind a __syncthreads) visible to every CTA after it, as cooperative_groups'
+// grid sync does; readers then load with ld.cg (L2), never a stale L1 line.
+__device__ __forceinline__ void grid_barrier_one_thread(unsigned* sync, unsigned n_ctas) {
+  const unsigned gen = ld_acquire_gpu(sync + 1);
+  __threadfence();
+  if (atomicAdd(sync, 1u) == n_ctas - 1) {
+    atomicExch(sync, 0u);
+    __threadfence();
+    atomicAdd(sync + 1, 1u);
+  } else {
+    while (ld_acquire_gpu(sync + 1) == gen) {
+    }
+  }
+  __threadfence();
+}
+
 __device__ __forceinline__ void wide_grid_barrier(unsigned* sync, unsigned n_ctas) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned gen = ld_acquire_gpu(sync + 1);
-    __threadfence();
-    if (atomicAdd(sync, 1u) == n_ctas - 1) {
-      atomicExch(sync, 0u);
-      __threadfence();
-      atomicAdd(sync + 1, 1u);
-    } else {
-      while (ld_acquire_gpu(sync + 1) == gen) {
-      }
-    }
-    __threadfence();
-  }
+  if (threadIdx.x == 0) grid_barrier_one_thread(sync, n_ctas);
   __syncthreads();
 }
 
@@ -527,7 +537,8 @@ __global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p
   __shared__ float red[N][kV];
   __shared__ float xs[N][kWideDims];  // this CTA's (new) stream values
   __shared__ float total[kV];
-  __shared__ float ctl[2 * N + N * N];
+  __shared__ float ctl[N];  // the Sinkhorn's pre output (unused: pre_value gives the same bits on warp 0)
+  __shared__ float cbase[kHcMix], cscale[3];  // loaded before the wait: off the post-barrier critical path
   const unsigned G = gridDim.x;
   const int r = int(blockIdx.x), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t d = p.K / N, k = int64_t(r) * kWideDims + lane, c = int64_t(warp) * d + k;
@@ -540,6 +551,8 @@ __global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p
 #pragma unroll
   for (int j = 0; j < M; ++j) h[j] = fn[j * p.K + c];  // weights: before the wait, all in flight together
   const float wn = p.a_norm && p.a_norm_w && warp == 0 ? p.a_norm_w[k] : 1.0f;
+  if (threadIdx.x < kHcMix) cbase[threadIdx.x] = p.base[threadIdx.x];
+  else if (threadIdx.x < kHcMix + 3) cscale[threadIdx.x - kHcMix] = p.scale[threadIdx.x - kHcMix];
   pdl_wait();
   float x;
   if (p.post_y) {  // hc_post_kernel's value for (stream warp, dim k), written back to X in place
@@ -589,46 +602,55 @@ __global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p
   if (threadIdx.x <= M) total[threadIdx.x] = ((red[0][threadIdx.x] + red[1][threadIdx.x]) + red[2][threadIdx.x]) +
                                              red[3][threadIdx.x];
   __syncthreads();
-  if (warp == 0) {
+  // Only the collapse weights pre (4 sigmoids) are on the critical path; the 20-round Sinkhorn (~1.5 us of
+  // dependent shuffles and reciprocals) only makes post / comb, so CTA 0's warp 1 runs it beside warp 0's collapse
+  // and norm barrier, and the other CTAs skip it. The remaining warps are done.
+  if (warp == 1 && r == 0) {
     const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
-    if (r == 0 && lane == 0 && p.rs_out) p.rs_out[0] = rs;
-    if (r == 0 && p.mix_out && lane < M) p.mix_out[lane] = total[lane];
     const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
-    sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, p.base, p.scale, p.iters, p.eps, ctl, ctl + N,
-                        ctl + 2 * N);
+    sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, cbase, cscale, p.iters, p.eps, ctl, p.post, p.comb);
   }
-  __syncthreads();
+  if (warp != 0) return;
+  const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
+  const float pv = lane < N ? pre_value(total[lane] * rs, cscale, cbase, lane, p.eps) : 0.0f;
   if (r == 0) {  // post_w / post_comb may alias post / comb: every CTA read them before the barrier above
-    if (threadIdx.x < N) p.pre[threadIdx.x] = ctl[threadIdx.x];
-    else if (threadIdx.x < 2 * N) p.post[threadIdx.x - N] = ctl[threadIdx.x];
-    else if (threadIdx.x < 2 * N + N * N) p.comb[threadIdx.x - 2 * N] = ctl[threadIdx.x];
+    if (lane < N) p.pre[lane] = pv;
+    if (lane == 0 && p.rs_out) p.rs_out[0] = rs;
+    if (p.mix_out && lane < M) p.mix_out[lane] = total[lane];
   }
-  float av = 0.0f;
-  if (warp == 0) {
-    float v[N];
+  float wts[N], v[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = xs[i][lane];
-    av = collapse_value(v, ctl);
-    if (!p.a_norm) p.a[k] = av;
+  for (int i = 0; i < N; ++i) wts[i] = __shfl_sync(kFullMask, pv, i), v[i] = xs[i][lane];
+  const float av = collapse_value(v, wts);
+  if (!p.a_norm) {  // uniform over the grid
+    p.a[k] = av;
+    return;
   }
-  if (!p.a_norm) return;  // uniform over the grid
-  if (warp == 0) {
-    const float ss = warp_sum(av * av);
-    if (lane == 0) npart[r] = ss;
+  // The norm's sum of squares of a: one warp sum per CTA, a grid barrier among warps 0 (lane 0 wrote npart[r]
+  // itself, so its fences order it), then every CTA's warp 0 sums the G partials in one fixed order.
+  const float ss = warp_sum(av * av);
+  if (lane == 0) {
+    npart[r] = ss;
+    grid_barrier_one_thread(sync, G);
   }
-  wide_grid_barrier(sync, G);
-  float v = 0.0f;
-  for (unsigned row = threadIdx.x; row < G; row += kWideThreads) v += __ldcg(npart + row);
-  v = warp_sum(v);
-  if (lane == 0) red[warp][0] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const float ss = ((red[0][0] + red[1][0]) + red[2][0]) + red[3][0];
-    const float scale = rsqrtf(ss / float(d) + p.a_norm_eps);
-    float y = av * scale;
-    if (p.a_norm_w) y *= wn;
-    p.a[k] = y;
+  __syncwarp();
+  constexpr int kRows = 8;  // partial loads in flight per lane before the adds
+  float sum = 0.0f;
+  for (unsigned row0 = 0; row0 < G; row0 += 32 * kRows) {
+    float buf[kRows];
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      const unsigned row = row0 + u * 32 + lane;
+      buf[u] = row < G ? __ldcg(npart + row) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) sum += buf[u];
   }
+  sum = warp_sum(sum);
+  const float scale = rsqrtf(sum / float(d) + p.a_norm_eps);
+  float y = av * scale;
+  if (p.a_norm_w) y *= wn;
+  p.a[k] = y;
 }
 
 // One thread per (token, dim): reads the 4 stream values of that dim.

@@ -117,9 +117,10 @@ inline constexpr int kHcMixCluster = 1;
 // each own 32 dims of all 4 streams: they read their 128 columns of fn (and X, updated in place by the fused
 // hc_post) with all loads in flight at once, publish 25 partial sums to the workspace, meet at a grid barrier
 // (every CTA resident: hc_mix_wide_fits checks the device can hold the grid), and every CTA then sums all partials
-// in one fixed order, runs the Sinkhorn, and collapses its own dims; a_norm adds a second barrier for the sum of
-// squares of `a`. Deterministic (no float atomics: every launch gives the same bits), but the fp32 summation order
-// of mix, rs and the norm differs from the ticket / cluster kernels, so results agree with them only to rounding
+// in one fixed order, forms pre, and collapses its own dims (CTA 0 runs the Sinkhorn for post / comb meanwhile);
+// a_norm adds a second barrier for the sum of squares of `a`. Deterministic (no float atomics: every launch gives
+// the same bits), but the fp32 summation order of mix, rs and the norm differs from the ticket / cluster kernels,
+// so results agree with them only to rounding
 // (tests/ops/hc_cluster_test.cpp states the bounds). Needs `workspace` (hc_mix_workspace_bytes(1, K) or more,
 // zeroed once; every launch leaves its barrier count at zero). Where the shape does not apply (T > 1, no `a`,
 // n_mix 4, other widths) hc_mix_cuda runs the cluster kernel's path instead.
