@@ -175,6 +175,39 @@ Row hc_post_row(int n_mix, cudaStream_t s) {
   return r;
 }
 
+// The backend's decode HC launches (session 9): the cluster kernel (DSV4_CUDA_HC_KERNEL=cluster) vs the wide kernel
+// (kHcMixWide, the default: 128 CTAs and a grid barrier), both one launch with the collapse fused, `post` adding
+// the previous sublayer's hc_post (hc_post_pre_norm) and `norm` the attn / ffn norm of `a` (hc_pre_norm).
+Row hc_wide_row(bool post, bool norm, cudaStream_t s) {
+  const int64_t K = 16384, d = K / 4, fn_bytes = 24 * K * 2;
+  DeviceArray<uint8_t> fn(size_t(fn_bytes * kReps));
+  random_device_weights(QType::F16, fn.get(), fn.size(), 97u);
+  check(cudaDeviceSynchronize(), "weights");
+  std::vector<float> hbase(24, 0.1f), hscale = {0.5f, 0.5f, 0.5f}, hpost(4, 0.5f), hcomb(16, 0.25f);
+  DeviceArray<float> X = random_floats(size_t(K), 7), y = random_floats(size_t(d), 8), nw = random_floats(size_t(d), 9);
+  DeviceArray<float> base{std::span<const float>(hbase)}, scale{std::span<const float>(hscale)};
+  DeviceArray<float> pw{std::span<const float>(hpost)}, pc{std::span<const float>(hcomb)}, out(64), a{size_t(d)};
+  DeviceArray<uint8_t> ws(hc_mix_workspace_bytes(1, K));
+  ws.fill_bytes(0);
+  auto seq = [&](int kernel) {
+    return [&, kernel](int i) {
+      HcMixParams p;
+      p.fn = fn.get() + i * fn_bytes, p.n_mix = 24, p.X = X.get(), p.K = K, p.n_tokens = 1, p.base = base.get();
+      p.scale = scale.get(), p.pre = out.get(), p.post = out.get() + 4, p.comb = out.get() + 8;
+      p.workspace = ws.get(), p.kernel = kernel, p.a = a.get();
+      if (post) p.post_y = y.get(), p.post_w = pw.get(), p.post_comb = pc.get();  // X stays bounded (see above)
+      if (norm) p.a_norm = true, p.a_norm_w = nw.get();
+      hc_mix_cuda(p, s);
+    };
+  };
+  std::string name = std::string(post ? "hc_post+" : "") + "hc_pre" + (norm ? "+norm" : "") + " (cluster->wide)";
+  if (!hc_mix_wide_fits(24, K)) name += " FELL BACK";
+  Row r{name, 1, 1, {}, {}};
+  r.before = time_seq(s, seq(kHcMixCluster));
+  r.after = time_seq(s, seq(kHcMixWide));
+  return r;
+}
+
 // The attention / FFN input norm: 4096 wide, weighted, in place; its output feeds the Q8_0 projections.
 Row norm_row(cudaStream_t s) {
   const int n = 4096;
@@ -290,6 +323,9 @@ int main(int argc, char** argv) {
     }
     print_row(hc_post_row(24, s), card, csv);
     print_row(hc_post_row(4, s), card, csv);
+    print_row(hc_wide_row(false, false, s), card, csv);  // hc_pre
+    print_row(hc_wide_row(false, true, s), card, csv);   // hc_pre_norm
+    print_row(hc_wide_row(true, true, s), card, csv);    // hc_post_pre_norm
     print_row(norm_only_row(s), card, csv);
     print_row(norm_row(s), card, csv);
     print_row(qa_norm_row(s), card, csv);
