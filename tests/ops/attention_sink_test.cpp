@@ -3,6 +3,7 @@
 // contexts 1k..64k, decode (split-K + combine) and prefill (one split, fused sink), forced split counts too.
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 
 #include "backend/cpu/attention_cpu.h"
@@ -26,6 +27,7 @@ struct Case {
   int H = 64;
   float q_sigma = 1.0f;  // 4: logits with std ~4, a peaked softmax (probabilities spanning many binades)
   bool qat_kv = false;   // KV rows on the FP8 grid in their first 448 dims, as the model stores them
+  bool ticket = true;    // SinkAttnLaunch::split_ticket (false: the separate combine kernel)
 };
 
 // The model's KV rows: FP8 QAT round trip (blocks of 64) on the non-rotary dims 0..447.
@@ -35,7 +37,8 @@ void qat_rows(std::vector<float>& rows, int dh) {
 
 // Runs one case on both sides. Inputs are N(0,1) like normalized q/kv rows; scale 1/sqrt(512) makes logits
 // O(1). Selected rows: a random ascending subset of min(K, visible) rows per token (the indexer's contract).
-void run_case(const Case& c) {
+// Returns the device output.
+std::vector<float> run_case(const Case& c) {
   constexpr int dh = 512, W = 128, K = 512;
   const int H = c.H;
   const int64_t p_end = c.pos0 + c.T;
@@ -96,6 +99,7 @@ void run_case(const Case& c) {
   if (c.ratio == 4) L.comp_idx = d_sel.get(), L.top_k = K;
   L.rows_per_split = c.rows_per_split;
   L.impl = c.impl;
+  L.split_ticket = c.ticket;
   DeviceArray<float> d_scratch(size_t(cuda::sink_attention_scratch_floats(L)));
   cuda::sink_attention_cuda(L, d_scratch.get(), nullptr);
   const auto out = d_out.download();
@@ -109,6 +113,7 @@ void run_case(const Case& c) {
   std::printf("  %-44s impl %d: rel-L2 %.3g, max abs %.3g\n", c.name, int(c.impl), rel, mx);
   EXPECT_LE(rel, 2e-5) << c.name;
   EXPECT_LE(mx, 5e-5) << c.name;
+  return out;
 }
 
 TEST(CudaAttention, SinkDecodeCsaContexts) {
@@ -170,6 +175,48 @@ TEST(CudaAttention, SinkTensorCore) {
   run_case({"tc qat rows, hca chunk at 8000", 8000, 40, 128, 0, kTc, 64, 1.0f, true});
   run_case({"tc qat rows, peaked, sliding", 100, 37, 0, 0, kTc, 64, 4.0f, true});
   run_case({"fp32 qat rows, csa decode 8k", 8191, 1, 4, 0, cuda::SinkAttnImpl::CudaCore, 64, 1.0f, true});
+}
+
+// Splits combined by the last CTA of each head group (the default for 2..8 splits) against the separate combine
+// kernel: the combine performs the kernel's float operations in the same order, so the outputs must be bitwise
+// equal (both are also held to the CPU bounds by run_case). Cases run back to back, so each relies on the
+// previous launch having reset the arrival counters (a stale counter leaves heads unwritten: NaN poison).
+// Flash decode at 2k (HCA 144 rows in 5 splits, sliding 51 rows in 2), CSA with 96-row splits (7), 8 and 20
+// heads (a partial group), a prefill chunk with 128-row splits, a peaked softmax on FP8-grid rows; then shapes
+// that keep the combine kernel (CSA at 2k: 20 splits; the first token: one split).
+TEST(CudaAttention, SinkSplitTicketEqualsCombineKernel) {
+  DSV4_REQUIRE_CUDA();
+  constexpr auto kCore = cuda::SinkAttnImpl::CudaCore;
+  auto ticket_taken = [](const Case& c) {
+    cuda::SinkAttnLaunch L;  // shape-only query: any non-null row pointers
+    L.T = c.T, L.H = c.H, L.dh = 512, L.pos0 = c.pos0, L.window = 128, L.impl = c.impl;
+    L.kv_new = L.ring = reinterpret_cast<const float*>(16);
+    if (c.ratio > 0) L.comp = L.kv_new, L.ratio = c.ratio;
+    if (c.ratio == 4) L.comp_idx = reinterpret_cast<const int32_t*>(16), L.top_k = 512;
+    L.rows_per_split = c.rows_per_split;
+    return cuda::sink_attention_uses_split_ticket(L);
+  };
+  const Case with[] = {Case{"hca decode 2k", 2047, 1, 128},
+                       Case{"sliding decode", 50, 1, 0},
+                       Case{"hca decode 2k, again", 2050, 1, 128},
+                       Case{"csa decode 2k, 96-row splits", 2047, 1, 4, 96, kCore},
+                       Case{"20 heads (a partial group), 96-row splits", 3000, 1, 4, 96, kCore, 20},
+                       Case{"8 heads, 32-row splits", 700, 1, 128, 32, kCore, 8},
+                       Case{"prefill, 128-row splits", 4000, 16, 4, 128, kCore},
+                       Case{"peaked qat rows, csa 8k, 96-row splits", 8191, 1, 4, 96, kCore, 64, 4.0f, true}};
+  const Case without[] = {Case{"csa decode 2k", 2047, 1, 4}, Case{"first token", 0, 1, 4}};
+  for (const Case& c : with) EXPECT_TRUE(ticket_taken(c)) << c.name;
+  for (const Case& c : without) EXPECT_FALSE(ticket_taken(c)) << c.name;
+  for (const Case& base : with) {
+    Case c = base;
+    c.ticket = true;
+    const auto fused = run_case(c);
+    c.ticket = false;
+    const auto two = run_case(c);
+    ASSERT_EQ(fused.size(), two.size());
+    EXPECT_EQ(std::memcmp(fused.data(), two.data(), fused.size() * sizeof(float)), 0) << c.name;
+  }
+  for (const Case& c : without) run_case(c);
 }
 
 TEST(CudaAttention, SinkRejectsBadShapes) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
@@ -118,7 +119,66 @@ __device__ __forceinline__ void butterfly_step(float (&d)[kHeadsPerCta * 4], int
 // Warp w loads tile rows w, w+8, w+16, w+24 (the next tile's while the current one is consumed) and dots them
 // with the 8 heads' queries; the 32 (head, row) partial sums of a lane are reduced across the warp by a
 // transposing butterfly (31 shuffles, lane l ends with pair l) instead of 32 separate warp sums.
-__global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part) {
+// Split arrival counters of the last-CTA combine (SinkAttnLaunch::split_ticket): one per (token, head group),
+// zero between launches (the last CTA of a slot resets its counter). Process-wide: two split launches running
+// concurrently on different streams must not both use them (the backend runs attention on its one stream).
+constexpr int kTicketSlots = 512;
+// One CTA per head group combines: it reads 8 heads x splits x dh floats alone (a 20-split CSA decode at 2k:
+// 320 KiB through one SM's L2 port, ~3 us), while the combine kernel spreads them over T x H CTAs. Up to 8 splits
+// (HCA and sliding decode at 2k: 5 and 2 splits, <= 128 KiB) the saved launch should outweigh that.
+constexpr int kTicketMaxSplits = 8;
+__device__ unsigned g_split_tickets[kTicketSlots];
+
+// The combine of sink_attn_combine_kernel for head h by one warp, the same float operations in the same order
+// (so the same bits): w holds 2 * n_split floats of this warp's shared memory. Partials are read with
+// ld.global.cg: other SMs wrote them during this kernel and this SM's L1 may hold older lines of the scratch.
+__device__ __forceinline__ void combine_head_warp(const SinkAttnLaunch& p, int n_split, const float* part, int t,
+                                                  int h, int lane, float* w) {
+  const int dh4 = p.dh / 4;
+  const int64_t th = int64_t(t) * p.H + h, stride = int64_t(p.T) * p.H;
+  const float* ms = part + int64_t(n_split) * p.T * p.H * p.dh;
+  const float sink = p.sinks[h];
+  for (int c = lane; c < n_split; c += 32) {
+    w[c] = __ldcg(ms + 2 * (c * stride + th));
+    w[n_split + c] = __ldcg(ms + 2 * (c * stride + th) + 1);
+  }
+  __syncwarp();
+  float M = sink;
+  for (int c = 0; c < n_split; ++c) M = fmaxf(M, w[c]);
+  __syncwarp();  // every lane has read the maxima before they are replaced by weights
+  for (int c = lane; c < n_split; c += 32) {
+    const float mc = w[c];
+    w[c] = mc == -INFINITY ? 0.0f : expf(mc - M);  // a split without rows weighs nothing
+  }
+  __syncwarp();
+  float den = expf(sink - M);
+  for (int c = 0; c < n_split; ++c) den += w[c] * w[n_split + c];
+  const float f = 1.0f / den;
+  // Splits outer, the lane's dh/128 float4 inner: kMaxF4 independent loads per split in flight (each output
+  // element still sums the splits in ascending order, as the combine kernel).
+  float4 o[kMaxF4];
+#pragma unroll
+  for (int k = 0; k < kMaxF4; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4* src = reinterpret_cast<const float4*>(part) + th * dh4 + lane;
+#pragma unroll 2
+  for (int c = 0; c < n_split; ++c) {
+    const float wc = w[c];  // the same in every lane: a uniform branch
+    if (wc == 0.0f) continue;
+#pragma unroll
+    for (int k = 0; k < kMaxF4; ++k)
+      if (lane + 32 * k < dh4) fma4(o[k], wc, __ldcg(src + c * stride * dh4 + 32 * k));
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxF4; ++k) {
+    const int j = lane + 32 * k;
+    if (j < dh4)
+      reinterpret_cast<float4*>(p.out)[th * dh4 + j] =
+          derotate4(p, p.pos0 + t, 4 * j, make_float4(o[k].x * f, o[k].y * f, o[k].z * f, o[k].w * f));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part,
+                                                                 int ticket) {
   pdl_trigger();
   pdl_wait();  // PDL (pdl.cuh): every input may come from the previous kernel
   extern __shared__ float4 smem4[];
@@ -205,6 +265,39 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
   }
 
   store_ring_row(p);  // here, not at the start: there the tile loads' 64 registers are live (ptxas spilled)
+  if (ticket) {  // last-CTA combine: no warp may return before the CTA's arrival is counted
+    if (warp < nh) {
+      const int64_t slot = (int64_t(split) * p.T + t) * p.H + h0 + warp;
+      float4* o = reinterpret_cast<float4*>(part) + slot * dh4;
+#pragma unroll
+      for (int k = 0; k < kMaxF4; ++k) {
+        const int j = lane + 32 * k;
+        if (j < dh4) o[j] = acc[k];
+      }
+      if (lane == 0) {
+        float* ms = part + int64_t(gridDim.z) * p.T * p.H * p.dh;
+        ms[2 * slot] = m;
+        ms[2 * slot + 1] = s;
+      }
+    }
+    __threadfence();  // this thread's partial is visible device-wide before the arrival below
+    __syncthreads();
+    __shared__ int s_last;
+    if (threadIdx.x == 0) {
+      unsigned* cnt = g_split_tickets + int64_t(t) * gridDim.y + blockIdx.y;
+      const bool last = atomicAdd(cnt, 1u) == gridDim.z - 1;
+      if (last) *cnt = 0u;  // every split has arrived: ready for the next launch
+      s_last = last;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // acquire side: the other splits' partials, counted above, are read after this
+    if (warp < nh) {
+      float* w = reinterpret_cast<float*>(tile) + warp * 2 * int(gridDim.z);  // the tile is no longer read
+      combine_head_warp(p, int(gridDim.z), part, t, h0 + warp, lane, w);
+    }
+    return;
+  }
   if (warp >= nh) return;
   const int h = h0 + warp;
   if (gridDim.z == 1) {  // the only split: add the sink and normalize here
@@ -506,12 +599,29 @@ bool use_tensor_cores(const SinkAttnLaunch& p) {
 
 void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream);
 
+// The last-CTA combine instead of sink_attn_combine_kernel (SinkAttnLaunch::split_ticket): several splits, the
+// slots and per-warp weights fit, and DSV4_CUDA_ATTN_TICKET=0 (read once) does not turn it off.
+bool use_split_ticket(const SinkAttnLaunch& p, int ns) {
+  static const bool env_on = [] {
+    const char* e = std::getenv("DSV4_CUDA_ATTN_TICKET");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  const int64_t slots = int64_t(p.T) * ((p.H + kHeadsPerCta - 1) / kHeadsPerCta);
+  return env_on && p.split_ticket && ns > 1 && ns <= kTicketMaxSplits && slots <= kTicketSlots &&
+         2 * kHeadsPerCta * ns <= kTile * p.dh;  // per-warp weights in the freed tile
+}
+
 int n_splits(const SinkAttnLaunch& p) {
   const int64_t rps = rows_per_split(p);
   return int(std::max<int64_t>(1, (max_rows(p) + rps - 1) / rps));
 }
 
 }  // namespace
+
+bool sink_attention_uses_split_ticket(const SinkAttnLaunch& p) {
+  validate(p);
+  return p.T > 0 && !use_tensor_cores(p) && use_split_ticket(p, n_splits(p));
+}
 
 int64_t sink_attention_scratch_floats(const SinkAttnLaunch& p) {
   validate(p);
@@ -576,8 +686,9 @@ void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream
   }();
   (void)attr_set;
   dim3 grid(unsigned(p.T), unsigned((p.H + kHeadsPerCta - 1) / kHeadsPerCta), unsigned(ns));
-  launch_pdl("sink_attn_kernel", sink_attn_kernel, grid, dim3(kThreads), smem, stream, p, rps, scratch);
-  if (ns > 1) {
+  const int ticket = use_split_ticket(p, ns) ? 1 : 0;
+  launch_pdl("sink_attn_kernel", sink_attn_kernel, grid, dim3(kThreads), smem, stream, p, rps, scratch, ticket);
+  if (ns > 1 && !ticket) {
     // One block per (token, head): dh/4 threads (at least a warp), the splits' weights in shared memory.
     const unsigned threads = unsigned(std::max(32, (p.dh / 4 + 31) / 32 * 32));
     launch_pdl("sink_attn_combine_kernel", sink_attn_combine_kernel, dim3(unsigned(int64_t(p.T) * p.H)), dim3(threads),

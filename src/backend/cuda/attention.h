@@ -76,6 +76,12 @@ struct SinkAttnLaunch {
   int n_rot = 0;
   double omega[kAttnMaxRotPairs] = {};
   float* ring_out = nullptr;
+  // Split combine in the attention kernel (CUDA-core path with 2..8 splits, T x head groups <= 512): each CTA writes its partial as before, then counts its arrival on a device counter of its (token,
+  // head group); the last CTA to arrive combines the group's heads with sink_attn_combine_kernel's float
+  // operations (same bits), so decode runs one launch instead of two. false, or DSV4_CUDA_ATTN_TICKET=0 (read
+  // once), launches the combine kernel. The counters are process-wide: no two such launches may run
+  // concurrently on different streams.
+  bool split_ticket = true;
 };
 
 // ring slot (p0 + t) mod W = kv[t] for the last min(T, W) tokens (rows of dim floats): at most two device copies.
@@ -85,5 +91,7 @@ void window_store_cuda(float* ring, int W, int dim, const float* kv, int T, int6
 // CUDA graph) allocates once; sink_attention_scratch_floats() says how many floats a call needs (0: none).
 int64_t sink_attention_scratch_floats(const SinkAttnLaunch& p);
 void sink_attention_cuda(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream);
+// Whether sink_attention_cuda(p) combines its splits in the attention kernel (split_ticket; tests).
+bool sink_attention_uses_split_ticket(const SinkAttnLaunch& p);
 
 }  // namespace dsv4::cuda
