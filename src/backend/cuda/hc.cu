@@ -496,36 +496,36 @@ __global__ void __launch_bounds__(kClusterThreads, 2) hc_mix_cluster_kernel(HcMi
 constexpr int kWideDims = 32;                 // dims per CTA: one per lane
 constexpr int kWideThreads = N * kWideDims;   // warp i computes stream i
 constexpr int kWideMaxCtas = 1024;
-constexpr size_t kWideSyncBytes = 128;        // barrier words (count, generation), padded to a cache line
+constexpr size_t kWideSyncBytes = 128;        // the barrier's arrival count, padded to a cache line
 
-__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ unsigned long long ld_acquire_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
-// Sense-reversing grid barrier on sync[0] (arrival count, 0 between barriers) and sync[1] (generation), run by ONE
-// thread per CTA: the last CTA to arrive resets the count and bumps the generation. A CTA reads the generation
-// before arriving; it cannot change before this CTA arrives. The fences make every write the CTA ordered before
-// the call (its own, or its block's behind a __syncthreads) visible to every CTA after it, as cooperative_groups'
-// grid sync does; readers then load with ld.cg (L2), never a stale L1 line.
-__device__ __forceinline__ void grid_barrier_one_thread(unsigned* sync, unsigned n_ctas) {
-  const unsigned gen = ld_acquire_gpu(sync + 1);
+// Grid barrier on a monotonic 64-bit arrival count (never wraps), run by ONE thread per CTA: a CTA's arrival number
+// `old` says which barrier it is in, and it waits until the count reaches the end of that barrier's block of G.
+// Why not a sense-reversing barrier: its last arriver's reset + fence + generation bump are three dependent L2
+// operations on the critical path; here the last arrival itself releases everyone (one atomic per CTA). It needs
+// the count to be a multiple of G between launches: every launch adds exactly G or 2 G, so one workspace must
+// serve one K (the backend's serves one model width). The fences make every write the CTA ordered before the call
+// (its own, or its block's behind a __syncthreads) visible to every CTA after it, as cooperative_groups' grid sync
+// does; readers then load with ld.cg (L2), never a stale L1 line.
+__device__ __forceinline__ void grid_barrier_one_thread(unsigned long long* count, unsigned n_ctas) {
   __threadfence();
-  if (atomicAdd(sync, 1u) == n_ctas - 1) {
-    atomicExch(sync, 0u);
-    __threadfence();
-    atomicAdd(sync + 1, 1u);
-  } else {
-    while (ld_acquire_gpu(sync + 1) == gen) {
+  const unsigned long long old = atomicAdd(count, 1ull);
+  const unsigned long long target = (old / n_ctas + 1) * n_ctas;
+  if (old + 1 != target) {
+    while (ld_acquire_gpu(count) < target) {
     }
   }
   __threadfence();
 }
 
-__device__ __forceinline__ void wide_grid_barrier(unsigned* sync, unsigned n_ctas) {
+__device__ __forceinline__ void wide_grid_barrier(unsigned long long* count, unsigned n_ctas) {
   __syncthreads();
-  if (threadIdx.x == 0) grid_barrier_one_thread(sync, n_ctas);
+  if (threadIdx.x == 0) grid_barrier_one_thread(count, n_ctas);
   __syncthreads();
 }
 
@@ -542,7 +542,7 @@ __global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p
   const unsigned G = gridDim.x;
   const int r = int(blockIdx.x), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t d = p.K / N, k = int64_t(r) * kWideDims + lane, c = int64_t(warp) * d + k;
-  unsigned* sync = reinterpret_cast<unsigned*>(static_cast<uint8_t*>(p.workspace) + ws_offset);
+  auto* sync = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(p.workspace) + ws_offset);
   float* part = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sync) + kWideSyncBytes);  // [G][M + 1]
   float* npart = part + size_t(G) * (M + 1);                                                   // [G]
   pdl_trigger();
@@ -801,7 +801,7 @@ size_t ticket_bytes(int64_t n_tokens, int64_t K) {
 }
 int64_t wide_ctas(int64_t K) { return K / (N * kWideDims); }
 // The wide kernel's region sits after the 1-token ticket layout (the wide kernel is one-token only), so a buffer
-// sized for T == 1 serves both kernels; its barrier count is 0 between launches like the tickets.
+// sized for T == 1 serves both kernels; its barrier count is a multiple of the grid size between launches.
 size_t wide_offset(int64_t K) { return (ticket_bytes(1, K) + 127) / 128 * 128; }
 size_t wide_bytes(int64_t K) { return kWideSyncBytes + size_t(wide_ctas(K)) * (kHcMix + 2) * sizeof(float); }
 

@@ -122,7 +122,8 @@ inline constexpr int kHcMixCluster = 1;
 // the same bits), but the fp32 summation order of mix, rs and the norm differs from the ticket / cluster kernels,
 // so results agree with them only to rounding
 // (tests/ops/hc_cluster_test.cpp states the bounds). Needs `workspace` (hc_mix_workspace_bytes(1, K) or more,
-// zeroed once; every launch leaves its barrier count at zero). Where the shape does not apply (T > 1, no `a`,
+// zeroed once, and one workspace serves one K: its grid-barrier count stays a multiple of the grid size between
+// launches, hc.cu grid_barrier_one_thread). Where the shape does not apply (T > 1, no `a`,
 // n_mix 4, other widths) hc_mix_cuda runs the cluster kernel's path instead.
 inline constexpr int kHcMixWide = 2;
 bool hc_mix_wide_fits(int n_mix, int64_t K);
