@@ -517,7 +517,11 @@ __device__ __forceinline__ void grid_barrier_one_thread(unsigned long long* coun
   const unsigned long long old = atomicAdd(count, 1ull);
   const unsigned long long target = (old / n_ctas + 1) * n_ctas;
   if (old + 1 != target) {
+    // A barrier that never completes (a CTA that could not become resident: hc_mix_wide_fits should rule that out)
+    // traps after ~10 s (2^34 SM cycles) so the launch fails with an error instead of hanging the device.
+    const long long t0 = clock64();
     while (ld_acquire_gpu(count) < target) {
+      if (clock64() - t0 > (1ll << 34)) __trap();
     }
   }
   __threadfence();
