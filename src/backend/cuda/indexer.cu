@@ -92,10 +92,20 @@ __device__ __forceinline__ void stage_queries(const IndexerLaunch& p, int t, con
   constexpr int kD4 = kD / 4;
   const int tid = threadIdx.x;
   const float4* q4 = reinterpret_cast<const float4*>(p.q) + int64_t(t) * p.HI * kD4;
-  for (int i = tid; i < kHeads * kD4; i += kThreads) {
-    const int r = i / kD4, c = i % kD4;
-    const float4 v = r < p.HI ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-    store_split4(v, s.qh + r * kStride + 4 * c, s.ql + r * kStride + 4 * c);
+  // All of a thread's loads first, then the stores: interleaved, the compiler keeps each global load behind the
+  // previous shared store (generic pointers may alias), 8 dependent round trips instead of one.
+  constexpr int kPer = kHeads * kD4 / kThreads;
+  static_assert(kPer * kThreads == kHeads * kD4);
+  float4 v[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = tid + j * kThreads;
+    v[j] = i / kD4 < p.HI ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = tid + j * kThreads, r = i / kD4, c = i % kD4;
+    store_split4(v[j], s.qh + r * kStride + 4 * c, s.ql + r * kStride + 4 * c);
   }
   if (tid < kHeads) s.ws[tid] = tid < p.HI ? p.w[int64_t(t) * p.HI + tid] * p.weight_scale : 0.0f;
 }
