@@ -6,8 +6,8 @@
 // Work split (flash-decoding): a CTA owns (token, group of 8 heads, split of rows). It streams its rows in
 // tiles of 32 through shared memory, each row read from global memory once for all 8 heads, with an online
 // softmax per head. With one split per token the CTA also applies the sink and writes the final output; with
-// several it writes (normalized partial output, log-sum-exp) and a second kernel combines the splits and the
-// sink. Decode picks many splits (rows spread over the SMs), prefill one (enough CTAs from tokens x heads).
+// several it writes (normalized partial output, log-sum-exp) and the splits and the sink are combined by a
+// second kernel or, for 2..8 splits, by the last CTA of the head group to finish (SinkAttnLaunch::split_ticket). Decode picks many splits (rows spread over the SMs), prefill one (enough CTAs from tokens x heads).
 //
 // Numerics of the CUDA-core path (the tensor-core one: see SinkAttnImpl): fp32 throughout; scores are
 // scale * dot (dot as a warp tree, not the CPU's 16-lane order) and the softmax is rescaled per tile, so results

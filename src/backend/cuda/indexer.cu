@@ -332,6 +332,7 @@ constexpr int kPer = kIndexerFusedMaxRows / itc::kThreads;     // keys per threa
 static_assert(kTilesPerCta * kCluster * itc::kKeys == kIndexerFusedMaxRows && kPer * itc::kThreads ==
                                                                                    kIndexerFusedMaxRows);
 constexpr int kWarps = itc::kThreads / 32;
+static_assert(itc::kThreads == 256, "the selection zeroes its 256 histogram bins one per thread");
 
 // grid (kCluster, T), cluster (kCluster, 1, 1): one cluster per token. Every CTA scores its tiles into its own
 // shared memory (the tensor-core kernel's tile code: the same score bits); CTA 0 gathers all scores over DSMEM
