@@ -3,6 +3,7 @@
 // contexts 1k..64k, decode (split-K + combine) and prefill (one split, fused sink), forced split counts too.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 
@@ -186,6 +187,11 @@ TEST(CudaAttention, SinkTensorCore) {
 // that keep the combine kernel (CSA at 2k: 20 splits; the first token: one split).
 TEST(CudaAttention, SinkSplitTicketEqualsCombineKernel) {
   DSV4_REQUIRE_CUDA();
+  // The ticket path is opt-in (DSV4_CUDA_ATTN_TICKET=1, read per launch); restored at the end of the test.
+  struct TicketOn {
+    TicketOn() { setenv("DSV4_CUDA_ATTN_TICKET", "1", 1); }
+    ~TicketOn() { unsetenv("DSV4_CUDA_ATTN_TICKET"); }
+  } ticket_on;
   constexpr auto kCore = cuda::SinkAttnImpl::CudaCore;
   auto ticket_taken = [](const Case& c) {
     cuda::SinkAttnLaunch L;  // shape-only query: any non-null row pointers

@@ -1,6 +1,6 @@
 // The cluster variant of the fused HC control (hc_mix_cuda with kernel = kHcMixCluster, hc.h) against the
 // ticket kernel and the CPU twin, at Flash width (4 streams x 4096, Sinkhorn 20 iterations) and at odd shapes; the
-// wide variant (kHcMixWide, the backend's decode hc_pre default) against the CPU twin at the end of the file.
+// wide variant (kHcMixWide, opt-in with DSV4_CUDA_HC_KERNEL=wide) against the CPU twin at the end of the file.
 //
 // Tolerance: none against the ticket kernel. The cluster kernel forms the same per-thread products, the same warp
 // sums (the tree of warp_sum, reached with fewer shuffles), the same 4-warp chunk partials and the same
@@ -312,7 +312,7 @@ TEST(CudaHcCluster, BackendKnobKeepsDecodeOutputs) {
   hw.fn = f16(n * D, 4, 66, hfn_bytes, "output_hc_fn.weight"), hw.base = f32(hbase, "head_base");
   hw.scale = f32(hscale, "head_scale");
   const auto X = test::random_normal(size_t(n * D), 67);
-  auto run = [&](bool cluster) {  // (the default hc_pre is the wide kernel: other bits; CudaHcWide tests it)
+  auto run = [&](bool cluster) {  // (the wide kernel, opt-in, sums in another order: CudaHcWide tests it)
     setenv("DSV4_CUDA_HC_KERNEL", cluster ? "cluster" : "ticket", 1);
     auto be = make_cuda_backend();
     DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
@@ -445,7 +445,7 @@ TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
   auto comb0 = test::random_normal(size_t(n * n), 128, 0.2f);
   for (auto& v : comb0) v = std::fabs(v);
   // op 0: hc_post, hc_pre, rms_norm (the reference); 1: hc_post, hc_pre_norm; 2: hc_post_pre_norm.
-  // The cluster kernel's bits throughout (the default wide kernel sums in another order: CudaHcWide.Backend*).
+  // The cluster kernel's bits throughout (the opt-in wide kernel sums in another order: CudaHcWide.Backend*).
   auto run = [&](int op, const char* env, const char* value) {
     setenv("DSV4_CUDA_HC_KERNEL", "cluster", 1);
     if (env) setenv(env, value, 1);
@@ -547,7 +547,7 @@ TEST(CudaHcCluster, RejectsBadArgumentsAndFallsBack) {
 }
 
 
-// ---- the wide kernel (kHcMixWide, hc.h): the decode default for hc_pre / hc_pre_norm / hc_post_pre_norm ----------
+// ---- the wide kernel (kHcMixWide, hc.h): opt-in (DSV4_CUDA_HC_KERNEL=wide) for hc_pre / hc_pre_norm / hc_post_pre_norm
 // It sums mix, the RMS sum of squares and the norm's sum of squares in another fp32 order than the ticket / cluster
 // kernels, so it is held to a double CPU twin with tolerances, and to itself bit for bit (repeat launches reuse
 // the workspace's barrier state; a graph replays the eager bits):
@@ -733,11 +733,11 @@ TEST(CudaHcWide, CapturedInGraphReplaysBitIdentical) {
   cudaStreamDestroy(s);
 }
 
-// Through the op table at Flash width: the default hc_pre / hc_pre_norm / hc_post_pre_norm are the wide kernel's
-// launch (bit for bit with hc_mix_cuda(kHcMixWide) on the same inputs), and they agree with the cluster kernel
+// Through the op table at Flash width: with DSV4_CUDA_HC_KERNEL=wide, hc_pre / hc_pre_norm / hc_post_pre_norm are the
+// wide kernel's launch (bit for bit with hc_mix_cuda(kHcMixWide) on the same inputs), and they agree with the cluster kernel
 // (DSV4_CUDA_HC_KERNEL=cluster) to the wide kernel's tolerances above: X bit for bit, post / comb 1e-4 absolute,
 // `a` 1e-5 relative to max(|a|, 1) (both within ~4e-6 / 1e-5 of the double twin).
-TEST(CudaHcWide, BackendDefaultIsTheWideKernel) {
+TEST(CudaHcWide, BackendWideKnobIsTheWideKernel) {
   DSV4_REQUIRE_CUDA();
   const int n = 4;
   const int64_t D = 4096, K = n * D;
@@ -806,9 +806,13 @@ TEST(CudaHcWide, BackendDefaultIsTheWideKernel) {
   };
   const char* names[] = {"a", "post", "comb", "X"};
   for (int op : {0, 1, 2}) {
-    const auto got = backend_run(op, nullptr), direct = direct_run(op), cl = backend_run(op, "cluster");
-    for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_TRUE(same_bits(got[i], direct[i])) << "op " << op << ": default vs hc_mix_cuda(wide): " << names[i];
+    // DSV4_CUDA_HC_KERNEL=wide runs the wide kernel; the default (unset) is the cluster kernel.
+    const auto got = backend_run(op, "wide"), direct = direct_run(op), cl = backend_run(op, "cluster");
+    const auto dflt = backend_run(op, nullptr);
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(same_bits(got[i], direct[i])) << "op " << op << ": wide knob vs hc_mix_cuda(wide): " << names[i];
+      EXPECT_TRUE(same_bits(dflt[i], cl[i])) << "op " << op << ": default vs the cluster kernel: " << names[i];
+    }
     std::vector<double> a_cl(cl[0].begin(), cl[0].end());
     EXPECT_LE(test::max_rel_err(got[0], a_cl, 1.0), 1e-5) << "op " << op << ": a vs the cluster kernel";
     EXPECT_LE(test::max_abs_err(got[1], cl[1]), 1e-4) << "op " << op << ": post vs the cluster kernel";

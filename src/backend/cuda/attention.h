@@ -78,8 +78,8 @@ struct SinkAttnLaunch {
   float* ring_out = nullptr;
   // Split combine in the attention kernel (CUDA-core path with 2..8 splits, T x head groups <= 512): each CTA writes its partial as before, then counts its arrival on a device counter of its (token,
   // head group); the last CTA to arrive combines the group's heads with sink_attn_combine_kernel's float
-  // operations (same bits), so decode runs one launch instead of two. false, or DSV4_CUDA_ATTN_TICKET=0 (read
-  // once), launches the combine kernel. The counters are process-wide: no two such launches may run
+  // operations (same bits), so decode runs one launch instead of two. false, or DSV4_CUDA_ATTN_TICKET unset (read
+  // per call: the ticket path is opt-in with =1, measured slower end to end), launches the combine kernel. The counters are process-wide: no two such launches may run
   // concurrently on different streams.
   bool split_ticket = true;
 };

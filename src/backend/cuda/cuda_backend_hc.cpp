@@ -8,17 +8,17 @@ namespace dsv4::cuda_impl {
 
 namespace {
 
-// The decode HC control kernel (hc.h): by default the wide kernel (d / 32 CTAs, 128 at Flash width, meeting at a
-// grid barrier) for hc_pre / hc_pre_norm / hc_post_pre_norm, where it applies; the cluster kernel of one 16-CTA
-// cluster (DSV4_CUDA_HC_KERNEL=cluster; also hc_head's default, the wide kernel being hc_pre only) streamed the 0.8 MB
-// of fn through 16 SMs (16.4 us per hc_post_pre_norm, H200, bc36a53). DSV4_CUDA_HC_KERNEL=ticket: the ticket kernel
-// + separate collapse. Cluster and ticket give the same bits; the wide kernel differs from them in the fp32 summation
-// order only (tests/ops/hc_cluster_test.cpp). Read per call so a test can switch it.
+// The decode HC control kernel (hc.h): by default the cluster kernel (one 16-CTA cluster, also hc_head's) for
+// hc_pre / hc_pre_norm / hc_post_pre_norm. DSV4_CUDA_HC_KERNEL=wide: the wide kernel (d / 32 CTAs, 128 at Flash
+// width, meeting at a grid barrier) where it applies — opt-in: measured slower end to end (H200, 3977003, Flash q2
+// decode at 2k: 116.3 t/s with wide vs 130.6 with cluster, same call). DSV4_CUDA_HC_KERNEL=ticket: the ticket
+// kernel + separate collapse. Cluster and ticket give the same bits; the wide kernel differs from them in the fp32
+// summation order only (tests/ops/hc_cluster_test.cpp). Read per call so a test can switch it.
 int hc_decode_kernel(int n_mix, int64_t K) {
   const char* e = std::getenv("DSV4_CUDA_HC_KERNEL");
   if (e && std::strcmp(e, "ticket") == 0) return cuda::kHcMixTicket;
-  const bool cluster_only = e && std::strcmp(e, "cluster") == 0;
-  if (!cluster_only && cuda::hc_mix_wide_fits(n_mix, K)) return cuda::kHcMixWide;
+  const bool wide = e && std::strcmp(e, "wide") == 0;
+  if (wide && cuda::hc_mix_wide_fits(n_mix, K)) return cuda::kHcMixWide;
   return cuda::hc_mix_cluster_fits(n_mix, K) ? cuda::kHcMixCluster : cuda::kHcMixTicket;
 }
 

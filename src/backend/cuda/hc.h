@@ -111,8 +111,8 @@ struct HcMixParams {
 // be placed on this device (hc_mix_cluster_fits false), hc_mix_cuda runs the ticket kernel (same results).
 inline constexpr int kHcMixTicket = 0;
 inline constexpr int kHcMixCluster = 1;
-// kHcMixWide (the backend's decode default for hc_pre / hc_pre_norm / hc_post_pre_norm; DSV4_CUDA_HC_KERNEL=cluster
-// or =ticket give the others back): one token, hc_pre (n_mix 24) with the fused collapse `a` (and optionally the
+// kHcMixWide (opt-in for the backend's decode hc_pre / hc_pre_norm / hc_post_pre_norm with DSV4_CUDA_HC_KERNEL=wide:
+// measured slower end to end than the cluster kernel, H200 3977003: 116.3 vs 130.6 t/s): one token, hc_pre (n_mix 24) with the fused collapse `a` (and optionally the
 // fused hc_post and a_norm), K = 4 d with d % 32 == 0. d / 32 CTAs (128 at Flash width instead of the cluster's 16)
 // each own 32 dims of all 4 streams: they read their 128 columns of fn (and X, updated in place by the fused
 // hc_post) with all loads in flight at once, publish 25 partial sums to the workspace, meet at a grid barrier
