@@ -1,3 +1,11 @@
+#!/usr/bin/env python3
+"""Per-kernel table of one decode token from an Nsight Compute CSV (scripts/gpu-flash-bench.sh BENCH_PLAN=ncu:
+ncu --csv --print-units base --metrics gpu__time_duration.sum,dram__bytes_read.sum,...).
+
+The token is the run of kernels between the last two output-head GEMVs (the only kernels reading > 400 MB); rows
+are grouped by kernel name and launch shape: calls, total ms, us per call, DRAM read GB/s.
+usage: ncu_token_table.py ncu.csv
+"""
 import csv,sys,re,collections
 def load(fn):
     k={}
