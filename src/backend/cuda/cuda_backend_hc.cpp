@@ -36,6 +36,19 @@ bool hc_post_fused() {
   return !(e && std::strcmp(e, "0") == 0);
 }
 
+// The fields every decode (T == 1) hc_pre-family launch sets the same way (hc_pre, hc_pre_norm,
+// hc_post_pre_norm): the 24-column projection of X, the Sinkhorn constants, the outputs and the workspace. The
+// callers resolve the pointers first, in their own order (the weight mirrors and buffers allocate on first use).
+cuda::HcMixParams hc_mix_decode_params(const HcParams& p, const void* fn, const float* base, const float* scale,
+                                       const float* X, int64_t nd, float* pre, float* post, float* comb,
+                                       void* workspace) {
+  cuda::HcMixParams hp;
+  hp.fn = fn, hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
+  hp.base = base, hp.scale = scale, hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
+  hp.pre = pre, hp.post = post, hp.comb = comb, hp.workspace = workspace;
+  return hp;
+}
+
 }  // namespace
 
 void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
@@ -50,10 +63,8 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
   if (hc_mix_applies(w.fn, cuda::kHcMix, nd, T)) {  // decode: projection + RMS + Sinkhorn in one launch
     // With the ticket kernel the collapse stays a launch of its own: its fused collapse (one CTA walking the 64 KiB
     // of X after the Sinkhorn) was slower in a graph (H200, wb_small at dc6bea6: 10.97 vs 8.98 us).
-    cuda::HcMixParams hp;
-    hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
-    hp.base = base, hp.scale = scale, hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
-    hp.pre = pre, hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+    const uint8_t* fn = weight(w.fn);
+    cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
     const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
     const bool cluster = kernel != cuda::kHcMixTicket;
     if (cluster) hp.kernel = kernel, hp.a = a;  // the collapse spread over the CTAs
@@ -91,10 +102,10 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
     return;
   }
   Scope sc(*prof_, "hc_pre_norm", T);
-  cuda::HcMixParams hp;
-  hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
-  hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
-  hp.pre = buffer(2, 4), hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+  const uint8_t* fn = weight(w.fn);
+  const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
+  float* pre = buffer(2, 4);
+  cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
   hp.kernel = kernel, hp.a = a;
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
   cuda::hc_mix_cuda(hp, stream_);
@@ -119,10 +130,10 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
     return;
   }
   Scope sc(*prof_, "hc_post_pre_norm", T);
-  cuda::HcMixParams hp;
-  hp.fn = weight(w.fn), hp.n_mix = cuda::kHcMix, hp.X = X, hp.K = nd, hp.n_tokens = 1, hp.norm_eps = p.norm_eps;
-  hp.base = f32_weight(w.base), hp.scale = f32_weight(w.scale), hp.iters = p.sinkhorn_iters, hp.eps = p.hc_eps;
-  hp.pre = buffer(2, 4), hp.post = post, hp.comb = comb, hp.workspace = hc_mix_workspace(nd);
+  const uint8_t* fn = weight(w.fn);
+  const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
+  float* pre = buffer(2, 4);
+  cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
   hp.kernel = kernel, hp.a = a;
   hp.post_y = y, hp.post_w = post, hp.post_comb = comb;  // read by every CTA before rank 0 writes the new ones
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
