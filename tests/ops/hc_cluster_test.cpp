@@ -415,40 +415,48 @@ TEST(CudaHcCluster, NormFallbacksBitIdentical) {
   norm_case(4, 2, 1000, true, cuda::kHcMixCluster, 113);    // d = 250 (not a multiple of 128)
 }
 
-// Through the op table, with DSV4_CUDA_HC_KERNEL=cluster: hc_pre_norm (default: the in-launch norm) and
-// hc_post_pre_norm (default: hc_post in the same launch too) equal hc_post, hc_pre, rms_norm bit for bit, and so do
-// DSV4_CUDA_HC_NORM=0, DSV4_CUDA_HC_POST=0 and DSV4_CUDA_HC_KERNEL=ticket (the separate launches).
-TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
-  DSV4_REQUIRE_CUDA();
-  const int n = 4;
-  const int64_t D = 4096;
+// The Flash-width (n 4, d 4096) inputs of one decode HC sublayer for the backend tests: F16 fn [24, n d], base,
+// scale, the norm weight, X, the previous sublayer's y / post / comb (comb non-negative, as the Sinkhorn leaves it).
+// Seeds seed .. seed + 7. The WeightViews point into the vectors: built in place, never copied.
+struct BackendHcInputs {
+  static constexpr int n = 4;
+  static constexpr int64_t D = 4096, K = n * D;
   HcParams p;
-  p.n = n, p.d = D;
-  const auto f = test::random_normal(size_t(n * D * 24), 121, 0.02f);
-  std::vector<uint8_t> fn_bytes(f.size() * 2);
-  for (size_t i = 0; i < f.size(); ++i) test::put_f16(&fn_bytes[2 * i], f[i]);
-  auto f32 = [](const std::vector<float>& v, const char* name) {
+  std::vector<uint8_t> fn_bytes;
+  std::vector<float> base, scale, norm, X, y, post0, comb0;
+  HcWeights w;
+  WeightView nw;
+
+  BackendHcInputs(uint64_t seed, const char* fn_name, const char* norm_name) {
+    p.n = n, p.d = D;
+    const auto f = test::random_normal(size_t(K * 24), seed, 0.02f);
+    fn_bytes.resize(f.size() * 2);
+    for (size_t i = 0; i < f.size(); ++i) test::put_f16(&fn_bytes[2 * i], f[i]);
+    base = test::random_normal(24, seed + 1, 0.5f), scale = test::random_normal(3, seed + 2, 1.0f);
+    norm = test::random_normal(size_t(D), seed + 3, 0.3f);
+    w.fn.type = QType::F16, w.fn.data = fn_bytes.data(), w.fn.n_bytes = fn_bytes.size(), w.fn.name = fn_name;
+    w.fn.ne[0] = K, w.fn.ne[1] = 24, w.fn.n_dims = 2;
+    w.base = f32(base, "hc_base"), w.scale = f32(scale, "hc_scale");
+    nw = f32(norm, norm_name);
+    X = test::random_normal(size_t(K), seed + 4), y = test::random_normal(size_t(D), seed + 5);
+    post0 = test::random_normal(size_t(n), seed + 6, 0.5f);
+    comb0 = test::random_normal(size_t(n * n), seed + 7, 0.2f);
+    for (auto& v : comb0) v = std::fabs(v);
+  }
+  BackendHcInputs(const BackendHcInputs&) = delete;
+  BackendHcInputs& operator=(const BackendHcInputs&) = delete;
+
+  static WeightView f32(const std::vector<float>& v, const char* name) {
     WeightView wv;
     wv.type = QType::F32, wv.data = v.data(), wv.n_bytes = v.size() * 4, wv.name = name;
     wv.ne[0] = int64_t(v.size()), wv.ne[1] = 1, wv.n_dims = 2;
     return wv;
-  };
-  const auto base = test::random_normal(24, 122, 0.5f), scale = test::random_normal(3, 123, 1.0f);
-  const auto norm = test::random_normal(size_t(D), 124, 0.3f);
-  HcWeights w;
-  w.fn.type = QType::F16, w.fn.data = fn_bytes.data(), w.fn.n_bytes = fn_bytes.size(), w.fn.name = "hc_attn_fn";
-  w.fn.ne[0] = n * D, w.fn.ne[1] = 24, w.fn.n_dims = 2;
-  w.base = f32(base, "hc_base"), w.scale = f32(scale, "hc_scale");
-  const WeightView nw = f32(norm, "attn_norm.weight");
-  const auto X = test::random_normal(size_t(n * D), 125), y = test::random_normal(size_t(D), 126);
-  const auto post0 = test::random_normal(size_t(n), 127, 0.5f);
-  auto comb0 = test::random_normal(size_t(n * n), 128, 0.2f);
-  for (auto& v : comb0) v = std::fabs(v);
-  // op 0: hc_post, hc_pre, rms_norm (the reference); 1: hc_post, hc_pre_norm; 2: hc_post_pre_norm.
-  // The cluster kernel's bits throughout (the opt-in wide kernel sums in another order: CudaHcWide.Backend*).
-  auto run = [&](int op, const char* env, const char* value) {
-    setenv("DSV4_CUDA_HC_KERNEL", "cluster", 1);
-    if (env) setenv(env, value, 1);
+  }
+
+  // A fresh CUDA backend with X, y, post, comb uploaded; ops(be, X, a, post, comb, y) runs the HC ops under test;
+  // returns a, post, comb, X as they are afterwards.
+  template <class Ops>
+  std::vector<std::vector<float>> run(Ops&& ops) const {
     auto be = make_cuda_backend();
     DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
     DeviceBuffer co = be->alloc(size_t(n * n) * 4), by = be->alloc(size_t(D) * 4);
@@ -456,23 +464,45 @@ TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
     be->upload(by.data(), y.data(), y.size() * 4);
     be->upload(po.data(), post0.data(), post0.size() * 4);
     be->upload(co.data(), comb0.data(), comb0.size() * 4);
-    if (op == 2) {
-      be->hc_post_pre_norm(p, by.f32(), bX.f32(), w, 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
-    } else {
-      be->hc_post(p, by.f32(), po.f32(), co.f32(), 1, bX.f32());
-      if (op == 1) {
-        be->hc_pre_norm(w, p, bX.f32(), 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
-      } else {
-        be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
-        be->rms_norm(a.f32(), &nw, 1, D, 1e-6f, a.f32());
-      }
-    }
+    ops(*be, bX.f32(), a.f32(), po.f32(), co.f32(), static_cast<const float*>(by.f32()));
     std::vector<std::vector<float>> out = {std::vector<float>(size_t(D)), std::vector<float>(size_t(n)),
                                            std::vector<float>(size_t(n * n)), std::vector<float>(X.size())};
     be->download(out[0].data(), a.data(), size_t(D) * 4);
     be->download(out[1].data(), po.data(), size_t(n) * 4);
     be->download(out[2].data(), co.data(), size_t(n * n) * 4);
     be->download(out[3].data(), bX.data(), X.size() * 4);
+    return out;
+  }
+};
+
+// Through the op table, with DSV4_CUDA_HC_KERNEL=cluster: hc_pre_norm (default: the in-launch norm) and
+// hc_post_pre_norm (default: hc_post in the same launch too) equal hc_post, hc_pre, rms_norm bit for bit, and so do
+// DSV4_CUDA_HC_NORM=0, DSV4_CUDA_HC_POST=0 and DSV4_CUDA_HC_KERNEL=ticket (the separate launches).
+TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
+  DSV4_REQUIRE_CUDA();
+  const BackendHcInputs in(121, "hc_attn_fn", "attn_norm.weight");
+  const int64_t D = in.D;
+  const HcParams& p = in.p;
+  const HcWeights& w = in.w;
+  const WeightView& nw = in.nw;
+  // op 0: hc_post, hc_pre, rms_norm (the reference); 1: hc_post, hc_pre_norm; 2: hc_post_pre_norm.
+  // The cluster kernel's bits throughout (the opt-in wide kernel sums in another order: CudaHcWide.Backend*).
+  auto run = [&](int op, const char* env, const char* value) {
+    setenv("DSV4_CUDA_HC_KERNEL", "cluster", 1);
+    if (env) setenv(env, value, 1);
+    auto out = in.run([&](Backend& be, float* X, float* a, float* po, float* co, const float* y) {
+      if (op == 2) {
+        be.hc_post_pre_norm(p, y, X, w, 1, &nw, 1e-6f, a, po, co);
+      } else {
+        be.hc_post(p, y, po, co, 1, X);
+        if (op == 1) {
+          be.hc_pre_norm(w, p, X, 1, &nw, 1e-6f, a, po, co);
+        } else {
+          be.hc_pre(w, p, X, 1, a, po, co);
+          be.rms_norm(a, &nw, 1, D, 1e-6f, a);
+        }
+      }
+    });
     if (env) unsetenv(env);
     unsetenv("DSV4_CUDA_HC_KERNEL");
     return out;
@@ -739,50 +769,23 @@ TEST(CudaHcWide, CapturedInGraphReplaysBitIdentical) {
 // `a` 1e-5 relative to max(|a|, 1) (both within ~4e-6 / 1e-5 of the double twin).
 TEST(CudaHcWide, BackendWideKnobIsTheWideKernel) {
   DSV4_REQUIRE_CUDA();
-  const int n = 4;
-  const int64_t D = 4096, K = n * D;
+  const BackendHcInputs in(241, "hc_ffn_fn", "ffn_norm.weight");
+  const int64_t D = in.D, K = in.K;
   ASSERT_TRUE(cuda::hc_mix_wide_fits(24, K));
-  HcParams p;
-  p.n = n, p.d = D;
-  const auto f = test::random_normal(size_t(K * 24), 241, 0.02f);
-  std::vector<uint8_t> fn_bytes(f.size() * 2);
-  for (size_t i = 0; i < f.size(); ++i) test::put_f16(&fn_bytes[2 * i], f[i]);
-  auto f32 = [](const std::vector<float>& v, const char* name) {
-    WeightView wv;
-    wv.type = QType::F32, wv.data = v.data(), wv.n_bytes = v.size() * 4, wv.name = name;
-    wv.ne[0] = int64_t(v.size()), wv.ne[1] = 1, wv.n_dims = 2;
-    return wv;
-  };
-  const auto base = test::random_normal(24, 242, 0.5f), scale = test::random_normal(3, 243, 1.0f);
-  const auto norm = test::random_normal(size_t(D), 244, 0.3f);
-  HcWeights w;
-  w.fn.type = QType::F16, w.fn.data = fn_bytes.data(), w.fn.n_bytes = fn_bytes.size(), w.fn.name = "hc_ffn_fn";
-  w.fn.ne[0] = K, w.fn.ne[1] = 24, w.fn.n_dims = 2;
-  w.base = f32(base, "hc_base"), w.scale = f32(scale, "hc_scale");
-  const WeightView nw = f32(norm, "ffn_norm.weight");
-  const auto X = test::random_normal(size_t(K), 245), y = test::random_normal(size_t(D), 246);
-  const auto post0 = test::random_normal(size_t(n), 247, 0.5f);
-  auto comb0 = test::random_normal(size_t(n * n), 248, 0.2f);
-  for (auto& v : comb0) v = std::fabs(v);
+  const HcParams& p = in.p;
+  const HcWeights& w = in.w;
+  const WeightView& nw = in.nw;
+  const std::vector<uint8_t>& fn_bytes = in.fn_bytes;
+  const auto &X = in.X, &y = in.y, &post0 = in.post0, &comb0 = in.comb0;
+  const auto &base = in.base, &scale = in.scale, &norm = in.norm;
   // op 0: hc_pre; 1: hc_pre_norm; 2: hc_post_pre_norm. Outputs a, post, comb, X.
   auto backend_run = [&](int op, const char* kernel) {
     if (kernel) setenv("DSV4_CUDA_HC_KERNEL", kernel, 1);
-    auto be = make_cuda_backend();
-    DeviceBuffer bX = be->alloc(X.size() * 4), a = be->alloc(size_t(D) * 4), po = be->alloc(size_t(n) * 4);
-    DeviceBuffer co = be->alloc(size_t(n * n) * 4), by = be->alloc(size_t(D) * 4);
-    be->upload(bX.data(), X.data(), X.size() * 4);
-    be->upload(by.data(), y.data(), y.size() * 4);
-    be->upload(po.data(), post0.data(), post0.size() * 4);
-    be->upload(co.data(), comb0.data(), comb0.size() * 4);
-    if (op == 0) be->hc_pre(w, p, bX.f32(), 1, a.f32(), po.f32(), co.f32());
-    if (op == 1) be->hc_pre_norm(w, p, bX.f32(), 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
-    if (op == 2) be->hc_post_pre_norm(p, by.f32(), bX.f32(), w, 1, &nw, 1e-6f, a.f32(), po.f32(), co.f32());
-    std::vector<std::vector<float>> out = {std::vector<float>(size_t(D)), std::vector<float>(size_t(n)),
-                                           std::vector<float>(size_t(n * n)), std::vector<float>(X.size())};
-    be->download(out[0].data(), a.data(), size_t(D) * 4);
-    be->download(out[1].data(), po.data(), size_t(n) * 4);
-    be->download(out[2].data(), co.data(), size_t(n * n) * 4);
-    be->download(out[3].data(), bX.data(), X.size() * 4);
+    auto out = in.run([&](Backend& be, float* bX, float* a, float* po, float* co, const float* by) {
+      if (op == 0) be.hc_pre(w, p, bX, 1, a, po, co);
+      if (op == 1) be.hc_pre_norm(w, p, bX, 1, &nw, 1e-6f, a, po, co);
+      if (op == 2) be.hc_post_pre_norm(p, by, bX, w, 1, &nw, 1e-6f, a, po, co);
+    });
     if (kernel) unsetenv("DSV4_CUDA_HC_KERNEL");
     return out;
   };
