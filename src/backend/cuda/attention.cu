@@ -177,6 +177,24 @@ __device__ __forceinline__ void combine_head_warp(const SinkAttnLaunch& p, int n
   }
 }
 
+// One warp's split partial of head slot `slot` = (split * T + t) * H + h: the unnormalized accumulator, and from
+// lane 0 the split's (max, sum) after all gridDim.z splits' accumulators (the layout combine_head_warp and
+// sink_attn_combine_kernel read). Shared by the ticket and the combine-kernel paths of sink_attn_kernel.
+__device__ __forceinline__ void store_split_partial(const SinkAttnLaunch& p, float* part, int64_t slot, int dh4,
+                                                    int lane, const float4 (&acc)[kMaxF4], float m, float s) {
+  float4* o = reinterpret_cast<float4*>(part) + slot * dh4;
+#pragma unroll
+  for (int k = 0; k < kMaxF4; ++k) {
+    const int j = lane + 32 * k;
+    if (j < dh4) o[j] = acc[k];
+  }
+  if (lane == 0) {
+    float* ms = part + int64_t(gridDim.z) * p.T * p.H * p.dh;
+    ms[2 * slot] = m;
+    ms[2 * slot + 1] = s;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part,
                                                                  int ticket) {
   pdl_trigger();
@@ -267,18 +285,7 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
   store_ring_row(p);  // here, not at the start: there the tile loads' 64 registers are live (ptxas spilled)
   if (ticket) {  // last-CTA combine: no warp may return before the CTA's arrival is counted
     if (warp < nh) {
-      const int64_t slot = (int64_t(split) * p.T + t) * p.H + h0 + warp;
-      float4* o = reinterpret_cast<float4*>(part) + slot * dh4;
-#pragma unroll
-      for (int k = 0; k < kMaxF4; ++k) {
-        const int j = lane + 32 * k;
-        if (j < dh4) o[j] = acc[k];
-      }
-      if (lane == 0) {
-        float* ms = part + int64_t(gridDim.z) * p.T * p.H * p.dh;
-        ms[2 * slot] = m;
-        ms[2 * slot + 1] = s;
-      }
+      store_split_partial(p, part, (int64_t(split) * p.T + t) * p.H + h0 + warp, dh4, lane, acc, m, s);
     }
     __threadfence();  // this thread's partial is visible device-wide before the arrival below
     __syncthreads();
@@ -316,18 +323,7 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
     return;
   }
   // Partial: unnormalized accumulator + (max, sum) of this split.
-  const int64_t slot = (int64_t(split) * p.T + t) * p.H + h;
-  float4* o = reinterpret_cast<float4*>(part) + slot * dh4;
-#pragma unroll
-  for (int k = 0; k < kMaxF4; ++k) {
-    const int j = lane + 32 * k;
-    if (j < dh4) o[j] = acc[k];
-  }
-  if (lane == 0) {
-    float* ms = part + int64_t(gridDim.z) * p.T * p.H * p.dh;
-    ms[2 * slot] = m;
-    ms[2 * slot + 1] = s;
-  }
+  store_split_partial(p, part, (int64_t(split) * p.T + t) * p.H + h, dh4, lane, acc, m, s);
 }
 
 // grid T*H, block dh/4 threads, dynamic shared memory 2 * n_split floats:
