@@ -273,6 +273,21 @@ __device__ __forceinline__ void issue_unit(const V2Args& a, const int64_t* off, 
   __pipeline_commit();
 }
 
+// The gate+up units' epilogue (unit_swiglu, unit_swiglu_regs): warp_sum of the lane's gate and up partials, then
+// lane 0 writes the (routed) SwiGLU of the row. Same operations and roundings as swiglu_kernel (moe.cu), the
+// streaming kernel and the CPU backend.
+__device__ __forceinline__ void swiglu_epilogue(const V2Args& a, int slot, int row, float acc0, float acc1, int lane) {
+  const GemvParams& p = a.p;
+  acc0 = warp_sum(acc0);
+  acc1 = warp_sum(acc1);
+  if (lane == 0) {
+    const float gc = fminf(acc0, a.clamp);
+    const float uc = fmaxf(fminf(acc1, a.clamp), -a.clamp);
+    const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
+    p.y[int64_t(slot) * p.rows + row] = a.route_w ? __fmul_rn(h, a.route_w[slot]) : h;
+  }
+}
+
 // Gate+up unit: lane mapping and per-lane order of the streaming kernel (gemv_kernel, SW mode, U = 1, one warp per
 // row: lane l takes blocks l / Tpb, + 32 / Tpb, ...; gate then up per block), then warp_sum and the same SwiGLU.
 template <class D>
@@ -292,15 +307,7 @@ __device__ __forceinline__ void unit_swiglu(const V2Args& a, int u, const uint8_
       acc1 += D::dot(w1, act + int64_t(b) * int64_t(sizeof(ActQ8K)), sub);
     }
   }
-  acc0 = warp_sum(acc0);
-  acc1 = warp_sum(acc1);
-  if (lane == 0) {
-    // Same operations and roundings as swiglu_kernel (moe.cu), the streaming kernel and the CPU backend.
-    const float gc = fminf(acc0, a.clamp);
-    const float uc = fmaxf(fminf(acc1, a.clamp), -a.clamp);
-    const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
-    p.y[int64_t(slot) * p.rows + row] = a.route_w ? __fmul_rn(h, a.route_w[slot]) : h;
-  }
+  swiglu_epilogue(a, slot, row, acc0, acc1, lane);
 }
 
 // IQ2_XXS gate+up with the slot's activations in registers (kActSteps block steps of 4 blocks: rows of up to
@@ -346,15 +353,7 @@ __device__ __forceinline__ void unit_swiglu_regs(const V2Args& a, int u, const u
       DecIQ2::dot2x(w0, w1, r.x[i][0], r.x[i][1], r.d[i], acc0, acc1);
     }
   }
-  acc0 = warp_sum(acc0);
-  acc1 = warp_sum(acc1);
-  if (lane == 0) {
-    // Same operations and roundings as unit_swiglu.
-    const float gc = fminf(acc0, a.clamp);
-    const float uc = fmaxf(fminf(acc1, a.clamp), -a.clamp);
-    const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);
-    p.y[int64_t(slot) * p.rows + row] = a.route_w ? __fmul_rn(h, a.route_w[slot]) : h;
-  }
+  swiglu_epilogue(a, slot, row, acc0, acc1, lane);
 }
 
 // Down+sum unit: per segment the staged kernel's order (staged_dots: lane l takes blocks begin + l / Tpb, + 32 / Tpb
