@@ -76,20 +76,51 @@ Outputs run_mix(const Case& c, int kernel, bool fused, const DeviceArray<uint8_t
   return o;
 }
 
+// One case's hc_mix inputs on the host (F16 fn [n_mix, K], X [T, K], base, scale; seeds seed .. seed + 2) and on
+// the device, for run_mix.
+struct MixInputs {
+  std::vector<uint8_t> fn;
+  std::vector<float> X, base, scale;
+  DeviceArray<uint8_t> d_fn;
+  DeviceArray<float> d_X, d_base, d_scale;
+
+  explicit MixInputs(const Case& c)
+      : fn(test::random_weights(QType::F16, c.n_mix, c.K, c.seed)),
+        X(test::random_normal(size_t(c.T * c.K), c.seed + 1)),
+        base(test::random_normal(size_t(c.n_mix), c.seed + 2, 0.5f)),
+        scale{0.7f, 1.3f, 2.0f},
+        d_fn{std::span<const uint8_t>(fn)},
+        d_X(upload(X)),
+        d_base(upload(base)),
+        d_scale(upload(scale)) {}
+};
+
+// Captures `launches` hc_mix_cuda(p) on a fresh stream into a graph, replays it 3 times and waits for it.
+void replay_captured(const cuda::HcMixParams& p, int launches) {
+  cudaStream_t s;
+  cuda::check(cudaStreamCreate(&s), "stream");
+  cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
+  for (int l = 0; l < launches; ++l) cuda::hc_mix_cuda(p, s);
+  cudaGraph_t graph;
+  cuda::check(cudaStreamEndCapture(s, &graph), "capture end");
+  cudaGraphExec_t exec;
+  cuda::check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  for (int r = 0; r < 3; ++r) cuda::check(cudaGraphLaunch(exec, s), "graph launch");
+  cuda::check(cudaStreamSynchronize(s), "sync");
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
 void cluster_case(const Case& c) {
   const std::string what = "n_mix=" + std::to_string(c.n_mix) + " T=" + std::to_string(c.T) +
                            " K=" + std::to_string(c.K);
   ASSERT_TRUE(cuda::hc_mix_cluster_fits(c.n_mix, c.K)) << what << ": the cluster shape is not placeable here, "
                                                        << "so the comparison would test the ticket kernel twice";
-  const auto fn = test::random_weights(QType::F16, c.n_mix, c.K, c.seed);
-  const auto X = test::random_normal(size_t(c.T * c.K), c.seed + 1);
-  const auto base = test::random_normal(size_t(c.n_mix), c.seed + 2, 0.5f);
-  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
-  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
-  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
-  const Outputs ref = run_mix(c, cuda::kHcMixTicket, false, d_fn, d_X, d_base, d_scale);
+  const MixInputs in(c);
+  const Outputs ref = run_mix(c, cuda::kHcMixTicket, false, in.d_fn, in.d_X, in.d_base, in.d_scale);
   for (const bool fused : {true, false}) {
-    const Outputs got = run_mix(c, cuda::kHcMixCluster, fused, d_fn, d_X, d_base, d_scale);
+    const Outputs got = run_mix(c, cuda::kHcMixCluster, fused, in.d_fn, in.d_X, in.d_base, in.d_scale);
     const std::string w2 = what + (fused ? " fused collapse" : " separate collapse");
     EXPECT_TRUE(same_bits(got.mix, ref.mix)) << w2 << ": mix";
     EXPECT_TRUE(same_bits(got.rs, ref.rs)) << w2 << ": rs";
@@ -100,17 +131,17 @@ void cluster_case(const Case& c) {
     EXPECT_TRUE(same_bits(got.a, ref.a)) << w2 << ": a";
   }
   // A second cluster launch (no workspace state to reset) repeats itself.
-  const Outputs again = run_mix(c, cuda::kHcMixCluster, true, d_fn, d_X, d_base, d_scale);
+  const Outputs again = run_mix(c, cuda::kHcMixCluster, true, in.d_fn, in.d_X, in.d_base, in.d_scale);
   EXPECT_TRUE(same_bits(again.comb, ref.comb)) << what << ": second launch";
   EXPECT_TRUE(same_bits(again.a, ref.a)) << what << ": second launch";
 
   // The CPU twin, independently of the ticket kernel.
   std::vector<float> fnf(size_t(c.n_mix * c.K));
-  dequantize_row(QType::F16, fn.data(), fnf.data(), c.n_mix * c.K);
+  dequantize_row(QType::F16, in.fn.data(), fnf.data(), c.n_mix * c.K);
   const int64_t d = c.K / 4;
   std::vector<float> wts(4);
   for (int64_t t = 0; t < c.T; ++t) {
-    const float* x = &X[size_t(t * c.K)];
+    const float* x = &in.X[size_t(t * c.K)];
     double ss = 0;
     for (int64_t k = 0; k < c.K; ++k) ss += double(x[k]) * x[k];
     const double rs = 1.0 / std::sqrt(ss / double(c.K) + 1e-6);
@@ -122,7 +153,8 @@ void cluster_case(const Case& c) {
     }
     if (c.n_mix == 24) {
       std::vector<float> pre(4), post(4), comb(16);
-      test::hc_sinkhorn_ref(m.data(), base.data(), scale.data(), 20, 1e-6f, pre.data(), post.data(), comb.data());
+      test::hc_sinkhorn_ref(m.data(), in.base.data(), in.scale.data(), 20, 1e-6f, pre.data(), post.data(),
+                            comb.data());
       const std::vector<float> gp(ref.pre.begin() + t * 4, ref.pre.begin() + t * 4 + 4);
       const std::vector<float> go(ref.post.begin() + t * 4, ref.post.begin() + t * 4 + 4);
       const std::vector<float> gc(ref.comb.begin() + t * 16, ref.comb.begin() + t * 16 + 16);
@@ -133,7 +165,7 @@ void cluster_case(const Case& c) {
     } else {
       std::vector<float> w(4);
       for (int i = 0; i < 4; ++i)
-        w[size_t(i)] = 1.0f / (1.0f + std::exp(-(m[size_t(i)] * scale[0] + base[size_t(i)]))) + 1e-6f;
+        w[size_t(i)] = 1.0f / (1.0f + std::exp(-(m[size_t(i)] * in.scale[0] + in.base[size_t(i)]))) + 1e-6f;
       wts.assign(ref.w.begin() + t * 4, ref.w.begin() + t * 4 + 4);
       EXPECT_LE(test::max_abs_err(wts, w), 1e-4) << what << " t=" << t << ": w vs CPU twin";
     }
@@ -248,36 +280,19 @@ TEST(CudaHcCluster, CapturedInGraphReplaysBitIdentical) {
   DSV4_REQUIRE_CUDA();
   const Case c{24, 1, 16384, 91};
   ASSERT_TRUE(cuda::hc_mix_cluster_fits(c.n_mix, c.K));
-  const auto fn = test::random_weights(QType::F16, c.n_mix, c.K, c.seed);
-  const auto X = test::random_normal(size_t(c.K), c.seed + 1);
-  const auto base = test::random_normal(24, c.seed + 2, 0.5f);
-  const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
-  DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
-  auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
-  const Outputs ref = run_mix(c, cuda::kHcMixTicket, false, d_fn, d_X, d_base, d_scale);
+  const MixInputs in(c);
+  const Outputs ref = run_mix(c, cuda::kHcMixTicket, false, in.d_fn, in.d_X, in.d_base, in.d_scale);
   DeviceArray<float> pre(4), post(4), comb(16), a(size_t(c.K / 4));
   for (auto* b : {&pre, &post, &comb, &a}) b->fill_bytes(0xFF);
   cuda::HcMixParams p;
-  p.fn = d_fn.get(), p.n_mix = 24, p.X = d_X.get(), p.K = c.K, p.n_tokens = 1, p.base = d_base.get();
-  p.scale = d_scale.get(), p.pre = pre.get(), p.post = post.get(), p.comb = comb.get(), p.a = a.get();
+  p.fn = in.d_fn.get(), p.n_mix = 24, p.X = in.d_X.get(), p.K = c.K, p.n_tokens = 1, p.base = in.d_base.get();
+  p.scale = in.d_scale.get(), p.pre = pre.get(), p.post = post.get(), p.comb = comb.get(), p.a = a.get();
   p.kernel = cuda::kHcMixCluster;
-  cudaStream_t s;
-  cuda::check(cudaStreamCreate(&s), "stream");
-  cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
-  cuda::hc_mix_cuda(p, s);
-  cudaGraph_t graph;
-  cuda::check(cudaStreamEndCapture(s, &graph), "capture end");
-  cudaGraphExec_t exec;
-  cuda::check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  for (int r = 0; r < 3; ++r) cuda::check(cudaGraphLaunch(exec, s), "graph launch");
-  cuda::check(cudaStreamSynchronize(s), "sync");
+  replay_captured(p, 1);
   EXPECT_TRUE(same_bits(pre.download(), ref.pre)) << "graph replay: pre";
   EXPECT_TRUE(same_bits(post.download(), ref.post)) << "graph replay: post";
   EXPECT_TRUE(same_bits(comb.download(), ref.comb)) << "graph replay: comb";
   EXPECT_TRUE(same_bits(a.download(), ref.a)) << "graph replay: a";
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(s);
 }
 
 // Through the op table: DSV4_CUDA_HC_KERNEL=cluster and =ticket give the same decode hc_pre / hc_head output bits.
@@ -707,14 +722,9 @@ TEST(CudaHcWide, FitsRejectsShapesOutsideTheKernel) {  // shape checks answer be
 TEST(CudaHcWide, OtherShapesTakeTheClusterPath) {
   DSV4_REQUIRE_CUDA();
   for (const Case& c : {Case{24, 2, 16384, 221}, Case{4, 1, 16384, 222}}) {  // several tokens; hc_head
-    const auto fn = test::random_weights(QType::F16, c.n_mix, c.K, c.seed);
-    const auto X = test::random_normal(size_t(c.T * c.K), c.seed + 1);
-    const auto base = test::random_normal(size_t(c.n_mix), c.seed + 2, 0.5f);
-    const std::vector<float> scale = {0.7f, 1.3f, 2.0f};
-    DeviceArray<uint8_t> d_fn{std::span<const uint8_t>(fn)};
-    auto d_X = upload(X), d_base = upload(base), d_scale = upload(scale);
-    const Outputs ref = run_mix(c, cuda::kHcMixCluster, true, d_fn, d_X, d_base, d_scale);
-    const Outputs got = run_mix(c, cuda::kHcMixWide, true, d_fn, d_X, d_base, d_scale);
+    const MixInputs in(c);
+    const Outputs ref = run_mix(c, cuda::kHcMixCluster, true, in.d_fn, in.d_X, in.d_base, in.d_scale);
+    const Outputs got = run_mix(c, cuda::kHcMixWide, true, in.d_fn, in.d_X, in.d_base, in.d_scale);
     for (const auto& [g, r] : {std::pair{&got.pre, &ref.pre}, {&got.post, &ref.post}, {&got.comb, &ref.comb},
                                {&got.w, &ref.w}, {&got.a, &ref.a}, {&got.mix, &ref.mix}})
       EXPECT_TRUE(same_bits(*g, *r)) << "n_mix=" << c.n_mix << " T=" << c.T;
@@ -744,23 +754,10 @@ TEST(CudaHcWide, CapturedInGraphReplaysBitIdentical) {
   cuda::check(cudaDeviceSynchronize(), "eager");
   const std::vector<std::vector<float>> ref = {pre.download(), post.download(), comb.download(), a.download()};
   for (auto* b : {&pre, &post, &comb, &a}) b->fill_bytes(0xFF);
-  cudaStream_t s;
-  cuda::check(cudaStreamCreate(&s), "stream");
-  cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "capture");
-  cuda::hc_mix_cuda(p, s);
-  cuda::hc_mix_cuda(p, s);  // two dependent launches in the graph: a programmatic edge between them
-  cudaGraph_t graph;
-  cuda::check(cudaStreamEndCapture(s, &graph), "capture end");
-  cudaGraphExec_t exec;
-  cuda::check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  for (int r = 0; r < 3; ++r) cuda::check(cudaGraphLaunch(exec, s), "graph launch");
-  cuda::check(cudaStreamSynchronize(s), "sync");
+  replay_captured(p, 2);  // two dependent launches in the graph: a programmatic edge between them
   const std::vector<std::vector<float>> got = {pre.download(), post.download(), comb.download(), a.download()};
   const char* names[] = {"pre", "post", "comb", "a"};
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(got[i], ref[i])) << "graph replay: " << names[i];
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(s);
 }
 
 // Through the op table at Flash width: with DSV4_CUDA_HC_KERNEL=wide, hc_pre / hc_pre_norm / hc_post_pre_norm are the
