@@ -172,16 +172,22 @@ struct DecIQ2 : DotIQ2_XXS {
   }
 };
 
-// Q2_K, lane t of 16: qs bytes 4t..4t+3. Rows are 16-byte aligned and blocks 84 B, so every block is 4-byte aligned:
-// scales 8h..8h+7 as two words, d and dmin as one. Same values as TraitsQ2_K::load; dot = TraitsQ2_K::dot.
-struct DecQ2K : DotQ2_K {
+// The table-free decoders' common part (DecQ2K, DecQ4K): 16 lanes per block, no shared-memory table, one dot per
+// block and row (no gate+up pair dot), the default gate+up occupancy.
+template <class Dot, class Block>
+struct DecNoTable : Dot {
   static constexpr int kTpb = 16;
-  static constexpr int kBlockBytes = sizeof(block_q2_K);
+  static constexpr int kBlockBytes = sizeof(Block);
   static constexpr int kTableBytes = 0;
   static constexpr int kMinCtasSwiglu = dsv4::cuda::kMinCtasSwiglu;
   static constexpr bool kDot2 = false;
   __device__ static void fill_table(uint8_t*) {}
   __device__ static const uint32_t* lane_table(const uint8_t*, int) { return nullptr; }
+};
+
+// Q2_K, lane t of 16: qs bytes 4t..4t+3. Rows are 16-byte aligned and blocks 84 B, so every block is 4-byte aligned:
+// scales 8h..8h+7 as two words, d and dmin as one. Same values as TraitsQ2_K::load; dot = TraitsQ2_K::dot.
+struct DecQ2K : DecNoTable<DotQ2_K, block_q2_K> {
   __device__ static W load(const uint8_t* blk, int sub, const uint32_t*) {
     const block_q2_K* b = reinterpret_cast<const block_q2_K*>(blk);
     const int h = sub >> 3, sh = (sub & 7) >= 4 ? 8 : 0;  // byte 2s + hi of the 8 scales of half h
@@ -202,14 +208,7 @@ struct DecQ2K : DotQ2_K {
 };
 
 // Q4_K, lane of 16: 8 low-nibble values of sub-block 2c and 8 high of 2c+1 (as TraitsQ4_K, same expressions).
-struct DecQ4K : DotQ4_K {
-  static constexpr int kTpb = 16;
-  static constexpr int kBlockBytes = sizeof(block_q4_K);
-  static constexpr int kTableBytes = 0;
-  static constexpr int kMinCtasSwiglu = dsv4::cuda::kMinCtasSwiglu;
-  static constexpr bool kDot2 = false;
-  __device__ static void fill_table(uint8_t*) {}
-  __device__ static const uint32_t* lane_table(const uint8_t*, int) { return nullptr; }
+struct DecQ4K : DecNoTable<DotQ4_K, block_q4_K> {
   __device__ static W load(const uint8_t* blk, int sub, const uint32_t*) {
     const block_q4_K* b = reinterpret_cast<const block_q4_K*>(blk);
     const int c = sub >> 2, part = sub & 3;
