@@ -106,13 +106,9 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
 // fp32 order of a row's parts (tests/ops/gemv_v2_test.cpp: MatmulMulti).
 void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) {
   const WeightView& w0 = *outs.begin()->w;
-  if (on_side_)
-    for (const MatmulOut& o : outs)
-      if (!side_safe(o.w->type)) {
-        end_side(), join_side();  // would share the activation cache / scratch with the main line
-        break;
-      }
-  bool one_launch = T == 1 && outs.size() >= 2 && cuda::gemv_dense_kernel_env() != 0 && cuda::gemv_supports(w0.type);
+  for (const MatmulOut& o : outs) leave_side_unless_safe(o.w->type);
+  const int kernel = cuda::gemv_dense_kernel_env();
+  bool one_launch = T == 1 && outs.size() >= 2 && kernel != 0 && cuda::gemv_supports(w0.type);
   std::vector<cuda::GemvV2Part> parts;
   for (const MatmulOut& o : outs) {
     const WeightView& w = *o.w;
@@ -124,7 +120,7 @@ void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const floa
     Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul_multi", w0) : std::string(), T);
     cuda::GemvParams g;
     g.wtype = w0.type, g.layout = layout_for(w0), g.cols = w0.ne[0], g.n_tokens = 1;
-    g.kernel = cuda::gemv_dense_kernel_env();
+    g.kernel = kernel;
     g.xq = activations(w0.type, g.layout, x, 1, w0.ne[0], /*cacheable=*/true);
     if (cuda::gemv_v2_multi_cuda(g, parts, stream_)) {
       for (const MatmulOut& o : outs) wrote(o.y, size_t(o.w->ne[1]) * sizeof(float));

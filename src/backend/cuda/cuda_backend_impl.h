@@ -114,7 +114,7 @@ class CudaBackend final : public Backend {
     wrote(y, size_t(T) * dim * sizeof(float));
   }
   void matmul(const WeightView& w, int expert, const float* x, int T, float* y) override {
-    if (on_side_ && !side_safe(w.type)) end_side(), join_side();  // would share the activation cache / scratch
+    leave_side_unless_safe(w.type);
     Scope sc(*prof_, prof_->enabled() ? matmul_name("matmul", w) : std::string(), T);
     dmatmul(w, expert, x, T, y, nullptr, nullptr, /*cacheable=*/true);
     wrote(y, size_t(T) * w.ne[1] * sizeof(float));
@@ -395,6 +395,11 @@ class CudaBackend final : public Backend {
   cudaStream_t main_stream_ = nullptr;
   bool on_side_ = false, side_open_ = false;
   bool side_safe(QType t) const { return t == QType::F16 || t == QType::F32; }
+  // A product of weight type t issued on the side line that would share the activation cache / scratch with the
+  // main line leaves the side line first (and joins it): it then runs in order.
+  void leave_side_unless_safe(QType t) {
+    if (on_side_ && !side_safe(t)) end_side(), join_side();
+  }
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
   // Decode graphs (graph.h). They bake in the addresses of the buffers above: every such buffer must be a
   // DeviceArray (device_malloc), whose allocation count invalidates the recordings when anything grows.

@@ -364,10 +364,7 @@ void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream) {
   if (const char* why = unsupported_reason(p))
     fail("gemv_v2_cuda: unsupported launch: %s (%s, layout %d, %lld x %lld, T=%d, slots=%d)", why,
          qtype_name(p.wtype).c_str(), int(p.layout), (long long)p.rows, (long long)p.cols, p.n_tokens, p.n_slots);
-  int dev = 0, sms = 0;
-  check(cudaGetDevice(&dev), "gemv_v2: cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "gemv_v2: SM count");
-  const Plan pl = plan_for(p, int64_t(sms) * kWarps);
+  const Plan pl = plan_for(p, int64_t(sm_count()) * kWarps);
   if (p.layout == GemvLayout::Q8Split) return dispatch_r<UnitSplit>(p, pl, stream);
   if (p.wtype == QType::F16) return dispatch_r<UnitF16>(p, pl, stream);
   return dispatch_r<UnitQ8_0>(p, pl, stream);
