@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/gemv.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/norm_rope.h"
 #include "ops_common.h"
@@ -629,7 +630,12 @@ void wide_case(const WideCase& c) {
   auto d_base = upload(base), d_scale = upload(scale), d_y = upload(y), d_nw = upload(nw);
   DeviceArray<uint8_t> ws(cuda::hc_mix_workspace_bytes(1, K));  // shared by every run below, zeroed once
   ws.fill_bytes(0);
-  auto run = [&] {
+  // The split kernel (kHcMixSplit) where the shape fits: every output the wide kernel's bits, and its Q8 view of a
+  // (a_q8) quantize_activations_cuda's bytes on that a.
+  const bool split = cuda::hc_mix_split_fits(24, K);
+  const int64_t q8_bytes = cuda::gpu_activation_bytes(QType::Q8_0, d, cuda::GemvLayout::Q8Split);
+  DeviceArray<uint8_t> a_q8(size_t(split ? q8_bytes : 1));
+  auto run = [&](int kernel = cuda::kHcMixWide) {
     auto d_X = upload(X), d_pw = upload(pw), d_pc = upload(pc);
     DeviceArray<float> pre(4), post(4), comb(16), mix(24), rs(1), a{size_t(d)};
     for (auto* b : {&pre, &post, &comb, &mix, &rs, &a}) b->fill_bytes(0xFF);  // NaN: unwritten values fail
@@ -637,7 +643,8 @@ void wide_case(const WideCase& c) {
     p.fn = d_fn.get(), p.n_mix = 24, p.X = d_X.get(), p.K = K, p.n_tokens = 1, p.base = d_base.get();
     p.scale = d_scale.get(), p.pre = pre.get(), p.post = c.alias ? d_pw.get() : post.get();
     p.comb = c.alias ? d_pc.get() : comb.get(), p.mix_out = mix.get(), p.rs_out = rs.get();
-    p.kernel = cuda::kHcMixWide, p.workspace = ws.get(), p.a = a.get();
+    p.kernel = kernel, p.workspace = ws.get(), p.a = a.get();
+    if (kernel == cuda::kHcMixSplit) a_q8.fill_bytes(0xA5), p.a_q8 = a_q8.get();
     if (c.post) p.post_y = d_y.get(), p.post_w = d_pw.get(), p.post_comb = d_pc.get();
     if (c.norm) p.a_norm = true, p.a_norm_w = c.weighted ? d_nw.get() : nullptr, p.a_norm_eps = eps;
     for (int l = 0; l < c.launches; ++l) cuda::hc_mix_cuda(p, nullptr);
@@ -691,6 +698,16 @@ void wide_case(const WideCase& c) {
     for (int64_t k = 0; k < d; ++k) a_ref[size_t(k)] *= r * (c.weighted ? nw[size_t(k)] : 1.0);
   }
   EXPECT_LE(test::max_rel_err(got[3], a_ref, 1.0), c.norm ? 1e-5 : 4e-6) << what << ": a vs double";
+  if (!split) return;
+  for (int rep = 0; rep < 2; ++rep) {  // twice: the workspace left by a split launch serves the next
+    const auto sp = run(cuda::kHcMixSplit);
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_TRUE(same_bits(sp[i], got[i])) << what << ": split kernel vs wide kernel: " << names[i];
+    auto d_a = upload(sp[3]);
+    DeviceArray<uint8_t> q8_ref{size_t(q8_bytes)};
+    cuda::quantize_activations_cuda(QType::Q8_0, d_a.get(), 1, d, q8_ref.get(), nullptr, cuda::GemvLayout::Q8Split);
+    EXPECT_EQ(a_q8.download(), q8_ref.download()) << what << ": split kernel's a_q8 vs quantize_activations_cuda";
+  }
 }
 
 TEST(CudaHcWide, MatchesCpuTwinAtFlashWidth) {
@@ -716,6 +733,22 @@ TEST(CudaHcWide, FitsRejectsShapesOutsideTheKernel) {  // shape checks answer be
   EXPECT_FALSE(cuda::hc_mix_wide_fits(24, 16384 + 64)); // d % 32 != 0
   EXPECT_FALSE(cuda::hc_mix_wide_fits(24, 0));
   EXPECT_FALSE(cuda::hc_mix_wide_fits(24, 4 * 32 * 1025));  // more than 1024 CTAs
+}
+
+TEST(CudaHcSplit, FitsRejectsShapesOutsideTheKernel) {  // shape checks answer before any device query
+  EXPECT_FALSE(cuda::hc_mix_split_fits(4, 16384));         // hc_head: the cluster kernel's
+  EXPECT_FALSE(cuda::hc_mix_split_fits(24, 16384 + 128));  // d % 256 != 0
+  EXPECT_FALSE(cuda::hc_mix_split_fits(24, 28672));        // d = 7168: a 28-CTA tail cluster (more than 16)
+  EXPECT_FALSE(cuda::hc_mix_split_fits(24, 0));
+}
+
+// The split kernel with a_q8 outside its shape is an error, not a silent skip of the quantized output.
+TEST(CudaHcSplit, RejectsQ8OutputWithoutTheSplitKernel) {
+  DSV4_REQUIRE_CUDA();
+  cuda::HcMixParams p;
+  DeviceArray<uint8_t> q8(64);
+  p.K = 16384, p.n_tokens = 1, p.kernel = cuda::kHcMixCluster, p.a_q8 = q8.get();
+  EXPECT_THROW(cuda::hc_mix_cuda(p, nullptr), Error);
 }
 
 // Shapes the wide kernel does not take run the cluster kernel's path: the same bits as kernel = kHcMixCluster.
@@ -758,6 +791,14 @@ TEST(CudaHcWide, CapturedInGraphReplaysBitIdentical) {
   const std::vector<std::vector<float>> got = {pre.download(), post.download(), comb.download(), a.download()};
   const char* names[] = {"pre", "post", "comb", "a"};
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(got[i], ref[i])) << "graph replay: " << names[i];
+  // The split kernel (two launches, the tail a cluster launch with the PDL attribute) captured and replayed gives
+  // the same bits too (the wide kernel's, see wide_case).
+  ASSERT_TRUE(cuda::hc_mix_split_fits(24, K));
+  for (auto* b : {&pre, &post, &comb, &a}) b->fill_bytes(0xFF);
+  p.kernel = cuda::kHcMixSplit;
+  replay_captured(p, 2);
+  const std::vector<std::vector<float>> sp = {pre.download(), post.download(), comb.download(), a.download()};
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same_bits(sp[i], ref[i])) << "split graph replay: " << names[i];
 }
 
 // Through the op table at Flash width: with DSV4_CUDA_HC_KERNEL=wide, hc_pre / hc_pre_norm / hc_post_pre_norm are the
@@ -806,18 +847,53 @@ TEST(CudaHcWide, BackendWideKnobIsTheWideKernel) {
   };
   const char* names[] = {"a", "post", "comb", "X"};
   for (int op : {0, 1, 2}) {
-    // DSV4_CUDA_HC_KERNEL=wide runs the wide kernel; the default (unset) is the cluster kernel.
+    // DSV4_CUDA_HC_KERNEL=wide runs the wide kernel; the default (unset) and =split the split kernels, whose bits
+    // are the wide kernel's (with the norm, the default also writes the Q8 view of a: CudaHcSplit.Backend*).
     const auto got = backend_run(op, "wide"), direct = direct_run(op), cl = backend_run(op, "cluster");
-    const auto dflt = backend_run(op, nullptr);
+    const auto dflt = backend_run(op, nullptr), sp = backend_run(op, "split");
     for (size_t i = 0; i < got.size(); ++i) {
       EXPECT_TRUE(same_bits(got[i], direct[i])) << "op " << op << ": wide knob vs hc_mix_cuda(wide): " << names[i];
-      EXPECT_TRUE(same_bits(dflt[i], cl[i])) << "op " << op << ": default vs the cluster kernel: " << names[i];
+      EXPECT_TRUE(same_bits(dflt[i], got[i])) << "op " << op << ": default (split) vs the wide kernel: " << names[i];
+      EXPECT_TRUE(same_bits(sp[i], got[i])) << "op " << op << ": split knob vs the wide kernel: " << names[i];
     }
     std::vector<double> a_cl(cl[0].begin(), cl[0].end());
     EXPECT_LE(test::max_rel_err(got[0], a_cl, 1.0), 1e-5) << "op " << op << ": a vs the cluster kernel";
     EXPECT_LE(test::max_abs_err(got[1], cl[1]), 1e-4) << "op " << op << ": post vs the cluster kernel";
     EXPECT_LE(test::max_abs_err(got[2], cl[2]), 1e-4) << "op " << op << ": comb vs the cluster kernel";
     EXPECT_TRUE(same_bits(got[3], cl[3])) << "op " << op << ": X vs the cluster kernel";
+  }
+}
+
+// Through the op table: the split kernel's Q8 view of a (published as the activation cache entry of a) gives the
+// projection that reads a the same bits as quantizing a in its own launch (DSV4_CUDA_HC_Q8=0), for hc_pre_norm and
+// hc_post_pre_norm followed by a Q8_0 matmul (as attn_q_a after the attention HC).
+TEST(CudaHcSplit, BackendQ8ViewFeedsTheProjection) {
+  DSV4_REQUIRE_CUDA();
+  const BackendHcInputs in(251, "hc_attn_fn", "attn_norm.weight");
+  const int64_t D = in.D, rows = 1024;
+  if (!cuda::hc_mix_split_fits(24, in.K)) GTEST_SKIP() << "the split kernel's tail cluster cannot be placed here";
+  const auto wq = test::random_weights(QType::Q8_0, rows, D, 252);
+  WeightView qa;
+  qa.type = QType::Q8_0, qa.data = wq.data(), qa.n_bytes = wq.size(), qa.name = "blk.0.attn_q_a.weight";
+  qa.ne[0] = D, qa.ne[1] = rows, qa.n_dims = 2;
+  auto run = [&](int op, bool q8) {
+    if (!q8) setenv("DSV4_CUDA_HC_Q8", "0", 1);
+    std::vector<float> y(static_cast<size_t>(rows));
+    auto out = in.run([&](Backend& be, float* X, float* a, float* po, float* co, const float* by) {
+      if (op == 1) be.hc_pre_norm(in.w, in.p, X, 1, &in.nw, 1e-6f, a, po, co);
+      else be.hc_post_pre_norm(in.p, by, X, in.w, 1, &in.nw, 1e-6f, a, po, co);
+      DeviceBuffer q = be.alloc(size_t(rows) * 4);
+      be.matmul(qa, -1, a, 1, q.f32());
+      be.download(y.data(), q.data(), size_t(rows) * 4);
+    });
+    unsetenv("DSV4_CUDA_HC_Q8");
+    out.push_back(y);
+    return out;
+  };
+  for (int op : {1, 2}) {
+    const auto with = run(op, true), without = run(op, false);
+    for (size_t i = 0; i < with.size(); ++i)
+      EXPECT_TRUE(same_bits(with[i], without[i])) << "op " << op << ": output " << i << " (4: the projection)";
   }
 }
 

@@ -8,18 +8,29 @@ namespace dsv4::cuda_impl {
 
 namespace {
 
-// The decode HC control kernel (hc.h): by default the cluster kernel (one 16-CTA cluster, also hc_head's) for
-// hc_pre / hc_pre_norm / hc_post_pre_norm. DSV4_CUDA_HC_KERNEL=wide: the wide kernel (d / 32 CTAs, 128 at Flash
-// width, meeting at a grid barrier) where it applies — opt-in: measured slower end to end (H200, 3977003, Flash q2
-// decode at 2k: 116.3 t/s with wide vs 130.6 with cluster, same call). DSV4_CUDA_HC_KERNEL=ticket: the ticket
-// kernel + separate collapse. Cluster and ticket give the same bits; the wide kernel differs from them in the fp32
-// summation order only (tests/ops/hc_cluster_test.cpp). Read per call so a test can switch it.
+// The decode HC control kernel (hc.h) for hc_pre / hc_pre_norm / hc_post_pre_norm: by default the split kernels
+// (kHcMixSplit: d / 32 CTAs for the fn product, then one small cluster for the collapse and norm, no grid barrier)
+// where they fit, else the cluster kernel (one 16-CTA cluster, also hc_head's). DSV4_CUDA_HC_KERNEL=cluster: the
+// cluster kernel (session 9's default); =wide: the wide kernel (d / 32 CTAs meeting at a grid barrier; measured slower
+// end to end, H200, 3977003, Flash q2 decode at 2k: 116.3 t/s with wide vs 130.6 with cluster, same call); =ticket:
+// the ticket kernel + separate collapse. Cluster and ticket give the same bits, split and wide the same bits; the
+// two pairs differ in the fp32 summation order only (tests/ops/hc_cluster_test.cpp). Read per call so a test can
+// switch it.
 int hc_decode_kernel(int n_mix, int64_t K) {
   const char* e = std::getenv("DSV4_CUDA_HC_KERNEL");
   if (e && std::strcmp(e, "ticket") == 0) return cuda::kHcMixTicket;
   const bool wide = e && std::strcmp(e, "wide") == 0;
   if (wide && cuda::hc_mix_wide_fits(n_mix, K)) return cuda::kHcMixWide;
+  const bool split = !e || !*e || std::strcmp(e, "split") == 0;
+  if (split && cuda::hc_mix_split_fits(n_mix, K)) return cuda::kHcMixSplit;
   return cuda::hc_mix_cluster_fits(n_mix, K) ? cuda::kHcMixCluster : cuda::kHcMixTicket;
+}
+
+// DSV4_CUDA_HC_Q8=0: the split kernel does not write `a` in the Q8_0 split layout for the next projection (the
+// projection quantizes it in its own launch, as before), for A/B. Read per call.
+bool hc_q8_out() {
+  const char* e = std::getenv("DSV4_CUDA_HC_Q8");
+  return !(e && std::strcmp(e, "0") == 0);
 }
 
 // DSV4_CUDA_HC_NORM=0: hc_pre_norm as two launches (hc_pre, then rms_norm) instead of the norm inside the cluster
@@ -95,7 +106,7 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
   const int64_t nd = int64_t(p.n) * p.d;
   const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
   if (!(hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&
-        (kernel == cuda::kHcMixWide ||
+        (kernel == cuda::kHcMixWide || kernel == cuda::kHcMixSplit ||
          (kernel == cuda::kHcMixCluster && cuda::hc_mix_cluster_norm_fits(cuda::kHcMix, nd))))) {
     hc_pre(w, p, X, T, a, post, comb);
     rms_norm(a, norm, T, p.d, norm_eps, a);
@@ -108,10 +119,12 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
   cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
   hp.kernel = kernel, hp.a = a;
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
+  if (kernel == cuda::kHcMixSplit && hc_q8_out()) hp.a_q8 = split_out(T, p.d);  // the next projection's input
   cuda::hc_mix_cuda(hp, stream_);
   wrote(a, size_t(T) * p.d * sizeof(float));
   wrote(post, size_t(T) * 4 * sizeof(float));
   wrote(comb, size_t(T) * 16 * sizeof(float));
+  if (hp.a_q8) publish_split(a, T, p.d);
 }
 
 // Decode: hc_post of the attention sublayer, hc_pre and ffn_norm of the MoE sublayer in one cluster launch (each
@@ -123,7 +136,7 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
   const int64_t nd = int64_t(p.n) * p.d;
   const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
   if (!(hc_post_fused() && hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&
-        (kernel == cuda::kHcMixWide ||
+        (kernel == cuda::kHcMixWide || kernel == cuda::kHcMixSplit ||
          (kernel == cuda::kHcMixCluster && cuda::hc_mix_cluster_post_fits(cuda::kHcMix, nd))))) {
     hc_post(p, y, post, comb, T, X);
     hc_pre_norm(w, p, X, T, norm, norm_eps, a, post, comb);
@@ -137,11 +150,13 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
   hp.kernel = kernel, hp.a = a;
   hp.post_y = y, hp.post_w = post, hp.post_comb = comb;  // read by every CTA before rank 0 writes the new ones
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
+  if (kernel == cuda::kHcMixSplit && hc_q8_out()) hp.a_q8 = split_out(T, p.d);  // the next projection's input
   cuda::hc_mix_cuda(hp, stream_);
   wrote(X, size_t(T) * nd * sizeof(float));
   wrote(a, size_t(T) * p.d * sizeof(float));
   wrote(post, size_t(T) * 4 * sizeof(float));
   wrote(comb, size_t(T) * 16 * sizeof(float));
+  if (hp.a_q8) publish_split(a, T, p.d);
 }
 
 void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) {

@@ -11,6 +11,7 @@
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/norm_rope.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/q8_split_act.cuh"
 #include "common/error.h"
 
 namespace dsv4::cuda {
@@ -533,30 +534,22 @@ __device__ __forceinline__ void wide_grid_barrier(unsigned long long* count, uns
   __syncthreads();
 }
 
-// One token (T == 1). Grid d / 32, 128 threads: thread (warp i, lane l) owns column i d + k, k = 32 blockIdx.x + l.
+// Phase 1 of the wide and split kernels for CTA r (of d / 32; 128 threads): the fused hc_post of its 32 dims of all 4
+// streams (written back to X in place), their products with the 128 columns of fn and their sum of squares, summed
+// over the CTA into the M + 1 partials part_row[0..M] (global memory). Thread (warp i, lane l) owns column i d + k,
+// k = 32 r + l. The fn loads go out before the PDL wait, all in flight together; xs keeps the CTA's (new) stream
+// values for the caller's collapse. The one code path of both kernels, so their partials are the same bits.
 template <int M>
-__global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p, int64_t ws_offset) {
+__device__ __forceinline__ void wide_column_partials(const HcMixParams& p, int r, float (&xs)[N][kWideDims],
+                                                     float (&red)[N][32], float* part_row) {
   constexpr int kV = 32;  // values per warp sum (M + 1 padded)
-  static_assert(M + 1 <= kV, "hc_mix_wide_kernel: too many values");
-  __shared__ float red[N][kV];
-  __shared__ float xs[N][kWideDims];  // this CTA's (new) stream values
-  __shared__ float total[kV];
-  __shared__ float ctl[N];  // the Sinkhorn's pre output (unused: pre_value gives the same bits on warp 0)
-  __shared__ float cbase[kHcMix], cscale[3];  // loaded before the wait: off the post-barrier critical path
-  const unsigned G = gridDim.x;
-  const int r = int(blockIdx.x), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  static_assert(M + 1 <= kV, "wide_column_partials: too many values");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t d = p.K / N, k = int64_t(r) * kWideDims + lane, c = int64_t(warp) * d + k;
-  auto* sync = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(p.workspace) + ws_offset);
-  float* part = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sync) + kWideSyncBytes);  // [G][M + 1]
-  float* npart = part + size_t(G) * (M + 1);                                                   // [G]
-  pdl_trigger();
   const __half* fn = static_cast<const __half*>(p.fn);
   __half h[M];
 #pragma unroll
   for (int j = 0; j < M; ++j) h[j] = fn[j * p.K + c];  // weights: before the wait, all in flight together
-  const float wn = p.a_norm && p.a_norm_w && warp == 0 ? p.a_norm_w[k] : 1.0f;
-  if (threadIdx.x < kHcMix) cbase[threadIdx.x] = p.base[threadIdx.x];
-  else if (threadIdx.x < kHcMix + 3) cscale[threadIdx.x - kHcMix] = p.scale[threadIdx.x - kHcMix];
   pdl_wait();
   float x;
   if (p.post_y) {  // hc_post_kernel's value for (stream warp, dim k), written back to X in place
@@ -586,25 +579,80 @@ __global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p
     float v = 0.0f;
 #pragma unroll
     for (int w = 0; w < N; ++w) v += red[w][threadIdx.x];  // warp order
-    part[size_t(r) * (M + 1) + threadIdx.x] = v;
+    part_row[threadIdx.x] = v;
   }
-  wide_grid_barrier(sync, G);
-  // Every CTA: the totals in one fixed order (thread l sums the rows l, l + 128, ... in order, then the warp tree,
-  // then the 4 warps in order), so every CTA holds the same bits.
+}
+
+// The totals of the G partial rows (M + 1 values each) on threads 0..127 (4 warps), in the one fixed order of the wide
+// and split kernels: thread l sums rows l, l + 128, ... in order, then the warp tree, then the 4 warps in order;
+// total[0..M] gets them. Every CTA that runs it holds the same bits. Callers __syncthreads() before reading total.
+template <int M>
+__device__ __forceinline__ void wide_totals(const float* part, unsigned G, float (&red)[N][32], float* total) {
+  constexpr int kV = 32;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < N) {
+    float acc[kV];
 #pragma unroll
-  for (int j = 0; j < kV; ++j) acc[j] = 0.0f;
-  for (unsigned row = threadIdx.x; row < G; row += kWideThreads) {
-    float v[M + 1];
+    for (int j = 0; j < kV; ++j) acc[j] = 0.0f;
+    for (unsigned row = threadIdx.x; row < G; row += kWideThreads) {
+      float v[M + 1];
 #pragma unroll
-    for (int j = 0; j <= M; ++j) v[j] = __ldcg(part + size_t(row) * (M + 1) + j);
+      for (int j = 0; j <= M; ++j) v[j] = __ldcg(part + size_t(row) * (M + 1) + j);
 #pragma unroll
-    for (int j = 0; j <= M; ++j) acc[j] += v[j];
+      for (int j = 0; j <= M; ++j) acc[j] += v[j];
+    }
+    transposed_warp_sum<kV, kV, 16>(acc, lane);
+    red[warp][lane] = acc[0];
   }
-  transposed_warp_sum<kV, kV, 16>(acc, lane);
-  red[warp][lane] = acc[0];
   __syncthreads();
   if (threadIdx.x <= M) total[threadIdx.x] = ((red[0][threadIdx.x] + red[1][threadIdx.x]) + red[2][threadIdx.x]) +
                                              red[3][threadIdx.x];
+}
+
+// The norm's sum over the G per-32-dim sums of squares npart(row) in the one fixed order of the wide and split
+// kernels (lane l: rows l, l + 32, ... in batches of 8 loads, then the warp tree). Called by a whole warp.
+template <class Load>
+__device__ __forceinline__ float wide_norm_sum(unsigned G, Load npart) {
+  const int lane = threadIdx.x & 31;
+  constexpr int kRows = 8;  // partial loads in flight per lane before the adds
+  float sum = 0.0f;
+  for (unsigned row0 = 0; row0 < G; row0 += 32 * kRows) {
+    float buf[kRows];
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      const unsigned row = row0 + u * 32 + lane;
+      buf[u] = row < G ? npart(row) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) sum += buf[u];
+  }
+  return warp_sum(sum);
+}
+
+// One token (T == 1). Grid d / 32, 128 threads: thread (warp i, lane l) owns column i d + k, k = 32 blockIdx.x + l.
+template <int M>
+__global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p, int64_t ws_offset) {
+  constexpr int kV = 32;  // values per warp sum (M + 1 padded)
+  static_assert(M + 1 <= kV, "hc_mix_wide_kernel: too many values");
+  __shared__ float red[N][kV];
+  __shared__ float xs[N][kWideDims];  // this CTA's (new) stream values
+  __shared__ float total[kV];
+  __shared__ float ctl[N];  // the Sinkhorn's pre output (unused: pre_value gives the same bits on warp 0)
+  __shared__ float cbase[kHcMix], cscale[3];  // loaded before the wait: off the post-barrier critical path
+  const unsigned G = gridDim.x;
+  const int r = int(blockIdx.x), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t d = p.K / N, k = int64_t(r) * kWideDims + lane;
+  auto* sync = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(p.workspace) + ws_offset);
+  float* part = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sync) + kWideSyncBytes);  // [G][M + 1]
+  float* npart = part + size_t(G) * (M + 1);                                                   // [G]
+  pdl_trigger();
+  const float wn = p.a_norm && p.a_norm_w && warp == 0 ? p.a_norm_w[k] : 1.0f;
+  if (threadIdx.x < kHcMix) cbase[threadIdx.x] = p.base[threadIdx.x];
+  else if (threadIdx.x < kHcMix + 3) cscale[threadIdx.x - kHcMix] = p.scale[threadIdx.x - kHcMix];
+  wide_column_partials<M>(p, r, xs, red, part + size_t(r) * (M + 1));
+  wide_grid_barrier(sync, G);
+  // Every CTA: the totals in one fixed order (wide_totals), so every CTA holds the same bits.
+  wide_totals<M>(part, G, red, total);
   __syncthreads();
   // Only the collapse weights pre (4 sigmoids) are on the critical path; the 20-round Sinkhorn (~1.5 us of
   // dependent shuffles and reciprocals) only makes post / comb, so CTA 0's warp 1 runs it beside warp 0's collapse
@@ -638,23 +686,108 @@ __global__ void __launch_bounds__(kWideThreads) hc_mix_wide_kernel(HcMixParams p
     grid_barrier_one_thread(sync, G);
   }
   __syncwarp();
-  constexpr int kRows = 8;  // partial loads in flight per lane before the adds
-  float sum = 0.0f;
-  for (unsigned row0 = 0; row0 < G; row0 += 32 * kRows) {
-    float buf[kRows];
-#pragma unroll
-    for (int u = 0; u < kRows; ++u) {
-      const unsigned row = row0 + u * 32 + lane;
-      buf[u] = row < G ? __ldcg(npart + row) : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kRows; ++u) sum += buf[u];
-  }
-  sum = warp_sum(sum);
+  const float sum = wide_norm_sum(G, [&](unsigned row) { return __ldcg(npart + row); });
   const float scale = rsqrtf(sum / float(d) + p.a_norm_eps);
   float y = av * scale;
   if (p.a_norm_w) y *= wn;
   p.a[k] = y;
+}
+
+// ---- split variant (kHcMixSplit, see hc.h) ------------------------------------------------------------------------
+// The wide kernel's two halves as two launches: the kernel boundary (with PDL: the tail's CTAs are resident and
+// waiting on griddepcontrol.wait) replaces the spinning grid barrier, and the tail is one small cluster whose norm
+// meets in distributed shared memory instead of a second grid barrier. Part kernel: wide_column_partials on d / 32
+// CTAs (the 0.8 MB of fn through 128 SMs). Tail kernel: one cluster of d / 256 CTAs, 256 collapse threads (one dim
+// each) + one warp for the Sinkhorn (post / comb; rank 0 only): every CTA sums the partials (wide_totals), forms
+// pre, collapses its 256 dims, and the norm's 32-dim sums of squares meet over DSMEM in wide_norm_sum's order. So
+// every output equals the wide kernel's bit for bit (same partials, same orders). Optionally it writes `a` in the
+// split Q8_0 activation layout too (a_q8), so the projection reading `a` needs no quantize launch.
+constexpr int kTailDims = 256;                       // dims per tail CTA: one per collapse thread
+constexpr int kTailThreads = kTailDims + 32;         // + the Sinkhorn warp
+constexpr int kTailWarps = kTailDims / 32;           // collapse warps per CTA
+constexpr int kTailMaxCtas = 16;                     // non-portable cluster size (sm_90 opt-in)
+
+template <int M>
+__global__ void __launch_bounds__(kWideThreads) hc_mix_split_part_kernel(HcMixParams p, int64_t ws_offset) {
+  __shared__ float red[N][32];
+  __shared__ float xs[N][kWideDims];
+  pdl_trigger();
+  float* part = reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + ws_offset + kWideSyncBytes);
+  wide_column_partials<M>(p, int(blockIdx.x), xs, red, part + size_t(blockIdx.x) * (M + 1));
+}
+
+// Grid cs = d / 256 (one cluster), kTailThreads threads. Collapse thread t of rank r owns dim k = 256 r + t, i.e. lane
+// t % 32 of the wide kernel's CTA 8 r + t / 32; that CTA's norm partial is the warp sum of warp t / 32 here.
+template <int M>
+__global__ void __launch_bounds__(kTailThreads) hc_mix_split_tail_kernel(HcMixParams p, int64_t ws_offset) {
+  namespace cg = cooperative_groups;
+  __shared__ float red[N][32];
+  __shared__ float total[32];
+  __shared__ float ctl[N];  // the Sinkhorn's pre output (unused: pre_value gives the same bits)
+  __shared__ float cbase[kHcMix], cscale[3];
+  __shared__ float wss[kTailWarps];  // this CTA's per-warp sums of squares of a
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = int(cluster.block_rank()), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool sink_warp = warp == kTailWarps;
+  const int64_t d = p.K / N, k = int64_t(rank) * kTailDims + (sink_warp ? 0 : threadIdx.x);
+  const unsigned G = unsigned(d / kWideDims);
+  const float* part = reinterpret_cast<const float*>(static_cast<uint8_t*>(p.workspace) + ws_offset + kWideSyncBytes);
+  pdl_trigger();
+  const float wn = p.a_norm && p.a_norm_w ? p.a_norm_w[k] : 1.0f;
+  if (threadIdx.x < kHcMix) cbase[threadIdx.x] = p.base[threadIdx.x];
+  else if (threadIdx.x < kHcMix + 3) cscale[threadIdx.x - kHcMix] = p.scale[threadIdx.x - kHcMix];
+  pdl_wait();
+  float v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = __ldcg(p.X + int64_t(i) * d + k);  // the part kernel's new X: in flight now
+  wide_totals<M>(part, G, red, total);
+  __syncthreads();
+  const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
+  float av = 0.0f;
+  if (sink_warp) {
+    if (rank == 0) {
+      const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
+      sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, cbase, cscale, p.iters, p.eps, ctl, p.post,
+                          p.comb);
+    }
+  } else {
+    const float pv = lane < N ? pre_value(total[lane] * rs, cscale, cbase, lane, p.eps) : 0.0f;
+    if (rank == 0 && warp == 0) {  // post_w / post_comb may alias post / comb: the part kernel read them
+      if (lane < N) p.pre[lane] = pv;
+      if (lane == 0 && p.rs_out) p.rs_out[0] = rs;
+      if (p.mix_out && lane < M) p.mix_out[lane] = total[lane];
+    }
+    float wts[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) wts[i] = __shfl_sync(kFullMask, pv, i);
+    av = collapse_value(v, wts);
+  }
+  if (!p.a_norm) {  // uniform over the grid: no cluster barrier
+    if (!sink_warp) {
+      p.a[k] = av;
+      if (p.a_q8) q8_split_store_warp(av, static_cast<uint8_t*>(p.a_q8), d, k);
+    }
+    return;
+  }
+  if (!sink_warp) {
+    const float ss = warp_sum(av * av);
+    if (lane == 0) wss[warp] = ss;
+  }
+  cluster.sync();  // every CTA's wss written (every thread, the Sinkhorn warp too, takes part in the barriers)
+  float sum = 0.0f;
+  if (!sink_warp)
+    sum = wide_norm_sum(G, [&](unsigned row) {
+      return cluster.map_shared_rank(wss, int(row / kTailWarps))[row % kTailWarps];
+    });
+  cluster.barrier_arrive();  // this CTA's reads of the others' wss are done
+  if (!sink_warp) {
+    const float scale = rsqrtf(sum / float(d) + p.a_norm_eps);
+    float y = av * scale;
+    if (p.a_norm_w) y *= wn;
+    p.a[k] = y;
+    if (p.a_q8) q8_split_store_warp(y, static_cast<uint8_t*>(p.a_q8), d, k);
+  }
+  cluster.barrier_wait();  // no CTA leaves while another may still read its wss
 }
 
 // One thread per (token, dim): reads the 4 stream values of that dim.
@@ -831,6 +964,57 @@ bool hc_mix_wide_fits(int n_mix, int64_t K) {
   return G <= kWideMaxCtas && G <= wide_resident_ctas();
 }
 
+namespace {
+
+// Whether the split kernels' tail cluster (d / 256 CTAs of kTailThreads) can be placed on this device. Cached: a
+// driver query, and hc_pre runs 86 times per decoded token.
+bool split_tail_placeable(int cs) {
+  static std::atomic<int8_t> known[kTailMaxCtas + 1] = {};  // 0 unknown, 1 yes, -1 no
+  std::atomic<int8_t>& kn = known[cs];
+  int8_t v = kn.load(std::memory_order_relaxed);
+  if (v == 0) {
+    check(cudaFuncSetAttribute(hc_mix_split_tail_kernel<kHcMix>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+          "hc_mix_split_tail_kernel: cluster size attribute");
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr;
+    cfg.gridDim = dim3(unsigned(cs)), cfg.blockDim = dim3(kTailThreads);
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = unsigned(cs), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr, cfg.numAttrs = 1;
+    int n = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, hc_mix_split_tail_kernel<kHcMix>, &cfg);
+    if (err != cudaSuccess) (void)cudaGetLastError();  // an unplaceable shape: answer no, leave no sticky error
+    v = err == cudaSuccess && n > 0 ? 1 : -1;
+    kn.store(v, std::memory_order_relaxed);
+  }
+  return v > 0;
+}
+
+void launch_mix_split(const HcMixParams& p, cudaStream_t stream) {
+  const int64_t ws = int64_t(wide_offset(p.K));
+  launch_pdl("hc_mix_split_part_kernel", hc_mix_split_part_kernel<kHcMix>, dim3(unsigned(wide_ctas(p.K))),
+             kWideThreads, 0, stream, p, ws);
+  const int cs = int(p.K / N / kTailDims);
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[2];
+  cfg.gridDim = dim3(unsigned(cs)), cfg.blockDim = dim3(kTailThreads), cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(cs), attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // the tail keeps the PDL contract (pdl.cuh)
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr, cfg.numAttrs = pdl_enabled() ? 2 : 1;
+  check(cudaLaunchKernelEx(&cfg, hc_mix_split_tail_kernel<kHcMix>, p, ws), "hc_mix_split_tail_kernel launch");
+}
+
+}  // namespace
+
+bool hc_mix_split_fits(int n_mix, int64_t K) {
+  if (n_mix != kHcMix || K <= 0 || K % (N * kTailDims) != 0) return false;
+  const int64_t cs = K / N / kTailDims;
+  if (cs > kTailMaxCtas || wide_ctas(K) > kWideMaxCtas) return false;
+  return split_tail_placeable(int(cs));
+}
+
 size_t hc_mix_workspace_bytes(int64_t n_tokens, int64_t K) {
   const size_t ticket = ticket_bytes(n_tokens, K), wide = wide_offset(K) + wide_bytes(K);
   return ticket > wide ? ticket : wide;
@@ -850,11 +1034,20 @@ void norm_rows(const HcMixParams& p, cudaStream_t stream) {
 void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (p.n_mix != kHcMix && p.n_mix != N) fail("hc_mix_cuda: n_mix=%d (24 for hc_pre, 4 for hc_head)", p.n_mix);
   if (p.K <= 0 || p.K % 2 != 0) fail("hc_mix_cuda: K=%lld must be positive and even", (long long)p.K);
-  if (p.kernel != kHcMixTicket && p.kernel != kHcMixCluster && p.kernel != kHcMixWide)
+  if (p.kernel != kHcMixTicket && p.kernel != kHcMixCluster && p.kernel != kHcMixWide && p.kernel != kHcMixSplit)
     fail("hc_mix_cuda: unknown kernel %d", p.kernel);
   const bool fuse_post = p.post_y || p.post_w || p.post_comb;
   if (fuse_post && (!p.post_y || !p.post_w || !p.post_comb || p.kernel == kHcMixTicket || p.K % N != 0))
-    fail("hc_mix_cuda: a fused hc_post needs post_y, post_w, post_comb, the cluster or wide kernel and K = %d x d", N);
+    fail("hc_mix_cuda: a fused hc_post needs post_y, post_w, post_comb, the cluster, wide or split kernel and K = "
+         "%d x d", N);
+  if (p.a_q8 && !(p.kernel == kHcMixSplit && p.n_tokens == 1 && p.a && hc_mix_split_fits(p.n_mix, p.K)))
+    fail("hc_mix_cuda: a_q8 is written by the split kernel only (one token, the fused collapse, hc_mix_split_fits)");
+  if (p.kernel == kHcMixSplit && p.n_tokens == 1 && p.a && hc_mix_split_fits(p.n_mix, p.K)) {
+    if (!p.fn || !p.X || !p.base || !p.scale || !p.workspace || !p.pre || !p.post || !p.comb || p.iters < 1)
+      fail("hc_mix_cuda: the split kernel needs fn, X, base, scale, workspace, pre, post, comb and iters >= 1");
+    launch_mix_split(p, stream);
+    return;
+  }
   if (p.kernel == kHcMixWide && p.n_tokens == 1 && p.a && hc_mix_wide_fits(p.n_mix, p.K)) {
     if (!p.fn || !p.X || !p.base || !p.scale || !p.workspace || !p.pre || !p.post || !p.comb || p.iters < 1)
       fail("hc_mix_cuda: the wide kernel needs fn, X, base, scale, workspace, pre, post, comb and iters >= 1");
@@ -862,8 +1055,8 @@ void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
                stream, p, int64_t(wide_offset(p.K)));
     return;
   }
-  // The wide kernel's shape does not apply (several tokens, no fused collapse, hc_head, other widths): the cluster
-  // kernel (or its ticket fallback) instead.
+  // The wide / split kernels' shape does not apply (several tokens, no fused collapse, hc_head, other widths): the
+  // cluster kernel (or its ticket fallback) instead.
   const bool cluster = p.kernel != kHcMixTicket &&
                        (fuse_post ? hc_mix_cluster_post_fits(p.n_mix, p.K) : hc_mix_cluster_fits(p.n_mix, p.K));
   if (!p.fn || !p.X || !p.base || !p.scale || (!cluster && !p.workspace))

@@ -76,7 +76,7 @@ struct HcMixParams {
   float* mix_out = nullptr;  // optional: raw mix [T, n_mix] (tests, diagnostics)
   float* rs_out = nullptr;   // optional: rs [T]
   void* workspace = nullptr;  // the ticket and wide kernels'; unused by the cluster kernel
-  int kernel = 0;             // kHcMixTicket (default), kHcMixCluster or kHcMixWide
+  int kernel = 0;             // kHcMixTicket (default), kHcMixCluster, kHcMixWide or kHcMixSplit
   // Optional, with kernel == kHcMixCluster: the previous sublayer's hc_post applied to X IN PLACE first (X is
   // written through), X[t][o] = post_w[t][o] * post_y[t] + sum_i post_comb[t][i][o] * X[t][i] (equal to
   // hc_post_cuda bit for bit), and the control computed on the new X: the model's hc_post -> hc_pre pair in one
@@ -96,6 +96,10 @@ struct HcMixParams {
   bool a_norm = false;
   const float* a_norm_w = nullptr;  // [d]
   float a_norm_eps = 1e-6f;
+  // Optional, split kernel only (hc_mix_cuda fails otherwise): `a` (after the norm, if any) also in the Q8_0 split
+  // activation layout of the dense GEMVs ([d int8][d / 32 f32 scales], gemv.h GemvLayout::Q8Split), bytes equal to
+  // quantize_activations_cuda(Q8_0, a, 1, d, ..., Q8Split): the projection reading `a` needs no quantize launch.
+  void* a_q8 = nullptr;
 };
 // kHcMixCluster (the backend's decode default; DSV4_CUDA_HC_KERNEL=ticket gives the ticket kernel back): the K-split
 // partials of a token meet in distributed shared memory of one thread-block cluster instead of global memory,
@@ -126,6 +130,16 @@ inline constexpr int kHcMixCluster = 1;
 // launches, hc.cu grid_barrier_one_thread). Where the shape does not apply (T > 1, no `a`,
 // n_mix 4, other widths) hc_mix_cuda runs the cluster kernel's path instead.
 inline constexpr int kHcMixWide = 2;
+// kHcMixSplit (the backend's decode default for hc_pre / hc_pre_norm / hc_post_pre_norm where it fits; see
+// cuda_backend_hc.cpp for the measurements): the wide kernel's work in two launches and no grid barrier. Launch 1:
+// the wide kernel's first half on d / 32 CTAs (fused hc_post, the 128 columns of fn per CTA, partial sums to the
+// workspace). Launch 2 (PDL: resident before launch 1 ends): one cluster of d / 256 CTAs; each CTA sums the partials
+// in the wide kernel's order, forms pre, collapses its 256 dims and (a_norm) meets the others over distributed
+// shared memory for the norm; rank 0 runs the Sinkhorn on an extra warp. Every output equals the wide kernel's bit
+// for bit. Shape: one token, hc_pre with the fused collapse `a`, d % 256 == 0, d / 256 <= 16 (hc_mix_split_fits);
+// elsewhere hc_mix_cuda runs the cluster kernel's path. Needs `workspace` like the wide kernel (no barrier count).
+inline constexpr int kHcMixSplit = 3;
+bool hc_mix_split_fits(int n_mix, int64_t K);
 bool hc_mix_wide_fits(int n_mix, int64_t K);
 bool hc_mix_cluster_fits(int n_mix, int64_t K);
 bool hc_mix_cluster_post_fits(int n_mix, int64_t K);
