@@ -8,6 +8,7 @@
 #include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/gemv.h"
 #include "backend/cuda/pdl.cuh"
 #include "common/error.h"
 
@@ -67,6 +68,27 @@ __device__ __forceinline__ float4 derotate4(const SinkAttnLaunch& p, int64_t pos
   if (p.n_rot == 0) return v;
   const float2 lo = derotate2(p, pos, d, v.x, v.y), hi = derotate2(p, pos, d + 2, v.z, v.w);
   return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// Q8 output (SinkAttnLaunch::q8) of the float4 v of out at flat element e (e % 4 == 0). The 8 lanes 8i..8i+7
+// of a warp hold the 32 consecutive values of one Q8 block (dh % 32 == 0: blocks start at lane 8i and never
+// straddle heads). Its amax comes from a 3-step butterfly over those lanes: fmaxf is exact and commutative, so it
+// equals q8_split_store_warp's warp_max over the same 32 values; the rest is that helper's rule (d = amax / 127,
+// q = roundf(v * (1 / d)), the scale as the f32 of its f16 rounding), hence the bytes of
+// quantize_activations_cuda on out. All 32 lanes must call it (shuffles); valid is uniform over each 8-lane group.
+__device__ __forceinline__ void q8_store4(const SinkAttnLaunch& p, float4 v, bool valid, int64_t e) {
+  float amax = valid ? fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))) : 0.0f;
+  amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, 2));
+  amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, 4));
+  if (!valid) return;
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const int64_t cols = p.q8_cols, row = e / cols, c = e - row * cols;
+  uint8_t* arow = static_cast<uint8_t*>(p.q8) + row * (cols + cols / 8);
+  *reinterpret_cast<char4*>(arow + c) = make_char4(int8_t(roundf(v.x * id)), int8_t(roundf(v.y * id)),
+                                                   int8_t(roundf(v.z * id)), int8_t(roundf(v.w * id)));
+  if ((c & 31) == 0) reinterpret_cast<float*>(arow + cols)[c >> 5] = f16_to_f32(f32_to_f16(d));
 }
 
 // Fused window_store of a one-token call (SinkAttnLaunch::ring_out): one CTA copies kv_new[0] into slot
@@ -368,9 +390,10 @@ __global__ void sink_attn_combine_kernel(SinkAttnLaunch p, int n_split, const fl
   }
   __syncthreads();
   const float f = 1.0f / s_den;
-  if (j < dh4)
-    reinterpret_cast<float4*>(p.out)[th * dh4 + j] =
-        derotate4(p, p.pos0 + th / p.H, 4 * j, make_float4(o.x * f, o.y * f, o.z * f, o.w * f));
+  const float4 r = j < dh4 ? derotate4(p, p.pos0 + th / p.H, 4 * j, make_float4(o.x * f, o.y * f, o.z * f, o.w * f))
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+  if (j < dh4) reinterpret_cast<float4*>(p.out)[th * dh4 + j] = r;
+  if (p.q8) q8_store4(p, r, j < dh4, th * p.dh + 4 * j);  // every thread of the block gets here (no return above)
 }
 
 // ---- tensor-core path (SinkAttnImpl::TensorCore; numerics in attention.h) ---------------------------------
@@ -586,6 +609,9 @@ void validate(const SinkAttnLaunch& p) {
          p.dh);
   if (p.impl == SinkAttnImpl::TensorCore && p.dh != tc::kDh)
     fail("sink_attention_cuda: the tensor-core kernel needs dh == %d (got %d)", tc::kDh, p.dh);
+  if (p.q8 && (p.dh % 32 != 0 || !q8_split_supported(p.q8_cols) || (int64_t(p.T) * p.H * p.dh) % p.q8_cols != 0))
+    fail("sink_attention_cuda: Q8 output rows of %lld columns need dh %% 32 == 0 (dh %d), columns %% 256 == 0 and "
+         "dividing T*H*dh", (long long)p.q8_cols, p.dh);
 }
 
 bool use_tensor_cores(const SinkAttnLaunch& p) {
@@ -655,6 +681,17 @@ void sink_attention_cuda(const SinkAttnLaunch& p_in, float* scratch, cudaStream_
 
 namespace {
 
+// SinkAttnLaunch::q8 where the combine kernel does not write out: the rows by a quantize launch after the kernel.
+// Only the combine kernel quantizes in its epilogue (decode: every Flash layer at 2k has 4..20 splits). In
+// sink_attn_kernel's own epilogues (one split; the opt-in last-CTA combine) the quantize code made ptxas spill more
+// in the kernel that does the attention work (128 registers at 2 CTAs/SM: 32/56 -> 52/112 spill bytes), and the
+// tensor-core kernel's outputs are spread over mma fragments (prefill sizes).
+void quantize_after(const SinkAttnLaunch& p, cudaStream_t stream) {
+  if (p.q8)
+    quantize_activations_cuda(QType::Q8_0, p.out, int64_t(p.T) * p.H * p.dh / p.q8_cols, p.q8_cols, p.q8, stream,
+                              GemvLayout::Q8Split);
+}
+
 void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream) {
   if (use_tensor_cores(p)) {
     static const bool tc_attr_set = [] {
@@ -666,7 +703,7 @@ void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream
     (void)tc_attr_set;
     const dim3 grid(unsigned(p.T), unsigned((p.H + tc::kHeads - 1) / tc::kHeads));
     launch_pdl("sink_attn_tc_kernel", tc::sink_attn_tc_kernel, grid, dim3(tc::kThreads), tc::kSmemBytes, stream, p);
-    return;
+    return quantize_after(p, stream);
   }
   const int rps = rows_per_split(p), ns = n_splits(p);
   if (ns > 1 && !scratch) fail("sink_attention_cuda: %d splits need scratch (sink_attention_scratch_floats)", ns);
@@ -689,7 +726,9 @@ void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream
     const unsigned threads = unsigned(std::max(32, (p.dh / 4 + 31) / 32 * 32));
     launch_pdl("sink_attn_combine_kernel", sink_attn_combine_kernel, dim3(unsigned(int64_t(p.T) * p.H)), dim3(threads),
                sizeof(float) * 2 * size_t(ns), stream, p, ns, static_cast<const float*>(scratch));
+    return;  // the combine kernel wrote the Q8 rows
   }
+  quantize_after(p, stream);
 }
 
 }  // namespace

@@ -82,6 +82,17 @@ struct SinkAttnLaunch {
   // per call: the ticket path is opt-in with =1, measured slower end to end), launches the combine kernel. The counters are process-wide: no two such launches may run
   // concurrently on different streams.
   bool split_ticket = true;
+  // Q8 output (decode: saves the grouped output projection's activation-quantize launch). q8 != null: the call
+  // also writes the Q8_0 split-layout activations (gemv.h GemvLayout::Q8Split) of out
+  // viewed as T*H*dh / q8_cols rows of q8_cols values (row r = out elements [r*q8_cols, (r+1)*q8_cols): for
+  // Flash's o_a, 8 heads), each row [q8_cols int8][q8_cols/32 f32 scales], with q8_split_store_warp's rule on the
+  // very floats stored to out: bytes equal to quantize_activations_cuda(Q8_0, out, rows, q8_cols, Q8Split).
+  // Needs dh % 32 == 0 (a 32-value block never straddles two heads), q8_split_supported(q8_cols) and
+  // T*H*dh % q8_cols == 0. Written in the epilogue of the split combine kernel (decode with 2+ splits: every
+  // Flash layer at 2k), no launch added; the other paths (one split, the last-CTA combine, tensor cores) run a
+  // quantize launch after their kernel.
+  void* q8 = nullptr;
+  int64_t q8_cols = 0;
 };
 
 // ring slot (p0 + t) mod W = kv[t] for the last min(T, W) tokens (rows of dim floats): at most two device copies.

@@ -126,9 +126,10 @@ int64_t sink_attention_scratch_floats(const SinkAttnParams& p, int T, int64_t p0
 
 void sink_attention_device(const SinkAttnParams& p, const float* sinks, const float* q, const float* kv_new,
                            const float* ring, const float* comp, const int32_t* sel, int T, int64_t p0, float* out,
-                           float* scratch, cudaStream_t stream) {
+                           float* scratch, cudaStream_t stream, void* q8, int64_t q8_cols) {
   SinkAttnLaunch L = sink_launch(p, T, p0);
   L.q = q, L.out = out, L.sinks = sinks, L.kv_new = kv_new, L.ring = ring;
+  L.q8 = q8, L.q8_cols = q8 ? q8_cols : 0;
   if (p.comp != CompRows::None) L.comp = comp;
   if (p.comp == CompRows::Selected) L.comp_idx = sel;
   L.n_rot = copy_omega(p.out_rope, L.omega);

@@ -36,8 +36,9 @@ void indexer_topk_device(const IndexerParams& p, const float* qI, const float* w
                          int64_t p0, int32_t* sel, float* scratch, cudaStream_t stream);
 
 int64_t sink_attention_scratch_floats(const SinkAttnParams& p, int T, int64_t p0);
+// q8 (optional): out also as split-layout Q8_0 activation rows of q8_cols columns (SinkAttnLaunch::q8).
 void sink_attention_device(const SinkAttnParams& p, const float* sinks, const float* q, const float* kv_new,
                            const float* ring, const float* comp, const int32_t* sel, int T, int64_t p0, float* out,
-                           float* scratch, cudaStream_t stream);
+                           float* scratch, cudaStream_t stream, void* q8 = nullptr, int64_t q8_cols = 0);
 
 }  // namespace dsv4::cuda
