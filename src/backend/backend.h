@@ -138,6 +138,10 @@ struct SinkAttnParams {
   //                 the session's writable ring buffer (non-null)
   const RopeFreqs* out_rope = nullptr;
   bool store_window = false;
+  // q8_groups > 0: out is next read by matmul_grouped with that many groups (Q8_0 weights), i.e. as T * q8_groups
+  // rows of heads * dim / q8_groups columns; a device backend may quantize those rows for it in the attention
+  // launch (saves the projection's quantize launch). out is unchanged; the CPU backend ignores it.
+  int q8_groups = 0;
 };
 
 // One job of Backend::head_prep_batch: head_prep(x, T, H, dim, p).

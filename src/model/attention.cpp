@@ -238,6 +238,8 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
   // 7. (store_window) the window ring takes this pass's rows after the attention (kv is not read after this;
   // the output projections below do not touch the ring). 6a. (out_rope) each head's output is de-rotated.
   if (fused) ap.out_rope = &s.rope, ap.store_window = true;
+  // 6b's grouped o_a projection reads the output as Q8_0 activations: a device backend may write them here.
+  if (fused && w.output_a.type == QType::Q8_0) ap.q8_groups = s.o_groups;
   be.sink_attention(ap, q, kv, st.window.f32(), s.has_compressor() ? st.comp.rows.f32() : nullptr,
                     s.has_indexer() ? S.sel.i32() : nullptr, T, p0, S.o.f32());
   if (!fused) {

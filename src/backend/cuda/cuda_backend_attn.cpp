@@ -190,7 +190,18 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
   if (p.comp != CompRows::None && !comp) comp = dummy_.get();
   if (!ring) ring = dummy_.get();
   float* scr = buffer(0, size_t(std::max<int64_t>(1, cuda::sink_attention_scratch_floats(p, T, p0))));
-  cuda::sink_attention_device(p, f32_weight(*p.sinks), q, kv_new, ring, comp, sel, T, p0, out, scr, stream_);
+  // Decode: out also as the Q8 rows matmul_grouped (o_a) reads, written by the split combine kernel: one quantize
+  // launch fewer on the critical path per layer. Published after the launch (attn_q8_out: kept for the next
+  // recorded segment, which opens with that projection).
+  void* q8 = nullptr;
+  int64_t q8_rows = 0, q8_cols = 0;
+  if (p.q8_groups > 0 && p.dim % 32 == 0 && (int64_t(p.heads) * p.dim) % p.q8_groups == 0) {
+    q8_rows = int64_t(T) * p.q8_groups, q8_cols = int64_t(p.heads) * p.dim / p.q8_groups;
+    q8 = attn_q8_out(q8_rows, q8_cols);
+  }
+  cuda::sink_attention_device(p, f32_weight(*p.sinks), q, kv_new, ring, comp, sel, T, p0, out, scr, stream_, q8,
+                              q8_cols);
+  if (q8) publish_attn_q8(out, q8_rows, q8_cols);
 }
 
 // Ring slot (p0 + t) mod W = kv[t] for the last min(T, W) tokens (window_store_cuda: at most two device copies).

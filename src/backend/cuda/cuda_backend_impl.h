@@ -76,6 +76,7 @@ class CudaBackend final : public Backend {
   }
   void mem_free(void* p) noexcept override {
     if (!p) return;
+    attn_q8_.x = nullptr;      // the carried entry too (forget_all_activations keeps it through one reset)
     forget_all_activations();  // the block may come back from the pool under a cached activation's address
     cudaFreeAsync(p, stream_);
   }
@@ -263,6 +264,9 @@ class CudaBackend final : public Backend {
   const void* activations(QType wtype, GemvLayout layout, const float* x, int64_t n_rows, int64_t cols, bool cacheable) {
     if (activation_type(wtype) == QType::F32 && layout == GemvLayout::Ggml) return x;
     const int kind = act_kind(wtype, layout);
+    if (kind == act_kind(QType::Q8_0, GemvLayout::Q8Split) && attn_q8_.x && attn_q8_.x == x &&
+        attn_q8_.rows == n_rows && attn_q8_.cols == cols)
+      return attn_q8_.buf.get();
     for (int j = 0; j < kActSlots; ++j) {
       ActEntry& h = act_[size_t(kind * kActSlots + j)];
       if (h.x && h.x == x && h.rows == n_rows && h.cols == cols) {
@@ -303,6 +307,28 @@ class CudaBackend final : public Backend {
     split_pending_->x = y, split_pending_->rows = rows, split_pending_->cols = cols;
     split_pending_ = nullptr;
   }
+  // The attention output's Q8 rows (sink_attention with q8_groups; the o_a projection's input). Not an LRU slot:
+  // sink_attention runs between recorded segments (forward.cpp: the attention core) while its consumer,
+  // matmul_grouped, opens the next segment, so the entry has to outlive that segment's host reset (see
+  // forget_all_activations) and its buffer must be the same every token (a replayed graph reads a fixed
+  // address; an LRU slot's choice depends on what ran before). Grows only (a DeviceArray: recordings are
+  // invalidated when it moves). Null when not worth it (prefill sizes, widths the split layout does not take) or
+  // with DSV4_CUDA_ATTN_Q8=0.
+  void* attn_q8_out(int64_t rows, int64_t cols) {
+    attn_q8_.x = nullptr;
+    if (!attn_q8_enabled_ || rows > kSplitProduceMaxRows || !cuda::q8_split_supported(cols)) return nullptr;
+    const size_t bytes = size_t(rows) * size_t(cuda::gpu_activation_bytes(QType::Q8_0, cols, GemvLayout::Q8Split));
+    if (attn_q8_.buf.size() < bytes) {
+      attn_q8_.buf.reset();
+      attn_q8_.buf = DeviceArray<uint8_t>(bytes);
+    }
+    return attn_q8_.buf.get();
+  }
+  // After the launch that wrote y (the op has already called wrote(y)): the entry survives the next host reset.
+  void publish_attn_q8(const float* y, int64_t rows, int64_t cols) {
+    attn_q8_.x = y, attn_q8_.rows = rows, attn_q8_.cols = cols;
+    attn_q8_resets_left_ = 1;
+  }
   static int act_kind(QType wtype, GemvLayout layout) {
     if (layout == GemvLayout::Q8Split) return 1;
     return activation_type(wtype) == QType::Q8_0 ? 0 : 2;
@@ -310,15 +336,24 @@ class CudaBackend final : public Backend {
   // Invalidates cached activations whose input overlaps [p, p + bytes).
   void wrote(const void* p, size_t bytes) {
     const auto* b = static_cast<const uint8_t*>(p);
-    for (ActEntry& e : act_) {
-      if (!e.x) continue;
+    auto check = [&](ActEntry& e) {
+      if (!e.x) return;
       const auto* xb = reinterpret_cast<const uint8_t*>(e.x);
       if (b < xb + size_t(e.rows * e.cols) * sizeof(float) && xb < b + bytes) e.x = nullptr;
-    }
+    };
+    for (ActEntry& e : act_) check(e);
+    check(attn_q8_);
   }
   // Also resets the replacement order, so the buffers a recorded segment uses do not depend on what ran before.
+  // The attention output's entry (attn_q8_out) is kept through the first reset after its publication: the reset
+  // at the start of the segment that consumes it (SegmentGraphs::run; graph.h). That segment's recording then
+  // depends on the entry, which is sound because in a recorded decode pass every segment after the first follows
+  // its layer's attention core, which publishes the entry every token or never (fixed shapes, knob read once):
+  // eager, capture and replay see the same state. Any later reset (after a replay or a failed capture) drops it.
   void forget_all_activations() noexcept {
     for (ActEntry& e : act_) e.x = nullptr, e.used = 0;
+    if (attn_q8_resets_left_ > 0) --attn_q8_resets_left_;
+    else attn_q8_.x = nullptr;
   }
 
   // Prefill GEMMs (gemm.h) for T >= gemm_min_tokens on the types/layouts they take; DSV4_CUDA_GEMM=0 keeps every
@@ -384,6 +419,12 @@ class CudaBackend final : public Backend {
   std::array<ActEntry, 3 * kActSlots> act_;  // [format][slot], format = act_kind()
   uint64_t act_clock_ = 0;
   ActEntry* split_pending_ = nullptr;  // split_out's entry until publish_split
+  ActEntry attn_q8_;                   // attn_q8_out's entry (x null: nothing published)
+  int attn_q8_resets_left_ = 0;        // host resets the published entry still survives
+  const bool attn_q8_enabled_ = [] {  // DSV4_CUDA_ATTN_Q8=0: no Q8 rows from sink_attention (A/B; read per backend)
+    const char* e = std::getenv("DSV4_CUDA_ATTN_Q8");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
   DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<uint8_t> route_ws_;  // moe_route_fused_cuda workspace (z + ticket; zeroed at allocation)
