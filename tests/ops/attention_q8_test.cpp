@@ -3,10 +3,10 @@
 // instead of a separate quantize launch.
 //
 // Kernel level, at Flash widths (64 heads x 512, window 128, de-rotation of the last 64 dims, Q8 rows of 4096 =
-// 8 heads): for every kernel path that writes the final output (one split inside the attention kernel, the
-// separate combine kernel, the last-CTA combine, the tensor-core kernel + quantize launch) the Q8 bytes must
-// equal BIT FOR BIT what quantize_activations_cuda(Q8_0, out, Q8Split) makes of the output, and the output must
-// be bitwise the output of the same launch without Q8 rows. The reference quantizer is the one the projection
+// 8 heads): for every kernel path that writes the final output (the split combine kernel, which writes the rows
+// in its epilogue: the decode case; one split, the last-CTA combine and the tensor-core kernel, each followed by
+// a quantize launch) the Q8 bytes must equal BIT FOR BIT what quantize_activations_cuda(Q8_0, out, Q8Split)
+// makes of the output, and the output must be bitwise the output of the same launch without Q8 rows. The reference quantizer is the one the projection
 // used before (gemv.cu), not the code under test.
 //
 // Backend level: sink_attention (with the decode fusions and q8_groups = 8) followed by matmul_grouped gives the
@@ -171,7 +171,7 @@ TEST(CudaAttentionQ8, KernelRowsEqualQuantizeLaunch) {
       {"hca decode 2k: 5 splits + combine kernel", 2047, 1, 128, Path::CombineKernel},
       {"sliding decode: 2 splits + combine kernel", 50, 1, 0, Path::CombineKernel},
       {"csa decode 8k, peaked softmax", 8191, 1, 4, Path::CombineKernel, 64, 4096, 0, cuda::SinkAttnImpl::Auto, 4.0f},
-      {"first tokens: one split in the attention kernel", 5, 1, 4, Path::OneSplit},
+      {"first tokens: one split, quantize launch after", 5, 1, 4, Path::OneSplit},
       {"csa decode 8k, one 1024-row split", 8191, 1, 4, Path::OneSplit, 64, 4096, 1024, kCore},
       {"hca decode 2k, rows of 4 heads (2048 cols)", 2047, 1, 128, Path::CombineKernel, 64, 2048},
       {"hca decode 2k, rows of 16 heads (8192 cols)", 2047, 1, 128, Path::CombineKernel, 64, 8192},
