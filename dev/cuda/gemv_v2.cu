@@ -9,8 +9,7 @@
 //   default    gemv_cuda with kernel 0 (what the decode runs today)
 //   v2         kernel 3: one wave of CTAs, every load of a warp's item issued up front
 //   v2+pdl     kernel 4: v2 launched with programmatic dependent launch (overlaps the previous GEMV's tail)
-//   tma        kernel 5 (gemv_dense_tma.h): per-warp rings of bulk-copied stages, PDL (Q8Split only)
-//   q+default / q+v2pdl / q+tma   each GEMV preceded by its activation quantizer (an ordinary kernel, as in the decode,
+//   q+default / q+v2pdl   each GEMV preceded by its activation quantizer (an ordinary kernel, as in the decode,
 //              where a norm or quantizer produces the input): PDL with a producer that does not trigger early
 // "layer" rows run the five dense GEMVs of one decode layer (q_a, kv, q_b, o_a grouped, o_b) in sequence, rotated
 // over enough layers' worth of weights: the per-layer dense GEMV time of each kernel choice.
@@ -27,7 +26,6 @@
 
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/gemv.h"
-#include "backend/cuda/gemv_dense_tma.h"
 #include "backend/cuda/gemv_dense_v2.h"
 #include "common/error.h"
 #include "quant/quant.h"
@@ -90,14 +88,7 @@ struct Mat {
     p.expert_stride = dev_bytes / groups;
     if (groups > 1 && k == 0) p.expert_ids = ids.get();  // today's grouped form: MoE mode over ids 0..G-1
     p.kernel = k;
-    if (k == kGemvKernelTma) return gemv_tma_cuda(p, s);
     gemv_cuda(p, s);
-  }
-  bool tma_ok() const {
-    GemvParams p;
-    p.wtype = type, p.layout = layout, p.w = w.get(), p.rows = rows, p.cols = cols, p.xq = xq.get();
-    p.y = const_cast<float*>(y.get()), p.n_slots = groups, p.expert_stride = dev_bytes / groups;
-    return gemv_tma_supported(p);
   }
 };
 
@@ -158,10 +149,9 @@ int main(int argc, char** argv) {
     mats.emplace_back("output 4096->129280", QType::Q8_0, 129280, 4096, 1, kMinTotal, s);
 
     FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
-    if (csv) std::fprintf(csv, "card,case,mbytes,us_default,us_v2,us_v2pdl,us_q_default,us_q_v2pdl,us_tma,us_q_tma\n");
-    std::printf("%-28s %8s | %9s %6s | %9s %6s | %9s %6s | %10s %10s | %9s %6s %10s\n", "case (us per GEMV, graph)",
-                "MB", "default", "%read", "v2", "%read", "v2+pdl", "%read", "q+default", "q+v2pdl", "tma", "%read",
-                "q+tma");
+    if (csv) std::fprintf(csv, "card,case,mbytes,us_default,us_v2,us_v2pdl,us_q_default,us_q_v2pdl\n");
+    std::printf("%-28s %8s | %9s %6s | %9s %6s | %9s %6s | %10s %10s\n", "case (us per GEMV, graph)", "MB",
+                "default", "%read", "v2", "%read", "v2+pdl", "%read", "q+default", "q+v2pdl");
     const auto pct = [&](const Timing& t, double mb) { return t.ok ? 100.0 * mb * 1e6 / (t.us * 1e-6) / 1e9 / read_bw : -1.0; };
     for (const Mat& m : mats) {
       const double mb = double(m.dev_bytes) / 1e6;
@@ -171,26 +161,19 @@ int main(int argc, char** argv) {
       const Timing vp = time_seq(s, n, [&](int i) { m.launch(i, kGemvKernelV2Pdl, false, s); });
       const Timing qd = time_seq(s, n, [&](int i) { m.launch(i, 0, true, s); });
       const Timing qv = time_seq(s, n, [&](int i) { m.launch(i, kGemvKernelV2Pdl, true, s); });
-      Timing tm, qt;
-      if (m.tma_ok()) {
-        tm = time_seq(s, n, [&](int i) { m.launch(i, kGemvKernelTma, false, s); });
-        qt = time_seq(s, n, [&](int i) { m.launch(i, kGemvKernelTma, true, s); });
-      }
-      std::printf("%-28s %8.2f | %9.2f %5.1f%% | %9.2f %5.1f%% | %9.2f %5.1f%% | %10.2f %10.2f | %9.2f %5.1f%% %10.2f\n",
-                  m.name.c_str(), mb, d.us, pct(d, mb), v.us, pct(v, mb), vp.us, pct(vp, mb), qd.us, qv.us,
-                  tm.ok ? tm.us : -1, pct(tm, mb), qt.ok ? qt.us : -1);
+      std::printf("%-28s %8.2f | %9.2f %5.1f%% | %9.2f %5.1f%% | %9.2f %5.1f%% | %10.2f %10.2f\n", m.name.c_str(), mb,
+                  d.us, pct(d, mb), v.us, pct(v, mb), vp.us, pct(vp, mb), qd.us, qv.us);
       std::fflush(stdout);
       if (csv)
-        std::fprintf(csv, "%s,%s,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", card.c_str(), m.name.c_str(), mb,
-                     d.ok ? d.us : -1, v.ok ? v.us : -1, vp.ok ? vp.us : -1, qd.ok ? qd.us : -1, qv.ok ? qv.us : -1,
-                     tm.ok ? tm.us : -1, qt.ok ? qt.us : -1);
+        std::fprintf(csv, "%s,%s,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", card.c_str(), m.name.c_str(), mb, d.ok ? d.us : -1,
+                     v.ok ? v.us : -1, vp.ok ? vp.us : -1, qd.ok ? qd.us : -1, qv.ok ? qv.us : -1);
     }
 
     // One layer's five dense attention GEMVs in sequence (mats 0..4), rotated over the copies.
     std::printf("\nlayer sequence q_a, kv, q_b, o_a, o_b (us per layer, graph of 16 layers):\n");
-    for (const int k : {0, kGemvKernelV2, kGemvKernelV2Pdl, kGemvKernelTma}) {
+    for (const int k : {0, kGemvKernelV2, kGemvKernelV2Pdl}) {
       const Timing t = time_seq(s, 16, [&](int i) {
-        for (int j = 0; j < 5; ++j) mats[size_t(j)].launch(i, k == kGemvKernelTma && !mats[size_t(j)].tma_ok() ? kGemvKernelV2Pdl : k, false, s);
+        for (int j = 0; j < 5; ++j) mats[size_t(j)].launch(i, k, false, s);
       });
       std::printf("  kernel %d: %8.2f us\n", k, t.us);
       if (csv) std::fprintf(csv, "%s,layer kernel=%d,0,%.3f,-1,-1,-1,-1\n", card.c_str(), k, t.ok ? t.us : -1);
