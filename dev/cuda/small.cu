@@ -178,7 +178,7 @@ Row hc_post_row(int n_mix, cudaStream_t s) {
 // The backend's decode HC launches (session 9): the cluster kernel (DSV4_CUDA_HC_KERNEL=cluster) vs the wide kernel
 // (kHcMixWide, the default: 128 CTAs and a grid barrier), both one launch with the collapse fused, `post` adding
 // the previous sublayer's hc_post (hc_post_pre_norm) and `norm` the attn / ffn norm of `a` (hc_pre_norm).
-Row hc_wide_row(bool post, bool norm, cudaStream_t s) {
+Row hc_wide_row(bool post, bool norm, cudaStream_t s, int after_kernel = kHcMixWide) {
   const int64_t K = 16384, d = K / 4, fn_bytes = 24 * K * 2;
   DeviceArray<uint8_t> fn(size_t(fn_bytes * kReps));
   random_device_weights(QType::F16, fn.get(), fn.size(), 97u);
@@ -200,11 +200,13 @@ Row hc_wide_row(bool post, bool norm, cudaStream_t s) {
       hc_mix_cuda(p, s);
     };
   };
-  std::string name = std::string(post ? "hc_post+" : "") + "hc_pre" + (norm ? "+norm" : "") + " (cluster->wide)";
-  if (!hc_mix_wide_fits(24, K)) name += " FELL BACK";
-  Row r{name, 1, 1, {}, {}};
+  const bool split = after_kernel == kHcMixSplit;
+  std::string name = std::string(post ? "hc_post+" : "") + "hc_pre" + (norm ? "+norm" : "") +
+                     (split ? " (cluster->split)" : " (cluster->wide)");
+  if (!(split ? hc_mix_split_fits(24, K) : hc_mix_wide_fits(24, K))) name += " FELL BACK";
+  Row r{name, 1, split ? 2 : 1, {}, {}};
   r.before = time_seq(s, seq(kHcMixCluster));
-  r.after = time_seq(s, seq(kHcMixWide));
+  r.after = time_seq(s, seq(after_kernel));
   return r;
 }
 
@@ -326,6 +328,8 @@ int main(int argc, char** argv) {
     print_row(hc_wide_row(false, false, s), card, csv);  // hc_pre
     print_row(hc_wide_row(false, true, s), card, csv);   // hc_pre_norm
     print_row(hc_wide_row(true, true, s), card, csv);    // hc_post_pre_norm
+    print_row(hc_wide_row(false, true, s, kHcMixSplit), card, csv);  // the split kernels (session 10 default)
+    print_row(hc_wide_row(true, true, s, kHcMixSplit), card, csv);
     print_row(norm_only_row(s), card, csv);
     print_row(norm_row(s), card, csv);
     print_row(qa_norm_row(s), card, csv);

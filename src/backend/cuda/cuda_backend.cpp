@@ -107,6 +107,7 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
 void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const float* x, int T) {
   const WeightView& w0 = *outs.begin()->w;
   for (const MatmulOut& o : outs) leave_side_unless_safe(o.w->type);
+  if (cuda::timing_skip_weight(w0.name, T)) return;
   const int kernel = cuda::gemv_dense_kernel_env();
   bool one_launch = T == 1 && outs.size() >= 2 && kernel != 0 && cuda::gemv_supports(w0.type);
   std::vector<cuda::GemvV2Part> parts;

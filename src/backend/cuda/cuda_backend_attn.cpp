@@ -3,6 +3,7 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/attention_rows.h"
 #include "backend/cuda/gemv_dense_v2.h"
+#include "backend/cuda/timing_skip.h"
 
 namespace dsv4::cuda_impl {
 
@@ -18,7 +19,7 @@ void CudaBackend::matmul_grouped(const WeightView& w, int G, const float* x, int
     fail("matmul_grouped: tensor '%s' ([%lld, %lld]) cannot be split into %d groups", w.name, (long long)w.ne[0],
          (long long)w.ne[1], G);
   wrote(y, size_t(T) * G * ro * sizeof(float));
-  if (T <= 0) return;
+  if (T <= 0 || cuda::timing_skip_weight(w.name, T)) return;
   if (cpu_attention_ || !cuda::gemv_supports(w.type)) {
     const std::vector<float> hx = to_host(x, size_t(T) * G * gin);
     std::vector<float> hy(size_t(T) * G * ro);
@@ -70,6 +71,7 @@ void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) 
   Scope sc(*prof_, "head_prep", T);
   const size_t n = size_t(T) * H * dim;
   wrote(x, n * sizeof(float));
+  if (cuda::timing_skip("head_prep", T)) return;
   if (cpu_attention_) {
     std::vector<float> h = to_host(x, n);
     host_->head_prep(h.data(), T, H, dim, p);
@@ -85,7 +87,7 @@ void CudaBackend::head_prep(float* x, int T, int H, int dim, const HeadPrep& p) 
 
 // One launch for all jobs (decode: q, kv and the indexer query of a layer); each row as head_prep makes it.
 void CudaBackend::head_prep_batch(const HeadPrepJob* jobs, int n, int T) {
-  if (n <= 0 || T <= 0) return;
+  if (n <= 0 || T <= 0 || cuda::timing_skip("head_prep_batch", T)) return;
   if (cpu_attention_ || n > cuda::kRowMaxJobs) return Backend::head_prep_batch(jobs, n, T);
   Scope sc(*prof_, "head_prep_batch", T);
   const float* nw[cuda::kRowMaxJobs] = {};
@@ -100,7 +102,7 @@ void CudaBackend::head_prep_batch(const HeadPrepJob* jobs, int n, int T) {
 void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuffers& s, const float* v,
                                   const float* z, int T, int64_t p0) {
   Scope sc(*prof_, "compressor_step", T);
-  if (T <= 0) return;
+  if (T <= 0 || cuda::timing_skip("compressor_step", T)) return;
   const int cw = s.width();
   const size_t n_cur = size_t(s.ratio) * cw, n_prev = s.overlap ? size_t(s.ratio) * s.dim : 0;
   const size_t n_rows = size_t((p0 + T) / s.ratio) * s.dim;
@@ -128,6 +130,7 @@ void CudaBackend::compressor_step(const CompressorParams& p, const CompressorBuf
 void CudaBackend::compressor_step_pair(const CompressorJob& a, const CompressorJob& b, int T, int64_t p0) {
   if (cpu_attention_ || T != 1) return Backend::compressor_step_pair(a, b, T, p0);
   Scope sc(*prof_, "compressor_step_pair", T);
+  if (cuda::timing_skip("compressor_step_pair", T)) return;
   for (const CompressorJob* j : {&a, &b}) {
     const CompressorBuffers& s = j->s;
     const int cw = s.width();
@@ -145,6 +148,7 @@ void CudaBackend::compressor_step_pair(const CompressorJob& a, const CompressorJ
 void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const float* wI, const float* keys, int T,
                                int64_t p0, int32_t* sel) {
   Scope sc(*prof_, "indexer_topk", T);
+  if (cuda::timing_skip("indexer_topk", T)) return;
   if (T <= 0) return;
   wrote(sel, size_t(T) * p.top_k * sizeof(int32_t));
   if (cpu_attention_) {
@@ -162,7 +166,7 @@ void CudaBackend::indexer_topk(const IndexerParams& p, const float* qI, const fl
 void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const float* kv_new, const float* ring,
                                  const float* comp, const int32_t* sel, int T, int64_t p0, float* out) {
   Scope sc(*prof_, "sink_attention", T);
-  if (T <= 0) return;
+  if (T <= 0 || cuda::timing_skip("sink_attention", T)) return;
   const size_t nq = size_t(T) * p.heads * p.dim;
   wrote(out, nq * sizeof(float));
   if (p.store_window) {

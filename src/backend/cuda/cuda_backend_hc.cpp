@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "backend/cuda/cuda_backend_impl.h"
+#include "backend/cuda/timing_skip.h"
 
 namespace dsv4::cuda_impl {
 
@@ -103,6 +104,7 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
 void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
                               float norm_eps, float* a, float* post, float* comb) {
   check_hc(p);
+  if (cuda::timing_skip("hc_pre_norm", T)) return;
   const int64_t nd = int64_t(p.n) * p.d;
   const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
   if (!(hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&
@@ -133,6 +135,7 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
 void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, const HcWeights& w, int T,
                                    const WeightView* norm, float norm_eps, float* a, float* post, float* comb) {
   check_hc(p);
+  if (cuda::timing_skip("hc_post_pre_norm", T)) return;
   const int64_t nd = int64_t(p.n) * p.d;
   const int kernel = hc_decode_kernel(cuda::kHcMix, nd);
   if (!(hc_post_fused() && hc_norm_fused() && hc_mix_applies(w.fn, cuda::kHcMix, nd, T) &&

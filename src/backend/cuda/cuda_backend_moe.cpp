@@ -6,6 +6,7 @@
 #include "backend/cuda/cuda_backend_impl.h"
 #include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/gemv_moe_v2.h"
+#include "backend/cuda/timing_skip.h"
 
 namespace dsv4::cuda_impl {
 
@@ -33,6 +34,7 @@ bool moe_down_in_launch_quant() {
 void CudaBackend::moe_route(const MoeWeights& w, const MoeParams& p, const float* x, const int32_t* tokens, int T,
                             int32_t* ids, float* weights) {
   Scope sc(*prof_, p.hash ? "moe_route (hash)" : "moe_route", T);
+  if (cuda::timing_skip("moe_route", T)) return;
   const int E = p.n_experts, k = p.n_used;
   const float* bias = w.exp_probs_b.present() ? f32_weight(w.exp_probs_b) : nullptr;
   if (p.hash) cuda::gather_hash_ids_cuda(hash_table(w.tid2eid, E, k), w.tid2eid.ne[1], k, tokens, T, ids, stream_);
@@ -151,10 +153,12 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     }
     moe_side_.fork(stream_);
     cudaStream_t s2 = moe_side_.side();
-    cuda::moe_gate_up_swiglu_cuda(gu, nullptr, p.swiglu_clamp, s2);
-    cuda::quantize_activations_cuda(sd.type, gu.y, 1, F, const_cast<void*>(dn.xq), s2, dn.layout);
-    cuda::gemv_cuda(dn, s2);
-    {
+    if (!cuda::timing_skip("moe_ffn.shared", T)) {
+      cuda::moe_gate_up_swiglu_cuda(gu, nullptr, p.swiglu_clamp, s2);
+      cuda::quantize_activations_cuda(sd.type, gu.y, 1, F, const_cast<void*>(dn.xq), s2, dn.layout);
+      cuda::gemv_cuda(dn, s2);
+    }
+    if (!cuda::timing_skip("moe_ffn.routed", T)) {
       Scope part(*prof_, "moe_ffn.routed", T);
       moe_routed(w, p, x, ids, weights, T, /*fused_down=*/true);
     }
@@ -172,7 +176,7 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     cuda::swiglu_cuda(gs, us, nullptr, T, F, p.swiglu_clamp, gs, stream_);
     dmatmul(sd, -1, gs, T, y);
   }
-  if (fused_down) {
+  if (fused_down && !cuda::timing_skip("moe_ffn.routed_down", T)) {
     Scope part(*prof_, "moe_ffn.routed_down", T);
     float* h = buffer(0, size_t(n_slots) * F);
     if (moe_fused_decode() && moe_down_in_launch_quant()) down.xf = h;  // quantized inside the launch (GemvParams::xf)
@@ -182,7 +186,7 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     if (cuda::moe_kernel_env() == cuda::kMoeKernelV2 && cuda::moe_v2_supported(down, k))
       down.kernel = cuda::kMoeKernelV2;
     cuda::moe_down_sum_cuda(down, k, stream_);
-  } else {
+  } else if (!fused_down) {
     cuda::moe_sum_cuda(buffer(2, size_t(n_slots) * D), T, k, D, y, stream_);
   }
   wrote(y, size_t(T) * D * sizeof(float));
