@@ -131,6 +131,180 @@ TEST(CudaGemvV2, BlockLayoutAndF16) {
   run_case(QType::F16, g, 24, 16384, 1, 27);    // HC control: 8 parts per row, one tile per CTA
 }
 
+// ---- float mode (GemvParams::xf: the activation row quantized inside the launch) ---------------------------------
+
+// Restores an environment variable on scope exit.
+struct EnvVarGuard {
+  const char* name;
+  bool had = false;
+  std::string saved;
+  explicit EnvVarGuard(const char* n) : name(n) {
+    const char* v = std::getenv(name);
+    had = v != nullptr, saved = v ? v : "";
+  }
+  ~EnvVarGuard() {
+    if (had) setenv(name, saved.c_str(), 1);
+    else unsetenv(name);
+  }
+  void set(const char* v) {
+    if (v) setenv(name, v, 1);
+    else unsetenv(name);
+  }
+};
+
+// A random activation row with blocks (32 values) that stress the quantize rule: exact halves after scaling
+// (amax 127 gives d = 1, so v * id = v: roundf rounds 2.5 to 3, a round-to-even would give 2), just below a half
+// (0.49999997), an all-zero block (d = 0), one tiny value among zeros (its f16 scale rounds to 0), large values,
+// and blocks whose amax is negative. Rows shorter than 8 blocks get the random part only.
+std::vector<float> xf_row(int64_t cols, uint64_t seed) {
+  std::vector<float> x = test::random_normal(size_t(cols), seed);
+  if (cols < 8 * 32) return x;
+  const float halves[] = {127.0f, -2.5f, 2.5f, 0.5f, -0.5f, 1.5f, -1.5f, 3.5f, 126.5f, -126.5f, 0.49999997f,
+                          -0.49999997f, 64.5f, -64.5f, 100.5f, 7.5f};
+  for (int i = 0; i < 32; ++i) x[size_t(i)] = halves[i % 16] * (i < 16 ? 1.0f : -1.0f);
+  for (int i = 32; i < 64; ++i) x[size_t(i)] = 0.0f;
+  for (int i = 64; i < 96; ++i) x[size_t(i)] = i == 70 ? 1e-30f : 0.0f;
+  for (int i = 96; i < 128; ++i) x[size_t(i)] *= 1e5f;  // d ~ 3e3: still finite in f16 (the stored scale)
+  for (int i = 128; i < 160; ++i) x[size_t(i)] = i == 140 ? -1000.0f : x[size_t(i)];
+  // amax 127 from a negative value, then halves -14.5 .. 15.5: all ties at d = 1.
+  for (int i = 160; i < 192; ++i) x[size_t(i)] = i == 160 ? -127.0f : float(i - 176) + 0.5f;
+  return x;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// One dense split-layout matrix (rows x cols) over one row: variant 2 with p.xq (the separate quantize launch's
+// bytes) vs p.xf, kernels 3 and 4, both float-mode CTA shapes (DSV4_CUDA_GEMV_XF unset: one CTA of 24 warps per
+// SM; 3: three of 8). The plan (parts, rows per warp) does not depend on the mode, so the outputs must be equal
+// bit for bit: one quantized byte or scale off moves a row's sum. Also against the double reference (1e-5), so the
+// two modes cannot share a mistake. Outputs are NaN-poisoned first: every output must be written.
+void xf_case(int64_t rows, int64_t cols, uint64_t seed) {
+  const std::string what = "xf " + std::to_string(rows) + "x" + std::to_string(cols);
+  const auto w = test::random_weights(QType::Q8_0, rows, cols, seed);
+  const auto x = xf_row(cols, seed + 1);
+  const int64_t drb = cuda::q8_split_row_bytes(cols);
+  DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
+  DeviceArray<uint8_t> d_split(size_t(rows * drb));
+  cuda::q8_0_split_cuda(d_w.get(), rows, cols, d_split.get(), nullptr);
+  DeviceArray<float> d_x{std::span<const float>(x)};
+  DeviceArray<uint8_t> d_xq(size_t(cuda::gpu_activation_bytes(QType::Q8_0, cols, GemvLayout::Q8Split)));
+  cuda::quantize_activations_cuda(QType::Q8_0, d_x.get(), 1, cols, d_xq.get(), nullptr, GemvLayout::Q8Split);
+  cuda::check(cudaDeviceSynchronize(), (what + " setup").c_str());
+
+  std::vector<double> ref(static_cast<size_t>(rows));
+  {
+    std::vector<float> wrow(static_cast<size_t>(cols)), xdeq(static_cast<size_t>(cols));
+    std::vector<uint8_t> xq(static_cast<size_t>(activation_bytes(QType::Q8_0, cols)));
+    quantize_activation(QType::Q8_0, x.data(), xq.data(), cols);
+    dequantize_row(QType::Q8_0, xq.data(), xdeq.data(), cols);
+    const int64_t rb = row_bytes(QType::Q8_0, cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      dequantize_row(QType::Q8_0, &w[size_t(r * rb)], wrow.data(), cols);
+      double acc = 0;
+      for (int64_t i = 0; i < cols; ++i) acc += double(wrow[size_t(i)]) * double(xdeq[size_t(i)]);
+      ref[size_t(r)] = acc;
+    }
+  }
+  EnvVarGuard env("DSV4_CUDA_GEMV_XF");
+  for (const int kernel : {cuda::kGemvKernelV2, cuda::kGemvKernelV2Pdl}) {
+    auto run = [&](bool xf, const char* shape) {
+      env.set(shape);
+      DeviceArray<float> d_y(static_cast<size_t>(rows));
+      d_y.fill_bytes(0xFF);
+      cuda::GemvParams p;
+      p.wtype = QType::Q8_0, p.layout = GemvLayout::Q8Split, p.w = d_split.get(), p.rows = rows, p.cols = cols;
+      p.y = d_y.get(), p.kernel = kernel;
+      if (xf) p.xf = d_x.get();
+      else p.xq = d_xq.get();
+      EXPECT_TRUE(cuda::gemv_v2_supported(p)) << what;
+      cuda::gemv_cuda(p, nullptr);
+      cuda::check(cudaDeviceSynchronize(), what.c_str());
+      return d_y.download();
+    };
+    const std::string k = what + " kernel=" + std::to_string(kernel);
+    const auto y_xq = run(false, nullptr);
+    EXPECT_LE(test::rel_l2(y_xq, ref), 1e-5) << k << " xq vs double reference";
+    for (const char* shape : {static_cast<const char*>(nullptr), "3"}) {
+      const auto y_xf = run(true, shape);
+      const std::string name = k + " DSV4_CUDA_GEMV_XF=" + (shape ? shape : "unset");
+      EXPECT_TRUE(same_bits(y_xf, y_xq)) << name << ": float mode differs from the xq launch (rel-L2 "
+                                         << test::rel_l2(y_xf, y_xq) << ")";
+      EXPECT_LE(test::rel_l2(y_xf, ref), 1e-5) << name << " vs double reference";
+    }
+  }
+}
+
+// Flash's dense split-layout widths: o_b (the launch this mode is for: 8192 columns, 2 parts per row), q_b (1024
+// columns, 4 rows per warp), q_a (4096, 2 parts), kv; a partial last tile; and the smallest split row (256).
+TEST(CudaGemvV2, FloatModeBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  xf_case(4096, 8192, 81);   // attn_output_b
+  xf_case(32768, 1024, 82);  // attn_q_b
+  xf_case(1024, 4096, 83);   // attn_q_a
+  xf_case(512, 4096, 84);    // attn_kv
+  xf_case(1002, 4096, 85);   // partial last tile with parts
+  xf_case(4000, 1024, 86);   // 2 rows per warp
+  xf_case(96, 256, 87);      // one unit per lane
+}
+
+// gemv_v2_multi_cuda in float mode (q_a + kv over one row: 3 slots of 512 rows, every slot reading row 0) vs the
+// same launch with xq: bit for bit, both CTA shapes.
+TEST(CudaGemvV2, FloatModeMultiBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  const int64_t cols = 4096, rows_a = 1024, rows_b = 512;
+  const int64_t drb = cuda::q8_split_row_bytes(cols);
+  auto split = [&](int64_t rows, uint64_t seed) {
+    const auto w = test::random_weights(QType::Q8_0, rows, cols, seed);
+    DeviceArray<uint8_t> d_w{std::span<const uint8_t>(w)};
+    DeviceArray<uint8_t> d_split(size_t(rows * drb));
+    cuda::q8_0_split_cuda(d_w.get(), rows, cols, d_split.get(), nullptr);
+    cuda::check(cudaDeviceSynchronize(), "multi split");
+    return d_split;
+  };
+  DeviceArray<uint8_t> wa = split(rows_a, 91), wb = split(rows_b, 92);
+  const auto x = xf_row(cols, 93);
+  DeviceArray<float> d_x{std::span<const float>(x)};
+  DeviceArray<uint8_t> d_xq(size_t(cuda::gpu_activation_bytes(QType::Q8_0, cols, GemvLayout::Q8Split)));
+  cuda::quantize_activations_cuda(QType::Q8_0, d_x.get(), 1, cols, d_xq.get(), nullptr, GemvLayout::Q8Split);
+  EnvVarGuard env("DSV4_CUDA_GEMV_XF");
+  auto run = [&](bool xf, const char* shape) {
+    env.set(shape);
+    DeviceArray<float> ya(static_cast<size_t>(rows_a)), yb(static_cast<size_t>(rows_b));
+    ya.fill_bytes(0xFF), yb.fill_bytes(0xFF);
+    cuda::GemvParams g;
+    g.wtype = QType::Q8_0, g.layout = GemvLayout::Q8Split, g.cols = cols, g.kernel = cuda::kGemvKernelV2Pdl;
+    if (xf) g.xf = d_x.get();
+    else g.xq = d_xq.get();
+    const cuda::GemvV2Part parts[] = {{wa.get(), ya.get(), rows_a}, {wb.get(), yb.get(), rows_b}};
+    EXPECT_TRUE(cuda::gemv_v2_multi_cuda(g, parts, nullptr)) << "multi launch refused (xf " << xf << ")";
+    cuda::check(cudaDeviceSynchronize(), "multi");
+    std::vector<float> y = ya.download();
+    const auto b = yb.download();
+    y.insert(y.end(), b.begin(), b.end());
+    return y;
+  };
+  const auto y_xq = run(false, nullptr);
+  bool finite = true;
+  for (float f : y_xq) finite = finite && std::isfinite(f);
+  EXPECT_TRUE(finite) << "xq multi: an output was not written";
+  for (const char* shape : {static_cast<const char*>(nullptr), "3"})
+    EXPECT_TRUE(same_bits(run(true, shape), y_xq))
+        << "multi float mode, DSV4_CUDA_GEMV_XF=" << (shape ? shape : "unset");
+}
+
+// Float mode's argument checks (host-only, as RejectsBadArguments below).
+cuda::GemvParams valid_xf() {
+  cuda::GemvParams p;
+  p.wtype = QType::Q8_0, p.layout = GemvLayout::Q8Split, p.rows = 4096, p.cols = 8192;
+  p.w = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+  p.xf = reinterpret_cast<const float*>(uintptr_t(2) << 20);
+  p.y = reinterpret_cast<float*>(uintptr_t(3) << 20);
+  p.kernel = cuda::kGemvKernelV2Pdl;
+  return p;
+}
+
 // Argument checks: host-only (fake, aligned device addresses that are never dereferenced).
 cuda::GemvParams valid_split() {
   cuda::GemvParams p;
@@ -191,6 +365,48 @@ TEST(CudaGemvV2, RejectsBadArguments) {
   EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "F16 4096";
   p.wtype = QType::Q8_0, p.cols = 4128, p.w = reinterpret_cast<const void*>((uintptr_t(1) << 20) + 2);
   EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "block Q8_0 needs only 2-byte alignment";
+}
+
+TEST(CudaGemvV2, FloatModeRejectsBadArguments) {
+  EXPECT_TRUE(cuda::gemv_v2_supported(valid_xf()));
+  cuda::GemvParams p = valid_xf();
+  p.n_slots = 3, p.act_slot_div = 3;  // grouped over one shared row (gemv_v2_multi_cuda's form)
+  EXPECT_TRUE(cuda::gemv_v2_supported(p)) << "slots sharing row 0";
+  p = valid_xf();
+  p.n_slots = 8, p.act_slot_div = 1, p.rows = 1024, p.cols = 4096;
+  expect_rejected(p, "a row per slot (attn_output_a's grouped form)");
+  p = valid_xf();
+  p.xq = reinterpret_cast<const void*>(uintptr_t(4) << 20);
+  expect_rejected(p, "both xq and xf");
+  p = valid_xf();
+  p.xf = reinterpret_cast<const float*>((uintptr_t(2) << 20) + 4);
+  expect_rejected(p, "misaligned float activations");
+  p = valid_xf();
+  p.cols = 8448;  // over the shared-memory budget
+  expect_rejected(p, "float row too long");
+  p = valid_xf();
+  p.layout = GemvLayout::Ggml, p.cols = 4096;
+  expect_rejected(p, "block layout");
+  p = valid_xf();
+  p.wtype = QType::F16, p.layout = GemvLayout::Ggml, p.cols = 4096;
+  expect_rejected(p, "F16");
+  p = valid_xf();
+  p.xf = nullptr;
+  expect_rejected(p, "no activations");
+}
+
+TEST(CudaGemvV2, FloatModeEnvKnobParsing) {
+  EnvVarGuard env("DSV4_CUDA_GEMV_XF");
+  env.set(nullptr);
+  EXPECT_EQ(cuda::gemv_xf_env(), cuda::kGemvXfOneCta);  // the default
+  env.set("1");
+  EXPECT_EQ(cuda::gemv_xf_env(), cuda::kGemvXfOneCta);
+  env.set("3");
+  EXPECT_EQ(cuda::gemv_xf_env(), cuda::kGemvXfThreeCtas);
+  env.set("0");
+  EXPECT_EQ(cuda::gemv_xf_env(), cuda::kGemvXfOff);
+  env.set("2");
+  EXPECT_THROW(cuda::gemv_xf_env(), Error);
 }
 
 // Restores DSV4_CUDA_GEMV_KERNEL on scope exit.
@@ -390,6 +606,60 @@ TEST(CudaGemvV2, SideLineKeepsResults) {
     gpu->join_side();
     const auto r = get_all();
     for (size_t i = 0; i < t.size(); ++i) ASSERT_EQ(r[i], in_order[i]) << t[i].view.name << " rep " << rep;
+  }
+}
+
+// The backend's float mode (dmatmul and matmul_multi at T = 1 on a split-layout input nobody quantized): y with
+// DSV4_CUDA_GEMV_XF unset (quantized inside the GEMV) and =3 (three CTAs per SM) equals y with =0 (the separate
+// quantize launch) bit for bit, and the CPU backend to 1e-5. Each run uploads its input into a fresh allocation
+// (backend_run; a freed block drops every cached activation), so no run can reuse another's quantized row.
+TEST(CudaGemvV2, BackendFloatModeKnob) {
+  DSV4_REQUIRE_CUDA();
+  EnvVarGuard xf_env("DSV4_CUDA_GEMV_XF");
+  EnvGuard kernel_env;
+  kernel_env.set(nullptr);
+  std::vector<HostTensor> keep;
+  keep.push_back(host_tensor(QType::Q8_0, 8192, 4096, 101, "attn_output_b"));
+  keep.push_back(host_tensor(QType::Q8_0, 4096, 1024, 102, "attn_q_a"));
+  keep.push_back(host_tensor(QType::Q8_0, 1024, 2048, 103, "attn_q_b (part)"));
+  std::unique_ptr<Backend> cpu = make_cpu_backend(), gpu = make_cuda_backend();
+  for (size_t i = 0; i < keep.size(); ++i) {
+    const WeightView& w = keep[i].view;
+    const auto x = xf_row(w.ne[0], 110 + i);
+    xf_env.set("0");
+    const auto y_sep = backend_run(*gpu, w, 1, x);
+    EXPECT_LE(test::rel_l2(y_sep, backend_run(*cpu, w, 1, x)), 1e-5) << w.name << " separate quantize vs CPU";
+    for (const char* v : {static_cast<const char*>(nullptr), "1", "3"}) {
+      xf_env.set(v);
+      EXPECT_TRUE(same_bits(backend_run(*gpu, w, 1, x), y_sep))
+          << w.name << " DSV4_CUDA_GEMV_XF=" << (v ? v : "unset") << " vs =0";
+    }
+  }
+  // matmul_multi: q_a + kv in one launch.
+  std::vector<HostTensor> multi;
+  multi.push_back(host_tensor(QType::Q8_0, 4096, 1024, 121, "attn_q_a"));
+  multi.push_back(host_tensor(QType::Q8_0, 4096, 512, 122, "attn_kv"));
+  const auto x = xf_row(4096, 123);
+  auto run_multi = [&] {
+    DeviceBuffer bx = gpu->alloc(x.size() * sizeof(float));
+    gpu->upload(bx.data(), x.data(), x.size() * sizeof(float));
+    DeviceBuffer ya = gpu->alloc(1024 * sizeof(float)), yb = gpu->alloc(512 * sizeof(float));
+    gpu->fill(ya.f32(), std::nanf(""), 1024), gpu->fill(yb.f32(), std::nanf(""), 512);
+    gpu->matmul_multi({{&multi[0].view, ya.f32()}, {&multi[1].view, yb.f32()}}, bx.f32(), 1);
+    std::vector<float> y(1024 + 512);
+    gpu->download(y.data(), ya.data(), 1024 * sizeof(float));
+    gpu->download(y.data() + 1024, yb.data(), 512 * sizeof(float));
+    return y;
+  };
+  xf_env.set("0");
+  const auto y_sep = run_multi();
+  std::vector<float> y_ref = backend_run(*cpu, multi[0].view, 1, x);
+  const auto ref_b = backend_run(*cpu, multi[1].view, 1, x);
+  y_ref.insert(y_ref.end(), ref_b.begin(), ref_b.end());
+  EXPECT_LE(test::rel_l2(y_sep, y_ref), 1e-5) << "matmul_multi separate quantize vs CPU";
+  for (const char* v : {static_cast<const char*>(nullptr), "3"}) {
+    xf_env.set(v);
+    EXPECT_TRUE(same_bits(run_multi(), y_sep)) << "matmul_multi DSV4_CUDA_GEMV_XF=" << (v ? v : "unset") << " vs =0";
   }
 }
 

@@ -89,12 +89,22 @@ void CudaBackend::dmatmul(const WeightView& w, int expert, const float* x, int T
   }
   cuda::GemvParams g;
   g.wtype = w.type, g.layout = layout, g.rows = rows, g.cols = cols, g.n_tokens = T, g.y = y;
-  g.xq = activations(w.type, layout, x, T, cols, cacheable);
   g.w = weight(w) + off;
   if (w2) g.w2 = weight(*w2) + off, g.y2 = y2;
   // Dense variant 2 where it applies (one token, unpaired; gemv_dense_v2.h): the default, with PDL
   // (DSV4_CUDA_GEMV_KERNEL=0: the streaming kernels).
-  if (const int k = cuda::gemv_dense_kernel_env(); k != 0 && T == 1 && !w2) {
+  const int k = T == 1 && !w2 ? cuda::gemv_dense_kernel_env() : 0;
+  // Split-layout input nobody has quantized (e.g. o_b's, written by o_a): variant 2 quantizes the float row
+  // inside the launch (GemvParams::xf; same bytes, same products), saving the quantize launch and its kernel
+  // boundary on the decode critical path. DSV4_CUDA_GEMV_XF=0: the separate quantize launch (A/B).
+  if (k != 0 && layout == GemvLayout::Q8Split && cuda::gemv_xf_env() != cuda::kGemvXfOff &&
+      !cached_activations(w.type, layout, x, T, cols)) {
+    g.xf = x, g.kernel = k;
+    if (cuda::gemv_v2_supported(g)) return cuda::gemv_cuda(g, stream_);
+    g.xf = nullptr, g.kernel = 0;
+  }
+  g.xq = activations(w.type, layout, x, T, cols, cacheable);
+  if (k != 0) {
     g.kernel = k;
     if (!cuda::gemv_v2_supported(g)) g.kernel = 0;
   }
@@ -122,7 +132,13 @@ void CudaBackend::matmul_multi(std::initializer_list<MatmulOut> outs, const floa
     cuda::GemvParams g;
     g.wtype = w0.type, g.layout = layout_for(w0), g.cols = w0.ne[0], g.n_tokens = 1;
     g.kernel = kernel;
-    g.xq = activations(w0.type, g.layout, x, 1, w0.ne[0], /*cacheable=*/true);
+    // As in dmatmul: an unquantized split-layout input is quantized inside the launch (DSV4_CUDA_GEMV_XF=0: not).
+    // When the float launch does not fit (gemv_v2_multi_cuda launches nothing), the matrices go one by one below.
+    if (g.layout == GemvLayout::Q8Split && cuda::gemv_xf_env() != cuda::kGemvXfOff &&
+        !cached_activations(w0.type, g.layout, x, 1, w0.ne[0]))
+      g.xf = x;
+    else
+      g.xq = activations(w0.type, g.layout, x, 1, w0.ne[0], /*cacheable=*/true);
     if (cuda::gemv_v2_multi_cuda(g, parts, stream_)) {
       for (const MatmulOut& o : outs) wrote(o.y, size_t(o.w->ne[1]) * sizeof(float));
       return;

@@ -293,6 +293,20 @@ class CudaBackend final : public Backend {
     }
     return *e;
   }
+  // Lookup-only twin of activations() (the same entries, attn_q8_ included): the cached quantized rows of x, or
+  // null (nothing launched, nothing touched). dmatmul / matmul_multi use it to pick the GEMV that quantizes a
+  // missing split-layout row itself.
+  const void* cached_activations(QType wtype, GemvLayout layout, const float* x, int64_t n_rows, int64_t cols) const {
+    const int kind = act_kind(wtype, layout);
+    if (kind == act_kind(QType::Q8_0, GemvLayout::Q8Split) && attn_q8_.x && attn_q8_.x == x &&
+        attn_q8_.rows == n_rows && attn_q8_.cols == cols)
+      return attn_q8_.buf.get();
+    for (int j = 0; j < kActSlots; ++j) {
+      const ActEntry& h = act_[size_t(kind * kActSlots + j)];
+      if (h.x && h.x == x && h.rows == n_rows && h.cols == cols) return h.buf.get();
+    }
+    return nullptr;
+  }
   // Producer side: an op about to write y ([rows, cols] floats of forward memory) that is likely a Q8_0
   // projection's input gets a split-layout buffer to quantize into in the same launch (null: not worth it: prefill
   // sizes, where the projections run on the FP16 GEMMs, or widths the split layout does not take). After the

@@ -40,6 +40,7 @@
 #include "backend/cuda/gemv_dense_v2.h"
 
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -151,6 +152,7 @@ struct UnitF16 {
 struct V2Args {
   const uint8_t* w = nullptr;
   const uint8_t* xq = nullptr;
+  const float* xf = nullptr;  // float mode (XF instances): the one f32 activation row, quantized per CTA
   float* y = nullptr;
   int64_t expert_stride = 0, rows = 0, cols = 0, row_bytes = 0, act_row_bytes = 0;
   int n_slots = 1, act_slot_div = 1;
@@ -166,17 +168,72 @@ struct V2Args {
 };
 
 
+// Float mode (GemvParams::xf; Q8Split weights, one activation row shared by every slot): the row quantized into
+// this CTA's shared memory as [cols int8][cols/32 f32 scales], the bytes quantize_q8_0_split_kernel (gemv.cu)
+// writes, so the dots below read exactly what they would read from xq. Why it pays: the separate quantize launch
+// is one more dependent kernel boundary (launch + a full round trip) on the decode critical path; here each CTA
+// reads the row from L2 (just written by the producer) right after its wait, while its first tile's weights are
+// already in flight.
+//
+// The rule of quantize_q8_0_split_kernel, with a block's 32 values held by 8 consecutive lanes (4 each, one float4)
+// instead of 32: amax over the same 32 values (fmaxf is exact and order-free), d = amax / 127, id = d ? 1/d : 0,
+// q = int8(roundf(v * id)), scale = the f32 value of d's f16 rounding. Lane i & 7 == 0 writes the scale.
+// Task i = float4 i of the row (block i / 8); called by whole warps (the 8 lanes of a block are in one warp).
+__device__ __forceinline__ void q8_split_quad(float4 v, uint8_t* arow, int64_t cols, int i) {
+  float m = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+  m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 1));
+  m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 2));
+  m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 4));
+  const float d = m / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const uint32_t q = uint32_t(uint8_t(int8_t(roundf(v.x * id)))) | uint32_t(uint8_t(int8_t(roundf(v.y * id)))) << 8 |
+                     uint32_t(uint8_t(int8_t(roundf(v.z * id)))) << 16 |
+                     uint32_t(uint8_t(int8_t(roundf(v.w * id)))) << 24;
+  reinterpret_cast<uint32_t*>(arow)[i] = q;
+  if ((i & 7) == 0) reinterpret_cast<float*>(arow + cols)[i >> 3] = f16_to_f32(f32_to_f16(d));
+}
+
+// The whole row x (cols % 256 == 0) quantized into s ([cols int8][cols/32 f32]) by all kThreads threads of the
+// CTA, through a staging copy of the floats at s + xf_stage_offset(cols): every 16-byte piece of the row is
+// requested with cp.async at once (one L2 round trip; no registers held, so the first tile's 40 registers of
+// weights stay put: holding even 4 float4 loads per thread in registers spilled 16-76 bytes in every instance),
+// then each thread quantizes float4s read back from shared memory (consecutive lanes, consecutive 16 bytes).
+__host__ __device__ constexpr int64_t xf_stage_offset(int64_t cols) { return cols + cols / 8; }
+template <int kThreads>
+__device__ __forceinline__ void quantize_row_to_shared(const float* x, int64_t cols, uint8_t* s) {
+  const int t = int(threadIdx.x), n4 = int(cols / 4);
+  float4* stage = reinterpret_cast<float4*>(s + xf_stage_offset(cols));
+  for (int i = t; i < n4; i += kThreads) __pipeline_memcpy_async(stage + i, reinterpret_cast<const float4*>(x) + i, 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  // i < n4 is warp-uniform (n4 % 64 == 0, kThreads % 32 == 0), as q8_split_quad's shuffles need.
+#pragma unroll 4
+  for (int i = t; i < n4; i += kThreads) q8_split_quad(stage[i], s, cols, i);
+}
+
+// Warps per CTA and CTAs per SM of an instance: 3 CTAs of kWarps warps (xq mode, and float mode with
+// DSV4_CUDA_GEMV_XF=3), or (float mode's default) one CTA of 3 * kWarps warps per SM, so each SM reads and
+// quantizes the 32 KB row once instead of three times (three CTAs would pull 3 x 132 x 32 KB = 12.7 MB from L2
+// at the start, ~1.7 us at ~7.5 TB/s; one: 4.2 MB, about what the xq mode's CTAs read of the 9 KB Q8 row). Same
+// register budget (<= 80 per thread) and resident warps either way.
+constexpr int kWarpsXf = kWarps * kCtasPerSm;
+constexpr int ctas_per_sm(int warps) { return warps == kWarps ? kCtasPerSm : 1; }
+
 // Warp w of a tile owns row group w / P (R consecutive rows of one slot: R divides rows) and part w % P of those
 // rows' units; lane l takes units part_begin + l + 32k. Both griddepcontrol instructions are no-ops when the
-// kernel was launched without programmatic serialization (kernel 3).
-template <class U, int R>
-__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args a) {
+// kernel was launched without programmatic serialization (kernel 3). W: warps per CTA; XF: float mode (above),
+// the activation row then lives in dynamic shared memory (act_row_bytes). A row's value depends on P and R (the
+// plan) only, not on W or on which CTA computes it: float mode gives the xq mode's bits.
+extern __shared__ __align__(16) uint8_t v2_shared_act[];
+template <class U, int R, int W, bool XF>
+__global__ void __launch_bounds__(32 * W, ctas_per_sm(W)) gemv_v2_kernel(V2Args a) {
   constexpr int K = kLaneUnits / R;  // units per lane per row
-  __shared__ float partial[2][kWarps][R];
+  __shared__ float partial[2][W][R];
   pdl_trigger();
   const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
   const int P = a.parts;
-  const int rows_per_tile = kWarps / P * R;
+  const int rows_per_tile = W / P * R;
   const int part = warp % P;
   const int64_t total_rows = int64_t(a.n_slots) * a.rows;
   // This lane's units: u0 + 32k for k < nk (a part holds <= 32 * K units: plan_for).
@@ -185,6 +242,7 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args
   const int nk = u_end > u0 ? (u_end - u0 + 31) / 32 : 0;
   bool waited = false;
   int buf = 0;
+  // Every CTA has a first tile (grid <= n_tiles), so all of its threads take the !waited branch together.
   for (int64_t tile = blockIdx.x; tile < a.n_tiles; tile += gridDim.x, buf ^= 1) {
     const int64_t gr0 = tile * rows_per_tile + int64_t(warp / P) * R;  // first row (over all slots) of the group
     const bool valid = gr0 < total_rows;
@@ -199,8 +257,16 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args
 #pragma unroll
       for (int k = 0; k < K; ++k)
         if (k < n) w[r][k] = U::load(wrow + r * a.row_bytes, a.cols, u0, k);
-    if (!waited) pdl_wait(), waited = true;
-    const uint8_t* act = a.xq + (slot / a.act_slot_div) * a.act_row_bytes;
+    if (!waited) {
+      pdl_wait(), waited = true;
+      if constexpr (XF) {
+        quantize_row_to_shared<32 * W>(a.xf, a.cols, v2_shared_act);
+        __syncthreads();
+      }
+    }
+    const uint8_t* act;
+    if constexpr (XF) act = v2_shared_act;
+    else act = a.xq + (slot / a.act_slot_div) * a.act_row_bytes;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
@@ -233,8 +299,15 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) gemv_v2_kernel(V2Args
   }
 }
 
-// Resident CTAs per SM of one kernel instance, times the SM count (asked once per instance and device).
-template <class U, int R>
+// Float mode: the widest row. Its shared memory, the quantized row (cols * 9 / 8 bytes) plus the f32 staging copy
+// (4 * cols), is 41.5 KB at 8192 (Flash's widest input, o_b): under the 48 KB a launch gets without opting in,
+// and 3 x 41.5 KB per SM in the three-CTA shape.
+constexpr int64_t kXfMaxCols = 8192;
+int64_t xf_smem_bytes(int64_t cols) { return xf_stage_offset(cols) + 4 * cols; }
+
+// Resident CTAs per SM of one kernel instance, times the SM count (asked once per instance and device; float
+// mode with the widest row's shared memory).
+template <class U, int R, int W, bool XF>
 int resident_ctas() {
   static int cached[16] = {};
   int dev = 0;
@@ -243,7 +316,8 @@ int resident_ctas() {
   if (c == 0) {
     int sms = 0, per_sm = 0;
     check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "gemv_v2: SM count");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_v2_kernel<U, R>, 32 * kWarps, 0),
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_v2_kernel<U, R, W, XF>, 32 * W,
+                                                        XF ? size_t(xf_smem_bytes(kXfMaxCols)) : 0),
           "gemv_v2: occupancy");
     c = std::max(1, sms * std::max(1, per_sm));
   }
@@ -278,16 +352,23 @@ const char* unsupported_reason(const GemvParams& p) {
   if (p.n_tokens != 1) return "n_tokens (one token)";
   if (p.expert_ids) return "device expert ids (grouped launches use expert_stride)";
   if (p.w2 || p.y2) return "paired launch";
-  if (p.xf) return "float activations";
   if (p.n_slots < 1 || p.n_slots > 65535 || p.act_slot_div < 1) return "slots";
-  if (!p.w || !p.xq || !p.y) return "null pointer";
+  if (p.xf) {  // float mode: one f32 row for every slot, quantized in the launch (split layout only)
+    if (p.layout != GemvLayout::Q8Split) return "float activations (split layout only)";
+    if (p.xq) return "both xq and xf";
+    if (p.act_slot_div != p.n_slots) return "float activations (one row shared by all slots only)";
+    if (p.cols > kXfMaxCols) return "float activations (cols <= 8192)";
+    if (reinterpret_cast<uintptr_t>(p.xf) % 16) return "float activation alignment";
+  }
+  if (!p.w || (!p.xq && !p.xf) || !p.y) return "null pointer";
   // 16-byte loads (split quants and F16 rows; split and f32 activations) need 16-byte aligned rows; block Q8_0
   // needs 2-byte alignment (u16 loads).
   const uintptr_t wa = p.wtype == QType::Q8_0 && p.layout == GemvLayout::Ggml ? 2 : 16;
   const uintptr_t xa = p.wtype == QType::Q8_0 && p.layout == GemvLayout::Ggml ? 2 : 16;
   if ((reinterpret_cast<uintptr_t>(p.w) | uintptr_t(p.expert_stride) | uintptr_t(weight_row_bytes_v2(p))) % wa)
     return "weight alignment";
-  if ((reinterpret_cast<uintptr_t>(p.xq) | uintptr_t(act_row_bytes_v2(p))) % xa) return "activation alignment";
+  if (!p.xf && (reinterpret_cast<uintptr_t>(p.xq) | uintptr_t(act_row_bytes_v2(p))) % xa)
+    return "activation alignment";
   return nullptr;
 }
 
@@ -319,40 +400,55 @@ struct MultiTable {
   float* y[kGemvV2MaxSlots] = {};
 };
 
-template <class U, int R>
+template <class U, int R, int W, bool XF>
 void launch_v2(const GemvParams& p, int parts, cudaStream_t stream, const MultiTable* m) {
   V2Args a;
   if (m) {
     a.n_multi = m->n;
     for (int i = 0; i < m->n; ++i) a.multi_w[i] = m->w[i], a.multi_y[i] = m->y[i];
   }
-  a.w = static_cast<const uint8_t*>(p.w), a.xq = static_cast<const uint8_t*>(p.xq), a.y = p.y;
+  a.w = static_cast<const uint8_t*>(p.w), a.xq = static_cast<const uint8_t*>(p.xq), a.xf = p.xf, a.y = p.y;
   a.expert_stride = p.expert_stride, a.rows = p.rows, a.cols = p.cols;
   a.row_bytes = weight_row_bytes_v2(p), a.act_row_bytes = act_row_bytes_v2(p);
   a.n_slots = p.n_slots, a.act_slot_div = p.act_slot_div;
   a.units = units_per_row(p), a.parts = parts, a.per_part = (a.units + parts - 1) / parts;
-  const int64_t rows_per_tile = kWarps / parts * R;
+  const int64_t rows_per_tile = W / parts * R;
   a.n_tiles = (int64_t(p.n_slots) * p.rows + rows_per_tile - 1) / rows_per_tile;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(std::min<int64_t>(a.n_tiles, resident_ctas<U, R>())));
-  cfg.blockDim = dim3(32 * kWarps);
-  cfg.dynamicSmemBytes = 0;
+  cfg.gridDim = dim3(unsigned(std::min<int64_t>(a.n_tiles, resident_ctas<U, R, W, XF>())));
+  cfg.blockDim = dim3(32 * W);
+  cfg.dynamicSmemBytes = XF ? size_t(xf_smem_bytes(p.cols)) : 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = p.kernel == kGemvKernelV2Pdl && pdl_enabled() ? 1 : 0;
-  check(cudaLaunchKernelEx(&cfg, gemv_v2_kernel<U, R>, a), "gemv_v2_kernel launch");
+  check(cudaLaunchKernelEx(&cfg, gemv_v2_kernel<U, R, W, XF>, a), "gemv_v2_kernel launch");
 }
 
-template <class U>
+template <class U, int W = kWarps, bool XF = false>
 void dispatch_r(const GemvParams& p, const Plan& pl, cudaStream_t stream, const MultiTable* m = nullptr) {
   switch (pl.r) {
-    case 1: return launch_v2<U, 1>(p, pl.parts, stream, m);
-    case 2: return launch_v2<U, 2>(p, pl.parts, stream, m);
-    case 4: return launch_v2<U, 4>(p, pl.parts, stream, m);
+    case 1: return launch_v2<U, 1, W, XF>(p, pl.parts, stream, m);
+    case 2: return launch_v2<U, 2, W, XF>(p, pl.parts, stream, m);
+    case 4: return launch_v2<U, 4, W, XF>(p, pl.parts, stream, m);
     default: fail("gemv_v2: rows per warp %d", pl.r);
+  }
+}
+
+// Any launch of p (checked) with its plan: float mode (split weights only) in the CTA shape DSV4_CUDA_GEMV_XF asks
+// for, else the xq instances. The plan (P, R) is the same for both modes, so they give the same bits.
+void dispatch(const GemvParams& p, const Plan& pl, cudaStream_t stream, const MultiTable* m = nullptr) {
+  if (p.xf) {
+    if (gemv_xf_env() == kGemvXfThreeCtas) dispatch_r<UnitSplit, kWarps, true>(p, pl, stream, m);
+    else dispatch_r<UnitSplit, kWarpsXf, true>(p, pl, stream, m);
+  } else if (p.layout == GemvLayout::Q8Split) {
+    dispatch_r<UnitSplit>(p, pl, stream, m);
+  } else if (p.wtype == QType::F16) {
+    dispatch_r<UnitF16>(p, pl, stream, m);
+  } else {
+    dispatch_r<UnitQ8_0>(p, pl, stream, m);
   }
 }
 
@@ -364,10 +460,7 @@ void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream) {
   if (const char* why = unsupported_reason(p))
     fail("gemv_v2_cuda: unsupported launch: %s (%s, layout %d, %lld x %lld, T=%d, slots=%d)", why,
          qtype_name(p.wtype).c_str(), int(p.layout), (long long)p.rows, (long long)p.cols, p.n_tokens, p.n_slots);
-  const Plan pl = plan_for(p, int64_t(sm_count()) * kWarps);
-  if (p.layout == GemvLayout::Q8Split) return dispatch_r<UnitSplit>(p, pl, stream);
-  if (p.wtype == QType::F16) return dispatch_r<UnitF16>(p, pl, stream);
-  return dispatch_r<UnitQ8_0>(p, pl, stream);
+  dispatch(p, plan_for(p, int64_t(sm_count()) * kWarps), stream);
 }
 
 bool gemv_v2_multi_cuda(const GemvParams& p, std::span<const GemvV2Part> parts, cudaStream_t stream) {
@@ -397,9 +490,7 @@ bool gemv_v2_multi_cuda(const GemvParams& p, std::span<const GemvV2Part> parts, 
     if (reinterpret_cast<uintptr_t>(m.w[i]) % wa) return false;
   const Plan pl = plan_for(g, int64_t(sm_count()) * kWarps);
   if (slot_rows % pl.r) return false;  // plan_for keeps R | rows; checked, not assumed
-  if (p.layout == GemvLayout::Q8Split) dispatch_r<UnitSplit>(g, pl, stream, &m);
-  else if (p.wtype == QType::F16) dispatch_r<UnitF16>(g, pl, stream, &m);
-  else dispatch_r<UnitQ8_0>(g, pl, stream, &m);
+  dispatch(g, pl, stream, &m);
   return true;
 }
 
@@ -412,6 +503,17 @@ int gemv_dense_kernel_env() {
   if (std::strcmp(e, "0") == 0) return 0;
   if (std::strcmp(e, "3") == 0) return kGemvKernelV2;
   fail("DSV4_CUDA_GEMV_KERNEL=%s: expected 4 (default: variant 2 with PDL), 3 (variant 2) or 0 (the streaming kernels)",
+       e);
+}
+
+int gemv_xf_env() {
+  // Read at every call, as gemv_dense_kernel_env (a test switches it; graph replays do not call it).
+  const char* e = std::getenv("DSV4_CUDA_GEMV_XF");
+  if (!e || !*e || std::strcmp(e, "1") == 0) return kGemvXfOneCta;
+  if (std::strcmp(e, "0") == 0) return kGemvXfOff;
+  if (std::strcmp(e, "3") == 0) return kGemvXfThreeCtas;
+  fail("DSV4_CUDA_GEMV_XF=%s: expected 1 (default: quantize inside the GEMV, one CTA per SM), 3 (inside, three "
+       "CTAs per SM) or 0 (a separate quantize launch)",
        e);
 }
 

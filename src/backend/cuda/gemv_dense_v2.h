@@ -13,6 +13,11 @@
 // s / act_slot_div, and writes y[s * rows + r]. NOTE: the streaming kernel ignores expert_stride without ids; here
 // it places the groups, so a grouped launch needs no id table (ids would have to be read after the wait).
 // Types: Q8_0 (Ggml or Q8Split layout) and F16.
+// Activations: p.xq (quantize_activations_cuda's rows), or, for Q8Split weights with one activation row shared by
+// every slot (act_slot_div == n_slots: a dense T = 1 launch, gemv_v2_multi_cuda) and cols <= 8192, the float row
+// p.xf instead (p.xq null): each CTA quantizes it into shared memory after its dependency wait, byte for byte as
+// quantize_activations_cuda(Q8_0, .., Q8Split) would, so the outputs equal the xq launch's bit for bit and the
+// separate quantize launch is gone. GemvParams::xf's comment in gemv.h predates this (moe_down_sum_cuda only).
 // Kernel 4 reads the weights before its dependency wait: they must not be written by a kernel that may still be
 // running when it launches (decode weights are written once, at upload; tests synchronize after repacking).
 #pragma once
@@ -45,6 +50,16 @@ bool gemv_v2_multi_cuda(const GemvParams& p, std::span<const GemvV2Part> parts, 
 bool gemv_v2_supported(const GemvParams& p);
 // Runs p with variant 2 (p.kernel 4: with PDL, else without); fails with a reason if !gemv_v2_supported(p).
 void gemv_v2_cuda(const GemvParams& p, cudaStream_t stream);
+
+// DSV4_CUDA_GEMV_XF, read at every call: whether the backend's dense T = 1 split-layout GEMVs whose input nobody
+// quantized take the float row (p.xf), and the CTA shape of float-mode launches. Unset or "1" -> kGemvXfOneCta
+// (default: one CTA of 24 warps per SM quantizes the row once per SM), "3" -> kGemvXfThreeCtas (three CTAs of 8
+// warps per SM, the xq mode's shape: three copies per SM), "0" -> kGemvXfOff (the backend quantizes in a separate
+// launch, as before). Anything else fails.
+inline constexpr int kGemvXfOff = 0;
+inline constexpr int kGemvXfOneCta = 1;
+inline constexpr int kGemvXfThreeCtas = 3;
+int gemv_xf_env();
 
 // DSV4_CUDA_GEMV_KERNEL for the backend's dense single-token GEMVs: unset or "4" -> kGemvKernelV2Pdl (default),
 // "3" -> kGemvKernelV2, "0" -> 0 (gemv_cuda's streaming kernels); anything else fails. Read at every call.
