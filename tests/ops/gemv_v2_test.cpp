@@ -410,22 +410,8 @@ TEST(CudaGemvV2, FloatModeEnvKnobParsing) {
 }
 
 // Restores DSV4_CUDA_GEMV_KERNEL on scope exit.
-struct EnvGuard {
-  const char* name = "DSV4_CUDA_GEMV_KERNEL";
-  bool had = false;
-  std::string saved;
-  EnvGuard() {
-    const char* v = std::getenv(name);
-    had = v != nullptr, saved = v ? v : "";
-  }
-  ~EnvGuard() {
-    if (had) setenv(name, saved.c_str(), 1);
-    else unsetenv(name);
-  }
-  void set(const char* v) {
-    if (v) setenv(name, v, 1);
-    else unsetenv(name);
-  }
+struct EnvGuard : EnvVarGuard {
+  EnvGuard() : EnvVarGuard("DSV4_CUDA_GEMV_KERNEL") {}
 };
 
 TEST(CudaGemvV2, EnvKnobParsing) {
