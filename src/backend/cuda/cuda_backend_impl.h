@@ -46,7 +46,9 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend() {
     if (!cuda::device_available()) fail("cuda backend: no CUDA device present");
-    cuda::check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cuda backend: cudaStreamCreate");
+    // The greatest priority (cuda_util.h main_stream_priority): side-stream CTAs yield to the critical path's.
+    cuda::check(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, cuda::main_stream_priority()),
+                "cuda backend: cudaStreamCreate");
     // Stream-ordered allocations come from the device's default pool; keeping freed blocks in the pool (instead
     // of returning them to the driver at every synchronization) makes session and scratch churn cheap.
     int dev = 0;

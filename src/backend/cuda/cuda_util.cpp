@@ -81,6 +81,21 @@ int sm_count() {
   return n;
 }
 
+bool stream_priority_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV4_CUDA_PRIORITY");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+int main_stream_priority() {
+  if (!stream_priority_enabled()) return 0;
+  int least = 0, greatest = 0;
+  check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
+  return greatest;
+}
+
 bool pdl_enabled() {  // pdl.cuh
   static const bool on = [] {
     const char* e = std::getenv("DSV4_CUDA_PDL");

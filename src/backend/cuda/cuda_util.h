@@ -40,6 +40,13 @@ std::string device_description();
 int sm_count();
 // Programmatic dependent launches on (pdl.cuh; DSV4_CUDA_PDL=0: off). Read once per process.
 bool pdl_enabled();
+// Stream priority of the backend's main stream: the device's greatest, so that when a side stream's kernels (the
+// MoE shared expert, the attention side line: off the critical path) and the main stream's both have CTAs
+// waiting, the block scheduler starts the main stream's first; side streams keep the default (lowest). Graphs
+// keep it: captured kernel nodes copy their stream's priority and are instantiated with
+// cudaGraphInstantiateFlagUseNodePriority. DSV4_CUDA_PRIORITY=0: every stream at the default (A/B). Read once.
+bool stream_priority_enabled();
+int main_stream_priority();
 
 // Owning device allocation of n elements of T (cudaMalloc). Move-only.
 template <typename T>

@@ -82,7 +82,9 @@ bool SegmentGraphs::capture(Entry& e, const std::function<void()>& ops, uint64_t
   if (cudaGraphGetNodes(graph, nullptr, &nodes) != cudaSuccess) nodes = 0;  // only reported, never relied on
   cudaGetLastError();
   cudaGraphExec_t exec = nullptr;
-  err = cudaGraphInstantiate(&exec, graph, 0);
+  // Node priorities (copied from the capturing streams: the main stream's is the greatest, cuda_util.h) are used
+  // only with this flag; without it every node would run at the launch stream's priority.
+  err = cudaGraphInstantiate(&exec, graph, stream_priority_enabled() ? cudaGraphInstantiateFlagUseNodePriority : 0);
   cudaGraphDestroy(graph);
   if (err != cudaSuccess) {
     cudaGetLastError();
