@@ -49,6 +49,7 @@ class CudaBackend final : public Backend {
     // The greatest priority (cuda_util.h main_stream_priority): side-stream CTAs yield to the critical path's.
     cuda::check(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, cuda::main_stream_priority()),
                 "cuda backend: cudaStreamCreate");
+    attn_side_.set_priority(cuda::attention_side_priority());
     // Stream-ordered allocations come from the device's default pool; keeping freed blocks in the pool (instead
     // of returning them to the driver at every synchronization) makes session and scratch churn cheap.
     int dev = 0;

@@ -81,13 +81,20 @@ int sm_count() {
   return n;
 }
 
-bool stream_priority_enabled() {
-  static const bool on = [] {
+namespace {
+int priority_mode() {  // DSV4_CUDA_PRIORITY: 0 off, 1 (default) main high, 2 main and attention side high
+  static const int mode = [] {
     const char* e = std::getenv("DSV4_CUDA_PRIORITY");
-    return !(e && std::strcmp(e, "0") == 0);
+    if (!e || !*e) return 1;
+    return std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "2") == 0 ? 2 : 1;
   }();
-  return on;
+  return mode;
 }
+}  // namespace
+
+bool stream_priority_enabled() { return priority_mode() != 0; }
+
+int attention_side_priority() { return priority_mode() == 2 ? main_stream_priority() : 0; }
 
 int main_stream_priority() {
   if (!stream_priority_enabled()) return 0;

@@ -44,9 +44,12 @@ bool pdl_enabled();
 // MoE shared expert, the attention side line: off the critical path) and the main stream's both have CTAs
 // waiting, the block scheduler starts the main stream's first; side streams keep the default (lowest). Graphs
 // keep it: captured kernel nodes copy their stream's priority and are instantiated with
-// cudaGraphInstantiateFlagUseNodePriority. DSV4_CUDA_PRIORITY=0: every stream at the default (A/B). Read once.
+// cudaGraphInstantiateFlagUseNodePriority. DSV4_CUDA_PRIORITY=0: every stream at the default (A/B); =2: the
+// attention side line (compressor / indexer projections, joined before the attention core) at the main stream's
+// priority too, only the MoE shared expert below. Read once.
 bool stream_priority_enabled();
 int main_stream_priority();
+int attention_side_priority();
 
 // Owning device allocation of n elements of T (cudaMalloc). Move-only.
 template <typename T>

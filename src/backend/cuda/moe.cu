@@ -410,7 +410,7 @@ SideStream::~SideStream() {
 
 cudaStream_t SideStream::side() {
   if (!side_) {
-    check(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "SideStream: cudaStreamCreate");
+    check(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, priority_), "SideStream: cudaStreamCreate");
     check(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "SideStream: cudaEventCreate");
     check(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming), "SideStream: cudaEventCreate");
   }

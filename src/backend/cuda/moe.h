@@ -66,8 +66,11 @@ class SideStream {
   cudaStream_t side();
   void fork(cudaStream_t main);
   void join(cudaStream_t main);
+  // Priority of the side stream, before its first use (default 0: the device's lowest).
+  void set_priority(int priority) { priority_ = priority; }
 
  private:
+  int priority_ = 0;
   cudaStream_t side_ = nullptr;
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
 };
