@@ -151,12 +151,22 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
       dn.kernel = kd;
       if (!cuda::gemv_v2_supported(dn)) dn.kernel = 0;
     }
+    // The down projection's input h quantized inside its launch (variant 2's float mode, as dmatmul does for
+    // o_b): one launch fewer on the side chain, which the join waits for. DSV4_CUDA_GEMV_XF=0: the quantize launch.
+    cuda::GemvParams dn_xf = dn;
+    dn_xf.xq = nullptr, dn_xf.xf = gu.y;
+    const bool down_xf = dn.kernel != 0 && dn.layout == GemvLayout::Q8Split &&
+                         cuda::gemv_xf_env() != cuda::kGemvXfOff && cuda::gemv_v2_supported(dn_xf);
     moe_side_.fork(stream_);
     cudaStream_t s2 = moe_side_.side();
     if (!cuda::timing_skip("moe_ffn.shared", T)) {
       cuda::moe_gate_up_swiglu_cuda(gu, nullptr, p.swiglu_clamp, s2);
-      cuda::quantize_activations_cuda(sd.type, gu.y, 1, F, const_cast<void*>(dn.xq), s2, dn.layout);
-      cuda::gemv_cuda(dn, s2);
+      if (down_xf) {
+        cuda::gemv_cuda(dn_xf, s2);
+      } else {
+        cuda::quantize_activations_cuda(sd.type, gu.y, 1, F, const_cast<void*>(dn.xq), s2, dn.layout);
+        cuda::gemv_cuda(dn, s2);
+      }
     }
     if (!cuda::timing_skip("moe_ffn.routed", T)) {
       Scope part(*prof_, "moe_ffn.routed", T);
