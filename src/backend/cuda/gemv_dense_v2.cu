@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -390,6 +391,18 @@ Plan plan_for(const GemvParams& p, int64_t min_items) {
     else if (pl.parts < kMaxParts && units / (pl.parts * 2) >= 64) pl.parts *= 2;
     else break;
   }
+  // DSV4_CUDA_GEMV_PLAN_GROUPED="R,P" (A/B of the grouped attn_output_a launch: n_slots > 1 over contiguous groups):
+  // rows per warp and parts per row instead of the above, if they keep a lane at <= kLaneUnits units per part
+  // and R divides the rows; else it fails. Outputs differ only in the fp32 order of a row's parts. Read per call.
+  if (const char* e = std::getenv("DSV4_CUDA_GEMV_PLAN_GROUPED"); e && *e && p.n_slots > 1 && p.expert_stride != 0) {
+    int r = 0, parts = 0;
+    if (std::sscanf(e, "%d,%d", &r, &parts) != 2 || (r != 1 && r != 2 && r != 4) ||
+        (parts != 1 && parts != 2 && parts != 4 && parts != 8) || p.rows % r != 0 ||
+        (units + parts - 1) / parts > 32 * (kLaneUnits / r))
+      fail("DSV4_CUDA_GEMV_PLAN_GROUPED=%s: not a plan for %lld-unit rows (R in 1,2,4; P in 1,2,4,8; R | rows; "
+           "units / P <= %d / R)", e, (long long)units, 32 * kLaneUnits);
+    pl.r = r, pl.parts = parts;
+  }
   return pl;
 }
 
@@ -508,9 +521,11 @@ int gemv_dense_kernel_env() {
 
 int gemv_xf_env() {
   // Read at every call, as gemv_dense_kernel_env (a test switches it; graph replays do not call it).
+  // Default off: measured slower end to end on the H200 (session 10, Flash q2 decode at 2k, two calls: 138.50 vs
+  // 136.99 t/s with it on, 140.13 vs 139.37; dev/cuda/results/h200_s10_README.txt).
   const char* e = std::getenv("DSV4_CUDA_GEMV_XF");
-  if (!e || !*e || std::strcmp(e, "1") == 0) return kGemvXfOneCta;
-  if (std::strcmp(e, "0") == 0) return kGemvXfOff;
+  if (!e || !*e || std::strcmp(e, "0") == 0) return kGemvXfOff;
+  if (std::strcmp(e, "1") == 0) return kGemvXfOneCta;
   if (std::strcmp(e, "3") == 0) return kGemvXfThreeCtas;
   fail("DSV4_CUDA_GEMV_XF=%s: expected 1 (default: quantize inside the GEMV, one CTA per SM), 3 (inside, three "
        "CTAs per SM) or 0 (a separate quantize launch)",
