@@ -585,9 +585,15 @@ int64_t max_rows(const SinkAttnLaunch& p) {
 int rows_per_split(const SinkAttnLaunch& p) {
   const int64_t n = std::max<int64_t>(max_rows(p), 1);
   if (p.rows_per_split > 0) return p.rows_per_split;
+  // DSV4_CUDA_ATTN_CTAS (A/B): the CTA count to split toward instead of kTargetCtas. Read once.
+  static const int64_t target = [] {
+    const char* e = std::getenv("DSV4_CUDA_ATTN_CTAS");
+    const long v = e && *e ? std::strtol(e, nullptr, 10) : 0;
+    return v > 0 ? int64_t(v) : int64_t(kTargetCtas);
+  }();
   const int64_t ctas = int64_t(p.T) * ((p.H + kHeadsPerCta - 1) / kHeadsPerCta);
-  if (ctas >= kTargetCtas) return int((n + kTile - 1) / kTile * kTile);
-  const int64_t want = std::min<int64_t>((kTargetCtas + ctas - 1) / ctas, (n + kTile - 1) / kTile);
+  if (ctas >= target) return int((n + kTile - 1) / kTile * kTile);
+  const int64_t want = std::min<int64_t>((target + ctas - 1) / ctas, (n + kTile - 1) / kTile);
   const int64_t per = (n + want - 1) / want;
   return int((per + kTile - 1) / kTile * kTile);
 }
