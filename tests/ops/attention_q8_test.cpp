@@ -10,7 +10,7 @@
 // used before (gemv.cu), not the code under test.
 //
 // Backend level: sink_attention (with the decode fusions and q8_groups = 8) followed by matmul_grouped gives the
-// same output and the same projection bitwise with the fused rows on (default) and off (DSV4_CUDA_ATTN_Q8=0).
+// same output and the same projection bitwise with the fused rows on (DSV4_CUDA_ATTN_Q8=1) and off (the default).
 // That the projection really reads the attention's rows is shown by zeroing the attention output behind the
 // backend's back (a raw cudaMemset, which the activation cache cannot see) before the projection: with the rows
 // the projection is unchanged, without them it becomes zero. Also through a recorded segment (eager, captured and
@@ -270,7 +270,7 @@ struct Step {
 };
 
 std::unique_ptr<Backend> backend_with_q8(bool on) {
-  ScopedEnv knob("DSV4_CUDA_ATTN_Q8", on ? nullptr : "0");  // read when the backend is made
+  ScopedEnv knob("DSV4_CUDA_ATTN_Q8", on ? "1" : "0");  // read when the backend is made
   return make_cuda_backend();
 }
 

@@ -331,7 +331,7 @@ class CudaBackend final : public Backend {
   // forget_all_activations) and its buffer must be the same every token (a replayed graph reads a fixed
   // address; an LRU slot's choice depends on what ran before). Grows only (a DeviceArray: recordings are
   // invalidated when it moves). Null when not worth it (prefill sizes, widths the split layout does not take) or
-  // with DSV4_CUDA_ATTN_Q8=0.
+  // unless DSV4_CUDA_ATTN_Q8=1.
   void* attn_q8_out(int64_t rows, int64_t cols) {
     attn_q8_.x = nullptr;
     if (!attn_q8_enabled_ || rows > kSplitProduceMaxRows || !cuda::q8_split_supported(cols)) return nullptr;
@@ -439,9 +439,13 @@ class CudaBackend final : public Backend {
   ActEntry* split_pending_ = nullptr;  // split_out's entry until publish_split
   ActEntry attn_q8_;                   // attn_q8_out's entry (x null: nothing published)
   int attn_q8_resets_left_ = 0;        // host resets the published entry still survives
-  const bool attn_q8_enabled_ = [] {  // DSV4_CUDA_ATTN_Q8=0: no Q8 rows from sink_attention (A/B; read per backend)
+  // DSV4_CUDA_ATTN_Q8=1: sink_attention writes o_a's Q8 rows (read per backend). Off by default: measured no faster
+  // end to end on the H200 (session 10, Flash q2 decode at 2k, three calls: 128.2 vs 132.1, 139.4 vs 139.3, 140.6
+  // vs 142.2 t/s on vs off; dev/cuda/results/h200_s10_README.txt): the combine kernel's Q8 epilogue costs about
+  // what the quantize launch it replaces did.
+  const bool attn_q8_enabled_ = [] {
     const char* e = std::getenv("DSV4_CUDA_ATTN_Q8");
-    return !(e && std::strcmp(e, "0") == 0);
+    return e && std::strcmp(e, "1") == 0;
   }();
   DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
