@@ -7,7 +7,8 @@
 #   /tmp/flash-$FLASH_MIX.gguf), BENCH_ARGS, BENCH_TIMEOUT (s), BENCH_TAG (suffix of the output files).
 #   DSV4_CUDA_PROFILE=1 in the environment adds the CUDA backend's per-op time table (stderr, in the log).
 #   BENCH_PLAN=issue5 runs the set issue 5 reports (decode 2k/8k, 8k prefill at -b 256/1024/2048, decode profile);
-#   BENCH_PLAN=final a shorter set for a call that also runs the tests (decode 2k/8k, graphs off, profile).
+#   BENCH_PLAN=final a shorter set for a call that also runs the tests (decode 2k/8k, graphs off, profile;
+#   FINAL_GEN decode tokens per frontier, default 32).
 #   BENCH_PLAN=ncu: Nsight Compute per-kernel duration / DRAM bytes of a short run (CSV in $OUT).
 #   BENCH_PLAN=nsys: Nsight Systems kernel trace of a short decode (CSV in $OUT).
 #   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k.
@@ -53,9 +54,9 @@ if [ "${BENCH_PLAN:-}" = final ]; then
   # size, so the two prefill rows add up to an 8k prompt in passes of 2048: 8192 / (s1 + s2) t/s), decode at 2k with
   # graphs off (their gain), the per-op table (profiled: eager, serialized by events).
   status=0
-  DSV4_CUDA_GRAPH_STATS=1 run_bench "${TAG}_decode" --ctx-start 2048 --ctx-max 8192 --step-mul 4 --gen-tokens 32 || status=1
+  DSV4_CUDA_GRAPH_STATS=1 run_bench "${TAG}_decode" --ctx-start 2048 --ctx-max 8192 --step-mul 4 --gen-tokens "${FINAL_GEN:-32}" || status=1
   grep -i "graph" "$OUT/flash_bench_${TAG}_decode.log" | tail -4 || true
-  DSV4_CUDA_GRAPH=0 run_bench "${TAG}_nograph" --ctx-start 2048 --ctx-max 2048 --gen-tokens 32 || status=1
+  DSV4_CUDA_GRAPH=0 run_bench "${TAG}_nograph" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${FINAL_GEN:-32}" || status=1
   DSV4_CUDA_PROFILE=1 run_bench "${TAG}_profile" --ctx-start 2048 --ctx-max 2048 --gen-tokens 16 || status=1
   sed -n '/^cuda op profile/,$p' "$OUT/flash_bench_${TAG}_profile.log" | head -70
   exit $status

@@ -245,9 +245,8 @@ class Backend {
   }
   // A side line of independent products: ops issued between begin_side(T) and end_side() may run concurrently
   // with the ops issued after end_side() up to join_side(); after join_side() everything is ordered again. The
-  // caller guarantees the two lines touch disjoint memory and puts only matmul / matmul_multi (of T tokens) and
-  // compressor_step / compressor_step_pair (which use no backend scratch) on the side line. begin_side again before
-  // join_side appends to the side line, after everything issued so far.
+  // caller guarantees the two lines touch disjoint memory and puts only matmul / matmul_multi (of T tokens) on the
+  // side line. begin_side again before join_side appends to the side line, after everything issued so far.
   // Values never change; the default runs everything in order (no-ops).
   virtual void begin_side(int T) { (void)T; }
   virtual void end_side() {}

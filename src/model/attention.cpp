@@ -89,16 +89,6 @@ bool fused_core() {
   return on;
 }
 
-// DSV4_ATTN_CORE_SIDE=0: the compressor steps in order after the head prep instead of on the side line beside it
-// (attention_core). Same results either way; the knob is for A/B timing. Read once.
-bool core_side() {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV4_ATTN_CORE_SIDE");
-    return !(e && e[0] == '0' && e[1] == 0);
-  }();
-  return on;
-}
-
 // Step 3 (position-free half): a compressor's value and gate projections of T tokens into v, z.
 void project_compressor(Backend& be, const CompressorWeights& cw, const float* x, int T, float* v, float* z) {
   be.matmul_multi({{&cw.kv, v}, {&cw.gate, z}}, x, T);
@@ -210,16 +200,14 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
     ip.rope = &s.rope, ip.pos0 = p0, ip.qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
     n_jobs = 3;
   }
-  // 3-4. Compressors and the indexer. A CSA layer's two compressors are independent: one paired op when fused.
-  // The compressor steps read only the side-line projections and write only the compressor states, disjoint from
-  // the head prep's rows: they go on the side line (Backend::begin_side) and overlap the head prep; the indexer,
-  // which reads both, comes after the join. DSV4_ATTN_CORE_SIDE=0: in order (A/B).
-  const bool side = fused && core_side();
-  if (side) {  // any growth of the compressor row stores (an allocation and copy) before the fork, in order
-    if (s.has_compressor()) st.comp.reserve((p0 + T) / st.comp.ratio);
-    if (s.has_indexer()) st.idx_comp.reserve((p0 + T) / st.idx_comp.ratio);
-    be.begin_side(T);
+  if (fused) {
+    be.head_prep_batch(jobs, n_jobs, T);
+  } else {
+    for (int j = 0; j < n_jobs; ++j) be.head_prep(jobs[j].x, T, jobs[j].H, jobs[j].dim, jobs[j].p);
   }
+
+  // 3-4. Compressors and the indexer. A CSA layer's two compressors are independent: one paired op when fused.
+  // (On the side line beside the head prep they measured slower: H200, session 10, 139.2 vs 141.6 t/s.)
   const AttnQat main_qat = qat ? AttnQat::Fp8 : AttnQat::None, idx_qat = qat ? AttnQat::Fp4Indexer : AttnQat::None;
   if (fused && s.has_compressor() && s.has_indexer()) {
     const CompressorParams cm = compressor_params(w.compressor, st.comp, s, T, p0, main_qat);
@@ -235,13 +223,6 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
     if (s.has_indexer())
       step_compressor(be, w.indexer.compressor, st.idx_comp, s, S.iv.f32(), S.iz.f32(), T, p0, idx_qat);
   }
-  if (side) be.end_side();
-  if (fused) {
-    be.head_prep_batch(jobs, n_jobs, T);
-  } else {
-    for (int j = 0; j < n_jobs; ++j) be.head_prep(jobs[j].x, T, jobs[j].H, jobs[j].dim, jobs[j].p);
-  }
-  if (side) be.join_side();
   if (s.has_indexer()) {
     IndexerParams xp;
     xp.heads = s.idx_heads, xp.dim = s.idx_dim, xp.ratio = s.ratio, xp.top_k = s.idx_topk;
