@@ -63,6 +63,20 @@ cuda::HcMixParams hc_mix_decode_params(const HcParams& p, const void* fn, const 
 
 }  // namespace
 
+// The decode control launch of hc_pre_norm / hc_post_pre_norm once hp holds the projection, the kernel and the
+// outputs: the norm of `a` in the launch, with the split kernel also a's Q8 rows for the next projection (published
+// to the activation cache after the launch); a, post and comb recorded as written.
+void CudaBackend::launch_hc_norm(cuda::HcMixParams& hp, const HcParams& p, int T, const WeightView* norm,
+                                 float norm_eps) {
+  hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
+  if (hp.kernel == cuda::kHcMixSplit && hc_q8_out()) hp.a_q8 = split_out(T, p.d);  // the next projection's input
+  cuda::hc_mix_cuda(hp, stream_);
+  wrote(hp.a, size_t(T) * p.d * sizeof(float));
+  wrote(hp.post, size_t(T) * 4 * sizeof(float));
+  wrote(hp.comb, size_t(T) * 16 * sizeof(float));
+  if (hp.a_q8) publish_split(hp.a, T, p.d);
+}
+
 void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
                          float* comb) {
   Scope sc(*prof_, "hc_pre", T);
@@ -120,13 +134,7 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
   float* pre = buffer(2, 4);
   cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
   hp.kernel = kernel, hp.a = a;
-  hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
-  if (kernel == cuda::kHcMixSplit && hc_q8_out()) hp.a_q8 = split_out(T, p.d);  // the next projection's input
-  cuda::hc_mix_cuda(hp, stream_);
-  wrote(a, size_t(T) * p.d * sizeof(float));
-  wrote(post, size_t(T) * 4 * sizeof(float));
-  wrote(comb, size_t(T) * 16 * sizeof(float));
-  if (hp.a_q8) publish_split(a, T, p.d);
+  launch_hc_norm(hp, p, T, norm, norm_eps);
 }
 
 // Decode: hc_post of the attention sublayer, hc_pre and ffn_norm of the MoE sublayer in one cluster launch (each
@@ -152,14 +160,8 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
   cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
   hp.kernel = kernel, hp.a = a;
   hp.post_y = y, hp.post_w = post, hp.post_comb = comb;  // read by every CTA before rank 0 writes the new ones
-  hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
-  if (kernel == cuda::kHcMixSplit && hc_q8_out()) hp.a_q8 = split_out(T, p.d);  // the next projection's input
-  cuda::hc_mix_cuda(hp, stream_);
   wrote(X, size_t(T) * nd * sizeof(float));
-  wrote(a, size_t(T) * p.d * sizeof(float));
-  wrote(post, size_t(T) * 4 * sizeof(float));
-  wrote(comb, size_t(T) * 16 * sizeof(float));
-  if (hp.a_q8) publish_split(a, T, p.d);
+  launch_hc_norm(hp, p, T, norm, norm_eps);
 }
 
 void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) {

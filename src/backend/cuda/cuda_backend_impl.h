@@ -460,6 +460,8 @@ class CudaBackend final : public Backend {
   bool side_safe(QType t) const { return t == QType::F16 || t == QType::F32; }
   // A product of weight type t issued on the side line that would share the activation cache / scratch with the
   // main line leaves the side line first (and joins it): it then runs in order.
+  // cuda_backend_hc.cpp: the shared tail of hc_pre_norm and hc_post_pre_norm's decode launch.
+  void launch_hc_norm(cuda::HcMixParams& hp, const HcParams& p, int T, const WeightView* norm, float norm_eps);
   void leave_side_unless_safe(QType t) {
     if (on_side_ && !side_safe(t)) end_side(), join_side();
   }

@@ -872,6 +872,16 @@ void allow_large_clusters() {
 
 // Whether one cluster of this shape can be resident on the device (a GPC must hold cs CTAs of cpc x 128 threads).
 // Cached per (n_mix, shape): the query is a driver call, and hc_pre runs 86 times per decoded token.
+// Whether `cfg` (one cluster's launch configuration) of `kernel` can be resident: the occupancy query, answering
+// 1 or -1 and leaving no sticky error for an unplaceable shape. The callers cache the answer per shape.
+template <class Kernel>
+int8_t cluster_resident(Kernel kernel, const cudaLaunchConfig_t& cfg) {
+  int n = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err == cudaSuccess && n > 0 ? 1 : -1;
+}
+
 template <int M>
 bool cluster_placeable(const ClusterShape& s) {
   static std::atomic<int8_t> known[kClusterMax + 1][kClusterChunks + 1] = {};  // 0 unknown, 1 yes, -1 no
@@ -880,11 +890,7 @@ bool cluster_placeable(const ClusterShape& s) {
   if (v == 0) {
     allow_large_clusters<M>();
     cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = cluster_config(s, 1, nullptr, &attr);
-    int n = 0;
-    const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, hc_mix_cluster_kernel<M>, &cfg);
-    if (err != cudaSuccess) (void)cudaGetLastError();  // an unplaceable shape: answer no, leave no sticky error
-    v = err == cudaSuccess && n > 0 ? 1 : -1;
+    v = cluster_resident(hc_mix_cluster_kernel<M>, cluster_config(s, 1, nullptr, &attr));
     k.store(v, std::memory_order_relaxed);
   }
   return v > 0;
@@ -981,10 +987,7 @@ bool split_tail_placeable(int cs) {
     attr.id = cudaLaunchAttributeClusterDimension;
     attr.val.clusterDim.x = unsigned(cs), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
     cfg.attrs = &attr, cfg.numAttrs = 1;
-    int n = 0;
-    const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, hc_mix_split_tail_kernel<kHcMix>, &cfg);
-    if (err != cudaSuccess) (void)cudaGetLastError();  // an unplaceable shape: answer no, leave no sticky error
-    v = err == cudaSuccess && n > 0 ? 1 : -1;
+    v = cluster_resident(hc_mix_split_tail_kernel<kHcMix>, cfg);
     kn.store(v, std::memory_order_relaxed);
   }
   return v > 0;
