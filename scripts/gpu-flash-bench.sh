@@ -12,6 +12,7 @@
 #   BENCH_PLAN=ncu: Nsight Compute per-kernel duration / DRAM bytes of a short run (CSV in $OUT).
 #   BENCH_PLAN=nsys: Nsight Systems kernel trace of a short decode (CSV in $OUT).
 #   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k.
+#   BENCH_PLAN=skip: the critical-path cost of each decode op (DSV4_CUDA_SKIP runs against base), skip_table.txt.
 set -euo pipefail
 BUILD=${BUILD:-/tmp/dsv4-gpu-build}
 OUT=${OUT:-/tmp/gpu-flash-bench-out}
@@ -74,6 +75,39 @@ if [ "${BENCH_PLAN:-}" = ab ]; then
     (for v in "${vars[@]}"; do export "$v"; done
      run_bench "${TAG}_ab$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-48}") || status=1
   done
+  exit $status
+fi
+if [ "${BENCH_PLAN:-}" = skip ]; then
+  # Critical-path cost of each decode op (DSV4_CUDA_SKIP, src/backend/cuda/timing_skip.h): decode at 2k with the op's
+  # launches left out against base runs of the same process set (a warm-up run first: the first process of a call
+  # reads low). SKIP_OPS: ';'-separated DSV4_CUDA_SKIP values (default: the ops of a Flash decode layer). The table
+  # (skip_table.txt): t/s, the time per token the op costs (1000/base - 1000/skip ms) and per call (/ calls).
+  status=0
+  ops=${SKIP_OPS:-"hc_post_pre_norm;sink_attention;moe_ffn.routed;moe_ffn.routed_down;attn_output_b;attn_output_a;attn_q_b;attn_q_a;moe_ffn.shared;compressor_step_pair,compressor_step;head_prep_batch;moe_route;head_prep;head_prep_batch,compressor_step_pair,compressor_step,indexer_topk,sink_attention"}
+  IFS=';' read -r -a skips <<< "$ops"
+  run_bench "${TAG}_skip_warmup" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-96}" > /dev/null || status=1
+  run_bench "${TAG}_skip_base1" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-96}" || status=1
+  i=0
+  for op in "${skips[@]}"; do
+    i=$((i + 1))
+    DSV4_CUDA_SKIP="$op" run_bench "${TAG}_skip$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-96}" || status=1
+  done
+  run_bench "${TAG}_skip_base2" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-96}" || status=1
+  SKIP_OPS_LIST="$ops" python3 - "$OUT" "$TAG" > "$OUT/skip_table.txt" <<'PY' || status=1
+import csv, os, sys
+out, tag = sys.argv[1], sys.argv[2]
+def tps(name):
+    with open(os.path.join(out, f"flash_bench_{tag}_{name}.csv")) as f:
+        return float(list(csv.DictReader(f))[-1]["decode_tps"])
+base = (tps("skip_base1") + tps("skip_base2")) / 2
+print(f"decode at 2k, base {base:.2f} t/s ({1000 / base:.3f} ms per token); op left out -> t/s, ms per token, us per call")
+for i, op in enumerate(os.environ["SKIP_OPS_LIST"].split(";"), 1):
+    t = tps(f"skip{i}")
+    d = 1000 / base - 1000 / t
+    calls = 86 if op == "hc_post_pre_norm" else 43  # per decode token of Flash (43 layers)
+    print(f"{op:70s} {t:8.2f} {d:7.3f} {1000 * d / calls:7.1f}")
+PY
+  cat "$OUT/skip_table.txt"
   exit $status
 fi
 if [ "${BENCH_PLAN:-}" = ncu ]; then
