@@ -11,7 +11,8 @@
 #   FINAL_GEN decode tokens per frontier, default 32).
 #   BENCH_PLAN=ncu: Nsight Compute per-kernel duration / DRAM bytes of a short run (CSV in $OUT).
 #   BENCH_PLAN=nsys: Nsight Systems kernel trace of a short decode (CSV in $OUT).
-#   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k.
+#   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k;
+#   AB_REPEAT=N interleaves N rounds after a warm-up and writes ab_summary.txt (means, difference to base).
 #   BENCH_PLAN=skip: the critical-path cost of each decode op (DSV4_CUDA_SKIP runs against base), skip_table.txt.
 set -euo pipefail
 BUILD=${BUILD:-/tmp/dsv4-gpu-build}
@@ -64,17 +65,48 @@ if [ "${BENCH_PLAN:-}" = final ]; then
 fi
 if [ "${BENCH_PLAN:-}" = ab ]; then
   # Knob A/B: one bench process per configuration (decode at 2k after a 2048-token prefill, graphs on). AB_CONFIGS is
-  # a ';'-separated list of configurations, each a space-separated list of VAR=VALUE ('base': none).
+  # a ';'-separated list of configurations, each a space-separated list of VAR=VALUE ('base': none). AB_REPEAT=N
+  # runs the whole list N times in turn (interleaved, so drift hits every configuration alike) after one untimed
+  # warm-up process (the first process of a call reads low), and ab_summary.txt gives each configuration's mean
+  # decode t/s and its difference to the mean of the 'base' runs.
   status=0
   IFS=';' read -r -a configs <<< "${AB_CONFIGS:-base}"
+  repeat=${AB_REPEAT:-1}
+  [ "$repeat" -gt 1 ] && { run_bench "${TAG}_ab_warmup" --ctx-start 2048 --ctx-max 2048 --gen-tokens 16 > /dev/null || status=1; }
   i=0
-  for cfg in "${configs[@]}"; do
-    i=$((i + 1))
-    vars=(); [ "$cfg" = base ] || read -r -a vars <<< "$cfg"
-    echo "ab[$i]: ${cfg}"
-    (for v in "${vars[@]}"; do export "$v"; done
-     run_bench "${TAG}_ab$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-48}") || status=1
+  : > "$OUT/ab_runs.txt"
+  for r in $(seq 1 "$repeat"); do
+    for cfg in "${configs[@]}"; do
+      i=$((i + 1))
+      vars=(); [ "$cfg" = base ] || read -r -a vars <<< "$cfg"
+      echo "ab[$i]: ${cfg}"
+      (for v in "${vars[@]}"; do export "$v"; done
+       run_bench "${TAG}_ab$i" --ctx-start 2048 --ctx-max 2048 --gen-tokens "${AB_GEN:-48}") || status=1
+      printf '%s\t%s\n' "$cfg" "$OUT/flash_bench_${TAG}_ab$i.csv" >> "$OUT/ab_runs.txt"
+    done
   done
+  python3 - "$OUT/ab_runs.txt" > "$OUT/ab_summary.txt" <<'PY' || status=1
+import csv, sys
+runs = {}
+for line in open(sys.argv[1]):
+    cfg, path = line.rstrip("\n").split("\t")
+    try:
+        with open(path) as f:
+            runs.setdefault(cfg, []).append(float(list(csv.DictReader(f))[-1]["decode_tps"]))
+    except (OSError, IndexError, KeyError, ValueError):
+        runs.setdefault(cfg, [])
+base = runs.get("base") or []
+b = sum(base) / len(base) if base else None
+print("configuration (decode t/s at 2k: mean of runs, runs, difference to base)")
+for cfg, v in runs.items():
+    if not v:
+        print(f"{cfg:60s} failed")
+        continue
+    m = sum(v) / len(v)
+    d = f"{100 * (m / b - 1):+.1f}%" if b else "-"
+    print(f"{cfg:60s} {m:8.2f}  [{' '.join(f'{x:.2f}' for x in v)}]  {d}")
+PY
+  cat "$OUT/ab_summary.txt"
   exit $status
 fi
 if [ "${BENCH_PLAN:-}" = skip ]; then
