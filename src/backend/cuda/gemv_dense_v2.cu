@@ -1,4 +1,5 @@
-// Dense single-token GEMV, variant 2 (contract in gemv_dense_v2.h). Compiled, not yet run on a GPU.
+// Dense single-token GEMV, variant 2 (contract in gemv_dense_v2.h): the backend's default one-token dense GEMV
+// (parity tests pass on the H200; timings in docs/cuda.md and dev/cuda/results/h200_s10_*).
 //
 // Why the default kernel stops at ~62% of the read bandwidth on the 35.6 MB attention matrices: on the H200
 // workbench (docs/cuda.md, 99dd030) q_b / o_b take 13.1 us and the 563 MB output head 137 us with the same kernel.

@@ -220,14 +220,15 @@ __global__ void __launch_bounds__(kMixThreads) hc_mix_kernel(HcMixParams p, int6
 }
 
 // ---- cluster variant (kHcMixCluster, see hc.h) -------------------------------------------------------------------
-// Why it should be faster at Flash width (one token, K = 16384; compiled, not yet timed): the ticket kernel's
-// critical path after the loads is warp sums -> partials to global -> __threadfence -> atomic ticket (an L2 round
-// trip) -> the last CTA's __threadfence + loads of 64 partials (another L2 round trip) -> Sinkhorn -> kernel end ->
-// the collapse launch (a graph node gap plus an L2 round trip for X). Here: warp sums -> one cluster barrier ->
-// 64 DSMEM loads (SM-to-SM, a fraction of an L2 round trip) -> Sinkhorn -> the collapse from registers loaded at
-// kernel start. The cost: the same 786 KB (every load issued before the first use) come through 16 SMs instead
-// of 64, 48 KiB of fn + 4 KiB of X per SM instead of 12 KiB; at roughly 64 B/clk (~120 GB/s) per SM from L2 that
-// is ~0.4 us of transfer behind the ~0.8 us DRAM latency instead of ~0.1 us: an estimated ~0.3 us more, against
+// Why it is faster at Flash width (one token, K = 16384; H200 wb_small, h200_s10_wb_small_77b4a6e.log, graph:
+// hc_post + hc_pre as 3 launches 9.12 us, this kernel 7.58; the split kernels below beat it with the norm): the
+// ticket kernel's critical path after the loads is warp sums -> partials to global -> __threadfence -> atomic ticket
+// (an L2 round trip) -> the last CTA's __threadfence + loads of 64 partials (another L2 round trip) -> Sinkhorn ->
+// kernel end -> the collapse launch (a graph node gap plus an L2 round trip for X). Here: warp sums -> one cluster
+// barrier -> 64 DSMEM loads (SM-to-SM, a fraction of an L2 round trip) -> Sinkhorn -> the collapse from registers
+// loaded at kernel start. The cost: the same 786 KB (every load issued before the first use) come through 16 SMs
+// instead of 64, 48 KiB of fn + 4 KiB of X per SM instead of 12 KiB; at roughly 64 B/clk (~120 GB/s) per SM from L2
+// that is ~0.4 us of transfer behind the ~0.8 us DRAM latency instead of ~0.1 us: an estimated ~0.3 us more, against
 // ~1 us of fence / atomic / partial round trips and the ~2 us collapse launch removed (wb_small decides).
 constexpr int kClusterMax = 16;     // non-portable cluster size (sm_90 allows 16 with the opt-in attribute)
 constexpr int kClusterChunks = 4;   // chunks per CTA at most: 4 x 128 threads

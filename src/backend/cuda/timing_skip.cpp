@@ -23,8 +23,8 @@ const std::vector<std::string>& skip_keys() {
       s.remove_prefix(c + 1);
     }
     if (!k.empty())
-      std::fprintf(stderr, "warning: DSV4_CUDA_SKIP=%s: those decode ops are left out (a timing tool): outputs are wrong\n",
-                   e);
+      std::fprintf(stderr,
+                   "warning: DSV4_CUDA_SKIP=%s: those decode ops are left out (a timing tool): outputs are wrong\n", e);
     return k;
   }();
   return keys;
