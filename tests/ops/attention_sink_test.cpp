@@ -117,6 +117,17 @@ std::vector<float> run_case(const Case& c) {
   return out;
 }
 
+// A case's launch shape for the path queries (sink_attention_uses_*): any non-null row pointers, no device data.
+cuda::SinkAttnLaunch shape_launch(const Case& c) {
+  cuda::SinkAttnLaunch L;
+  L.T = c.T, L.H = c.H, L.dh = 512, L.pos0 = c.pos0, L.window = 128, L.impl = c.impl;
+  L.kv_new = L.ring = reinterpret_cast<const float*>(16);
+  if (c.ratio > 0) L.comp = L.kv_new, L.ratio = c.ratio;
+  if (c.ratio == 4) L.comp_idx = reinterpret_cast<const int32_t*>(16), L.top_k = 512;
+  L.rows_per_split = c.rows_per_split;
+  return L;
+}
+
 TEST(CudaAttention, SinkDecodeCsaContexts) {
   DSV4_REQUIRE_CUDA();
   for (int64_t ctx : {1024, 8192, 65536}) run_case({"csa decode", ctx - 1, 1, 4});
@@ -193,15 +204,7 @@ TEST(CudaAttention, SinkSplitTicketEqualsCombineKernel) {
     ~TicketOn() { unsetenv("DSV4_CUDA_ATTN_TICKET"); }
   } ticket_on;
   constexpr auto kCore = cuda::SinkAttnImpl::CudaCore;
-  auto ticket_taken = [](const Case& c) {
-    cuda::SinkAttnLaunch L;  // shape-only query: any non-null row pointers
-    L.T = c.T, L.H = c.H, L.dh = 512, L.pos0 = c.pos0, L.window = 128, L.impl = c.impl;
-    L.kv_new = L.ring = reinterpret_cast<const float*>(16);
-    if (c.ratio > 0) L.comp = L.kv_new, L.ratio = c.ratio;
-    if (c.ratio == 4) L.comp_idx = reinterpret_cast<const int32_t*>(16), L.top_k = 512;
-    L.rows_per_split = c.rows_per_split;
-    return cuda::sink_attention_uses_split_ticket(L);
-  };
+  auto ticket_taken = [](const Case& c) { return cuda::sink_attention_uses_split_ticket(shape_launch(c)); };
   const Case with[] = {Case{"hca decode 2k", 2047, 1, 128},
                        Case{"sliding decode", 50, 1, 0},
                        Case{"hca decode 2k, again", 2050, 1, 128},
@@ -236,15 +239,7 @@ TEST(CudaAttention, SinkClusterCombineEqualsCombineKernel) {
     ~Knob() { unsetenv("DSV4_CUDA_ATTN_CLUSTER"); }
   } restore;
   constexpr auto kCore = cuda::SinkAttnImpl::CudaCore;
-  auto cluster_taken = [](const Case& c) {
-    cuda::SinkAttnLaunch L;  // shape-only query: any non-null row pointers
-    L.T = c.T, L.H = c.H, L.dh = 512, L.pos0 = c.pos0, L.window = 128, L.impl = c.impl;
-    L.kv_new = L.ring = reinterpret_cast<const float*>(16);
-    if (c.ratio > 0) L.comp = L.kv_new, L.ratio = c.ratio;
-    if (c.ratio == 4) L.comp_idx = reinterpret_cast<const int32_t*>(16), L.top_k = 512;
-    L.rows_per_split = c.rows_per_split;
-    return cuda::sink_attention_uses_cluster_combine(L);
-  };
+  auto cluster_taken = [](const Case& c) { return cuda::sink_attention_uses_cluster_combine(shape_launch(c)); };
   for (const char* size : {"16", "8"}) {
     const Case same[] = {Case{"hca decode 2k (5 splits)", 2047, 1, 128, 0, kCore, 64, 1.0f, false, false},
                          Case{"sliding decode (2 splits)", 50, 1, 0, 0, kCore, 64, 1.0f, false, false},

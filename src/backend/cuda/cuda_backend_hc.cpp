@@ -66,6 +66,19 @@ cuda::HcMixParams hc_mix_decode_params(const HcParams& p, const void* fn, const 
 // The decode control launch of hc_pre_norm / hc_post_pre_norm once hp holds the projection, the kernel and the
 // outputs: the norm of `a` in the launch, with the split kernel also a's Q8 rows for the next projection (published
 // to the activation cache after the launch); a, post and comb recorded as written.
+// The decode parameters of hc_pre_norm / hc_post_pre_norm: the projection of X with kernel `kernel`, the outputs
+// and the fused collapse into a (weights mirrored and buffers made in one order for both).
+cuda::HcMixParams CudaBackend::hc_norm_params(const HcWeights& w, const HcParams& p, const float* X, int kernel,
+                                              float* a, float* post, float* comb) {
+  const int64_t nd = int64_t(p.n) * p.d;
+  const uint8_t* fn = weight(w.fn);
+  const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
+  float* pre = buffer(2, 4);
+  cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
+  hp.kernel = kernel, hp.a = a;
+  return hp;
+}
+
 void CudaBackend::launch_hc_norm(cuda::HcMixParams& hp, const HcParams& p, int T, const WeightView* norm,
                                  float norm_eps) {
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
@@ -129,11 +142,7 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
     return;
   }
   Scope sc(*prof_, "hc_pre_norm", T);
-  const uint8_t* fn = weight(w.fn);
-  const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
-  float* pre = buffer(2, 4);
-  cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
-  hp.kernel = kernel, hp.a = a;
+  cuda::HcMixParams hp = hc_norm_params(w, p, X, kernel, a, post, comb);
   launch_hc_norm(hp, p, T, norm, norm_eps);
 }
 
@@ -154,11 +163,7 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
     return;
   }
   Scope sc(*prof_, "hc_post_pre_norm", T);
-  const uint8_t* fn = weight(w.fn);
-  const float *base = f32_weight(w.base), *scale = f32_weight(w.scale);
-  float* pre = buffer(2, 4);
-  cuda::HcMixParams hp = hc_mix_decode_params(p, fn, base, scale, X, nd, pre, post, comb, hc_mix_workspace(nd));
-  hp.kernel = kernel, hp.a = a;
+  cuda::HcMixParams hp = hc_norm_params(w, p, X, kernel, a, post, comb);
   hp.post_y = y, hp.post_w = post, hp.post_comb = comb;  // read by every CTA before rank 0 writes the new ones
   wrote(X, size_t(T) * nd * sizeof(float));
   launch_hc_norm(hp, p, T, norm, norm_eps);

@@ -462,6 +462,8 @@ class CudaBackend final : public Backend {
   // main line leaves the side line first (and joins it): it then runs in order.
   // cuda_backend_hc.cpp: the shared tail of hc_pre_norm and hc_post_pre_norm's decode launch.
   void launch_hc_norm(cuda::HcMixParams& hp, const HcParams& p, int T, const WeightView* norm, float norm_eps);
+  cuda::HcMixParams hc_norm_params(const HcWeights& w, const HcParams& p, const float* X, int kernel, float* a,
+                                   float* post, float* comb);
   void leave_side_unless_safe(QType t) {
     if (on_side_ && !side_safe(t)) end_side(), join_side();
   }
