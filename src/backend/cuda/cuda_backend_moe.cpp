@@ -6,6 +6,7 @@
 #include "backend/cuda/cuda_backend_impl.h"
 #include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/gemv_moe_v2.h"
+#include "backend/cuda/prefetch.h"
 #include "backend/cuda/timing_skip.h"
 
 namespace dsv4::cuda_impl {
@@ -157,6 +158,16 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     dn_xf.xq = nullptr, dn_xf.xf = gu.y;
     const bool down_xf = dn.kernel != 0 && dn.layout == GemvLayout::Q8Split &&
                          cuda::gemv_xf_env() != cuda::kGemvXfOff && cuda::gemv_v2_supported(dn_xf);
+    // The routed experts' down slices, selected by the router that just ran, into L2 while the gate+up launch
+    // (issue-bound, ~1.8 TB/s) leaves HBM bandwidth over (Backend::prefetch; DSV4_CUDA_PREFETCH names
+    // ffn_down_exps).
+    if (prefetch_wanted(w.down_exps.name) && !on_side_ && !cpu_attention_) {
+      const cuda::GemvParams& dp = down;
+      const int n_experts = int(w.down_exps.n_dims >= 3 ? w.down_exps.ne[2] : 1);
+      on_prefetch_side([&](cudaStream_t s) {
+        cuda::l2_prefetch_experts_cuda(dp.w, dp.expert_stride, dp.expert_stride, ids, n_slots, n_experts, s);
+      });
+    }
     moe_side_.fork(stream_);
     cudaStream_t s2 = moe_side_.side();
     if (!cuda::timing_skip("moe_ffn.shared", T)) {
