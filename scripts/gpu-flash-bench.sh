@@ -14,6 +14,9 @@
 #   BENCH_PLAN=ab: one run per knob configuration in AB_CONFIGS ('base;DSV4_X=1;DSV4_X=1 DSV4_Y=2'), decode at 2k;
 #   AB_REPEAT=N interleaves N rounds after a warm-up and writes ab_summary.txt (means, difference to base).
 #   BENCH_PLAN=skip: the critical-path cost of each decode op (DSV4_CUDA_SKIP runs against base), skip_table.txt.
+#   BENCH_PLAN=trace: CUPTI kernel timeline of a decode at 2k (dev/cuda/trace: every kernel's start/end, graph
+#   nodes included): trace_summary.txt (per-kernel table per token, main-stream gaps), trace_timeline.csv (one
+#   token); TRACE_CONFIGS='base;DSV4_X=1' traces several configurations (one process each).
 set -euo pipefail
 BUILD=${BUILD:-/tmp/dsv4-gpu-build}
 OUT=${OUT:-/tmp/gpu-flash-bench-out}
@@ -50,6 +53,33 @@ if [ "${BENCH_PLAN:-}" = issue5 ]; then
   DSV4_CUDA_PROFILE=1 run_bench "${TAG}_profile" --ctx-start 2048 --ctx-max 2048 --gen-tokens 16 || status=1
   sed -n '/^cuda op profile/,$p' "$OUT/flash_bench_${TAG}_profile.log" | head -60
   exit $status
+fi
+if [ "${BENCH_PLAN:-}" = trace ]; then
+  # CUPTI from the toolkit: headers next to cuda_runtime.h or under extras/CUPTI, the library in lib64 or extras.
+  CUDA_DIR=$(dirname "$(dirname "$(command -v nvcc)")")
+  CUPTI_INC=$(dirname "$(ls "$CUDA_DIR"/include/cupti.h "$CUDA_DIR"/extras/CUPTI/include/cupti.h /usr/local/cuda*/include/cupti.h 2>/dev/null | head -1)")
+  CUPTI_LIB=$(dirname "$(ls "$CUDA_DIR"/lib64/libcupti.so "$CUDA_DIR"/lib/libcupti.so "$CUDA_DIR"/extras/CUPTI/lib64/libcupti.so /usr/local/cuda*/lib*/libcupti.so /usr/local/cuda*/extras/CUPTI/lib64/libcupti.so 2>/dev/null | head -1)")
+  echo "cupti: include $CUPTI_INC, lib $CUPTI_LIB"
+  SRCDIR=$(cd "$(dirname "$0")/.." && pwd)
+  g++ -O2 -shared -fPIC "$SRCDIR/dev/cuda/trace/cupti_trace.cpp" -I"$CUPTI_INC" -I"$CUDA_DIR/include" -L"$CUPTI_LIB" \
+    -Wl,-rpath,"$CUPTI_LIB" -lcupti -o /tmp/libdsv4_trace.so
+  IFS=';' read -r -a tconfigs <<< "${TRACE_CONFIGS:-base}"
+  i=0
+  for cfg in "${tconfigs[@]}"; do
+    i=$((i + 1))
+    envs=()
+    [ "$cfg" = base ] || read -r -a envs <<< "$cfg"
+    echo "trace[$i]: $cfg"
+    env ${envs[@]+"${envs[@]}"} DSV4_TRACE_OUT="$OUT/trace$i.csv" LD_PRELOAD=/tmp/libdsv4_trace.so \
+      timeout "${BENCH_TIMEOUT:-300}" "$BUILD/dsv4" bench -m "$GGUF" --backend cuda --ctx-start 2048 --ctx-max 2048 \
+      --gen-tokens "${TRACE_GEN:-40}" > "$OUT/trace$i.log" 2>&1 || { echo "trace[$i]: failed"; tail -5 "$OUT/trace$i.log"; }
+    tail -2 "$OUT/trace$i.log"
+    { echo "== $cfg"; python3 "$SRCDIR/dev/cuda/trace/summarize.py" "$OUT/trace$i.csv" --timeline "$OUT/trace_timeline$i.csv"; } \
+      >> "$OUT/trace_summary.txt" 2>&1 || true
+    gzip -f "$OUT/trace$i.csv" || true
+  done
+  head -60 "$OUT/trace_summary.txt"
+  exit 0
 fi
 if [ "${BENCH_PLAN:-}" = final ]; then
   # The short form for a call that also runs the tests: decode at 2k and 8k (CUDA graphs on, the default pass
