@@ -10,6 +10,7 @@
 //   python3 dev/cuda/trace/summarize.py trace.csv
 // Output: one line per kernel: start_ns,end_ns,stream,graph_id,grid_x*y*z,block_x,name (sorted later).
 #include <cupti.h>
+#include <cupti_callbacks.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -32,6 +33,22 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buf, size_t, size_t
   CUpti_Activity* rec = nullptr;
   std::lock_guard<std::mutex> lock(g_mu);
   while (cuptiActivityGetNextRecord(buf, valid, &rec) == CUPTI_SUCCESS) {
+    if (!g_out) continue;
+    if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {  // "#M": device copies (kind 1 = H2D, 2 = D2H; 1 = pageable)
+      const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
+      std::fprintf(g_out, "#M,%llu,%llu,%u,%u,%u,%u,%llu\n", (unsigned long long)m->start,
+                   (unsigned long long)m->end, m->streamId, unsigned(m->copyKind), unsigned(m->srcKind),
+                   unsigned(m->dstKind), (unsigned long long)m->bytes);
+      continue;
+    }
+    if (rec->kind == CUPTI_ACTIVITY_KIND_RUNTIME) {  // "#R": host runtime API calls (what the host was doing)
+      const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(rec);
+      const char* name = nullptr;
+      cuptiGetCallbackName(CUPTI_CB_DOMAIN_RUNTIME_API, a->cbid, &name);
+      std::fprintf(g_out, "#R,%llu,%llu,%u,%s\n", (unsigned long long)a->start, (unsigned long long)a->end,
+                   a->threadId, name ? name : "?");
+      continue;
+    }
     if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
     if (g_out)
@@ -61,6 +78,10 @@ __attribute__((constructor)) void trace_init() {
   }
   check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "register callbacks");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "enable concurrent kernel");
+  if (std::getenv("DSV4_TRACE_HOST")) {  // copies and runtime API calls too (more overhead per call)
+    check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "enable memcpy");
+    check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME), "enable runtime");
+  }
   check(cuptiActivityFlushPeriod(200), "flush period");  // buffers reach the file while the program runs
 }
 

@@ -9,13 +9,31 @@ end to the next one's start, clipped at 0), i.e. launch latency and dependency w
 import argparse
 import collections
 import re
+import subprocess
 import sys
 
 
+def demangle_all(names):
+    """c++filt over the distinct mangled names (left as they are when c++filt is missing)."""
+    uniq = sorted(set(names))
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(uniq), capture_output=True, text=True, check=True).stdout
+        return dict(zip(uniq, out.split("\n")))
+    except (OSError, subprocess.CalledProcessError):
+        return {n: n for n in uniq}
+
+
 def short(name):
-    name = re.sub(r"\(.*", "", name)
+    name = name.replace("(anonymous namespace)::", "")
+    if name.endswith(")"):  # drop the argument list: the parenthesis matching the last one
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
     name = re.sub(r"^void ", "", name)
-    name = re.sub(r"dsv4::cuda::(\(anonymous namespace\)::)?", "", name)
+    name = re.sub(r"dsv4::(cuda::)?", "", name)
     return name[:70]
 
 
@@ -27,7 +45,11 @@ def main():
     ap.add_argument("--timeline", default="")
     args = ap.parse_args()
     recs = []
+    host = []  # "#M" copies and "#R" runtime calls (DSV4_TRACE_HOST)
     for line in open(args.trace):
+        if line.startswith("#M,") or line.startswith("#R,"):
+            host.append(line.rstrip("\n").split(","))
+            continue
         if line.startswith("#"):
             print(line.strip())
             continue
@@ -35,7 +57,9 @@ def main():
         if len(parts) < 7:
             continue
         recs.append((int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5]),
-                     short(parts[6])))
+                     parts[6]))
+    names = demangle_all(r[6] for r in recs)
+    recs = [r[:6] + (short(names[r[6]]),) for r in recs]
     recs.sort()
     if not recs:
         sys.exit("no kernel records")
@@ -85,6 +109,42 @@ def main():
     for (name, on_main), (cnt, tot) in sorted(per.items(), key=lambda kv: -kv[1][1]):
         print("%-72s %5.1f %9.2f %9.1f %6.1f%%" % (name + ("" if on_main else " [side]"), cnt / n, tot / cnt / 1e3,
                                                   tot / n / 1e3, 100.0 * tot / tok_total))
+    # Critical-path increments: main-stream kernels in start order, each charged with how far it moves the latest
+    # end time (under PDL a kernel starts early and waits, so its own duration overstates what it costs).
+    incs = collections.defaultdict(lambda: [0, 0])
+    for a, b in toks:
+        last = None
+        for r in recs[a:b]:
+            if r[2] != main_stream:
+                continue
+            key = "%s /%d" % (r[6], r[4])
+            inc = r[1] - r[0] if last is None else max(0, r[1] - last)
+            last = r[1] if last is None else max(last, r[1])
+            incs[key][0] += 1
+            incs[key][1] += inc
+    print("critical path (main stream): %-48s %5s %9s %9s" % ("kernel /grid", "n/tok", "us/launch", "us/token"))
+    for key, (cnt, tot) in sorted(incs.items(), key=lambda kv: -kv[1][1]):
+        print("  %-74s %5.1f %9.2f %9.1f" % (key, cnt / n, tot / cnt / 1e3, tot / n / 1e3))
+    if host:
+        # What fills the gap between two decode tokens: from the end of a token's last kernel to the next
+        # token's first, the copies and the host's runtime calls (time spent inside each API, by name).
+        gap_api = collections.defaultdict(lambda: [0, 0])
+        gap_total_ns = 0
+        for (a, b) in toks:
+            g0 = max(r[1] for r in recs[a:b])
+            g1 = recs[b][0]
+            gap_total_ns += g1 - g0
+            for h in host:
+                s0, s1 = int(h[1]), int(h[2])
+                if s1 < g0 or s0 > g1:
+                    continue
+                key = ("copy kind %s src %s dst %s %s B" % (h[4], h[5], h[6], h[7])) if h[0] == "#M" else h[4]
+                gap_api[key][0] += 1
+                gap_api[key][1] += min(s1, g1) - max(s0, g0)
+        print("gap between tokens (last kernel end -> next first kernel): %.1f us per token; inside it:"
+              % (gap_total_ns / n / 1e3))
+        for key, (cnt, tot) in sorted(gap_api.items(), key=lambda kv: -kv[1][1])[:25]:
+            print("  %-60s %6.1f per token %8.1f us per token" % (key, cnt / n, tot / n / 1e3))
     if args.timeline:
         a, b = toks[len(toks) // 2]
         t0 = recs[a][0]
