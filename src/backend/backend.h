@@ -251,10 +251,6 @@ class Backend {
   virtual void begin_side(int T) { (void)T; }
   virtual void end_side() {}
   virtual void join_side() {}
-  // A hint: weight w is read soon by an op over T tokens, after the latency-bound ops issued next. A device backend
-  // may start moving its bytes toward the compute units (the CUDA backend: into L2, on a low-priority side line;
-  // src/backend/cuda/prefetch.h). Never changes a result or the order of the ops; the default does nothing.
-  virtual void prefetch(const WeightView& w, int T) { (void)w, (void)T; }
 
   // HC control + Sinkhorn + stream mix (model-spec §4 steps 1-8).
   //   X: [T, n, D] residual streams; a: [T, D] sublayer input sum_i pre[i] X[i];

@@ -182,10 +182,6 @@ void attention_core(Backend& be, const AttentionWeights& w, AttentionState& st, 
   const int64_t p0 = st.n_past;
   const bool fused = fused_core();
   float *q = S.q.f32(), *kv = S.kv.f32();
-  // The output projections read next, after this latency-bound core: a device backend may pull them into its
-  // cache meanwhile (a hint; results do not change).
-  be.prefetch(w.output_a, T);
-  be.prefetch(w.output_b, T);
   // 2. q (per-head norm + RoPE), kv (weighted norm + RoPE + QAT) and the indexer query (RoPE + QAT): one
   // batched op (the indexer query depends on the projections only, so it is prepared ahead of the compressors).
   HeadPrepJob jobs[3];

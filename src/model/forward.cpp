@@ -219,12 +219,6 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     } else {
       layer_out(k - 1, join);
     }
-    if (k > 0 && k < L) {  // a hint: layer k's input projections are read after the HC op and the norms below
-      const AttentionWeights& aw = w.layers[size_t(k)].attn;
-      be.prefetch(aw.q_a, T);
-      be.prefetch(aw.kv, T);
-      be.prefetch(aw.q_b, T);
-    }
     if (k < L) attn_in(k, join);
     else final_head();
   };

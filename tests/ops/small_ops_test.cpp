@@ -1,10 +1,7 @@
 // Parity of the small CUDA ops (rms_norm, RoPE, HC Sinkhorn/collapse/post, top-k, softmax) with their CPU twins
 // (ops_reference.h) on random inputs at Flash widths. Each test states its tolerance and why.
-#include <cstring>
-
 #include "backend/cuda/gemv.h"
 #include "backend/cuda/hc.h"
-#include "backend/cuda/moe.h"
 #include "backend/cuda/norm_rope.h"
 #include "backend/cuda/select.h"
 #include "ops_common.h"
@@ -83,32 +80,6 @@ TEST(CudaSmallOps, RmsNormQ8OutputEqualsQuantizer) {
   EXPECT_THROW(cuda::rms_norm_cuda(bad, nullptr), Error);  // n % 32 != 0 with a Q8 output
   bad.q8 = nullptr, bad.threads = 48;
   EXPECT_THROW(cuda::rms_norm_cuda(bad, nullptr), Error);  // threads not a multiple of 32
-}
-
-// swiglu_q8_cuda (the shared expert's SwiGLU writing the down projection's Q8 rows): bitwise the floats of
-// swiglu_cuda and the bytes quantize_activations_cuda writes on them (tolerance 0: the same float expression and
-// q8_split_store_warp's rule, which is the quantizer's). Values beyond the clamp and an all-zero block included.
-TEST(CudaSmallOps, SwigluQ8EqualsSwigluThenQuantizer) {
-  DSV4_REQUIRE_CUDA();
-  for (const int64_t f : {int64_t(2048), int64_t(96), int64_t(4096)}) {
-    auto g = test::random_normal(size_t(f), 31 + f, 4.0f), u = test::random_normal(size_t(f), 32 + f, 4.0f);
-    for (int i = 0; i < 32; ++i) g[size_t(i)] = 0.0f;  // silu(0) = 0: an all-zero block, scale 0
-    const float clamp = 7.0f;
-    auto d_g = upload(g), d_u = upload(u);
-    DeviceArray<float> d_h(static_cast<size_t>(f)), d_ref(static_cast<size_t>(f));
-    const size_t qbytes = size_t(cuda::gpu_activation_bytes(QType::Q8_0, f, cuda::GemvLayout::Q8Split));
-    DeviceArray<uint8_t> d_q(qbytes), d_qref(qbytes);
-    d_q.fill_bytes(0xAB);
-    cuda::swiglu_q8_cuda(d_g.get(), d_u.get(), f, clamp, d_h.get(), d_q.get(), nullptr);
-    cuda::swiglu_cuda(d_g.get(), d_u.get(), nullptr, 1, f, clamp, d_ref.get(), nullptr);
-    cuda::quantize_activations_cuda(QType::Q8_0, d_ref.get(), 1, f, d_qref.get(), nullptr, cuda::GemvLayout::Q8Split);
-    const auto h = d_h.download(), ref = d_ref.download();
-    ASSERT_EQ(std::memcmp(h.data(), ref.data(), h.size() * sizeof(float)), 0) << "f=" << f;
-    EXPECT_EQ(d_q.download(), d_qref.download()) << "f=" << f;
-  }
-  DeviceArray<float> d(64);
-  DeviceArray<uint8_t> q(128);
-  EXPECT_THROW(cuda::swiglu_q8_cuda(d.get(), d.get(), 48, 1.0f, d.get(), q.get(), nullptr), Error);  // f % 32
 }
 
 // The YaRN table against the spec's published reference values (model-spec §1.3 and §3.2: correction range

@@ -3,7 +3,6 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_backend_impl.h"
 #include "backend/cuda/gemv_dense_v2.h"
-#include "backend/cuda/prefetch.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -173,58 +172,6 @@ void CudaBackend::join_side() {
   if (!side_open_) return;
   attn_side_.join(stream_);
   side_open_ = false;
-}
-
-// ---- L2 prefetch (Backend::prefetch, prefetch.h) --------------------------------------------------------------
-// Default of DSV4_CUDA_PREFETCH (empty: off until measured).
-constexpr const char* kPrefetchDefault = "";
-
-std::vector<std::string> CudaBackend::parse_prefetch_names() {
-  const char* e = std::getenv("DSV4_CUDA_PREFETCH");
-  const std::string v = e ? e : kPrefetchDefault;
-  std::vector<std::string> names;
-  if (v == "0") return names;
-  size_t at = 0;
-  while (at <= v.size()) {
-    const size_t comma = std::min(v.find(',', at), v.size());
-    if (comma > at) names.push_back(v.substr(at, comma - at));
-    at = comma + 1;
-  }
-  return names;
-}
-
-bool CudaBackend::prefetch_wanted(const char* name) const {
-  if (!name) return false;
-  for (const std::string& n : prefetch_names_)
-    if (std::strstr(name, n.c_str())) return true;
-  return false;
-}
-
-// One token only (a prefill pass reads each matrix once, at full bandwidth); weights not yet mirrored are left
-// alone (the first pass mirrors them; prefetching must never allocate).
-void CudaBackend::prefetch(const WeightView& w, int T) {
-  if (T != 1 || cpu_attention_ || on_side_ || !prefetch_wanted(w.name)) return;
-  const uint8_t* d = mirrored(w);
-  if (!d) return;
-  const int64_t rows = w.ne[1] * (w.n_dims >= 3 ? w.ne[2] : 1);
-  on_prefetch_side([&](cudaStream_t s) { cuda::l2_prefetch_cuda(d, size_t(rows * device_row_bytes(w)), s); });
-}
-
-// Runs launch(side stream) after everything enqueued on the main stream so far; inside a capture the branch is
-// joined at the end of the segment (join_prefetch).
-void CudaBackend::on_prefetch_side(const std::function<void(cudaStream_t)>& launch) {
-  prefetch_side_.fork(stream_);
-  launch(prefetch_side_.side());
-  ++prefetch_launches_;
-  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-  cuda::check(cudaStreamIsCapturing(stream_, &cs), "cuda backend: prefetch (capture status)");
-  if (cs == cudaStreamCaptureStatusActive) prefetch_join_pending_ = true;
-}
-
-void CudaBackend::join_prefetch() {
-  if (!prefetch_join_pending_) return;
-  prefetch_side_.join(stream_);
-  prefetch_join_pending_ = false;
 }
 
 // Expert GEMV over slots: slot s uses expert ids[s] and activation row s / act_div; launches of at most

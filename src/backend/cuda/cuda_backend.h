@@ -34,7 +34,5 @@ namespace dsv4 {
 std::unique_ptr<Backend> make_cuda_backend();
 // True when a CUDA device is present and usable (BackendKind::Auto picks the CUDA backend then).
 bool cuda_backend_available();
-// L2 prefetch kernels a CUDA backend has launched (Backend::prefetch, DSV4_CUDA_PREFETCH); 0 for other backends.
-long long cuda_prefetch_launches(const Backend& be);
 
 }  // namespace dsv4

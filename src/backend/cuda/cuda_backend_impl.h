@@ -9,7 +9,6 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <map>
 #include <string>
 #include <tuple>
@@ -66,7 +65,6 @@ class CudaBackend final : public Backend {
     prof_.reset();  // prints the profile (it synchronizes on its events)
     graphs_.reset();
     cudaStreamSynchronize(stream_);
-    cudaDeviceSynchronize();  // unjoined prefetch kernels (prefetch_side_) finish before the weights go
     cudaStreamDestroy(stream_);
   }
   const char* name() const override { return "cuda"; }
@@ -130,9 +128,6 @@ class CudaBackend final : public Backend {
   void begin_side(int T) override;
   void end_side() override;
   void join_side() override;
-  void prefetch(const WeightView& w, int T) override;
-  // Prefetch kernels launched (tests: the knob took effect).
-  long long prefetch_launches() const { return prefetch_launches_; }
   void hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
               float* comb) override;
   void hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
@@ -224,12 +219,6 @@ class CudaBackend final : public Backend {
     return weights_.emplace(key, std::move(d)).first->second.get();
   }
   void set_upload_observer(UploadObserver f) override { upload_observer_ = std::move(f); }
-  // The device copy of w in its preferred layout when already mirrored, else null (never uploads).
-  const uint8_t* mirrored(const WeightView& w) const {
-    if (!w.present()) return nullptr;
-    auto it = weights_.find(WeightKey{w.data, w.n_bytes, uint32_t(w.type), uint32_t(layout_for(w))});
-    return it == weights_.end() ? nullptr : it->second.get();
-  }
   const uint8_t* weight(const WeightView& w) { return mirror(w, layout_for(w)); }
   const float* f32_weight(const WeightView& w) {
     if (w.type != QType::F32) fail("cuda backend: tensor '%s' must be F32 here, is %s", w.name, qtype_name(w.type).c_str());
@@ -462,20 +451,6 @@ class CudaBackend final : public Backend {
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<uint8_t> route_ws_;  // moe_route_fused_cuda workspace (z + ticket; zeroed at allocation)
   cuda::SideStream moe_side_;      // moe_ffn: the shared expert overlaps the routed experts (decode)
-  // Backend::prefetch (decode): L2 prefetches on their own lowest-priority stream, forked from the main one. Outside
-  // a capture they are never joined (they read immutable weights and write nothing); inside one the branch must
-  // rejoin before the capture ends: run_segment joins it at the end of the segment (prefetch_join_pending_).
-  cuda::SideStream prefetch_side_;
-  bool prefetch_join_pending_ = false;
-  long long prefetch_launches_ = 0;
-  // DSV4_CUDA_PREFETCH: comma-separated weight-name parts (a weight is prefetched when its name contains one;
-  // "ffn_down_exps" = the routed experts' down slices selected by the router, inside moe_ffn); "0" or empty: none.
-  // Unset: kPrefetchDefault. Read once per backend.
-  std::vector<std::string> prefetch_names_ = parse_prefetch_names();
-  static std::vector<std::string> parse_prefetch_names();
-  bool prefetch_wanted(const char* name) const;
-  void join_prefetch();
-  void on_prefetch_side(const std::function<void(cudaStream_t)>& launch);
   // begin_side / end_side / join_side (decode only): while on_side_, stream_ is the side stream and main_stream_
   // the backend's own; side_open_ until join_side. Only F16/F32 GEMVs (no activation quantization, no scratch)
   // run there: any other matmul issued on the side line first leaves it (side_safe).

@@ -6,7 +6,6 @@
 #include "backend/cuda/cuda_backend_impl.h"
 #include "backend/cuda/gemv_dense_v2.h"
 #include "backend/cuda/gemv_moe_v2.h"
-#include "backend/cuda/prefetch.h"
 #include "backend/cuda/timing_skip.h"
 
 namespace dsv4::cuda_impl {
@@ -21,16 +20,6 @@ bool moe_fused_decode() {
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// DSV4_CUDA_SHARED_V2=0: the decode shared expert's gate+up+SwiGLU as the streaming paired kernel (A/B); default:
-// one dense variant-2 launch of both matrices, then swiglu_q8_cuda. Read once.
-bool shared_v2_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV4_CUDA_SHARED_V2");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return on;
-}
 
 // DSV4_CUDA_MOE_DOWN_XF=1: the routed down+sum launch quantizes its float input itself (GemvParams::xf) instead of
 // reading a separately quantized copy. Opt-in: one decode MoE layer measured 15.16 us with the separate quantize
@@ -168,37 +157,9 @@ void CudaBackend::moe_ffn(const MoeWeights& w, const MoeParams& p, const float* 
     dn_xf.xq = nullptr, dn_xf.xf = gu.y;
     const bool down_xf = dn.kernel != 0 && dn.layout == GemvLayout::Q8Split &&
                          cuda::gemv_xf_env() != cuda::kGemvXfOff && cuda::gemv_v2_supported(dn_xf);
-    // The routed experts' down slices, selected by the router that just ran, into L2 while the gate+up launch
-    // (issue-bound, ~1.8 TB/s) leaves HBM bandwidth over (Backend::prefetch; DSV4_CUDA_PREFETCH names
-    // ffn_down_exps).
-    if (prefetch_wanted(w.down_exps.name) && !on_side_ && !cpu_attention_) {
-      const cuda::GemvParams& dp = down;
-      const int n_experts = int(w.down_exps.n_dims >= 3 ? w.down_exps.ne[2] : 1);
-      on_prefetch_side([&](cudaStream_t s) {
-        cuda::l2_prefetch_experts_cuda(dp.w, dp.expert_stride, dp.expert_stride, ids, n_slots, n_experts, s);
-      });
-    }
-    // Gate and up as one dense variant-2 launch (two parts), then SwiGLU writing the down projection's Q8 rows:
-    // the streaming paired kernel read these 17.8 MB at ~0.75 TB/s beside the routed gate+up and was the longer
-    // branch before the join (H200 CUPTI trace, session 11: 24 us vs the routed 21 us). DSV4_CUDA_SHARED_V2=0: the
-    // streaming kernel.
-    const int kv2 = cuda::gemv_dense_kernel_env();
-    float* g2 = shared_v2_enabled() && kv2 != 0 && !down_xf && dn.kernel != 0 && F % 32 == 0 ? buffer(5, size_t(2 * F))
-                                                                                           : nullptr;
     moe_side_.fork(stream_);
     cudaStream_t s2 = moe_side_.side();
-    bool shared_done = false;
-    if (g2 && !cuda::timing_skip("moe_ffn.shared", T)) {
-      cuda::GemvParams mp;
-      mp.wtype = sg.type, mp.layout = gu.layout, mp.cols = D, mp.n_tokens = 1, mp.kernel = kv2, mp.xq = gu.xq;
-      const cuda::GemvV2Part parts[2] = {{gu.w, g2, F}, {gu.w2, g2 + F, F}};
-      if (cuda::gemv_v2_multi_cuda(mp, parts, s2)) {
-        cuda::swiglu_q8_cuda(g2, g2 + F, F, p.swiglu_clamp, gu.y, const_cast<void*>(dn.xq), s2);
-        cuda::gemv_cuda(dn, s2);
-        shared_done = true;
-      }
-    }
-    if (!shared_done && !cuda::timing_skip("moe_ffn.shared", T)) {
+    if (!cuda::timing_skip("moe_ffn.shared", T)) {
       cuda::moe_gate_up_swiglu_cuda(gu, nullptr, p.swiglu_clamp, s2);
       if (down_xf) {
         cuda::gemv_cuda(dn_xf, s2);

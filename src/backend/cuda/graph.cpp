@@ -142,24 +142,14 @@ namespace dsv4::cuda_impl {
 
 void CudaBackend::run_segment(const std::vector<uint64_t>& key, const std::function<void()>& ops) {
   // The profiler times ops one by one, the CPU attention mode synchronizes inside ops: both run eagerly.
-  // A prefetch branch forked inside the segment rejoins at its end (a capture must end with every fork joined).
-  const auto ops_joined = [&] {
-    ops();
-    join_prefetch();
-  };
-  if (!graphs_enabled_ || prof_->enabled() || cpu_attention_) return ops_joined();
+  if (!graphs_enabled_ || prof_->enabled() || cpu_attention_) return ops();
   if (!graphs_) graphs_ = std::make_unique<cuda::SegmentGraphs>(stream_);
-  graphs_->run(key, ops_joined, [this] { forget_all_activations(); });
+  graphs_->run(key, ops, [this] { forget_all_activations(); });
 }
 
 }  // namespace dsv4::cuda_impl
 
 namespace dsv4 {
-
-long long cuda_prefetch_launches(const Backend& be) {
-  const auto* c = dynamic_cast<const cuda_impl::CudaBackend*>(&be);
-  return c ? c->prefetch_launches() : 0;
-}
 
 cuda::SegmentGraphStats cuda_segment_graph_stats(const Backend& be) {
   const auto* c = dynamic_cast<const cuda_impl::CudaBackend*>(&be);

@@ -11,7 +11,6 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/pdl.cuh"
-#include "backend/cuda/q8_split_act.cuh"
 #include "backend/cuda/q8k_act.cuh"
 #include "common/error.h"
 
@@ -347,19 +346,6 @@ __global__ void swiglu_kernel(const float* g, const float* u, const float* row_w
   out[idx] = row_weight ? __fmul_rn(h, row_weight[idx / f]) : h;
 }
 
-// One value per thread; a warp's 32 values are one Q8 block (f % 32 == 0), quantized by q8_split_store_warp.
-__global__ void swiglu_q8_kernel(const float* g, const float* u, int64_t f, float clamp, float* out, uint8_t* q8) {
-  pdl_trigger();
-  pdl_wait();  // PDL (pdl.cuh): g and u come from earlier kernels
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx - (threadIdx.x & 31) >= f) return;  // whole warps only (the grid covers f rounded up to the block size)
-  const float gc = fminf(g[idx], clamp);
-  const float uc = fmaxf(fminf(u[idx], clamp), -clamp);
-  const float h = __fmul_rn(gc / (1.0f + expf(-gc)), uc);  // swiglu_kernel's expression
-  out[idx] = h;
-  q8_split_store_warp(h, q8, f, idx);
-}
-
 __global__ void moe_sum_kernel(const float* ye, int64_t n_tokens, int k, int64_t d, float* y) {
   pdl_trigger();
   pdl_wait();  // PDL (pdl.cuh): ye and y come from earlier kernels
@@ -447,12 +433,6 @@ void swiglu_cuda(const float* g, const float* u, const float* row_weight, int64_
   if (rows * f <= 0) return;
   launch_pdl("swiglu_kernel", swiglu_kernel, dim3(unsigned((rows * f + kThreads - 1) / kThreads)), dim3(kThreads), 0,
              stream, g, u, row_weight, rows, f, clamp, out);
-}
-
-void swiglu_q8_cuda(const float* g, const float* u, int64_t f, float clamp, float* out, void* q8, cudaStream_t stream) {
-  if (f <= 0 || f % 32 != 0) fail("swiglu_q8_cuda: width %lld must be a positive multiple of 32", (long long)f);
-  launch_pdl("swiglu_q8_kernel", swiglu_q8_kernel, dim3(unsigned((f + kThreads - 1) / kThreads)), dim3(kThreads), 0,
-             stream, g, u, f, clamp, out, static_cast<uint8_t*>(q8));
 }
 
 void moe_sum_cuda(const float* ye, int64_t n_tokens, int k, int64_t d, float* y, cudaStream_t stream) {

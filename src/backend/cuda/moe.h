@@ -80,12 +80,6 @@ class SideStream {
 void swiglu_cuda(const float* g, const float* u, const float* row_weight, int64_t rows, int64_t f, float clamp,
                  float* out, cudaStream_t stream);
 
-// swiglu_cuda for one row (row_weight null) that also writes the row's Q8_0 split-layout activations (gemv.h
-// GemvLayout::Q8Split: [f int8][f/32 f32 scales]) with q8_split_store_warp's rule on the very floats stored to out,
-// i.e. the bytes quantize_activations_cuda(Q8_0, out, 1, f, q8, Q8Split) would write: the shared expert's down
-// projection reads them without a quantize launch. Needs f % 32 == 0 (fails otherwise).
-void swiglu_q8_cuda(const float* g, const float* u, int64_t f, float clamp, float* out, void* q8, cudaStream_t stream);
-
 // y[t][d] += sum_j ye[t][j][d], j in order 0..k-1 (summed first, then added, as the CPU).
 void moe_sum_cuda(const float* ye, int64_t n_tokens, int k, int64_t d, float* y, cudaStream_t stream);
 
