@@ -127,9 +127,6 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
   SamplingParams sp = cfg_.sampling;
   sp.seed = cfg_.sampling.seed * 1000003u + uint64_t(session_->position());
   Sampler sampler(sp);
-  SamplingParams greedy_params = sp;
-  greedy_params.temperature = 0;
-  Sampler greedy(greedy_params);  // DSML tags and attributes: keep the markup well-formed (ds4's rule)
   OutputParser parser(tok_, cfg_.mode == ThinkingMode::Thinking);
   ChatMessage reply;
   reply.role = "assistant";
@@ -153,7 +150,11 @@ TurnStats ChatSession::turn(const std::string& user_text, const TurnOutput& out,
       st.finish = "interrupted";
       break;
     }
-    Token t = (parser.in_markup() ? greedy : sampler).sample(session_->logits());
+    // Greedy inside DSML tags and attributes (keeps the markup well-formed: ds4's rule) and at temperature 0 /
+    // top-k 1: Session::argmax (the Sampler's temperature-0 rule) reduces the logits where they are, so a GPU
+    // session moves one id per token instead of n_vocab floats.
+    const bool pick_greedy = parser.in_markup() || sp.temperature <= 0.0f || sp.top_k == 1;
+    Token t = pick_greedy ? session_->argmax() : sampler.sample(session_->logits());
     if (t == tok_.eos()) {  // not evaluated now: the next turn starts with it (open_turn_)
       emit(parser.push(t));
       st.finish = "stop";

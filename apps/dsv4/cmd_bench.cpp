@@ -115,9 +115,6 @@ std::vector<dsv4::Token> bench_tokens(const BenchArgs& a, int64_t n, int n_vocab
   return toks;
 }
 
-dsv4::Token greedy(std::span<const float> logits) {
-  return dsv4::Token(std::max_element(logits.begin(), logits.end()) - logits.begin());
-}
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -212,7 +209,7 @@ int run_bench(const BenchArgs& a) {
     const auto t0 = std::chrono::steady_clock::now();
     auto warm = engine->new_session(16);
     warm->eval(std::span<const dsv4::Token>(toks.data(), std::min<size_t>(8, toks.size())));
-    const dsv4::Token next = greedy(warm->logits());
+    const dsv4::Token next = warm->argmax();
     warm->eval(std::span<const dsv4::Token>(&next, 1));
     std::printf("load: %.2f s (includes the weights' copy to a device backend), warm-up (first passes): %.2f s\n",
                 load_s, seconds_since(t0));
@@ -231,11 +228,11 @@ int run_bench(const BenchArgs& a) {
     r.kv_bytes = state_bytes(*session);
     if (a.gen_tokens > 0) {
       auto gen = session->clone();
-      dsv4::Token next = greedy(gen->logits());
+      dsv4::Token next = gen->argmax();
       t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < a.gen_tokens; ++i) {
         gen->eval(std::span<const dsv4::Token>(&next, 1));
-        next = greedy(gen->logits());  // the sampled id is the one host sync a decode step needs
+        next = gen->argmax();  // greedy: the id is the one host sync (and transfer) of a decode step
       }
       r.decode_s = seconds_since(t0);
       r.gen_tokens = a.gen_tokens;

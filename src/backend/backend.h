@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/argmax.h"
 #include "model/rope.h"     // RopeFreqs: plain data (the functions are in the CPU backend library)
 #include "model/weights.h"  // WeightView & weight structs: header-only plain data, no link dependency
 
@@ -204,6 +205,11 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   // dst[i] = value for i < n.
   virtual void fill(float* dst, float value, size_t n) = 0;
+  // Index of the largest of x[0..n) that is neither NaN nor -inf (the lowest index among equal ones; -1 when none
+  // is): argmax_usable (common/argmax.h), the sampler's greedy rule. x is backend memory; returns once known (a
+  // device backend waits for the ops before it). This default downloads x; a device backend reduces where x lives
+  // and copies back only the index (greedy decoding then moves one id per token, not n_vocab floats).
+  virtual int64_t argmax(const float* x, int64_t n);
   DeviceBuffer alloc(size_t bytes) { return DeviceBuffer(this, bytes); }
   // True when backend memory is ordinary host memory (the host may read and write it directly, and two such
   // backends may share buffers). The forward uses it only to skip copies, never for correctness.
@@ -369,6 +375,14 @@ inline DeviceBuffer& DeviceBuffer::operator=(const DeviceBuffer& o) {
 inline void DeviceBuffer::release() noexcept {
   if (be_ && p_) be_->mem_free(p_);
   p_ = nullptr;
+}
+
+inline int64_t Backend::argmax(const float* x, int64_t n) {
+  if (n <= 0) return -1;
+  if (host_memory()) return argmax_usable(x, n);
+  std::vector<float> h(static_cast<size_t>(n));
+  download(h.data(), x, size_t(n) * sizeof(float));
+  return argmax_usable(h.data(), n);
 }
 
 }  // namespace dsv4

@@ -102,7 +102,7 @@ struct Segment {
 // key naming the run and every buffer it touches, so a device backend records it once and replays it every
 // token (docs/backend.md). Every other pass calls the same ops in the same order directly.
 void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& segs, const int32_t* tokens, int T,
-                  float* logits, bool all_rows, const ForwardOptions& opt, Scratch& s) {
+                  float* logits, float* dev_logits, bool all_rows, const ForwardOptions& opt, Scratch& s) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
   const HcParams hp = hc_params(c);
@@ -136,8 +136,11 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
   int rows = all_rows ? T : 0;
   if (!all_rows)
     for (const Segment& g : segs) rows += g.ends_slice ? 1 : 0;
-  if (!logits) rows = 0;
-  float* logits_dst = logits;
+  // Logits to the caller's host array, or to its backend buffer (opt.device_logits: this pass's rows start at
+  // dev_logits). A device backend computes them into the scratch (a fixed address, so the recorded segments do
+  // not depend on the destination) and downloads or copies them from there.
+  if (!logits && !dev_logits) rows = 0;
+  float* logits_dst = dev_logits ? dev_logits : logits;
   if (rows > 0 && !be.host_memory()) {
     grow_discarding(be, s.logits, sizeof(float) * size_t(rows) * size_t(c.n_vocab));
     logits_dst = s.logits.f32();
@@ -244,8 +247,11 @@ void forward_pass(const Model& model, Backend& be, const std::vector<Segment>& s
     if (k < L) attn_core(k);
   }
   for (const Segment& g : segs) g.st->n_past += g.n;
-  if (rows > 0 && !be.host_memory())
-    be.download(logits, s.logits.f32(), sizeof(float) * size_t(rows) * size_t(c.n_vocab));
+  const size_t logits_bytes = sizeof(float) * size_t(rows) * size_t(c.n_vocab);
+  if (rows > 0 && !be.host_memory()) {
+    if (dev_logits) be.copy(dev_logits, s.logits.f32(), logits_bytes);
+    else be.download(logits, s.logits.f32(), logits_bytes);
+  }
 }
 
 void check_slice(const ModelConfig& c, Backend& be, const SequenceState& st, const int32_t* tokens, int T, size_t index) {
@@ -271,6 +277,7 @@ void model_forward_batch(const Model& model, Backend& be, std::span<const BatchS
                          float* logits, bool all_rows, const ForwardOptions& opt) {
   const ModelConfig& c = model.config();
   if (slices.empty()) fail("forward: empty batch");
+  if (logits && opt.device_logits) fail("forward: logits go to the host array or to device_logits, not both");
   int64_t total = 0;
   for (size_t i = 0; i < slices.size(); ++i) {
     for (size_t j = 0; j < i; ++j)
@@ -302,7 +309,8 @@ void model_forward_batch(const Model& model, Backend& be, std::span<const BatchS
       }
     }
     float* out = logits ? logits + out_row * V : nullptr;
-    forward_pass(model, be, segs, tokens + t0, n, out, all_rows, opt, s);
+    float* dev_out = opt.device_logits ? opt.device_logits + out_row * V : nullptr;
+    forward_pass(model, be, segs, tokens + t0, n, out, dev_out, all_rows, opt, s);
     if (all_rows) out_row += size_t(n);
     else
       for (const Segment& g : segs) out_row += g.ends_slice ? 1 : 0;

@@ -38,6 +38,10 @@ struct ForwardOptions {
   // "attn_out", "ffn_in", "ffn_out" (width D) and "residual" (width n*D, after the layer), and "head_in"
   // (layer -1, width D, the normed final hidden state of the rows whose logits are computed).
   std::function<void(const char* name, int layer, const float* data, int rows, int64_t width)> tap;
+  // When set, the logits rows go to this buffer in the backend's memory (same rows and layout as `logits`, which
+  // must then be null) and stay there: no download. A session keeps its next-token logits on the device this way
+  // and copies them to the host only when asked (Session::logits; Session::argmax reduces them in place).
+  float* device_logits = nullptr;
 };
 
 // Everything one sequence carries between forward calls (model-spec §11): per-layer attention state (window

@@ -10,6 +10,7 @@
 #ifdef DSV4_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #endif
+#include "common/argmax.h"
 #include "common/error.h"
 #include "common/thread_pool.h"
 #include "dsv4/engine.h"
@@ -32,7 +33,8 @@ class SessionImpl final : public Session {
  public:
   SessionImpl(EngineImpl& e, int64_t max_context);
   void eval(std::span<const Token> tokens, std::vector<float>* all_logits) override;
-  std::span<const float> logits() const override { return logits_; }
+  std::span<const float> logits() const override;
+  Token argmax() const override;
   int64_t position() const override { return st_.n_past; }
   int64_t max_context() const override { return st_.max_context; }
   const std::vector<Token>& tokens() const override { return tokens_; }
@@ -46,6 +48,7 @@ class SessionImpl final : public Session {
   void commit(std::span<const Token> tokens, const float* last) {
     tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
     logits_.assign(last, last + eng_config_vocab());
+    logits_on_device_ = false;
   }
   SequenceState& state() { return st_; }
   const void* engine() const { return &eng_; }
@@ -55,7 +58,12 @@ class SessionImpl final : public Session {
   EngineImpl& eng_;
   SequenceState st_;
   std::vector<Token> tokens_;
-  std::vector<float> logits_;
+  // The next-token logits live in dev_logits_ (the engine backend's memory) after a single-row eval and are
+  // copied into logits_ when logits() is first asked for (logits_on_device_ until then): greedy decoding
+  // (argmax) never moves them to the host. Mutable: logits() and argmax() are const reads of the session.
+  mutable std::vector<float> logits_;
+  mutable bool logits_on_device_ = false;
+  DeviceBuffer dev_logits_;
 };
 
 class EngineImpl final : public Engine {
@@ -133,10 +141,22 @@ class EngineImpl final : public Engine {
   }
 
   // The backend keeps scratch buffers, so forward calls of different sessions are serialized here.
-  void run(SequenceState& st, const Token* tokens, int T, float* logits, bool all_rows) {
+  // device_logits: the logits go there (backend memory) instead of `logits` (ForwardOptions::device_logits).
+  void run(SequenceState& st, const Token* tokens, int T, float* logits, bool all_rows,
+           float* device_logits = nullptr) {
     std::lock_guard<std::mutex> lock(run_mutex_);
     ForwardOptions fo = forward_options();
+    fo.device_logits = device_logits;
     model_forward(*model_, *backend_, st, tokens, T, logits, all_rows, fo);
+  }
+  // Backend reads of a session's device logits, serialized with the forwards (the backend is not thread-safe).
+  void download(void* dst, const void* src, size_t bytes) {
+    std::lock_guard<std::mutex> lock(run_mutex_);
+    backend_->download(dst, src, bytes);
+  }
+  int64_t argmax(const float* x, int64_t n) {
+    std::lock_guard<std::mutex> lock(run_mutex_);
+    return backend_->argmax(x, n);
   }
   ForwardOptions forward_options() {
     ForwardOptions fo;
@@ -210,10 +230,34 @@ void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_lo
   check_input(tokens);
   const size_t V = eng_config_vocab();
   const int T = int(tokens.size());
-  std::vector<float> rows(all_logits ? size_t(T) * V : V);
-  eng_.run(st_, tokens.data(), T, rows.data(), all_logits != nullptr);
-  commit(tokens, rows.data() + (rows.size() - V));
-  if (all_logits) *all_logits = std::move(rows);
+  if (all_logits) {
+    std::vector<float> rows(size_t(T) * V);
+    eng_.run(st_, tokens.data(), T, rows.data(), true);
+    commit(tokens, rows.data() + (rows.size() - V));
+    *all_logits = std::move(rows);
+    return;
+  }
+  if (dev_logits_.bytes() < V * sizeof(float)) dev_logits_ = eng_.backend().alloc(V * sizeof(float));
+  eng_.run(st_, tokens.data(), T, nullptr, false, dev_logits_.f32());
+  tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+  logits_on_device_ = true;
+}
+
+std::span<const float> SessionImpl::logits() const {
+  if (logits_on_device_) {
+    logits_.resize(eng_config_vocab());
+    eng_.download(logits_.data(), dev_logits_.f32(), logits_.size() * sizeof(float));
+    logits_on_device_ = false;
+  }
+  return logits_;
+}
+
+Token SessionImpl::argmax() const {
+  if (!logits_on_device_ && logits_.empty()) fail("Session::argmax: no logits before the first eval");
+  const int64_t n = int64_t(eng_config_vocab());
+  const int64_t best = logits_on_device_ ? eng_.argmax(dev_logits_.f32(), n) : argmax_usable(logits_.data(), n);
+  if (best < 0) fail("Session::argmax: all %lld logits are -inf or NaN", (long long)n);
+  return Token(best);
 }
 
 // Digest of the weights a state was computed with: FNV-1a over every tensor's name, type and shape plus up to 64
@@ -276,8 +320,9 @@ void SessionImpl::save(std::ostream& out) const {
   put(os, st_.n_past);
   put(os, uint64_t(tokens_.size()));
   os.write(reinterpret_cast<const char*>(tokens_.data()), std::streamsize(tokens_.size() * sizeof(Token)));
-  put(os, uint64_t(logits_.size()));
-  os.write(reinterpret_cast<const char*>(logits_.data()), std::streamsize(logits_.size() * sizeof(float)));
+  const std::span<const float> lg = logits();  // copied from the device if they are still there
+  put(os, uint64_t(lg.size()));
+  os.write(reinterpret_cast<const char*>(lg.data()), std::streamsize(lg.size() * sizeof(float)));
   st_.save(os);
   os.flush();
   if (!os || !out) fail("session state: write failed");
@@ -341,6 +386,7 @@ void SessionImpl::restore(std::istream& in) {
   st_ = std::move(st);
   tokens_ = std::move(toks);
   logits_ = std::move(lg);
+  logits_on_device_ = false;
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/argmax.h"
 #include "common/error.h"
 #include "dsv4/text.h"
 
@@ -14,10 +15,6 @@ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
-}
-
-bool usable(float v) {
-  return !std::isnan(v) && v != -INFINITY;
 }
 
 }  // namespace
@@ -43,11 +40,9 @@ double Sampler::uniform() {
 }
 
 Token Sampler::sample(std::span<const float> logits) {
-  Token best = -1;
-  float best_v = 0;
-  for (size_t i = 0; i < logits.size(); ++i)
-    if (usable(logits[i]) && (best < 0 || logits[i] > best_v)) best = Token(i), best_v = logits[i];
+  const Token best = Token(argmax_usable(logits.data(), int64_t(logits.size())));  // Session::argmax's rule
   if (best < 0) fail("sampling: all %zu logits are -inf or NaN", logits.size());
+  const float best_v = logits[size_t(best)];
   if (params_.temperature <= 0.0f || params_.top_k == 1 || best_v == INFINITY) return best;
 
   // Probabilities relative to the top one: exp((l - max) / T). min-p cuts against that ratio directly.
@@ -55,7 +50,7 @@ Token Sampler::sample(std::span<const float> logits) {
   const double min_rel = std::max(double(params_.min_p), 1e-30);  // drops exp underflow to 0 as well
   cand_.clear();
   for (size_t i = 0; i < logits.size(); ++i) {
-    if (!usable(logits[i])) continue;
+    if (!usable_logit(logits[i])) continue;
     double rel = std::exp((double(logits[i]) - double(best_v)) * inv_t);
     if (rel >= min_rel) cand_.emplace_back(float(rel), Token(i));
   }

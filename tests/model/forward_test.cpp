@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "common/argmax.h"
 #include "dsv4/engine.h"
 #include "model/forward.h"
 #include "model/model.h"
@@ -100,6 +101,36 @@ TEST_F(TinyForward, LogitsAreFiniteAndVaried) {
   EXPECT_EQ(s->position(), 40);
   // The last row equals logits().
   for (int v = 0; v < 96; ++v) EXPECT_EQ(s->logits()[size_t(v)], all[39 * 96 + size_t(v)]);
+}
+
+// Session::argmax is the greedy id over logits() (argmax_usable: the Sampler's temperature-0 rule) after prefill,
+// decode, clone and restore; it throws before the first eval. logits() read after argmax() (the session's logits
+// are copied out of the backend buffer only when asked) still equal the all-rows eval's last row bitwise.
+TEST_F(TinyForward, ArgmaxIsTheGreedyIdOfLogits) {
+  auto e = load(model_->path);
+  auto toks = test_tokens();
+  auto s = e->new_session(64);
+  EXPECT_THROW(s->argmax(), Error);
+  auto ref = e->new_session(64);
+  std::vector<float> rows;
+  ref->eval(std::span<const Token>(toks.data(), 20), &rows);
+  s->eval(std::span<const Token>(toks.data(), 20));
+  const Token a = s->argmax();  // before logits(): reduced in the backend buffer
+  EXPECT_EQ(a, Token(argmax_usable(rows.data() + 19 * 96, 96)));
+  ASSERT_EQ(s->logits().size(), size_t(96));
+  EXPECT_EQ(std::memcmp(s->logits().data(), rows.data() + 19 * 96, 96 * sizeof(float)), 0);
+  EXPECT_EQ(s->argmax(), a);  // after logits(): the host copy, same rule
+  for (int i = 0; i < 5; ++i) {
+    const Token next = s->argmax();
+    s->eval(std::span<const Token>(&next, 1));
+    auto c = s->clone();
+    EXPECT_EQ(c->argmax(), s->argmax());
+    std::stringstream ss;
+    s->save(ss);
+    auto r = e->new_session(64);
+    r->restore(ss);
+    EXPECT_EQ(r->argmax(), Token(argmax_usable(s->logits().data(), 96)));
+  }
 }
 
 TEST_F(TinyForward, ChunkedPrefillIsBitwiseWholePrefill) {

@@ -83,6 +83,37 @@ TEST_F(OpaqueForward, LogitsAndStateBitwiseEqualCpu) {
   EXPECT_EQ(saved(a), saved(b));  // save() downloads the opaque state: byte-identical streams
 }
 
+// ForwardOptions::device_logits: the single-row logits stay in backend memory (no download; a host pointer would
+// fault on this backend's addresses) and equal the downloaded ones bitwise; Backend::argmax's default (download,
+// then the host rule) picks argmax_usable of them.
+TEST_F(OpaqueForward, DeviceLogitsStayInBackendMemory) {
+  auto m = Model::load(path_);
+  test::OpaqueBackend opq;
+  const auto t = tokens(30);
+  const int V = m->config().n_vocab;
+  SequenceState a, b;
+  a.init(m->config(), 64, &opq);
+  b.init(m->config(), 64, &opq);
+  ForwardScratch scratch;
+  ForwardOptions o;
+  o.scratch = &scratch;
+  DeviceBuffer dev = opq.alloc(size_t(V) * sizeof(float));
+  std::vector<float> host(static_cast<size_t>(V)), got(static_cast<size_t>(V));
+  for (int T : {21, 1, 1, 7}) {
+    const int at = int(a.n_past);
+    model_forward(*m, opq, a, t.data() + at, T, host.data(), false, o);
+    ForwardOptions od = o;
+    od.device_logits = dev.f32();
+    model_forward(*m, opq, b, t.data() + at, T, nullptr, false, od);
+    opq.download(got.data(), dev.data(), got.size() * sizeof(float));
+    expect_bitwise(host, got);
+    EXPECT_EQ(opq.argmax(dev.f32(), V), argmax_usable(host.data(), V)) << "T=" << T;
+  }
+  ForwardOptions both = o;
+  both.device_logits = dev.f32();
+  EXPECT_THROW(model_forward(*m, opq, b, t.data(), 1, host.data(), false, both), Error);  // one destination
+}
+
 TEST_F(OpaqueForward, SaveLoadCloneAndBatchOnOpaqueMemory) {
   auto m = Model::load(path_);
   test::OpaqueBackend opq;

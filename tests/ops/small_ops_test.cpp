@@ -1,6 +1,8 @@
 // Parity of the small CUDA ops (rms_norm, RoPE, HC Sinkhorn/collapse/post, top-k, softmax) with their CPU twins
 // (ops_reference.h) on random inputs at Flash widths. Each test states its tolerance and why.
+#include "backend/cuda/device_ops.h"
 #include "backend/cuda/gemv.h"
+#include "common/argmax.h"
 #include "backend/cuda/hc.h"
 #include "backend/cuda/norm_rope.h"
 #include "backend/cuda/select.h"
@@ -80,6 +82,36 @@ TEST(CudaSmallOps, RmsNormQ8OutputEqualsQuantizer) {
   EXPECT_THROW(cuda::rms_norm_cuda(bad, nullptr), Error);  // n % 32 != 0 with a Q8 output
   bad.q8 = nullptr, bad.threads = 48;
   EXPECT_THROW(cuda::rms_norm_cuda(bad, nullptr), Error);  // threads not a multiple of 32
+}
+
+// argmax_usable_cuda (Backend::argmax of the CUDA backend) against the host rule argmax_usable (exact: an index):
+// vocabulary-sized and odd lengths, ties (the lowest index wins), NaN and -inf never chosen, all unusable (-1), a
+// +inf, and a misaligned start (the scalar path).
+TEST(CudaSmallOps, ArgmaxMatchesHostRule) {
+  DSV4_REQUIRE_CUDA();
+  DeviceArray<int64_t> d_out(1);
+  auto check = [&](const std::vector<float>& x, int64_t off, const char* what) {
+    auto d_x = upload(x);
+    const int64_t n = int64_t(x.size()) - off;
+    cuda::argmax_usable_cuda(d_x.get() + off, n, d_out.get(), nullptr);
+    EXPECT_EQ(d_out.download()[0], argmax_usable(x.data() + off, n)) << what << " n=" << n;
+  };
+  for (const int64_t n : {int64_t(129280), int64_t(96), int64_t(1), int64_t(4099)}) {
+    auto x = test::random_normal(size_t(n), 41 + n, 3.0f);
+    check(x, 0, "random");
+    if (n > 8) check(x, 1, "misaligned");
+    if (n > 4000) {
+      x[4000] = 50.0f, x[3000] = 50.0f, x[2999] = NAN, x[10] = -INFINITY;
+      check(x, 0, "tie at 3000 and 4000");
+      x[5] = INFINITY;
+      check(x, 0, "+inf");
+    }
+  }
+  check(std::vector<float>(1000, -INFINITY), 0, "all -inf");
+  check(std::vector<float>(33, NAN), 0, "all NaN");
+  std::vector<float> ties(5000, 1.0f);
+  check(ties, 0, "all equal");
+  check(ties, 3, "all equal, misaligned");
 }
 
 // The YaRN table against the spec's published reference values (model-spec §1.3 and §3.2: correction range

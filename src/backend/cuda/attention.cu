@@ -1,12 +1,9 @@
 // Sink attention kernels (see attention.h for the row sets, the work split and the numerics).
 #include "backend/cuda/attention.h"
 
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 
 #include "backend/cuda/attention_mma.cuh"
 #include "backend/cuda/common.cuh"
@@ -220,66 +217,6 @@ __device__ __forceinline__ void store_split_partial(const SinkAttnLaunch& p, flo
   }
 }
 
-// The splits of one (token, head group) as one thread-block cluster along grid.z (SinkAttnLaunch through
-// launch_kernels with DSV4_CUDA_ATTN_CLUSTER; opt-in, not yet timed): each CTA leaves its 8 heads' partial
-// (unnormalized accumulator, max, sum) in its own shared memory (the freed tile), and after one cluster barrier CTA
-// `rank` combines a 1/ns slice of the group's outputs from every split's shared memory: sink_attn_combine_kernel's
-// operations in its order (so its bits, given the same splits) without the combine launch and without the
-// partials' round trip through L2. A second barrier keeps every CTA's shared memory alive until all reads are done.
-constexpr int kClusterMaxSplits = 16;  // non-portable cluster size on sm_90 (the opt-in attribute is set)
-__device__ __forceinline__ void cluster_combine(const SinkAttnLaunch& p, float4* tile, const float4 (&acc)[kMaxF4],
-                                                float m, float s, int t, int h0, int nh, int warp, int lane) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int dh4 = p.dh / 4;
-  float4* part4 = tile;                                               // [kHeadsPerCta][dh4]
-  float* ms = reinterpret_cast<float*>(tile + kHeadsPerCta * dh4);    // [kHeadsPerCta][2]
-  __syncthreads();  // every warp has finished reading the last tile
-  if (warp < nh) {
-#pragma unroll
-    for (int k = 0; k < kMaxF4; ++k) {
-      const int j = lane + 32 * k;
-      if (j < dh4) part4[warp * dh4 + j] = acc[k];
-    }
-    if (lane == 0) ms[2 * warp] = m, ms[2 * warp + 1] = s;
-  }
-  cluster.sync();
-  const int ns = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-  const int total = nh * dh4, per = (total + ns - 1) / ns;
-  const int e = rank * per + int(threadIdx.x);
-  if (int(threadIdx.x) < per && e < total) {
-    const int hh = e / dh4, c4 = e - hh * dh4, h = h0 + hh;
-    const float sink = p.sinks[h];
-    float mc[kClusterMaxSplits], sc[kClusterMaxSplits], w[kClusterMaxSplits];
-#pragma unroll
-    for (int c = 0; c < kClusterMaxSplits; ++c)
-      if (c < ns) {
-        const float* r = cluster.map_shared_rank(ms, c);
-        mc[c] = r[2 * hh], sc[c] = r[2 * hh + 1];
-      }
-    float M = sink;
-#pragma unroll
-    for (int c = 0; c < kClusterMaxSplits; ++c)
-      if (c < ns) M = fmaxf(M, mc[c]);
-#pragma unroll
-    for (int c = 0; c < kClusterMaxSplits; ++c)
-      if (c < ns) w[c] = mc[c] == -INFINITY ? 0.0f : expf(mc[c] - M);  // a split without rows weighs nothing
-    float den = expf(sink - M);
-#pragma unroll
-    for (int c = 0; c < kClusterMaxSplits; ++c)
-      if (c < ns) den += w[c] * sc[c];
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int c = 0; c < kClusterMaxSplits; ++c)
-      if (c < ns && w[c] != 0.0f) fma4(o, w[c], cluster.map_shared_rank(part4, c)[hh * dh4 + c4]);
-    const float f = 1.0f / den;
-    reinterpret_cast<float4*>(p.out)[(int64_t(t) * p.H + h) * dh4 + c4] =
-        derotate4(p, p.pos0 + t, 4 * c4, make_float4(o.x * f, o.y * f, o.z * f, o.w * f));
-  }
-  cluster.sync();
-}
-
-template <bool kCluster>
 __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p, int rows_per_split, float* part,
                                                                  int ticket) {
   pdl_trigger();
@@ -368,10 +305,6 @@ __global__ void __launch_bounds__(kThreads, 2) sink_attn_kernel(SinkAttnLaunch p
   }
 
   store_ring_row(p);  // here, not at the start: there the tile loads' 64 registers are live (ptxas spilled)
-  if constexpr (kCluster) {
-    cluster_combine(p, tile, acc, m, s, t, h0, nh, warp, lane);
-    return;
-  }
   if (ticket) {  // last-CTA combine: no warp may return before the CTA's arrival is counted
     if (warp < nh) {
       store_split_partial(p, part, (int64_t(split) * p.T + t) * p.H + h0 + warp, dh4, lane, acc, m, s);
@@ -693,8 +626,6 @@ bool use_tensor_cores(const SinkAttnLaunch& p) {
 }
 
 void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream);
-bool cluster_plan(const SinkAttnLaunch& p, cudaStream_t stream, cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[2],
-                  int& rps_out);
 
 // The last-CTA combine instead of sink_attn_combine_kernel (SinkAttnLaunch::split_ticket): several splits, the
 // slots and per-warp weights fit, and DSV4_CUDA_ATTN_TICKET=1 turns it on (read per call: tests switch it; graph
@@ -714,14 +645,6 @@ int n_splits(const SinkAttnLaunch& p) {
 }
 
 }  // namespace
-
-bool sink_attention_uses_cluster_combine(const SinkAttnLaunch& p) {
-  validate(p);
-  cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr[2];
-  int rps = 0;
-  return p.T > 0 && cluster_plan(p, nullptr, cfg, attr, rps);
-}
 
 bool sink_attention_uses_split_ticket(const SinkAttnLaunch& p) {
   validate(p);
@@ -775,90 +698,6 @@ void quantize_after(const SinkAttnLaunch& p, cudaStream_t stream) {
                               GemvLayout::Q8Split);
 }
 
-// The opt-in above 48 KiB is a per-function attribute: set once per process (a thread-safe static; one device
-// assumed, as everywhere in the backend), with the cluster instance's non-portable cluster size.
-void set_kernel_attributes() {
-  static const bool attr_set = [] {
-    const int max_smem = int(sizeof(float) * ((kHeadsPerCta + kTile) * kAttnMaxHeadDim + kHeadsPerCta * kTile));
-    check(cudaFuncSetAttribute(sink_attn_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem),
-          "cudaFuncSetAttribute(sink_attn_kernel)");
-    check(cudaFuncSetAttribute(sink_attn_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem),
-          "cudaFuncSetAttribute(sink_attn_kernel<cluster>)");
-    check(cudaFuncSetAttribute(sink_attn_kernel<true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-          "cudaFuncSetAttribute(sink_attn_kernel<cluster>: cluster size)");
-    return true;
-  }();
-  (void)attr_set;
-}
-
-// DSV4_CUDA_ATTN_CLUSTER=8|16 (opt-in, read per call so tests can switch it; not yet timed on a GPU): the splits of
-// a (token, head group) as one cluster of at most that many CTAs combining in distributed shared memory
-// (cluster_combine) instead of sink_attn_combine_kernel. Rows per split grow (multiples of 32) until the split
-// count fits; a forced SinkAttnLaunch::rows_per_split that does not fit keeps the combine kernel. Returns false,
-// launching nothing, when off or not placeable.
-int cluster_max_splits() {
-  const char* e = std::getenv("DSV4_CUDA_ATTN_CLUSTER");
-  if (!e) return 0;
-  if (std::strcmp(e, "8") == 0) return 8;
-  if (std::strcmp(e, "16") == 0) return kClusterMaxSplits;
-  return 0;
-}
-
-size_t cuda_core_smem(const SinkAttnLaunch& p) {
-  return sizeof(float) * (size_t(kHeadsPerCta + kTile) * p.dh + kHeadsPerCta * kTile);
-}
-
-// The cluster launch's configuration (cfg's attrs point into attr), or false when it does not apply.
-bool cluster_plan(const SinkAttnLaunch& p, cudaStream_t stream, cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[2],
-                  int& rps_out) {
-  const int cmax = cluster_max_splits();
-  if (cmax == 0 || p.q8 || use_tensor_cores(p)) return false;
-  const int64_t n = std::max<int64_t>(max_rows(p), 1);
-  int64_t rps = rows_per_split(p), ns = (n + rps - 1) / rps;
-  if (ns < 2 || use_split_ticket(p, int(ns))) return false;  // one split: no combine to save; the ticket wins
-  if (ns > cmax) {
-    if (p.rows_per_split > 0) return false;
-    rps = ((n + cmax - 1) / cmax + kTile - 1) / kTile * kTile;
-    ns = (n + rps - 1) / rps;
-  }
-  if (ns < 2) return false;
-  const size_t smem = cuda_core_smem(p);
-  cfg = cudaLaunchConfig_t{};
-  cfg.gridDim = dim3(unsigned(p.T), unsigned((p.H + kHeadsPerCta - 1) / kHeadsPerCta), unsigned(ns));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = unsigned(ns);
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // the kernel keeps the PDL contract
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr, cfg.numAttrs = 1;
-  set_kernel_attributes();
-  // Placeable at all (a GPC must hold ns CTAs of this shared memory): cached per split count and size.
-  static int8_t known[kClusterMaxSplits + 1] = {};
-  static size_t known_smem[kClusterMaxSplits + 1] = {};
-  if (known[ns] == 0 || known_smem[ns] != smem) {
-    int clusters = 0;
-    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, sink_attn_kernel<true>, &cfg);
-    if (err != cudaSuccess) (void)cudaGetLastError();  // answer no, leave no sticky error
-    known[ns] = err == cudaSuccess && clusters > 0 ? 1 : -1, known_smem[ns] = smem;
-  }
-  if (known[ns] < 0) return false;
-  cfg.numAttrs = pdl_enabled() ? 2 : 1;
-  rps_out = int(rps);
-  return true;
-}
-
-bool launch_cluster_combine(const SinkAttnLaunch& p, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr[2];
-  int rps = 0;
-  if (!cluster_plan(p, stream, cfg, attr, rps)) return false;
-  check(cudaLaunchKernelEx(&cfg, sink_attn_kernel<true>, p, rps, static_cast<float*>(nullptr), 0),
-        "sink_attn_kernel<cluster> launch");
-  return true;
-}
-
 void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream) {
   if (use_tensor_cores(p)) {
     static const bool tc_attr_set = [] {
@@ -874,13 +713,20 @@ void launch_kernels(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream
   }
   const int rps = rows_per_split(p), ns = n_splits(p);
   if (ns > 1 && !scratch) fail("sink_attention_cuda: %d splits need scratch (sink_attention_scratch_floats)", ns);
-  const size_t smem = cuda_core_smem(p);
-  set_kernel_attributes();
-  const int ticket = use_split_ticket(p, ns) ? 1 : 0;
-  if (launch_cluster_combine(p, stream)) return;
+  const size_t smem = sizeof(float) * (size_t(kHeadsPerCta + kTile) * p.dh + kHeadsPerCta * kTile);
+  // The opt-in above 48 KiB is a per-function attribute: set once per process (a thread-safe static; one device
+  // assumed, as everywhere in the backend).
+  static const bool attr_set = [] {
+    check(cudaFuncSetAttribute(sink_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(sizeof(float) * ((kHeadsPerCta + kTile) * kAttnMaxHeadDim +
+                                                    kHeadsPerCta * kTile))),
+          "cudaFuncSetAttribute(sink_attn_kernel)");
+    return true;
+  }();
+  (void)attr_set;
   dim3 grid(unsigned(p.T), unsigned((p.H + kHeadsPerCta - 1) / kHeadsPerCta), unsigned(ns));
-  launch_pdl("sink_attn_kernel", sink_attn_kernel<false>, grid, dim3(kThreads), smem, stream, p, rps, scratch,
-             ticket);
+  const int ticket = use_split_ticket(p, ns) ? 1 : 0;
+  launch_pdl("sink_attn_kernel", sink_attn_kernel, grid, dim3(kThreads), smem, stream, p, rps, scratch, ticket);
   if (ns > 1 && !ticket) {
     // One block per (token, head): dh/4 threads (at least a warp), the splits' weights in shared memory.
     const unsigned threads = unsigned(std::max(32, (p.dh / 4 + 31) / 32 * 32));

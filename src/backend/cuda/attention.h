@@ -104,9 +104,5 @@ int64_t sink_attention_scratch_floats(const SinkAttnLaunch& p);
 void sink_attention_cuda(const SinkAttnLaunch& p, float* scratch, cudaStream_t stream);
 // Whether sink_attention_cuda(p) combines its splits in the attention kernel (split_ticket; tests).
 bool sink_attention_uses_split_ticket(const SinkAttnLaunch& p);
-// Whether sink_attention_cuda(p) runs the cluster combine (DSV4_CUDA_ATTN_CLUSTER=8|16, opt-in, not yet timed on a
-// GPU): the splits of a (token, head group) as one thread-block cluster that combines in distributed shared memory,
-// the combine kernel's operations in its order (its bits for the same splits), no combine launch, no scratch read.
-bool sink_attention_uses_cluster_combine(const SinkAttnLaunch& p);
 
 }  // namespace dsv4::cuda

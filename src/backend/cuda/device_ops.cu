@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/pdl.cuh"
 #include "common/error.h"
@@ -65,7 +66,67 @@ __global__ void ramp_kernel(int32_t* ids, int64_t n, int period) {
   if (i < n) ids[i] = int32_t(i % period);
 }
 
+// argmax_usable (common/argmax.h) in one CTA: each thread walks its elements in increasing index order keeping
+// the first largest usable value, then the (value, index) pairs are merged preferring the larger value and, on
+// equal values, the lower index: the host rule's result. float4 loads when x is 16-byte aligned.
+constexpr int kArgmaxThreads = 1024;
+
+__device__ __forceinline__ bool argmax_better(float v, int64_t i, float bv, int64_t bi) {
+  return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
+}
+
+__device__ __forceinline__ void argmax_take(float v, int64_t i, float& bv, int64_t& bi) {
+  if (!isnan(v) && v != -INFINITY && (bi < 0 || v > bv)) bv = v, bi = i;
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads) argmax_kernel(const float* x, int64_t n, int64_t* out) {
+  float bv = 0.0f;
+  int64_t bi = -1;
+  const int64_t t = threadIdx.x;
+  int64_t tail = 0;
+  if ((reinterpret_cast<uintptr_t>(x) & 15u) == 0) {
+    const int64_t n4 = n / 4;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+#pragma unroll 4
+    for (int64_t j = t; j < n4; j += kArgmaxThreads) {
+      const float4 v = x4[j];
+      argmax_take(v.x, 4 * j, bv, bi);
+      argmax_take(v.y, 4 * j + 1, bv, bi);
+      argmax_take(v.z, 4 * j + 2, bv, bi);
+      argmax_take(v.w, 4 * j + 3, bv, bi);
+    }
+    tail = 4 * n4;
+  }
+  // The scalar part (everything when x is misaligned) comes after the float4 part in index order, so the
+  // "first largest" rule of each thread still holds.
+  for (int64_t i = tail + t; i < n; i += kArgmaxThreads) argmax_take(x[i], i, bv, bi);
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(kFullMask, bv, o);
+    const int64_t oi = __shfl_xor_sync(kFullMask, bi, o);
+    if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+  }
+  __shared__ float s_v[kArgmaxThreads / 32];
+  __shared__ int64_t s_i[kArgmaxThreads / 32];
+  const int warp = int(t >> 5), lane = int(t & 31);
+  if (lane == 0) s_v[warp] = bv, s_i[warp] = bi;
+  __syncthreads();
+  if (warp != 0) return;
+  bv = s_v[lane], bi = s_i[lane];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(kFullMask, bv, o);
+    const int64_t oi = __shfl_xor_sync(kFullMask, bi, o);
+    if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+  }
+  if (lane == 0) *out = bi;
+}
+
 }  // namespace
+
+void argmax_usable_cuda(const float* x, int64_t n, int64_t* out, cudaStream_t stream) {
+  if (n <= 0) fail("argmax_usable_cuda: n = %lld", (long long)n);
+  argmax_kernel<<<1, kArgmaxThreads, 0, stream>>>(x, n, out);
+  check(cudaGetLastError(), "argmax_kernel launch");
+}
 
 void fill_f32_cuda(float* dst, float value, size_t n, cudaStream_t stream) {
   if (n == 0) return;
