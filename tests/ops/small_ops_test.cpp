@@ -85,16 +85,16 @@ TEST(CudaSmallOps, RmsNormQ8OutputEqualsQuantizer) {
 }
 
 // argmax_usable_cuda (Backend::argmax of the CUDA backend) against the host rule argmax_usable (exact: an index):
-// vocabulary-sized and odd lengths, ties (the lowest index wins), NaN and -inf never chosen, all unusable (-1), a
-// +inf, and a misaligned start (the scalar path).
+// vocabulary-sized and odd lengths, ties (the lowest index wins, +0 and -0 equal), NaN and -inf never chosen, all
+// unusable (-1), a +inf, negatives, and a misaligned start (the scalar path).
 TEST(CudaSmallOps, ArgmaxMatchesHostRule) {
   DSV4_REQUIRE_CUDA();
-  DeviceArray<int64_t> d_out(1);
+  DeviceArray<uint64_t> d_key(1);
   auto check = [&](const std::vector<float>& x, int64_t off, const char* what) {
     auto d_x = upload(x);
     const int64_t n = int64_t(x.size()) - off;
-    cuda::argmax_usable_cuda(d_x.get() + off, n, d_out.get(), nullptr);
-    EXPECT_EQ(d_out.download()[0], argmax_usable(x.data() + off, n)) << what << " n=" << n;
+    cuda::argmax_usable_cuda(d_x.get() + off, n, d_key.get(), nullptr);
+    EXPECT_EQ(cuda::argmax_index_of_key(d_key.download()[0]), argmax_usable(x.data() + off, n)) << what << " n=" << n;
   };
   for (const int64_t n : {int64_t(129280), int64_t(96), int64_t(1), int64_t(4099)}) {
     auto x = test::random_normal(size_t(n), 41 + n, 3.0f);
@@ -112,6 +112,12 @@ TEST(CudaSmallOps, ArgmaxMatchesHostRule) {
   std::vector<float> ties(5000, 1.0f);
   check(ties, 0, "all equal");
   check(ties, 3, "all equal, misaligned");
+  std::vector<float> zeros(3000, -1.0f);
+  zeros[2500] = 0.0f, zeros[700] = -0.0f;  // equal to the host rule: the lower index (the -0) wins
+  check(zeros, 0, "+0 and -0 tie");
+  std::vector<float> neg(4097, -3.0f);
+  neg[4096] = -2.5f;  // negative values order the other way in their bits; the scalar tail holds the best
+  check(neg, 0, "negatives, best in the tail");
 }
 
 // The YaRN table against the spec's published reference values (model-spec §1.3 and §3.2: correction range

@@ -108,15 +108,15 @@ class CudaBackend final : public Backend {
   // Reduced on the device; only the index comes back (through a pinned word: no staging of pageable memory).
   int64_t argmax(const float* x, int64_t n) override {
     if (n <= 0) return -1;
-    if (!argmax_out_.get()) argmax_out_ = DeviceArray<int64_t>(1);
+    if (!argmax_out_.get()) argmax_out_ = DeviceArray<uint64_t>(1);
     if (!argmax_host_)
-      cuda::check(cudaMallocHost(reinterpret_cast<void**>(&argmax_host_), sizeof(int64_t)),
+      cuda::check(cudaMallocHost(reinterpret_cast<void**>(&argmax_host_), sizeof(uint64_t)),
                   "cuda backend: argmax (pinned word)");
     cuda::argmax_usable_cuda(x, n, argmax_out_.get(), stream_);
-    cuda::check(cudaMemcpyAsync(argmax_host_, argmax_out_.get(), sizeof(int64_t), cudaMemcpyDeviceToHost, stream_),
+    cuda::check(cudaMemcpyAsync(argmax_host_, argmax_out_.get(), sizeof(uint64_t), cudaMemcpyDeviceToHost, stream_),
                 "cuda backend: argmax (copy)");
     cuda::check(cudaStreamSynchronize(stream_), "cuda backend: argmax (a preceding op failed)");
-    return *argmax_host_;
+    return cuda::argmax_index_of_key(*argmax_host_);
   }
 
   // ---- general ops -----------------------------------------------------------------------------------------
@@ -482,8 +482,8 @@ class CudaBackend final : public Backend {
     if (on_side_ && !side_safe(t)) end_side(), join_side();
   }
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
-  DeviceArray<int64_t> argmax_out_;  // argmax(): the index on the device, then in pinned host memory
-  int64_t* argmax_host_ = nullptr;
+  DeviceArray<uint64_t> argmax_out_;  // argmax(): the key on the device, then in pinned host memory
+  uint64_t* argmax_host_ = nullptr;
   // Decode graphs (graph.h). They bake in the addresses of the buffers above: every such buffer must be a
   // DeviceArray (device_malloc), whose allocation count invalidates the recordings when anything grows.
   std::unique_ptr<cuda::SegmentGraphs> graphs_;

@@ -31,10 +31,11 @@ void embed_rows_cuda(QType type, const void* table, int64_t vocab, int64_t dim, 
 void gather_hash_ids_cuda(const int32_t* table, int64_t vocab, int k, const int32_t* tokens, int T, int32_t* ids,
                           cudaStream_t stream);
 
-// *out = argmax_usable(x, n) (common/argmax.h: the largest value neither NaN nor -inf, the lowest index among
-// equal ones, -1 when none): Backend::argmax of the CUDA backend (greedy decoding copies back 8 bytes instead of
-// the logits). One CTA; out is device memory.
-void argmax_usable_cuda(const float* x, int64_t n, int64_t* out, cudaStream_t stream);
+// argmax_usable(x, n) (common/argmax.h: the largest value neither NaN nor -inf, the lowest index among equal ones,
+// -1 when none) as a 64-bit key in device memory (*key; a memset and one launch, n < 2^32): Backend::argmax of the
+// CUDA backend, which copies back these 8 bytes instead of the logits. argmax_index_of_key decodes it on the host.
+void argmax_usable_cuda(const float* x, int64_t n, uint64_t* key, cudaStream_t stream);
+int64_t argmax_index_of_key(uint64_t key);
 
 // ids[s] = s mod period for s < n (expert ids of a grouped projection run as a MoE launch).
 void ramp_mod_cuda(int32_t* ids, int64_t n, int period, cudaStream_t stream);

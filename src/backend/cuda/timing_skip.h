@@ -5,8 +5,9 @@
 // skipped op's output buffer keeps stale values; token ids stay valid, so the run completes); `dsv4 bench` prints
 // a warning. Keys: op names as DSV4_CUDA_PROFILE prints them (hc_post_pre_norm, head_prep, head_prep_batch,
 // compressor_step, compressor_step_pair, indexer_topk, sink_attention, moe_route, moe_ffn.routed,
-// moe_ffn.routed_down, moe_ffn.shared) or a projection's weight name without "blk.N." and ".weight"
-// (attn_q_a, attn_q_b, attn_output_a, attn_output_b, ...). Unset: nothing is skipped (one getenv, cached).
+// moe_ffn.routed_down, moe_ffn.shared; hc_sinkhorn: the Sinkhorn rounds inside the HC launches) or a projection's
+// weight name without "blk.N." and ".weight" (attn_q_a, attn_q_b, attn_output_a, attn_output_b, ...). Unset:
+// nothing is skipped (one getenv, cached).
 #pragma once
 
 #include <string_view>
