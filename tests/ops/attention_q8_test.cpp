@@ -269,12 +269,10 @@ struct Step {
   DeviceBuffer ring, comp, sel, q, kv, out, y;
 };
 
-// mode: DSV4_CUDA_ATTN_Q8 ("1": the combine kernel's epilogue, "2": a quantize launch after the attention, "0": off)
-std::unique_ptr<Backend> backend_with_q8(const char* mode) {
-  ScopedEnv knob("DSV4_CUDA_ATTN_Q8", mode);  // read when the backend is made
+std::unique_ptr<Backend> backend_with_q8(bool on) {
+  ScopedEnv knob("DSV4_CUDA_ATTN_Q8", on ? "1" : "0");  // read when the backend is made
   return make_cuda_backend();
 }
-constexpr const char* kQ8Modes[] = {"1", "2"};
 
 const BackendCase kBackendCases[] = {
     {CompRows::Selected, 2047, "CSA decode 2k (combine kernel)"},
@@ -287,10 +285,9 @@ const BackendCase kBackendCases[] = {
 TEST(CudaAttentionQ8, BackendProjectionSameWithAndWithoutKnob) {
   DSV4_REQUIRE_CUDA();
   const auto wbytes = test::random_weights(QType::Q8_0, int64_t(kG) * kRo, kGin, 9);
-  for (const char* mode : kQ8Modes)
+  auto on = backend_with_q8(true), off = backend_with_q8(false);
   for (const BackendCase& c : kBackendCases) {
-    SCOPED_TRACE(std::string(c.what) + ", DSV4_CUDA_ATTN_Q8=" + mode);
-    auto on = backend_with_q8(mode), off = backend_with_q8("0");
+    SCOPED_TRACE(c.what);
     Step a(*on, c, wbytes), b(*off, c, wbytes);
     for (int i = 0; i < 3; ++i) {
       a.attention(i), b.attention(i);
@@ -321,10 +318,9 @@ TEST(CudaAttentionQ8, BackendProjectionSameWithAndWithoutKnob) {
 TEST(CudaAttentionQ8, RowsCarriedIntoRecordedSegment) {
   DSV4_REQUIRE_CUDA();
   const auto wbytes = test::random_weights(QType::Q8_0, int64_t(kG) * kRo, kGin, 10);
-  for (const char* mode : kQ8Modes)
   for (const BackendCase& c : kBackendCases) {
-    SCOPED_TRACE(std::string(c.what) + ", DSV4_CUDA_ATTN_Q8=" + mode);
-    auto on = backend_with_q8(mode), off = backend_with_q8("0");
+    SCOPED_TRACE(c.what);
+    auto on = backend_with_q8(true), off = backend_with_q8(false);
     Step a(*on, c, wbytes), b(*off, c, wbytes);
     const std::vector<uint64_t> key{7, uint64_t(reinterpret_cast<uintptr_t>(a.out.data())),
                                     uint64_t(reinterpret_cast<uintptr_t>(a.y.data()))};

@@ -203,11 +203,8 @@ void CudaBackend::sink_attention(const SinkAttnParams& p, const float* q, const 
     q8_rows = int64_t(T) * p.q8_groups, q8_cols = int64_t(p.heads) * p.dim / p.q8_groups;
     q8 = attn_q8_out(q8_rows, q8_cols);
   }
-  // Mode 2 (DSV4_CUDA_ATTN_Q8=2): the attention writes floats only and a quantize launch follows here.
-  const bool separate = q8 && attn_q8_mode_ == 2;
-  cuda::sink_attention_device(p, f32_weight(*p.sinks), q, kv_new, ring, comp, sel, T, p0, out, scr, stream_,
-                              separate ? nullptr : q8, q8_cols);
-  if (separate) cuda::quantize_activations_cuda(QType::Q8_0, out, q8_rows, q8_cols, q8, stream_, GemvLayout::Q8Split);
+  cuda::sink_attention_device(p, f32_weight(*p.sinks), q, kv_new, ring, comp, sel, T, p0, out, scr, stream_, q8,
+                              q8_cols);
   if (q8) publish_attn_q8(out, q8_rows, q8_cols);
 }
 

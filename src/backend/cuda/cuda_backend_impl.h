@@ -453,20 +453,14 @@ class CudaBackend final : public Backend {
   ActEntry* split_pending_ = nullptr;  // split_out's entry until publish_split
   ActEntry attn_q8_;                   // attn_q8_out's entry (x null: nothing published)
   int attn_q8_resets_left_ = 0;        // host resets the published entry still survives
-  // DSV4_CUDA_ATTN_Q8 (read per backend): where o_a's Q8 rows are made in decode.
-  //   1  the split-combine kernel's epilogue writes them. Measured no faster end to end on the H200 (session 10,
-  //      Flash q2 decode at 2k, three calls: 128.2 vs 132.1, 139.4 vs 139.3, 140.6 vs 142.2 t/s on vs off): the
-  //      epilogue costs about what the quantize launch it replaces did.
-  //   2  a quantize launch right after the attention, still in the eager attention core (chained to the combine
-  //      by PDL), published for the next recorded segment: that segment then opens with o_a itself. The CUPTI
-  //      trace (session 11) showed the segment's first kernel (that quantize) and o_a not overlapping: 1.6 us per
-  //      layer between them on top of the 1.5 us segment boundary.
-  //   unset / other: o_a's matmul quantizes inside the segment.
-  const int attn_q8_mode_ = [] {
+  // DSV4_CUDA_ATTN_Q8=1: sink_attention writes o_a's Q8 rows (read per backend). Off by default: measured no faster
+  // end to end on the H200 (session 10, Flash q2 decode at 2k, three calls: 128.2 vs 132.1, 139.4 vs 139.3, 140.6
+  // vs 142.2 t/s on vs off; dev/cuda/results/h200_s10_README.txt): the combine kernel's Q8 epilogue costs about
+  // what the quantize launch it replaces did.
+  const bool attn_q8_enabled_ = [] {
     const char* e = std::getenv("DSV4_CUDA_ATTN_Q8");
-    return e && std::strcmp(e, "1") == 0 ? 1 : e && std::strcmp(e, "2") == 0 ? 2 : 0;
+    return e && std::strcmp(e, "1") == 0;
   }();
-  const bool attn_q8_enabled_ = attn_q8_mode_ != 0;
   DeviceArray<uint8_t> gemm_ws_;
   DeviceArray<uint8_t> hc_ws_;  // hc_mix_cuda workspace (T == 1 launches only)
   DeviceArray<uint8_t> route_ws_;  // moe_route_fused_cuda workspace (z + ticket; zeroed at allocation)
