@@ -538,6 +538,39 @@ TEST(CudaHcCluster, BackendHcPreNormEqualsHcPreThenRmsNorm) {
     }
 }
 
+// The split kernel with its Sinkhorn as a side launch (default) and inside the HC launch
+// (DSV4_CUDA_HC_SIDE_SINKHORN=0): the same function on the same values, so a, post, comb and X are the same bits
+// (tolerance 0), for hc_pre_norm and hc_post_pre_norm; two launches in a row also check that the second one
+// waits for the first one's side Sinkhorn (its hc_post reads post / comb).
+TEST(CudaHcSplit, SideSinkhornBitIdentical) {
+  DSV4_REQUIRE_CUDA();
+  const BackendHcInputs in(131, "hc_attn_fn", "attn_norm.weight");
+  const HcParams& p = in.p;
+  const HcWeights& w = in.w;
+  const WeightView& nw = in.nw;
+  auto run = [&](int op, const char* side) {
+    setenv("DSV4_CUDA_HC_KERNEL", "split", 1);
+    setenv("DSV4_CUDA_HC_SIDE_SINKHORN", side, 1);
+    auto out = in.run([&](Backend& be, float* X, float* a, float* po, float* co, const float* y) {
+      if (op == 1) {
+        be.hc_pre_norm(w, p, X, 1, &nw, 1e-6f, a, po, co);
+      } else {
+        be.hc_post_pre_norm(p, y, X, w, 1, &nw, 1e-6f, a, po, co);
+        be.hc_post_pre_norm(p, y, X, w, 1, &nw, 1e-6f, a, po, co);
+      }
+    });
+    unsetenv("DSV4_CUDA_HC_SIDE_SINKHORN");
+    unsetenv("DSV4_CUDA_HC_KERNEL");
+    return out;
+  };
+  const char* names[] = {"a (normed)", "post", "comb", "X"};
+  for (int op : {1, 2}) {
+    const auto in_launch = run(op, "0"), side = run(op, "1");
+    for (size_t i = 0; i < in_launch.size(); ++i)
+      EXPECT_TRUE(same_bits(side[i], in_launch[i])) << "op " << op << ": " << names[i];
+  }
+}
+
 // Shapes outside the cluster kernel: no GPU needed for the shape checks (they answer before any device query).
 TEST(CudaHcCluster, FitsRejectsShapesOutsideTheKernel) {
   EXPECT_FALSE(cuda::hc_mix_cluster_fits(7, 16384));       // neither hc_pre nor hc_head

@@ -87,7 +87,24 @@ void CudaBackend::launch_hc_norm(cuda::HcMixParams& hp, const HcParams& p, int T
                                  float norm_eps) {
   hp.a_norm = true, hp.a_norm_w = (norm && norm->present()) ? f32_weight(*norm) : nullptr, hp.a_norm_eps = norm_eps;
   if (hp.kernel == cuda::kHcMixSplit && hc_q8_out()) hp.a_q8 = split_out(T, p.d);  // the next projection's input
+  // The Sinkhorn (post, comb) as its own launch on a side stream (HcMixParams::skip_sinkhorn), joined before
+  // anything reads post / comb (join_sinkhorn: every HC op, download, copy, the end of a recorded segment).
+  const bool side = hc_side_sinkhorn_ && hp.kernel == cuda::kHcMixSplit && T == 1 && hp.n_mix == cuda::kHcMix &&
+                    cuda::hc_mix_split_fits(hp.n_mix, hp.K);
+  if (side) {
+    if (!hc_side_buf_.get()) hc_side_buf_ = DeviceArray<float>(32);  // mix [24] | rs [1] | pre (unused) [4]
+    hp.mix_out = hc_side_buf_.get(), hp.rs_out = hc_side_buf_.get() + cuda::kHcMix, hp.skip_sinkhorn = true;
+  }
   cuda::hc_mix_cuda(hp, stream_);
+  if (side) {
+    cuda::HcSinkhornParams sp;
+    sp.mix = hp.mix_out, sp.mix_scale = hp.rs_out, sp.base = hp.base, sp.scale = hp.scale;
+    sp.pre = hc_side_buf_.get() + cuda::kHcMix + 4, sp.post = hp.post, sp.comb = hp.comb;
+    sp.n_tokens = 1, sp.iters = hp.iters, sp.eps = hp.eps;
+    hc_sinkhorn_side_.fork(stream_);
+    cuda::hc_split_sinkhorn_cuda(sp, hc_sinkhorn_side_.side());
+    sinkhorn_join_pending_ = true;
+  }
   wrote(hp.a, size_t(T) * p.d * sizeof(float));
   wrote(hp.post, size_t(T) * 4 * sizeof(float));
   wrote(hp.comb, size_t(T) * 16 * sizeof(float));
@@ -96,6 +113,7 @@ void CudaBackend::launch_hc_norm(cuda::HcMixParams& hp, const HcParams& p, int T
 
 void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, int T, float* a, float* post,
                          float* comb) {
+  join_sinkhorn();  // post / comb of the previous HC launch (launch_hc_norm's side Sinkhorn)
   Scope sc(*prof_, "hc_pre", T);
   check_hc(p);
   const int64_t nd = int64_t(p.n) * p.d;
@@ -134,6 +152,7 @@ void CudaBackend::hc_pre(const HcWeights& w, const HcParams& p, const float* X, 
 // hc_pre + rms_norm: one launch and one round trip of `a` fewer per sublayer (86 per decoded Flash token).
 void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float* X, int T, const WeightView* norm,
                               float norm_eps, float* a, float* post, float* comb) {
+  join_sinkhorn();  // post / comb of the previous HC launch (launch_hc_norm's side Sinkhorn)
   check_hc(p);
   if (cuda::timing_skip("hc_pre_norm", T)) return;
   const int64_t nd = int64_t(p.n) * p.d;
@@ -155,6 +174,7 @@ void CudaBackend::hc_pre_norm(const HcWeights& w, const HcParams& p, const float
 // bit-identical to hc_post + hc_pre_norm: one launch and one pass of X (256 KiB read + written) fewer per layer.
 void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, const HcWeights& w, int T,
                                    const WeightView* norm, float norm_eps, float* a, float* post, float* comb) {
+  join_sinkhorn();  // post / comb of the previous HC launch (launch_hc_norm's side Sinkhorn)
   check_hc(p);
   if (cuda::timing_skip("hc_post_pre_norm", T)) return;
   const int64_t nd = int64_t(p.n) * p.d;
@@ -174,6 +194,7 @@ void CudaBackend::hc_post_pre_norm(const HcParams& p, const float* y, float* X, 
 }
 
 void CudaBackend::hc_head(const HcHeadWeights& w, const HcParams& p, const float* X, int T, float* h) {
+  join_sinkhorn();  // post / comb of the previous HC launch (launch_hc_norm's side Sinkhorn)
   Scope sc(*prof_, "hc_head", T);
   check_hc(p);
   const int64_t nd = int64_t(p.n) * p.d;

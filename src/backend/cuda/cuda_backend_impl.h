@@ -93,10 +93,12 @@ class CudaBackend final : public Backend {
   }
   void download(void* dst, const void* src, size_t bytes) override {
     if (!bytes) return;
+    join_sinkhorn();
     cuda::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cuda backend: download");
     cuda::check(cudaStreamSynchronize(stream_), "cuda backend: download (a preceding op failed)");
   }
   void copy(void* dst, const void* src, size_t bytes) override {
+    join_sinkhorn();
     wrote(dst, bytes);
     if (bytes) cuda::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "cuda backend: copy");
   }
@@ -149,6 +151,7 @@ class CudaBackend final : public Backend {
   void hc_post_pre_norm(const HcParams& p, const float* y, float* X, const HcWeights& w, int T,
                         const WeightView* norm, float norm_eps, float* a, float* post, float* comb) override;
   void hc_post(const HcParams& p, const float* y, const float* post, const float* comb, int T, float* X) override {
+    join_sinkhorn();  // post / comb of the previous HC launch (launch_hc_norm's side Sinkhorn)
     Scope sc(*prof_, "hc_post", T);
     check_hc(p);
     cuda::hc_post_cuda(X, y, post, comb, T, p.d, stream_);
@@ -482,6 +485,23 @@ class CudaBackend final : public Backend {
     if (on_side_ && !side_safe(t)) end_side(), join_side();
   }
   DeviceArray<float> dummy_;  // a valid device address for row pointers of empty row sets
+  // launch_hc_norm's side Sinkhorn (HcMixParams::skip_sinkhorn). DSV4_CUDA_HC_SIDE_SINKHORN=0: in the HC launch
+  // (A/B; the same bits either way). Read per backend.
+  const bool hc_side_sinkhorn_ = [] {
+    const char* e = std::getenv("DSV4_CUDA_HC_SIDE_SINKHORN");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  cuda::SideStream hc_sinkhorn_side_;
+  DeviceArray<float> hc_side_buf_;  // the launch's mix and rs for the side Sinkhorn
+  bool sinkhorn_join_pending_ = false;
+ public:
+  // post / comb of the last HC launch are complete on the main stream from here on (no-op when none is pending).
+  void join_sinkhorn() {
+    if (!sinkhorn_join_pending_) return;
+    hc_sinkhorn_side_.join(stream_);
+    sinkhorn_join_pending_ = false;
+  }
+ private:
   DeviceArray<uint64_t> argmax_out_;  // argmax(): the key on the device, then in pinned host memory
   uint64_t* argmax_host_ = nullptr;
   // Decode graphs (graph.h). They bake in the addresses of the buffers above: every such buffer must be a

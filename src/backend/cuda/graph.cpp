@@ -142,9 +142,14 @@ namespace dsv4::cuda_impl {
 
 void CudaBackend::run_segment(const std::vector<uint64_t>& key, const std::function<void()>& ops) {
   // The profiler times ops one by one, the CPU attention mode synchronizes inside ops: both run eagerly.
-  if (!graphs_enabled_ || prof_->enabled() || cpu_attention_) return ops();
+  // A side Sinkhorn forked inside the segment rejoins at its end (a capture must end with every fork joined).
+  const auto ops_joined = [&] {
+    ops();
+    join_sinkhorn();
+  };
+  if (!graphs_enabled_ || prof_->enabled() || cpu_attention_) return ops_joined();
   if (!graphs_) graphs_ = std::make_unique<cuda::SegmentGraphs>(stream_);
-  graphs_->run(key, ops, [this] { forget_all_activations(); });
+  graphs_->run(key, ops_joined, [this] { forget_all_activations(); });
 }
 
 }  // namespace dsv4::cuda_impl

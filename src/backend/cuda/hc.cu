@@ -27,64 +27,41 @@ __device__ __forceinline__ float pre_value(float mix_pp, const float* scale, con
   return sigmoidf_(mix_pp * scale[0] + base[i]) + eps;
 }
 
-// Steps 3-7 of model-spec §4 for one token on one warp: lanes 0-7 form pre and post, lane 0 alone runs the 4x4
-// Sinkhorn with all 16 c[i][o] in registers. The 20 rounds are a dependent chain (latency, not work) on the
-// critical path of every HC launch (the launch ends with its slowest warp; H200, session 11: 1 round instead of
-// 20 read 153.9 vs 149.0 t/s). Row and column sums add in the CPU's order (o, resp. i, ascending, from 0) and
-// __frcp_rn is the correctly rounded reciprocal (exactly 1.0f / x without the division routine's latency), so
-// results equal the CPU loop operation for operation. In one thread the 4 row (column) sums are independent
-// chains; the earlier lane-per-entry form paid 4 shuffles per sum, twice a round. (A single thread of an older
-// form, IEEE divisions, took ~9 us per token.) mix_pp: lanes 0-7 hold mix[lane] (pre, post); mix_c:
-// mix[8 + l % 16]; both RMS-scaled.
+// Steps 3-7 of model-spec §4 for one token on one warp. A single thread took ~9 us per token on the H200 (the
+// 4x4 Sinkhorn is 20 rounds of dependent sums and IEEE divisions: latency, not work), and hc_pre runs 86 times
+// per decoded token. Lane l < 16 holds c[i][o], i = l / 4, o = l % 4 (lanes 16-31 mirror them and write nothing);
+// row and column sums gather the 4 values by shuffles and add them in the CPU's order (o, resp. i, ascending,
+// from 0), and every lane computes the same 1 / (sum + eps), so results equal the CPU loop operation for
+// operation (__frcp_rn is the correctly rounded reciprocal, i.e. exactly 1.0f / x, without the division
+// routine's latency). mix_pp: lanes 0-7 hold mix[lane] (pre, post); mix_c: mix[8 + l % 16]; both RMS-scaled.
 __device__ void sinkhorn_token_warp(float mix_pp, float mix_c, const float* base, const float* scale, int iters,
                                     float eps, float* pre, float* post, float* comb) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, e = lane & 15, o = e & 3;
+  const int row0 = lane & ~3, col0 = (lane & 16) | o;
   if (lane < N) pre[lane] = pre_value(mix_pp, scale, base, lane, eps);
   else if (lane < 2 * N) post[lane - N] = 2.0f * sigmoidf_(mix_pp * scale[1] + base[lane]);
-  float mc[N * N];
+  float c = mix_c * scale[2] + base[2 * N + e];
+  float m = -INFINITY;
 #pragma unroll
-  for (int e = 0; e < N * N; ++e) mc[e] = __shfl_sync(kFullMask, mix_c, e);
-  if (lane != 0) return;
-  float c[N * N];  // c[N * i + o]
+  for (int q = 0; q < N; ++q) m = fmaxf(m, __shfl_sync(kFullMask, c, row0 + q));
+  c = expf(c - m);
+  float sum = 0.0f;
 #pragma unroll
-  for (int e = 0; e < N * N; ++e) c[e] = mc[e] * scale[2] + base[2 * N + e];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int q = 0; q < N; ++q) m = fmaxf(m, c[N * i + q]);
-#pragma unroll
-    for (int q = 0; q < N; ++q) c[N * i + q] = expf(c[N * i + q] - m);
-    float sum = 0.0f;
-#pragma unroll
-    for (int q = 0; q < N; ++q) sum += c[N * i + q];
-#pragma unroll
-    for (int q = 0; q < N; ++q) c[N * i + q] = c[N * i + q] / sum + eps;
-  }
+  for (int q = 0; q < N; ++q) sum += __shfl_sync(kFullMask, c, row0 + q);
+  c = c / sum + eps;
   for (int it = 0; it < iters; ++it) {
     if (it > 0) {
+      sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int q = 0; q < N; ++q) sum += c[N * i + q];
-        const float r = __frcp_rn(sum + eps);
-#pragma unroll
-        for (int q = 0; q < N; ++q) c[N * i + q] *= r;
-      }
+      for (int q = 0; q < N; ++q) sum += __shfl_sync(kFullMask, c, row0 + q);
+      c *= __frcp_rn(sum + eps);
     }
+    sum = 0.0f;
 #pragma unroll
-    for (int o = 0; o < N; ++o) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int q = 0; q < N; ++q) sum += c[N * q + o];
-      const float r = __frcp_rn(sum + eps);
-#pragma unroll
-      for (int q = 0; q < N; ++q) c[N * q + o] *= r;
-    }
+    for (int q = 0; q < N; ++q) sum += __shfl_sync(kFullMask, c, col0 + N * q);
+    c *= __frcp_rn(sum + eps);
   }
-#pragma unroll
-  for (int e = 0; e < N * N; ++e) comb[e] = c[e];
+  if (lane < N * N) comb[e] = c;
 }
 
 // One warp per token.
@@ -769,7 +746,7 @@ __global__ void __launch_bounds__(kTailThreads) hc_mix_split_tail_kernel(HcMixPa
   const float rs = rsqrtf(total[M] / float(p.K) + p.norm_eps);
   float av = 0.0f;
   if (sink_warp) {
-    if (rank == 0) {
+    if (rank == 0 && !p.skip_sinkhorn) {
       const float mix_pp = lane < 2 * N ? total[lane] * rs : 0.0f;
       sinkhorn_token_warp(mix_pp, total[2 * N + (lane & 15)] * rs, cbase, cscale, p.iters, p.eps, ctl, p.post,
                           p.comb);
@@ -1067,6 +1044,10 @@ void hc_mix_cuda(const HcMixParams& p, cudaStream_t stream) {
   if (fuse_post && (!p.post_y || !p.post_w || !p.post_comb || p.kernel == kHcMixTicket || p.K % N != 0))
     fail("hc_mix_cuda: a fused hc_post needs post_y, post_w, post_comb, the cluster, wide or split kernel and K = "
          "%d x d", N);
+  if (p.skip_sinkhorn && !(p.kernel == kHcMixSplit && p.n_tokens == 1 && p.a && hc_mix_split_fits(p.n_mix, p.K) &&
+                           p.mix_out && p.rs_out && p.n_mix == kHcMix))
+    fail("hc_mix_cuda: skip_sinkhorn needs the split kernel (one token, the fused collapse, hc_mix_split_fits, 24 "
+         "mix values) and mix_out / rs_out for the separate Sinkhorn launch");
   if (p.a_q8 && !(p.kernel == kHcMixSplit && p.n_tokens == 1 && p.a && hc_mix_split_fits(p.n_mix, p.K)))
     fail("hc_mix_cuda: a_q8 is written by the split kernel only (one token, the fused collapse, hc_mix_split_fits)");
   if (p.kernel == kHcMixSplit && p.n_tokens == 1 && p.a && hc_mix_split_fits(p.n_mix, p.K)) {

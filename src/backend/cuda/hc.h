@@ -100,6 +100,11 @@ struct HcMixParams {
   // activation layout of the dense GEMVs ([d int8][d / 32 f32 scales], gemv.h GemvLayout::Q8Split), bytes equal to
   // quantize_activations_cuda(Q8_0, a, 1, d, ..., Q8Split): the projection reading `a` needs no quantize launch.
   void* a_q8 = nullptr;
+  // Optional, split kernel only (hc_mix_cuda fails otherwise; needs mix_out and rs_out): the tail leaves post and
+  // comb unwritten, for an hc_split_sinkhorn_cuda launch over mix_out / rs_out on a side stream (the same function
+  // on the same values: the same bits). The 20 Sinkhorn rounds then stop holding back the launch's completion, which
+  // every later kernel waits for (H200: ~2.5 us per HC launch, 86 per decoded Flash token).
+  bool skip_sinkhorn = false;
 };
 // kHcMixCluster (the backend's decode default; DSV4_CUDA_HC_KERNEL=ticket gives the ticket kernel back): the K-split
 // partials of a token meet in distributed shared memory of one thread-block cluster instead of global memory,
