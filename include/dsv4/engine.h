@@ -87,9 +87,9 @@ class Session {
 
   virtual std::span<const float> logits() const = 0;  // n_vocab floats; empty before the first eval
   // The greedy next token: the id of the largest of logits() that is neither NaN nor -inf (the lowest such id on
-  // ties), the Sampler's choice at temperature 0. A GPU session reduces the logits where they are and copies back
-  // only the id (logits() copies all n_vocab floats, once per eval, when first called). Throws before the first
-  // eval or when every logit is -inf or NaN.
+  // ties), the Sampler's choice at temperature 0. A GPU session's eval reduces the logits where they are and copies
+  // back only the id (that wait is also how eval returns with the forward complete); logits() copies all n_vocab
+  // floats, once per eval, when first called. Throws before the first eval or when every logit is -inf or NaN.
   virtual Token argmax() const = 0;
   virtual int64_t position() const = 0;               // tokens consumed so far
   virtual int64_t max_context() const = 0;

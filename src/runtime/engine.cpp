@@ -49,6 +49,7 @@ class SessionImpl final : public Session {
     tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
     logits_.assign(last, last + eng_config_vocab());
     logits_on_device_ = false;
+    greedy_ = kGreedyUnknown;
   }
   SequenceState& state() { return st_; }
   const void* engine() const { return &eng_; }
@@ -64,6 +65,10 @@ class SessionImpl final : public Session {
   mutable std::vector<float> logits_;
   mutable bool logits_on_device_ = false;
   DeviceBuffer dev_logits_;
+  // argmax_usable of the current logits as computed by eval on the backend (-1: none usable), or kGreedyUnknown
+  // (host logits from eval_batch / all-rows evals / restore: argmax() reduces logits_ then).
+  static constexpr int64_t kGreedyUnknown = -2;
+  int64_t greedy_ = kGreedyUnknown;
 };
 
 class EngineImpl final : public Engine {
@@ -241,6 +246,9 @@ void SessionImpl::eval(std::span<const Token> tokens, std::vector<float>* all_lo
   eng_.run(st_, tokens.data(), T, nullptr, false, dev_logits_.f32());
   tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
   logits_on_device_ = true;
+  // The greedy id right away: on a GPU one small reduction whose 8-byte result is the pass's one host wait, so eval
+  // still returns with the forward complete (callers time it) and argmax() costs nothing more.
+  greedy_ = eng_.argmax(dev_logits_.f32(), int64_t(V));
 }
 
 std::span<const float> SessionImpl::logits() const {
@@ -253,9 +261,9 @@ std::span<const float> SessionImpl::logits() const {
 }
 
 Token SessionImpl::argmax() const {
-  if (!logits_on_device_ && logits_.empty()) fail("Session::argmax: no logits before the first eval");
+  if (greedy_ == kGreedyUnknown && logits_.empty()) fail("Session::argmax: no logits before the first eval");
   const int64_t n = int64_t(eng_config_vocab());
-  const int64_t best = logits_on_device_ ? eng_.argmax(dev_logits_.f32(), n) : argmax_usable(logits_.data(), n);
+  const int64_t best = greedy_ != kGreedyUnknown ? greedy_ : argmax_usable(logits_.data(), n);
   if (best < 0) fail("Session::argmax: all %lld logits are -inf or NaN", (long long)n);
   return Token(best);
 }
@@ -387,6 +395,7 @@ void SessionImpl::restore(std::istream& in) {
   tokens_ = std::move(toks);
   logits_ = std::move(lg);
   logits_on_device_ = false;
+  greedy_ = kGreedyUnknown;
 }
 
 }  // namespace
