@@ -61,7 +61,7 @@ class SessionImpl final : public Session {
   std::vector<Token> tokens_;
   // The next-token logits live in dev_logits_ (the engine backend's memory) after a single-row eval and are
   // copied into logits_ when logits() is first asked for (logits_on_device_ until then): greedy decoding
-  // (argmax) never moves them to the host. Mutable: logits() and argmax() are const reads of the session.
+  // (argmax) never moves them to the host. Mutable: logits() is a const read that may fill the host copy.
   mutable std::vector<float> logits_;
   mutable bool logits_on_device_ = false;
   DeviceBuffer dev_logits_;
