@@ -294,17 +294,6 @@ TEST(CudaGemvV2, FloatModeMultiBitIdentical) {
         << "multi float mode, DSV4_CUDA_GEMV_XF=" << (shape ? shape : "unset");
 }
 
-// Float mode's argument checks (host-only, as RejectsBadArguments below).
-cuda::GemvParams valid_xf() {
-  cuda::GemvParams p;
-  p.wtype = QType::Q8_0, p.layout = GemvLayout::Q8Split, p.rows = 4096, p.cols = 8192;
-  p.w = reinterpret_cast<const void*>(uintptr_t(1) << 20);
-  p.xf = reinterpret_cast<const float*>(uintptr_t(2) << 20);
-  p.y = reinterpret_cast<float*>(uintptr_t(3) << 20);
-  p.kernel = cuda::kGemvKernelV2Pdl;
-  return p;
-}
-
 // Argument checks: host-only (fake, aligned device addresses that are never dereferenced).
 cuda::GemvParams valid_split() {
   cuda::GemvParams p;
@@ -313,6 +302,17 @@ cuda::GemvParams valid_split() {
   p.xq = reinterpret_cast<const void*>(uintptr_t(2) << 20);
   p.y = reinterpret_cast<float*>(uintptr_t(3) << 20);
   p.kernel = cuda::kGemvKernelV2;
+  return p;
+}
+
+// Float mode's argument checks (host-only, as RejectsBadArguments below): valid_split's launch with the float row
+// (xf instead of xq) at 4096 x 8192 and PDL.
+cuda::GemvParams valid_xf() {
+  cuda::GemvParams p = valid_split();
+  p.rows = 4096, p.cols = 8192;
+  p.xq = nullptr;
+  p.xf = reinterpret_cast<const float*>(uintptr_t(2) << 20);
+  p.kernel = cuda::kGemvKernelV2Pdl;
   return p;
 }
 
